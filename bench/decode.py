@@ -1,0 +1,137 @@
+"""Decode speed and peak GPU memory: offload's paths against HF transformers, same process, same context.
+
+    python bench/decode.py --model llama3-8b --ctx 8K,32K --modes exact,hf --steps 32 --gpu-cap 24
+
+Modes: exact (offload, whole KV on the device, CUDA graph), offload-full (offload, tiered exact attention),
+sparse (offload, sparse retrieval), hf (transformers, whole KV on the GPU), hf-offload
+(transformers DynamicCache(offloading=True)). Writes JSON (bench/out/decode.json) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cap_gpu, median, peak_gib, reset_peak, sync, write_results  # noqa: E402
+
+from offload.config import parse_tokens  # noqa: E402
+
+
+def run_offload(args, ctx: int, mode: str) -> dict:
+    from offload import LLM
+    attention = {"exact": "full", "offload-full": "full", "sparse": "sparse"}[mode]
+    opts = dict(model=args.model, load_format="dummy", ctx=ctx + args.steps + 8, attention=attention)
+    if mode == "offload-full":
+        opts["gpu_mem"] = args.kv_gpu_mem   # forces most of the KV to the host tier
+    if mode == "sparse" and args.budget:
+        opts["budget"] = args.budget
+    reset_peak()
+    llm = LLM(**opts, show_progress=False)
+    sess = llm.session()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, llm.model_config.vocab_size, (ctx,), generator=g).tolist()
+    t0 = time.perf_counter()
+    logits = sess.prefill(ids)
+    sync()
+    ttft = time.perf_counter() - t0
+    tok = int(logits.argmax())
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        t1 = time.perf_counter()
+        tok = int(sess.step(tok).argmax())
+        times.append(1000 * (time.perf_counter() - t1))
+    row = {"mode": mode, "ctx": ctx, "ms_per_token": median(times[args.warmup:]), "ttft_s": ttft,
+           "peak_gib": peak_gib(), "stats": {k: v for k, v in llm.stats.items() if k not in ("plan",)}}
+    llm.close()
+    del sess, llm
+    gc.collect()
+    return row
+
+
+def run_hf(args, ctx: int, mode: str) -> dict:
+    import transformers
+    from transformers import DynamicCache
+    from offload.model.loading import arch_config
+
+    arch = arch_config(args.model)
+    hc = transformers.AutoConfig.for_model(**arch)
+    reset_peak()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(hc, torch_dtype=torch.bfloat16).eval()
+    torch.set_default_dtype(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, arch["vocab_size"], (1, ctx), generator=g).cuda()
+    cache = DynamicCache(config=hc, offloading=(mode == "hf-offload"))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, ctx, args.hf_chunk):
+            out = model(input_ids=ids[:, s:s + args.hf_chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        sync()
+        ttft = time.perf_counter() - t0
+        tok = out.logits[:, -1:].argmax(-1)
+        times = []
+        for i in range(args.warmup + args.steps):
+            sync()
+            t1 = time.perf_counter()
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1:].argmax(-1)
+            int(tok)
+            times.append(1000 * (time.perf_counter() - t1))
+    row = {"mode": mode, "ctx": ctx, "ms_per_token": median(times[args.warmup:]), "ttft_s": ttft, "peak_gib": peak_gib()}
+    del model, cache, out
+    gc.collect()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--ctx", default="8K,32K")
+    ap.add_argument("--modes", default="exact,hf")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--gpu-cap", type=float, default=24.0, help="GiB cap for offload's modes (consumer card)")
+    ap.add_argument("--hf-cap", type=float, default=None, help="GiB cap for HF modes (default: none, as the anchors)")
+    ap.add_argument("--kv-gpu-mem", default="4GiB", help="GPU KV budget for offload-full")
+    ap.add_argument("--budget", default=None, help="sparse budget (tokens or %%)")
+    ap.add_argument("--hf-chunk", type=int, default=8192)
+    ap.add_argument("--out", default="bench/out/decode.json")
+    args = ap.parse_args()
+    rows = []
+    for ctx in [parse_tokens(c) for c in args.ctx.split(",")]:
+        for mode in args.modes.split(","):
+            hf = mode.startswith("hf")
+            if torch.cuda.is_available():
+                cap_gpu(args.hf_cap if hf else args.gpu_cap) if (args.hf_cap or not hf) else cap_gpu(1e9)
+            try:
+                row = run_hf(args, ctx, mode) if hf else run_offload(args, ctx, mode)
+            except torch.OutOfMemoryError as e:
+                row = {"mode": mode, "ctx": ctx, "error": "OOM: " + str(e).splitlines()[0][:120]}
+            except Exception as e:  # a failed mode must not hide the others' figures
+                row = {"mode": mode, "ctx": ctx, "error": f"{type(e).__name__}: {str(e)[:160]}"}
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "stats"}, flush=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    for ctx in {r["ctx"] for r in rows}:
+        base = {r["mode"]: r.get("ms_per_token") for r in rows if r["ctx"] == ctx}
+        for r in rows:
+            if r["ctx"] == ctx and r.get("ms_per_token") and base.get("hf"):
+                r["x_vs_hf"] = base["hf"] / r["ms_per_token"]
+            if r["ctx"] == ctx and r.get("ms_per_token") and base.get("hf-offload"):
+                r["x_vs_hf_offload"] = base["hf-offload"] / r["ms_per_token"]
+    table = [{k: v for k, v in r.items() if k != "stats"} for r in rows]
+    write_results("decode", rows, args.out, {"args": vars(args)})
+    del table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The Python API: LLM, Session and Chat (see DESIGN.md, "Public API")."""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Iterator
+
+import torch
+
+from offload import backends
+from offload.config import OffloadConfig
+from offload.engine.runner import Engine
+from offload.engine.sampling import Sampler
+from offload.errors import ConfigError
+from offload.model.config import ModelConfig
+from offload.model.llama import LlamaModel
+from offload.progress import progress_bar
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(device: str) -> torch.device:
+    if device in ("auto", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or --device auto")
+    return torch.device(device)
+
+
+class LLM:
+    """A loaded model plus the policy that places its KV. Sessions share the weights."""
+
+    def __init__(self, model: str | None = None, ctx=None, device=None, gpu_mem=None, host_mem=None,
+                 disk_dir=None, disk_mem=None, attention=None, load_format=None,
+                 config: OffloadConfig | None = None, show_progress: bool | None = None, **options):
+        from offload.model import loading
+
+        given = {k: v for k, v in dict(model=model, ctx=ctx, device=device, gpu_mem=gpu_mem, host_mem=host_mem,
+                                         disk_dir=disk_dir, disk_mem=disk_mem, attention=attention,
+                                         load_format=load_format, **options).items() if v is not None}
+        unknown = set(given) - set(OffloadConfig.field_names())
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: {', '.join(OffloadConfig.field_names())}")
+        self.config = cfg = (config or OffloadConfig()).replace(**given)
+        self.device = pick_device(cfg.device)
+        self.dtype = _DTYPES[cfg.dtype] if cfg.dtype != "auto" else (
+            torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.show_progress = show_progress
+        t0 = time.perf_counter()
+        source = loading.resolve(cfg.model, cfg.load_format)
+        self.model_config: ModelConfig = ModelConfig.from_hf(source.hf_config)
+        mc = self.model_config
+        self.ctx = cfg.ctx or min(mc.max_position_embeddings, 128 * 1024)
+        if self.ctx > mc.max_position_embeddings:
+            warnings.warn(f"ctx {self.ctx} exceeds the model's trained length {mc.max_position_embeddings}; "
+                          "quality past it is not guaranteed", stacklevel=2)
+        self.plan = backends.plan(self, source)          # before any weight is loaded: refuse early
+        self.model: LlamaModel = loading.build_model(source, mc, self.device, self.dtype, cfg.load_format)
+        self.tokenizer = source.tokenizer
+        self.name = source.name
+        self.load_s = time.perf_counter() - t0
+        self._session: Session | None = None
+        self._stats: dict = {}
+
+    # ---- sessions -----------------------------------------------------------------------------
+    def session(self) -> "Session":
+        """A fresh sequence with its own KV cache. Only one session keeps its KV at a time (the last one)."""
+        if self._session is not None:
+            self._session.close()
+        self._session = Session(self, backends.make(self))
+        return self._session
+
+    def load_session(self, path) -> "Session":
+        from offload.persist import load_session
+        sess = self.session()
+        load_session(sess, path)
+        return sess
+
+    # ---- text ---------------------------------------------------------------------------------
+    def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, seed))
+
+    def stream(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+        """Raw completion of `prompt` (no chat template) in a fresh session, yielded as text pieces."""
+        sess = self.session()
+        ids = self._encode(prompt)
+        yield from sess.generate_text(ids, **self._sampling(max_new_tokens, temperature, top_p, seed))
+
+    def chat(self, system: str | None = None) -> "Chat":
+        return Chat(self, system)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer (load_format='dummy'); pass token ids to session().prefill")
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        if not ids:
+            raise ConfigError("the prompt is empty; pass some text")
+        return ids
+
+    def _sampling(self, max_new_tokens, temperature, top_p, seed) -> dict:
+        c = self.config
+        cfg = c.replace(max_new_tokens=c.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                        temperature=c.temperature if temperature is None else temperature,
+                        top_p=c.top_p if top_p is None else top_p, seed=c.seed if seed is None else seed)
+        return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+
+    @property
+    def stats(self) -> dict:
+        out = {"model": self.name, "device": str(self.device), "ctx": self.ctx, "load_s": round(self.load_s, 3),
+               "attention": backends.mode(self), "plan": self.plan.summary() if self.plan else None}
+        out.update(self._stats)
+        if self._session is not None:
+            out.update(self._session.stats())
+        return out
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Session:
+    """One sequence: `prefill(ids)` and `step(id)` return float32 logits of the last position."""
+
+    def __init__(self, llm: LLM, attn):
+        self.llm, self.attn = llm, attn
+        self.engine = Engine(llm.model, attn, prefill_chunk=llm.config.prefill_chunk)
+        self.tokens: list[int] = []
+        self._decode_s, self._decoded, self._ttft = 0.0, 0, None
+
+    @property
+    def length(self) -> int:
+        return self.attn.length
+
+    def prefill(self, token_ids) -> torch.Tensor:
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ConfigError("prefill needs at least one token id")
+        vocab = self.llm.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ConfigError(f"token id out of range [0, {vocab}); check the tokenizer matches the model")
+        with progress_bar("prefill", self.llm.model_config.num_layers,
+                          self.llm.show_progress if len(ids) > 2048 or self.llm.show_progress is False else False) as upd:
+            logits = self.engine.prefill(ids, progress=upd)
+        self.tokens.extend(ids)
+        self._ttft = self.engine.last_prefill_s
+        return logits
+
+    def step(self, token_id: int) -> torch.Tensor:
+        if not 0 <= int(token_id) < self.llm.model_config.vocab_size:
+            raise ConfigError(f"token id {token_id} out of range [0, {self.llm.model_config.vocab_size})")
+        t0 = time.perf_counter()
+        logits = self.engine.step(int(token_id))
+        self._decode_s += time.perf_counter() - t0
+        self._decoded += 1
+        self.tokens.append(int(token_id))
+        return logits
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+                     seed: int | None) -> Iterator[int]:
+        """Prefill ids, then sample until EOS or max_new_tokens; yields each new id."""
+        sampler = Sampler(temperature, top_p, seed)
+        eos = set(self.llm.tokenizer.eos_token_ids) if self.llm.tokenizer is not None else set()
+        if self.length + len(ids) + max_new_tokens > self.llm.ctx:
+            max_new_tokens = max(0, self.llm.ctx - self.length - len(ids))
+        logits = self.prefill(ids)
+        for i in range(max_new_tokens):
+            tok = sampler(logits)
+            yield tok
+            if tok in eos or i == max_new_tokens - 1:
+                break
+            logits = self.step(tok)
+
+    def generate_text(self, ids: list[int], **sampling) -> Iterator[str]:
+        from offload.model.tokenizer import StreamDecoder
+        dec = StreamDecoder(self.llm.tokenizer)
+        eos = set(self.llm.tokenizer.eos_token_ids)
+        for tok in self.generate_ids(ids, **sampling):
+            if tok in eos:
+                break
+            piece = dec.push(tok)
+            if piece:
+                yield piece
+        tail = dec.flush()
+        if tail:
+            yield tail
+
+    def save(self, path) -> None:
+        from offload.persist import save_session
+        save_session(self, path)
+
+    def stats(self) -> dict:
+        out = {"tokens": self.length, "ttft_s": None if self._ttft is None else round(self._ttft, 4),
+               "ms_per_token": round(1000 * self._decode_s / self._decoded, 3) if self._decoded else None}
+        out.update(self.attn.stats())
+        return out
+
+    def close(self) -> None:
+        self.attn.close()
+
+
+class Chat:
+    """Multi-turn chat over one session; each turn prefills only the text not already in the KV cache."""
+
+    def __init__(self, llm: LLM, system: str | None = None):
+        self.llm, self.system = llm, system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.session = self.llm.session()
+        self._cached_text = ""   # the text whose tokens are in the KV cache, in order
+
+    def send(self, text: str, **sampling) -> str:
+        return "".join(self.stream(text, **sampling))
+
+    def stream(self, text: str, max_new_tokens=None, temperature=None, top_p=None, seed=None) -> Iterator[str]:
+        tok = self.llm.tokenizer
+        if tok is None:
+            raise ConfigError("this model has no tokenizer (load_format='dummy'); chat needs a real model")
+        self.messages.append({"role": "user", "content": text})
+        rendered = tok.apply_chat_template(self.messages, add_generation_prompt=True)
+        if not rendered.startswith(self._cached_text):
+            # the template rewrote earlier turns (some templates do): start the cache over
+            self.session = self.llm.session()
+            self._cached_text = ""
+        ids = tok.encode(rendered[len(self._cached_text):], add_special_tokens=False)  # the template has BOS
+        start = self.session.length + len(ids)
+        pieces = []
+        for piece in self.session.generate_text(ids, **self.llm._sampling(max_new_tokens, temperature, top_p, seed)):
+            pieces.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        fed = self.session.tokens[start:]   # generated ids that went through the model (not the last sampled one)
+        self._cached_text = rendered + tok.decode(fed, skip_special_tokens=False)

@@ -1,0 +1,151 @@
+"""One frozen configuration for a runtime instance, with size parsing and YAML / env layering.
+
+Priority when layered by the CLI: command-line flags > OFFLOAD_* environment > YAML file > defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from offload.errors import ConfigError
+
+_TOKEN_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_BYTE_SUFFIX = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "M": 1000**2, "MB": 1000**2, "MIB": 1 << 20,
+                "G": 1000**3, "GB": 1000**3, "GIB": 1 << 30, "T": 1000**4, "TB": 1000**4, "TIB": 1 << 40}
+
+ATTENTION_MODES = ("auto", "full", "sparse")
+LOAD_FORMATS = ("auto", "dummy")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def parse_tokens(value, what: str = "ctx") -> int:
+    """'128K' -> 131072, '1M' -> 1048576 (binary suffixes for token counts), 4096 -> 4096."""
+    if isinstance(value, bool):
+        raise ConfigError(f"bad token count {value!r} for {what}: use a number like 8192, 128K or 1M")
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"bad token count {value!r} for {what}: use a number like 8192, 128K or 1M")
+    n = float(m.group(1)) * _TOKEN_SUFFIX[m.group(2).upper()]
+    if n != int(n):
+        raise ConfigError(f"bad token count {value!r} for {what}: it is not a whole number of tokens")
+    return int(n)
+
+
+def parse_bytes(value, what: str = "memory") -> int:
+    """'20GiB' -> 20 * 2**30, '20GB' -> 20 * 10**9, 1024 -> 1024."""
+    if isinstance(value, bool):
+        raise ConfigError(f"bad memory size {value!r} for {what}: use a size like 20GiB or 512MB")
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(value), re.IGNORECASE)
+    if not m or m.group(2).upper() not in _BYTE_SUFFIX:
+        raise ConfigError(f"bad memory size {value!r} for {what}: use a size like 20GiB or 512MB")
+    return int(float(m.group(1)) * _BYTE_SUFFIX[m.group(2).upper()])
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    model: str = "smollm2-135m"
+    ctx: int | str | None = None          # tokens; None = the model's trained length, capped at 128K
+    device: str = "auto"
+    dtype: str = "auto"                   # auto = bfloat16 on CUDA, float32 on the CPU
+    gpu_mem: int | str | None = None      # KV budget per tier; None = detect
+    host_mem: int | str | None = None
+    disk_mem: int | str | None = None
+    disk_dir: str | None = None
+    attention: str = "auto"               # auto = sparse on the GPU, full on the CPU
+    budget: str | int | float = "5%"      # sparse: tokens ("2K") or a fraction ("5%")
+    index: str = "summary"                # sparse chunk selection: summary | shadow | ann
+    chunk_tokens: int = 32
+    load_format: str = "auto"
+    prefill_chunk: int = 2048
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
+        if self.ctx is not None:
+            set_("ctx", parse_tokens(self.ctx, "--ctx"))
+            if self.ctx <= 0:
+                raise ConfigError(f"--ctx must be positive, got {self.ctx}; pass a size like 8K or 128K")
+        for name in ("gpu_mem", "host_mem", "disk_mem"):
+            v = getattr(self, name)
+            if v is not None:
+                set_(name, parse_bytes(v, "--" + name.replace("_", "-")))
+                if getattr(self, name) < 0:
+                    raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+        for name, allowed in (("device", DEVICES), ("attention", ATTENTION_MODES),
+                              ("load_format", LOAD_FORMATS), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        for name in ("chunk_tokens", "prefill_chunk"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def replace(self, **kw) -> "OffloadConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML config; keys are field names (dashes allowed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "syntax error"
+        raise ConfigError(f"config file {p} is not valid YAML ({first}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must be a mapping of option: value")
+    out = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(out) - set(OffloadConfig.field_names()))
+    if unknown:
+        raise ConfigError(f"config file {p} has unknown keys {', '.join(unknown)}; valid keys: "
+                          f"{', '.join(OffloadConfig.field_names())}")
+    return out
+
+
+def env_overrides(environ=None) -> dict:
+    """OFFLOAD_CTX=1M, OFFLOAD_GPU_MEM=6GiB, ... -> {field: value}."""
+    environ = os.environ if environ is None else environ
+    types = {f.name: f.type for f in fields(OffloadConfig)}
+    out = {}
+    for name in types:
+        raw = environ.get("OFFLOAD_" + name.upper())
+        if raw is None or raw == "":
+            continue
+        if name in ("temperature", "top_p"):
+            out[name] = _num(raw, float, name)
+        elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk"):
+            out[name] = _num(raw, int, name)
+        else:
+            out[name] = raw
+    return out
+
+
+def _num(raw: str, kind, name: str):
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"OFFLOAD_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None

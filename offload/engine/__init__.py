@@ -1,0 +1,1 @@
+"""Prefill, decode and sampling over an `AttentionBackend`."""

@@ -1,0 +1,98 @@
+"""Prefill (layer-wise, chunked) and decode steps for one sequence."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+
+from offload.engine.attention import AttentionBackend
+from offload.model.llama import LlamaModel
+
+
+class Engine:
+    """Runs a model over one sequence whose KV lives in `attn`.
+
+    Prefill goes layer by layer: each layer sees every prompt token (in chunks of `prefill_chunk`)
+    before the next layer starts, so a tiered backend only ever holds one layer's new KV on the
+    GPU, and no step allocates O(N x vocab) logits or O(N^2) scores.
+    """
+
+    def __init__(self, model: LlamaModel, attn: AttentionBackend, prefill_chunk: int = 2048,
+                 use_cuda_graph: bool = True):
+        self.model, self.attn = model, attn
+        self.prefill_chunk = prefill_chunk
+        self.device = model.device
+        self.use_graph = (use_cuda_graph and self.device.type == "cuda" and getattr(attn, "static", False)
+                          and os.environ.get("OFFLOAD_NO_CUDA_GRAPH") != "1")
+        self._graph = None
+        self.last_prefill_s = 0.0
+
+    @property
+    def length(self) -> int:
+        return self.attn.length
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Append ids to the sequence; returns float32 logits of the last position: [V]."""
+        t0 = time.perf_counter()
+        m, N = self.model, len(ids)
+        start = self.attn.length
+        self.attn.begin(N)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)  # ids_t: [N]
+        pos = torch.arange(start, start + N, device=self.device)  # pos: [N]
+        x = m.embed[ids_t]  # x: [N, H]
+        chunks = [(s, min(s + self.prefill_chunk, N)) for s in range(0, N, self.prefill_chunk)]
+        ropes = [m.rope(pos[s:e]) for s, e in chunks] if len(chunks) <= 64 else None
+        for layer in range(m.cfg.num_layers):
+            for j, (s, e) in enumerate(chunks):
+                cos, sin = ropes[j] if ropes is not None else m.rope(pos[s:e])  # cos, sin: [T, D]
+                x[s:e] = m.layer_forward(layer, x[s:e], cos, sin, self.attn)
+            if progress:
+                progress(layer + 1, m.cfg.num_layers)
+        logits = m.logits(x[-1:])[0]  # logits: [V]
+        self.attn.end()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.last_prefill_s = time.perf_counter() - t0
+        return logits
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        """Append one token; returns float32 logits: [V]."""
+        self.attn.begin(1)
+        if self.use_graph:
+            logits = self._graph_step(token)
+        else:
+            ids = torch.tensor([token], dtype=torch.long, device=self.device)  # ids: [1]
+            pos = torch.tensor([self.attn.length], dtype=torch.long, device=self.device)  # pos: [1]
+            logits = self.model.forward(ids, pos, self.attn)
+        self.attn.end()
+        return logits
+
+    def _graph_step(self, token: int) -> torch.Tensor:
+        if self._graph is None:
+            self._capture()
+        self._ids.fill_(token)
+        self._pos.fill_(self.attn.length)
+        self._graph.replay()
+        return self._logits.clone()
+
+    def _capture(self) -> None:
+        """Capture one decode step (all layers, static cache, device-side position) in a CUDA graph."""
+        self._ids = torch.zeros(1, dtype=torch.long, device=self.device)  # _ids: [1]
+        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)  # _pos: [1]
+        self._pos.fill_(self.attn.length)
+        self._ids.fill_(0)
+        # warm-up on a side stream, as CUDA graph capture requires; the KV slot written here is rewritten by the replay
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self.model.forward(self._ids, self._pos, self.attn)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._logits = self.model.forward(self._ids, self._pos, self.attn)  # _logits: [V]
+        self._graph = g

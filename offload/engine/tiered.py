@@ -1,0 +1,213 @@
+"""Attention over a `TieredKVStore`: exact offloaded attention ("full") and sparse retrieval ("sparse").
+
+Where KV lives:
+    tail    the newest < C tokens of every layer (plus room for a short forward), on the compute device
+    store   every full chunk [2, Hkv, C, D]; the store's policy keeps sinks and recent chunks on the device
+Decode, per layer:  o = merge(dense_attend(q, tail), gather_attend(q, fetched chunks) for each FetchPlan part)
+"full" fetches every chunk; "sparse" fetches sinks + window + the index's selection per KV head.
+Prefill (T > token_path_max) stages the layer's whole history on the device, attends with SDPA, then cuts the
+new full chunks into the store and feeds them to the layer's index.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from offload import kernels
+from offload.engine.attention import AttentionBackend, PersistableKV
+from offload.engine.ops import causal_attend
+from offload.errors import CapacityError
+
+
+def to_chunks(k: torch.Tensor, v: torch.Tensor, C: int) -> torch.Tensor:
+    """k, v: [Hkv, n*C, D] -> chunks [n, 2, Hkv, C, D] (contiguous)."""
+    Hkv, N, D = k.shape
+    kv = torch.stack([k, v])  # kv: [2, Hkv, n*C, D]
+    return kv.view(2, Hkv, N // C, C, D).permute(2, 0, 1, 3, 4).contiguous()  # [n, 2, Hkv, C, D]
+
+
+def from_chunks(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunks [n, 2, Hkv, C, D] -> k, v: [Hkv, n*C, D]."""
+    n, _, Hkv, C, D = chunks.shape
+    kv = chunks.permute(1, 2, 0, 3, 4).reshape(2, Hkv, n * C, D)  # kv: [2, Hkv, n*C, D]
+    return kv[0], kv[1]
+
+
+class TieredAttention(AttentionBackend, PersistableKV):
+    def __init__(self, *, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, ctx: int,
+                 device, dtype, store, chunk_tokens: int, mode: str = "full", make_index=None,
+                 budget_chunks: int = 0, sink_tokens: int = 64, window_tokens: int = 256, token_path_max: int = 64):
+        self.L, self.Hq, self.Hkv, self.D = num_layers, num_q_heads, num_kv_heads, head_dim
+        self.ctx, self.device, self.dtype, self.store = ctx, torch.device(device), dtype, store
+        self.C, self.mode, self.token_path_max = chunk_tokens, mode, token_path_max
+        self.scale = head_dim ** -0.5
+        self.n_sink = -(-sink_tokens // chunk_tokens)
+        self.n_window = -(-window_tokens // chunk_tokens)
+        self.budget = budget_chunks
+        self.indexes = [make_index() for _ in range(num_layers)] if mode == "sparse" else None
+        cap = chunk_tokens + token_path_max
+        self.tail_k = torch.zeros(num_layers, num_kv_heads, cap, head_dim, device=device, dtype=dtype)  # [L, Hkv, cap, D]
+        self.tail_v = torch.zeros_like(self.tail_k)  # tail_v: [L, Hkv, cap, D]
+        self.n_chunks = 0        # full chunks in the store (every layer)
+        self.tail_len = 0        # committed tokens in the tail
+        self._len, self._new = 0, 0
+        self._stage = None       # (layer, k [Hkv, N, D], v, offset) while a long forward runs layer by layer
+        self._next_tail = None
+        self._sel_s, self._steps, self._fetched = 0.0, 0, 0
+
+    @property
+    def length(self) -> int:
+        return self._len
+
+    def begin(self, num_new: int) -> None:
+        if self._len + num_new > self.ctx:
+            raise CapacityError(f"context full: {self._len} + {num_new} tokens exceed ctx {self.ctx}; "
+                                "raise --ctx or start a new session")
+        self._new = num_new
+        self._token_path = num_new <= self.token_path_max and not (self.mode == "full" and num_new > 1)
+        self._steps += num_new == 1
+
+    # ---- per-layer attention ------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self._token_path:
+            return self._attend_tokens(layer, q, k, v)
+        return self._attend_staged(layer, q, k, v)
+
+    def _attend_tokens(self, layer: int, q, k, v) -> torch.Tensor:
+        """Each new token attends to the tail (itself included) and the fetched chunks. q: [Hq, T, D]."""
+        T = q.shape[1]
+        t0 = self.tail_len
+        self.tail_k[layer, :, t0:t0 + T] = k
+        self.tail_v[layer, :, t0:t0 + T] = v
+        outs = []
+        for t in range(T):
+            qt = q[:, t]  # qt: [Hq, D]
+            o, lse = kernels.dense_attend(qt, self.tail_k[layer, :, :t0 + t + 1], self.tail_v[layer, :, :t0 + t + 1],
+                                          self.scale)  # o: [Hq, D], lse: [Hq]
+            ids = self._chunk_ids(layer, qt)  # ids: [Hkv, K] or None
+            if ids is not None:
+                plan = self.store.fetch(layer, ids)
+                self._fetched += getattr(plan, "nbytes", 0)
+                for pool, slots in plan.parts:
+                    o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
+                    o, lse = kernels.merge_attn(o, lse, o2, lse2)
+            outs.append(o)
+        return torch.stack(outs, dim=1).to(q.dtype)  # [Hq, T, D]
+
+    def _chunk_ids(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:
+        n = self.n_chunks
+        if n == 0:
+            return None
+        everything = torch.arange(n, device=self.device).expand(self.Hkv, n)  # [Hkv, n]
+        fixed = self.n_sink + self.n_window
+        if self.mode == "full" or n <= fixed + self.budget:
+            return everything
+        t = time.perf_counter()
+        sel = self.indexes[layer].select(q, self.budget + fixed).to(self.device)  # sel: [Hkv, B + fixed]
+        keep = (sel >= self.n_sink) & (sel < n - self.n_window)  # keep: [Hkv, B + fixed]
+        keep &= torch.cumsum(keep.int(), dim=1) <= self.budget
+        sel = torch.where(keep, sel, torch.full_like(sel, -1))
+        sinks = torch.arange(self.n_sink, device=self.device)
+        window = torch.arange(n - self.n_window, n, device=self.device)
+        fixed_ids = torch.cat([sinks, window]).expand(self.Hkv, fixed)  # [Hkv, fixed]
+        self._sel_s += time.perf_counter() - t
+        return torch.cat([fixed_ids, sel], dim=1)  # [Hkv, fixed + B + fixed]
+
+    def _attend_staged(self, layer: int, q, k, v) -> torch.Tensor:
+        """Long forward: the layer's whole history sits on the device while this layer runs."""
+        if self._stage is None or self._stage[0] != layer:
+            self._commit_stage()
+            self._open_stage(layer)
+        _, sk, sv, off = self._stage
+        T = q.shape[1]
+        sk[:, off:off + T] = k
+        sv[:, off:off + T] = v
+        self._stage = (layer, sk, sv, off + T)
+        return causal_attend(q, sk[:, :off + T], sv[:, :off + T], off)  # [Hq, T, D]
+
+    def _open_stage(self, layer: int) -> None:
+        total = self._len + self._new
+        sk = torch.empty(self.Hkv, total, self.D, device=self.device, dtype=self.dtype)  # sk: [Hkv, total, D]
+        sv = torch.empty_like(sk)  # sv: [Hkv, total, D]
+        n = self.n_chunks * self.C
+        if self.n_chunks:
+            hk, hv = from_chunks(self.store.read(layer, list(range(self.n_chunks))).to(self.device))
+            sk[:, :n], sv[:, :n] = hk, hv
+        sk[:, n:self._len] = self.tail_k[layer, :, :self.tail_len]
+        sv[:, n:self._len] = self.tail_v[layer, :, :self.tail_len]
+        self._stage = (layer, sk, sv, self._len)
+
+    def _commit_stage(self) -> None:
+        if self._stage is None:
+            return
+        layer, sk, sv, off = self._stage
+        n_full = off // self.C
+        if n_full > self.n_chunks:
+            s, e = self.n_chunks * self.C, n_full * self.C
+            self._store_chunks(layer, self.n_chunks, sk[:, s:e], sv[:, s:e])
+        rest = off - n_full * self.C
+        self.tail_k[layer, :, :rest] = sk[:, n_full * self.C:off]
+        self.tail_v[layer, :, :rest] = sv[:, n_full * self.C:off]
+        self._next_tail = (n_full, rest)
+        self._stage = None
+
+    def _store_chunks(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [Hkv, n*C, D] new full chunks of one layer -> store (+ index)."""
+        self.store.put(layer, first, to_chunks(k, v, self.C))
+        if self.indexes is not None:
+            idx = self.indexes[layer]
+            if idx.num_chunks == 0 and first == 0:
+                idx.build(k)
+            else:
+                idx.extend(k)
+
+    def end(self) -> None:
+        if self._token_path:
+            self.tail_len += self._new
+            while self.tail_len >= self.C:   # cut full chunks off the front of the tail
+                for layer in range(self.L):
+                    self._store_chunks(layer, self.n_chunks, self.tail_k[layer, :, :self.C],
+                                       self.tail_v[layer, :, :self.C])
+                    rest = self.tail_len - self.C
+                    self.tail_k[layer, :, :rest] = self.tail_k[layer, :, self.C:self.tail_len].clone()
+                    self.tail_v[layer, :, :rest] = self.tail_v[layer, :, self.C:self.tail_len].clone()
+                self.n_chunks += 1
+                self.tail_len -= self.C
+        else:
+            self._commit_stage()
+            self.n_chunks, self.tail_len = self._next_tail
+        self._len += self._new
+        self._new = 0
+
+    # ---- persistence, stats -------------------------------------------------------------------
+    def read_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts_k, parts_v = [], []
+        if self.n_chunks:
+            hk, hv = from_chunks(self.store.read(layer, list(range(self.n_chunks))))
+            parts_k.append(hk.to(self.device))
+            parts_v.append(hv.to(self.device))
+        parts_k.append(self.tail_k[layer, :, :self.tail_len])
+        parts_v.append(self.tail_v[layer, :, :self.tail_len])
+        return torch.cat(parts_k, 1), torch.cat(parts_v, 1)  # [Hkv, length, D] each
+
+    def load_kv(self, layers) -> None:
+        n = 0
+        for layer, (k, v) in enumerate(layers):  # k, v: [Hkv, N, D]
+            n = k.shape[1]
+            if layer == 0:
+                self.begin(n)
+                self._token_path = False
+            self._stage = (layer, k.to(self.device, self.dtype), v.to(self.device, self.dtype), n)
+            self._commit_stage()
+        if n:
+            self.end()
+
+    def stats(self) -> dict:
+        out = {"selection_ms_per_step": round(1000 * self._sel_s / max(self._steps, 1), 3),
+               "fetched_bytes": self._fetched, "chunks": self.n_chunks}
+        out.update(self.store.stats())
+        return out
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,1 @@
+"""Llama-family decoder, its configuration, weight loaders and tokenizer."""

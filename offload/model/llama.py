@@ -1,0 +1,150 @@
+"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) in plain torch.
+
+Weights are fused per layer (q|k|v and gate|up) so a decode step launches few kernels. Attention
+goes through `AttentionBackend`: the model never sees where KV lives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from offload.engine.attention import AttentionBackend
+from offload.errors import ModelLoadError
+from offload.model.config import ModelConfig
+from offload.model.rope import rope_inv_freq
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor   # [H]
+    wqkv: torch.Tensor        # [(Hq + 2*Hkv) * D, H]
+    bqkv: torch.Tensor | None  # [(Hq + 2*Hkv) * D]
+    wo: torch.Tensor          # [H, Hq * D]
+    mlp_norm: torch.Tensor    # [H]
+    w_gate_up: torch.Tensor   # [2 * I, H]
+    w_down: torch.Tensor      # [H, I]
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [T, H] -> [T, H]; statistics in fp32 as in the reference implementation."""
+    xf = x.float()  # xf: [T, H]
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # xf: [T, H]
+    return w * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [H, T, D], cos/sin: [T, D] -> [H, T, D] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rot: [H, T, D]
+    return x * cos + rot * sin
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
+                 norm: torch.Tensor, lm_head: torch.Tensor):
+        self.cfg = cfg
+        self.embed = embed      # embed: [V, H]
+        self.layers = layers
+        self.norm = norm        # norm: [H]
+        self.lm_head = lm_head  # lm_head: [V, H] (the embedding itself when tied)
+        self.device = embed.device
+        self.dtype = embed.dtype
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)  # [D/2] f64
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor], device, dtype) -> "LlamaModel":
+        """Build from HF parameter names; tensors are popped as they are fused to keep peak memory low."""
+        def take(name: str) -> torch.Tensor:
+            if name not in sd:
+                raise ModelLoadError(f"checkpoint lacks tensor {name!r}; the weights do not match config.json")
+            return sd.pop(name).to(device=device, dtype=dtype)
+
+        layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            wqkv = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            bqkv = None
+            if cfg.attention_bias:
+                bqkv = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            layers.append(LayerWeights(
+                attn_norm=take(p + "input_layernorm.weight"), wqkv=wqkv, bqkv=bqkv,
+                wo=take(p + "self_attn.o_proj.weight"),
+                mlp_norm=take(p + "post_attention_layernorm.weight"),
+                w_gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                w_down=take(p + "mlp.down_proj.weight")))
+        embed = take("model.embed_tokens.weight")
+        if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
+            lm_head = take("lm_head.weight")
+        elif cfg.tie_word_embeddings or "lm_head.weight" not in sd:
+            sd.pop("lm_head.weight", None)
+            lm_head = embed
+        return cls(cfg, embed, layers, take("model.norm.weight"), lm_head)
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, device, dtype, seed: int = 0) -> "LlamaModel":
+        """Random weights with the real architecture (load_format="dummy"), made directly on the device."""
+        g = torch.Generator(device=device).manual_seed(seed)
+        H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * D
+
+        def rnd(*shape, std=0.02):
+            return torch.randn(*shape, generator=g, device=device, dtype=dtype) * std
+
+        def ones(n):
+            return torch.ones(n, device=device, dtype=dtype)
+
+        layers = [LayerWeights(ones(H), rnd(qkv, H), rnd(qkv) if cfg.attention_bias else None,
+                               rnd(H, cfg.num_heads * D), ones(H), rnd(2 * I, H), rnd(H, I))
+                  for _ in range(cfg.num_layers)]
+        embed = rnd(cfg.vocab_size, H)
+        lm_head = embed if cfg.tie_word_embeddings else rnd(cfg.vocab_size, H)
+        return cls(cfg, embed, layers, ones(H), lm_head)
+
+    @property
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in [self.embed, self.norm, self.lm_head] + [
+                x for lw in self.layers for x in vars(lw).values() if x is not None]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    # ---- forward ------------------------------------------------------------------------------
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos: [T] int64 -> cos, sin: [T, D]. Angles in float64: fp32 loses ~0.06 rad at 1M positions."""
+        ang = pos.to(torch.float64)[:, None] * self.inv_freq[None, :]  # ang: [T, D/2]
+        ang = torch.cat([ang, ang], dim=-1)  # ang: [T, D]
+        return ang.cos().to(self.dtype), ang.sin().to(self.dtype)
+
+    def layer_forward(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      attn: AttentionBackend) -> torch.Tensor:
+        """x: [T, H] hidden states of layer i's input -> [T, H] output."""
+        cfg, w = self.cfg, self.layers[i]
+        T, Hq, Hkv, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)  # h: [T, H]
+        qkv = F.linear(h, w.wqkv, w.bqkv)  # qkv: [T, (Hq + 2Hkv) * D]
+        q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(T, Hq, D).transpose(0, 1), cos, sin)  # q: [Hq, T, D]
+        k = apply_rope(k.view(T, Hkv, D).transpose(0, 1), cos, sin)  # k: [Hkv, T, D]
+        v = v.view(T, Hkv, D).transpose(0, 1)  # v: [Hkv, T, D]
+        o = attn.attend(i, q, k, v)  # o: [Hq, T, D]
+        x = x + F.linear(o.transpose(0, 1).reshape(T, Hq * D), w.wo)  # x: [T, H]
+        h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)  # h: [T, H]
+        gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)  # gate, up: [T, I]
+        return x + F.linear(F.silu(gate) * up, w.w_down)  # [T, H]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> float32 logits [T, V]."""
+        return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """Token-major forward of a few tokens (decode, short chunks). ids, pos: [T] -> logits of the last: [V]."""
+        cos, sin = self.rope(pos)  # cos, sin: [T, D]
+        x = self.embed[ids]  # x: [T, H]
+        for i in range(self.cfg.num_layers):
+            x = self.layer_forward(i, x, cos, sin, attn)
+        return self.logits(x[-1:])[0]  # [V]

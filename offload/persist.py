@@ -1,0 +1,164 @@
+"""Saved sessions: a prefilled context written once and resumed later with identical logits.
+
+File layout (little-endian):
+    b"OFFLOADKV" | u32 version | u64 header length | header JSON | u32 crc32(header)
+    then, per layer, per record of up to RECORD_TOKENS tokens: u64 payload length | u32 crc32 | K bytes | V bytes
+The header holds the model fingerprint, ctx, layout (layers, KV heads, head dim, dtype) and the token ids.
+Written atomically: a temp file in the same directory, fsync, rename, fsync of the directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+
+from offload.errors import ConfigError, SessionFileError
+
+MAGIC = b"OFFLOADKV"
+VERSION = 1
+RECORD_TOKENS = 4096
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def model_fingerprint(model) -> str:
+    """Architecture plus a sample of weights, rounded to bf16 so CPU fp32 and GPU bf16 loads agree."""
+    h = hashlib.sha256(json.dumps(vars(model.cfg), sort_keys=True, default=str).encode())
+    for t in (model.embed[:8], model.lm_head[-8:], model.layers[0].wqkv[:4], model.layers[-1].w_down[:4]):
+        h.update(t.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def _write_record(f, k: torch.Tensor, v: torch.Tensor) -> None:
+    payload = _tensor_bytes(k) + _tensor_bytes(v)
+    f.write(struct.pack("<QI", len(payload), zlib.crc32(payload)))
+    f.write(payload)
+
+
+def save_session(sess, path) -> None:
+    attn, model = sess.attn, sess.llm.model
+    if not hasattr(attn, "read_kv"):
+        raise ConfigError("this attention backend cannot save sessions; use --attention full")
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; pass a file path to save the session")
+    mc = model.cfg
+    header = {"version": VERSION, "fingerprint": model_fingerprint(model), "model": sess.llm.name,
+              "ctx": sess.llm.ctx, "length": sess.length, "tokens": sess.tokens,
+              "layout": {"num_layers": mc.num_layers, "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
+                         "dtype": str(model.dtype).replace("torch.", ""), "record_tokens": RECORD_TOKENS}}
+    hb = json.dumps(header).encode()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + struct.pack("<IQ", VERSION, len(hb)) + hb + struct.pack("<I", zlib.crc32(hb)))
+            for layer in range(mc.num_layers):
+                k, v = attn.read_kv(layer)  # k, v: [Hkv, length, D]
+                for s in range(0, max(sess.length, 1), RECORD_TOKENS):
+                    _write_record(f, k[:, s:s + RECORD_TOKENS], v[:, s:s + RECORD_TOKENS])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SessionFileError(f"cannot write session {path} ({e.strerror or e}); free disk space or pick another path") from None
+
+
+def _read_exact(f, n: int, path) -> bytes:
+    b = f.read(n)
+    if len(b) != n:
+        raise SessionFileError(f"session file {path} is truncated; save the session again")
+    return b
+
+
+def read_header(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SessionFileError(f"session file {path} does not exist; pass a file written by sess.save()")
+    with open(path, "rb") as f:
+        return _read_header(f, path)
+
+
+def _read_header(f, path) -> dict:
+    if f.read(len(MAGIC)) != MAGIC:
+        raise SessionFileError(f"{path} is not an offload session file; pass a file written by sess.save()")
+    version, hlen = struct.unpack("<IQ", _read_exact(f, 12, path))
+    if version != VERSION:
+        raise SessionFileError(f"session file {path} has format version {version}, this offload reads {VERSION}; save it again")
+    if hlen > 1 << 31:
+        raise SessionFileError(f"session file {path} has a corrupt header; save the session again")
+    hb = _read_exact(f, hlen, path)
+    (crc,) = struct.unpack("<I", _read_exact(f, 4, path))
+    if zlib.crc32(hb) != crc:
+        raise SessionFileError(f"session file {path} has a corrupt header (checksum mismatch); save the session again")
+    return json.loads(hb)
+
+
+def load_session(sess, path) -> None:
+    """Fill an empty session from `path`, refusing files of other models, layouts or corrupt records."""
+    path = Path(path)
+    model, attn = sess.llm.model, sess.attn
+    if not hasattr(attn, "load_kv"):
+        raise ConfigError("this attention backend cannot load sessions; use --attention full")
+    if not path.is_file():
+        raise SessionFileError(f"session file {path} does not exist; pass a file written by sess.save()")
+    with open(path, "rb") as f:
+        h = _read_header(f, path)
+        if h["fingerprint"] != model_fingerprint(model):
+            raise SessionFileError(f"session file {path} was saved with another model ({h['model']}); "
+                                   "load it with the model that wrote it")
+        lay, mc = h["layout"], model.cfg
+        dtype = str(model.dtype).replace("torch.", "")
+        if lay["dtype"] != dtype:
+            raise SessionFileError(f"session file {path} holds {lay['dtype']} KV but this runtime uses {dtype}; "
+                                   f"pass --dtype {lay['dtype']}")
+        n = h["length"]
+        if n > sess.llm.ctx:
+            raise SessionFileError(f"session file {path} holds {n} tokens, more than ctx {sess.llm.ctx}; raise --ctx")
+        tdtype = _DTYPES[dtype]
+        esz = torch.empty((), dtype=tdtype).element_size()
+        Hkv, D = mc.num_kv_heads, mc.head_dim
+
+        def layers(materialize: bool):
+            for layer in range(mc.num_layers):
+                ks, vs = [], []
+                for r, s in enumerate(range(0, max(n, 1), RECORD_TOKENS)):
+                    t = min(RECORD_TOKENS, n - s)
+                    plen, crc = struct.unpack("<QI", _read_exact(f, 12, path))
+                    if plen != 2 * Hkv * t * D * esz:
+                        raise SessionFileError(f"session file {path} is corrupt at layer {layer} record {r}; save it again")
+                    payload = _read_exact(f, plen, path)
+                    if zlib.crc32(payload) != crc:
+                        raise SessionFileError(f"session file {path} is corrupt at layer {layer} record {r} "
+                                               "(checksum mismatch); save the session again")
+                    if materialize:
+                        kv = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(tdtype).view(2, Hkv, t, D)
+                        ks.append(kv[0])
+                        vs.append(kv[1])
+                if materialize:
+                    yield torch.cat(ks, 1).to(model.device), torch.cat(vs, 1).to(model.device)  # [Hkv, n, D] each
+                else:
+                    yield None
+
+        # Pass 1 verifies every record, so a bad file leaves the session untouched; pass 2 loads layer by layer.
+        body = f.tell()
+        for _ in layers(False):
+            pass
+        if f.read(1):
+            raise SessionFileError(f"session file {path} has trailing bytes; it is corrupt, save it again")
+        f.seek(body)
+        attn.load_kv(layers(True))
+    sess.tokens = list(h["tokens"])
