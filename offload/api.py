@@ -54,7 +54,7 @@ class LLM:
         if self.ctx > mc.max_position_embeddings:
             warnings.warn(f"ctx {self.ctx} exceeds the model's trained length {mc.max_position_embeddings}; "
                           "quality past it is not guaranteed", stacklevel=2)
-        self.plan = backends.plan(self, source)          # before any weight is loaded: refuse early
+        self.plan = backends.plan(self)          # before any weight is loaded: refuse early
         self.model: LlamaModel = loading.build_model(source, mc, self.device, self.dtype, cfg.load_format)
         self.tokenizer = source.tokenizer
         self.name = source.name
@@ -63,16 +63,21 @@ class LLM:
         self._stats: dict = {}
 
     # ---- sessions -----------------------------------------------------------------------------
-    def session(self) -> "Session":
-        """A fresh sequence with its own KV cache. Only one session keeps its KV at a time (the last one)."""
+    def session(self, **overrides) -> "Session":
+        """A fresh sequence with its own KV cache. overrides: attention, budget, index, chunk_tokens, gpu_mem, ..."""
+        cfg = self.config.replace(**overrides) if overrides else self.config
+        return Session(self, backends.make(self, cfg), cfg)
+
+    def _fresh_session(self) -> "Session":
+        """The session behind generate/stream/chat: the previous one is closed to free its KV."""
         if self._session is not None:
             self._session.close()
-        self._session = Session(self, backends.make(self))
+        self._session = self.session()
         return self._session
 
     def load_session(self, path) -> "Session":
         from offload.persist import load_session
-        sess = self.session()
+        sess = self._fresh_session()
         load_session(sess, path)
         return sess
 
@@ -84,7 +89,7 @@ class LLM:
     def stream(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
         """Raw completion of `prompt` (no chat template) in a fresh session, yielded as text pieces."""
-        sess = self.session()
+        sess = self._fresh_session()
         ids = self._encode(prompt)
         yield from sess.generate_text(ids, **self._sampling(max_new_tokens, temperature, top_p, seed))
 
@@ -109,7 +114,7 @@ class LLM:
     @property
     def stats(self) -> dict:
         out = {"model": self.name, "device": str(self.device), "ctx": self.ctx, "load_s": round(self.load_s, 3),
-               "attention": backends.mode(self), "plan": self.plan.summary() if self.plan else None}
+               "attention": backends.mode(self), "plan": self.plan.summary()}
         out.update(self._stats)
         if self._session is not None:
             out.update(self._session.stats())
@@ -130,9 +135,9 @@ class LLM:
 class Session:
     """One sequence: `prefill(ids)` and `step(id)` return float32 logits of the last position."""
 
-    def __init__(self, llm: LLM, attn):
-        self.llm, self.attn = llm, attn
-        self.engine = Engine(llm.model, attn, prefill_chunk=llm.config.prefill_chunk)
+    def __init__(self, llm: LLM, attn, config: OffloadConfig):
+        self.llm, self.attn, self.config = llm, attn, config
+        self.engine = Engine(llm.model, attn, prefill_chunk=config.prefill_chunk)
         self.tokens: list[int] = []
         self._decode_s, self._decoded, self._ttft = 0.0, 0, None
 
@@ -193,6 +198,13 @@ class Session:
         if tail:
             yield tail
 
+    def fork(self, **overrides) -> "Session":
+        """A new session holding a copy of this one's KV, e.g. fork(attention="sparse", budget="5%")."""
+        other = self.llm.session(**overrides)
+        other.attn.load_kv(self.attn.read_kv(layer) for layer in range(self.llm.model_config.num_layers))
+        other.tokens = list(self.tokens)
+        return other
+
     def save(self, path) -> None:
         from offload.persist import save_session
         save_session(self, path)
@@ -216,7 +228,7 @@ class Chat:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.session = self.llm.session()
+        self.session = self.llm._fresh_session()
         self._cached_text = ""   # the text whose tokens are in the KV cache, in order
 
     def send(self, text: str, **sampling) -> str:
@@ -230,7 +242,7 @@ class Chat:
         rendered = tok.apply_chat_template(self.messages, add_generation_prompt=True)
         if not rendered.startswith(self._cached_text):
             # the template rewrote earlier turns (some templates do): start the cache over
-            self.session = self.llm.session()
+            self.session = self.llm._fresh_session()
             self._cached_text = ""
         ids = tok.encode(rendered[len(self._cached_text):], add_special_tokens=False)  # the template has BOS
         start = self.session.length + len(ids)

@@ -1,31 +1,70 @@
-"""Policy: which attention backend a runtime uses and how its KV is budgeted across tiers."""
+"""Policy: which attention backend a session uses and how its KV is budgeted across tiers."""
 from __future__ import annotations
 
+import math
+
+import torch
+
 from offload.engine.dense import DenseAttention
+from offload.tiers.base import ChunkShape
 
 
-def mode(llm) -> str:
+
+def mode(llm, cfg=None) -> str:
     """'full' (exact) or 'sparse'; 'auto' is sparse on the GPU and full on the CPU."""
-    m = llm.config.attention
+    m = (cfg or llm.config).attention
     if m == "auto":
-        return "sparse" if llm.device.type == "cuda" and _sparse_available() else "full"
+        return "sparse" if llm.device.type == "cuda" else "full"
     return m
 
 
-def _sparse_available() -> bool:
-    try:
-        import offload.engine.sparse  # noqa: F401
-        return True
-    except ImportError:
-        return False
+def weight_bytes(mc, dtype: torch.dtype) -> int:
+    """Parameter bytes from the architecture alone (the planner runs before weights load)."""
+    H, D, I = mc.hidden_size, mc.head_dim, mc.intermediate_size
+    per_layer = H * (mc.num_heads + 2 * mc.num_kv_heads) * D + mc.num_heads * D * H + 3 * H * I + 2 * H
+    n = mc.vocab_size * H * (1 if mc.tie_word_embeddings else 2) + mc.num_layers * per_layer + H
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
-def plan(llm, source):
-    """Budget plan for the KV (None while everything fits on the compute device)."""
-    return None
+def plan(llm, cfg=None):
+    """Split the KV of llm.ctx tokens over GPU / host / disk, or raise CapacityError with the fix."""
+    from offload.planner import plan_budget
+    cfg = cfg or llm.config
+    mc, C = llm.model_config, cfg.chunk_tokens
+    return plan_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, torch.empty((), dtype=llm.dtype).element_size(),
+                       llm.ctx, weight_bytes(mc, llm.dtype), llm.device, gpu_mem=cfg.gpu_mem, host_mem=cfg.host_mem,
+                       disk_mem=cfg.disk_mem, disk_dir=cfg.disk_dir, chunk_tokens=C,
+                       sink_chunks=math.ceil(cfg.sink_tokens / C), window_chunks=math.ceil(cfg.window_tokens / C))
 
 
-def make(llm):
+def fits_on_device(p, mc) -> bool:
+    return p.gpu_chunks >= mc.num_layers * math.ceil(p.ctx / p.chunk_tokens)
+
+
+def make(llm, cfg=None):
+    """The attention backend for a new session."""
+    cfg = cfg or llm.config
     mc = llm.model_config
-    return DenseAttention(mc.num_layers, mc.num_kv_heads, mc.head_dim, llm.ctx, llm.device, llm.dtype,
-                          static=llm.device.type == "cuda")
+    p = llm.plan if cfg is llm.config else plan(llm, cfg)
+    m = mode(llm, cfg)
+    if m == "full" and fits_on_device(p, mc):
+        return DenseAttention(mc.num_layers, mc.num_kv_heads, mc.head_dim, llm.ctx, llm.device, llm.dtype,
+                              static=llm.device.type == "cuda")
+    from offload.engine.tiered import TieredAttention
+    from offload.indexes import Budget, make_index
+    from offload.tiers.store import TieredKVStore
+
+    C = cfg.chunk_tokens
+    store = TieredKVStore(ChunkShape(mc.num_kv_heads, C, mc.head_dim, llm.dtype), mc.num_layers, p.capacities,
+                          llm.device, disk_dir=cfg.disk_dir, policy=cfg.policy,
+                          sink_chunks=math.ceil(cfg.sink_tokens / C), window_chunks=math.ceil(cfg.window_tokens / C))
+    index = budget = None
+    if m == "sparse":
+        def index():
+            return make_index(cfg.index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads, head_dim=mc.head_dim,
+                              chunk_tokens=C, device=llm.device, dtype=llm.dtype)
+        budget = Budget.parse(cfg.budget)
+    return TieredAttention(num_layers=mc.num_layers, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+                           head_dim=mc.head_dim, ctx=llm.ctx, device=llm.device, dtype=llm.dtype, store=store,
+                           chunk_tokens=C, mode=m, make_index=index, budget=budget,
+                           sink_tokens=cfg.sink_tokens, window_tokens=cfg.window_tokens)

@@ -65,6 +65,9 @@ class OffloadConfig:
     budget: str | int | float = "5%"      # sparse: tokens ("2K") or a fraction ("5%")
     index: str = "summary"                # sparse chunk selection: summary | shadow | ann
     chunk_tokens: int = 32
+    policy: str = "lru"                   # which chunks stay on faster tiers: lru | attention
+    sink_tokens: int = 64                 # always attended and kept on the GPU (attention sinks)
+    window_tokens: int = 256              # the local window: always attended and kept on the GPU
     load_format: str = "auto"
     prefill_chunk: int = 2048
     max_new_tokens: int = 256
@@ -94,6 +97,9 @@ class OffloadConfig:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 0:
             raise ConfigError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        for name in ("sink_tokens", "window_tokens"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("chunk_tokens", "prefill_chunk"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -137,7 +143,7 @@ def env_overrides(environ=None) -> dict:
             continue
         if name in ("temperature", "top_p"):
             out[name] = _num(raw, float, name)
-        elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk"):
+        elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk", "sink_tokens", "window_tokens"):
             out[name] = _num(raw, int, name)
         else:
             out[name] = raw

@@ -37,14 +37,14 @@ def from_chunks(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class TieredAttention(AttentionBackend, PersistableKV):
     def __init__(self, *, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, ctx: int,
                  device, dtype, store, chunk_tokens: int, mode: str = "full", make_index=None,
-                 budget_chunks: int = 0, sink_tokens: int = 64, window_tokens: int = 256, token_path_max: int = 64):
+                 budget=None, sink_tokens: int = 64, window_tokens: int = 256, token_path_max: int = 64):
         self.L, self.Hq, self.Hkv, self.D = num_layers, num_q_heads, num_kv_heads, head_dim
         self.ctx, self.device, self.dtype, self.store = ctx, torch.device(device), dtype, store
         self.C, self.mode, self.token_path_max = chunk_tokens, mode, token_path_max
         self.scale = head_dim ** -0.5
         self.n_sink = -(-sink_tokens // chunk_tokens)
         self.n_window = -(-window_tokens // chunk_tokens)
-        self.budget = budget_chunks
+        self.budget = budget    # offload.indexes.Budget: selected chunks on top of sinks + window
         self.indexes = [make_index() for _ in range(num_layers)] if mode == "sparse" else None
         cap = chunk_tokens + token_path_max
         self.tail_k = torch.zeros(num_layers, num_kv_heads, cap, head_dim, device=device, dtype=dtype)  # [L, Hkv, cap, D]
@@ -88,7 +88,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
             ids = self._chunk_ids(layer, qt)  # ids: [Hkv, K] or None
             if ids is not None:
                 plan = self.store.fetch(layer, ids)
-                self._fetched += getattr(plan, "nbytes", 0)
+                self._fetched += sum(plan.bytes.values())
                 for pool, slots in plan.parts:
                     o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
                     o, lse = kernels.merge_attn(o, lse, o2, lse2)
@@ -101,12 +101,15 @@ class TieredAttention(AttentionBackend, PersistableKV):
             return None
         everything = torch.arange(n, device=self.device).expand(self.Hkv, n)  # [Hkv, n]
         fixed = self.n_sink + self.n_window
-        if self.mode == "full" or n <= fixed + self.budget:
+        if self.mode == "full":
+            return everything
+        budget = self.budget.chunks(self._len + 1, self.C, layer)
+        if n <= fixed + budget:
             return everything
         t = time.perf_counter()
-        sel = self.indexes[layer].select(q, self.budget + fixed).to(self.device)  # sel: [Hkv, B + fixed]
+        sel = self.indexes[layer].select(q, budget + fixed).to(self.device)  # sel: [Hkv, B + fixed]
         keep = (sel >= self.n_sink) & (sel < n - self.n_window)  # keep: [Hkv, B + fixed]
-        keep &= torch.cumsum(keep.int(), dim=1) <= self.budget
+        keep &= torch.cumsum(keep.int(), dim=1) <= budget
         sel = torch.where(keep, sel, torch.full_like(sel, -1))
         sinks = torch.arange(self.n_sink, device=self.device)
         window = torch.arange(n - self.n_window, n, device=self.device)

@@ -1,0 +1,222 @@
+"""FaissANNIndex: a faiss-cpu index over each KV head's keys in host RAM (after RetrievalAttention).
+
+Decode queries come from another distribution than the keys (different mean and norm), so an index
+laid out by the keys alone sends a query to the wrong neighbourhoods. Two remedies, both options:
+  * train_on="queries" (build() must get prefill queries): the IVF centroids are
+    spherical k-means centroids of the prefill queries of the KV head's query group, and every key
+    is filed under the query centroid with the largest inner product with it. A decode query is
+    near prefill queries, so its nearest centroids are the lists holding the keys it attends to.
+    (On the synthetic keys of bench/index_recall.py it recalled 0.91 against 0.99 for the default;
+    kept to be measured on real queries.)
+  * space="l2aug" (default, with train_on="keys"): the standard IP -> L2 reduction: keys become
+    [k, sqrt(M^2 - |k|^2)] and queries [q, 0], so that |q' - k'|^2 = |q|^2 + M^2 - 2 q.k and the L2
+    neighbours are the IP maxima (M = norm_headroom x the build keys' largest norm, so that
+    extended keys usually fit under it). The IVF lists are L2 k-means cells of the augmented keys.
+Plain HNSW with inner product is not offered (it is known to fail on this mismatch).
+A head with fewer than `min_ivf_tokens` build keys gets an exact flat index (IVF needs data to train).
+
+Chunk score: each retrieved token votes for its chunk, with weight 1 ("count") or its share of the
+softmax mass among the tokens retrieved for that query head ("expsum"); a query group's votes are
+summed, so with every token retrieved "expsum" ranks chunks by their exact attention mass. Chunks
+with no vote are filled in newest-first so that `select` always returns min(budget, N) ids.
+
+Threads: faiss-cpu and torch each ship their own libgomp, i.e. two OpenMP thread pools. The index
+sets faiss's pool explicitly before every faiss call (`threads`, default 1, leaving the other cores
+to torch; with torch idle, 2 threads searched 1.6x faster on a 2-core box) and calls faiss only from
+the Python thread, between torch ops, never inside a torch parallel region, so the two pools never
+compete for cores at the same moment. The caller sets torch's pool (torch.set_num_threads); keep
+faiss threads + torch threads <= physical cores, and set OMP_WAIT_POLICY=PASSIVE in the environment
+so that an idle pool does not spin.
+Memory: host only; "flat" codes keep float32 keys (D*4 B per head-token) + 8 B ids, "sq8" D B + 8 B.
+"""
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+import torch
+
+from offload.errors import ConfigError
+from offload.indexes._common import check_budget, check_choice, check_shape_args, split_chunks
+
+
+class FaissANNIndex:
+    """One faiss IVF (or flat) index per KV head over its keys, inner-product search."""
+
+    def __init__(self, num_kv_heads: int, num_q_heads: int, head_dim: int, chunk_tokens: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
+                 space: str = "l2aug", train_on: str = "keys", codec: str = "flat", nlist: int = 0,
+                 nprobe: int = 0, probe_fraction: float = 0.05, retrieve_factor: float = 1.0,
+                 chunk_score: str = "expsum", threads: int = 1, min_ivf_tokens: int = 2048,
+                 norm_headroom: float = 1.2, scale: float | None = None, seed: int = 0):
+        self.group_size = check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
+        check_choice("space", space, ("ip", "l2aug"))
+        check_choice("train_on", train_on, ("keys", "queries"))
+        check_choice("codec", codec, ("flat", "sq8"))
+        check_choice("chunk_score", chunk_score, ("count", "expsum"))
+        if not 0 < probe_fraction <= 1 or retrieve_factor <= 0 or threads < 1:
+            raise ConfigError(f"probe_fraction={probe_fraction}, retrieve_factor={retrieve_factor}, "
+                              f"threads={threads}: use 0 < probe_fraction <= 1, retrieve_factor > 0, threads >= 1")
+        self.num_kv_heads, self.num_q_heads, self.head_dim = num_kv_heads, num_q_heads, head_dim
+        self.chunk_tokens = chunk_tokens
+        self.device, self.dtype = torch.device(device), dtype
+        self.space, self.train_on, self.codec, self.chunk_score = space, train_on, codec, chunk_score
+        self.nlist, self.nprobe, self.probe_fraction = int(nlist), int(nprobe), float(probe_fraction)
+        self.retrieve_factor, self.threads = float(retrieve_factor), int(threads)
+        self.min_ivf_tokens, self.seed = int(min_ivf_tokens), seed
+        self.norm_headroom = max(1.0, float(norm_headroom))
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._heads: list[faiss.Index] = []       # per KV head: IVF (trained) or exact flat IP
+        self._quantizers: list[faiss.Index] = []  # the IVF indexes borrow them: keep them alive
+        self._max_norm: list[float] = []          # M of the l2aug transform, per head (0: no transform)
+        self._num_tokens = 0
+
+    # -- building --------------------------------------------------------------------------------
+    def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
+        """Index keys [Hkv, N, D]; prefill queries [Hq, Nq, D] are needed for train_on="queries"."""
+        split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)  # shape check only
+        if self.train_on == "queries" and (queries is None or queries.shape[1] == 0):
+            raise ConfigError("train_on='queries' needs prefill queries: pass queries to build(), "
+                              "or use train_on='keys'")
+        self._reset()
+        faiss.omp_set_num_threads(self.threads)
+        q_np = None
+        if self.train_on == "queries":
+            # heads h*G .. h*G+G-1 are contiguous, so the reshape gathers each KV head's query group
+            q_all = queries.detach().float().cpu()                              # q_all: [Hq, Nq, D]
+            q_np = q_all.reshape(self.num_kv_heads, -1, self.head_dim).numpy()  # q_np: [Hkv, G*Nq, D]
+        for h in range(self.num_kv_heads):
+            self._heads.append(None)
+            self._quantizers.append(None)
+            self._max_norm.append(0.0)
+            # one head at a time: a float32 copy of a whole 1M-token layer would be 4 GiB
+            k_h = keys[h].detach().float().cpu().numpy()                       # k_h: [N, D]
+            self._build_head(h, k_h, q_np[h] if q_np is not None else None)
+        self._num_tokens = keys.shape[1]
+
+    def _build_head(self, h: int, k: np.ndarray, q: np.ndarray | None) -> None:
+        """(Re)build head h over keys k [N, D], IVF when there are enough of them, else exact flat."""
+        n, d = k.shape
+        nlist = self.nlist or int(round(4 * math.sqrt(max(n, 1))))
+        train = k if q is None else q
+        nlist = min(nlist, n // 8, len(train) // 8)           # k-means needs a few points per centroid
+        if n < self.min_ivf_tokens or nlist < 2:
+            # exact search needs no transform: flat inner product
+            self._heads[h], self._quantizers[h], self._max_norm[h] = faiss.IndexFlatIP(d), None, 0.0
+            self._heads[h].add(np.ascontiguousarray(k, dtype=np.float32))
+            return
+        if self.space == "l2aug":
+            # M above the build's largest norm leaves room for the keys extend() brings later
+            self._max_norm[h] = self.norm_headroom * float(np.linalg.norm(k, axis=1).max())
+        k_x, train_x = self._keys_space(h, k), self._queries_space(h, train) if q is not None else None
+        dim = k_x.shape[1]
+        ip = self.space == "ip"
+        km = faiss.Kmeans(dim, nlist, niter=12, seed=self.seed, spherical=ip,
+                          max_points_per_centroid=128, min_points_per_centroid=1, verbose=False)
+        km.train(k_x if train_x is None else train_x)
+        quantizer = faiss.IndexFlatIP(dim) if ip else faiss.IndexFlatL2(dim)
+        quantizer.add(km.centroids)                           # trained quantizer: IVF.train skips k-means
+        metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
+        if self.codec == "flat":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric)
+        index.train(k_x)                                      # codec only: the 8-bit ranges come from keys
+        index.nprobe = self.nprobe or max(1, math.ceil(self.probe_fraction * nlist))
+        index.add(k_x)
+        self._heads[h], self._quantizers[h] = index, quantizer
+
+    def _keys_space(self, h: int, k: np.ndarray) -> np.ndarray:
+        if not self._max_norm[h]:
+            return np.ascontiguousarray(k, dtype=np.float32)
+        # a later key beyond M clamps to 0 and ranks as if its norm were M: lower than it should
+        extra = np.sqrt(np.maximum(self._max_norm[h] ** 2 - (k * k).sum(axis=1), 0.0))  # extra: [N]
+        return np.ascontiguousarray(np.concatenate([k, extra[:, None]], axis=1), dtype=np.float32)
+
+    def _queries_space(self, h: int, q: np.ndarray) -> np.ndarray:
+        if not self._max_norm[h]:
+            return np.ascontiguousarray(q, dtype=np.float32)
+        return np.ascontiguousarray(np.concatenate([q, np.zeros((len(q), 1), q.dtype)], axis=1),
+                                    dtype=np.float32)
+
+    def extend(self, keys: torch.Tensor) -> None:
+        """Append full chunks keys [Hkv, n*C, D] to every head's index (existing lists, no retraining).
+
+        A head that is still exact-flat is rebuilt as IVF once it reaches `min_ivf_tokens` (from its
+        keys: prefill queries are not kept).
+        """
+        split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)
+        if keys.shape[1] == 0:
+            return
+        if not self._heads:
+            self._reset()
+            self._heads, self._quantizers = [None] * self.num_kv_heads, [None] * self.num_kv_heads
+            self._max_norm = [0.0] * self.num_kv_heads
+            for h in range(self.num_kv_heads):
+                self._build_head(h, np.zeros((0, self.head_dim), np.float32), None)
+        faiss.omp_set_num_threads(self.threads)
+        keys_np = keys.detach().float().cpu().numpy()                           # keys_np: [Hkv, n*C, D]
+        total = self._num_tokens + keys.shape[1]
+        for h, index in enumerate(self._heads):
+            if not isinstance(index, faiss.IndexIVF) and total >= self.min_ivf_tokens:
+                old = index.reconstruct_n(0, index.ntotal) if index.ntotal else keys_np[h][:0]  # [N, D]
+                self._build_head(h, np.concatenate([old, keys_np[h]]), None)
+            else:
+                # faiss numbers added vectors ntotal, ntotal+1, ...: the token positions
+                index.add(self._keys_space(h, keys_np[h]))                      # [n*C, D']
+        self._num_tokens = total
+
+    # -- selection -------------------------------------------------------------------------------
+    def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
+        """query [Hq, D] -> best-first chunk ids int64 [Hkv, min(budget, num_chunks)] on the device."""
+        check_budget(budget)
+        n = self.num_chunks
+        k = min(int(budget), n)
+        out = np.empty((self.num_kv_heads, k), dtype=np.int64)                  # out: [Hkv, k]
+        if k == 0:
+            return torch.from_numpy(out).to(self.device)
+        faiss.omp_set_num_threads(self.threads)
+        q_np = query.detach().float().cpu().reshape(self.num_kv_heads, self.group_size, -1).numpy()  # [Hkv, G, D]
+        k_tok = min(self._num_tokens, max(1, math.ceil(self.retrieve_factor * k * self.chunk_tokens)))
+        recency = -np.arange(n, dtype=np.int64)                                 # newer chunks sort first
+        for h, index in enumerate(self._heads):
+            q_x = self._queries_space(h, q_np[h])                               # q_x: [G, D']
+            dist, tok = index.search(q_x, k_tok)                                # dist, tok: [G, k_tok]
+            votes = self._votes(h, q_np[h], dist, tok)                          # votes: [G, k_tok]
+            hit = tok >= 0
+            chunk_score = np.bincount(tok[hit] // self.chunk_tokens, weights=votes[hit], minlength=n)  # [n]
+            out[h] = np.lexsort((recency, -chunk_score))[:k]
+        return torch.from_numpy(out).to(self.device)                            # ids: [Hkv, k]
+
+    def _votes(self, h: int, q: np.ndarray, dist: np.ndarray, tok: np.ndarray) -> np.ndarray:
+        if self.chunk_score == "count":
+            return np.ones_like(dist, dtype=np.float64)
+        ip = dist.astype(np.float64)                                            # ip: [G, k_tok]
+        if self._max_norm[h]:
+            ip = ((q.astype(np.float64) ** 2).sum(axis=1, keepdims=True) + self._max_norm[h] ** 2 - ip) / 2
+        ip = np.where(tok >= 0, ip, -np.inf)
+        top = ip.max(axis=1, keepdims=True)                                     # top: [G, 1]
+        w = np.exp(self.scale * (ip - np.where(np.isfinite(top), top, 0.0)))    # w: [G, k_tok]
+        # each query head's share of the softmax mass among its retrieved tokens: with every token
+        # retrieved, the group sum per chunk is exactly the chunk's attention mass
+        total = w.sum(axis=1, keepdims=True)                                    # total: [G, 1]
+        return w / np.where(total > 0, total, 1.0)
+
+    # -- sizes -----------------------------------------------------------------------------------
+    @property
+    def num_chunks(self) -> int:
+        return self._num_tokens // self.chunk_tokens
+
+    @property
+    def nbytes(self) -> dict[str, int]:
+        host = 0
+        for index in self._heads:
+            if isinstance(index, faiss.IndexIVF):
+                host += index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4
+            else:
+                host += index.ntotal * index.d * 4
+        return {"gpu": 0, "host": host}

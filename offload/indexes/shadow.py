@@ -1,0 +1,175 @@
+"""ShadowKeyIndex: low-rank key shadows (after ShadowKV) behind a coarse chunk stage.
+
+Per KV head, the build keys give a rank-r orthonormal basis U [D, r] (top eigenvectors of K^T K,
+uncentred, so q.(U U^T k) approximates q.k). Every key is stored as its shadow k U [r]. Selection:
+  1. coarse: score every chunk by its landmark (coarse="mean": q.mean key, through
+     `offload.kernels.score_chunks` with kmin = kmax = mean) or by an inner ChunkSummaryIndex
+     (coarse="summary", with `summary_options`, e.g. int8 / two-level bounds); keep
+     ceil(max(budget * candidate_factor, min_candidates)) candidates per KV head;
+  2. fine: approximate q.k for every token of the candidates from the shadows ((q U) . shadow), reduce
+     to a chunk score (token max, or softmax mass over the candidates) and the query group, top budget.
+
+RoPE: the indexes only see post-RoPE keys (DESIGN.md), so the basis is fitted to post-RoPE keys.
+RoPE rotates each dim pair by a position-dependent angle, which spreads the energy of the
+high-frequency pairs over both dims of the pair, so post-RoPE keys are expected to need a higher rank
+than ShadowKV's pre-RoPE factor for the same error (on the synthetic keys, rank 32 holds 0.63 of the
+energy post-RoPE against 0.66 without RoPE; measure on real keys). In exchange the approximation stays
+exact at r = D, needs no position bookkeeping and extends to new chunks with the same basis.
+(Fitting pre-RoPE keys would need the model to hand over pre-RoPE keys and positions; the
+`rebuild_keys` variant is not done here.)
+
+Memory per KV head and token: r * itemsize (shadows) + landmark D * itemsize / C (or the summary's).
+Llama-3-8B at 1M tokens, r=32, bf16: 16 GiB of shadows, so at that scale shadows belong on the host
+(`shadows_on="host"`: only the candidates' shadows are copied per step) and only the coarse stage
+(landmarks, or better an int8 two-level summary) stays on the GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from offload import kernels
+from offload.errors import ConfigError
+from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, check_shape_args,
+                                     group_reduce, split_chunks)
+from offload.indexes.summary import ChunkSummaryIndex
+
+
+def key_basis(keys: torch.Tensor, rank: int, slab: int = 16384) -> torch.Tensor:
+    """keys [Hkv, N, D] -> orthonormal basis [Hkv, D, rank] of the top `rank` directions (float32).
+
+    K^T K is accumulated in float64 over slabs of tokens, so a 1M-token layer never exists in float64.
+    """
+    hkv, n, d = keys.shape
+    gram = torch.zeros(hkv, d, d, dtype=torch.float64, device=keys.device)    # gram: [Hkv, D, D]
+    for start in range(0, n, slab):
+        k = keys[:, start:start + slab].double()                               # k: [Hkv, s, D]
+        gram += torch.einsum("hnd,hne->hde", k, k)
+    _, vecs = torch.linalg.eigh(gram)                                          # vecs: [Hkv, D, D] ascending
+    return vecs.flip(-1)[..., :rank].float().contiguous()                      # basis: [Hkv, D, r]
+
+
+class ShadowKeyIndex:
+    """Landmarks (or a summary index) per chunk on the device, rank-r key shadows on device or host."""
+
+    def __init__(self, num_kv_heads: int, num_q_heads: int, head_dim: int, chunk_tokens: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
+                 rank: int = 32, coarse: str = "mean", candidate_factor: float = 4.0, min_candidates: int = 32,
+                 fine_reduce: str = "mass", group_reduce: str = "max", shadows_on: str = "device",
+                 summary_options: dict | None = None, scale: float | None = None, capacity_chunks: int = 0):
+        self.group_size = check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
+        if not 1 <= int(rank) <= head_dim:
+            raise ConfigError(f"shadow rank={rank} must be between 1 and head_dim={head_dim}; "
+                              f"lower the rank (e.g. {min(32, head_dim)})")
+        if not float(candidate_factor) >= 1.0:
+            raise ConfigError(f"candidate_factor={candidate_factor} must be >= 1.0 (candidates per selected chunk)")
+        check_choice("coarse", coarse, ("mean", "summary"))
+        check_choice("fine_reduce", fine_reduce, ("max", "mass"))
+        check_choice("group_reduce", group_reduce, ("max", "sum"))
+        check_choice("shadows_on", shadows_on, ("device", "host"))
+        self.num_kv_heads, self.num_q_heads, self.head_dim = num_kv_heads, num_q_heads, head_dim
+        self.chunk_tokens, self.rank = chunk_tokens, int(rank)
+        self.device, self.dtype = torch.device(device), dtype
+        self.shadows_on = shadows_on
+        self.shadow_device = self.device if shadows_on == "device" else torch.device("cpu")
+        self.coarse, self.fine_reduce, self.group_reduce = coarse, fine_reduce, group_reduce
+        self.candidate_factor, self.min_candidates = float(candidate_factor), max(0, int(min_candidates))
+        self.summary_options = dict(summary_options or {})
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        self._reset(capacity_chunks)
+
+    def _reset(self, capacity_chunks: int) -> None:
+        hkv, c, d = self.num_kv_heads, self.chunk_tokens, self.head_dim
+        self.basis: torch.Tensor | None = None                                 # basis: [Hkv, D, r]
+        pin = self.shadow_device.type == "cpu" and self.device.type == "cuda"
+        self._shadows = ChunkBuffer(hkv, (c, self.rank), self.shadow_device, self.dtype, capacity_chunks, pin)
+        mean_cap = capacity_chunks if self.coarse == "mean" else 0
+        self._means = ChunkBuffer(hkv, (d,), self.device, self.dtype, mean_cap)    # means: [Hkv, cap, D]
+        self._summary = None
+        if self.coarse == "summary":
+            opts = {"group_reduce": self.group_reduce, **self.summary_options, "capacity_chunks": capacity_chunks}
+            self._summary = ChunkSummaryIndex(hkv, self.num_q_heads, d, c, self.device, self.dtype, **opts)
+        self._num_chunks = 0
+
+    def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
+        """Fit the basis to keys [Hkv, N, D] and index their chunks (queries unused)."""
+        self._reset(keys.shape[1] // self.chunk_tokens)
+        split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)   # shape check
+        if keys.shape[1]:
+            self.basis = key_basis(keys, self.rank).to(self.device)            # basis: [Hkv, D, r]
+        # slabs bound the float32 temporaries of a long prefill
+        slab = self.chunk_tokens * max(1, 16384 // self.chunk_tokens)
+        for start in range(0, keys.shape[1], slab):
+            self.extend(keys[:, start:start + slab])
+
+    def extend(self, keys: torch.Tensor) -> None:
+        """Append full chunks keys [Hkv, n*C, D], projected on the existing basis (fitted here if none)."""
+        chunks = split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)  # [Hkv, n, C, D]
+        if chunks.shape[1] == 0:
+            return
+        if self.basis is None:
+            self.basis = key_basis(keys, self.rank).to(self.device)           # basis: [Hkv, D, r]
+        basis = self.basis.to(keys.device)                                     # basis: [Hkv, D, r]
+        shadows = torch.einsum("hncd,hdr->hncr", chunks.float(), basis)       # shadows: [Hkv, n, C, r]
+        self._shadows.append(shadows)
+        if self._summary is None:
+            self._means.append(chunks.float().mean(dim=2))                     # mean: [Hkv, n, D]
+        else:
+            self._summary.extend(keys)
+        self._num_chunks += chunks.shape[1]
+
+    def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
+        """query [Hq, D] -> best-first chunk ids int64 [Hkv, min(budget, num_chunks)] on the device."""
+        check_budget(budget)
+        n = self.num_chunks
+        if n == 0:
+            return torch.empty((self.num_kv_heads, 0), dtype=torch.long, device=self.device)
+        q = query.to(self.device)                                              # q: [Hq, D]
+        k = min(int(budget), n)
+        m = min(n, math.ceil(max(k * self.candidate_factor, self.min_candidates)))
+        if self._summary is None:
+            means = self._means.valid                                          # means: [Hkv, n, D]
+            # with kmin = kmax = mean the Quest bound is exactly q.mean, so one kernel serves both
+            cand = kernels.score_chunks(q, means, means, n, m, self.group_reduce)  # cand: [Hkv, m]
+        else:
+            cand = self._summary.select(q, m)                                  # cand: [Hkv, m]
+        scores = self._fine_scores(q, cand)                                    # scores: [Hkv, m]
+        local = torch.topk(scores, k, dim=1).indices                           # local: [Hkv, k]
+        return cand.gather(1, local)                                           # ids: [Hkv, k]
+
+    def _fine_scores(self, q: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Chunk scores of the candidates from their shadows -> [Hkv, m] float32 on the device.
+
+        Host shadows are gathered on the host and only the candidates' rows are copied
+        (m * C * r values per head), so the scoring itself runs on the compute device.
+        """
+        hkv, g = self.num_kv_heads, self.group_size
+        store = self.shadow_device
+        qg = q.float().reshape(hkv, g, self.head_dim)                          # qg: [Hkv, G, D]
+        qp = torch.einsum("hgd,hdr->hgr", qg, self.basis)                      # qp: [Hkv, G, r]
+        heads = torch.arange(hkv, device=store)[:, None]                       # heads: [Hkv, 1]
+        sh = self._shadows.valid[heads, cand.to(store)]                        # sh: [Hkv, m, C, r]
+        sh = sh.to(self.device, non_blocking=True)                             # sh: [Hkv, m, C, r]
+        s = torch.einsum("hgr,hmcr->hgmc", qp, sh.float()) * self.scale        # s: [Hkv, G, m, C]
+        if self.fine_reduce == "max":
+            per_chunk = s.amax(dim=3)                                          # per_chunk: [Hkv, G, m]
+        else:
+            # softmax mass of each candidate chunk among all candidate tokens, per query head
+            lse_chunk = torch.logsumexp(s, dim=3)                              # lse_chunk: [Hkv, G, m]
+            lse_all = torch.logsumexp(lse_chunk, dim=2, keepdim=True)          # lse_all: [Hkv, G, 1]
+            per_chunk = torch.exp(lse_chunk - lse_all)                         # per_chunk: [Hkv, G, m]
+        return group_reduce(per_chunk, self.group_reduce)                      # scores: [Hkv, m]
+
+    @property
+    def num_chunks(self) -> int:
+        return self._num_chunks
+
+    @property
+    def nbytes(self) -> dict[str, int]:
+        inner = self._summary.nbytes if self._summary is not None else {"gpu": 0, "host": 0}
+        basis = self.basis.numel() * self.basis.element_size() if self.basis is not None else 0
+        gpu, host = self._means.nbytes + inner["gpu"] + basis, inner["host"]
+        if self.shadows_on == "host":
+            return {"gpu": gpu, "host": host + self._shadows.nbytes}
+        return {"gpu": gpu + self._shadows.nbytes, "host": host}

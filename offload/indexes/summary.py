@@ -1,0 +1,203 @@
+"""ChunkSummaryIndex: Quest-style per-chunk min/max key bounds ("KV abstracts").
+
+Score of a chunk for query head h: sum_d max(q_d*kmin_d, q_d*kmax_d), an upper bound of q.k over the
+chunk's keys; a KV head's query group is combined by max or sum (`group_reduce`). Scoring goes
+through `offload.kernels.score_chunks` (CuPy on the GPU, torch reference elsewhere).
+
+Memory (Llama-3-8B, 32 layers x 8 KV heads x D=128, 1M tokens, 64-token chunks):
+    bounds="native" (bf16):               2 GiB on the GPU
+    bounds="int8":                        1 GiB + scales (4 B per head-chunk) on the GPU
+    coarse_group=G (two levels):          coarse bounds of G chunks on the GPU (1/G of the above),
+                                          fine bounds in (pinned) host RAM: 2 GiB bf16,
+                                          1 GiB with host_bounds="int8"
+int8 bounds are rounded outward (min down, max up) against a per-(head, chunk) scale, so after
+dequantisation (in float32) they still bound every key of the chunk.
+
+Two levels: the coarse stage picks ceil(max(budget * candidate_factor, min_candidates) / G) groups of
+G chunks per KV head (the floor matters at small budgets: 8 candidates for a 2-chunk budget lose mass);
+their fine bounds (plus those of the still-incomplete last group, always candidates) are gathered on
+the host, copied to the device and scored again; the top `budget` of those are returned.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from offload import kernels
+from offload.errors import ConfigError
+from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, check_shape_args,
+                                     split_chunks)
+
+_INT8_LEVELS = 126.0   # one level of slack below 127 so that the outward fix-up step cannot overflow
+
+
+def quantize_bounds(kmin: torch.Tensor, kmax: torch.Tensor):
+    """kmin/kmax [Hkv, n, D] -> (qmin, qmax int8 [Hkv, n, D], scale f32 [Hkv, n]) with q*scale outside [kmin, kmax]."""
+    lo, hi = kmin.float(), kmax.float()                                          # lo, hi: [Hkv, n, D]
+    amax = torch.maximum(lo.abs().amax(dim=2), hi.abs().amax(dim=2))             # amax: [Hkv, n]
+    scale = torch.where(amax > 0, amax / _INT8_LEVELS, torch.ones_like(amax))    # scale: [Hkv, n]
+    s = scale[..., None]                                                         # s: [Hkv, n, 1]
+    qmin = torch.floor(lo / s)                                                   # qmin: [Hkv, n, D]
+    qmax = torch.ceil(hi / s)                                                    # qmax: [Hkv, n, D]
+    # the division rounds; one more step where the float32 product lands on the wrong side
+    qmin = torch.where(qmin * s > lo, qmin - 1, qmin)                            # qmin: [Hkv, n, D]
+    qmax = torch.where(qmax * s < hi, qmax + 1, qmax)                            # qmax: [Hkv, n, D]
+    return qmin.to(torch.int8), qmax.to(torch.int8), scale
+
+
+def dequantize_bounds(qmin: torch.Tensor, qmax: torch.Tensor, scale: torch.Tensor):
+    """int8 [Hkv, n, D] x f32 [Hkv, n] -> float32 kmin, kmax [Hkv, n, D]."""
+    s = scale[..., None]                                                          # s: [Hkv, n, 1]
+    return qmin.float() * s, qmax.float() * s
+
+
+class _BoundStore:
+    """Min/max bounds of one tier, native dtype or int8, in growable buffers."""
+
+    def __init__(self, hkv: int, d: int, device, dtype, int8: bool, capacity: int, pin: bool = False):
+        self.int8 = int8
+        store_dtype = torch.int8 if int8 else dtype
+        self.lo = ChunkBuffer(hkv, (d,), device, store_dtype, capacity, pin)     # lo: [Hkv, cap, D]
+        self.hi = ChunkBuffer(hkv, (d,), device, store_dtype, capacity, pin)     # hi: [Hkv, cap, D]
+        self.scale = ChunkBuffer(hkv, (), device, torch.float32, capacity if int8 else 0, pin)
+
+    def append(self, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
+        if self.int8:
+            qmin, qmax, scale = quantize_bounds(kmin, kmax)
+            self.lo.append(qmin), self.hi.append(qmax), self.scale.append(scale)
+        else:
+            self.lo.append(kmin), self.hi.append(kmax)
+
+    def bounds(self, ids: torch.Tensor | None = None, device: torch.device | None = None):
+        """Bounds of all stored rows, or of ids [Hkv, M] -> [Hkv, M, D] on `device` (float32 when int8).
+
+        Rows are gathered where they are stored and dequantised after the copy, so an int8 tier moves
+        1 byte per value.
+        """
+        lo, hi = self.lo.valid, self.hi.valid                                    # lo, hi: [Hkv, n, D]
+        scale = self.scale.valid if self.int8 else None                          # scale: [Hkv, n]
+        if ids is not None:
+            heads = torch.arange(lo.shape[0], device=lo.device)[:, None]         # heads: [Hkv, 1]
+            ids = ids.to(lo.device)                                              # ids: [Hkv, M]
+            lo, hi = lo[heads, ids], hi[heads, ids]                              # lo, hi: [Hkv, M, D]
+            scale = scale[heads, ids] if self.int8 else None                     # scale: [Hkv, M]
+        if device is not None:
+            lo, hi = lo.to(device, non_blocking=True), hi.to(device, non_blocking=True)
+            scale = scale.to(device, non_blocking=True) if self.int8 else None
+        return dequantize_bounds(lo, hi, scale) if self.int8 else (lo, hi)
+
+    @property
+    def size(self) -> int:
+        return self.lo.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.lo.nbytes + self.hi.nbytes + self.scale.nbytes
+
+
+class ChunkSummaryIndex:
+    """Per-chunk min/max key bounds; one or two levels (coarse on the device, fine on the host)."""
+
+    def __init__(self, num_kv_heads: int, num_q_heads: int, head_dim: int, chunk_tokens: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
+                 group_reduce: str = "max", bounds: str = "native", host_bounds: str = "native",
+                 coarse_group: int = 1,
+                 candidate_factor: float = 4.0, min_candidates: int = 32, capacity_chunks: int = 0):
+        check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
+        check_choice("group_reduce", group_reduce, ("max", "sum"))
+        check_choice("bounds", bounds, ("native", "int8"))
+        check_choice("host_bounds", host_bounds, ("native", "int8"))
+        if int(coarse_group) < 1 or not float(candidate_factor) >= 1.0:
+            raise ConfigError(f"coarse_group={coarse_group} / candidate_factor={candidate_factor}: use "
+                              "coarse_group >= 1 (1 = one level) and candidate_factor >= 1.0")
+        self.num_kv_heads, self.num_q_heads, self.head_dim = num_kv_heads, num_q_heads, head_dim
+        self.chunk_tokens = chunk_tokens
+        self.device, self.dtype = torch.device(device), dtype
+        self.group_reduce, self.coarse_group = group_reduce, int(coarse_group)
+        self.candidate_factor, self.min_candidates = float(candidate_factor), max(0, int(min_candidates))
+        self.int8, self.host_int8 = bounds == "int8", host_bounds == "int8"
+        self._reset(capacity_chunks)
+
+    def _reset(self, capacity_chunks: int) -> None:
+        hkv, d, g = self.num_kv_heads, self.head_dim, self.coarse_group
+        self._host_tier: _BoundStore | None = None
+        if g == 1:
+            self._device_tier = _BoundStore(hkv, d, self.device, self.dtype, self.int8, capacity_chunks)
+            return
+        self._device_tier = _BoundStore(hkv, d, self.device, self.dtype, self.int8,
+                                        math.ceil(capacity_chunks / g))
+        self._host_tier = _BoundStore(hkv, d, "cpu", self.dtype, self.host_int8, capacity_chunks,
+                                      pin=self.device.type == "cuda")
+
+    # -- building --------------------------------------------------------------------------------
+    def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
+        """Index all chunks of keys [Hkv, N, D]; queries are not needed (bounds hold for any query)."""
+        self._reset(keys.shape[1] // self.chunk_tokens)
+        self.extend(keys)
+
+    def extend(self, keys: torch.Tensor) -> None:
+        """Append full chunks: keys [Hkv, n*C, D]."""
+        chunks = split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)  # [Hkv, n, C, D]
+        if chunks.shape[1] == 0:
+            return
+        kmin, kmax = chunks.amin(dim=2), chunks.amax(dim=2)                    # kmin, kmax: [Hkv, n, D]
+        if self._host_tier is None:
+            self._device_tier.append(kmin, kmax)
+            return
+        self._host_tier.append(kmin, kmax)
+        g = self.coarse_group
+        done = self._device_tier.size                                          # coarse groups written
+        full = self._host_tier.size // g                                       # groups now complete
+        if full > done:
+            rows = torch.arange(done * g, full * g).expand(self.num_kv_heads, -1)  # rows: [Hkv, m*G]
+            lo, hi = self._host_tier.bounds(rows)                              # lo, hi: [Hkv, m*G, D]
+            lo = lo.reshape(self.num_kv_heads, full - done, g, -1)             # lo: [Hkv, m, G, D]
+            hi = hi.reshape(self.num_kv_heads, full - done, g, -1)             # hi: [Hkv, m, G, D]
+            self._device_tier.append(lo.amin(dim=2), hi.amax(dim=2))
+
+    # -- selection -------------------------------------------------------------------------------
+    def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
+        """query [Hq, D] -> best-first chunk ids int64 [Hkv, min(budget, num_chunks)] on the device."""
+        check_budget(budget)
+        n = self.num_chunks
+        q = query.to(self.device)                                              # q: [Hq, D]
+        if n == 0:
+            return torch.empty((self.num_kv_heads, 0), dtype=torch.long, device=self.device)
+        k = min(int(budget), n)
+        if self._host_tier is None:
+            lo, hi = self._device_tier.bounds()                                # lo, hi: [Hkv, n, D]
+            return kernels.score_chunks(q, lo, hi, n, k, self.group_reduce)    # ids: [Hkv, k]
+        cand = self._candidates(q, k)                                          # cand: [Hkv, M]
+        lo, hi = self._host_tier.bounds(cand.cpu(), self.device)               # lo, hi: [Hkv, M, D]
+        local = kernels.score_chunks(q, lo, hi, cand.shape[1], k, self.group_reduce)  # local: [Hkv, k]
+        return cand.gather(1, local)                                           # ids: [Hkv, k]
+
+    def _candidates(self, q: torch.Tensor, k: int) -> torch.Tensor:
+        """Chunk ids of the best coarse groups plus the incomplete last group -> [Hkv, M], M >= k."""
+        g, n = self.coarse_group, self.num_chunks
+        full = self._device_tier.size
+        picks = min(full, math.ceil(max(k * self.candidate_factor, self.min_candidates) / g))
+        parts = []
+        if picks:
+            lo, hi = self._device_tier.bounds()                                # lo, hi: [Hkv, full, D]
+            gid = kernels.score_chunks(q, lo, hi, full, picks, self.group_reduce)  # gid: [Hkv, picks]
+            offs = torch.arange(g, device=gid.device)                          # offs: [G]
+            parts.append((gid[..., None] * g + offs).reshape(self.num_kv_heads, -1))  # [Hkv, picks*G]
+        if n > full * g:
+            tail = torch.arange(full * g, n, device=self.device)               # tail: [r]
+            parts.append(tail.expand(self.num_kv_heads, -1))                   # [Hkv, r]
+        return torch.cat(parts, dim=1)                                         # cand: [Hkv, M]
+
+    # -- sizes -----------------------------------------------------------------------------------
+    @property
+    def num_chunks(self) -> int:
+        if self._host_tier is None:
+            return self._device_tier.size
+        return self._host_tier.size
+
+    @property
+    def nbytes(self) -> dict[str, int]:
+        # "gpu" names the compute-device tier (RAM on a CPU run, still reported apart from "host")
+        host = self._host_tier.nbytes if self._host_tier is not None else 0
+        return {"gpu": self._device_tier.nbytes, "host": host}

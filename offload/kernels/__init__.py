@@ -1,0 +1,91 @@
+"""Attention and scoring kernels for the sparse decode step.
+
+Every function has a pure-torch reference with the same signature in `offload.kernels.reference`.
+Dispatch: CUDA query (with a CUDA or pinned-host pool) and CuPy importable -> CuPy RawKernel;
+anything else -> the reference. Shapes are documented in `reference`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import torch
+
+from . import reference
+
+__all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds",
+           "KERNELS_AVAILABLE", "reference"]
+
+# CuPy is imported lazily (first CUDA call); this only says whether it could be
+KERNELS_AVAILABLE: bool = importlib.util.find_spec("cupy") is not None and torch.cuda.is_available()
+_backend_module = None
+
+
+def _backend():
+    """The CuPy launchers, or None (and KERNELS_AVAILABLE turns False) when CuPy cannot load."""
+    global _backend_module, KERNELS_AVAILABLE
+    if _backend_module is None and KERNELS_AVAILABLE:
+        try:
+            from . import _cupy
+            _backend_module = _cupy
+        except Exception as exc:  # a broken CuPy install must not break the torch path
+            KERNELS_AVAILABLE = False
+            warnings.warn(f"offload.kernels: CuPy failed to load ({exc}); using the torch reference "
+                          "(install a cupy-cuda12x wheel that matches your CUDA driver)", stacklevel=3)
+    return _backend_module
+
+
+def _on_gpu(*tensors: torch.Tensor) -> bool:
+    return all(t.is_cuda for t in tensors) and _backend() is not None
+
+
+def _pool_reachable(q: torch.Tensor, pool: torch.Tensor) -> bool:
+    # a pinned host pool is readable by the kernel through UVA; a pageable one is not
+    return pool.is_cuda or (pool.device.type == "cpu" and pool.is_pinned())
+
+
+def gather_attend(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [Hq, D] over pool slots [Hkv, K] of pool [S, 2, Hkv, C, D] -> (o [Hq, D], lse [Hq]) f32."""
+    if _on_gpu(q) and _pool_reachable(q, pool):
+        _cupy = _backend()
+        if _cupy.supports_gather(q, pool):
+            return _cupy.gather_attend(q, pool, slots, scale)
+    return reference.gather_attend(q, pool, slots, scale)
+
+
+def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [Hq, D] over all of k, v [Hkv, N, D] -> (o [Hq, D], lse [Hq]) f32."""
+    if _on_gpu(q, k, v):
+        _cupy = _backend()
+        if _cupy.supports_dense(q, k, v):
+            return _cupy.dense_attend(q, k, v, scale)
+    return reference.dense_attend(q, k, v, scale)
+
+
+def merge_attn(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+               lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact log-sum-exp merge of two partial attentions: o [..., D], lse [...] -> float32."""
+    if _on_gpu(o1, lse1, o2, lse2):
+        _cupy = _backend()
+        if _cupy.supports_merge(o1, lse1, o2, lse2):
+            return _cupy.merge_attn(o1, lse1, o2, lse2)
+    return reference.merge_attn(o1, lse1, o2, lse2)
+
+
+def chunk_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_valid: int,
+                 group_reduce: str = "max") -> torch.Tensor:
+    """Quest bound per KV head and chunk, combined over the query group -> [Hkv, n_valid] f32."""
+    if _on_gpu(q, kmin, kmax):
+        _cupy = _backend()
+        if _cupy.supports_score(q, kmin, kmax, group_reduce):
+            return _cupy.chunk_bounds(q, kmin, kmax, n_valid, group_reduce)
+    return reference.chunk_bounds(q, kmin, kmax, n_valid, group_reduce)
+
+
+def score_chunks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_valid: int, k: int,
+                 group_reduce: str = "max") -> torch.Tensor:
+    """Top-k chunk ids per KV head by Quest bound among the first n_valid chunks -> int64 [Hkv, min(k, n_valid)]."""
+    bounds = chunk_bounds(q, kmin, kmax, n_valid, group_reduce)      # bounds: [Hkv, n_valid]
+    return torch.topk(bounds, min(k, n_valid), dim=1).indices        # ids: [Hkv, k']

@@ -1,0 +1,218 @@
+"""CuPy launchers: torch tensors in, torch tensors out, kernels launched on torch's current stream.
+
+Pointers go to the kernels as raw integers (CuPy has no bfloat16 and needs no array objects); a pinned
+host tensor's pointer is valid on the device under UVA, so a host pool is read in place over PCIe.
+`supports_*` say which inputs the kernels cover; everything else goes to the torch reference.
+"""
+from __future__ import annotations
+
+import math
+
+import cupy
+import numpy as np
+import torch
+
+from . import _build
+
+_TAGS = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+_IDX = {torch.int32: "int", torch.int64: "long long"}
+_THREADS = 128             # ATT_THREADS / SC_THREADS in the .cu files
+_MAX_SPLITS = 128          # ATT_MAX_SPLITS
+_MAX_GROUP = 8
+_DENSE_CHUNK_SHIFT = 6     # dense attention walks its keys in runs of 64 tokens
+
+# tests set this to fill outputs and scratch with NaN, so an element a kernel forgets to write shows
+debug_poison = False
+# benchmarks set -D tuning options of attend.cu here (e.g. "-DATT_U_SMALL=8")
+attend_defines: tuple[str, ...] = ()
+
+_VEC = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}  # elements per 16-byte load
+_TICKET_RING = 1 << 16     # per-device ring of split tickets; a call takes Hkv consecutive entries
+
+_streams: dict[tuple[int, int], object] = {}
+_sm_counts: dict[int, int] = {}
+_tickets: dict[int, list] = {}   # device index -> [int32 ring buffer, next free offset]
+
+
+def _ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _empty(shape, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    return out.fill_(float("nan")) if debug_poison else out
+
+
+def _sm_count(device: torch.device) -> int:
+    n = _sm_counts.get(device.index)
+    if n is None:
+        n = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def _launch(fn, device: torch.device, grid, args, shared_mem: int = 0) -> None:
+    """Launch on torch's current stream of `device` (captured too, inside torch.cuda.graph)."""
+    stream = torch.cuda.current_stream(device)
+    key = (device.index, stream.cuda_stream)
+    cp_stream = _streams.get(key)
+    if cp_stream is None:
+        cp_stream = _streams[key] = _cupy_stream(stream, device.index)
+    if device.index == torch.cuda.current_device():
+        with cp_stream:
+            fn(grid, (_THREADS,), args, shared_mem=shared_mem)
+    else:
+        with cupy.cuda.Device(device.index), cp_stream:
+            fn(grid, (_THREADS,), args, shared_mem=shared_mem)
+
+
+def _cupy_stream(stream: torch.cuda.Stream, device_index: int):
+    """CuPy's view of a torch stream (CuPy 14 reads the __cuda_stream__ protocol; older ones need the pointer)."""
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, device_index)
+
+
+def _tickets_for(device: torch.device, hkv: int) -> int:
+    """Pointer to Hkv zeroed tickets. The kernel re-zeroes them; rotating through a ring keeps calls that
+    run concurrently on different streams apart. Call once before CUDA-graph capture so the ring is not
+    allocated from a graph's private pool."""
+    ring = _tickets.get(device.index)
+    if ring is None:
+        ring = _tickets[device.index] = [torch.zeros(_TICKET_RING, dtype=torch.int32, device=device), 0]
+    off = ring[1] if ring[1] + hkv <= _TICKET_RING else 0
+    ring[1] = off + hkv
+    return ring[0].data_ptr() + 4 * off
+
+
+def _rows_ok(t: torch.Tensor, head_dim: int) -> bool:
+    """16-byte loads need: rows contiguous, aligned base, every stride a whole number of vectors."""
+    vec = _VEC[t.dtype]
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s % vec == 0 for s in t.stride()[:-1]) and head_dim % vec == 0)
+
+
+def _group_ok(hq: int, hkv: int, head_dim: int) -> bool:
+    return hkv > 0 and hq % hkv == 0 and 1 <= hq // hkv <= _MAX_GROUP and head_dim in (64, 128)
+
+
+def supports_gather(q: torch.Tensor, pool: torch.Tensor) -> bool:
+    _, _, hkv, c, d = pool.shape
+    return (q.dtype in _TAGS and pool.dtype in _TAGS and q.shape[-1] == d and _group_ok(q.shape[0], hkv, d)
+            and c > 0 and c & (c - 1) == 0 and pool.is_contiguous() and _rows_ok(pool, d))
+
+
+def supports_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    d = k.shape[-1]
+    return (q.dtype in _TAGS and k.dtype in _TAGS and v.dtype == k.dtype and v.shape == k.shape
+            and q.shape[-1] == d and _group_ok(q.shape[0], k.shape[0], d))
+
+
+def supports_merge(o1, lse1, o2, lse2) -> bool:
+    return (all(t.dtype == torch.float32 for t in (o1, lse1, o2, lse2))
+            and o1.shape == o2.shape and lse1.shape == lse2.shape == o1.shape[:-1])
+
+
+def supports_score(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, group_reduce: str) -> bool:
+    d = kmin.shape[-1]
+    return (group_reduce in ("max", "sum") and q.dtype in _TAGS and kmin.dtype in _TAGS
+            and kmax.dtype == kmin.dtype and kmax.shape == kmin.shape and kmax.stride() == kmin.stride()
+            and q.shape[-1] == d and _group_ok(q.shape[0], kmin.shape[0], d)
+            and _rows_ok(kmin, d) and _rows_ok(kmax, d))
+
+
+def _splits(n_chunks: int, chunk_tokens: int, hkv: int, device, num_splits: int | None) -> tuple[int, int]:
+    """(chunks_per_split, n_splits): about two blocks per SM, at least 64 tokens per block."""
+    if num_splits is None:
+        target = max(1, math.ceil(2 * _sm_count(device) / hkv))
+        per = max(math.ceil(n_chunks / target), math.ceil(64 / chunk_tokens))
+    else:
+        per = math.ceil(n_chunks / max(1, num_splits))
+    per = max(per, math.ceil(n_chunks / _MAX_SPLITS), 1)
+    per = min(per, max(2048, math.ceil(n_chunks / _MAX_SPLITS)))   # slot list (4 B each) fits shared memory
+    return per, math.ceil(n_chunks / per)
+
+
+def _attend(q, k_base, v_base, slots, strides, c_shift, n_chunks, n_tokens, hkv, d, dtype, scale,
+            out, num_splits):
+    """Common launch of attend_kernel. strides: (slot, head, row) in elements."""
+    device = q.device
+    hq = q.shape[0]
+    group = hq // hkv
+    o, lse = out if out is not None else (_empty((hq, d), device), _empty((hq,), device))
+    if n_chunks == 0:
+        o.zero_()
+        lse.fill_(float("-inf"))
+        return o, lse
+    per, n_splits = _splits(n_chunks, 1 << c_shift, hkv, device, num_splits)
+    n_part = hkv * n_splits * group                                    # partial rows: [Hkv, P, G]
+    scratch = _empty((n_part * (d + 1),), device) if n_splits > 1 else o  # scratch: [Hkv*P*G*D + Hkv*P*G]
+    part_lse = scratch.data_ptr() + 4 * n_part * d
+    idx = "int" if slots is None else _IDX[slots.dtype]
+    name = f"attend_kernel<{_TAGS[q.dtype]}, {_TAGS[dtype]}, {d}, {group}, {idx}>"
+    fn = _build.function("attend.cu", name, device.index, attend_defines)
+    vec = _VEC[dtype]
+    args = (_ptr(q), np.uint64(k_base), np.uint64(v_base), _ptr(slots),
+            np.int64(strides[0] // vec), np.int64(strides[1] // vec), np.int64(strides[2] // vec),
+            np.int32(c_shift), np.int32(n_chunks), np.int64(n_tokens), np.int32(per), np.int32(n_splits),
+            np.float32(scale), _ptr(scratch), np.uint64(part_lse), np.uint64(_tickets_for(device, hkv)),
+            _ptr(o), _ptr(lse))
+    _launch(fn, device, (n_splits, hkv), args, shared_mem=4 * per)
+    return o, lse
+
+
+def gather_attend(q, pool, slots, scale, *, out=None, num_splits=None):
+    """CuPy gather-attend; `out` (o, lse) and `num_splits` exist for tests and benchmarks."""
+    _, _, hkv, c, d = pool.shape
+    q = q.contiguous()                                                 # q: [Hq, D]
+    if slots.device != q.device or slots.dtype not in _IDX or not slots.is_contiguous():
+        slots = slots.to(q.device, torch.long, non_blocking=True).contiguous()  # slots: [Hkv, K]
+    return _attend(q, pool.data_ptr(), pool.data_ptr() + hkv * c * d * pool.element_size(), slots,
+                   (2 * hkv * c * d, c * d, d), c.bit_length() - 1, slots.shape[1], slots.shape[1] * c,
+                   hkv, d, pool.dtype, scale, out, num_splits)
+
+
+def dense_attend(q, k, v, scale, *, out=None, num_splits=None):
+    """CuPy attention over all keys of k, v: [Hkv, N, D] (strided views are fine when aligned)."""
+    hkv, n, d = k.shape
+    if not (k.stride() == v.stride() and _rows_ok(k, d) and _rows_ok(v, d)):
+        k, v = k.contiguous(), v.contiguous()                          # k, v: [Hkv, N, D]
+    q = q.contiguous()                                                 # q: [Hq, D]
+    row = k.stride(1)
+    n_chunks = -(-n >> _DENSE_CHUNK_SHIFT)
+    return _attend(q, k.data_ptr(), v.data_ptr(), None, (row << _DENSE_CHUNK_SHIFT, k.stride(0), row),
+                   _DENSE_CHUNK_SHIFT, n_chunks, n, hkv, d, k.dtype, scale, out, num_splits)
+
+
+def merge_attn(o1, lse1, o2, lse2, *, out=None):
+    """One-launch log-sum-exp merge of float32 partials: o [..., D], lse [...]."""
+    o1, lse1, o2, lse2 = (t.contiguous() for t in (o1, lse1, o2, lse2))
+    d = o1.shape[-1]
+    o, lse = out if out is not None else (_empty(o1.shape, o1.device), _empty(lse1.shape, o1.device))
+    total = o1.numel()
+    if total == 0:
+        return o, lse
+    fn = _build.function("merge.cu", "merge_attn_kernel", o1.device.index)
+    args = (_ptr(o1), _ptr(lse1), _ptr(o2), _ptr(lse2), _ptr(o), _ptr(lse), np.int64(lse1.numel()), np.int32(d))
+    _launch(fn, o1.device, (math.ceil(total / _THREADS),), args)
+    return o, lse
+
+
+def chunk_bounds(q, kmin, kmax, n_valid, group_reduce="max", *, out=None):
+    """CuPy Quest bounds -> [Hkv, n_valid] float32."""
+    hkv, _, d = kmin.shape
+    q = q.contiguous()                                                 # q: [Hq, D]
+    bounds = out if out is not None else _empty((hkv, n_valid), q.device)  # bounds: [Hkv, n_valid]
+    if n_valid == 0:
+        return bounds
+    group = q.shape[0] // hkv
+    vec = _VEC[kmin.dtype]
+    rows_per_step = 4 * (32 // (d // vec)) * (4 if group <= 4 else 2)  # SC_WARPS * RPW * U
+    want = math.ceil(hkv * n_valid / (4 * _sm_count(q.device)))        # ~4 blocks per SM
+    rows_per_block = max(rows_per_step, math.ceil(want / rows_per_step) * rows_per_step)
+    sum_flag = "true" if group_reduce == "sum" else "false"
+    name = f"chunk_bounds_kernel<{_TAGS[q.dtype]}, {_TAGS[kmin.dtype]}, {d}, {group}, {sum_flag}>"
+    fn = _build.function("score.cu", name, q.device.index)
+    args = (_ptr(q), _ptr(kmin), _ptr(kmax), np.int64(kmin.stride(0) // vec), np.int64(kmin.stride(1) // vec),
+            np.int32(n_valid), np.int32(rows_per_block), _ptr(bounds))
+    _launch(fn, q.device, (math.ceil(n_valid / rows_per_block), hkv), args)
+    return bounds

@@ -1,0 +1,64 @@
+// Shared by the offload kernels. NVRTC gets no standard headers, so everything here is builtins only.
+// The Python loader pastes this file in place of the include line of each kernel file.
+
+#define OFL_NEG_INF __int_as_float(0xff800000)
+#define OFL_LOG2E 1.4426950408889634f
+#define OFL_LN2 0.6931471805599453f
+
+// Storage tags. VEC = elements per 16-byte load: every kernel reads K/V in 16-byte vectors.
+struct BF16 { static constexpr int VEC = 8; };
+struct F16 { static constexpr int VEC = 8; };
+struct F32 { static constexpr int VEC = 4; };
+
+__device__ __forceinline__ float ofl_half_bits(unsigned short bits) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));
+    return f;
+}
+
+// 16 bytes -> VEC floats; element 2i sits in the low half of word i (little endian).
+template <typename T> __device__ __forceinline__ void unpack(const uint4& raw, float* f);
+
+template <> __device__ __forceinline__ void unpack<BF16>(const uint4& raw, float* f) {
+    const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);           // bf16 is the top half of an fp32
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+template <> __device__ __forceinline__ void unpack<F16>(const uint4& raw, float* f) {
+    const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = ofl_half_bits((unsigned short)(w[i] & 0xffffu));
+        f[2 * i + 1] = ofl_half_bits((unsigned short)(w[i] >> 16));
+    }
+}
+
+template <> __device__ __forceinline__ void unpack<F32>(const uint4& raw, float* f) {
+    f[0] = __uint_as_float(raw.x);
+    f[1] = __uint_as_float(raw.y);
+    f[2] = __uint_as_float(raw.z);
+    f[3] = __uint_as_float(raw.w);
+}
+
+// One element of a small tensor (the query): no alignment needed, read once per block.
+template <typename T> __device__ __forceinline__ float load_scalar(const void* p, long long i);
+
+template <> __device__ __forceinline__ float load_scalar<BF16>(const void* p, long long i) {
+    return __uint_as_float(((unsigned int)((const unsigned short*)p)[i]) << 16);
+}
+
+template <> __device__ __forceinline__ float load_scalar<F16>(const void* p, long long i) {
+    return ofl_half_bits(((const unsigned short*)p)[i]);
+}
+
+template <> __device__ __forceinline__ float load_scalar<F32>(const void* p, long long i) {
+    return ((const float*)p)[i];
+}
+
+__device__ __forceinline__ float ofl_shfl_xor(float x, int mask) {
+    return __shfl_xor_sync(0xffffffffu, x, mask);
+}

@@ -1,0 +1,105 @@
+"""Pure-torch references of the kernels: the CPU path, and the ground truth the CuPy kernels are tested against.
+
+Shapes (one layer, batch 1, one decode step):
+    q:     [Hq, D]                 decode query, post-RoPE
+    pool:  [S, 2, Hkv, C, D]       chunk pool (K post-RoPE at index 0, V at 1)
+    slots: [Hkv, K]                per KV head, the pool slots to attend; -1 = padding
+GQA: query head h reads KV head h // (Hq // Hkv). Outputs are float32 whatever the input dtype;
+an attention over nothing gives o = 0 and lse = -inf, so that `merge_attn` can ignore it.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds"]
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    # float64 inputs stay float64 (tests use them as ground truth); everything else runs in float32
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of a query group per KV head over keys marked valid."""
+    hq, d = q.shape
+    hkv, n, _ = k.shape
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    dt = _compute_dtype(q, k, v)
+    qg = q.to(dt).reshape(hkv, hq // hkv, d)                        # qg: [Hkv, G, D]
+    s = torch.einsum("hgd,hnd->hgn", qg, k.to(dt)) * scale          # s: [Hkv, G, N]
+    if valid is not None:
+        s = s.masked_fill(~valid[:, None, :], float("-inf"))        # s: [Hkv, G, N]
+    lse = torch.logsumexp(s, dim=-1) if n else s.new_full((hkv, hq // hkv), float("-inf"))  # lse: [Hkv, G]
+    # a group with no valid key has lse = -inf; subtracting 0 instead keeps its p = exp(-inf) = 0, not NaN
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])  # p: [Hkv, G, N]
+    o = torch.einsum("hgn,hnd->hgd", p, v.to(dt))                  # o: [Hkv, G, D]
+    return o.reshape(hq, d).float(), lse.reshape(hq).float()
+
+
+def gather_attend(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over the chunks `slots` of `pool`, per KV head -> (o [Hq, D] f32, lse [Hq] f32)."""
+    _, two, hkv, c, d = pool.shape
+    if two != 2 or slots.dim() != 2 or slots.shape[0] != hkv:
+        raise ValueError(f"pool {tuple(pool.shape)} / slots {tuple(slots.shape)} do not match "
+                         "[S, 2, Hkv, C, D] / [Hkv, K]")
+    slots_p = slots.to(device=pool.device, dtype=torch.long)          # slots_p: [Hkv, K]
+    valid = slots_p >= 0                                              # valid: [Hkv, K]
+    heads = torch.arange(hkv, device=pool.device)[:, None]            # heads: [Hkv, 1]
+    # advanced indices split by a slice put their broadcast dims first
+    kv = pool[slots_p.clamp(min=0), :, heads]                         # kv: [Hkv, K, 2, C, D]
+    kv = kv.to(q.device)                                              # a host pool is gathered on the host
+    k = kv[:, :, 0].reshape(hkv, -1, d)                               # k: [Hkv, K*C, D]
+    v = kv[:, :, 1].reshape(hkv, -1, d)                               # v: [Hkv, K*C, D]
+    valid = valid.to(q.device).repeat_interleave(c, dim=1)            # valid: [Hkv, K*C]
+    return _attend(q, k, v, valid, scale)
+
+
+def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over all of k, v: [Hkv, N, D] (sinks + local window) -> (o [Hq, D] f32, lse [Hq] f32)."""
+    return _attend(q, k, v, None, scale)
+
+
+def merge_attn(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+               lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two attentions over disjoint key sets: o [..., D], lse [...] -> float32."""
+    lse1, lse2 = lse1.float(), lse2.float()                             # lse: [...]
+    m = torch.maximum(lse1, lse2)                                      # m: [...]
+    m = torch.where(torch.isinf(m), 0.0, m)                            # both empty: weights exp(-inf) = 0
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)                  # w: [...]
+    total = w1 + w2                                                    # total: [...]
+    lse = m + torch.log(total)                                         # lse: [...] (-inf when both empty)
+    inv = torch.where(total > 0, 1.0 / total, 0.0)                     # inv: [...]
+    o = (o1.float() * (w1 * inv)[..., None] + o2.float() * (w2 * inv)[..., None])  # o: [..., D]
+    return o, lse
+
+
+def chunk_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_valid: int,
+                 group_reduce: str = "max") -> torch.Tensor:
+    """Quest upper bounds of q.k per KV head and chunk, combined over the query group -> [Hkv, n_valid] f32.
+
+    sum_d max(q_d*kmin_d, q_d*kmax_d) equals q+ . kmax + q- . kmin whenever kmin <= kmax (true for
+    per-chunk min/max), which turns the bound into two batched matmuls.
+    """
+    if group_reduce not in ("max", "sum"):
+        raise ValueError(f"group_reduce must be 'max' or 'sum', not {group_reduce!r}")
+    hq, d = q.shape
+    hkv = kmin.shape[0]
+    dt = _compute_dtype(q, kmin, kmax)
+    qg = q.to(dt).reshape(hkv, hq // hkv, d)                           # qg: [Hkv, G, D]
+    lo = kmin[:, :n_valid].to(device=q.device, dtype=dt)               # lo: [Hkv, N, D]
+    hi = kmax[:, :n_valid].to(device=q.device, dtype=dt)               # hi: [Hkv, N, D]
+    bound = (torch.einsum("hgd,hnd->hgn", qg.clamp(min=0), hi)
+             + torch.einsum("hgd,hnd->hgn", qg.clamp(max=0), lo))      # bound: [Hkv, G, N]
+    out = bound.amax(dim=1) if group_reduce == "max" else bound.sum(dim=1)  # out: [Hkv, N]
+    return out.float()
+
+
+def score_chunks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_valid: int, k: int,
+                 group_reduce: str = "max") -> torch.Tensor:
+    """Top-k chunk ids per KV head by Quest bound, best first -> int64 [Hkv, min(k, n_valid)]."""
+    bounds = chunk_bounds(q, kmin, kmax, n_valid, group_reduce)       # bounds: [Hkv, n_valid]
+    return torch.topk(bounds, min(k, n_valid), dim=1).indices          # ids: [Hkv, k']

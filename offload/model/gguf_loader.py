@@ -1,0 +1,218 @@
+"""Load a GGUF file (llama.cpp's format) into the same LoadedCheckpoint an HF folder gives.
+
+Every tensor is dequantized to float (gguf.quants.dequantize handles Q4_0..Q8_0, K-quants, IQ*, F16,
+BF16), renamed to HF names, and Llama's q/k rows are put back in HF order: llama.cpp's converter
+interleaves the two rotary halves of each head (HF rotates dims i and i + D/2; llama.cpp rotates
+adjacent pairs 2i, 2i+1), so q_proj/k_proj rows are stored permuted per head.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offload.errors import ModelLoadError
+from offload.model.loaders.checkpoint import LoadedCheckpoint, check_state_dict, dtype_name
+
+# GGUF architecture -> HF model_type. Mistral files say "llama" (same layout, same permutation).
+_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+# Architectures whose converter permutes q/k rows for llama.cpp's rotary layout (Qwen2's does not).
+_PERMUTED_ARCHITECTURES = {"llama"}
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def open_gguf(path: str | Path):
+    """A GGUFReader over `path`; a truncated or foreign file raises ModelLoadError."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist; pass an existing .gguf file")
+    try:
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for tensor in reader.tensors:  # the reader maps lazily: check every tensor lies inside the file
+            if int(tensor.data_offset) + int(tensor.n_bytes) > size:
+                raise ValueError(f"tensor {tensor.name} runs past the end of the file")
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # the reader fails with ValueError/IndexError/struct errors on bad input
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file (truncated or corrupt: {exc}); re-download it"
+        ) from None
+    return reader
+
+
+def metadata_value(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF parameter name of a GGUF tensor, None for tensors that carry no parameter (rope_freqs)."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if stem in _GLOBAL_NAMES and kind == "weight":
+        return f"{_GLOBAL_NAMES[stem]}.weight"
+    match = _LAYER_TENSOR.match(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    return None
+
+
+def unpermute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Invert llama.cpp's per-head row interleave of q/k projections (weights [out, in] or biases [out])."""
+    rows = weight.shape[0]
+    head_dim = rows // n_heads
+    stored = weight.reshape(n_heads, head_dim // 2, 2, *weight.shape[1:])  # stored: [H, D/2, 2, ...]
+    return stored.transpose(1, 2).reshape(weight.shape)  # back to [H, 2, D/2, ...] = [out, ...]
+
+
+def llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float, high: float, original: int):
+    """Llama 3.1's per-frequency wavelength multipliers, the quantity llama.cpp stores in rope_freqs."""
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)
+        if wavelength < original / high:
+            factors.append(1.0)
+        elif wavelength > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(factors)
+
+
+def _rope_scaling(reader, arch: str, theta: float, head_dim: int, rope_freqs: np.ndarray | None, path: Path):
+    kind = metadata_value(reader, f"{arch}.rope.scaling.type")
+    factor = metadata_value(reader, f"{arch}.rope.scaling.factor")
+    original = metadata_value(reader, f"{arch}.rope.scaling.original_context_length")
+    if rope_freqs is not None:
+        # llama.cpp keeps Llama 3.1's scaling as a tensor of factors; recover the HF parameters from it.
+        # float32 storage blurs the factor (8.000001); published factors are short decimals.
+        params = {"factor": float(f"{rope_freqs.max():.6g}"), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": int(original or 8192)}
+        expected = llama3_rope_factors(theta, head_dim, params["factor"], 1.0, 4.0,
+                                       params["original_max_position_embeddings"])
+        if rope_freqs.shape != expected.shape or not np.allclose(rope_freqs, expected, rtol=1e-3):
+            raise ModelLoadError(
+                f"{path}: rope_freqs do not follow Llama-3.1 scaling; convert the model to an HF folder")
+        return {"rope_type": "llama3", **params}
+    if kind in (None, "none") or not factor:
+        return None
+    if kind not in ("linear", "yarn"):
+        raise ModelLoadError(f"{path}: rope scaling {kind!r} is not supported (linear, yarn, llama3); use another file")
+    scaling = {"rope_type": kind, "factor": float(factor)}
+    if original:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def gguf_hf_config(reader, dtype: torch.dtype, path: Path) -> dict:
+    """The contract's config dict from GGUF metadata and tensor shapes."""
+    arch = metadata_value(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(_ARCHITECTURES)}); "
+            "pick a Llama-family model"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+
+    def key(name, default=None):
+        value = metadata_value(reader, f"{arch}.{name}", default)
+        if value is None:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.{name}; the file is incomplete: re-download it")
+        return value
+
+    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(metadata_value(reader, f"{arch}.attention.key_length") or hidden // heads)
+    theta = float(key("rope.freq_base", 10000.0))
+    rope_freqs = None
+    if "rope_freqs.weight" in tensors:
+        rope_freqs = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float64).reshape(-1)
+    embedding = tensors.get("token_embd.weight")
+    if embedding is None:
+        raise ModelLoadError(f"{path} has no token_embd.weight tensor; the file is incomplete: re-download it")
+    eos = metadata_value(reader, "tokenizer.ggml.eos_token_id")
+    return {
+        "model_type": _ARCHITECTURES[arch],
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(reader, arch, theta, head_dim, rope_freqs, path),
+        "max_position_embeddings": int(key("context_length")),
+        "vocab_size": int(embedding.shape[-1]),  # GGUF shapes are [in, out]: token_embd is [hidden, vocab]
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensors,
+        "sliding_window": None,
+        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": int(eos) if eos is not None else None,
+        "torch_dtype": dtype_name(dtype),
+    }
+
+
+def _dequantized(tensor, path: Path) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)  # float32 numpy, rows of the HF layout
+    except NotImplementedError:
+        raise ModelLoadError(
+            f"{path}: tensor {tensor.name} uses quant type {tensor.tensor_type.name}, which gguf cannot "
+            "dequantize; use a file in Q8_0, Q4_K, Q6_K or F16"
+        ) from None
+    values = np.asarray(values, dtype=np.float32)
+    if not values.flags.writeable:  # F32/F16 come back as views of the read-only file mapping
+        values = values.copy()
+    hf_shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest-first
+    return torch.from_numpy(values).reshape(hf_shape)  # [out, in] for matrices, [n] for norms/biases
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> LoadedCheckpoint:
+    from offload.model.loaders.gguf_tokenizer import gguf_tokenizer
+
+    path = Path(path).expanduser()
+    reader = open_gguf(path)
+    cfg = gguf_hf_config(reader, dtype, path)
+    arch = metadata_value(reader, "general.architecture")
+    permuted = arch in _PERMUTED_ARCHITECTURES
+    device = torch.device(device)
+    state_dict: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:  # one tensor at a time keeps peak memory at one float32 copy
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        weight = _dequantized(tensor, path)
+        if permuted and ".q_proj." in name:
+            weight = unpermute_rotary_rows(weight, cfg["num_attention_heads"])
+        elif permuted and ".k_proj." in name:
+            weight = unpermute_rotary_rows(weight, cfg["num_key_value_heads"])
+        state_dict[name] = weight.to(device=device, dtype=dtype)  # same shape, target dtype/device
+    state_dict = check_state_dict(cfg, state_dict, str(path))
+    return LoadedCheckpoint(hf_config=cfg, state_dict=state_dict, tokenizer=gguf_tokenizer(reader, path))
