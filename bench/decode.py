@@ -64,7 +64,7 @@ def run_hf(args, ctx: int, mode: str) -> dict:
     reset_peak()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(hc, torch_dtype=torch.bfloat16).eval()
+        model = transformers.AutoModelForCausalLM.from_config(hc).eval()
     torch.set_default_dtype(torch.float32)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, arch["vocab_size"], (1, ctx), generator=g).cuda()

@@ -62,8 +62,9 @@ def make(llm, cfg=None):
     if m == "sparse":
         def index():
             return make_index(cfg.index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads, head_dim=mc.head_dim,
-                              chunk_tokens=C, device=llm.device, dtype=llm.dtype)
+                              chunk_tokens=C, device=llm.device, dtype=llm.dtype, **(cfg.index_options or {}))
         budget = Budget.parse(cfg.budget)
+        index()   # build one now so a bad method or option fails before any KV is stored
     return TieredAttention(num_layers=mc.num_layers, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
                            head_dim=mc.head_dim, ctx=llm.ctx, device=llm.device, dtype=llm.dtype, store=store,
                            chunk_tokens=C, mode=m, make_index=index, budget=budget,

@@ -64,6 +64,7 @@ class OffloadConfig:
     attention: str = "auto"               # auto = sparse on the GPU, full on the CPU
     budget: str | int | float = "5%"      # sparse: tokens ("2K") or a fraction ("5%")
     index: str = "summary"                # sparse chunk selection: summary | shadow | ann
+    index_options: dict | None = None     # passed to the index, e.g. {"bounds": "int8"} or {"rank": 16}
     chunk_tokens: int = 32
     policy: str = "lru"                   # which chunks stay on faster tiers: lru | attention
     sink_tokens: int = 64                 # always attended and kept on the GPU (attention sinks)

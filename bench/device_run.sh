@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call: install the missing wheels, then run the named stages, logs and JSON under $OUT.
+#   bash bench/device_run.sh tests exact tiers          (stages: tests exact offload timeline tiers kernels)
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1 OFFLOAD_NO_PROGRESS=1 OFFLOAD_CACHE=/tmp/offload-cache
+OUT=${OUT:-bench/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    tests)    python -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    exact)    python bench/decode.py --ctx 8K,32K --modes exact,hf --steps 32 --out "$OUT/decode_exact.json" 2>&1 | tail -12 ;;
+    offload)  python bench/decode.py --ctx 32K,128K --modes offload-full,hf-offload,sparse --steps 8 --warmup 2 \
+                --budget 2K --kv-gpu-mem 2GiB --hf-chunk 4096 --out "$OUT/decode_offload.json" 2>&1 | tail -14 ;;
+    timeline) python bench/timeline.py --ctx 128K --attention sparse --budget 2K --out "$OUT/timeline.json" 2>&1 | tail -40 ;;
+    tiers)    python bench/tiers.py --out "$OUT/tiers.json" 2>&1 | tail -25 ;;
+    kernels)  python bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tail -25 ;;
+  esac
+done
+echo "=== done $(date +%T)"

@@ -1,0 +1,162 @@
+"""Budget planner: how many KV chunks each tier holds, decided before any weight is loaded.
+
+KV is placed GPU first, then host, then disk; each tier gets only what the context needs. Budgets
+not given are detected:
+    GPU:  torch.cuda.mem_get_info() free bytes, minus the weights, minus a reserve for activations and
+          staging (max(1.5 GiB, 10% of the GPU)); on a CPU device the "GPU" tier is a quarter of host RAM.
+    host: psutil available RAM minus headroom (max(4 GiB, 20%)): pinned pages cannot be swapped, and
+          the OS, the page cache of the weights and the disk staging ring still need room.
+    disk: shutil.disk_usage(disk_dir).free minus 5% (or 1 GiB); no disk_dir, no disk tier.
+Given budgets (--gpu-mem / --host-mem / --disk-mem) are KV budgets for that tier, used as given.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from offload.errors import CapacityError
+
+GiB = 1 << 30
+_GPU_RESERVE_MIN, _GPU_RESERVE_FRAC = int(1.5 * GiB), 0.10
+_HOST_HEADROOM_MIN, _HOST_HEADROOM_FRAC = 4 * GiB, 0.20
+_DISK_HEADROOM_MIN, _DISK_HEADROOM_FRAC = 1 * GiB, 0.05
+
+
+def _tokens(n: int) -> str:
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _gib(n: float) -> str:
+    g = n / GiB
+    return f"{g:.0f}" if abs(g - round(g)) < 0.05 or g >= 100 else f"{g:.1f}"
+
+
+def _size(n: int) -> str:
+    return f"{_gib(n)} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """Chunk capacities per tier (pass `capacities` to TieredKVStore) and what they cost."""
+    ctx: int
+    chunk_tokens: int
+    chunk_bytes: int              # one chunk of one layer: [2, Hkv, C, D]
+    num_layers: int
+    gpu_chunks: int
+    host_chunks: int
+    disk_chunks: int
+    kv_bytes: int                 # the whole context's KV
+    weight_bytes: int
+    gpu_reserve_bytes: int        # kept free on the GPU for activations and staging
+    available: tuple[int, int, int]   # KV budget bytes found per tier (gpu, host, disk)
+    disk_dir: str | None
+
+    @property
+    def capacities(self) -> tuple[int, int, int]:
+        return self.gpu_chunks, self.host_chunks, self.disk_chunks
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.gpu_chunks * self.chunk_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host_chunks * self.chunk_bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.disk_chunks * self.chunk_bytes
+
+    def summary(self) -> str:
+        disk = f" + disk {_gib(self.disk_bytes)} GiB" + (f" ({self.disk_dir})" if self.disk_dir else "")
+        return (f"KV {_gib(self.kv_bytes)} GiB for ctx {_tokens(self.ctx)} ({self.chunk_tokens}-token chunks): "
+                f"GPU {_gib(self.gpu_bytes)} + host {_gib(self.host_bytes)} GiB"
+                + (disk if self.disk_chunks else ""))
+
+
+def _detect_gpu(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    # a per-process cap (set_per_process_memory_fraction, how we model a 24 GB card) is invisible to mem_get_info
+    frac = torch.cuda.get_per_process_memory_fraction(device)
+    if frac < 1.0:
+        free = min(free, int(frac * total) - torch.cuda.memory_reserved(device))
+    return max(0, int(free))
+
+
+def _detect_host() -> int:
+    import psutil
+    vm = psutil.virtual_memory()
+    return max(0, int(vm.available) - max(_HOST_HEADROOM_MIN, int(_HOST_HEADROOM_FRAC * vm.total)))
+
+
+def _detect_disk(disk_dir: str | None) -> int:
+    if not disk_dir:
+        return 0
+    probe = os.path.abspath(disk_dir)
+    while probe and not os.path.exists(probe):      # the store creates disk_dir; measure its parent
+        probe = os.path.dirname(probe.rstrip("/")) or "/"
+    usage = shutil.disk_usage(probe)
+    return max(0, int(usage.free) - max(_DISK_HEADROOM_MIN, int(_DISK_HEADROOM_FRAC * usage.total)))
+
+
+def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int, ctx: int,
+                weight_bytes: int, device: torch.device | str = "cpu", gpu_mem: int | None = None,
+                host_mem: int | None = None, disk_mem: int | None = None, disk_dir: str | None = None,
+                chunk_tokens: int = 32, sink_chunks: int = 1, window_chunks: int = 4) -> BudgetPlan:
+    """Split the KV of `ctx` tokens over GPU, host and disk, or raise CapacityError saying what to change."""
+    device = torch.device(device)
+    chunk_bytes = 2 * num_kv_heads * chunk_tokens * head_dim * dtype_bytes
+    per_layer = math.ceil(ctx / chunk_tokens)
+    total = num_layers * per_layer
+    kv_bytes = total * chunk_bytes
+    reserve = 0
+    host = host_mem if host_mem is not None else None
+    if device.type == "cuda":
+        free = _detect_gpu(device)
+        reserve = max(_GPU_RESERVE_MIN, int(_GPU_RESERVE_FRAC * torch.cuda.get_device_properties(device).total_memory))
+        room = max(0, free - weight_bytes - reserve)
+        if gpu_mem is not None and gpu_mem > room:
+            raise CapacityError(f"--gpu-mem {_gib(gpu_mem)} GiB of KV does not fit: the GPU has {_gib(free)} GiB free, "
+                                f"{_gib(weight_bytes)} GiB go to weights and {_gib(reserve)} GiB to activations; "
+                                f"lower --gpu-mem to {_gib(room)} GiB or less")
+        gpu = room if gpu_mem is None else gpu_mem
+        if host is None:
+            host = _detect_host()
+    else:
+        # CPU: both "tiers" are host RAM; the weights live there too
+        ram = max(0, _detect_host() - weight_bytes) if (gpu_mem is None or host is None) else 0
+        gpu = gpu_mem if gpu_mem is not None else ram // 4
+        if host is None:
+            host = max(0, ram - gpu)
+    if disk_mem and not disk_dir:
+        raise CapacityError("--disk-mem needs a place for the files; pass --disk-dir")
+    disk = _detect_disk(disk_dir)
+    if disk_mem is not None:
+        if disk_dir and disk_mem > disk:
+            raise CapacityError(f"--disk-mem {_gib(disk_mem)} GiB but {disk_dir} has {_gib(disk)} GiB to spare; "
+                                "free space there or lower --disk-mem")
+        disk = disk_mem
+    # the store pins sinks + window of every layer on the GPU tier, even for a context shorter than that
+    pinned = num_layers * (sink_chunks + window_chunks)
+    g = min(max(total, pinned), gpu // chunk_bytes)
+    if g < pinned:
+        raise CapacityError(f"the GPU tier needs {_size(pinned * chunk_bytes)} for the sinks and local windows of "
+                            f"{num_layers} layers but has {_size(gpu)}; raise --gpu-mem or use a smaller model")
+    h = min(max(0, total - g), host // chunk_bytes)
+    d = min(max(0, total - g - h), disk // chunk_bytes)
+    if g + h + d < total:
+        fix = "raise --disk-mem or lower --ctx" if disk_dir else "pass --disk-dir (NVMe) or lower --ctx"
+        raise CapacityError(f"ctx {_tokens(ctx)} needs {_gib(kv_bytes)} GiB of KV; GPU {_gib(gpu)} + "
+                            f"host {_gib(host)} + disk {_gib(disk)} = {_gib(gpu + host + disk)} GiB available; {fix}")
+    return BudgetPlan(ctx=ctx, chunk_tokens=chunk_tokens, chunk_bytes=chunk_bytes, num_layers=num_layers,
+                      gpu_chunks=g, host_chunks=h, disk_chunks=d, kv_bytes=kv_bytes, weight_bytes=weight_bytes,
+                      gpu_reserve_bytes=reserve, available=(gpu, host, disk), disk_dir=disk_dir)

@@ -1,0 +1,295 @@
+"""The disk tier: one preallocated file of 4096-aligned slots, O_DIRECT where the file system allows it.
+
+* Slot s lives at byte s * stride, stride = chunk bytes rounded up to 4096, so every I/O is aligned and
+  O_DIRECT can bypass the page cache (which would otherwise fill host RAM with a second copy of the KV).
+  A probe write at creation decides O_DIRECT; file systems that refuse it (older tmpfs, some FUSE) get
+  buffered I/O. Page-aligned sources (the host slab) go to the drive without a bounce copy.
+* The file is reserved with fallocate(2) at creation, so "disk full" shows up at start, not an hour
+  into a prefill; file systems without fallocate get a sparse file, and a later ENOSPC names the file.
+* Every slot has a CRC-32 (zlib: in the standard library, ~2 GB/s per thread with the GIL released, so
+  several I/O threads checksum in parallel; it detects every single-byte error and every burst up to 32
+  bits, which is the corruption a drive or a stray write produces. It is not a defence against an
+  attacker, who could also rewrite the checksum table: the table stays in process memory). It is
+  checked on every read; a mismatch raises TierIOError and the destination is zeroed, never returned.
+* I/O runs on a thread pool; write/read return a Future. `after` handles (CUDA events, futures) are
+  waited inside the worker, so a disk write can follow a GPU->host copy without blocking the caller.
+  The pool's queue is FIFO, so waiting on a future submitted earlier to the same pool cannot deadlock.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import threading
+import weakref
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Iterable, Sequence
+
+import torch
+
+from offload.errors import TierIOError
+from offload.tiers.base import ChunkShape
+from offload.tiers.device import _check
+from offload.tiers.diskdir import make_private_dir, remove_private_dir
+from offload.tiers.slots import SlotAllocator
+
+ALIGN = 4096
+_FILE = "kv.bin"
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _round_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def _full_msg(path: str) -> str:
+    return f"disk full writing {path} (disk tier): free space in --disk-dir or lower --ctx"
+
+
+def _eio_msg(path: str, slot: int, op: str) -> str:
+    return (f"I/O error {op} {path} slot {slot} (disk tier): check the drive (dmesg) "
+            "or pass another --disk-dir")
+
+
+def _io_error(e: OSError, path: str, slot: int, op: str) -> TierIOError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return TierIOError(_full_msg(path))
+    if e.errno == errno.EIO:
+        return TierIOError(_eio_msg(path, slot, op))
+    return TierIOError(f"{os.strerror(e.errno or 0) or e} {op} {path} slot {slot} (disk tier): "
+                       "check --disk-dir (permissions, file system)")
+
+
+def wait_handles(handles: Iterable) -> None:
+    """Block until every CUDA event / Future in handles is done (failures are the reader's to report)."""
+    for h in handles:
+        if h is None:
+            continue
+        if isinstance(h, Future):
+            wait_futures([h])
+        else:
+            h.synchronize()
+
+
+def gather(futures: list[Future]) -> Future:
+    """One Future done when all are; it carries the first failure, set only after every part finished."""
+    out: Future = Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_):
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        out.set_exception(failed[0]) if failed else out.set_result(None)
+
+    if not futures:
+        out.set_result(None)
+    for f in futures:
+        f.add_done_callback(one_done)
+    return out
+
+
+def _address_view(ptr: int, n: int) -> memoryview:
+    return memoryview((ctypes.c_char * n).from_address(ptr)).cast("B")
+
+
+class DiskStore:
+    """Tier "disk": chunk slots in <disk_dir>/offload-<pid>-<rand>/kv.bin, each CRC-checked on read."""
+
+    name = "disk"
+
+    def __init__(self, shape: ChunkShape, capacity: int, disk_dir: str, io_threads: int = 4,
+                 direct: bool = True, preallocate: bool = True):
+        self.shape = shape
+        self.capacity = capacity
+        self.stride = _round_up(shape.nbytes)
+        self.dir, self._lock_fd = make_private_dir(disk_dir)
+        self.path = os.path.join(self.dir, _FILE)
+        # seams for fault-injection tests: same signatures as os.pwrite / os.preadv
+        self._pwrite, self._preadv = os.pwrite, os.preadv
+        try:
+            self._fd, self.direct = self._open(direct)
+            self._reserve(capacity * self.stride, preallocate)
+        except BaseException:
+            if hasattr(self, "_fd"):
+                os.close(self._fd)
+            remove_private_dir(self.dir, self._lock_fd)
+            raise
+        self._crc: list[int | None] = [None] * capacity     # None: the slot holds no complete chunk
+        self._bad: dict[int, str] = {}                       # slot -> why its last write failed
+        self._slots = SlotAllocator(capacity, self.name)
+        self._local = threading.local()
+        self._threads = io_threads
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="offload-disk")
+        self._finalizer = weakref.finalize(self, DiskStore._cleanup, self._pool, self._fd, self.dir, self._lock_fd)
+
+    # ---- creation -------------------------------------------------------------------------------
+    def _open(self, direct: bool) -> tuple[int, bool]:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                fd = os.open(self.path, flags | os.O_DIRECT, 0o600)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise TierIOError(f"cannot create {self.path} (disk tier): {e.strerror}; "
+                                      "pass a writable --disk-dir") from None
+            else:
+                if self._probe(fd):
+                    return fd, True
+                os.close(fd)
+                os.unlink(self.path)
+        try:
+            return os.open(self.path, flags, 0o600), False
+        except OSError as e:
+            raise TierIOError(f"cannot create {self.path} (disk tier): {e.strerror}; "
+                              "pass a writable --disk-dir") from None
+
+    @staticmethod
+    def _probe(fd: int) -> bool:
+        """Some file systems accept O_DIRECT at open and refuse the I/O itself: try one aligned block."""
+        buf = mmap.mmap(-1, ALIGN)
+        try:
+            return os.pwrite(fd, buf, 0) == ALIGN and os.preadv(fd, [buf], 0) == ALIGN
+        except OSError:
+            return False
+        finally:
+            buf.close()
+
+    def _reserve(self, size: int, preallocate: bool) -> None:
+        if preallocate and size:
+            if _libc.fallocate(self._fd, 0, 0, size) == 0:
+                return
+            err = ctypes.get_errno()
+            if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise TierIOError(f"disk full reserving {size / 2**30:.2f} GiB in {self.path} (disk tier): "
+                                  "free space in --disk-dir or lower --disk-mem / --ctx")
+            # EOPNOTSUPP and friends: no fallocate here, fall through to a sparse file
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as e:
+            raise _io_error(e, self.path, 0, "sizing") from None
+
+    # ---- Tier protocol --------------------------------------------------------------------------
+    def alloc(self, n: int) -> list[int]:
+        return self._slots.alloc(n)
+
+    def free(self, slots: Sequence[int]) -> None:
+        self._slots.free(slots)
+        for s in slots:
+            self._crc[int(s)] = None     # a stale read of a freed slot fails instead of returning old data
+
+    def write(self, slots: Sequence[int], src: torch.Tensor, stream=None, after: Iterable = ()) -> Future:
+        """Store src: [n, 2, Hkv, C, D] (host memory, kept alive by the caller until the Future is done)."""
+        _check("src", src, len(slots), self.shape)
+        if src.is_cuda:
+            raise ValueError("DiskStore.write takes host memory; copy GPU chunks to a pinned buffer first")
+        src = src.contiguous()
+        slots = [int(s) for s in slots]
+        for s in slots:
+            self._crc[s] = None
+            self._bad.pop(s, None)
+        return self._submit(self._write_one, slots, src, list(after))
+
+    def read(self, slots: Sequence[int], dst: torch.Tensor, stream=None, after: Iterable = ()) -> Future:
+        """Fill dst: [n, 2, Hkv, C, D] (host memory, contiguous); the Future fails with TierIOError."""
+        _check("dst", dst, len(slots), self.shape)
+        if dst.is_cuda or not dst.is_contiguous():
+            raise ValueError("DiskStore.read fills contiguous host memory")
+        return self._submit(self._read_one, [int(s) for s in slots], dst, list(after))
+
+    @property
+    def num_free(self) -> int:
+        return self._slots.num_free
+
+    # ---- I/O ------------------------------------------------------------------------------------
+    def _submit(self, one, slots: list[int], t: torch.Tensor, after: list) -> Future:
+        n = len(slots)
+        groups = min(self._threads, n)
+        bounds = [n * g // groups for g in range(groups + 1)] if groups else [0]
+
+        def run(lo: int, hi: int) -> None:
+            wait_handles(after)
+            for pos in range(lo, hi):
+                one(slots[pos], t[pos])
+
+        return gather([self._pool.submit(run, bounds[g], bounds[g + 1]) for g in range(groups)])
+
+    def _bounce(self) -> tuple[memoryview, int]:
+        """This thread's page-aligned staging block (O_DIRECT needs aligned memory)."""
+        b = getattr(self._local, "buf", None)
+        if b is None:
+            mm = mmap.mmap(-1, self.stride)
+            b = self._local.buf = (mm, memoryview(mm), ctypes.addressof(ctypes.c_char.from_buffer(mm)))
+        return b[1], b[2]
+
+    def _direct_ok(self, ptr: int) -> bool:
+        return ptr % ALIGN == 0 and self.stride == self.shape.nbytes
+
+    def _write_one(self, slot: int, chunk: torch.Tensor) -> None:
+        nb, ptr = self.shape.nbytes, chunk.data_ptr()
+        if self._direct_ok(ptr) or not self.direct:
+            buf = _address_view(ptr, nb)
+        else:
+            view, addr = self._bounce()
+            ctypes.memmove(addr, ptr, nb)
+            buf = view                       # padded to the aligned stride; the tail stays zero
+        crc = zlib.crc32(buf[:nb])
+        try:
+            done = 0
+            while done < len(buf):           # buffered I/O may write short
+                done += self._pwrite(self._fd, buf[done:], slot * self.stride + done)
+        except OSError as e:
+            err = _io_error(e, self.path, slot, "writing")
+            self._bad[slot] = str(err)
+            raise err from None
+        self._crc[slot] = crc
+
+    def _read_one(self, slot: int, chunk: torch.Tensor) -> None:
+        nb, ptr = self.shape.nbytes, chunk.data_ptr()
+        want = self._crc[slot]
+        if want is None:
+            raise TierIOError(self._bad.get(slot) or f"slot {slot} of {self.path} (disk tier) holds no "
+                              "complete chunk; it was freed or never written")
+        into_dst = self._direct_ok(ptr) or not self.direct
+        if into_dst:
+            buf, addr = _address_view(ptr, nb), ptr
+        else:
+            buf, addr = self._bounce()
+        try:
+            done = 0
+            while done < len(buf):
+                got = self._preadv(self._fd, [buf[done:]], slot * self.stride + done)
+                if got == 0:
+                    raise TierIOError(f"{self.path} is truncated at slot {slot} (disk tier): "
+                                      "something else modified the file; pass a private --disk-dir")
+                done += got
+        except OSError as e:
+            raise _io_error(e, self.path, slot, "reading") from None
+        if zlib.crc32(buf[:nb]) != want:
+            if into_dst:
+                ctypes.memset(ptr, 0, nb)    # corrupt bytes never reach the caller
+            raise TierIOError(f"checksum mismatch in {self.path} slot {slot} (disk tier): the drive returned "
+                              "corrupt data; check it (smartctl, dmesg) or pass another --disk-dir")
+        if not into_dst:
+            ctypes.memmove(ptr, addr, nb)
+
+    # ---- lifetime -------------------------------------------------------------------------------
+    @staticmethod
+    def _cleanup(pool: ThreadPoolExecutor, fd: int, path: str, lock_fd: int) -> None:
+        pool.shutdown(wait=True)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        remove_private_dir(path, lock_fd)
+
+    def close(self) -> None:
+        """Wait for queued I/O, then delete the file and the directory."""
+        self._finalizer()

@@ -1,0 +1,174 @@
+"""Fetch side of the TieredKVStore: chunk ids -> a FetchPlan of (pool, slots) parts attention can read.
+
+Device hits are read from the device pool, host hits from the pinned host slab itself (a GPU kernel
+reads it through UVA, zero copy; on the CPU it is just the slab), disk hits are read (CRC-verified)
+into a host staging buffer, which on CUDA is copied to a device tensor on the copy stream. Disk hits
+are then promoted into free host slots, never by evicting (that would turn a read into a write).
+`prefetch` starts the disk reads and returns at once; `result()` looks every chunk up again, so
+chunks moved by a put() in between are found where they are now.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from offload.tiers.device import to_device
+from offload.tiers.placement import DISK, GPU, HOST, TIER_NAMES
+from offload.tiers.sync import new_event, stream_wait
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    """What attention reads for one layer. Attend over every part and merge (log-sum-exp).
+
+    parts: (pool [S, 2, Hkv, C, D], slots int32 [Hkv, K]) pairs; slot -1 = padding or in another part.
+        A pool is the device pool (CUDA), the pinned host slab (CPU tensor, read through UVA on CUDA)
+        or a staging tensor of disk hits. No parts when every id is padding.
+    hits: {"gpu"|"host"|"disk": number of (KV head, chunk) selections served by that tier}
+    bytes: {"gpu"|"host": K/V bytes attention reads from that tier, "disk": bytes read from the drive}
+    """
+    parts: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    hits: dict
+    bytes: dict
+
+
+@dataclass
+class _Staged:
+    chunks: torch.Tensor      # int64 [m], sorted
+    buf: torch.Tensor         # [m, 2, Hkv, C, D] host (pinned on CUDA)
+    future: Future
+
+
+class PendingFetch:
+    """A fetch whose disk reads are running. result() -> FetchPlan (waits; raises TierIOError)."""
+
+    def __init__(self, store, layer: int, ids: torch.Tensor, weights, staged: _Staged | None, version: int):
+        self._store, self._layer, self._ids, self._weights = store, layer, ids, weights
+        self._staged, self._version, self._plan = staged, version, None
+
+    def result(self) -> FetchPlan:
+        if self._plan is None:
+            self._plan = self._store._complete(self)
+        return self._plan
+
+
+class FetchMixin:
+    def prefetch(self, layer: int, chunk_ids, weights: torch.Tensor | None = None) -> PendingFetch:
+        """Start fetching chunk_ids (int64 [Hkv, K], -1 = padding, or [K] for all heads) of `layer`.
+
+        weights: optional per-selection scores [Hkv, K] (e.g. attention mass) for the eviction policy.
+        """
+        self._open_check()
+        ids = self._as_ids(chunk_ids)                                           # ids: [Hkv, K]
+        tiers, _ = self._lookup(layer, ids)
+        disk_chunks = ids[tiers == DISK].unique()                               # disk_chunks: [m] sorted
+        staged = self._stage(layer, disk_chunks) if disk_chunks.numel() else None
+        return PendingFetch(self, layer, ids, weights, staged, self._version)
+
+    def fetch(self, layer: int, chunk_ids, weights: torch.Tensor | None = None) -> FetchPlan:
+        """prefetch(...).result(): the plan, with every chunk readable on the compute device."""
+        return self.prefetch(layer, chunk_ids, weights).result()
+
+    def _as_ids(self, chunk_ids) -> torch.Tensor:
+        ids = torch.as_tensor(chunk_ids).detach().to("cpu", torch.long)       # ids: [Hkv, K] or [K]
+        hkv = self.shape.num_kv_heads
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0).expand(hkv, -1)                              # ids: [Hkv, K]
+        if ids.dim() != 2 or ids.shape[0] != hkv:
+            raise ValueError(f"chunk_ids must be [{hkv}, K] or [K], got {list(ids.shape)}")
+        return ids.contiguous()
+
+    def _stage(self, layer: int, chunks: torch.Tensor) -> _Staged:
+        """Start reading chunks (sorted, all on disk) into a fresh host buffer."""
+        dslots = self._slot[layer][chunks].tolist()
+        buf = torch.empty((len(dslots), *self.shape.shape), dtype=self.shape.dtype,
+                          pin_memory=self._copy is not None)                    # buf: [m, 2, Hkv, C, D]
+        fut = self.tiers[DISK].read(dslots, buf, after=self._state[DISK].readers_wait(dslots))
+        self._state[DISK].drained_by(dslots, fut)
+        self._stats["disk2h_bytes"] += len(dslots) * self.shape.nbytes
+        return _Staged(chunks, buf, fut)
+
+    def _complete(self, pf: PendingFetch) -> FetchPlan:
+        self._open_check()
+        layer, ids = pf._layer, pf._ids
+        tiers, slots = self._lookup(layer, ids)                                 # [Hkv, K] each
+        staged = [pf._staged] if pf._staged is not None and pf._version == self._version else []
+        disk_mask = tiers == DISK                                               # disk_mask: [Hkv, K]
+        need = ids[disk_mask].unique()                                          # need: [m]
+        have = torch.cat([s.chunks for s in staged]) if staged else need[:0]  # have: [m']
+        missing = need[~torch.isin(need, have)]                                 # missing: [m'']
+        if missing.numel():
+            staged.append(self._stage(layer, missing))
+        for s in staged:
+            s.future.result()                                                   # raises TierIOError
+        cuda = self._copy is not None
+        compute = torch.cuda.current_stream(self.device) if cuda else None
+        parts = []
+        for t in (GPU, HOST):
+            sel = tiers == t                                                    # sel: [Hkv, K]
+            if bool(sel.any()):
+                stream_wait(compute, self._state[t].readers_wait(slots[sel].unique().tolist()))  # [hits]
+                pool = self.tiers[t].pool if t == GPU else self.tiers[t].slab
+                parts.append((pool, self._slot_tensor(torch.where(sel, slots, -1))))  # slots: [Hkv, K]
+        claimed = torch.zeros_like(disk_mask)                                   # claimed: [Hkv, K]
+        disk_chunks_read = 0
+        for s in staged:
+            mine = disk_mask & torch.isin(ids, s.chunks) & ~claimed             # mine: [Hkv, K]
+            claimed |= mine
+            disk_chunks_read += s.chunks.numel()
+            if not bool(mine.any()):
+                continue
+            pos = torch.searchsorted(s.chunks, ids.clamp(min=0))                # pos: [Hkv, K]
+            part_slots = self._slot_tensor(torch.where(mine, pos, -1))          # part_slots: [Hkv, K]
+            parts.append((self._to_compute(s.buf, compute), part_slots))
+        if self.promote:
+            self._promote(layer, staged)
+        valid = ids >= 0
+        w = None
+        if pf._weights is not None:
+            w = torch.as_tensor(pf._weights).detach().cpu().expand_as(ids)[valid]  # w: [selections]
+        self.policy.touch(layer, ids[valid], w)
+        head_bytes = self.shape.nbytes // self.shape.num_kv_heads
+        hits = {name: int((tiers == t).sum()) for t, name in enumerate(TIER_NAMES)}
+        nbytes = {"gpu": hits["gpu"] * head_bytes, "host": hits["host"] * head_bytes,
+                  "disk": disk_chunks_read * self.shape.nbytes}
+        for name in TIER_NAMES:
+            self._stats[f"hits_{name}"] += hits[name]
+        self._stats["uva_bytes"] += nbytes["host"]
+        self._stats["fetches"] += 1
+        return FetchPlan(tuple(parts), hits, nbytes)
+
+    def _slot_tensor(self, slots: torch.Tensor) -> torch.Tensor:
+        return to_device(slots.to(torch.int32), self.device)                  # [Hkv, K] int32
+
+    def _to_compute(self, buf: torch.Tensor, compute) -> torch.Tensor:
+        """A staging buffer as a compute-device tensor: itself on the CPU, an async H2D copy on CUDA."""
+        if compute is None:
+            return buf
+        with torch.cuda.stream(self._copy):
+            dev = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)   # dev: [m, 2, Hkv, C, D]
+            dev.copy_(buf, non_blocking=True)                                   # buf is pinned
+        compute.wait_event(new_event(self._copy))
+        dev.record_stream(compute)        # freed only after the attention that reads it
+        self._stats["h2d_bytes"] += buf.numel() * buf.element_size()
+        return dev
+
+    def _promote(self, layer: int, staged: list) -> None:
+        """Move just-read disk chunks into free host slots (no eviction), so the next fetch skips the drive."""
+        host = self.tiers[HOST]
+        for s in staged:
+            rows = torch.nonzero(self._tier[layer][s.chunks] == DISK).flatten()  # rows: [r]
+            k = min(rows.numel(), host.num_free)
+            if k == 0:
+                continue
+            rows = rows[:k]
+            chunks = s.chunks[rows]
+            dslots = self._slot[layer][chunks].tolist()
+            hslots = host.alloc(k)
+            stream_wait(None, self._state[HOST].writers_wait(hslots) + self._state[DISK].writers_wait(dslots))
+            host.write(hslots, s.buf[rows])                                    # host -> host memcpy
+            self._vacate(DISK, dslots)
+            self._place(HOST, hslots, torch.full_like(chunks, layer), chunks)  # layers, chunks: [k]
+            self._stats["promoted_chunks"] += k

@@ -1,0 +1,103 @@
+"""The host tier: ONE pre-sized slab of host RAM, pinned when CUDA is available, cut into chunk slots.
+
+Why not `torch.empty(..., pin_memory=True)`: torch's caching host allocator rounds every pinned block up
+to a power of two, so a 40 GiB slab would take 64 GiB. Instead the slab is an anonymous mmap (page
+aligned, which O_DIRECT disk I/O straight from the slab needs, and transparent huge pages where the
+kernel allows), faulted in once by a parallel zero fill, then page-locked in place with
+cudaHostRegister(portable | mapped). Pinned memory is readable by GPU kernels through UVA at the
+same address, so attention can read host chunks without staging them (`slab` is that tensor).
+If registering fails (RLIMIT_MEMLOCK, a driver without it), the slab falls back to torch's pinned
+allocator and says so in `pin_method`.
+"""
+from __future__ import annotations
+
+import mmap
+import weakref
+from typing import Sequence
+
+import torch
+
+from offload.errors import CapacityError
+from offload.tiers.base import ChunkShape
+from offload.tiers.device import _check, copy_from_slots, copy_to_slots
+from offload.tiers.slots import SlotAllocator
+
+_CUDA_HOST_REGISTER_PORTABLE_MAPPED = 1 | 2   # cudaHostRegisterPortable | cudaHostRegisterMapped
+
+
+def _unregister(ptr: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # noqa: BLE001  (interpreter shutdown: the driver may already be gone)
+        pass
+
+
+def _mmap_slab(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)   # fewer TLB misses and faster pinning of a large slab
+        except OSError:
+            pass
+    raw = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+    return buf, raw                                                            # raw: [nbytes] uint8
+
+
+class HostPool:
+    """Tier "host": chunk slots in one host slab [S, 2, Hkv, C, D], pinned iff `pin` (default: CUDA available)."""
+
+    name = "host"
+
+    def __init__(self, shape: ChunkShape, capacity: int, pin: bool | None = None):
+        self.shape = shape
+        self.capacity = capacity
+        pin = torch.cuda.is_available() if pin is None else pin
+        nbytes = capacity * shape.nbytes
+        try:
+            self._buf, raw = _mmap_slab(nbytes)
+        except (OSError, MemoryError, ValueError):
+            raise CapacityError(f"cannot reserve {nbytes / 2**30:.1f} GiB of host RAM for the host tier; "
+                                "lower --host-mem or --ctx") from None
+        raw.zero_()   # touches every page now (in parallel), not in the middle of a decode step
+        self.pin_method = "none"
+        if pin and nbytes:
+            res = int(torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), nbytes, _CUDA_HOST_REGISTER_PORTABLE_MAPPED))
+            if res == 0:
+                self.pin_method = "cudaHostRegister"
+                self._finalizer = weakref.finalize(self, _unregister, raw.data_ptr())
+            else:
+                # fallback: torch's pinned allocator (rounds up to a power of two, still correct)
+                del raw
+                self._buf = None
+                raw = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)    # raw: [nbytes] uint8
+                self.pin_method = f"torch pin_memory (cudaHostRegister error {res})"
+        self.slab = raw.view(shape.dtype).view(capacity, *shape.shape)         # slab: [S, 2, Hkv, C, D]
+        self._slots = SlotAllocator(capacity, self.name)
+
+    def alloc(self, n: int) -> list[int]:
+        return self._slots.alloc(n)
+
+    def free(self, slots: Sequence[int]) -> None:
+        self._slots.free(slots)
+
+    def write(self, slots: Sequence[int], src: torch.Tensor, stream=None):
+        _check("src", src, len(slots), self.shape)
+        return copy_to_slots(self.slab, slots, src, stream)
+
+    def read(self, slots: Sequence[int], dst: torch.Tensor, stream=None):
+        _check("dst", dst, len(slots), self.shape)
+        return copy_from_slots(self.slab, slots, dst, stream)
+
+    @property
+    def num_free(self) -> int:
+        return self._slots.num_free
+
+    @property
+    def is_pinned(self) -> bool:
+        return self.pin_method != "none"
+
+    def close(self) -> None:
+        """Unpin now (the memory itself goes when the last view of the slab does)."""
+        fin = getattr(self, "_finalizer", None)
+        if fin is not None:
+            fin()

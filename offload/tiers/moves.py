@@ -1,0 +1,119 @@
+"""How put() carries out a placement decision: the copies, in an order that never overwrites a slot early.
+
+Order within one put: host -> disk demotions (straight from the slab), GPU -> disk (through the pinned
+staging ring), GPU -> host, then the new chunks to disk, host and GPU. Every destination slot first
+waits for whatever still fills or reads it (see sync.py); every source slot records the operation
+that reads it, so its next owner waits in turn.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from offload.tiers.placement import DISK, GPU, HOST
+from offload.tiers.slots import paired_runs, runs
+from offload.tiers.sync import new_event, stream_wait
+
+
+def _storage(tier) -> torch.Tensor:
+    return tier.pool if tier.name == "gpu" else tier.slab
+
+
+class MovesMixin:
+    def _copy_scope(self):
+        return torch.cuda.stream(self._copy) if self._copy is not None else contextlib.nullcontext()
+
+    def _drop(self, layer: int, ids: torch.Tensor) -> None:
+        """Overwrite: free the slots of ids already stored."""
+        tiers = self._tier[layer][ids]
+        for t in (GPU, HOST, DISK):
+            sel = tiers == t
+            if bool(sel.any()):
+                slots = self._slot[layer][ids[sel]].tolist()
+                stream_wait(None, self._state[t].writers_wait(slots))
+                self._vacate(t, slots)
+                self._tier[layer][ids[sel]] = -1
+                self._version += 1
+
+    def _host_to_disk(self, host_slots: list[int], fence) -> None:
+        if not host_slots:
+            return
+        disk, slab = self.tiers[DISK], self.tiers[HOST].slab
+        order = sorted(host_slots)
+        dslots = disk.alloc(len(order))
+        for h0, d0, n in paired_runs(order, dslots):
+            hs, ds = list(range(h0, h0 + n)), list(range(d0, d0 + n))
+            after = self._state[HOST].readers_wait(hs) + self._state[DISK].writers_wait(ds) + [fence]
+            fut = disk.write(ds, slab[h0:h0 + n], after=after)                   # slab rows: [n, 2, Hkv, C, D]
+            self._writes.append(fut)
+            self._state[DISK].filled_by(ds, fut)
+            self._state[HOST].drained_by(hs, fut)
+            layers, chunks = self._vacate(HOST, hs)
+            self._place(DISK, ds, layers, chunks)
+        self._stats["h2disk_bytes"] += len(order) * self.shape.nbytes
+
+    def _to_disk_staged(self, src: torch.Tensor, rows: list[int], new: tuple | None) -> None:
+        """Write src[rows] to disk through the pinned staging ring. new=None: rows are GPU slots (demotion)."""
+        disk, per = self.tiers[DISK], self._ring_per
+        for lo in range(0, len(rows), per):
+            part = rows[lo:lo + per]
+            b = self._ring_next
+            self._ring_next = (b + 1) % len(self._ring_busy)
+            stream_wait(None, [self._ring_busy[b]])          # the ring buffer's previous disk write is done
+            stage = self._ring.slab[b * per:b * per + len(part)]                # stage: [m, 2, Hkv, C, D]
+            if new is None:
+                stream_wait(self._copy, self._state[GPU].readers_wait(part))
+            with self._copy_scope():
+                for pos, row, n in runs(part):
+                    stage[pos:pos + n].copy_(src[row:row + n], non_blocking=self._copy is not None)
+            ev = new_event(self._copy)
+            ds = disk.alloc(len(part))
+            fut = disk.write(ds, stage, after=[ev] + self._state[DISK].writers_wait(ds))
+            self._ring_busy[b] = fut
+            self._writes.append(fut)
+            self._state[DISK].filled_by(ds, fut)
+            if new is None:
+                self._state[GPU].drained_by(part, ev)
+                layers, chunks = self._vacate(GPU, part)
+            else:
+                idx = torch.tensor(part, dtype=torch.long)                       # idx: [m]
+                layers, chunks = new[0][idx], new[1][idx]
+            self._place(DISK, ds, layers, chunks)
+            self._stats["h2disk_bytes"] += len(part) * self.shape.nbytes
+
+    def _move(self, src_tier: int, src_slots: list[int], dst_tier: int) -> None:
+        """Copy resident chunks between the GPU and host tiers (on the copy stream) and retarget the table."""
+        if not src_slots:
+            return
+        order = sorted(src_slots)
+        dst = self.tiers[dst_tier].alloc(len(order))
+        stream_wait(self._copy, self._state[dst_tier].writers_wait(dst) + self._state[src_tier].readers_wait(order))
+        src_t, dst_t = _storage(self.tiers[src_tier]), _storage(self.tiers[dst_tier])
+        with self._copy_scope():
+            for s0, d0, n in paired_runs(order, dst):
+                dst_t[d0:d0 + n].copy_(src_t[s0:s0 + n], non_blocking=self._copy is not None)  # [n, 2, Hkv, C, D]
+        ev = new_event(self._copy)
+        self._state[dst_tier].filled_by(dst, ev)
+        self._state[src_tier].drained_by(order, ev)
+        layers, chunks = self._vacate(src_tier, order)
+        self._place(dst_tier, dst, layers, chunks)
+
+    def _new_into(self, tier: int, kv: torch.Tensor, rows: list[int], layers: torch.Tensor, ids: torch.Tensor) -> None:
+        if not rows:
+            return
+        slots = self.tiers[tier].alloc(len(rows))
+        stream_wait(self._copy, self._state[tier].writers_wait(slots))
+        ev = None
+        for pos, row, n in runs(rows):
+            ev = self.tiers[tier].write(slots[pos:pos + n], kv[row:row + n], stream=self._copy) or ev
+        self._state[tier].filled_by(slots, ev)
+        idx = torch.tensor(rows, dtype=torch.long)                               # idx: [m]
+        self._place(tier, slots, layers[idx], ids[idx])
+
+    def _raise_failed_writes(self) -> None:
+        """Surface a failed asynchronous disk write (disk full, EIO) at the next put, once."""
+        failed = next((f for f in self._writes if f.done() and f.exception() is not None), None)
+        self._writes = [f for f in self._writes if not f.done()]
+        if failed is not None:
+            raise failed.exception()

@@ -1,0 +1,86 @@
+"""Where the chunks of one put() go: the decision only, as lists; `store.py` carries it out.
+
+Device level: the device tier must hold its residents plus the n new chunks. If that overflows, the
+policy picks victims among the unpinned residents AND the unpinned new chunks (a new chunk the policy
+ranks lowest goes straight to the host, never copied twice). Host level: the same with the host
+residents and whatever the device level pushed down. What the host level pushes down goes to disk;
+if disk has no room, nothing has moved yet and the put is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from offload.errors import CapacityError
+from offload.tiers.policy import EvictionPolicy
+
+GPU, HOST, DISK = 0, 1, 2
+TIER_NAMES = ("gpu", "host", "disk")
+
+
+@dataclass
+class Moves:
+    """Slots are source slots of residents; positions index the put's kv [n, ...]."""
+    gpu_to_host: list[int] = field(default_factory=list)
+    gpu_to_disk: list[int] = field(default_factory=list)
+    host_to_disk: list[int] = field(default_factory=list)
+    new_gpu: list[int] = field(default_factory=list)
+    new_host: list[int] = field(default_factory=list)
+    new_disk: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Residents:
+    """Chunks held by one tier: slot, layer, chunk id (int64 [m] each)."""
+    slots: torch.Tensor
+    layers: torch.Tensor
+    chunks: torch.Tensor
+
+
+def _pick(policy: EvictionPolicy, layers: torch.Tensor, chunks: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask [m] of the n candidates the policy demotes first."""
+    out = torch.zeros(chunks.numel(), dtype=torch.bool)                         # out: [m]
+    if n > 0:
+        out[policy.victims(layers, chunks, n)] = True
+    return out
+
+
+def plan_put(policy: EvictionPolicy, layer: int, new_ids: torch.Tensor, num_chunks: torch.Tensor,
+             gpu: Residents, gpu_free: int, host: Residents, host_free: int, disk_free: int) -> Moves:
+    """Decide the moves for putting new_ids (int64 [n]) of `layer`; num_chunks: int64 [L] after the put."""
+    n = new_ids.numel()
+    moves = Moves()
+    new_layers = torch.full_like(new_ids, layer)                                # new_layers: [n]
+    # device level: residents first, then the new chunks, as one candidate list
+    cand_layers = torch.cat([gpu.layers, new_layers])                           # [r + n]
+    cand_chunks = torch.cat([gpu.chunks, new_ids])                              # [r + n]
+    pinned = policy.pinned(cand_chunks, num_chunks[cand_layers])                # pinned: [r + n]
+    excess = n - gpu_free
+    down = torch.zeros(cand_chunks.numel(), dtype=torch.bool)                   # down: [r + n]
+    if excess > 0:
+        free_idx = torch.nonzero(~pinned).flatten()                             # free_idx: [u]
+        if free_idx.numel() < excess:
+            raise CapacityError(f"GPU tier of {gpu.slots.numel() + gpu_free} chunks cannot hold the pinned sinks "
+                                "and local windows; raise --gpu-mem or shorten the window")
+        down[free_idx[_pick(policy, cand_layers[free_idx], cand_chunks[free_idx], excess)]] = True
+    r = gpu.slots.numel()
+    res_down, new_down = down[:r], down[r:]                                     # [r], [n]
+    moves.new_gpu = torch.nonzero(~new_down).flatten().tolist()                 # positions into kv
+    # host level: host residents, then what the device level pushed down
+    pushed_slots = gpu.slots[res_down]                                          # [a]
+    pushed_new = torch.nonzero(new_down).flatten()                              # [b]
+    h_layers = torch.cat([host.layers, gpu.layers[res_down], new_layers[pushed_new]])  # [h + a + b]
+    h_chunks = torch.cat([host.chunks, gpu.chunks[res_down], new_ids[pushed_new]])     # [h + a + b]
+    excess_h = h_chunks.numel() - host.slots.numel() - host_free
+    to_disk = _pick(policy, h_layers, h_chunks, excess_h)                       # to_disk: [h + a + b]
+    hr, a = host.slots.numel(), pushed_slots.numel()
+    if int(to_disk.sum()) > disk_free:
+        raise CapacityError(f"KV store is full: {int(to_disk.sum())} chunks must go to disk, which has room for "
+                            f"{disk_free}; raise --disk-mem (or --host-mem / --gpu-mem) or lower --ctx")
+    moves.host_to_disk = host.slots[to_disk[:hr]].tolist()
+    moves.gpu_to_disk = pushed_slots[to_disk[hr:hr + a]].tolist()
+    moves.gpu_to_host = pushed_slots[~to_disk[hr:hr + a]].tolist()
+    moves.new_disk = pushed_new[to_disk[hr + a:]].tolist()
+    moves.new_host = pushed_new[~to_disk[hr + a:]].tolist()
+    return moves

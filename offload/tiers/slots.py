@@ -1,0 +1,63 @@
+"""Slot bookkeeping shared by the tiers: a free list, and runs of consecutive slots (one copy per run)."""
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+from offload.errors import CapacityError
+
+
+class SlotAllocator:
+    """Free list over `capacity` slots. Lowest slots go first, so a fresh tier hands out runs."""
+
+    def __init__(self, capacity: int, tier_name: str):
+        if capacity < 0:
+            raise ValueError(f"{tier_name} tier capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self.tier_name = tier_name
+        self._free = list(range(capacity))   # a min-heap: the lowest free slots go first, so allocations form runs
+        self._used = bytearray(capacity)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} slots")
+        if n > len(self._free):
+            raise CapacityError(f"{self.tier_name} tier is full: {n} chunk slots wanted, {len(self._free)} free "
+                                f"of {self.capacity}; give the tier more memory or lower --ctx")
+        out = [heapq.heappop(self._free) for _ in range(n)]
+        for s in out:
+            self._used[s] = 1
+        return out
+
+    def free(self, slots: Sequence[int]) -> None:
+        slots = [int(s) for s in slots]
+        for s in slots:
+            # a double free would hand one slot to two chunks: fail loudly, it is a bug in the caller
+            if not (0 <= s < self.capacity) or not self._used[s]:
+                raise ValueError(f"slot {s} of the {self.tier_name} tier is not allocated")
+        for s in slots:
+            self._used[s] = 0
+            heapq.heappush(self._free, s)
+
+
+def runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first position, first slot, length) per run of consecutive slots: one copy per run, not per chunk."""
+    return paired_runs(range(len(slots)), slots)
+
+
+def paired_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first src, first dst, length) per run where src and dst both advance by one."""
+    a, b = [int(x) for x in src], [int(x) for x in dst]
+    out: list[tuple[int, int, int]] = []
+    i = 0
+    while i < len(a):
+        j = i + 1
+        while j < len(a) and a[j] == a[j - 1] + 1 and b[j] == b[j - 1] + 1:
+            j += 1
+        out.append((a[i], b[i], j - i))
+        i = j
+    return out

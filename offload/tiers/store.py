@@ -1,0 +1,241 @@
+"""TieredKVStore: KV chunks of every layer across GPU -> pinned host -> disk, with a chunk table.
+
+    store = TieredKVStore(ChunkShape(Hkv, C, D, dtype), num_layers, (gpu, host, disk), device, disk_dir)
+    store.put(layer, first_chunk_idx, kv)            # kv: [n, 2, Hkv, C, D] new full chunks
+    plan = store.fetch(layer, chunk_ids)             # chunk_ids: int64 [Hkv, K] (-1 = padding) or [K]
+    pending = store.prefetch(layer + 1, ids)         # disk reads start now; pending.result() -> FetchPlan
+    store.read(layer, [i, j])                        # [n, 2, Hkv, C, D] on the host, bit-identical
+    store.stats(); store.close()
+
+Ordering (CUDA): put() makes the copy stream wait for everything already queued on the compute
+stream, runs all its GPU<->host copies on the copy stream, and makes the compute stream wait until kv
+has been read, so the caller may overwrite kv right after put() returns. Disk writes run on the I/O
+threads from a pinned staging ring (or straight from the host slab) and never block the caller
+unless a host slot they read is needed again. Contract: enqueue the attention that uses a FetchPlan
+before the next put(); a PendingFetch may span puts (its result() looks the chunks up again).
+The store is used from one thread.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import Future
+
+import torch
+
+from offload.errors import CapacityError, ConfigError
+from offload.tiers.base import ChunkShape
+from offload.tiers.device import DevicePool
+from offload.tiers.disk import DiskStore
+from offload.tiers.fetch import FetchMixin, FetchPlan, PendingFetch
+from offload.tiers.moves import MovesMixin
+from offload.tiers.host import HostPool
+from offload.tiers.placement import DISK, GPU, HOST, TIER_NAMES, Residents, plan_put
+from offload.tiers.policy import make_policy
+from offload.tiers.sync import SlotStates, new_event, stream_wait
+
+__all__ = ["TieredKVStore", "FetchPlan", "PendingFetch"]
+
+_STAGE_BYTES = 32 << 20      # one staging buffer of the put -> disk ring
+_STAGE_BUFFERS = 4
+
+
+def _capacities(caps) -> tuple[int, int, int]:
+    if hasattr(caps, "capacities"):
+        caps = caps.capacities
+    if isinstance(caps, dict):
+        caps = (caps.get("gpu", 0), caps.get("host", 0), caps.get("disk", 0))
+    gpu, host, disk = (int(c) for c in caps)
+    return gpu, host, disk
+
+
+class TieredKVStore(MovesMixin, FetchMixin):
+    def __init__(self, shape: ChunkShape, num_layers: int, capacities, device: torch.device | str = "cpu",
+                 disk_dir: str | None = None, policy="lru", sink_chunks: int = 1, window_chunks: int = 4,
+                 promote: bool = True, io_threads: int = 4, disk_direct: bool = True):
+        caps = _capacities(capacities)
+        self.shape, self.num_layers, self.capacities = shape, num_layers, caps
+        self.device = torch.device(device)
+        self.promote = promote
+        self.policy = make_policy(policy, sink_chunks, window_chunks)
+        pinned = num_layers * (self.policy.sink_chunks + self.policy.window_chunks)
+        if caps[GPU] < pinned:
+            raise CapacityError(f"GPU tier of {caps[GPU]} chunks is smaller than the pinned sinks + local windows "
+                                f"({num_layers} layers x {pinned // max(num_layers, 1)} chunks); "
+                                "raise --gpu-mem or shorten the window")
+        if caps[DISK] and not disk_dir:
+            raise ConfigError(f"a disk tier of {caps[DISK]} chunks needs a directory; pass --disk-dir")
+        cuda = self.device.type == "cuda"
+        self._copy = torch.cuda.Stream(self.device) if cuda else None
+        self.tiers: list = [DevicePool(shape, caps[GPU], self.device), HostPool(shape, caps[HOST], pin=cuda), None]
+        if caps[DISK]:
+            self.tiers[DISK] = DiskStore(shape, caps[DISK], disk_dir, io_threads=io_threads, direct=disk_direct)
+        per = max(1, _STAGE_BYTES // shape.nbytes)
+        self._ring = HostPool(shape, per * _STAGE_BUFFERS, pin=cuda) if caps[DISK] else None
+        self._ring_busy: list[Future | None] = [None] * _STAGE_BUFFERS
+        self._ring_next, self._ring_per = 0, per
+        # per tier, who owns each slot: (layer, chunk id), -1 = free; residents are a nonzero() away
+        self._owner = [(torch.full((c,), -1, dtype=torch.long), torch.full((c,), -1, dtype=torch.long))
+                       for c in caps]                                              # [S_tier] each
+        self._tier = [torch.full((0,), -1, dtype=torch.int8) for _ in range(num_layers)]  # [chunks] per layer
+        self._slot = [torch.full((0,), -1, dtype=torch.long) for _ in range(num_layers)]  # [chunks] per layer
+        self._num = torch.zeros(num_layers, dtype=torch.long)                 # chunks per layer
+        self._state = [SlotStates(), SlotStates(), SlotStates()]
+        self._writes: list[Future] = []
+        self._stats: Counter = Counter()
+        self._version = 0          # bumped when a chunk is overwritten, so stale prefetches are dropped
+        self._closed = False
+
+    # ---- chunk table ----------------------------------------------------------------------------
+    def _grow(self, layer: int, size: int) -> None:
+        t = self._tier[layer]
+        if t.numel() < size:
+            cap = max(size, 2 * t.numel())
+            pad = cap - t.numel()
+            self._tier[layer] = torch.cat([t, torch.full((pad,), -1, dtype=torch.int8)])            # [cap]
+            self._slot[layer] = torch.cat([self._slot[layer], torch.full((pad,), -1, dtype=torch.long)])  # [cap]
+
+    def _place(self, tier: int, slots: list[int], layers: torch.Tensor, chunks: torch.Tensor) -> None:
+        idx = torch.tensor(slots, dtype=torch.long)                            # idx: [m]
+        self._owner[tier][0][idx], self._owner[tier][1][idx] = layers, chunks
+        for layer in layers.unique().tolist():
+            sel = layers == layer                                              # sel: [m] bool
+            self._tier[layer][chunks[sel]] = tier
+            self._slot[layer][chunks[sel]] = idx[sel]
+
+    def _vacate(self, tier: int, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forget who owns these slots and free them; returns their (layers, chunks)."""
+        idx = torch.tensor(slots, dtype=torch.long)                            # idx: [m]
+        layers, chunks = self._owner[tier][0][idx].clone(), self._owner[tier][1][idx].clone()
+        self._owner[tier][0][idx] = -1
+        self._owner[tier][1][idx] = -1
+        self.tiers[tier].free(slots)
+        return layers, chunks
+
+    def _residents(self, tier: int) -> Residents:
+        layers, chunks = self._owner[tier]
+        slots = torch.nonzero(layers >= 0).flatten()                           # slots: [m]
+        return Residents(slots, layers[slots], chunks[slots])
+
+    def _lookup(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tier int8, slot int64) per id; -1 for padding. Unknown ids raise."""
+        valid = ids >= 0
+        if bool((ids[valid] >= self._num[layer]).any()):
+            raise ValueError(f"layer {layer} has {int(self._num[layer])} chunks; asked for chunk "
+                             f"{int(ids[valid].max())}")
+        safe = ids.clamp(min=0)
+        tiers = torch.where(valid, self._tier[layer][safe], torch.tensor(-1, dtype=torch.int8))  # [Hkv, K]
+        if bool(((tiers < 0) & valid).any()):
+            raise ValueError(f"chunk {int(ids[valid & (tiers < 0)][0])} of layer {layer} was never put")
+        return tiers, torch.where(valid, self._slot[layer][safe], -1)                            # [Hkv, K]
+
+    # ---- put ------------------------------------------------------------------------------------
+    def put(self, layer: int, first_chunk_idx: int, kv: torch.Tensor, wait_kv: bool = True) -> None:
+        """Store new full chunks kv: [n, 2, Hkv, C, D] as chunks first_chunk_idx.. of `layer`.
+
+        wait_kv (CUDA): True = later compute waits until kv is copied, so the caller may overwrite kv at
+        once. False = the caller never writes kv again (a fresh tensor); copies then overlap later compute.
+        """
+        self._open_check()
+        if tuple(kv.shape[1:]) != self.shape.shape or kv.dtype != self.shape.dtype or kv.dim() != 5:
+            raise ValueError(f"kv must be [n, {', '.join(map(str, self.shape.shape))}] {self.shape.dtype}, "
+                             f"got {list(kv.shape)} {kv.dtype}")
+        self._raise_failed_writes()
+        n = kv.shape[0]
+        if n == 0:
+            return
+        ids = torch.arange(first_chunk_idx, first_chunk_idx + n)                # ids: [n]
+        self._grow(layer, first_chunk_idx + n)
+        # refuse before anything changes; past this check the placement always succeeds
+        room = sum(t.num_free for t in self.tiers if t is not None) + int((self._tier[layer][ids] >= 0).sum())
+        if room < n:
+            raise CapacityError(f"KV store is full: {n} new chunks, room for {room} in GPU + host + disk; "
+                                "raise --disk-mem (or --host-mem / --gpu-mem) or lower --ctx")
+        self._drop(layer, ids)
+        self._num[layer] = max(int(self._num[layer]), first_chunk_idx + n)
+        self.policy.touch(layer, ids, torch.zeros(n))                          # inserted: recency, no mass
+        free = [t.num_free if t is not None else 0 for t in self.tiers]
+        mv = plan_put(self.policy, layer, ids, self._num, self._residents(GPU), free[GPU],
+                      self._residents(HOST), free[HOST], free[DISK])
+        fence = None
+        if self._copy is not None:
+            compute = torch.cuda.current_stream(self.device)
+            fence = new_event(compute)
+            self._copy.wait_stream(compute)       # copies follow the compute that produced kv / read slots
+            if kv.is_cuda:
+                kv.record_stream(self._copy)
+        self._host_to_disk(mv.host_to_disk, fence)
+        self._to_disk_staged(self.tiers[GPU].pool, mv.gpu_to_disk, None)
+        self._move(GPU, mv.gpu_to_host, HOST)
+        layer_ids = torch.full((n,), layer, dtype=torch.long)                   # layer_ids: [n]
+        self._to_disk_staged(kv, mv.new_disk, (layer_ids, ids))
+        self._new_into(HOST, kv, mv.new_host, layer_ids, ids)
+        self._new_into(GPU, kv, mv.new_gpu, layer_ids, ids)
+        nb = self.shape.nbytes
+        moved_out = len(mv.gpu_to_host) + len(mv.gpu_to_disk) + len(mv.new_host) + len(mv.new_disk)
+        self._stats["d2h_bytes"] += nb * moved_out
+        self._stats["put_chunks"] += n
+        if self._copy is not None and wait_kv:
+            torch.cuda.current_stream(self.device).wait_event(new_event(self._copy))   # kv is consumed
+
+    # ---- read, stats, close ---------------------------------------------------------------------
+    def read(self, layer: int, chunk_idx_list) -> torch.Tensor:
+        """Chunks as stored, from whatever tier: [n, 2, Hkv, C, D] on the host (waits for in-flight writes)."""
+        self._open_check()
+        ids = torch.as_tensor(list(chunk_idx_list), dtype=torch.long)           # ids: [n]
+        tiers, slots = self._lookup(layer, ids)
+        out = torch.empty((ids.numel(), *self.shape.shape), dtype=self.shape.dtype)  # out: [n, 2, Hkv, C, D]
+        for t in (GPU, HOST, DISK):
+            sel = torch.nonzero(tiers == t).flatten()                           # sel: [m]
+            if not sel.numel():
+                continue
+            ss = slots[sel].tolist()
+            tmp = torch.empty((len(ss), *self.shape.shape), dtype=self.shape.dtype)  # tmp: [m, 2, Hkv, C, D]
+            wait = self._state[t].readers_wait(ss)
+            if t == DISK:
+                self.tiers[DISK].read(ss, tmp, after=wait).result()
+            else:
+                stream_wait(None, wait)
+                ev = self.tiers[t].read(ss, tmp, stream=self._copy)
+                if ev is not None:
+                    ev.synchronize()
+            out[sel] = tmp
+        return out
+
+    def stats(self) -> dict:
+        s = dict(self._stats)
+        hits = {name: s.get(f"hits_{name}", 0) for name in TIER_NAMES}
+        total = sum(hits.values())
+        for t, name in enumerate(TIER_NAMES):
+            s[f"hits_{name}"] = hits[name]
+            s[f"hit_rate_{name}"] = hits[name] / total if total else 0.0
+            used = 0 if self.tiers[t] is None else self.capacities[t] - self.tiers[t].num_free
+            s[f"bytes_in_use_{name}"] = used * self.shape.nbytes
+            s[f"capacity_bytes_{name}"] = self.capacities[t] * self.shape.nbytes
+        for k in ("d2h_bytes", "h2d_bytes", "h2disk_bytes", "disk2h_bytes", "promoted_chunks", "fetches", "put_chunks"):
+            s.setdefault(k, 0)
+        return s
+
+    def close(self) -> None:
+        """Finish in-flight copies and I/O, delete the disk files, unpin host memory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._copy is not None:
+            torch.cuda.synchronize(self.device)   # no kernel may still read the slab through UVA once unpinned
+        if self.tiers[DISK] is not None:
+            self.tiers[DISK].close()
+        for pool in (self.tiers[HOST], self._ring):
+            if pool is not None:
+                pool.close()
+        self.tiers[GPU] = None
+
+    def _open_check(self) -> None:
+        if self._closed:
+            raise ValueError("this TieredKVStore is closed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+

@@ -1,0 +1,92 @@
+"""In-flight state of slots: what must finish before a slot is read, and before it is overwritten.
+
+A handle is a torch.cuda.Event (GPU copies) or a concurrent.futures.Future (disk I/O); None = done.
+Per tier and slot the store remembers
+    fill:  the operation producing the slot's content   (a reader waits for it)
+    drain: operations still reading the slot's content  (a writer waits for them, and for fill)
+Waiting is done where it is cheapest: a CUDA stream waits an event without blocking the host, a disk
+worker waits inside its thread (`after=`), and only a GPU copy that must follow disk I/O blocks the host.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Iterable, Sequence
+
+import torch
+
+from offload.tiers.disk import wait_handles
+
+
+def is_done(h) -> bool:
+    if h is None:
+        return True
+    return h.done() if isinstance(h, Future) else h.query()
+
+
+def stream_wait(stream, handles: Iterable) -> None:
+    """Order `stream` after handles: events without blocking the host, futures by blocking it."""
+    for h in handles:
+        if h is None or is_done(h):
+            continue
+        if isinstance(h, Future):
+            wait_handles([h])
+        elif stream is not None:
+            stream.wait_event(h)
+        else:
+            h.synchronize()
+
+
+class SlotStates:
+    """fill / drain handles of every slot of one tier (sparse: only slots with something in flight)."""
+
+    def __init__(self):
+        self.fill: dict[int, object] = {}
+        self.drain: dict[int, list] = {}
+
+    def readers_wait(self, slots: Sequence[int]) -> list:
+        """Handles a reader of these slots must wait for (their fills), deduplicated."""
+        out = {}
+        for s in slots:
+            h = self.fill.get(int(s))
+            if h is not None:
+                if is_done(h):
+                    del self.fill[int(s)]
+                else:
+                    out[id(h)] = h
+        return list(out.values())
+
+    def writers_wait(self, slots: Sequence[int]) -> list:
+        """Handles an overwrite of these slots must wait for (fills and drains); forgets them."""
+        out = {}
+        for s in slots:
+            s = int(s)
+            for h in [self.fill.pop(s, None), *self.drain.pop(s, [])]:
+                if h is not None and not is_done(h):
+                    out[id(h)] = h
+        return list(out.values())
+
+    def filled_by(self, slots: Sequence[int], h) -> None:
+        if h is None:
+            return
+        for s in slots:
+            self.fill[int(s)] = h
+
+    def drained_by(self, slots: Sequence[int], h) -> None:
+        if h is None:
+            return
+        for s in slots:
+            lst = [x for x in self.drain.get(int(s), []) if not is_done(x)]
+            lst.append(h)
+            self.drain[int(s)] = lst
+
+    def all_handles(self) -> list:
+        hs = list(self.fill.values()) + [h for lst in self.drain.values() for h in lst]
+        return [h for h in hs if h is not None]
+
+
+def new_event(stream) -> "torch.cuda.Event | None":
+    if stream is None:
+        return None
+    ev = torch.cuda.Event()
+    ev.record(stream)
+    return ev

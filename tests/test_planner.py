@@ -1,0 +1,96 @@
+"""Budget planner: tier capacities add up, detection uses the right sources, refusals say what to change."""
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+
+from offload import planner
+from offload.errors import CapacityError
+from offload.planner import plan_budget
+
+GiB = 1 << 30
+LLAMA8B = dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype_bytes=2)   # 128 KiB of KV per token
+VM = namedtuple("VM", "available total")
+DU = namedtuple("DU", "total used free")
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A fake PC: 64 GiB RAM with 60 available, a 1 TiB disk with 500 GiB free."""
+    import psutil
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: VM(60 * GiB, 64 * GiB))
+    monkeypatch.setattr(planner.shutil, "disk_usage", lambda p: DU(1024 * GiB, 524 * GiB, 500 * GiB))
+
+
+def test_refusal_names_need_budgets_and_fix(tmp_path, machine):
+    with pytest.raises(CapacityError) as e:
+        plan_budget(**LLAMA8B, ctx=1 << 20, weight_bytes=16 * GiB, device="cpu", gpu_mem=6 * GiB,
+                    host_mem=48 * GiB, disk_mem=40 * GiB, disk_dir=str(tmp_path))
+    assert str(e.value) == ("ctx 1M needs 128 GiB of KV; GPU 6 + host 48 + disk 40 = 94 GiB available; "
+                            "raise --disk-mem or lower --ctx")
+    with pytest.raises(CapacityError, match="pass --disk-dir"):
+        plan_budget(**LLAMA8B, ctx=1 << 20, weight_bytes=0, device="cpu", gpu_mem=6 * GiB, host_mem=48 * GiB)
+
+
+@pytest.mark.parametrize("ctx", [4096, 128 << 10, 1 << 20, 1000003])
+def test_plan_fills_gpu_then_host_then_disk(tmp_path, machine, ctx):
+    budgets = dict(gpu_mem=6 * GiB, host_mem=40 * GiB, disk_mem=200 * GiB)
+    p = plan_budget(**LLAMA8B, ctx=ctx, weight_bytes=16 * GiB, device="cpu", disk_dir=str(tmp_path),
+                    chunk_tokens=64, **budgets)
+    total = 32 * -(-ctx // 64)
+    assert p.chunk_bytes == 2 * 8 * 64 * 128 * 2 and p.kv_bytes == total * p.chunk_bytes
+    assert p.gpu_chunks + p.host_chunks + p.disk_chunks == max(total, 32 * 5)
+    assert (p.gpu_bytes, p.host_bytes, p.disk_bytes) == tuple(c * p.chunk_bytes for c in p.capacities)
+    for used, budget in zip((p.gpu_bytes, p.host_bytes, p.disk_bytes), budgets.values()):
+        assert used <= budget
+    # a lower tier is used only when the ones above are full
+    if p.host_chunks:
+        assert p.gpu_chunks == 6 * GiB // p.chunk_bytes
+    if p.disk_chunks:
+        assert p.host_chunks == 40 * GiB // p.chunk_bytes
+    line = p.summary()
+    assert "\n" not in line and "GPU" in line and "host" in line
+
+
+def test_detected_budgets_leave_headroom(tmp_path, machine):
+    p = plan_budget(**LLAMA8B, ctx=1 << 20, weight_bytes=16 * GiB, device="cpu", gpu_mem=6 * GiB,
+                    disk_dir=str(tmp_path))
+    gpu, host, disk = p.available
+    assert host == 60 * GiB - int(0.2 * 64 * GiB) - 16 * GiB - 6 * GiB        # RAM headroom, weights, "GPU"
+    assert disk == 500 * GiB - int(0.05 * 1024 * GiB)
+    assert p.disk_chunks > 0 and p.disk_dir == str(tmp_path)
+
+
+def test_cuda_budget_detection_and_refusal(monkeypatch, machine):
+    props = namedtuple("Props", "total_memory")(24 * GiB)
+    monkeypatch.setattr(planner, "_detect_gpu", lambda device: 23 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    p = plan_budget(**LLAMA8B, ctx=32 << 10, weight_bytes=16 * GiB, device="cuda")
+    reserve = max(int(1.5 * GiB), int(0.1 * 24 * GiB))
+    assert p.gpu_reserve_bytes == reserve and p.available[0] == 23 * GiB - 16 * GiB - reserve
+    assert p.gpu_chunks == 32 * 1024 and p.host_chunks == 0                   # 4 GiB of KV fits on the GPU
+    with pytest.raises(CapacityError, match="lower --gpu-mem"):
+        plan_budget(**LLAMA8B, ctx=32 << 10, weight_bytes=16 * GiB, device="cuda", gpu_mem=8 * GiB)
+
+
+def test_pinned_window_and_disk_mem_refusals(tmp_path, machine):
+    with pytest.raises(CapacityError, match="sinks and local windows .* raise --gpu-mem"):
+        plan_budget(**LLAMA8B, ctx=8192, weight_bytes=0, device="cpu", gpu_mem=1 << 20, host_mem=GiB)
+    with pytest.raises(CapacityError, match="lower --disk-mem"):
+        plan_budget(**LLAMA8B, ctx=8192, weight_bytes=0, device="cpu", disk_mem=800 * GiB, disk_dir=str(tmp_path))
+    with pytest.raises(CapacityError, match="--disk-dir"):
+        plan_budget(**LLAMA8B, ctx=8192, weight_bytes=0, device="cpu", disk_mem=8 * GiB)
+
+
+def test_plan_drives_a_store(tmp_path, machine):
+    from offload.tiers import ChunkShape, TieredKVStore
+    p = plan_budget(num_layers=2, num_kv_heads=2, head_dim=8, dtype_bytes=4, ctx=400, weight_bytes=0,
+                    device="cpu", gpu_mem=12 * 512, host_mem=10 * 512, disk_mem=1 << 20,
+                    disk_dir=str(tmp_path), chunk_tokens=4)
+    assert p.capacities == (12, 10, 178)
+    with TieredKVStore(ChunkShape(2, 4, 8, torch.float32), 2, p, "cpu", str(tmp_path)) as store:
+        for layer in range(2):
+            store.put(layer, 0, torch.randn(100, 2, 2, 4, 8))
+        assert store.stats()["bytes_in_use_disk"] == 178 * 512
