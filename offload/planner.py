@@ -84,11 +84,12 @@ class BudgetPlan:
 def _detect_gpu(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
-    free, total = torch.cuda.mem_get_info(device)
     # a per-process cap (set_per_process_memory_fraction, how we model a 24 GB card) is invisible to mem_get_info
-    frac = torch.cuda.get_per_process_memory_fraction(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(idx)
+    frac = torch.cuda.get_per_process_memory_fraction(idx)
     if frac < 1.0:
-        free = min(free, int(frac * total) - torch.cuda.memory_reserved(device))
+        free = min(free, int(frac * total) - torch.cuda.memory_reserved(idx))
     return max(0, int(free))
 
 

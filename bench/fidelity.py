@@ -1,0 +1,241 @@
+"""Fidelity of sparse attention on the real SmolLM2-135M-Instruct: needles, teacher forcing, selection recall.
+
+    python bench/fidelity.py [--parts needle,teacher,recall] [--contexts 2K:1,4K:1,8K:2]
+        [--depths 0.1,0.3,0.5,0.7,0.9] [--kinds single,multi] [--needle-methods M,..]
+        [--teacher-methods M,..] [--continuation 256] [--recall-configs all] [--budgets 1%,2%,5%,10%]
+        [--chunks 16,32] [--out bench/out/fidelity.json] [--no-markdown]
+    python bench/fidelity.py --merge a.json b.json ...    # combine runs of different parts, then report
+
+M = CONFIG@BUDGET/CHUNK (CONFIG from bench/index_recall.py's CONFIGS), e.g. summary-max@5%/16.
+--contexts lists prompt sizes with the number of haystack segments each (cases = segments x kinds x depths).
+
+needle   passkeys in CPython's docs at depths 10-90 %; the document is prefilled exactly, the question and
+         the answer prefix go through the method under test (Session.prefill on a fork), then greedy
+         decode. Reports answers equal to full attention's and correct, per context and method.
+teacher  natural text of --teacher-context tokens, then --continuation tokens teacher-forced through
+         Session.step in full and sparse sessions: top-1 agreement and KL(full || sparse).
+recall   the teacher run's real keys and decode queries (captured from the full session) against every
+         index config, chunk size and budget: bench/fidelity_recall.py (recall of attention mass,
+         selection ms, metadata bytes per token).
+Writes JSON (--out) and the section between <!-- fidelity:start/end --> of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # an idle OpenMP pool must not spin on a shared box
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from datetime import date  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_name, print_table  # noqa: E402
+from fidelity_data import extract_digits, haystack_ids, needle_cases, teacher_text_ids  # noqa: E402
+from fidelity_recall import evaluate_runtime  # noqa: E402
+from fidelity_report import goal_rows, needle_rows, write_markdown  # noqa: E402
+from fidelity_sessions import Method, QueryRecorder, fork, greedy_answer, parse_methods  # noqa: E402
+from index_recall import CONFIGS  # noqa: E402
+
+from offload import LLM  # noqa: E402
+from offload.config import parse_tokens  # noqa: E402
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.0f}s] {msg}", flush=True)
+
+
+# ---- needle -----------------------------------------------------------------------------------
+def run_needle(llm, args) -> dict:
+    tok = llm.tokenizer
+    hay = haystack_ids(tok)
+    depths = [float(d) for d in args.depths.split(",")]
+    kinds = args.kinds.split(",")
+    cases = []
+    for item in args.contexts.split(","):
+        ctx, _, segs = item.partition(":")
+        cases += needle_cases(tok, hay, [parse_tokens(ctx)], depths, kinds, haystacks=int(segs or 1), seed=args.seed)
+    methods = [Method("full")] + parse_methods(args.needle_methods)
+    log(f"needle: {len(cases)} cases x {len(methods)} methods")
+    results = []
+    for h in sorted({c.haystack for c in cases}):
+        group = sorted((c for c in cases if c.haystack == h), key=lambda c: c.first)
+        base = llm.session()     # the shared prefix (chat head + haystack before the first needle)
+        for case in group:
+            prompt = case.head + case.doc
+            cut = len(case.head) + case.first
+            assert base.tokens == prompt[:base.length], "cases of one haystack must share their prefix"
+            if cut > base.length:
+                base.prefill(prompt[base.length:cut])
+            doc = base.fork(attention="full")
+            t0 = time.perf_counter()
+            doc.prefill(prompt[cut:])
+            prefill_s = time.perf_counter() - t0
+            row = {"case": case.name, "context": case.context, "kind": case.kind, "depth": case.depth,
+                   "answer": case.answer, "tokens": len(prompt) + len(case.tail), "methods": {}}
+            for m in methods:
+                sess = fork(doc, m)
+                text, _, secs = greedy_answer(sess, case.tail, tok, args.max_new)
+                sess.close()
+                row["methods"][m.label] = {"text": text, "digits": extract_digits(text), "s": round(secs, 2)}
+            doc.close()
+            full = row["methods"]["full"]["digits"]
+            short = " ".join(f"{k.split('@')[0]}/{k.split('/')[-1]}={v['digits'] or '-'}"
+                             for k, v in row["methods"].items() if k != "full")
+            log(f"  {case.name:20s} key {case.answer} full {full or '-':6s} {short}  (rest prefill {prefill_s:.0f}s)")
+            results.append(row)
+        base.close()
+    return {"cases": results, "rows": needle_rows(results, [m.label for m in methods])}
+
+
+# ---- teacher forcing (+ query capture for recall) ------------------------------------------------
+def run_teacher(llm, args, methods: list[Method], capture: bool) -> tuple[dict, list | None]:
+    mc = llm.model_config
+    tok = llm.tokenizer
+    ids = teacher_text_ids(tok, haystack_ids(tok), args.teacher_context, args.continuation)
+    n_ctx, cont = args.teacher_context, ids[args.teacher_context:]
+    log(f"teacher: prefill {n_ctx} tokens")
+    base = llm.session()
+    rec_pre = QueryRecorder(base.attn, mc.num_layers, stride=args.build_query_stride) if capture else None
+    base.prefill(ids[:n_ctx])
+    if rec_pre:
+        rec_pre.detach()
+    full = fork(base, Method("full"))
+    rec = QueryRecorder(full.attn, mc.num_layers) if capture else None
+    ref_logp, ref_top = [], []
+    t0 = time.perf_counter()
+    for t in cont:
+        lp = torch.log_softmax(full.step(t).float(), -1)          # lp: [V]
+        ref_logp.append(lp)
+        ref_top.append(int(lp.argmax()))
+    full_ms = 1000 * (time.perf_counter() - t0) / len(cont)
+    log(f"teacher: full attention {len(cont)} steps, {full_ms:.0f} ms/token")
+    truth = cont[1:]   # the text's own next tokens (the last step has none)
+    rows = [{"method": "full", "top1_agree": 1.0, "kl_mean": 0.0, "kl_p99": 0.0, "kl_max": 0.0,
+             "next_acc": sum(a == b for a, b in zip(ref_top, truth)) / len(truth), "ms_token": full_ms}]
+    for m in methods:
+        sess = fork(base, m)
+        kls, agree, top = [], 0, []
+        t0 = time.perf_counter()
+        for i, t in enumerate(cont):
+            lp = torch.log_softmax(sess.step(t).float(), -1)      # lp: [V]
+            kls.append(float((ref_logp[i].exp() * (ref_logp[i] - lp)).sum()))
+            top.append(int(lp.argmax()))
+            agree += top[-1] == ref_top[i]
+        ms = 1000 * (time.perf_counter() - t0) / len(cont)
+        kls_sorted = sorted(kls)
+        row = {"method": m.label, "top1_agree": agree / len(cont), "kl_mean": sum(kls) / len(kls),
+               "kl_p99": kls_sorted[int(0.99 * (len(kls) - 1))], "kl_max": kls_sorted[-1],
+               "next_acc": sum(a == b for a, b in zip(top, truth)) / len(truth), "ms_token": ms,
+               "selection_ms_step": sess.stats().get("selection_ms_per_step")}
+        rows.append(row)
+        sess.close()
+        log(f"  {m.label:28s} top1 {row['top1_agree']:.3f}  KL {row['kl_mean']:.4f}  {ms:.0f} ms/token")
+    layers = None
+    if capture:
+        pick = torch.linspace(0, len(cont) - 1, min(args.recall_queries, len(cont))).round().long()
+        keep = [int(x) for x in (args.recall_layers.split(",") if args.recall_layers != "all" else range(mc.num_layers))]
+        layers = [(base.attn.read_kv(layer)[0][:, :n_ctx].float().clone(),            # keys: [Hkv, N, D]
+                   rec.stacked(layer)[:, pick],                                       # queries: [Hq, Nq, D]
+                   rec_pre.stacked(layer)) for layer in keep]                         # build q: [Hq, Nb, D]
+    full.close()
+    base.close()
+    return {"context": n_ctx, "continuation": len(cont), "rows": rows}, layers
+
+
+# ---- driver ----------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="needle,teacher,recall")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ctx", default="8K", help="the LLM's ctx (SmolLM2 is trained to 8192)")
+    ap.add_argument("--contexts", default="2K:1,4K:1,8K:2", help="needle prompt sizes : haystack segments")
+    ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    ap.add_argument("--kinds", default="single,multi")
+    ap.add_argument("--needle-methods", default="summary-max@5%/16,summary-max@5%/32,shadow-r32-mass@5%/16,"
+                                                "ann-l2aug@5%/16")
+    ap.add_argument("--max-new", type=int, default=10)
+    ap.add_argument("--teacher-methods", default="summary-max@1%/16,summary-max@2%/16,summary-max@5%/16,"
+                                                 "summary-max@10%/16,summary-max@5%/32,summary-int8@5%/16,"
+                                                 "shadow-r32-mass@5%/16,ann-l2aug@5%/16")
+    ap.add_argument("--teacher-context", type=int, default=8192 - 256)
+    ap.add_argument("--continuation", type=int, default=256)
+    ap.add_argument("--recall-configs", default="all", help="comma list of " + ",".join(CONFIGS))
+    ap.add_argument("--recall-queries", type=int, default=16, help="decode queries per layer (of the teacher run)")
+    ap.add_argument("--recall-layers", default="all", help="'all' or a comma list of layer numbers")
+    ap.add_argument("--build-query-stride", type=int, default=16, help="prefill queries kept for query-trained ANN")
+    ap.add_argument("--budgets", default="1%,2%,5%,10%")
+    ap.add_argument("--chunks", default="16,32")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared box)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/out/fidelity.json")
+    ap.add_argument("--markdown", default="bench/RESULTS.md")
+    ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--merge", nargs="+", default=None, help="JSON files of earlier runs to combine (no run)")
+    args = ap.parse_args()
+    command = "python " + " ".join(sys.argv)
+    if args.merge:
+        doc = merge(args.merge, command)
+    else:
+        doc = run(args, command)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    log(f"wrote {path}")
+    if not args.no_markdown:
+        write_markdown(args.markdown, doc)
+        log(f"wrote the fidelity section of {args.markdown}")
+
+
+def run(args, command: str) -> dict:
+    torch.set_num_threads(args.threads)
+    parts = args.parts.split(",")
+    llm = LLM(args.model, device="cpu", ctx=args.ctx, show_progress=False)
+    doc = {"bench": "fidelity", "date": date.today().isoformat(), "device": device_name(), "torch": torch.__version__,
+           "model": llm.name, "threads": torch.get_num_threads(), "commands": [command],
+           "sink_tokens": llm.config.sink_tokens, "window_tokens": llm.config.window_tokens}
+    if "teacher" in parts or "recall" in parts:
+        methods = parse_methods(args.teacher_methods) if "teacher" in parts else []
+        doc["teacher"], layers = run_teacher(llm, args, methods, capture="recall" in parts)
+        if "teacher" not in parts:
+            del doc["teacher"]
+        print_table(doc.get("teacher", {}).get("rows", []))
+        if layers is not None:
+            names = list(CONFIGS) if args.recall_configs == "all" else args.recall_configs.split(",")
+            log(f"recall: {len(layers)} layers x {len(names)} configs x chunks {args.chunks} x budgets {args.budgets}")
+            rows = evaluate_runtime(layers, names, args.budgets.split(","), [int(c) for c in args.chunks.split(",")],
+                                    llm.config.sink_tokens, llm.config.window_tokens, progress=log)
+            doc["recall"] = {"tokens": args.teacher_context, "layers": len(layers), "queries": args.recall_queries,
+                             "configs": {n: list(CONFIGS[n]) for n in names}, "rows": rows}
+            print_table(rows)
+    if "needle" in parts:
+        doc["needle"] = run_needle(llm, args)
+        print_table(doc["needle"]["rows"])
+    doc["goals"] = goal_rows(doc)
+    print_table(doc["goals"])
+    return doc
+
+
+def merge(paths: list[str], command: str) -> dict:
+    """Later files win per part; commands and dates are kept from all."""
+    doc: dict = {}
+    commands = []
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        commands += part.get("commands", [])
+        doc.update({k: v for k, v in part.items() if k != "commands"})
+    doc["commands"] = commands + [command]
+    doc["goals"] = goal_rows(doc)
+    print_table(doc["goals"])
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Selection quality on SmolLM2's real keys and decode queries, the way the sparse backend selects.
+
+The backend always attends to the sink chunks and the local-window chunks and asks the index for
+budget + fixed ids, keeping the first `budget` that are neither (offload/engine/tiered.py). So:
+
+    recall      mass of the index's top `budget` chunks / mass of the best `budget` chunks, over all
+                chunks (the definition of bench/index_recall.py's evaluate_layers)
+    recall_rt   same, over the chunks the backend selects from (sinks and window excluded), with the
+                backend's filtering of the index's answer
+    captured    attention mass the step really sees: sinks + window + selection, / all mass
+    oracle      captured with the best possible selection (the ceiling of the chunk size)
+    select_ms   median wall time of one select (one layer, all KV heads); x layers = per decode step
+    B/tok       index.nbytes of all layers / context tokens (gpu = compute-device tier, host)
+
+Masses are exact (float64 softmax over all context keys, query group summed per KV head).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from index_recall import CONFIGS
+from offload.indexes import Budget, chunk_attention_mass, make_index
+
+
+def _fixed_mask(n: int, n_sink: int, n_window: int) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)                       # mask: [n]
+    mask[:n_sink] = True
+    mask[max(0, n - n_window):] = True
+    return mask
+
+
+def runtime_pick(row: torch.Tensor, fixed: torch.Tensor, budget: int) -> torch.Tensor:
+    """The backend's filter: ids row [Hkv, M] best first -> first `budget` non-fixed ids, -1 padded."""
+    keep = ~fixed[row]                                            # keep: [Hkv, M]
+    keep &= torch.cumsum(keep.int(), dim=1) <= budget
+    return torch.where(keep, row, torch.full_like(row, -1))      # [Hkv, M]
+
+
+def _masked_sum(mass: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum of mass [Hkv, n] over ids [Hkv, M] ignoring -1 -> [Hkv]."""
+    got = mass.gather(1, ids.clamp(min=0))                        # got: [Hkv, M]
+    return torch.where(ids >= 0, got, torch.zeros_like(got)).sum(1)
+
+
+def evaluate_runtime(layers, config_names: list[str], budgets: list[str], chunks: list[int],
+                     sink_tokens: int, window_tokens: int, progress=print) -> list[dict]:
+    """layers: list of (keys [Hkv, N, D], decode queries [Hq, Nq, D], build queries [Hq, Nb, D]).
+
+    One row per (config, chunk, budget), averaged over layers, queries and KV heads.
+    """
+    acc: dict[tuple, dict] = {}
+    for li, (keys_all, queries, build_q) in enumerate(layers):
+        hkv, _, d = keys_all.shape
+        hq = queries.shape[0]
+        for chunk in chunks:
+            n_tok = keys_all.shape[1] - keys_all.shape[1] % chunk
+            keys = keys_all[:, :n_tok].float()                    # keys: [Hkv, N, D]
+            n = n_tok // chunk
+            fixed = _fixed_mask(n, math.ceil(sink_tokens / chunk), math.ceil(window_tokens / chunk))
+            masses = [chunk_attention_mass(queries[:, i].float(), keys, chunk) for i in range(queries.shape[1])]
+            for name in config_names:
+                method, opts = CONFIGS[name]
+                index = make_index(method, num_kv_heads=hkv, num_q_heads=hq, head_dim=d, chunk_tokens=chunk,
+                                   device="cpu", dtype=torch.float32, **opts)
+                t0 = time.perf_counter()
+                index.build(keys, build_q.float())
+                build_s = time.perf_counter() - t0
+                nbytes = index.nbytes
+                for b in budgets:
+                    k = Budget.parse(b).chunks(n_tok, chunk)
+                    row = acc.setdefault((name, chunk, b), {
+                        "recall": [], "recall_rt": [], "captured": [], "oracle": [], "ms": [], "build_s": 0.0,
+                        "gpu": 0, "host": 0, "chunks": k, "tokens": n_tok})
+                    for i, mass in enumerate(masses):
+                        q = queries[:, i].float()                 # q: [Hq, D]
+                        t0 = time.perf_counter()
+                        ids = index.select(q, k + int(fixed.sum()))   # ids: [Hkv, M] as the backend asks
+                        row["ms"].append(1000 * (time.perf_counter() - t0))
+                        _score(row, mass, ids, fixed, k)
+                    row["build_s"] += build_s
+                    row["gpu"] += nbytes["gpu"]
+                    row["host"] += nbytes["host"]
+        progress(f"  recall: layer {li + 1}/{len(layers)} done")
+    return [_finish(key, r, len(layers)) for key, r in acc.items()]
+
+
+def _score(row: dict, mass: torch.Tensor, ids: torch.Tensor, fixed: torch.Tensor, k: int) -> None:
+    """mass [Hkv, n] of one query; ids [Hkv, M] the index's answer to budget + fixed."""
+    total = mass.sum(1)                                           # total: [Hkv]
+    top = ids[:, :k]                                              # top: [Hkv, k]
+    best = torch.topk(mass, min(k, mass.shape[1]), dim=1).values.sum(1)
+    row["recall"] += (_masked_sum(mass, top) / best).tolist()
+    free = mass.masked_fill(fixed[None, :], 0.0)                  # free: [Hkv, n] mass outside sinks/window
+    kk = min(k, int((~fixed).sum()))
+    best_free = torch.topk(free, kk, dim=1).values.sum(1) if kk else torch.zeros_like(total)
+    got_free = _masked_sum(mass, runtime_pick(ids, fixed, k))     # got_free: [Hkv]
+    fixed_mass = mass[:, fixed].sum(1)                            # fixed_mass: [Hkv]
+    row["recall_rt"] += torch.where(best_free > 0, got_free / best_free, torch.ones_like(total)).tolist()
+    row["captured"] += ((fixed_mass + got_free) / total).tolist()
+    row["oracle"] += ((fixed_mass + best_free) / total).tolist()
+
+
+def _finish(key: tuple, r: dict, num_layers: int) -> dict:
+    name, chunk, budget = key
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    ms = sorted(r["ms"])
+    return {"config": name, "chunk": chunk, "budget": budget, "chunks": r["chunks"],
+            "recall": mean(r["recall"]), "recall_rt": mean(r["recall_rt"]), "captured": mean(r["captured"]),
+            "oracle": mean(r["oracle"]), "select_ms": ms[len(ms) // 2],
+            "select_ms_step": ms[len(ms) // 2] * num_layers, "build_s_layer": r["build_s"] / num_layers,
+            "B/tok gpu": r["gpu"] / r["tokens"], "B/tok host": r["host"] / r["tokens"]}

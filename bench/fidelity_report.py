@@ -1,0 +1,150 @@
+"""Tables of bench/fidelity.py: per-part summaries, the goal check, and the RESULTS.md section."""
+from __future__ import annotations
+
+from pathlib import Path
+
+START, END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
+GOAL_BUDGET = "5%"
+GOALS = {"needle_eq": 0.95, "needle_n": 40, "top1": 0.99, "recall": 0.9}
+KV_BYTES_TOKEN_F32 = 30 * 3 * 64 * 2 * 4   # SmolLM2-135M: layers x KV heads x D x (K, V) x float32
+
+
+def needle_rows(cases: list[dict], labels: list[str]) -> list[dict]:
+    rows = []
+    for ctx in sorted({c["context"] for c in cases}):
+        group = [c for c in cases if c["context"] == ctx]
+        for label in labels:
+            row = {"context": ctx, "method": label, "n": len(group)}
+            row["correct"] = _share(group, lambda c: c["methods"][label]["digits"] == c["answer"])
+            row["eq_full"] = _share(group, lambda c: c["methods"][label]["digits"] == c["methods"]["full"]["digits"])
+            for kind in ("single", "multi"):
+                sub = [c for c in group if c["kind"] == kind]
+                row[f"eq_full_{kind}"] = _share(sub, lambda c: c["methods"][label]["digits"]
+                                                == c["methods"]["full"]["digits"]) if sub else None
+            rows.append(row)
+    return rows
+
+
+def _share(items, pred) -> float:
+    return sum(1 for x in items if pred(x)) / len(items) if items else float("nan")
+
+
+def _split(label: str) -> tuple[str, str, int]:
+    config, _, rest = label.partition("@")
+    budget, _, chunk = rest.partition("/")
+    return config, budget, int(chunk or 0)
+
+
+def goal_rows(doc: dict) -> list[dict]:
+    """Every method seen at the goal budget: the three goal numbers side by side, with pass marks."""
+    needle = doc.get("needle", {}).get("rows", [])
+    teacher = {r["method"]: r for r in doc.get("teacher", {}).get("rows", [])}
+    recall = {(r["config"], r["chunk"]): r for r in doc.get("recall", {}).get("rows", [])
+              if r["budget"] == GOAL_BUDGET}
+    big = max((r["context"] for r in needle), default=None)
+    labels = [r["method"] for r in needle if r["context"] == big] + list(teacher)
+    labels += [f"{c}@{GOAL_BUDGET}/{k}" for c, k in recall]
+    rows = []
+    for label in dict.fromkeys(labels):
+        if label == "full":
+            continue
+        config, budget, chunk = _split(label)
+        if budget != GOAL_BUDGET:
+            continue
+        nd = next((r for r in needle if r["context"] == big and r["method"] == label), None)
+        tr, rc = teacher.get(label), recall.get((config, chunk))
+        row = {"method": label,
+               "needle_eq": nd["eq_full"] if nd else None, "needle_n": nd["n"] if nd else None,
+               "top1": tr["top1_agree"] if tr else None, "kl": tr["kl_mean"] if tr else None,
+               "recall": rc["recall_rt"] if rc else None, "captured": rc["captured"] if rc else None}
+        checks = [row["needle_eq"] is None or (row["needle_eq"] >= GOALS["needle_eq"] and nd["n"] >= GOALS["needle_n"]),
+                  row["top1"] is None or row["top1"] >= GOALS["top1"],
+                  row["recall"] is None or row["recall"] >= GOALS["recall"]]
+        complete = None not in (row["needle_eq"], row["top1"], row["recall"])
+        row["meets"] = ("yes" if all(checks) else "no") + ("" if complete else " (partial)")
+        rows.append(row)
+    return rows
+
+
+# ---- markdown --------------------------------------------------------------------------------
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x, fmt="{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
+           ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render(doc: dict) -> str:
+    out = [START, "## Fidelity: sparse attention on SmolLM2-135M-Instruct (real weights)", ""]
+    out += [f"Device: {doc.get('device')}, torch {doc.get('torch')}, {doc.get('threads')} thread(s); "
+            f"date {doc.get('date')}; sinks {doc.get('sink_tokens')} + window {doc.get('window_tokens')} tokens "
+            "always attended; budget = selected chunks on top. Method = index config @ budget / chunk tokens "
+            "(configs: bench/index_recall.py CONFIGS). Commands:", ""]
+    out += [f"    {c}" for c in doc.get("commands", [])] + [""]
+    if doc.get("goals"):
+        out += [f"### Goals at {GOAL_BUDGET} (needle at the largest context, = full >= 95 % of >= 40 cases; "
+                "teacher-forced top-1 >= 99 %; recall of attention mass >= 0.9)", ""]
+        out += _table(["method", "needle = full %", "n", "top-1 agree %", "KL", "recall", "captured", "meets"],
+                      [[r["method"], _pct(r["needle_eq"]), _num(r["needle_n"], "{}"), _pct(r["top1"]),
+                        _num(r["kl"], "{:.4f}"), _num(r["recall"]), _num(r["captured"]), r["meets"]]
+                       for r in doc["goals"]]) + [""]
+    if doc.get("needle"):
+        out += ["### Needle (passkey) retrieval: question + answer prefix fed through the method, greedy", ""]
+        out += _table(["context", "method", "n", "correct %", "= full %", "= full single %", "= full multi %"],
+                      [[str(r["context"]), r["method"], str(r["n"]), _pct(r["correct"]), _pct(r["eq_full"]),
+                        _pct(r["eq_full_single"]), _pct(r["eq_full_multi"])] for r in doc["needle"]["rows"]]) + [""]
+    if doc.get("teacher"):
+        t = doc["teacher"]
+        out += [f"### Teacher-forced: {t['context']} tokens of text, then {t['continuation']} tokens through step()",
+                "", "next acc = argmax equals the text's next token; ms/token on this shared CPU.", ""]
+        out += _table(["method", "top-1 agree %", "KL mean", "KL p99", "KL max", "next acc %", "ms/token"],
+                      [[r["method"], _pct(r["top1_agree"]), _num(r["kl_mean"], "{:.4f}"), _num(r["kl_p99"], "{:.4f}"),
+                        _num(r["kl_max"], "{:.3f}"), _pct(r["next_acc"]), _num(r["ms_token"], "{:.0f}")]
+                       for r in t["rows"]]) + [""]
+    if doc.get("recall"):
+        out += _recall_section(doc["recall"])
+    out.append(END)
+    return "\n".join(out)
+
+
+def _recall_section(rc: dict) -> list[str]:
+    rows = rc["rows"]
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    keys = list(dict.fromkeys((r["config"], r["chunk"]) for r in rows))
+    at = {(r["config"], r["chunk"], r["budget"]): r for r in rows}
+    out = [f"### Selection on real keys/queries: {rc['tokens']} tokens, {rc['layers']} layers, "
+           f"{rc['queries']} decode queries per layer", "",
+           "recall = mass of the chunks the backend selects (sinks/window excluded) / best possible of the same "
+           "count; captured = mass seen by the step (sinks + window + selection) / all; oracle = captured with "
+           "the best selection; select ms = one select x 30 layers (CPU, float32); metadata = index.nbytes of "
+           f"all layers per token (KV is {KV_BYTES_TOKEN_F32} B/token in float32).", ""]
+    gb = GOAL_BUDGET if GOAL_BUDGET in budgets else budgets[-1]
+    header = ["config", "C"] + [f"recall@{b}" for b in budgets] + [f"captured@{gb}", f"oracle@{gb}",
+                                                                 f"select ms/step@{gb}", "metadata B/tok"]
+    lines = []
+    for config, chunk in keys:
+        r = at[(config, chunk, gb)]
+        lines.append([config, str(chunk)] + [_num(at[(config, chunk, b)]["recall_rt"]) for b in budgets]
+                     + [_num(r["captured"]), _num(r["oracle"]), _num(r["select_ms_step"], "{:.1f}"),
+                        _num(r["B/tok gpu"] + r["B/tok host"], "{:.0f}")])
+    return out + _table(header, lines) + [""]
+
+
+def write_markdown(path: str, doc: dict) -> None:
+    """Replace (or append) only the fidelity section of the results file."""
+    p = Path(path)
+    text = p.read_text() if p.exists() else ""
+    section = render(doc)
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        after = rest.split(END, 1)[1]
+        text = before + section + after
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + section + "\n"
+    p.write_text(text)

@@ -1,0 +1,116 @@
+"""Session helpers for bench/fidelity.py: methods under test, forks with index variants, greedy answers,
+and a recorder of the real queries a backend sees.
+
+A method is written CONFIG@BUDGET/CHUNK, e.g. "summary-max@5%/16"; CONFIG names an entry of
+bench/index_recall.py's CONFIGS (index method + options), or "full" (exact attention).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from index_recall import CONFIGS
+from offload.indexes import make_index
+
+_SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%]+))?(?:/(?P<chunk>\d+))?$")
+
+
+@dataclass(frozen=True)
+class Method:
+    config: str          # a key of CONFIGS, or "full"
+    budget: str = "5%"
+    chunk: int = 16
+
+    @classmethod
+    def parse(cls, spec: str) -> "Method":
+        m = _SPEC.match(spec.strip())
+        if not m or (m["config"] != "full" and m["config"] not in CONFIGS):
+            raise SystemExit(f"method {spec!r}: write CONFIG@BUDGET/CHUNK with CONFIG one of full, "
+                             + ", ".join(CONFIGS))
+        return cls(m["config"], m["budget"] or "5%", int(m["chunk"] or 16))
+
+    @property
+    def label(self) -> str:
+        return "full" if self.config == "full" else f"{self.config}@{self.budget}/{self.chunk}"
+
+
+def parse_methods(text: str) -> list[Method]:
+    return [Method.parse(s) for s in text.split(",") if s.strip()]
+
+
+def fork(base, method: Method):
+    """A copy of `base` (a prefilled session) running `method`.
+
+    Index variants with options are not reachable through OffloadConfig yet, so for those the fork is
+    done here: the sparse session's per-layer indexes are swapped for configured ones before its KV
+    is loaded (which builds them). Plain variants go through the public Session.fork.
+    """
+    if method.config == "full":
+        return base.fork(attention="full")
+    index, opts = CONFIGS[method.config]
+    kw = dict(attention="sparse", index=index, budget=method.budget, chunk_tokens=method.chunk)
+    if not opts:
+        return base.fork(**kw)
+    llm, mc = base.llm, base.llm.model_config
+    sess = llm.session(**kw)
+    sess.attn.indexes = [make_index(index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads,
+                                    head_dim=mc.head_dim, chunk_tokens=method.chunk, device=llm.device,
+                                    dtype=llm.dtype, **opts) for _ in range(mc.num_layers)]
+    sess.attn.load_kv(base.attn.read_kv(layer) for layer in range(mc.num_layers))
+    sess.tokens = list(base.tokens)
+    return sess
+
+
+def greedy_answer(sess, tail: list[int], tokenizer, max_new: int = 10) -> tuple[str, list[int], float]:
+    """Feed `tail` through sess (prefill), then greedy-decode until EOS, a finished number, or max_new.
+
+    Returns (text, ids, seconds). Stopping right after a number ends saves steps; it is the same rule
+    for every method, so answers stay comparable.
+    """
+    t0 = time.perf_counter()
+    logits = sess.prefill(tail)
+    eos = set(tokenizer.eos_token_ids)
+    out: list[int] = []
+    for i in range(max_new):
+        tok = int(torch.argmax(logits))
+        if tok in eos:
+            break
+        out.append(tok)
+        text = tokenizer.decode(out)
+        if re.search(r"\d\D", text) or i == max_new - 1:
+            break
+        logits = sess.step(tok)
+    return tokenizer.decode(out), out, time.perf_counter() - t0
+
+
+class QueryRecorder:
+    """Wraps a backend's `attend` to keep the post-RoPE queries it is given, per layer.
+
+    stride keeps every stride-th query of a multi-token forward (prefill); single-token steps are
+    always kept. `active` turns recording on and off without unwrapping.
+    """
+
+    def __init__(self, attn, num_layers: int, stride: int = 1):
+        self.attn, self.stride, self.active = attn, stride, True
+        self.queries: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self._inner = attn.attend
+        attn.attend = self._attend
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            step = 1 if q.shape[1] == 1 else self.stride
+            self.queries[layer].append(q[:, ::step].detach().float().cpu().clone())  # [Hq, T', D]
+        return self._inner(layer, q, k, v)
+
+    def stacked(self, layer: int) -> torch.Tensor:
+        """All recorded queries of a layer: [Hq, Nq, D]."""
+        return torch.cat(self.queries[layer], dim=1)
+
+    def clear(self) -> None:
+        self.queries = [[] for _ in self.queries]
+
+    def detach(self) -> None:
+        self.attn.attend = self._inner
