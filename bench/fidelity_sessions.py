@@ -2,7 +2,8 @@
 and a recorder of the real queries a backend sees.
 
 A method is written CONFIG@BUDGET/CHUNK, e.g. "summary-max@5%/16"; CONFIG names an entry of
-bench/index_recall.py's CONFIGS (index method + options), or "full" (exact attention).
+bench/index_recall.py's CONFIGS (index method + options), "full" (exact attention) or "oracle" (the
+chunks of largest exact attention mass: the best any chunk index can do at that budget and chunk size).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from index_recall import CONFIGS
-from offload.indexes import make_index
+from offload.indexes import chunk_attention_mass, make_index
 
 _SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%]+))?(?:/(?P<chunk>\d+))?$")
 
@@ -27,8 +28,8 @@ class Method:
     @classmethod
     def parse(cls, spec: str) -> "Method":
         m = _SPEC.match(spec.strip())
-        if not m or (m["config"] != "full" and m["config"] not in CONFIGS):
-            raise SystemExit(f"method {spec!r}: write CONFIG@BUDGET/CHUNK with CONFIG one of full, "
+        if not m or (m["config"] not in ("full", "oracle") and m["config"] not in CONFIGS):
+            raise SystemExit(f"method {spec!r}: write CONFIG@BUDGET/CHUNK with CONFIG one of full, oracle, "
                              + ", ".join(CONFIGS))
         return cls(m["config"], m["budget"] or "5%", int(m["chunk"] or 16))
 
@@ -50,18 +51,47 @@ def fork(base, method: Method):
     """
     if method.config == "full":
         return base.fork(attention="full")
-    index, opts = CONFIGS[method.config]
+    index, opts = CONFIGS.get(method.config, ("summary", {"oracle": True}))
     kw = dict(attention="sparse", index=index, budget=method.budget, chunk_tokens=method.chunk)
     if not opts:
         return base.fork(**kw)
     llm, mc = base.llm, base.llm.model_config
     sess = llm.session(**kw)
-    sess.attn.indexes = [make_index(index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads,
-                                    head_dim=mc.head_dim, chunk_tokens=method.chunk, device=llm.device,
-                                    dtype=llm.dtype, **opts) for _ in range(mc.num_layers)]
+    if method.config == "oracle":
+        sess.attn.indexes = [OracleIndex(method.chunk) for _ in range(mc.num_layers)]
+    else:
+        sess.attn.indexes = [make_index(index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads,
+                                        head_dim=mc.head_dim, chunk_tokens=method.chunk, device=llm.device,
+                                        dtype=llm.dtype, **opts) for _ in range(mc.num_layers)]
     sess.attn.load_kv(base.attn.read_kv(layer) for layer in range(mc.num_layers))
     sess.tokens = list(base.tokens)
     return sess
+
+
+class OracleIndex:
+    """Selects the chunks of largest exact attention mass (keeps every key; a reference, not a method)."""
+
+    def __init__(self, chunk_tokens: int):
+        self.chunk_tokens = chunk_tokens
+        self.keys: torch.Tensor | None = None                               # keys: [Hkv, N, D]
+
+    def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
+        self.keys = keys.clone()
+
+    def extend(self, keys: torch.Tensor) -> None:
+        self.keys = keys.clone() if self.keys is None else torch.cat([self.keys, keys], dim=1)
+
+    def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
+        mass = chunk_attention_mass(query, self.keys, self.chunk_tokens)     # mass: [Hkv, n]
+        return torch.topk(mass, min(budget, mass.shape[1]), dim=1).indices  # ids: [Hkv, k] best first
+
+    @property
+    def num_chunks(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1] // self.chunk_tokens
+
+    @property
+    def nbytes(self) -> dict[str, int]:
+        return {"gpu": 0, "host": 0}
 
 
 def greedy_answer(sess, tail: list[int], tokenizer, max_new: int = 10) -> tuple[str, list[int], float]:

@@ -123,7 +123,9 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
     host = host_mem if host_mem is not None else None
     if device.type == "cuda":
         free = _detect_gpu(device)
-        reserve = max(_GPU_RESERVE_MIN, int(_GPU_RESERVE_FRAC * torch.cuda.get_device_properties(device).total_memory))
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        usable = torch.cuda.get_device_properties(idx).total_memory * torch.cuda.get_per_process_memory_fraction(idx)
+        reserve = max(_GPU_RESERVE_MIN, int(_GPU_RESERVE_FRAC * usable))
         room = max(0, free - weight_bytes - reserve)
         if gpu_mem is not None and gpu_mem > room:
             raise CapacityError(f"--gpu-mem {_gib(gpu_mem)} GiB of KV does not fit: the GPU has {_gib(free)} GiB free, "

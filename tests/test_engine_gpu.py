@@ -56,3 +56,20 @@ def test_sparse_full_budget_equals_exact_on_cuda(tiny, ids):
     dense, _ = _run(LLM(str(tiny.path), attention="full", **opts), ids, 300)
     sparse, s = _run(LLM(str(tiny.path), attention="sparse", budget="100%", **opts), ids, 300)
     torch.testing.assert_close(sparse, dense, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_attend_split_merge_equals_masked_sdpa(dtype):
+    from offload.engine.ops import causal_attend
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(32, 300, 128, device="cuda", dtype=dtype, generator=g)  # q: [Hq, T, D]
+    k = torch.randn(8, 1000, 128, device="cuda", dtype=dtype, generator=g)  # k: [Hkv, S, D]
+    v = torch.randn(8, 1000, 128, device="cuda", dtype=dtype, generator=g)
+    off = 700
+    mask = torch.arange(1000, device="cuda")[None, :] <= (off + torch.arange(300, device="cuda"))[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[None].double(), k.repeat_interleave(4, 0)[None].double(), v.repeat_interleave(4, 0)[None].double(),
+        attn_mask=mask)[0]
+    got = causal_attend(q, k, v, off)
+    rel = ((got.double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel

@@ -6,24 +6,44 @@ import torch.nn.functional as F
 
 
 def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
-    """Exact causal attention of T queries at positions q_offset.. over S keys at positions 0..S-1.
+    """Exact causal attention of T queries at positions q_offset.. over S = q_offset + T keys at 0..S-1.
 
-    q: [Hq, T, D], k/v: [Hkv, S, D] -> o: [Hq, T, D]. Never builds O(T x S) scores on the GPU (SDPA's
-    flash / memory-efficient kernels); callers bound T (prefill chunk) so the CPU math path stays small.
+    q: [Hq, T, D], k/v: [Hkv, S, D] -> o: [Hq, T, D]. Never builds a mask or O(T x S) scores on the GPU:
+    the history (keys before q_offset, all visible) and the chunk's own keys (causal square) are attended
+    separately and merged exactly through their log-sum-exps.
     """
-    Hq, T, _ = q.shape
-    Hkv, S, _ = k.shape
-    gqa = Hq != Hkv
-    if q_offset == 0 and T == S:
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=gqa)[0]
-    rows = torch.arange(T, device=q.device)[:, None] + q_offset  # rows: [T, 1]
-    allowed = torch.arange(S, device=q.device)[None, :] <= rows  # allowed: [T, S]
-    if gqa and q.is_cuda:
-        # the memory-efficient kernel takes a mask but not GQA: expand KV heads instead
-        k = k.repeat_interleave(Hq // Hkv, dim=0)  # k: [Hq, S, D]
-        v = v.repeat_interleave(Hq // Hkv, dim=0)  # v: [Hq, S, D]
-        gqa = False
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=allowed, enable_gqa=gqa)[0]
+    if q_offset == 0:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                              enable_gqa=q.shape[0] != k.shape[0])[0]
+    o1, lse1 = attend_lse(q, k[:, :q_offset], v[:, :q_offset], causal=False)  # o1: [Hq, T, D]
+    o2, lse2 = attend_lse(q, k[:, q_offset:], v[:, q_offset:], causal=True)   # o2: [Hq, T, D]
+    m = torch.maximum(lse1, lse2)  # m: [Hq, T]
+    w1, w2 = torch.exp(lse1 - m)[..., None], torch.exp(lse2 - m)[..., None]  # w: [Hq, T, 1]
+    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)  # [Hq, T, D]
+
+
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp. q: [Hq, T, D], k/v: [Hkv, S, D] (causal needs S == T) -> o, lse [Hq, T]."""
+    Hq, T, D = q.shape
+    Hkv = k.shape[0]
+    G = Hq // Hkv
+    if causal:
+        k = k.repeat_interleave(G, dim=0)  # k: [Hq, T, D], only the chunk's own keys
+        v = v.repeat_interleave(G, dim=0)  # v: [Hq, T, D]
+        qq = q  # qq: [Hq, T, D]
+    else:
+        qq = q.reshape(Hkv, G * T, D)  # qq: [Hkv, G*T, D]: a query group shares its KV head, one KV read
+    if q.is_cuda:
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qq[None], k[None], v[None], None, True, 0.0, causal, scale=D ** -0.5)
+        o, lse = out[0][0], out[1][0, :, :qq.shape[1]]  # o: [H', M, D], lse: [H', M]
+    else:
+        s = torch.matmul(qq.float(), k.float().transpose(1, 2)) * D ** -0.5  # s: [H', M, S]
+        if causal:
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)  # lse: [H', M]
+        o = torch.matmul(torch.softmax(s, dim=-1), v.float())  # o: [H', M, D]
+    return o.reshape(Hq, T, D), lse.reshape(Hq, T).float()
 
 
 def decode_attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
