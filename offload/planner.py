@@ -93,6 +93,12 @@ def _detect_gpu(device: torch.device) -> int:
     return max(0, int(free))
 
 
+def _gpu_usable_total(device: torch.device) -> int:
+    """The card's memory, or the per-process cap when one is set."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return int(torch.cuda.get_device_properties(idx).total_memory * torch.cuda.get_per_process_memory_fraction(idx))
+
+
 def _detect_host() -> int:
     import psutil
     vm = psutil.virtual_memory()
@@ -123,9 +129,7 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
     host = host_mem if host_mem is not None else None
     if device.type == "cuda":
         free = _detect_gpu(device)
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        usable = torch.cuda.get_device_properties(idx).total_memory * torch.cuda.get_per_process_memory_fraction(idx)
-        reserve = max(_GPU_RESERVE_MIN, int(_GPU_RESERVE_FRAC * usable))
+        reserve = max(_GPU_RESERVE_MIN, int(_GPU_RESERVE_FRAC * _gpu_usable_total(device)))
         room = max(0, free - weight_bytes - reserve)
         if gpu_mem is not None and gpu_mem > room:
             raise CapacityError(f"--gpu-mem {_gib(gpu_mem)} GiB of KV does not fit: the GPU has {_gib(free)} GiB free, "

@@ -1,7 +1,6 @@
 """Budget planner: tier capacities add up, detection uses the right sources, refusals say what to change."""
 from __future__ import annotations
 
-from collections import namedtuple
 
 import pytest
 import torch
@@ -64,9 +63,8 @@ def test_detected_budgets_leave_headroom(tmp_path, machine):
 
 
 def test_cuda_budget_detection_and_refusal(monkeypatch, machine):
-    props = namedtuple("Props", "total_memory")(24 * GiB)
     monkeypatch.setattr(planner, "_detect_gpu", lambda device: 23 * GiB)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(planner, "_gpu_usable_total", lambda device: 24 * GiB)
     p = plan_budget(**LLAMA8B, ctx=32 << 10, weight_bytes=16 * GiB, device="cuda")
     reserve = max(int(1.5 * GiB), int(0.1 * 24 * GiB))
     assert p.gpu_reserve_bytes == reserve and p.available[0] == 23 * GiB - 16 * GiB - reserve
