@@ -1,6 +1,7 @@
 """Budget planner: tier capacities add up, detection uses the right sources, refusals say what to change."""
 from __future__ import annotations
 
+from collections import namedtuple
 
 import pytest
 import torch
