@@ -28,6 +28,8 @@ def run_offload(args, ctx: int, mode: str) -> dict:
     opts = dict(model=args.model, load_format="dummy", ctx=ctx + args.steps + 8, attention=attention)
     if mode == "offload-full":
         opts["gpu_mem"] = args.kv_gpu_mem   # forces most of the KV to the host tier
+    if mode != "exact" and args.host_mem:
+        opts["host_mem"] = args.host_mem
     if mode == "sparse" and args.budget:
         opts["budget"] = args.budget
     reset_peak()
@@ -100,6 +102,7 @@ def main() -> None:
     ap.add_argument("--gpu-cap", type=float, default=24.0, help="GiB cap for offload's modes (consumer card)")
     ap.add_argument("--hf-cap", type=float, default=None, help="GiB cap for HF modes (default: none, as the anchors)")
     ap.add_argument("--kv-gpu-mem", default="4GiB", help="GPU KV budget for offload-full")
+    ap.add_argument("--host-mem", default=None, help="host KV budget for offload modes (default: detected)")
     ap.add_argument("--budget", default=None, help="sparse budget (tokens or %%)")
     ap.add_argument("--hf-chunk", type=int, default=8192)
     ap.add_argument("--out", default="bench/out/decode.json")

@@ -13,8 +13,8 @@ for stage in "$@"; do
     tests)    python -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     exact)    python bench/decode.py --ctx 8K,32K --modes exact,hf --steps 32 --out "$OUT/decode_exact.json" 2>&1 | tail -12 ;;
     offload)  python bench/decode.py --ctx 32K,128K --modes offload-full,hf-offload,sparse --steps 8 --warmup 2 \
-                --budget 2K --kv-gpu-mem 2GiB --hf-chunk 4096 --out "$OUT/decode_offload.json" 2>&1 | tail -14 ;;
-    timeline) timeout 150 python bench/timeline.py --ctx 128K --attention sparse --budget 2K --out "$OUT/timeline.json" 2>&1 | tail -40 ;;
+                --budget 2K --kv-gpu-mem 2GiB --host-mem 48GiB --hf-chunk 4096 --out "$OUT/decode_offload.json" 2>&1 | tail -14 ;;
+    timeline) timeout 200 python bench/timeline.py --ctx 128K --attention sparse --budget 2K --host-mem 48GiB --out "$OUT/timeline.json" 2>&1 | tail -40 ;;
     tiers)    python bench/tiers.py --out "$OUT/tiers.json" 2>&1 | tail -25 ;;
     kernels)  python bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tail -25 ;;
   esac

@@ -91,6 +91,7 @@ def run_needle(llm, args) -> dict:
                              for k, v in row["methods"].items() if k != "full")
             log(f"  {case.name:20s} key {case.answer} full {full or '-':6s} {short}  (rest prefill {prefill_s:.0f}s)")
             results.append(row)
+            Path(args.out + ".partial").write_text(json.dumps({"cases": results}, indent=1))
         base.close()
     return {"cases": results, "rows": needle_rows(results, [m.label for m in methods])}
 

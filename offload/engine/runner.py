@@ -10,6 +10,8 @@ import torch
 from offload.engine.attention import AttentionBackend
 from offload.model.llama import LlamaModel
 
+HOST_HIDDEN_BYTES = 256 << 20
+
 
 class Engine:
     """Runs a model over one sequence whose KV lives in `attn`.
@@ -24,9 +26,10 @@ class Engine:
         self.model, self.attn = model, attn
         self.prefill_chunk = prefill_chunk
         self.device = model.device
-        self.use_graph = (use_cuda_graph and self.device.type == "cuda" and getattr(attn, "static", False)
-                          and os.environ.get("OFFLOAD_NO_CUDA_GRAPH") != "1")
-        self._graph = None
+        graphs = use_cuda_graph and self.device.type == "cuda" and os.environ.get("OFFLOAD_NO_CUDA_GRAPH") != "1"
+        self.use_graph = graphs and getattr(attn, "static", False)     # whole step in one graph
+        self.use_piecewise = graphs and not self.use_graph             # dense parts in graphs, attention eager
+        self._graph = self._piecewise = None
         self.last_prefill_s = 0.0
 
     @property
@@ -43,15 +46,19 @@ class Engine:
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)  # ids_t: [N]
         pos = torch.arange(start, start + N, device=self.device)  # pos: [N]
         x = m.embed[ids_t]  # x: [N, H]
+        if x.is_cuda and x.numel() * x.element_size() > HOST_HIDDEN_BYTES:
+            # a long prompt's hidden states wait in pinned host memory; one chunk at a time visits the GPU
+            x = x.cpu().pin_memory()  # x: [N, H] (host)
         chunks = [(s, min(s + self.prefill_chunk, N)) for s in range(0, N, self.prefill_chunk)]
         ropes = [m.rope(pos[s:e]) for s, e in chunks] if len(chunks) <= 64 else None
         for layer in range(m.cfg.num_layers):
             for j, (s, e) in enumerate(chunks):
                 cos, sin = ropes[j] if ropes is not None else m.rope(pos[s:e])  # cos, sin: [T, D]
-                x[s:e] = m.layer_forward(layer, x[s:e], cos, sin, self.attn)
+                xs = x[s:e].to(self.device, non_blocking=True)  # xs: [T, H]
+                x[s:e].copy_(m.layer_forward(layer, xs, cos, sin, self.attn), non_blocking=True)
             if progress:
                 progress(layer + 1, m.cfg.num_layers)
-        logits = m.logits(x[-1:])[0]  # logits: [V]
+        logits = m.logits(x[-1:].to(self.device))[0]  # logits: [V]
         self.attn.end()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -64,6 +71,11 @@ class Engine:
         self.attn.begin(1)
         if self.use_graph:
             logits = self._graph_step(token)
+        elif self.use_piecewise:
+            if self._piecewise is None:
+                from offload.engine.graphs import PiecewiseDecode
+                self._piecewise = PiecewiseDecode(self.model, self.attn)
+            logits = self._piecewise.step(token, self.attn.length)
         else:
             ids = torch.tensor([token], dtype=torch.long, device=self.device)  # ids: [1]
             pos = torch.tensor([self.attn.length], dtype=torch.long, device=self.device)  # pos: [1]

@@ -55,6 +55,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self._stage = None       # (layer, k [Hkv, N, D], v, offset) while a long forward runs layer by layer
         self._next_tail = None
         self._sel_s, self._steps, self._fetched = 0.0, 0, 0
+        self._res, self._res_version = [None] * num_layers, -1     # device copies of the store's chunk table
+        self._hits = torch.zeros(4, dtype=torch.long, device=device)  # selections per tier: pad, gpu, host, disk
 
     @property
     def length(self) -> int:
@@ -66,6 +68,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
                                 "raise --ctx or start a new session")
         self._new = num_new
         self._token_path = num_new <= self.token_path_max and not (self.mode == "full" and num_new > 1)
+        if self._token_path:
+            self._refresh_residency()
         self._steps += num_new == 1
 
     # ---- per-layer attention ------------------------------------------------------------------
@@ -87,13 +91,36 @@ class TieredAttention(AttentionBackend, PersistableKV):
                                           self.scale)  # o: [Hq, D], lse: [Hq]
             ids = self._chunk_ids(layer, qt)  # ids: [Hkv, K] or None
             if ids is not None:
-                plan = self.store.fetch(layer, ids)
-                self._fetched += sum(plan.bytes.values())
-                for pool, slots in plan.parts:
+                for pool, slots in self._parts(layer, ids):
                     o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
                     o, lse = kernels.merge_attn(o, lse, o2, lse2)
             outs.append(o)
         return torch.stack(outs, dim=1).to(q.dtype)  # [Hq, T, D]
+
+    def _refresh_residency(self) -> None:
+        """Mirror the store's chunk table on the device, so decode looks slots up without a host sync."""
+        if self.store.placement_version == self._res_version:
+            return
+        for layer in range(self.L):
+            r = self.store.residency(layer)
+            self._res[layer] = (r, r.tier.to(self.device, non_blocking=True), r.slot.to(self.device, non_blocking=True))
+        self._res_version = self.store.placement_version
+
+    def _parts(self, layer: int, ids: torch.Tensor):
+        """(pool, slots [Hkv, K]) pairs to attend for ids [Hkv, K]; -1 = padding."""
+        r, tier, slot = self._res[layer]
+        if r.on_disk:   # some chunks need a drive read: the store stages them (host sync)
+            plan = self.store.fetch(layer, ids)
+            self._fetched += sum(plan.bytes.values())
+            return plan.parts
+        valid = ids >= 0  # valid: [Hkv, K]
+        safe = ids.clamp(min=0)
+        t = torch.where(valid, tier[safe], -1)  # t: [Hkv, K], -1 padding
+        s = slot[safe]  # s: [Hkv, K]
+        self._hits.index_add_(0, (t.long() + 1).flatten(), torch.ones_like(t, dtype=torch.long).flatten())
+        none = torch.full_like(s, -1)
+        return [(pool, torch.where(t == i, s, none).int())
+                for i, pool in enumerate((r.gpu_pool, r.host_pool)) if pool.shape[0] > 0]
 
     def _chunk_ids(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:
         n = self.n_chunks
@@ -157,7 +184,10 @@ class TieredAttention(AttentionBackend, PersistableKV):
 
     def _store_chunks(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [Hkv, n*C, D] new full chunks of one layer -> store (+ index)."""
-        self.store.put(layer, first, to_chunks(k, v, self.C))
+        step = max(1, (64 << 20) // (2 * k[:, :self.C].numel() * k.element_size()))  # ~64 MiB of chunks a put
+        for s in range(0, k.shape[1] // self.C, step):
+            sl = slice(s * self.C, min(k.shape[1], (s + step) * self.C))
+            self.store.put(layer, first + s, to_chunks(k[:, sl], v[:, sl], self.C))
         if self.indexes is not None:
             idx = self.indexes[layer]
             if idx.num_chunks == 0 and first == 0:
@@ -210,6 +240,12 @@ class TieredAttention(AttentionBackend, PersistableKV):
         out = {"selection_ms_per_step": round(1000 * self._sel_s / max(self._steps, 1), 3),
                "fetched_bytes": self._fetched, "chunks": self.n_chunks}
         out.update(self.store.stats())
+        pad, gpu, host, disk = self._hits.tolist()
+        head_bytes = 2 * self.C * self.D * self.tail_k.element_size()
+        total = max(1, gpu + host + disk + out.get("hits_disk", 0))
+        out.update(attended_gpu_selections=gpu, attended_host_selections=host,
+                   attended_bytes_gpu=gpu * head_bytes, attended_bytes_host=host * head_bytes,
+                   selected_hit_rate_gpu=round(gpu / total, 4), selected_hit_rate_host=round(host / total, 4))
         return out
 
     def close(self) -> None:

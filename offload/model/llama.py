@@ -123,6 +123,11 @@ class LlamaModel:
     def layer_forward(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       attn: AttentionBackend) -> torch.Tensor:
         """x: [T, H] hidden states of layer i's input -> [T, H] output."""
+        q, k, v = self.attn_inputs(i, x, cos, sin)
+        return self.attn_output_mlp(i, x, attn.attend(i, q, k, v))
+
+    def attn_inputs(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x: [T, H] -> q: [Hq, T, D], k, v: [Hkv, T, D] (RoPE applied): the dense part before attention."""
         cfg, w = self.cfg, self.layers[i]
         T, Hq, Hkv, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)  # h: [T, H]
@@ -131,8 +136,13 @@ class LlamaModel:
         q = apply_rope(q.view(T, Hq, D).transpose(0, 1), cos, sin)  # q: [Hq, T, D]
         k = apply_rope(k.view(T, Hkv, D).transpose(0, 1), cos, sin)  # k: [Hkv, T, D]
         v = v.view(T, Hkv, D).transpose(0, 1)  # v: [Hkv, T, D]
-        o = attn.attend(i, q, k, v)  # o: [Hq, T, D]
-        x = x + F.linear(o.transpose(0, 1).reshape(T, Hq * D), w.wo)  # x: [T, H]
+        return q, k, v
+
+    def attn_output_mlp(self, i: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] layer input, o: [Hq, T, D] attention output -> [T, H]: the dense part after attention."""
+        cfg, w = self.cfg, self.layers[i]
+        T = x.shape[0]
+        x = x + F.linear(o.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim), w.wo)  # x: [T, H]
         h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)  # h: [T, H]
         gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)  # gate, up: [T, I]
         return x + F.linear(F.silu(gate) * up, w.w_down)  # [T, H]

@@ -17,6 +17,8 @@ The store is used from one thread.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from collections import Counter
 from concurrent.futures import Future
 
@@ -46,6 +48,16 @@ def _capacities(caps) -> tuple[int, int, int]:
         caps = (caps.get("gpu", 0), caps.get("host", 0), caps.get("disk", 0))
     gpu, host, disk = (int(c) for c in caps)
     return gpu, host, disk
+
+
+@dataclass(frozen=True)
+class Residency:
+    """Chunk -> (tier, slot) of one layer plus the two pools attention may read directly."""
+    gpu_pool: torch.Tensor        # [S_gpu, 2, Hkv, C, D]
+    host_pool: torch.Tensor       # [S_host, 2, Hkv, C, D] (pinned on CUDA)
+    tier: torch.Tensor            # int8 [n]: 0 gpu, 1 host, 2 disk
+    slot: torch.Tensor            # int64 [n]
+    on_disk: int                  # chunks of this layer on disk
 
 
 class TieredKVStore(MovesMixin, FetchMixin):
@@ -83,6 +95,7 @@ class TieredKVStore(MovesMixin, FetchMixin):
         self._writes: list[Future] = []
         self._stats: Counter = Counter()
         self._version = 0          # bumped when a chunk is overwritten, so stale prefetches are dropped
+        self.placement_version = 0  # bumped whenever a chunk lands in a slot (see `residency`)
         self._closed = False
 
     # ---- chunk table ----------------------------------------------------------------------------
@@ -95,6 +108,7 @@ class TieredKVStore(MovesMixin, FetchMixin):
             self._slot[layer] = torch.cat([self._slot[layer], torch.full((pad,), -1, dtype=torch.long)])  # [cap]
 
     def _place(self, tier: int, slots: list[int], layers: torch.Tensor, chunks: torch.Tensor) -> None:
+        self.placement_version += 1
         idx = torch.tensor(slots, dtype=torch.long)                            # idx: [m]
         self._owner[tier][0][idx], self._owner[tier][1][idx] = layers, chunks
         for layer in layers.unique().tolist():
@@ -176,6 +190,16 @@ class TieredKVStore(MovesMixin, FetchMixin):
         self._stats["put_chunks"] += n
         if self._copy is not None and wait_kv:
             torch.cuda.current_stream(self.device).wait_event(new_event(self._copy))   # kv is consumed
+
+    def residency(self, layer: int) -> "Residency":
+        """Where every chunk of `layer` is now, for attention that looks slots up on the device itself.
+
+        Valid until `placement_version` changes; pools are read in place (host slab through UVA on CUDA).
+        Chunks on disk must still go through `fetch`.
+        """
+        n = int(self._num[layer])
+        return Residency(self.tiers[GPU].pool, self.tiers[HOST].slab, self._tier[layer][:n].clone(),
+                         self._slot[layer][:n].clone(), int((self._tier[layer][:n] == DISK).sum()))
 
     # ---- read, stats, close ---------------------------------------------------------------------
     def read(self, layer: int, chunk_idx_list) -> torch.Tensor:

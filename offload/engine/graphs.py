@@ -1,0 +1,58 @@
+"""Piecewise CUDA graphs for a decode step whose attention cannot be captured (tiered / sparse backends).
+
+Per layer, the dense work before attention (norm, qkv, RoPE) and after it (o_proj, MLP) replays as two
+graphs; the backend's attention runs eagerly in between, so it may select, fetch and sync as it likes.
+"""
+from __future__ import annotations
+
+import torch
+
+from offload.engine.attention import AttentionBackend
+from offload.model.llama import LlamaModel
+
+
+class PiecewiseDecode:
+    def __init__(self, model: LlamaModel, attn: AttentionBackend):
+        self.model, self.attn = model, attn
+        cfg, dev, dt = model.cfg, model.device, model.dtype
+        self.x = torch.zeros(1, cfg.hidden_size, device=dev, dtype=dt)  # x: [1, H] the residual stream
+        self.cos = torch.zeros(1, cfg.head_dim, device=dev, dtype=dt)  # cos: [1, D]
+        self.sin = torch.zeros(1, cfg.head_dim, device=dev, dtype=dt)  # sin: [1, D]
+        self.o = torch.zeros(cfg.num_heads, 1, cfg.head_dim, device=dev, dtype=dt)  # o: [Hq, 1, D]
+        self.pool = torch.cuda.graph_pool_handle()
+        self.pre, self.post, self.qkv = [], [], []
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):   # warm-up outside capture, as graph capture requires
+            for i in range(cfg.num_layers):
+                model.attn_inputs(i, self.x, self.cos, self.sin)
+                model.attn_output_mlp(i, self.x, self.o)
+            model.logits(self.x)
+        torch.cuda.current_stream().wait_stream(s)
+        for i in range(cfg.num_layers):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                qkv = model.attn_inputs(i, self.x, self.cos, self.sin)  # q: [Hq, 1, D], k, v: [Hkv, 1, D]
+            self.pre.append(g)
+            self.qkv.append(qkv)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self.x.copy_(model.attn_output_mlp(i, self.x, self.o))
+            self.post.append(g)
+        self.head = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.head, pool=self.pool):
+            self.logits = model.logits(self.x)[0]  # logits: [V]
+
+    def step(self, token: int, position: int) -> torch.Tensor:
+        m = self.model
+        self.x.copy_(m.embed[token:token + 1])
+        cos, sin = m.rope(torch.tensor([position], device=m.device))  # cos, sin: [1, D]
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        for i in range(m.cfg.num_layers):
+            self.pre[i].replay()
+            q, k, v = self.qkv[i]
+            self.o.copy_(self.attn.attend(i, q, k, v))
+            self.post[i].replay()
+        self.head.replay()
+        return self.logits.clone()
