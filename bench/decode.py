@@ -48,7 +48,8 @@ def run_offload(args, ctx: int, mode: str) -> dict:
         t1 = time.perf_counter()
         tok = int(sess.step(tok).argmax())
         times.append(1000 * (time.perf_counter() - t1))
-    row = {"mode": mode, "ctx": ctx, "ms_per_token": median(times[args.warmup:]), "ttft_s": ttft,
+    row = {"mode": mode, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
+           "mean_ms": sum(times[args.warmup:]) / max(1, args.steps), "ttft_s": ttft,
            "peak_gib": peak_gib(), "stats": {k: v for k, v in llm.stats.items() if k not in ("plan",)}}
     llm.close()
     del sess, llm
@@ -86,7 +87,8 @@ def run_hf(args, ctx: int, mode: str) -> dict:
             tok = out.logits[:, -1:].argmax(-1)
             int(tok)
             times.append(1000 * (time.perf_counter() - t1))
-    row = {"mode": mode, "ctx": ctx, "ms_per_token": median(times[args.warmup:]), "ttft_s": ttft, "peak_gib": peak_gib()}
+    row = {"mode": mode, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
+           "mean_ms": sum(times[args.warmup:]) / max(1, args.steps), "ttft_s": ttft, "peak_gib": peak_gib()}
     del model, cache, out
     gc.collect()
     return row

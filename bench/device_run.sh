@@ -14,6 +14,8 @@ for stage in "$@"; do
     exact)    python bench/decode.py --ctx 8K,32K --modes exact,hf --steps 32 --out "$OUT/decode_exact.json" 2>&1 | tail -12 ;;
     offload)  python bench/decode.py --ctx 32K,128K --modes offload-full,hf-offload,sparse --steps 8 --warmup 2 \
                 --budget 2K --kv-gpu-mem 2GiB --host-mem 48GiB --hf-chunk 4096 --out "$OUT/decode_offload.json" 2>&1 | tail -14 ;;
+    sparse)   python bench/decode.py --ctx 32K,128K --modes sparse --steps 64 --warmup 2 --budget 2K --host-mem 48GiB \
+                --out "$OUT/decode_sparse.json" 2>&1 | tail -8 ;;
     timeline) timeout 200 python bench/timeline.py --ctx 128K --attention sparse --budget 2K --host-mem 48GiB --out "$OUT/timeline.json" 2>&1 | tail -40 ;;
     tiers)    python bench/tiers.py --out "$OUT/tiers.json" 2>&1 | tail -25 ;;
     kernels)  python bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tail -25 ;;

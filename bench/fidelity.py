@@ -180,12 +180,15 @@ def main() -> None:
     ap.add_argument("--markdown", default="bench/RESULTS.md")
     ap.add_argument("--no-markdown", action="store_true")
     ap.add_argument("--merge", nargs="+", default=None, help="JSON files of earlier runs to combine (no run)")
+    ap.add_argument("--notes", default=None, help="a markdown file put under the goal table (conclusions)")
     args = ap.parse_args()
     command = "python " + " ".join(sys.argv)
     if args.merge:
         doc = merge(args.merge, command)
     else:
         doc = run(args, command)
+    if args.notes:
+        doc["notes"] = Path(args.notes).read_text()
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, default=str))

@@ -94,6 +94,8 @@ def render(doc: dict) -> str:
                       [[r["method"], _pct(r["needle_eq"]), _num(r["needle_n"], "{}"), _pct(r["top1"]),
                         _num(r["kl"], "{:.4f}"), _num(r["recall"]), _num(r["captured"]), r["meets"]]
                        for r in doc["goals"]]) + [""]
+    if doc.get("notes"):
+        out += [doc["notes"].strip(), ""]
     if doc.get("needle"):
         out += ["### Needle (passkey) retrieval: question + answer prefix fed through the method, greedy", ""]
         out += _table(["context", "method", "n", "correct %", "= full %", "= full single %", "= full multi %"],

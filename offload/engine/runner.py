@@ -30,6 +30,8 @@ class Engine:
         self.use_graph = graphs and getattr(attn, "static", False)     # whole step in one graph
         self.use_piecewise = graphs and not self.use_graph             # dense parts in graphs, attention eager
         self._graph = self._piecewise = None
+        self._graph_key, self._graph_failed, self._captured_once = None, False, False
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.last_prefill_s = 0.0
 
     @property
@@ -71,6 +73,8 @@ class Engine:
         self.attn.begin(1)
         if self.use_graph:
             logits = self._graph_step(token)
+        elif self.use_piecewise and self._tiered_graph_ok():
+            logits = self._graph_step(token)
         elif self.use_piecewise:
             if self._piecewise is None:
                 from offload.engine.graphs import PiecewiseDecode
@@ -82,6 +86,24 @@ class Engine:
             logits = self.model.forward(ids, pos, self.attn)
         self.attn.end()
         return logits
+
+    def _tiered_graph_ok(self) -> bool:
+        """A tiered backend's step is captured whole while nothing it depends on changes (recaptured otherwise)."""
+        if self._graph_failed or not hasattr(self.attn, "graph_key"):
+            return False
+        key = self.attn.graph_key()
+        if key is None:
+            return False
+        if key != self._graph_key:
+            self._graph = None
+            self._graph_key = key
+            try:
+                self._capture()
+            except RuntimeError:   # something in the step synchronises: fall back to piecewise graphs
+                self._graph, self._graph_failed = None, True
+                torch.cuda.synchronize()
+                return False
+        return True
 
     def _graph_step(self, token: int) -> torch.Tensor:
         if self._graph is None:
@@ -101,10 +123,11 @@ class Engine:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):
+            for _ in range(1 if self._captured_once else 2):   # lazy CUDA init happens in the first warm-up
                 self.model.forward(self._ids, self._pos, self.attn)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, pool=self._graph_pool):
             self._logits = self.model.forward(self._ids, self._pos, self.attn)  # _logits: [V]
         self._graph = g
+        self._captured_once = True

@@ -34,6 +34,18 @@ def from_chunks(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv[0], kv[1]
 
 
+def masked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float):
+    """q: [Hq, D] over k, v: [Hkv, N, D] where valid [N] -> (o [Hq, D] f32, lse [Hq] f32); static shapes."""
+    Hq, D = q.shape
+    Hkv = k.shape[0]
+    qg = q.view(Hkv, Hq // Hkv, D).float()  # qg: [Hkv, G, D]
+    s = torch.matmul(qg, k.float().transpose(1, 2)) * scale  # s: [Hkv, G, N]
+    s = s.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # lse: [Hkv, G]
+    o = torch.matmul(torch.exp(s - lse[..., None]), v.float())  # o: [Hkv, G, D]
+    return o.reshape(Hq, D), lse.reshape(Hq)
+
+
 class TieredAttention(AttentionBackend, PersistableKV):
     def __init__(self, *, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, ctx: int,
                  device, dtype, store, chunk_tokens: int, mode: str = "full", make_index=None,
@@ -57,6 +69,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self._sel_s, self._steps, self._fetched = 0.0, 0, 0
         self._res, self._res_version = [None] * num_layers, -1     # device copies of the store's chunk table
         self._hits = torch.zeros(4, dtype=torch.long, device=device)  # selections per tier: pad, gpu, host, disk
+        self.tail_pos = torch.zeros(1, dtype=torch.long, device=device)  # tail_pos: [1] where decode writes
+        self.tail_arange = torch.arange(cap, device=device)  # tail_arange: [cap]
 
     @property
     def length(self) -> int:
@@ -70,7 +84,16 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self._token_path = num_new <= self.token_path_max and not (self.mode == "full" and num_new > 1)
         if self._token_path:
             self._refresh_residency()
+            self.tail_pos.fill_(self.tail_len)
         self._steps += num_new == 1
+
+    def graph_key(self):
+        """What a captured decode step depends on; None when the step cannot be captured (disk reads)."""
+        if not self._token_path or self._new != 1 or any(r[0].on_disk for r in self._res if r is not None):
+            return None
+        budgets = () if self.mode == "full" else tuple(
+            self.budget.chunks(self._len + 1, self.C, layer) for layer in range(self.L))
+        return (self.n_chunks, self._res_version, budgets)
 
     # ---- per-layer attention ------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -81,6 +104,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
     def _attend_tokens(self, layer: int, q, k, v) -> torch.Tensor:
         """Each new token attends to the tail (itself included) and the fetched chunks. q: [Hq, T, D]."""
         T = q.shape[1]
+        if T == 1:
+            return self._attend_one(layer, q, k, v)
         t0 = self.tail_len
         self.tail_k[layer, :, t0:t0 + T] = k
         self.tail_v[layer, :, t0:t0 + T] = v
@@ -96,6 +121,20 @@ class TieredAttention(AttentionBackend, PersistableKV):
                     o, lse = kernels.merge_attn(o, lse, o2, lse2)
             outs.append(o)
         return torch.stack(outs, dim=1).to(q.dtype)  # [Hq, T, D]
+
+    def _attend_one(self, layer: int, q, k, v) -> torch.Tensor:
+        """One decode token with static shapes and device-side positions, so a CUDA graph can replay it."""
+        tk, tv = self.tail_k[layer], self.tail_v[layer]  # tk, tv: [Hkv, cap, D]
+        tk.index_copy_(1, self.tail_pos, k)
+        tv.index_copy_(1, self.tail_pos, v)
+        qt = q[:, 0]  # qt: [Hq, D]
+        o, lse = masked_attend(qt, tk, tv, self.tail_arange <= self.tail_pos, self.scale)  # o: [Hq, D]
+        ids = self._chunk_ids(layer, qt)  # ids: [Hkv, K] or None
+        if ids is not None:
+            for pool, slots in self._parts(layer, ids):
+                o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
+                o, lse = kernels.merge_attn(o, lse, o2, lse2)
+        return o.to(q.dtype)[:, None]  # [Hq, 1, D]
 
     def _refresh_residency(self) -> None:
         """Mirror the store's chunk table on the device, so decode looks slots up without a host sync."""
