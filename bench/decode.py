@@ -50,7 +50,7 @@ def run_offload(args, ctx: int, mode: str) -> dict:
         times.append(1000 * (time.perf_counter() - t1))
     row = {"mode": mode, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
            "mean_ms": sum(times[args.warmup:]) / max(1, args.steps), "ttft_s": ttft,
-           "peak_gib": peak_gib(), "stats": {k: v for k, v in llm.stats.items() if k not in ("plan",)}}
+           "peak_gib": peak_gib(), "stats": llm.stats}
     llm.close()
     del sess, llm
     gc.collect()

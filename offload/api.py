@@ -59,14 +59,16 @@ class LLM:
         self.tokenizer = source.tokenizer
         self.name = source.name
         self.load_s = time.perf_counter() - t0
-        self._session: Session | None = None
+        self._session: Session | None = None    # behind generate / stream / chat
+        self._last: Session | None = None       # the latest session of any kind: what `stats` reports
         self._stats: dict = {}
 
     # ---- sessions -----------------------------------------------------------------------------
     def session(self, **overrides) -> "Session":
         """A fresh sequence with its own KV cache. overrides: attention, budget, index, chunk_tokens, gpu_mem, ..."""
         cfg = self.config.replace(**overrides) if overrides else self.config
-        return Session(self, backends.make(self, cfg), cfg)
+        self._last = Session(self, backends.make(self, cfg), cfg)
+        return self._last
 
     def _fresh_session(self) -> "Session":
         """The session behind generate/stream/chat: the previous one is closed to free its KV."""
@@ -116,8 +118,8 @@ class LLM:
         out = {"model": self.name, "device": str(self.device), "ctx": self.ctx, "load_s": round(self.load_s, 3),
                "attention": backends.mode(self), "plan": self.plan.summary()}
         out.update(self._stats)
-        if self._session is not None:
-            out.update(self._session.stats())
+        if self._last is not None:
+            out.update(self._last.stats())
         return out
 
     def close(self) -> None:
@@ -212,6 +214,7 @@ class Session:
     def stats(self) -> dict:
         out = {"tokens": self.length, "ttft_s": None if self._ttft is None else round(self._ttft, 4),
                "ms_per_token": round(1000 * self._decode_s / self._decoded, 3) if self._decoded else None}
+        out.update(self.engine.stats())
         out.update(self.attn.stats())
         return out
 

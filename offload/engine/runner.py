@@ -31,6 +31,7 @@ class Engine:
         self.use_piecewise = graphs and not self.use_graph             # dense parts in graphs, attention eager
         self._graph = self._piecewise = None
         self._graph_key, self._graph_failed, self._captured_once = None, False, False
+        self._captures, self._graph_error = 0, None
         self._graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.last_prefill_s = 0.0
 
@@ -64,6 +65,10 @@ class Engine:
         self.attn.end()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+            if N > self.prefill_chunk:
+                # hand the long prefill's temporaries back, so decode graphs fit under a capped GPU
+                del x
+                torch.cuda.empty_cache()
         self.last_prefill_s = time.perf_counter() - t0
         return logits
 
@@ -87,6 +92,14 @@ class Engine:
         self.attn.end()
         return logits
 
+    def stats(self) -> dict:
+        mode = ("graph" if self.use_graph or (self.use_piecewise and not self._graph_failed and self._captures)
+                else "piecewise-graphs" if self.use_piecewise else "eager")
+        out = {"decode_mode": mode, "graph_captures": self._captures}
+        if self._graph_error:
+            out["graph_error"] = self._graph_error
+        return out
+
     def _tiered_graph_ok(self) -> bool:
         """A tiered backend's step is captured whole while nothing it depends on changes (recaptured otherwise)."""
         if self._graph_failed or not hasattr(self.attn, "graph_key"):
@@ -99,8 +112,9 @@ class Engine:
             self._graph_key = key
             try:
                 self._capture()
-            except RuntimeError:   # something in the step synchronises: fall back to piecewise graphs
+            except RuntimeError as e:   # a sync inside the step, or no memory: piecewise graphs from now on
                 self._graph, self._graph_failed = None, True
+                self._graph_error = str(e).splitlines()[0][:200]
                 torch.cuda.synchronize()
                 return False
         return True
@@ -131,3 +145,4 @@ class Engine:
             self._logits = self.model.forward(self._ids, self._pos, self.attn)  # _logits: [V]
         self._graph = g
         self._captured_once = True
+        self._captures += 1
