@@ -18,7 +18,7 @@ for stage in "$@"; do
                 --out "$OUT/decode_sparse.json" 2>&1 | tail -8 ;;
     timeline) timeout 200 python bench/timeline.py --ctx 128K --attention sparse --budget 2K --host-mem 48GiB --out "$OUT/timeline.json" 2>&1 | tail -40 ;;
     tiers)    python bench/tiers.py --out "$OUT/tiers.json" 2>&1 | tail -25 ;;
-    kernels)  python bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tail -25 ;;
+    kernels)  python bench/kernel_bench.py --out "$OUT/kernels.json" 2>&1 | tail -25 ;;
   esac
 done
 echo "=== done $(date +%T)"

@@ -58,14 +58,15 @@ def make(llm, cfg=None):
     store = TieredKVStore(ChunkShape(mc.num_kv_heads, C, mc.head_dim, llm.dtype), mc.num_layers, p.capacities,
                           llm.device, disk_dir=cfg.disk_dir, policy=cfg.policy,
                           sink_chunks=math.ceil(cfg.sink_tokens / C), window_chunks=math.ceil(cfg.window_tokens / C))
-    index = budget = None
+    make_idx, budget = None, None
     if m == "sparse":
-        def index():
+        def new_index():
             return make_index(cfg.index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads, head_dim=mc.head_dim,
                               chunk_tokens=C, device=llm.device, dtype=llm.dtype, **(cfg.index_options or {}))
         budget = Budget.parse(cfg.budget)
-        index()   # build one now so a bad method or option fails before any KV is stored
+        new_index()   # build one now so a bad method or option fails before any KV is stored
+        make_idx = new_index
     return TieredAttention(num_layers=mc.num_layers, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
                            head_dim=mc.head_dim, ctx=llm.ctx, device=llm.device, dtype=llm.dtype, store=store,
-                           chunk_tokens=C, mode=m, make_index=index, budget=budget,
+                           chunk_tokens=C, mode=m, make_index=make_idx, budget=budget,
                            sink_tokens=cfg.sink_tokens, window_tokens=cfg.window_tokens)

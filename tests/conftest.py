@@ -5,6 +5,8 @@ import torch
 
 os.environ.setdefault("OFFLOAD_NO_PROGRESS", "1")
 
+pytest_plugins = ["fixtures_models"]   # smollm2_gguf, smollm2_transformers, smollm2_hf_tokenizer
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

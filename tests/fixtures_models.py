@@ -1,6 +1,6 @@
 """Shared model fixtures: the real SmolLM2 GGUF (cached across runs) and tiny random HF checkpoints.
 
-Use from a test module with `from fixtures_models import smollm2_gguf, write_tiny_checkpoint`
+Fixtures are registered for every test by conftest.py (pytest_plugins); import write_tiny_checkpoint directly
 (or list "fixtures_models" in conftest's pytest_plugins).
 """
 
@@ -90,3 +90,12 @@ def write_tiny_checkpoint(tmp_path: Path, arch: str = "llama", *, max_shard_size
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     return TinyCheckpoint(path=folder, model=model)
+
+
+def run_session(llm, ids: list[int], n_prefill: int):
+    """Prefill ids[:n_prefill], then step through the rest: (logits of every position [n, V], the session)."""
+    sess = llm.session()
+    out = [sess.prefill(ids[:n_prefill])]
+    for t in ids[n_prefill:]:
+        out.append(sess.step(t))
+    return torch.stack(out), sess

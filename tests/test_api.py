@@ -4,12 +4,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 
-from fixtures_models import smollm2_gguf, write_tiny_checkpoint  # noqa: F401
+from fixtures_models import write_tiny_checkpoint
 from offload import LLM, SessionFileError
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fixtures_models import smollm2_gguf, write_tiny_checkpoint  # noqa: F401
+from fixtures_models import write_tiny_checkpoint
 
 
 def run_cli(*args, stdin: str | None = None, env: dict | None = None, timeout: int = 300):

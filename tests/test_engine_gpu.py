@@ -2,18 +2,10 @@
 import pytest
 import torch
 
-from fixtures_models import write_tiny_checkpoint
+from fixtures_models import run_session, write_tiny_checkpoint
 from offload import LLM
 
 pytestmark = pytest.mark.gpu
-
-
-def _run(llm, ids, n_prefill):
-    s = llm.session()
-    out = [s.prefill(ids[:n_prefill])]
-    for t in ids[n_prefill:]:
-        out.append(s.step(t))
-    return torch.stack(out), s
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +19,9 @@ def ids(tiny):
 
 
 def test_cuda_graph_decode_equals_eager(tiny, ids, monkeypatch):
-    graph, _ = _run(LLM(str(tiny.path), device="cuda", dtype="float32", ctx=512), ids, 300)
+    graph, _ = run_session(LLM(str(tiny.path), device="cuda", dtype="float32", ctx=512), ids, 300)
     monkeypatch.setenv("OFFLOAD_NO_CUDA_GRAPH", "1")
-    eager, _ = _run(LLM(str(tiny.path), device="cuda", dtype="float32", ctx=512), ids, 300)
+    eager, _ = run_session(LLM(str(tiny.path), device="cuda", dtype="float32", ctx=512), ids, 300)
     torch.testing.assert_close(graph, eager, rtol=0, atol=1e-4)
 
 
@@ -39,9 +31,9 @@ def test_cuda_matches_transformers_on_cuda(tiny, ids):
     ref_model = tiny.model.to("cuda").float()
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids], device="cuda")).logits[0, 299:].float()  # ref: [101, V]
-    gpu, _ = _run(LLM(str(tiny.path), device="cuda", dtype="float32", ctx=512), ids, 300)
+    gpu, _ = run_session(LLM(str(tiny.path), device="cuda", dtype="float32", ctx=512), ids, 300)
     rel = ((gpu - ref).norm() / ref.norm()).item()
-    cpu, _ = _run(LLM(str(tiny.path), device="cpu", ctx=512), ids, 300)
+    cpu, _ = run_session(LLM(str(tiny.path), device="cpu", ctx=512), ids, 300)
     rel_cpu = ((gpu.cpu() - cpu).norm() / cpu.norm()).item()
     print("rel vs transformers on cuda", rel, "rel vs offload on cpu", rel_cpu)
     assert rel < 1e-3, (rel, rel_cpu)
@@ -50,19 +42,19 @@ def test_cuda_matches_transformers_on_cuda(tiny, ids):
 def test_sparse_graph_step_equals_eager(tiny, ids, monkeypatch):
     opts = dict(device="cuda", dtype="float32", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32,
                 attention="sparse", budget="10%")
-    graph, _ = _run(LLM(str(tiny.path), **opts), ids, 300)
+    graph, _ = run_session(LLM(str(tiny.path), **opts), ids, 300)
     monkeypatch.setenv("OFFLOAD_NO_CUDA_GRAPH", "1")
-    eager, _ = _run(LLM(str(tiny.path), **opts), ids, 300)
+    eager, _ = run_session(LLM(str(tiny.path), **opts), ids, 300)
     torch.testing.assert_close(graph, eager, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype,atol", [("float32", 2e-3), ("bfloat16", 0.15)])
 def test_tiered_full_through_host_and_disk_equals_dense(tiny, ids, tmp_path, dtype, atol):
     opts = dict(device="cuda", dtype=dtype, ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32)
-    dense, _ = _run(LLM(str(tiny.path), attention="full", **opts), ids, 300)
+    dense, _ = run_session(LLM(str(tiny.path), attention="full", **opts), ids, 300)
     tiered_llm = LLM(str(tiny.path), attention="full", gpu_mem="60KiB", host_mem="30KiB", disk_mem="4MiB",
                      disk_dir=str(tmp_path / "kv"), **opts)
-    tiered, s = _run(tiered_llm, ids, 300)
+    tiered, s = run_session(tiered_llm, ids, 300)
     st = s.stats()
     assert st["hits_host"] > 0 and st["hits_disk"] > 0, st     # all three tiers were used
     torch.testing.assert_close(tiered, dense, rtol=0, atol=atol)
@@ -70,8 +62,8 @@ def test_tiered_full_through_host_and_disk_equals_dense(tiny, ids, tmp_path, dty
 
 def test_sparse_full_budget_equals_exact_on_cuda(tiny, ids):
     opts = dict(device="cuda", dtype="float32", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32)
-    dense, _ = _run(LLM(str(tiny.path), attention="full", **opts), ids, 300)
-    sparse, s = _run(LLM(str(tiny.path), attention="sparse", budget="100%", **opts), ids, 300)
+    dense, _ = run_session(LLM(str(tiny.path), attention="full", **opts), ids, 300)
+    sparse, s = run_session(LLM(str(tiny.path), attention="sparse", budget="100%", **opts), ids, 300)
     torch.testing.assert_close(sparse, dense, rtol=0, atol=2e-3)
 
 

@@ -2,18 +2,10 @@
 import pytest
 import torch
 
-from fixtures_models import write_tiny_checkpoint
+from fixtures_models import run_session, write_tiny_checkpoint
 from offload import LLM, CapacityError, ConfigError
 
 OPTS = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32)
-
-
-def _run(llm, ids, n_prefill, chunks=None):
-    s = llm.session()
-    out = [s.prefill(ids[:n_prefill])]
-    for t in ids[n_prefill:]:
-        out.append(s.step(t))
-    return torch.stack(out), s
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +20,13 @@ def ids(tiny):
 
 @pytest.fixture(scope="module")
 def dense(tiny, ids):
-    return _run(LLM(str(tiny.path), attention="full", **OPTS), ids, 250)
+    return run_session(LLM(str(tiny.path), attention="full", **OPTS), ids, 250)
 
 
 def test_forced_spill_through_all_tiers_is_exact(tiny, ids, dense, tmp_path):
     llm = LLM(str(tiny.path), attention="full", gpu_mem="60KiB", host_mem="30KiB", disk_mem="4MiB",
               disk_dir=str(tmp_path / "kv"), **OPTS)
-    got, s = _run(llm, ids, 250)
+    got, s = run_session(llm, ids, 250)
     st = s.stats()
     assert st["hits_gpu"] > 0 and st["hits_host"] > 0 and st["hits_disk"] > 0, st
     torch.testing.assert_close(got, dense[0], rtol=0, atol=1e-5)
@@ -63,13 +55,13 @@ def test_tiered_kv_round_trip_is_bit_identical(tiny, ids, dense, tmp_path):
 @pytest.mark.parametrize("index,options", [("summary", None), ("summary", {"bounds": "int8", "coarse_group": 4}),
                                            ("shadow", {"rank": 8}), ("ann", None)])
 def test_sparse_with_full_budget_equals_exact(tiny, ids, dense, index, options):
-    got, _ = _run(LLM(str(tiny.path), attention="sparse", budget="100%", index=index, index_options=options, **OPTS),
+    got, _ = run_session(LLM(str(tiny.path), attention="sparse", budget="100%", index=index, index_options=options, **OPTS),
                   ids, 250)
     torch.testing.assert_close(got, dense[0], rtol=0, atol=1e-5)
 
 
 def test_sparse_small_budget_selects_and_stays_close(tiny, ids, dense):
-    got, s = _run(LLM(str(tiny.path), attention="sparse", budget="10%", **OPTS), ids, 250)
+    got, s = run_session(LLM(str(tiny.path), attention="sparse", budget="10%", **OPTS), ids, 250)
     st = s.stats()
     assert st["selection_ms_per_step"] > 0
     # random tiny weights spread attention evenly, so a 10% budget must change the logits a little, not wildly

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_models import smollm2_gguf, smollm2_transformers, write_tiny_checkpoint  # noqa: F401
+from fixtures_models import write_tiny_checkpoint
 from offload.errors import ModelLoadError
 from offload.model.gguf_loader import llama3_rope_factors, load_gguf, unpermute_rotary_rows
 from offload.model.loaders import KNOWN_MODELS, describe_model, load_checkpoint, parameter_shapes

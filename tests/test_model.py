@@ -3,7 +3,7 @@ import pydoc_data.topics
 import pytest
 import torch
 
-from fixtures_models import smollm2_gguf, smollm2_transformers, write_tiny_checkpoint  # noqa: F401
+from fixtures_models import write_tiny_checkpoint
 from offload import LLM
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_models import smollm2_gguf, write_tiny_checkpoint  # noqa: F401
+from fixtures_models import write_tiny_checkpoint
 from offload.errors import ModelLoadError
 from offload.model import resolve
 from offload.model.resolve import SMOLLM2_MEMBER, extract_gguf_from_wheel, resolve_model, smollm2_gguf_path

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures_models import smollm2_gguf, smollm2_hf_tokenizer  # noqa: F401
 from offload.errors import ConfigError
 from offload.model.gguf_loader import open_gguf
 from offload.model.loaders.gguf_tokenizer import gguf_tokenizer

@@ -96,18 +96,14 @@ def copy_from_slots(pool: torch.Tensor, slots: Sequence[int], dst: torch.Tensor,
         return _finish(stream, caller, dst)
 
 
-class DevicePool:
-    """Tier "gpu": chunk slots in one tensor on the compute device."""
+class TensorTier:
+    """The Tier mechanism over one tensor of slots [S, 2, Hkv, C, D]; subclasses choose where it lives."""
 
-    name = "gpu"
+    name = ""
 
-    def __init__(self, shape: ChunkShape, capacity: int, device: torch.device | str):
-        self.shape = shape
-        self.capacity = capacity
-        self.device = torch.device(device)
-        self.pool = torch.empty((capacity, *shape.shape), dtype=shape.dtype,
-                                device=self.device)                             # pool: [S, 2, Hkv, C, D]
-        self._slots = SlotAllocator(capacity, self.name)
+    def __init__(self, shape: ChunkShape, storage: torch.Tensor):
+        self.shape, self.capacity, self.storage = shape, storage.shape[0], storage  # storage: [S, 2, Hkv, C, D]
+        self._slots = SlotAllocator(self.capacity, self.name)
 
     def alloc(self, n: int) -> list[int]:
         return self._slots.alloc(n)
@@ -117,12 +113,25 @@ class DevicePool:
 
     def write(self, slots: Sequence[int], src: torch.Tensor, stream=None):
         _check("src", src, len(slots), self.shape)
-        return copy_to_slots(self.pool, slots, src, stream)
+        return copy_to_slots(self.storage, slots, src, stream)
 
     def read(self, slots: Sequence[int], dst: torch.Tensor, stream=None):
         _check("dst", dst, len(slots), self.shape)
-        return copy_from_slots(self.pool, slots, dst, stream)
+        return copy_from_slots(self.storage, slots, dst, stream)
 
     @property
     def num_free(self) -> int:
         return self._slots.num_free
+
+
+class DevicePool(TensorTier):
+    """Tier "gpu": chunk slots in one tensor on the compute device."""
+
+    name = "gpu"
+
+    def __init__(self, shape: ChunkShape, capacity: int, device: torch.device | str):
+        self.device = torch.device(device)
+        self.pool = torch.empty((capacity, *shape.shape), dtype=shape.dtype,
+                                device=self.device)                             # pool: [S, 2, Hkv, C, D]
+        super().__init__(shape, self.pool)
+

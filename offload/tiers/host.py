@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import mmap
 import weakref
-from typing import Sequence
 
 import torch
 
 from offload.errors import CapacityError
 from offload.tiers.base import ChunkShape
-from offload.tiers.device import _check, copy_from_slots, copy_to_slots
-from offload.tiers.slots import SlotAllocator
+from offload.tiers.device import TensorTier
 
 _CUDA_HOST_REGISTER_PORTABLE_MAPPED = 1 | 2   # cudaHostRegisterPortable | cudaHostRegisterMapped
 
@@ -43,7 +41,7 @@ def _mmap_slab(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
     return buf, raw                                                            # raw: [nbytes] uint8
 
 
-class HostPool:
+class HostPool(TensorTier):
     """Tier "host": chunk slots in one host slab [S, 2, Hkv, C, D], pinned iff `pin` (default: CUDA available)."""
 
     name = "host"
@@ -72,25 +70,7 @@ class HostPool:
                 raw = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)    # raw: [nbytes] uint8
                 self.pin_method = f"torch pin_memory (cudaHostRegister error {res})"
         self.slab = raw.view(shape.dtype).view(capacity, *shape.shape)         # slab: [S, 2, Hkv, C, D]
-        self._slots = SlotAllocator(capacity, self.name)
-
-    def alloc(self, n: int) -> list[int]:
-        return self._slots.alloc(n)
-
-    def free(self, slots: Sequence[int]) -> None:
-        self._slots.free(slots)
-
-    def write(self, slots: Sequence[int], src: torch.Tensor, stream=None):
-        _check("src", src, len(slots), self.shape)
-        return copy_to_slots(self.slab, slots, src, stream)
-
-    def read(self, slots: Sequence[int], dst: torch.Tensor, stream=None):
-        _check("dst", dst, len(slots), self.shape)
-        return copy_from_slots(self.slab, slots, dst, stream)
-
-    @property
-    def num_free(self) -> int:
-        return self._slots.num_free
+        super().__init__(shape, self.slab)
 
     @property
     def is_pinned(self) -> bool:

@@ -1,7 +1,7 @@
 """Benchmark offload.kernels on the GPU: gather-attend against the memory ceilings of the same run,
 against torch SDPA, and chunk scoring. Writes JSON (--out) and prints a table.
 
-    python bench/kernels.py [--out bench/out/kernels.json] [--quick]
+    python bench/kernel_bench.py [--out bench/out/kernels.json] [--quick]
 
 Times are CUDA-event medians over many reps after a warm-up; inputs rotate over several slot sets
 drawn from a 1 GiB pool so successive reps miss the 50 MB L2 like a real decode step would.
@@ -184,7 +184,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer reps and sizes")
     args = ap.parse_args()
     if not (torch.cuda.is_available() and kernels.KERNELS_AVAILABLE):
-        raise SystemExit("bench/kernels.py needs a CUDA GPU and CuPy")
+        raise SystemExit("bench/kernel_bench.py needs a CUDA GPU and CuPy")
     reps = 20 if args.quick else 100
     ceil = ceilings(reps)
     rows: list[dict] = []
