@@ -55,7 +55,8 @@ class LLM:
             warnings.warn(f"ctx {self.ctx} exceeds the model's trained length {mc.max_position_embeddings}; "
                           "quality past it is not guaranteed", stacklevel=2)
         self.plan = backends.plan(self)          # before any weight is loaded: refuse early
-        self.model: LlamaModel = loading.build_model(source, mc, self.device, self.dtype, cfg.load_format)
+        self.model: LlamaModel = loading.build_model(source, mc, self.device, self.dtype, cfg.load_format,
+                                                             show_progress)
         self.tokenizer = source.tokenizer
         self.name = source.name
         self.load_s = time.perf_counter() - t0
@@ -154,8 +155,8 @@ class Session:
         vocab = self.llm.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ConfigError(f"token id out of range [0, {vocab}); check the tokenizer matches the model")
-        with progress_bar("prefill", self.llm.model_config.num_layers,
-                          self.llm.show_progress if len(ids) > 2048 or self.llm.show_progress is False else False) as upd:
+        show = self.llm.show_progress if len(ids) > self.config.prefill_chunk else False   # short prompts: no bar
+        with progress_bar(f"prefill {len(ids)} tokens", self.llm.model_config.num_layers, show) as upd:
             logits = self.engine.prefill(ids, progress=upd)
         self.tokens.extend(ids)
         self._ttft = self.engine.last_prefill_s

@@ -78,3 +78,19 @@ def test_bad_sparse_config_is_refused(tiny):
 def test_planner_refuses_a_context_that_cannot_fit(tiny, tmp_path):
     with pytest.raises(CapacityError, match="lower --ctx"):
         LLM(str(tiny.path), device="cpu", ctx="1M", gpu_mem="1MiB", host_mem="1MiB")
+
+
+def test_sparse_selection_hits_teach_the_store_policy(tiny, ids, monkeypatch):
+    """Chunks that decode selected (read in place, not through fetch) reach the eviction policy as hits."""
+    llm = LLM(str(tiny.path), attention="sparse", budget="10%", policy="attention", **OPTS)
+    sess = llm.session()
+    sess.prefill(ids[:250])
+    taught = []
+    real = sess.attn.store.learn
+    monkeypatch.setattr(sess.attn.store, "learn", lambda layer, c, h: (taught.append((layer, c, h)), real(layer, c, h)))
+    for t in ids[250:250 + 2 * OPTS["chunk_tokens"]]:     # crosses at least one chunk boundary
+        sess.step(t)
+    assert {layer for layer, _, _ in taught} == set(range(llm.model_config.num_layers))
+    for _, chunks, hits in taught:
+        assert (hits > 0).all() and chunks.unique().numel() == chunks.numel()
+        assert hits.sum() <= 2 * OPTS["chunk_tokens"] * llm.model_config.num_kv_heads * chunks.numel()

@@ -68,8 +68,11 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self._next_tail = None
         self._sel_s, self._steps, self._fetched = 0.0, 0, 0
         self._res, self._res_version = [None] * num_layers, -1     # device copies of the store's chunk table
+        self._last_ids, self._prefetched = [None] * num_layers, {}  # previous step's selection; pending reads
         self._hits = torch.zeros(4, dtype=torch.long, device=device)  # selections per tier: pad, gpu, host, disk
         self.tail_pos = torch.zeros(1, dtype=torch.long, device=device)  # tail_pos: [1] where decode writes
+        # selections per chunk since the last put, handed to the store's policy once per chunk of tokens
+        self._sel_hits = torch.zeros(num_layers, -(-ctx // chunk_tokens), device=device)  # [L, max chunks]
         self.tail_arange = torch.arange(cap, device=device)  # tail_arange: [cap]
 
     @property
@@ -149,6 +152,14 @@ class TieredAttention(AttentionBackend, PersistableKV):
         """(pool, slots [Hkv, K]) pairs to attend for ids [Hkv, K]; -1 = padding."""
         r, tier, slot = self._res[layer]
         if r.on_disk:   # some chunks need a drive read: the store stages them (host sync)
+            pending = self._prefetched.pop(layer, None)
+            if pending is not None:
+                pending.result()          # the predicted chunks are now read (and promoted where host has room)
+            nxt = layer + 1
+            if nxt < self.L and self._res[nxt][0].on_disk and self._last_ids[nxt] is not None:
+                # layer l+1 will likely want what it wanted last step: its drive reads overlap this layer
+                self._prefetched[nxt] = self.store.prefetch(nxt, self._last_ids[nxt])
+            self._last_ids[layer] = ids
             plan = self.store.fetch(layer, ids)
             self._fetched += sum(plan.bytes.values())
             return plan.parts
@@ -157,6 +168,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
         t = torch.where(valid, tier[safe], -1)  # t: [Hkv, K], -1 padding
         s = slot[safe]  # s: [Hkv, K]
         self._hits.index_add_(0, (t.long() + 1).flatten(), torch.ones_like(t, dtype=torch.long).flatten())
+        self._sel_hits[layer].index_add_(0, safe.flatten(), valid.flatten().to(self._sel_hits.dtype))
         none = torch.full_like(s, -1)
         return [(pool, torch.where(t == i, s, none).int())
                 for i, pool in enumerate((r.gpu_pool, r.host_pool)) if pool.shape[0] > 0]
@@ -237,6 +249,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
     def end(self) -> None:
         if self._token_path:
             self.tail_len += self._new
+            if self.tail_len >= self.C:
+                self._teach_policy()
             while self.tail_len >= self.C:   # cut full chunks off the front of the tail
                 for layer in range(self.L):
                     self._store_chunks(layer, self.n_chunks, self.tail_k[layer, :, :self.C],
@@ -251,6 +265,18 @@ class TieredAttention(AttentionBackend, PersistableKV):
             self.n_chunks, self.tail_len = self._next_tail
         self._len += self._new
         self._new = 0
+
+    def _teach_policy(self) -> None:
+        """Pass the selection hits gathered on the device to the store's policy (one sync per chunk of tokens)."""
+        n = self.n_chunks
+        if self.mode != "sparse" or n == 0:
+            return
+        hits = self._sel_hits[:, :n].cpu()  # hits: [L, n]
+        for layer in range(self.L):
+            ids = hits[layer].nonzero().flatten()  # ids: [m]
+            if ids.numel():
+                self.store.learn(layer, ids, hits[layer, ids])
+        self._sel_hits.zero_()
 
     # ---- persistence, stats -------------------------------------------------------------------
     def read_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

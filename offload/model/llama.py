@@ -55,7 +55,8 @@ class LlamaModel:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_state_dict(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor], device, dtype) -> "LlamaModel":
+    def from_state_dict(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor], device, dtype,
+                        progress=None) -> "LlamaModel":
         """Build from HF parameter names; tensors are popped as they are fused to keep peak memory low."""
         def take(name: str) -> torch.Tensor:
             if name not in sd:
@@ -75,6 +76,8 @@ class LlamaModel:
                 mlp_norm=take(p + "post_attention_layernorm.weight"),
                 w_gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
                 w_down=take(p + "mlp.down_proj.weight")))
+            if progress:
+                progress(i)
         embed = take("model.embed_tokens.weight")
         if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
             lm_head = take("lm_head.weight")

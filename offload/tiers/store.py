@@ -191,6 +191,10 @@ class TieredKVStore(MovesMixin, FetchMixin):
         if self._copy is not None and wait_kv:
             torch.cuda.current_stream(self.device).wait_event(new_event(self._copy))   # kv is consumed
 
+    def learn(self, layer: int, chunk_ids: torch.Tensor, hits: torch.Tensor) -> None:
+        """Selection hits that attention served in place (not through `fetch`), so the policy ranks by them."""
+        self.policy.touch(layer, chunk_ids.detach().to("cpu", torch.long), hits.detach().to("cpu", torch.float64))
+
     def residency(self, layer: int) -> "Residency":
         """Where every chunk of `layer` is now, for attention that looks slots up on the device itself.
 
