@@ -63,7 +63,9 @@ def make(llm, cfg=None):
         def new_index():
             return make_index(cfg.index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads, head_dim=mc.head_dim,
                               chunk_tokens=C, device=llm.device, dtype=llm.dtype, **(cfg.index_options or {}))
-        budget = Budget.parse(cfg.budget)
+        budget = Budget.parse(cfg.budget, cfg.streaming_heads)
+        for layer in range(mc.num_layers):   # refuse heads or per-layer lists that do not fit the model now
+            budget.head_chunks(layer, mc.num_kv_heads, llm.ctx, C)
         new_index()   # build one now so a bad method or option fails before any KV is stored
         make_idx = new_index
     return TieredAttention(num_layers=mc.num_layers, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,

@@ -62,7 +62,8 @@ class OffloadConfig:
     disk_mem: int | str | None = None
     disk_dir: str | None = None
     attention: str = "auto"               # auto = sparse on the GPU, full on the CPU
-    budget: str | int | float = "5%"      # sparse: tokens ("2K") or a fraction ("5%")
+    budget: str | int | float | list = "5%"   # sparse: tokens ("2K"), a fraction ("5%"), or a list per layer
+    streaming_heads: dict | None = None   # sparse: {layer: [kv heads]} that attend to sinks + window only
     index: str = "summary"                # sparse chunk selection: summary | shadow | ann
     index_options: dict | None = None     # passed to the index, e.g. {"bounds": "int8"} or {"rank": 16}
     chunk_tokens: int = 32

@@ -94,3 +94,23 @@ def test_sparse_selection_hits_teach_the_store_policy(tiny, ids, monkeypatch):
     for _, chunks, hits in taught:
         assert (hits > 0).all() and chunks.unique().numel() == chunks.numel()
         assert hits.sum() <= 2 * OPTS["chunk_tokens"] * llm.model_config.num_kv_heads * chunks.numel()
+
+
+def test_per_layer_budgets_and_streaming_heads(tiny, ids):
+    """A streaming head reads only sinks + window; per-layer budgets apply; bad head numbers are refused."""
+    L, Hkv = 2, 2
+    steps = len(ids) - 250
+    fixed = (OPTS["sink_tokens"] + OPTS["window_tokens"]) // OPTS["chunk_tokens"]
+    every_head = {layer: list(range(Hkv)) for layer in range(L)}
+    _, s = run_session(LLM(str(tiny.path), attention="sparse", budget=["10%"] * L, streaming_heads=every_head,
+                           **OPTS), ids, 250)
+    st = s.stats()
+    assert st["attended_gpu_selections"] + st["attended_host_selections"] == steps * L * Hkv * fixed
+    _, s = run_session(LLM(str(tiny.path), attention="sparse", budget=["10%"] * L, streaming_heads={1: [0]},
+                           **OPTS), ids, 250)
+    st = s.stats()
+    assert st["attended_gpu_selections"] + st["attended_host_selections"] > steps * L * Hkv * fixed
+    with pytest.raises(ConfigError, match="streaming heads"):
+        LLM(str(tiny.path), attention="sparse", streaming_heads={0: [5]}, **OPTS).session()
+    with pytest.raises(ConfigError, match="per-layer list"):
+        LLM(str(tiny.path), attention="sparse", budget=["5%"], **OPTS).session()

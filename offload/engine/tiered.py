@@ -57,6 +57,9 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self.n_sink = -(-sink_tokens // chunk_tokens)
         self.n_window = -(-window_tokens // chunk_tokens)
         self.budget = budget    # offload.indexes.Budget: selected chunks on top of sinks + window
+        streaming = budget.streaming_heads if budget is not None else {}
+        self._streaming = torch.tensor([[h in streaming.get(layer, ()) for h in range(num_kv_heads)]
+                                        for layer in range(num_layers)], device=device)  # [L, Hkv] bool
         self.indexes = [make_index() for _ in range(num_layers)] if mode == "sparse" else None
         cap = chunk_tokens + token_path_max
         self.tail_k = torch.zeros(num_layers, num_kv_heads, cap, head_dim, device=device, dtype=dtype)  # [L, Hkv, cap, D]
@@ -188,6 +191,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
         sel = self.indexes[layer].select(q, budget + fixed).to(self.device)  # sel: [Hkv, B + fixed]
         keep = (sel >= self.n_sink) & (sel < n - self.n_window)  # keep: [Hkv, B + fixed]
         keep &= torch.cumsum(keep.int(), dim=1) <= budget
+        keep &= ~self._streaming[layer][:, None]   # streaming heads (DuoAttention): sinks + window only
         sel = torch.where(keep, sel, torch.full_like(sel, -1))
         sinks = torch.arange(self.n_sink, device=self.device)
         window = torch.arange(n - self.n_window, n, device=self.device)
