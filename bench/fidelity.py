@@ -1,13 +1,17 @@
 """Fidelity of sparse attention on the real SmolLM2-135M-Instruct: needles, teacher forcing, selection recall.
 
-    python bench/fidelity.py [--parts needle,teacher,recall] [--contexts 2K:1,4K:1,8K:2]
+    python bench/fidelity.py [--parts needle,teacher,recall] [--contexts 2K:1,4K:1,8K:1]
         [--depths 0.1,0.3,0.5,0.7,0.9] [--kinds single,multi] [--needle-methods M,..]
         [--teacher-methods M,..] [--continuation 256] [--recall-configs all] [--budgets 1%,2%,5%,10%]
         [--chunks 16,32] [--out bench/out/fidelity.json] [--no-markdown]
     python bench/fidelity.py --merge a.json b.json ...    # combine runs of different parts, then report
 
-M = CONFIG@BUDGET/CHUNK (CONFIG from bench/index_recall.py's CONFIGS), e.g. summary-max@5%/16.
+M = CONFIG@BUDGET/CHUNK (CONFIG from bench/index_recall.py's CONFIGS, or oracle = exact best chunks),
+e.g. summary-max@5%/16, shadow-r32-mass@5%+100%x2/16 (first 2 layers at 100 %): bench/fidelity_sessions.py.
 --contexts lists prompt sizes with the number of haystack segments each (cases = segments x kinds x depths).
+The default run takes ~40 min on 2 idle cores (1 torch thread); the 40-case goal check at 8K is
+--parts needle --contexts 8K:4 (split it with --segments 0,1 / 2,3 over two processes, then --merge).
+Runs on the CPU in float32, whatever the machine has.
 
 needle   passkeys in CPython's docs at depths 10-90 %; the document is prefilled exactly, the question and
          the answer prefix go through the method under test (Session.prefill on a fork), then greedy
@@ -61,7 +65,10 @@ def run_needle(llm, args) -> dict:
     cases = []
     for item in args.contexts.split(","):
         ctx, _, segs = item.partition(":")
-        cases += needle_cases(tok, hay, [parse_tokens(ctx)], depths, kinds, haystacks=int(segs or 1), seed=args.seed)
+        cases += needle_cases(tok, hay, [parse_tokens(ctx)], depths, kinds, haystacks=int(segs or 1),
+                              seed=args.seed, reserve=args.max_new + 6)
+    if args.segments:
+        cases = [c for c in cases if c.haystack in {int(x) for x in args.segments.split(",")}]
     methods = [Method("full")] + parse_methods(args.needle_methods)
     log(f"needle: {len(cases)} cases x {len(methods)} methods")
     results = []
@@ -87,7 +94,7 @@ def run_needle(llm, args) -> dict:
                 row["methods"][m.label] = {"text": text, "digits": extract_digits(text), "s": round(secs, 2)}
             doc.close()
             full = row["methods"]["full"]["digits"]
-            short = " ".join(f"{k.split('@')[0]}/{k.split('/')[-1]}={v['digits'] or '-'}"
+            short = " ".join(f"{k.split('-')[0]}@{k.split('@')[-1]}={v['digits'] or '-'}"
                              for k, v in row["methods"].items() if k != "full")
             log(f"  {case.name:20s} key {case.answer} full {full or '-':6s} {short}  (rest prefill {prefill_s:.0f}s)")
             results.append(row)
@@ -157,21 +164,24 @@ def main() -> None:
     ap.add_argument("--parts", default="needle,teacher,recall")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ctx", default="8K", help="the LLM's ctx (SmolLM2 is trained to 8192)")
-    ap.add_argument("--contexts", default="2K:1,4K:1,8K:2", help="needle prompt sizes : haystack segments")
+    ap.add_argument("--contexts", default="2K:1,4K:1,8K:1", help="needle prompt sizes : haystack segments "
+                    "(the goal run: --contexts 8K:4 = 40 cases)")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--kinds", default="single,multi")
-    ap.add_argument("--needle-methods", default="summary-max@5%/16,summary-max@5%/32,shadow-r32-mass@5%/16,"
-                                                "ann-l2aug@5%/16")
+    ap.add_argument("--segments", default=None, help="only these haystack segment numbers (split a run)")
+    ap.add_argument("--needle-methods", default="oracle@5%/16,summary-max@5%/32,shadow-r32-mass@5%/16,"
+                                                "shadow-r32-mass@20%/16")
     ap.add_argument("--max-new", type=int, default=10)
-    ap.add_argument("--teacher-methods", default="summary-max@1%/16,summary-max@2%/16,summary-max@5%/16,"
-                                                 "summary-max@10%/16,summary-max@5%/32,summary-int8@5%/16,"
-                                                 "shadow-r32-mass@5%/16,ann-l2aug@5%/16")
+    ap.add_argument("--teacher-methods", default="oracle@5%/16,summary-max@5%/32,summary-max@5%/16,"
+                                                 "shadow-r32-mass@1%/16,shadow-r32-mass@2%/16,shadow-r32-mass@5%/16,"
+                                                 "shadow-r32-mass@10%/16,shadow-r32-mass@20%/16,ann-l2aug@5%/16")
     ap.add_argument("--teacher-context", type=int, default=8192 - 256)
     ap.add_argument("--continuation", type=int, default=256)
     ap.add_argument("--recall-configs", default="all", help="comma list of " + ",".join(CONFIGS))
     ap.add_argument("--recall-queries", type=int, default=16, help="decode queries per layer (of the teacher run)")
     ap.add_argument("--recall-layers", default="all", help="'all' or a comma list of layer numbers")
     ap.add_argument("--build-query-stride", type=int, default=16, help="prefill queries kept for query-trained ANN")
+    ap.add_argument("--save-layers", default=None, help="torch.save the captured (keys, queries, build q) here")
     ap.add_argument("--budgets", default="1%,2%,5%,10%")
     ap.add_argument("--chunks", default="16,32")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared box)")
@@ -211,6 +221,8 @@ def run(args, command: str) -> dict:
         if "teacher" not in parts:
             del doc["teacher"]
         print_table(doc.get("teacher", {}).get("rows", []))
+        if layers is not None and args.save_layers:
+            torch.save(layers, args.save_layers)
         if layers is not None:
             names = list(CONFIGS) if args.recall_configs == "all" else args.recall_configs.split(",")
             log(f"recall: {len(layers)} layers x {len(names)} configs x chunks {args.chunks} x budgets {args.budgets}")
@@ -230,11 +242,16 @@ def run(args, command: str) -> dict:
 def merge(paths: list[str], command: str) -> dict:
     """Later files win per part; commands and dates are kept from all."""
     doc: dict = {}
-    commands = []
+    commands, cases = [], {}
     for p in paths:
         part = json.loads(Path(p).read_text())
         commands += part.get("commands", [])
-        doc.update({k: v for k, v in part.items() if k != "commands"})
+        for case in part.get("needle", {}).get("cases", part.get("cases", [])):
+            cases[case["case"]] = case          # needle cases of split runs add up
+        doc.update({k: v for k, v in part.items() if k not in ("commands", "cases")})
+    if cases:
+        labels = [m for m in next(iter(cases.values()))["methods"] if all(m in c["methods"] for c in cases.values())]
+        doc["needle"] = {"cases": list(cases.values()), "rows": needle_rows(list(cases.values()), labels)}
     doc["commands"] = commands + [command]
     doc["goals"] = goal_rows(doc)
     print_table(doc["goals"])

@@ -30,7 +30,7 @@ class NeedleCase:
     """One haystack prompt. `first` = token offset in doc of the earliest needle (prefix before it is shared)."""
 
     name: str
-    context: int                 # target total prompt length in tokens
+    context: int                 # nominal size: the prompt has context - reserve tokens
     depth: float                 # depth of the asked needle in the document (0..1)
     kind: str                    # "single" | "multi"
     answer: str                  # the asked passkey (digits)
@@ -68,19 +68,21 @@ def _nearest(starts: list[int], target: int) -> int:
 
 
 def needle_cases(tokenizer, hay: list[int], contexts: list[int], depths: list[float], kinds: list[str],
-                 haystacks: int = 1, seed: int = 0, segment_stride: int = 9000) -> list[NeedleCase]:
-    """Cases for every (context, haystack segment, kind, depth); total prompt <= context tokens."""
+                 haystacks: int = 1, seed: int = 0, segment_stride: int = 9000,
+                 reserve: int = 16) -> list[NeedleCase]:
+    """Cases for every (context, haystack segment, kind, depth); prompt = context - reserve tokens
+    (the reserve leaves room for the answer inside a model's trained length / the session's ctx)."""
     rng = random.Random(seed)
     cases = []
     for ctx in contexts:
         for h in range(haystacks):
             for kind in kinds:
                 for d_i, depth in enumerate(depths):
-                    cases.append(_make_case(tokenizer, hay, ctx, h, kind, depth, d_i, rng, segment_stride))
+                    cases.append(_make_case(tokenizer, hay, ctx, h, kind, depth, d_i, rng, segment_stride, reserve))
     return cases
 
 
-def _make_case(tokenizer, hay, ctx, h, kind, depth, d_i, rng, stride) -> NeedleCase:
+def _make_case(tokenizer, hay, ctx, h, kind, depth, d_i, rng, stride, reserve) -> NeedleCase:
     keys = [str(rng.randrange(10000, 100000)) for _ in LABELS]
     if kind == "single":
         needles = [(depth, SINGLE_NEEDLE.format(key=keys[0]))]
@@ -99,7 +101,7 @@ def _make_case(tokenizer, hay, ctx, h, kind, depth, d_i, rng, stride) -> NeedleC
         raise ValueError(f"needle kind {kind!r}: use single or multi")
     head, tail = split_template(tokenizer, question, prefix)
     needle_ids = [(d, tokenizer.encode(text + "\n", add_special_tokens=False)) for d, text in needles]
-    room = ctx - len(head) - len(tail) - sum(len(n) for _, n in needle_ids)
+    room = ctx - reserve - len(head) - len(tail) - sum(len(n) for _, n in needle_ids)
     start = (h * stride) % max(1, len(hay) - room)
     base = hay[start:start + room]
     starts = _line_starts(tokenizer, base)

@@ -73,13 +73,15 @@ def evaluate_runtime(layers, config_names: list[str], budgets: list[str], chunks
                     k = Budget.parse(b).chunks(n_tok, chunk)
                     row = acc.setdefault((name, chunk, b), {
                         "recall": [], "recall_rt": [], "captured": [], "oracle": [], "ms": [], "build_s": 0.0,
-                        "gpu": 0, "host": 0, "chunks": k, "tokens": n_tok})
+                        "gpu": 0, "host": 0, "chunks": k, "tokens": n_tok, "layers": {}})
+                    mark = {m: len(row[m]) for m in ("recall_rt", "captured", "oracle")}
                     for i, mass in enumerate(masses):
                         q = queries[:, i].float()                 # q: [Hq, D]
                         t0 = time.perf_counter()
                         ids = index.select(q, k + int(fixed.sum()))   # ids: [Hkv, M] as the backend asks
                         row["ms"].append(1000 * (time.perf_counter() - t0))
                         _score(row, mass, ids, fixed, k)
+                    row["layers"][li] = {m: _mean(row[m][mark[m]:]) for m in mark}
                     row["build_s"] += build_s
                     row["gpu"] += nbytes["gpu"]
                     row["host"] += nbytes["host"]
@@ -103,12 +105,17 @@ def _score(row: dict, mass: torch.Tensor, ids: torch.Tensor, fixed: torch.Tensor
     row["oracle"] += ((fixed_mass + best_free) / total).tolist()
 
 
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
 def _finish(key: tuple, r: dict, num_layers: int) -> dict:
     name, chunk, budget = key
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = _mean
     ms = sorted(r["ms"])
     return {"config": name, "chunk": chunk, "budget": budget, "chunks": r["chunks"],
             "recall": mean(r["recall"]), "recall_rt": mean(r["recall_rt"]), "captured": mean(r["captured"]),
             "oracle": mean(r["oracle"]), "select_ms": ms[len(ms) // 2],
             "select_ms_step": ms[len(ms) // 2] * num_layers, "build_s_layer": r["build_s"] / num_layers,
-            "B/tok gpu": r["gpu"] / r["tokens"], "B/tok host": r["host"] / r["tokens"]}
+            "B/tok gpu": r["gpu"] / r["tokens"], "B/tok host": r["host"] / r["tokens"],
+            "per_layer": {m: [r["layers"][li][m] for li in sorted(r["layers"])] for m in ("recall_rt", "captured", "oracle")}}

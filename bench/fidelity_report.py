@@ -17,6 +17,9 @@ def needle_rows(cases: list[dict], labels: list[str]) -> list[dict]:
             row = {"context": ctx, "method": label, "n": len(group)}
             row["correct"] = _share(group, lambda c: c["methods"][label]["digits"] == c["answer"])
             row["eq_full"] = _share(group, lambda c: c["methods"][label]["digits"] == c["methods"]["full"]["digits"])
+            known = [c for c in group if c["methods"]["full"]["digits"] == c["answer"]]
+            row["n_full_ok"] = len(known)
+            row["eq_full_ok"] = _share(known, lambda c: c["methods"][label]["digits"] == c["answer"])
             for kind in ("single", "multi"):
                 sub = [c for c in group if c["kind"] == kind]
                 row[f"eq_full_{kind}"] = _share(sub, lambda c: c["methods"][label]["digits"]
@@ -98,9 +101,12 @@ def render(doc: dict) -> str:
         out += [doc["notes"].strip(), ""]
     if doc.get("needle"):
         out += ["### Needle (passkey) retrieval: question + answer prefix fed through the method, greedy", ""]
-        out += _table(["context", "method", "n", "correct %", "= full %", "= full single %", "= full multi %"],
+        out += ["= full | full ok: agreement on the cases full attention answers correctly (n ok of them).", ""]
+        out += _table(["context", "method", "n", "correct %", "= full %", "= full single %", "= full multi %",
+                       "= full, full ok %", "n ok"],
                       [[str(r["context"]), r["method"], str(r["n"]), _pct(r["correct"]), _pct(r["eq_full"]),
-                        _pct(r["eq_full_single"]), _pct(r["eq_full_multi"])] for r in doc["needle"]["rows"]]) + [""]
+                        _pct(r["eq_full_single"]), _pct(r["eq_full_multi"]), _pct(r.get("eq_full_ok")),
+                        str(r.get("n_full_ok", "-"))] for r in doc["needle"]["rows"]]) + [""]
     if doc.get("teacher"):
         t = doc["teacher"]
         out += [f"### Teacher-forced: {t['context']} tokens of text, then {t['continuation']} tokens through step()",

@@ -4,6 +4,8 @@ and a recorder of the real queries a backend sees.
 A method is written CONFIG@BUDGET/CHUNK, e.g. "summary-max@5%/16"; CONFIG names an entry of
 bench/index_recall.py's CONFIGS (index method + options), "full" (exact attention) or "oracle" (the
 chunks of largest exact attention mass: the best any chunk index can do at that budget and chunk size).
+BUDGET is one budget for every layer ("5%", "2K") or REST+FIRSTxN, e.g. "5%+100%x2": the first 2 layers at
+100 % (full attention), the others at 5 % (a per-layer budget list, after DuoAttention).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from index_recall import CONFIGS
 from offload.indexes import chunk_attention_mass, make_index
 
-_SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%]+))?(?:/(?P<chunk>\d+))?$")
+_SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%+]+))?(?:/(?P<chunk>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,14 @@ class Method:
             raise SystemExit(f"method {spec!r}: write CONFIG@BUDGET/CHUNK with CONFIG one of full, oracle, "
                              + ", ".join(CONFIGS))
         return cls(m["config"], m["budget"] or "5%", int(m["chunk"] or 16))
+
+    def layer_budgets(self, num_layers: int):
+        """The budget for OffloadConfig: one value, or a list with one entry per layer."""
+        if "+" not in self.budget:
+            return self.budget
+        rest, _, first = self.budget.partition("+")
+        value, _, count = first.partition("x")
+        return [value] * int(count) + [rest] * (num_layers - int(count))
 
     @property
     def label(self) -> str:
@@ -52,7 +62,8 @@ def fork(base, method: Method):
     if method.config == "full":
         return base.fork(attention="full")
     index, opts = CONFIGS.get(method.config, ("summary", {"oracle": True}))
-    kw = dict(attention="sparse", index=index, budget=method.budget, chunk_tokens=method.chunk)
+    budget = method.layer_budgets(base.llm.model_config.num_layers)
+    kw = dict(attention="sparse", index=index, budget=budget, chunk_tokens=method.chunk)
     if not opts:
         return base.fork(**kw)
     llm, mc = base.llm, base.llm.model_config

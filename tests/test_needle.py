@@ -40,7 +40,8 @@ def test_passkey_mid_depth_sparse_matches_full(llm):
 
     full = doc.fork(attention="full")
     full_text, _, _ = greedy_answer(full, case.tail, tok)
-    sparse = doc.fork(attention="sparse", budget="5%")      # the default index and chunk size
+    # the configuration bench/fidelity.py recommends (bench/RESULTS.md, fidelity section)
+    sparse = doc.fork(attention="sparse", index="shadow", chunk_tokens=16, budget="5%")
     sparse_text, _, _ = greedy_answer(sparse, case.tail, tok)
 
     cfg = sparse.config
