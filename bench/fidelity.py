@@ -43,8 +43,8 @@ from common import device_name, print_table  # noqa: E402
 from fidelity_data import extract_digits, haystack_ids, needle_cases, teacher_text_ids  # noqa: E402
 from fidelity_recall import evaluate_runtime  # noqa: E402
 from fidelity_report import goal_rows, needle_rows, write_markdown  # noqa: E402
+from fidelity_sessions import ALL_CONFIGS as CONFIGS  # noqa: E402
 from fidelity_sessions import Method, QueryRecorder, fork, greedy_answer, parse_methods  # noqa: E402
-from index_recall import CONFIGS  # noqa: E402
 
 from offload import LLM  # noqa: E402
 from offload.config import parse_tokens  # noqa: E402
@@ -242,15 +242,27 @@ def run(args, command: str) -> dict:
 def merge(paths: list[str], command: str) -> dict:
     """Later files win per part; commands and dates are kept from all."""
     doc: dict = {}
-    commands, cases = [], {}
+    commands, cases, teacher, recall = [], {}, {}, {}
     for p in paths:
         part = json.loads(Path(p).read_text())
         commands += part.get("commands", [])
+        # rows of split runs add up (a later file wins for the same case / method / config)
         for case in part.get("needle", {}).get("cases", part.get("cases", [])):
-            cases[case["case"]] = case          # needle cases of split runs add up
+            if case["case"] in cases:     # same prompt, other methods: add them (full is deterministic)
+                case = {**case, "methods": {**cases[case["case"]]["methods"], **case["methods"]}}
+            cases[case["case"]] = case
+        for row in part.get("teacher", {}).get("rows", []):
+            teacher[row["method"]] = row
+        for row in part.get("recall", {}).get("rows", []):
+            recall[(row["config"], row["chunk"], row["budget"])] = row
         doc.update({k: v for k, v in part.items() if k not in ("commands", "cases")})
+    if teacher:
+        doc["teacher"] = {**doc["teacher"], "rows": list(teacher.values())}
+    if recall:
+        configs = {n: list(CONFIGS[n]) for n in dict.fromkeys(k[0] for k in recall)}
+        doc["recall"] = {**doc["recall"], "configs": configs, "rows": list(recall.values())}
     if cases:
-        labels = [m for m in next(iter(cases.values()))["methods"] if all(m in c["methods"] for c in cases.values())]
+        labels = list(dict.fromkeys(m for c in cases.values() for m in c["methods"]))
         doc["needle"] = {"cases": list(cases.values()), "rows": needle_rows(list(cases.values()), labels)}
     doc["commands"] = commands + [command]
     doc["goals"] = goal_rows(doc)

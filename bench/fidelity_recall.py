@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from index_recall import CONFIGS
+from fidelity_sessions import ALL_CONFIGS as CONFIGS
 from offload.indexes import Budget, chunk_attention_mass, make_index
 
 

