@@ -56,7 +56,7 @@ class LLM:
                           "quality past it is not guaranteed", stacklevel=2)
         self.plan = backends.plan(self)          # before any weight is loaded: refuse early
         self.model: LlamaModel = loading.build_model(source, mc, self.device, self.dtype, cfg.load_format,
-                                                             show_progress)
+                                                     show_progress)
         self.tokenizer = source.tokenizer
         self.name = source.name
         self.load_s = time.perf_counter() - t0
