@@ -122,7 +122,9 @@ def main() -> None:
             except Exception as e:  # a failed mode must not hide the others' figures
                 row = {"mode": mode, "ctx": ctx, "error": f"{type(e).__name__}: {str(e)[:160]}"}
             rows.append(row)
-            print({k: v for k, v in row.items() if k != "stats"}, flush=True)
+            st = row.get("stats") or {}
+            print({k: v for k, v in row.items() if k != "stats"},
+                  {k: st.get(k) for k in ("decode_mode", "graph_captures", "graph_error", "selection_ms")}, flush=True)
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -114,3 +114,23 @@ def test_per_layer_budgets_and_streaming_heads(tiny, ids):
         LLM(str(tiny.path), attention="sparse", streaming_heads={0: [5]}, **OPTS).session()
     with pytest.raises(ConfigError, match="per-layer list"):
         LLM(str(tiny.path), attention="sparse", budget=["5%"], **OPTS).session()
+
+
+def test_sparse_decode_step_shapes_survive_chunk_appends(tiny, ids, monkeypatch):
+    """What a captured sparse step depends on changes only when the summary buffers grow, not every chunk:
+    the chunk table and the chunk count are read on the device (CUDA graphs replay across appends)."""
+    from offload.engine.tiered import TieredAttention
+    keys, counts = [], []
+    real = TieredAttention.begin
+
+    def begin(self, num_new):
+        real(self, num_new)
+        if num_new == 1:
+            keys.append(self.graph_key())
+            counts.append(self.n_chunks)
+    monkeypatch.setattr(TieredAttention, "begin", begin)
+    sparse, _ = run_session(LLM(str(tiny.path), attention="sparse", budget="32", **OPTS), ids, 250)
+    assert len(set(counts)) >= 9 and None not in keys     # (a fractional budget also changes as text grows)
+    assert len(set(keys)) <= 2                      # one growth of the index buffers at most
+    full, _ = run_session(LLM(str(tiny.path), attention="full", **OPTS), ids, 250)
+    assert not torch.equal(sparse, full)            # the budget really was sparse

@@ -92,6 +92,16 @@ def test_reference_dense_matches_naive(n):
     torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_valid", [1, 20, 37])
+def test_reference_dense_with_device_count_equals_prefix(n_valid):
+    gen = torch.Generator().manual_seed(n_valid)
+    q = torch.randn(8, 32, generator=gen)
+    k, v = torch.randn(2, 2, 37, 32, generator=gen).unbind(0)
+    got = reference.dense_attend(q, k, v, 0.2, torch.tensor([n_valid]))
+    want = reference.dense_attend(q, k[:, :n_valid], v[:, :n_valid], 0.2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_merge_of_halves_equals_union():
     gen = torch.Generator().manual_seed(2)
     pool = _random_pool(gen, 40, 4, 8, 32)
@@ -269,6 +279,19 @@ def test_gpu_dense_attend_matches_reference(poison, hq, hkv, d, n):
 
 
 @gpu
+@pytest.mark.parametrize("n_valid", [1, 63, 64, 65, 96])
+def test_gpu_dense_attend_reads_its_count_on_the_device(poison, n_valid):
+    """The tail of a captured decode step: a fixed [Hkv, 96, D] buffer, the valid count in device memory."""
+    gen = torch.Generator().manual_seed(n_valid)
+    k, v = torch.randn(2, 8, 96, 128, generator=gen).bfloat16().cuda().unbind(0)
+    q = torch.randn(32, 128, generator=gen).bfloat16().cuda()
+    count = torch.tensor([n_valid], device="cuda")
+    got = poison.dense_attend(q, k, v, 0.09, count, out=_nan_out(32, 128))
+    _check(got, reference.dense_attend(q, k[:, :n_valid], v[:, :n_valid], 0.09))
+    _check(kernels.dense_attend(q, k, v, 0.09, count), reference.dense_attend(q, k, v, 0.09, count))
+
+
+@gpu
 def test_gpu_merge_matches_reference(poison):
     gen = torch.Generator().manual_seed(7)
     o1, o2 = torch.randn(2, 32, 128, generator=gen).cuda().unbind(0)
@@ -360,3 +383,40 @@ def test_gpu_decode_step_replays_in_cuda_graph():
         want = reference.merge_attn(*reference.gather_attend(q, pool, slots, 0.09),
                                     *reference.dense_attend(q, k_win, v_win, 0.09))
         _check(out, want)
+
+
+def _plan_case(seed, hkv=8, m=74, n=500, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    sel = torch.stack([torch.randperm(n, generator=gen)[:m] for _ in range(hkv)])      # sel: [Hkv, M]
+    tier = torch.randint(0, 2, (n + 20,), generator=gen, dtype=torch.int8)             # tier: [max chunks]
+    slot = torch.randperm(5000, generator=gen)[:n + 20]                                # slot: [max chunks]
+    streaming = torch.zeros(hkv, dtype=torch.bool)
+    streaming[1] = True
+    return [t.to(device) for t in (sel, torch.tensor([n]), streaming, tier, slot)]
+
+
+def test_reference_plan_slots_by_hand():
+    sel = torch.tensor([[9, 0, 5, 7, 3], [8, 2, 4, 6, 1]])          # chunks 0 (sink) and 8, 9 (window) of n = 10
+    tier = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 0], dtype=torch.int8)
+    slot = torch.arange(10) + 100
+    hits, chunk_hits = torch.zeros(4, dtype=torch.long), torch.zeros(10)
+    gpu, host = reference.plan_slots(sel, torch.tensor([10]), 1, 2, 2, torch.tensor([False, True]), tier, slot,
+                                     hits, chunk_hits)
+    # head 0: sink 0, window 8, 9, then the first 2 eligible of the selection: 5, 7 (3 is over budget)
+    assert gpu[0].tolist() == [100, 108, 109, -1, -1, -1, -1, -1]
+    assert host[0].tolist() == [-1, -1, -1, -1, -1, 105, 107, -1]
+    # head 1 streams: sinks and window only
+    assert gpu[1].tolist() == [100, 108, 109, -1, -1, -1, -1, -1] and (host[1] == -1).all()
+    assert hits.tolist() == [8, 6, 2, 0] and chunk_hits[[0, 5, 7, 8, 9]].tolist() == [2, 1, 1, 2, 2]
+
+
+@gpu
+@pytest.mark.parametrize("m,budget", [(74, 64), (74, 10), (700, 650), (1, 1)])
+def test_gpu_plan_slots_matches_reference(poison, m, budget):
+    sel, n, streaming, tier, slot = _plan_case(m, m=m, device="cuda")
+    outs = []
+    for fn in (poison.plan_slots, reference.plan_slots):
+        hits, chunk_hits = torch.zeros(4, dtype=torch.long, device="cuda"), torch.zeros(520, device="cuda")
+        outs.append((*fn(sel, n, 2, 8, budget, streaming, tier, slot, hits, chunk_hits), hits, chunk_hits))
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)

@@ -89,21 +89,29 @@ def test_copy_stream_overlaps_compute():
 
 
 def test_store_put_copies_overlap_later_compute(tmp_path):
+    """put() queues its demotion copies on the copy stream and returns: compute after it never waits on them.
+
+    Deterministic: a sleep kernel holds the copy stream, so the copies cannot finish early; if put() (or
+    the current stream) waited for them, the compute event could not complete while they are pending.
+    """
     store = TieredKVStore(SHAPE, 2, (4096, 8192, 0), "cuda", policy="lru", window_chunks=4)
     kv = torch.randn(4096, *SHAPE.shape, device="cuda").to(SHAPE.dtype)      # kv: 1 GiB of new chunks
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    out = torch.matmul(a, a)              # cuBLAS set up and the output allocated now: no implicit sync later
     store.put(0, 0, kv, wait_kv=False)                                        # fills the GPU tier
     kv2 = torch.randn(4096, *SHAPE.shape, device="cuda").to(SHAPE.dtype)
     torch.cuda.synchronize()
-    m0 = torch.cuda.Event(enable_timing=True)
-    c1 = torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(store._copy):
+        torch.cuda._sleep(2_000_000_000)                                      # ~1 s of GPU clock cycles
     store.put(1, 0, kv2, wait_kv=False)                                       # demotes ~1 GiB GPU -> host
-    c1.record(store._copy)
-    m0.record()
-    for _ in range(20):
-        a @ a
+    copies_done = torch.cuda.Event()
+    copies_done.record(store._copy)
+    torch.matmul(a, a, out=out)                                               # later compute
+    compute_done = torch.cuda.Event()
+    compute_done.record()
+    compute_done.synchronize()
+    assert not copies_done.query()                    # compute finished while the copies were still queued
     torch.cuda.synchronize()
-    assert m0.elapsed_time(c1) > 0                    # the matmuls started before the copies finished
     assert bit_equal(store.read(1, range(0, 4096, 97)), kv2[::97].cpu())
     assert bit_equal(store.read(0, range(0, 4096, 101)), kv[::101].cpu())
     store.close()

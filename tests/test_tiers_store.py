@@ -183,3 +183,29 @@ def test_unknown_chunk_and_bad_shapes_are_refused(tmp_path):
         with pytest.raises(ValueError):
             store.put(0, 2, torch.zeros(1, 2, HKV, C, D + 1, device=DEVICE))
         assert store.fetch(0, torch.tensor([[-1], [-1]])).parts == ()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_overflow_demotes_a_batch_so_later_puts_skip_ranking(tmp_path, policy, monkeypatch):
+    store = make_store(tmp_path, policy, caps=(128, 64, 0))
+    assert store.gpu_headroom == 2
+    truth = {layer: random_bits((60, 2, HKV, C, D), torch.float32, seed=layer) for layer in range(LAYERS)}
+    for layer in range(LAYERS):
+        store.put(layer, 0, truth[layer][:42].to(DEVICE))       # 126 of 128 device slots
+    ranked = []
+    real = store.policy.victims
+    monkeypatch.setattr(store.policy, "victims", lambda *a: ranked.append(a[2]) or real(*a))
+    for first in range(42, 46):
+        for layer in range(LAYERS):
+            store.put(layer, first, truth[layer][first:first + 1].to(DEVICE))
+    # 12 one-chunk puts into 2 free slots: every 3rd overflows and demotes 1 + 2 spare (10 rankings without)
+    assert ranked == [3, 3, 3, 3] and store.tiers[0].num_free == 2
+    for layer in range(LAYERS):
+        assert bit_equal(store.read(layer, range(46)), truth[layer][:46])
+    # the slack never makes a put fail: with the host nearly full it shrinks to what fits
+    for layer in range(LAYERS):
+        store.put(layer, 46, truth[layer][46:60].to(DEVICE))
+    assert store.tiers[1].num_free >= 0
+    for layer in range(LAYERS):
+        assert bit_equal(store.read(layer, range(60)), truth[layer][:60])
+    store.close()

@@ -31,8 +31,7 @@ class Engine:
         self.use_piecewise = graphs and not self.use_graph             # dense parts in graphs, attention eager
         self._graph = self._piecewise = None
         self._graph_key, self._graph_failed, self._captured_once = None, False, False
-        self._captures, self._graph_error = 0, None
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        self._captures, self._graph_error, self._capture_s = 0, None, 0.0
         self.last_prefill_s = 0.0
 
     @property
@@ -95,7 +94,8 @@ class Engine:
     def stats(self) -> dict:
         mode = ("graph" if self.use_graph or (self.use_piecewise and not self._graph_failed and self._captures)
                 else "piecewise-graphs" if self.use_piecewise else "eager")
-        out = {"decode_mode": mode, "graph_captures": self._captures}
+        out = {"decode_mode": mode, "graph_captures": self._captures,
+               "graph_capture_ms": round(1000 * self._capture_s, 1)}
         if self._graph_error:
             out["graph_error"] = self._graph_error
         return out
@@ -108,7 +108,8 @@ class Engine:
         if key is None:
             return False
         if key != self._graph_key:
-            self._graph = None
+            # drop the old graph and its outputs first: its private pool is then free for the new capture
+            self._graph = self._logits = None
             self._graph_key = key
             try:
                 self._capture()
@@ -129,20 +130,26 @@ class Engine:
 
     def _capture(self) -> None:
         """Capture one decode step (all layers, static cache, device-side position) in a CUDA graph."""
+        t0 = time.perf_counter()
         self._ids = torch.zeros(1, dtype=torch.long, device=self.device)  # _ids: [1]
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)  # _pos: [1]
         self._pos.fill_(self.attn.length)
         self._ids.fill_(0)
-        # warm-up on a side stream, as CUDA graph capture requires; the KV slot written here is rewritten by the replay
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(1 if self._captured_once else 2):   # lazy CUDA init happens in the first warm-up
-                self.model.forward(self._ids, self._pos, self.attn)
-        torch.cuda.current_stream().wait_stream(s)
+        if not self._captured_once:
+            # warm-up on a side stream (lazy cuBLAS/CuPy init must not happen inside a capture); the KV slot
+            # written here is rewritten by the replay. Recaptures skip it: their kernels are all loaded.
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self.model.forward(self._ids, self._pos, self.attn)
+            torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._graph_pool):
+        # a private pool per capture: sharing one handle across recaptures trips the caching allocator's
+        # use_count assert (torch 2.11) once the previous graph is gone but its outputs are not
+        with torch.cuda.graph(g):
             self._logits = self.model.forward(self._ids, self._pos, self.attn)  # _logits: [V]
         self._graph = g
         self._captured_once = True
         self._captures += 1
+        self._capture_s += time.perf_counter() - t0

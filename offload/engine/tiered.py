@@ -34,18 +34,6 @@ def from_chunks(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv[0], kv[1]
 
 
-def masked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float):
-    """q: [Hq, D] over k, v: [Hkv, N, D] where valid [N] -> (o [Hq, D] f32, lse [Hq] f32); static shapes."""
-    Hq, D = q.shape
-    Hkv = k.shape[0]
-    qg = q.view(Hkv, Hq // Hkv, D).float()  # qg: [Hkv, G, D]
-    s = torch.matmul(qg, k.float().transpose(1, 2)) * scale  # s: [Hkv, G, N]
-    s = s.masked_fill(~valid, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # lse: [Hkv, G]
-    o = torch.matmul(torch.exp(s - lse[..., None]), v.float())  # o: [Hkv, G, D]
-    return o.reshape(Hq, D), lse.reshape(Hq)
-
-
 class TieredAttention(AttentionBackend, PersistableKV):
     def __init__(self, *, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, ctx: int,
                  device, dtype, store, chunk_tokens: int, mode: str = "full", make_index=None,
@@ -70,13 +58,20 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self._stage = None       # (layer, k [Hkv, N, D], v, offset) while a long forward runs layer by layer
         self._next_tail = None
         self._sel_s, self._steps, self._fetched = 0.0, 0, 0
-        self._res, self._res_version = [None] * num_layers, -1     # device copies of the store's chunk table
+        # the store's chunk table mirrored on the device at full size, rewritten in place: a captured step
+        # reads where chunks are now, so chunk moves and appends need no recapture
+        max_chunks = -(-ctx // chunk_tokens)
+        self._tier_dev = torch.full((num_layers, max_chunks), -1, dtype=torch.int8, device=device)  # [L, max chunks]
+        self._slot_dev = torch.full((num_layers, max_chunks), -1, dtype=torch.long, device=device)  # [L, max chunks]
+        self._n_dev = torch.zeros(1, dtype=torch.long, device=device)   # _n_dev: [1] full chunks, on the device
+        self._window_offsets = torch.arange(-self.n_window, 0, device=device)  # [n_window]
+        self._res, self._res_version = [None] * num_layers, -1     # Residency per layer (pools, disk count)
         self._last_ids, self._prefetched = [None] * num_layers, {}  # previous step's selection; pending reads
         self._hits = torch.zeros(4, dtype=torch.long, device=device)  # selections per tier: pad, gpu, host, disk
         self.tail_pos = torch.zeros(1, dtype=torch.long, device=device)  # tail_pos: [1] where decode writes
+        self.tail_count = torch.ones(1, dtype=torch.long, device=device)  # tail_count: [1] = tail_pos + 1
         # selections per chunk since the last put, handed to the store's policy once per chunk of tokens
         self._sel_hits = torch.zeros(num_layers, -(-ctx // chunk_tokens), device=device)  # [L, max chunks]
-        self.tail_arange = torch.arange(cap, device=device)  # tail_arange: [cap]
 
     @property
     def length(self) -> int:
@@ -91,15 +86,24 @@ class TieredAttention(AttentionBackend, PersistableKV):
         if self._token_path:
             self._refresh_residency()
             self.tail_pos.fill_(self.tail_len)
+            self.tail_count.fill_(self.tail_len + 1)
+            self._n_dev.fill_(self.n_chunks)
         self._steps += num_new == 1
 
     def graph_key(self):
         """What a captured decode step depends on; None when the step cannot be captured (disk reads)."""
-        if not self._token_path or self._new != 1 or any(r[0].on_disk for r in self._res if r is not None):
+        if not self._token_path or self._new != 1 or any(r.on_disk for r in self._res if r is not None):
             return None
-        budgets = () if self.mode == "full" else tuple(
-            self.budget.chunks(self._len + 1, self.C, layer) for layer in range(self.L))
-        return (self.n_chunks, self._res_version, budgets)
+        if self.mode == "full":
+            return ("full", self.n_chunks)           # every chunk is attended: shapes follow the count
+        fixed = self.n_sink + self.n_window
+        budgets = tuple(self.budget.chunks(self._len + 1, self.C, layer) for layer in range(self.L))
+        index_keys = tuple(getattr(idx, "graph_key", lambda: ("count", self.n_chunks))() for idx in self.indexes)
+        if any(k is None for k in index_keys):
+            return None                              # the index syncs with the host inside select
+        # a layer whose budget still covers every chunk attends them all: its shapes follow the count
+        small = tuple(self.n_chunks if self.n_chunks <= fixed + b else -1 for b in budgets)
+        return ("sparse", budgets, small, index_keys)
 
     # ---- per-layer attention ------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -120,11 +124,9 @@ class TieredAttention(AttentionBackend, PersistableKV):
             qt = q[:, t]  # qt: [Hq, D]
             o, lse = kernels.dense_attend(qt, self.tail_k[layer, :, :t0 + t + 1], self.tail_v[layer, :, :t0 + t + 1],
                                           self.scale)  # o: [Hq, D], lse: [Hq]
-            ids = self._chunk_ids(layer, qt)  # ids: [Hkv, K] or None
-            if ids is not None:
-                for pool, slots in self._parts(layer, ids):
-                    o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
-                    o, lse = kernels.merge_attn(o, lse, o2, lse2)
+            for pool, slots in self._select_parts(layer, qt):
+                o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
+                o, lse = kernels.merge_attn(o, lse, o2, lse2)
             outs.append(o)
         return torch.stack(outs, dim=1).to(q.dtype)  # [Hq, T, D]
 
@@ -134,70 +136,68 @@ class TieredAttention(AttentionBackend, PersistableKV):
         tk.index_copy_(1, self.tail_pos, k)
         tv.index_copy_(1, self.tail_pos, v)
         qt = q[:, 0]  # qt: [Hq, D]
-        o, lse = masked_attend(qt, tk, tv, self.tail_arange <= self.tail_pos, self.scale)  # o: [Hq, D]
-        ids = self._chunk_ids(layer, qt)  # ids: [Hkv, K] or None
-        if ids is not None:
-            for pool, slots in self._parts(layer, ids):
-                o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
-                o, lse = kernels.merge_attn(o, lse, o2, lse2)
+        o, lse = kernels.dense_attend(qt, tk, tv, self.scale, self.tail_count)  # o: [Hq, D], first tail_count keys
+        for pool, slots in self._select_parts(layer, qt):
+            o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
+            o, lse = kernels.merge_attn(o, lse, o2, lse2)
         return o.to(q.dtype)[:, None]  # [Hq, 1, D]
 
     def _refresh_residency(self) -> None:
         """Mirror the store's chunk table on the device, so decode looks slots up without a host sync."""
         if self.store.placement_version == self._res_version:
             return
+        pinned = self.device.type == "cuda"
         for layer in range(self.L):
             r = self.store.residency(layer)
-            self._res[layer] = (r, r.tier.to(self.device, non_blocking=True), r.slot.to(self.device, non_blocking=True))
+            n = r.tier.numel()
+            # pinned sources: a copy from pageable memory would make the host wait for the GPU's queue
+            self._tier_dev[layer, :n].copy_(r.tier.pin_memory() if pinned else r.tier, non_blocking=True)
+            self._slot_dev[layer, :n].copy_(r.slot.pin_memory() if pinned else r.slot, non_blocking=True)
+            self._res[layer] = r
         self._res_version = self.store.placement_version
 
     def _parts(self, layer: int, ids: torch.Tensor):
         """(pool, slots [Hkv, K]) pairs to attend for ids [Hkv, K]; -1 = padding."""
-        r, tier, slot = self._res[layer]
+        r, tier, slot = self._res[layer], self._tier_dev[layer], self._slot_dev[layer]  # tier, slot: [max chunks]
         if r.on_disk:   # some chunks need a drive read: the store stages them (host sync)
             pending = self._prefetched.pop(layer, None)
             if pending is not None:
                 pending.result()          # the predicted chunks are now read (and promoted where host has room)
             nxt = layer + 1
-            if nxt < self.L and self._res[nxt][0].on_disk and self._last_ids[nxt] is not None:
+            if nxt < self.L and self._res[nxt].on_disk and self._last_ids[nxt] is not None:
                 # layer l+1 will likely want what it wanted last step: its drive reads overlap this layer
                 self._prefetched[nxt] = self.store.prefetch(nxt, self._last_ids[nxt])
             self._last_ids[layer] = ids
             plan = self.store.fetch(layer, ids)
             self._fetched += sum(plan.bytes.values())
             return plan.parts
-        valid = ids >= 0  # valid: [Hkv, K]
-        safe = ids.clamp(min=0)
-        t = torch.where(valid, tier[safe], -1)  # t: [Hkv, K], -1 padding
-        s = slot[safe]  # s: [Hkv, K]
-        self._hits.index_add_(0, (t.long() + 1).flatten(), torch.ones_like(t, dtype=torch.long).flatten())
-        self._sel_hits[layer].index_add_(0, safe.flatten(), valid.flatten().to(self._sel_hits.dtype))
-        none = torch.full_like(s, -1)
-        return [(pool, torch.where(t == i, s, none).int())
-                for i, pool in enumerate((r.gpu_pool, r.host_pool)) if pool.shape[0] > 0]
+        lists = kernels.reference.slot_lookup(ids, tier, slot, self._hits, self._sel_hits[layer])  # [Hkv, K] x2
+        return self._pool_parts(r, lists)
 
-    def _chunk_ids(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:
+    @staticmethod
+    def _pool_parts(r, lists):
+        return [(pool, slots) for pool, slots in zip((r.gpu_pool, r.host_pool), lists) if pool.shape[0] > 0]
+
+    def _select_parts(self, layer: int, q: torch.Tensor) -> list:
+        """(pool, slots [Hkv, K]) pairs query q [Hq, D] attends to besides the tail: sinks, window, selection."""
         n = self.n_chunks
         if n == 0:
-            return None
-        everything = torch.arange(n, device=self.device).expand(self.Hkv, n)  # [Hkv, n]
+            return []
         fixed = self.n_sink + self.n_window
-        if self.mode == "full":
-            return everything
-        budget = self.budget.chunks(self._len + 1, self.C, layer)
-        if n <= fixed + budget:
-            return everything
+        budget = None if self.mode == "full" else self.budget.chunks(self._len + 1, self.C, layer)
+        if budget is None or n <= fixed + budget:     # every chunk
+            return self._parts(layer, torch.arange(n, device=self.device).expand(self.Hkv, n))
         t = time.perf_counter()
         sel = self.indexes[layer].select(q, budget + fixed).to(self.device)  # sel: [Hkv, B + fixed]
-        keep = (sel >= self.n_sink) & (sel < n - self.n_window)  # keep: [Hkv, B + fixed]
-        keep &= torch.cumsum(keep.int(), dim=1) <= budget
-        keep &= ~self._streaming[layer][:, None]   # streaming heads (DuoAttention): sinks + window only
-        sel = torch.where(keep, sel, torch.full_like(sel, -1))
-        sinks = torch.arange(self.n_sink, device=self.device)
-        window = torch.arange(n - self.n_window, n, device=self.device)
-        fixed_ids = torch.cat([sinks, window]).expand(self.Hkv, fixed)  # [Hkv, fixed]
+        args = (self._n_dev, self.n_sink, self.n_window, budget, self._streaming[layer])
+        r = self._res[layer]
+        if r.on_disk:
+            parts = self._parts(layer, kernels.reference.combine_selection(sel, *args))
+        else:   # one launch on the GPU: selection combined, slots looked up, hits counted
+            parts = self._pool_parts(r, kernels.plan_slots(sel.contiguous(), *args, self._tier_dev[layer],
+                                                           self._slot_dev[layer], self._hits, self._sel_hits[layer]))
         self._sel_s += time.perf_counter() - t
-        return torch.cat([fixed_ids, sel], dim=1)  # [Hkv, fixed + B + fixed]
+        return parts
 
     def _attend_staged(self, layer: int, q, k, v) -> torch.Tensor:
         """Long forward: the layer's whole history sits on the device while this layer runs."""

@@ -69,14 +69,15 @@ class _BoundStore:
         else:
             self.lo.append(kmin), self.hi.append(kmax)
 
-    def bounds(self, ids: torch.Tensor | None = None, device: torch.device | None = None):
+    def bounds(self, ids: torch.Tensor | None = None, device: torch.device | None = None,
+               allocated: bool = False):
         """Bounds of all stored rows, or of ids [Hkv, M] -> [Hkv, M, D] on `device` (float32 when int8).
 
         Rows are gathered where they are stored and dequantised after the copy, so an int8 tier moves
-        1 byte per value.
+        1 byte per value. `allocated`: every allocated row, written or not (static shapes for graphs).
         """
-        lo, hi = self.lo.valid, self.hi.valid                                    # lo, hi: [Hkv, n, D]
-        scale = self.scale.valid if self.int8 else None                          # scale: [Hkv, n]
+        lo, hi = (self.lo.data, self.hi.data) if allocated else (self.lo.valid, self.hi.valid)  # [Hkv, n, D]
+        scale = (self.scale.data if allocated else self.scale.valid) if self.int8 else None     # [Hkv, n]
         if ids is not None:
             heads = torch.arange(lo.shape[0], device=lo.device)[:, None]         # heads: [Hkv, 1]
             ids = ids.to(lo.device)                                              # ids: [Hkv, M]
@@ -117,10 +118,12 @@ class ChunkSummaryIndex:
         self.group_reduce, self.coarse_group = group_reduce, int(coarse_group)
         self.candidate_factor, self.min_candidates = float(candidate_factor), max(0, int(min_candidates))
         self.int8, self.host_int8 = bounds == "int8", host_bounds == "int8"
+        self._count = torch.zeros(1, dtype=torch.long, device=self.device)    # _count: [1] chunks, on the device
         self._reset(capacity_chunks)
 
     def _reset(self, capacity_chunks: int) -> None:
         hkv, d, g = self.num_kv_heads, self.head_dim, self.coarse_group
+        self._count.zero_()
         self._host_tier: _BoundStore | None = None
         if g == 1:
             self._device_tier = _BoundStore(hkv, d, self.device, self.dtype, self.int8, capacity_chunks)
@@ -144,6 +147,7 @@ class ChunkSummaryIndex:
         kmin, kmax = chunks.amin(dim=2), chunks.amax(dim=2)                    # kmin, kmax: [Hkv, n, D]
         if self._host_tier is None:
             self._device_tier.append(kmin, kmax)
+            self._count.fill_(self._device_tier.size)
             return
         self._host_tier.append(kmin, kmax)
         g = self.coarse_group
@@ -165,6 +169,15 @@ class ChunkSummaryIndex:
         if n == 0:
             return torch.empty((self.num_kv_heads, 0), dtype=torch.long, device=self.device)
         k = min(int(budget), n)
+        if self._host_tier is None and q.is_cuda:
+            # every allocated row is scored and the unwritten ones masked by the device-side count, so
+            # a captured decode step stays valid as chunks are appended (until the buffer grows)
+            lo, hi = self._device_tier.bounds(allocated=True)                  # lo, hi: [Hkv, cap, D]
+            cap = lo.shape[1]
+            b = kernels.chunk_bounds(q, lo, hi, cap, self.group_reduce)        # b: [Hkv, cap]
+            rows = torch.arange(cap, device=b.device)                          # rows: [cap]
+            b = b.masked_fill(rows >= self._count, float("-inf"))              # b: [Hkv, cap]
+            return torch.topk(b, k, dim=1).indices                             # ids: [Hkv, k]
         if self._host_tier is None:
             lo, hi = self._device_tier.bounds()                                # lo, hi: [Hkv, n, D]
             return kernels.score_chunks(q, lo, hi, n, k, self.group_reduce)    # ids: [Hkv, k]
@@ -188,6 +201,13 @@ class ChunkSummaryIndex:
             tail = torch.arange(full * g, n, device=self.device)               # tail: [r]
             parts.append(tail.expand(self.num_kv_heads, -1))                   # [Hkv, r]
         return torch.cat(parts, dim=1)                                         # cand: [Hkv, M]
+
+    def graph_key(self):
+        """What a captured `select` depends on besides the device-side count; None if it syncs the host."""
+        if self._host_tier is not None:
+            return None                                                        # fine bounds come via the host
+        lo = self._device_tier.lo.data
+        return (lo.data_ptr(), lo.shape[1])
 
     # -- sizes -----------------------------------------------------------------------------------
     @property

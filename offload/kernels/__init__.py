@@ -13,7 +13,7 @@ import torch
 
 from . import reference
 
-__all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds",
+__all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "plan_slots",
            "KERNELS_AVAILABLE", "reference"]
 
 # CuPy is imported lazily (first CUDA call); this only says whether it could be
@@ -54,14 +54,14 @@ def gather_attend(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
     return reference.gather_attend(q, pool, slots, scale)
 
 
-def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q [Hq, D] over all of k, v [Hkv, N, D] -> (o [Hq, D], lse [Hq]) f32."""
+def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 n_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [Hq, D] over k, v [Hkv, N, D] (the first n_valid: int64 [1], when given) -> (o [Hq, D], lse [Hq]) f32."""
     if _on_gpu(q, k, v):
         _cupy = _backend()
-        if _cupy.supports_dense(q, k, v):
-            return _cupy.dense_attend(q, k, v, scale)
-    return reference.dense_attend(q, k, v, scale)
+        if _cupy.supports_dense(q, k, v, n_valid):
+            return _cupy.dense_attend(q, k, v, scale, n_valid)
+    return reference.dense_attend(q, k, v, scale, n_valid)
 
 
 def merge_attn(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
@@ -89,3 +89,14 @@ def score_chunks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_vali
     """Top-k chunk ids per KV head by Quest bound among the first n_valid chunks -> int64 [Hkv, min(k, n_valid)]."""
     bounds = chunk_bounds(q, kmin, kmax, n_valid, group_reduce)      # bounds: [Hkv, n_valid]
     return torch.topk(bounds, min(k, n_valid), dim=1).indices        # ids: [Hkv, k']
+
+
+def plan_slots(sel: torch.Tensor, n_valid: torch.Tensor, n_sink: int, n_window: int, budget: int,
+               streaming: torch.Tensor, tier: torch.Tensor, slot: torch.Tensor, hits: torch.Tensor,
+               chunk_hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPU-pool and host-slab slot lists [Hkv, F + M] int32 of one layer's sparse step (reference.plan_slots)."""
+    if _on_gpu(sel, n_valid, streaming, tier, slot, hits, chunk_hits):
+        _cupy = _backend()
+        if _cupy.supports_plan(sel, n_valid, streaming, tier, slot, hits, chunk_hits):
+            return _cupy.plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits)
+    return reference.plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits)

@@ -101,9 +101,10 @@ def supports_gather(q: torch.Tensor, pool: torch.Tensor) -> bool:
             and c > 0 and c & (c - 1) == 0 and pool.is_contiguous() and _rows_ok(pool, d))
 
 
-def supports_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def supports_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid=None) -> bool:
     d = k.shape[-1]
-    return (q.dtype in _TAGS and k.dtype in _TAGS and v.dtype == k.dtype and v.shape == k.shape
+    ok_count = n_valid is None or (n_valid.dtype == torch.int64 and n_valid.is_cuda and n_valid.numel() == 1)
+    return ok_count and (q.dtype in _TAGS and k.dtype in _TAGS and v.dtype == k.dtype and v.shape == k.shape
             and q.shape[-1] == d and _group_ok(q.shape[0], k.shape[0], d))
 
 
@@ -133,7 +134,7 @@ def _splits(n_chunks: int, chunk_tokens: int, hkv: int, device, num_splits: int 
 
 
 def _attend(q, k_base, v_base, slots, strides, c_shift, n_chunks, n_tokens, hkv, d, dtype, scale,
-            out, num_splits):
+            out, num_splits, n_valid=None):
     """Common launch of attend_kernel. strides: (slot, head, row) in elements."""
     device = q.device
     hq = q.shape[0]
@@ -155,7 +156,7 @@ def _attend(q, k_base, v_base, slots, strides, c_shift, n_chunks, n_tokens, hkv,
             np.int64(strides[0] // vec), np.int64(strides[1] // vec), np.int64(strides[2] // vec),
             np.int32(c_shift), np.int32(n_chunks), np.int64(n_tokens), np.int32(per), np.int32(n_splits),
             np.float32(scale), _ptr(scratch), np.uint64(part_lse), np.uint64(_tickets_for(device, hkv)),
-            _ptr(o), _ptr(lse))
+            _ptr(o), _ptr(lse), _ptr(n_valid))
     _launch(fn, device, (n_splits, hkv), args, shared_mem=4 * per)
     return o, lse
 
@@ -171,8 +172,9 @@ def gather_attend(q, pool, slots, scale, *, out=None, num_splits=None):
                    hkv, d, pool.dtype, scale, out, num_splits)
 
 
-def dense_attend(q, k, v, scale, *, out=None, num_splits=None):
-    """CuPy attention over all keys of k, v: [Hkv, N, D] (strided views are fine when aligned)."""
+def dense_attend(q, k, v, scale, n_valid=None, *, out=None, num_splits=None):
+    """CuPy attention over the keys of k, v: [Hkv, N, D] (strided views are fine when aligned); only the
+    first n_valid (int64 [1] on the device, read when the kernel runs) when given."""
     hkv, n, d = k.shape
     if not (k.stride() == v.stride() and _rows_ok(k, d) and _rows_ok(v, d)):
         k, v = k.contiguous(), v.contiguous()                          # k, v: [Hkv, N, D]
@@ -180,7 +182,7 @@ def dense_attend(q, k, v, scale, *, out=None, num_splits=None):
     row = k.stride(1)
     n_chunks = -(-n >> _DENSE_CHUNK_SHIFT)
     return _attend(q, k.data_ptr(), v.data_ptr(), None, (row << _DENSE_CHUNK_SHIFT, k.stride(0), row),
-                   _DENSE_CHUNK_SHIFT, n_chunks, n, hkv, d, k.dtype, scale, out, num_splits)
+                   _DENSE_CHUNK_SHIFT, n_chunks, n, hkv, d, k.dtype, scale, out, num_splits, n_valid)
 
 
 def merge_attn(o1, lse1, o2, lse2, *, out=None):
@@ -216,3 +218,23 @@ def chunk_bounds(q, kmin, kmax, n_valid, group_reduce="max", *, out=None):
             np.int32(n_valid), np.int32(rows_per_block), _ptr(bounds))
     _launch(fn, q.device, (math.ceil(n_valid / rows_per_block), hkv), args)
     return bounds
+
+
+def supports_plan(sel, n_valid, streaming, tier, slot, hits, chunk_hits) -> bool:
+    return (sel.dtype == torch.int64 and sel.dim() == 2 and sel.is_contiguous() and n_valid.dtype == torch.int64
+            and streaming.dtype == torch.bool and streaming.is_contiguous() and tier.dtype == torch.int8
+            and slot.dtype == torch.int64 and hits.dtype == torch.int64 and hits.numel() >= 4
+            and chunk_hits.dtype == torch.float32 and all(t.is_contiguous() for t in (tier, slot, hits, chunk_hits)))
+
+
+def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits):
+    """One launch: the slot lists [Hkv, F + M] int32 of a layer's sparse step (see plan.cu)."""
+    hkv, m = sel.shape
+    k = n_sink + n_window + m
+    gpu_out = torch.empty((hkv, k), dtype=torch.int32, device=sel.device)   # gpu_out: [Hkv, K]
+    host_out = torch.empty((hkv, k), dtype=torch.int32, device=sel.device)  # host_out: [Hkv, K]
+    fn = _build.function("plan.cu", "plan_slots_kernel", sel.device.index)
+    args = (_ptr(sel), np.int32(m), _ptr(n_valid), np.int32(n_sink), np.int32(n_window), np.int32(budget),
+            _ptr(streaming), _ptr(tier), _ptr(slot), _ptr(hits), _ptr(chunk_hits), _ptr(gpu_out), _ptr(host_out))
+    _launch(fn, sel.device, (hkv,), args)
+    return gpu_out, host_out

@@ -69,7 +69,9 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(
     float* __restrict__ part_lse,            // [Hkv, n_splits, G] (base 2)
     unsigned int* __restrict__ tickets,      // [Hkv], zero between launches
     float* __restrict__ out_o,               // [Hkv*G, D]
-    float* __restrict__ out_lse)             // [Hkv*G] (natural log)
+    float* __restrict__ out_lse,             // [Hkv*G] (natural log)
+    const long long* __restrict__ n_tokens_dev)  // optional: the token count read on the device, so a
+                                             // captured graph attends to a tail that grows between replays
 {
     constexpr int VEC = T::VEC;
     constexpr int LPR = D / VEC;             // lanes per row
@@ -114,7 +116,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(
 
     const int ntok = n_local << c_shift;
     const RowSource src{k_base, v_base, sm_slots, slot_stride, (long long)h * head_stride + sub, row_stride,
-                        (long long)c0 << c_shift, n_tokens, ntok, c_shift};
+                        (long long)c0 << c_shift, n_tokens_dev ? min(*n_tokens_dev, n_tokens) : n_tokens,
+                        ntok, c_shift};
     uint4 kr[U], vr[U];
     bool ok[U];
 #if ATT_PREFETCH

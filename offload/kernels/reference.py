@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds"]
+__all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "combine_selection",
+           "slot_lookup", "plan_slots"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -57,10 +58,17 @@ def gather_attend(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
     return _attend(q, k, v, valid, scale)
 
 
-def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over all of k, v: [Hkv, N, D] (sinks + local window) -> (o [Hq, D] f32, lse [Hq] f32)."""
-    return _attend(q, k, v, None, scale)
+def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 n_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over k, v: [Hkv, N, D] (sinks + local window) -> (o [Hq, D] f32, lse [Hq] f32).
+
+    n_valid (int64 [1], may live on the device): attend to the first n_valid keys only, without a host sync.
+    """
+    if n_valid is None:
+        return _attend(q, k, v, None, scale)
+    hkv, n, _ = k.shape
+    valid = (torch.arange(n, device=k.device) < n_valid.to(k.device)).expand(hkv, n)  # valid: [Hkv, N]
+    return _attend(q, k, v, valid, scale)
 
 
 def merge_attn(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
@@ -103,3 +111,45 @@ def score_chunks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_vali
     """Top-k chunk ids per KV head by Quest bound, best first -> int64 [Hkv, min(k, n_valid)]."""
     bounds = chunk_bounds(q, kmin, kmax, n_valid, group_reduce)       # bounds: [Hkv, n_valid]
     return torch.topk(bounds, min(k, n_valid), dim=1).indices          # ids: [Hkv, k']
+
+
+def combine_selection(sel: torch.Tensor, n_valid: torch.Tensor, n_sink: int, n_window: int, budget: int,
+                      streaming: torch.Tensor) -> torch.Tensor:
+    """Chunk ids one decode query attends per KV head -> int64 [Hkv, F + M], -1 = nothing.
+
+    sel: [Hkv, M] an index's best-first ids; n_valid: int64 [1] full chunks (may live on the device);
+    streaming: [Hkv] bool. Sinks and the window come first (F = n_sink + n_window), then the first
+    `budget` ids of sel outside them (none for a streaming head).
+    """
+    hkv = sel.shape[0]
+    n_valid = n_valid.to(sel.device)
+    keep = (sel >= n_sink) & (sel < n_valid - n_window)                      # keep: [Hkv, M]
+    keep &= torch.cumsum(keep.int(), dim=1) <= budget
+    keep &= ~streaming.to(sel.device)[:, None]
+    picked = torch.where(keep, sel, torch.full_like(sel, -1))                 # picked: [Hkv, M]
+    window = n_valid - n_window + torch.arange(n_window, device=sel.device)   # window: [n_window]
+    fixed = torch.cat([torch.arange(n_sink, device=sel.device), window])      # fixed: [F]
+    return torch.cat([fixed.expand(hkv, -1), picked], dim=1)                  # [Hkv, F + M]
+
+
+def slot_lookup(ids: torch.Tensor, tier: torch.Tensor, slot: torch.Tensor, hits: torch.Tensor,
+                chunk_hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool slots of ids [Hkv, K] (-1 = nothing) -> (gpu_slots, host_slots) int32 [Hkv, K], -1 elsewhere.
+
+    tier: int8 [max chunks] (0 gpu, 1 host, 2 disk), slot: int64 [max chunks]. Counts in place:
+    hits[1 + tier] += 1 per id (hits[0] per -1), chunk_hits[id] += 1.
+    """
+    valid = ids >= 0                                                         # valid: [Hkv, K]
+    safe = ids.clamp(min=0)                                                  # safe: [Hkv, K]
+    t = torch.where(valid, tier[safe].long(), -1)                            # t: [Hkv, K]
+    s = slot[safe]                                                           # s: [Hkv, K]
+    hits.index_add_(0, (t + 1).flatten(), torch.ones_like(t).flatten())
+    chunk_hits.index_add_(0, safe.flatten(), valid.flatten().to(chunk_hits.dtype))
+    none = torch.full_like(s, -1)                                            # none: [Hkv, K]
+    return torch.where(t == 0, s, none).int(), torch.where(t == 1, s, none).int()
+
+
+def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits):
+    """combine_selection then slot_lookup: the slot lists of one layer's sparse step (see both)."""
+    ids = combine_selection(sel, n_valid, n_sink, n_window, budget, streaming)  # ids: [Hkv, F + M]
+    return slot_lookup(ids, tier, slot, hits, chunk_hits)

@@ -47,8 +47,14 @@ def _pick(policy: EvictionPolicy, layers: torch.Tensor, chunks: torch.Tensor, n:
 
 
 def plan_put(policy: EvictionPolicy, layer: int, new_ids: torch.Tensor, num_chunks: torch.Tensor,
-             gpu: Residents, gpu_free: int, host: Residents, host_free: int, disk_free: int) -> Moves:
-    """Decide the moves for putting new_ids (int64 [n]) of `layer`; num_chunks: int64 [L] after the put."""
+             gpu: Residents, gpu_free: int, host: Residents, host_free: int, disk_free: int,
+             gpu_headroom: int = 0) -> Moves:
+    """Decide the moves for putting new_ids (int64 [n]) of `layer`; num_chunks: int64 [L] after the put.
+
+    When the device tier overflows, `gpu_headroom` more chunks than needed are demoted in the same
+    batch, so the next puts (one chunk per layer every C decode tokens) find free slots and skip the
+    O(residents) victim ranking.
+    """
     n = new_ids.numel()
     moves = Moves()
     new_layers = torch.full_like(new_ids, layer)                                # new_layers: [n]
@@ -63,6 +69,9 @@ def plan_put(policy: EvictionPolicy, layer: int, new_ids: torch.Tensor, num_chun
         if free_idx.numel() < excess:
             raise CapacityError(f"GPU tier of {gpu.slots.numel() + gpu_free} chunks cannot hold the pinned sinks "
                                 "and local windows; raise --gpu-mem or shorten the window")
+        # the slack only where the tiers below have room for it: it must never make a put fail
+        extra = min(gpu_headroom, max(0, host_free + disk_free - excess))
+        excess = min(excess + extra, free_idx.numel())
         down[free_idx[_pick(policy, cand_layers[free_idx], cand_chunks[free_idx], excess)]] = True
     r = gpu.slots.numel()
     res_down, new_down = down[:r], down[r:]                                     # [r], [n]

@@ -69,6 +69,7 @@ class TieredKVStore(MovesMixin, FetchMixin):
         self.device = torch.device(device)
         self.promote = promote
         self.policy = make_policy(policy, sink_chunks, window_chunks)
+        self.gpu_headroom = caps[GPU] // 64     # demotion batch slack: ~1.5% of the device tier
         pinned = num_layers * (self.policy.sink_chunks + self.policy.window_chunks)
         if caps[GPU] < pinned:
             raise CapacityError(f"GPU tier of {caps[GPU]} chunks is smaller than the pinned sinks + local windows "
@@ -169,7 +170,7 @@ class TieredKVStore(MovesMixin, FetchMixin):
         self.policy.touch(layer, ids, torch.zeros(n))                          # inserted: recency, no mass
         free = [t.num_free if t is not None else 0 for t in self.tiers]
         mv = plan_put(self.policy, layer, ids, self._num, self._residents(GPU), free[GPU],
-                      self._residents(HOST), free[HOST], free[DISK])
+                      self._residents(HOST), free[HOST], free[DISK], self.gpu_headroom)
         fence = None
         if self._copy is not None:
             compute = torch.cuda.current_stream(self.device)
