@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import time
@@ -32,6 +33,9 @@ def run_offload(args, ctx: int, mode: str) -> dict:
         opts["host_mem"] = args.host_mem
     if mode == "sparse" and args.budget:
         opts["budget"] = args.budget
+    if mode == "sparse" and args.index:
+        opts["index"] = args.index
+        opts["index_options"] = json.loads(args.index_options) if args.index_options else None
     reset_peak()
     llm = LLM(**opts, show_progress=False)
     sess = llm.session()
@@ -48,7 +52,8 @@ def run_offload(args, ctx: int, mode: str) -> dict:
         t1 = time.perf_counter()
         tok = int(sess.step(tok).argmax())
         times.append(1000 * (time.perf_counter() - t1))
-    row = {"mode": mode, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
+    mode_name = f"sparse-{args.index}" if mode == "sparse" and args.index else mode
+    row = {"mode": mode_name, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
            "mean_ms": sum(times[args.warmup:]) / max(1, args.steps), "ttft_s": ttft,
            "peak_gib": peak_gib(), "stats": llm.stats}
     llm.close()
@@ -87,7 +92,8 @@ def run_hf(args, ctx: int, mode: str) -> dict:
             tok = out.logits[:, -1:].argmax(-1)
             int(tok)
             times.append(1000 * (time.perf_counter() - t1))
-    row = {"mode": mode, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
+    mode_name = f"sparse-{args.index}" if mode == "sparse" and args.index else mode
+    row = {"mode": mode_name, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
            "mean_ms": sum(times[args.warmup:]) / max(1, args.steps), "ttft_s": ttft, "peak_gib": peak_gib()}
     del model, cache, out
     gc.collect()
@@ -107,6 +113,8 @@ def main() -> None:
     ap.add_argument("--host-mem", default=None, help="host KV budget for offload modes (default: detected)")
     ap.add_argument("--budget", default=None, help="sparse budget (tokens or %%)")
     ap.add_argument("--hf-chunk", type=int, default=8192)
+    ap.add_argument("--index", default=None, help="sparse index: summary | shadow | ann")
+    ap.add_argument("--index-options", default=None, help='JSON, e.g. \'{"rank": 16}\'')
     ap.add_argument("--out", default="bench/out/decode.json")
     args = ap.parse_args()
     rows = []

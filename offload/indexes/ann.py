@@ -171,6 +171,10 @@ class FaissANNIndex:
         self._num_tokens = total
 
     # -- selection -------------------------------------------------------------------------------
+    def graph_key(self):
+        """None: faiss searches on the host, so a decode step with this index cannot be captured whole."""
+        return None
+
     def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
         """query [Hq, D] -> best-first chunk ids int64 [Hkv, min(budget, num_chunks)] on the device."""
         check_budget(budget)

@@ -32,7 +32,7 @@ import torch
 from offload import kernels
 from offload.errors import ConfigError
 from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, check_shape_args,
-                                     group_reduce, split_chunks)
+                                     group_reduce, split_chunks, top_rows)
 from offload.indexes.summary import ChunkSummaryIndex
 
 
@@ -77,6 +77,7 @@ class ShadowKeyIndex:
         self.candidate_factor, self.min_candidates = float(candidate_factor), max(0, int(min_candidates))
         self.summary_options = dict(summary_options or {})
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        self._count = torch.zeros(1, dtype=torch.long, device=self.device)    # _count: [1] chunks, on the device
         self._reset(capacity_chunks)
 
     def _reset(self, capacity_chunks: int) -> None:
@@ -91,6 +92,7 @@ class ShadowKeyIndex:
             opts = {"group_reduce": self.group_reduce, **self.summary_options, "capacity_chunks": capacity_chunks}
             self._summary = ChunkSummaryIndex(hkv, self.num_q_heads, d, c, self.device, self.dtype, **opts)
         self._num_chunks = 0
+        self._count.zero_()
 
     def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
         """Fit the basis to keys [Hkv, N, D] and index their chunks (queries unused)."""
@@ -118,6 +120,7 @@ class ShadowKeyIndex:
         else:
             self._summary.extend(keys)
         self._num_chunks += chunks.shape[1]
+        self._count.fill_(self._num_chunks)
 
     def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
         """query [Hq, D] -> best-first chunk ids int64 [Hkv, min(budget, num_chunks)] on the device."""
@@ -128,7 +131,11 @@ class ShadowKeyIndex:
         q = query.to(self.device)                                              # q: [Hq, D]
         k = min(int(budget), n)
         m = min(n, math.ceil(max(k * self.candidate_factor, self.min_candidates)))
-        if self._summary is None:
+        if self._summary is None and q.is_cuda:
+            means = self._means.data                                           # means: [Hkv, cap, D] (static shape)
+            b = kernels.chunk_bounds(q, means, means, means.shape[1], self.group_reduce)  # b: [Hkv, cap]
+            cand = top_rows(b, self._count, m)                                 # cand: [Hkv, m]
+        elif self._summary is None:
             means = self._means.valid                                          # means: [Hkv, n, D]
             # with kmin = kmax = mean the Quest bound is exactly q.mean, so one kernel serves both
             cand = kernels.score_chunks(q, means, means, n, m, self.group_reduce)  # cand: [Hkv, m]
@@ -137,6 +144,15 @@ class ShadowKeyIndex:
         scores = self._fine_scores(q, cand)                                    # scores: [Hkv, m]
         local = torch.topk(scores, k, dim=1).indices                           # local: [Hkv, k]
         return cand.gather(1, local)                                           # ids: [Hkv, k]
+
+    def graph_key(self):
+        """What a captured `select` depends on besides the device-side count; None if it syncs the host."""
+        if self.shadows_on != "device":
+            return None                                                        # candidates' shadows via the host
+        coarse = self._summary.graph_key() if self._summary is not None else self._means.data.data_ptr()
+        if coarse is None:
+            return None
+        return (self._shadows.data.data_ptr(), self._shadows.data.shape[1], coarse)
 
     def _fine_scores(self, q: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """Chunk scores of the candidates from their shadows -> [Hkv, m] float32 on the device.
@@ -149,7 +165,8 @@ class ShadowKeyIndex:
         qg = q.float().reshape(hkv, g, self.head_dim)                          # qg: [Hkv, G, D]
         qp = torch.einsum("hgd,hdr->hgr", qg, self.basis)                      # qp: [Hkv, G, r]
         heads = torch.arange(hkv, device=store)[:, None]                       # heads: [Hkv, 1]
-        sh = self._shadows.valid[heads, cand.to(store)]                        # sh: [Hkv, m, C, r]
+        # allocated rows, not the valid prefix: a captured step must not bake in the count's bounds check
+        sh = self._shadows.data[heads, cand.to(store)]                         # sh: [Hkv, m, C, r]
         sh = sh.to(self.device, non_blocking=True)                             # sh: [Hkv, m, C, r]
         s = torch.einsum("hgr,hmcr->hgmc", qp, sh.float()) * self.scale        # s: [Hkv, G, m, C]
         if self.fine_reduce == "max":

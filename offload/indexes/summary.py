@@ -27,7 +27,7 @@ import torch
 from offload import kernels
 from offload.errors import ConfigError
 from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, check_shape_args,
-                                     split_chunks)
+                                     split_chunks, top_rows)
 
 _INT8_LEVELS = 126.0   # one level of slack below 127 so that the outward fix-up step cannot overflow
 
@@ -173,11 +173,8 @@ class ChunkSummaryIndex:
             # every allocated row is scored and the unwritten ones masked by the device-side count, so
             # a captured decode step stays valid as chunks are appended (until the buffer grows)
             lo, hi = self._device_tier.bounds(allocated=True)                  # lo, hi: [Hkv, cap, D]
-            cap = lo.shape[1]
-            b = kernels.chunk_bounds(q, lo, hi, cap, self.group_reduce)        # b: [Hkv, cap]
-            rows = torch.arange(cap, device=b.device)                          # rows: [cap]
-            b = b.masked_fill(rows >= self._count, float("-inf"))              # b: [Hkv, cap]
-            return torch.topk(b, k, dim=1).indices                             # ids: [Hkv, k]
+            b = kernels.chunk_bounds(q, lo, hi, lo.shape[1], self.group_reduce)  # b: [Hkv, cap]
+            return top_rows(b, self._count, k)                                 # ids: [Hkv, k]
         if self._host_tier is None:
             lo, hi = self._device_tier.bounds()                                # lo, hi: [Hkv, n, D]
             return kernels.score_chunks(q, lo, hi, n, k, self.group_reduce)    # ids: [Hkv, k]
