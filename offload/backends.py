@@ -29,14 +29,35 @@ def weight_bytes(mc, dtype: torch.dtype) -> int:
 
 
 def plan(llm, cfg=None):
-    """Split the KV of llm.ctx tokens over GPU / host / disk, or raise CapacityError with the fix."""
+    """Split the KV of llm.ctx tokens over GPU / host / disk, or raise CapacityError with the fix.
+
+    A sparse session on the GPU also holds its index's metadata there (bounds, shadows: up to GiBs at 1M
+    tokens); that is reserved first, so the KV tier never takes memory the index will need later.
+    """
     from offload.planner import plan_budget
     cfg = cfg or llm.config
     mc, C = llm.model_config, cfg.chunk_tokens
-    return plan_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, torch.empty((), dtype=llm.dtype).element_size(),
-                       llm.ctx, weight_bytes(mc, llm.dtype), llm.device, gpu_mem=cfg.gpu_mem, host_mem=cfg.host_mem,
-                       disk_mem=cfg.disk_mem, disk_dir=cfg.disk_dir, chunk_tokens=C,
-                       sink_chunks=math.ceil(cfg.sink_tokens / C), window_chunks=math.ceil(cfg.window_tokens / C))
+
+    def budget(index_bytes: int):
+        return plan_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, torch.empty((), dtype=llm.dtype).element_size(),
+                           llm.ctx, weight_bytes(mc, llm.dtype), llm.device, gpu_mem=cfg.gpu_mem, host_mem=cfg.host_mem,
+                           disk_mem=cfg.disk_mem, disk_dir=cfg.disk_dir, chunk_tokens=C,
+                           sink_chunks=math.ceil(cfg.sink_tokens / C), window_chunks=math.ceil(cfg.window_tokens / C),
+                           index_bytes=index_bytes)
+    p = budget(0)
+    sparse = cfg.attention == "sparse" or (cfg.attention == "auto" and not fits_on_device(p, mc))
+    if sparse and llm.device.type == "cuda":
+        p = budget(mc.num_layers * new_index(llm, cfg, device="cpu").gpu_bytes(math.ceil(llm.ctx / C)))
+    return p
+
+
+def new_index(llm, cfg, device=None):
+    """A fresh (empty) index of the configured method for one layer; buffers stop growing at ctx."""
+    from offload.indexes import make_index
+    mc, C = llm.model_config, cfg.chunk_tokens
+    return make_index(cfg.index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads, head_dim=mc.head_dim,
+                      chunk_tokens=C, device=device or llm.device, dtype=llm.dtype,
+                      max_chunks=math.ceil(llm.ctx / C), **(cfg.index_options or {}))
 
 
 def fits_on_device(p, mc) -> bool:
@@ -53,7 +74,7 @@ def make(llm, cfg=None):
         return DenseAttention(mc.num_layers, mc.num_kv_heads, mc.head_dim, llm.ctx, llm.device, llm.dtype,
                               static=llm.device.type == "cuda")
     from offload.engine.tiered import TieredAttention
-    from offload.indexes import Budget, make_index
+    from offload.indexes import Budget
     from offload.tiers.store import TieredKVStore
 
     C = cfg.chunk_tokens
@@ -62,14 +83,11 @@ def make(llm, cfg=None):
                           sink_chunks=math.ceil(cfg.sink_tokens / C), window_chunks=math.ceil(cfg.window_tokens / C))
     make_idx, budget = None, None
     if m == "sparse":
-        def new_index():
-            return make_index(cfg.index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads, head_dim=mc.head_dim,
-                              chunk_tokens=C, device=llm.device, dtype=llm.dtype, **(cfg.index_options or {}))
         budget = Budget.parse(cfg.budget, cfg.streaming_heads)
         for layer in range(mc.num_layers):   # refuse heads or per-layer lists that do not fit the model now
             budget.head_chunks(layer, mc.num_kv_heads, llm.ctx, C)
-        new_index()   # build one now so a bad method or option fails before any KV is stored
-        make_idx = new_index
+        new_index(llm, cfg)   # build one now so a bad method or option fails before any KV is stored
+        make_idx = lambda: new_index(llm, cfg)  # noqa: E731
     return TieredAttention(num_layers=mc.num_layers, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
                            head_dim=mc.head_dim, ctx=llm.ctx, device=llm.device, dtype=llm.dtype, store=store,
                            chunk_tokens=C, mode=m, make_index=make_idx, budget=budget,

@@ -57,6 +57,7 @@ class BudgetPlan:
     gpu_reserve_bytes: int        # kept free on the GPU for activations and staging
     available: tuple[int, int, int]   # KV budget bytes found per tier (gpu, host, disk)
     disk_dir: str | None
+    index_bytes: int = 0          # GPU metadata of the sparse index at full ctx, kept out of the KV budget
 
     @property
     def capacities(self) -> tuple[int, int, int]:
@@ -78,7 +79,8 @@ class BudgetPlan:
         disk = f" + disk {_gib(self.disk_bytes)} GiB" + (f" ({self.disk_dir})" if self.disk_dir else "")
         return (f"KV {_gib(self.kv_bytes)} GiB for ctx {_tokens(self.ctx)} ({self.chunk_tokens}-token chunks): "
                 f"GPU {_gib(self.gpu_bytes)} + host {_gib(self.host_bytes)} GiB"
-                + (disk if self.disk_chunks else ""))
+                + (disk if self.disk_chunks else "")
+                + (f"; sparse index {_size(self.index_bytes)} on the GPU" if self.index_bytes else ""))
 
 
 def _detect_gpu(device: torch.device) -> int:
@@ -118,7 +120,8 @@ def _detect_disk(disk_dir: str | None) -> int:
 def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int, ctx: int,
                 weight_bytes: int, device: torch.device | str = "cpu", gpu_mem: int | None = None,
                 host_mem: int | None = None, disk_mem: int | None = None, disk_dir: str | None = None,
-                chunk_tokens: int = 32, sink_chunks: int = 1, window_chunks: int = 4) -> BudgetPlan:
+                chunk_tokens: int = 32, sink_chunks: int = 1, window_chunks: int = 4,
+                index_bytes: int = 0) -> BudgetPlan:
     """Split the KV of `ctx` tokens over GPU, host and disk, or raise CapacityError saying what to change."""
     device = torch.device(device)
     chunk_bytes = 2 * num_kv_heads * chunk_tokens * head_dim * dtype_bytes
@@ -130,10 +133,11 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
     if device.type == "cuda":
         free = _detect_gpu(device)
         reserve = max(_GPU_RESERVE_MIN, int(_GPU_RESERVE_FRAC * _gpu_usable_total(device)))
-        room = max(0, free - weight_bytes - reserve)
+        room = max(0, free - weight_bytes - index_bytes - reserve)
         if gpu_mem is not None and gpu_mem > room:
+            index = f", {_gib(index_bytes)} GiB to the sparse index" if index_bytes else ""
             raise CapacityError(f"--gpu-mem {_gib(gpu_mem)} GiB of KV does not fit: the GPU has {_gib(free)} GiB free, "
-                                f"{_gib(weight_bytes)} GiB go to weights and {_gib(reserve)} GiB to activations; "
+                                f"{_gib(weight_bytes)} GiB go to weights{index} and {_gib(reserve)} GiB to activations; "
                                 f"lower --gpu-mem to {_gib(room)} GiB or less")
         gpu = room if gpu_mem is None else gpu_mem
         if host is None:
@@ -166,4 +170,5 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
                             f"host {_gib(host)} + disk {_gib(disk)} = {_gib(gpu + host + disk)} GiB available; {fix}")
     return BudgetPlan(ctx=ctx, chunk_tokens=chunk_tokens, chunk_bytes=chunk_bytes, num_layers=num_layers,
                       gpu_chunks=g, host_chunks=h, disk_chunks=d, kv_bytes=kv_bytes, weight_bytes=weight_bytes,
-                      gpu_reserve_bytes=reserve, available=(gpu, host, disk), disk_dir=disk_dir)
+                      gpu_reserve_bytes=reserve, available=(gpu, host, disk), disk_dir=disk_dir,
+                      index_bytes=index_bytes if device.type == "cuda" else 0)

@@ -244,3 +244,17 @@ def test_config_errors():
         make_index("summary", **{**shape, "num_q_heads": HQ + 1})
     with pytest.raises(ConfigError, match="queries"):
         make_index("ann", train_on="queries", **shape).build(torch.randn(HKV, 4 * C, D))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gpu_bytes_predicts_what_the_index_allocates(name):
+    """The planner reserves gpu_bytes(ctx chunks) before any KV is placed; buffers stop growing there."""
+    keys, _, prefill, _, _ = planted_layer(num_chunks=37)                      # keys: [Hkv, 37*C, D]
+    index = new_index(name, max_chunks=40)
+    index.build(keys[:, :30 * C], prefill)
+    for _ in range(10):                                   # decode appends past 30: doubling stops at 40
+        index.extend(keys[:, :C])
+    assert index.nbytes["gpu"] <= index.gpu_bytes(40)
+    full = new_index(name, max_chunks=40)
+    full.build(torch.cat([keys, keys[:, :3 * C]], dim=1), prefill)             # exactly 40 chunks
+    assert full.nbytes["gpu"] == full.gpu_bytes(40)

@@ -93,3 +93,15 @@ def test_plan_drives_a_store(tmp_path, machine):
         for layer in range(2):
             store.put(layer, 0, torch.randn(100, 2, 2, 4, 8))
         assert store.stats()["bytes_in_use_disk"] == 178 * 512
+
+
+def test_sparse_index_metadata_is_reserved_on_the_gpu(monkeypatch, machine):
+    monkeypatch.setattr(planner, "_detect_gpu", lambda device: 23 * GiB)
+    monkeypatch.setattr(planner, "_gpu_usable_total", lambda device: 24 * GiB)
+    plain = plan_budget(**LLAMA8B, ctx=256 << 10, weight_bytes=16 * GiB, device="cuda")
+    with_index = plan_budget(**LLAMA8B, ctx=256 << 10, weight_bytes=16 * GiB, device="cuda", index_bytes=2 * GiB)
+    assert plain.gpu_bytes - with_index.gpu_bytes >= 2 * GiB - plain.chunk_bytes
+    assert "sparse index 2 GiB" in with_index.summary() and with_index.index_bytes == 2 * GiB
+    with pytest.raises(CapacityError, match="to the sparse index"):
+        plan_budget(**LLAMA8B, ctx=256 << 10, weight_bytes=16 * GiB, device="cuda", gpu_mem=4 * GiB,
+                    index_bytes=2 * GiB)

@@ -22,8 +22,9 @@ class ChunkBuffer:
     """
 
     def __init__(self, num_kv_heads: int, tail: tuple[int, ...], device: torch.device | str,
-                 dtype: torch.dtype, capacity: int = 0, pin: bool = False):
+                 dtype: torch.dtype, capacity: int = 0, pin: bool = False, limit: int = 0):
         self.pin = pin and torch.device(device).type == "cpu" and torch.cuda.is_available()
+        self.limit = limit            # doubling stops here (the planner budgeted this many rows); 0 = none
         self.data = self._alloc(num_kv_heads, max(capacity, 0), tail, device, dtype)  # data: [Hkv, cap, *tail]
         self.size = 0
 
@@ -41,7 +42,10 @@ class ChunkBuffer:
         """rows: [Hkv, n, *tail], converted to the buffer's device and dtype."""
         n = rows.shape[1]
         if self.size + n > self.data.shape[1]:
-            self.reserve(max(self.size + n, 2 * self.data.shape[1]))
+            grown = 2 * self.data.shape[1]
+            if self.limit:
+                grown = min(grown, self.limit)
+            self.reserve(max(self.size + n, grown))
         self.data[:, self.size: self.size + n] = rows.to(device=self.data.device, dtype=self.data.dtype)
         self.size += n
 

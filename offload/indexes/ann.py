@@ -49,7 +49,7 @@ class FaissANNIndex:
                  space: str = "l2aug", train_on: str = "keys", codec: str = "flat", nlist: int = 0,
                  nprobe: int = 0, probe_fraction: float = 0.05, retrieve_factor: float = 1.0,
                  chunk_score: str = "expsum", threads: int = 1, min_ivf_tokens: int = 2048,
-                 norm_headroom: float = 1.2, scale: float | None = None, seed: int = 0):
+                 norm_headroom: float = 1.2, scale: float | None = None, seed: int = 0, max_chunks: int = 0):
         self.group_size = check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
         check_choice("space", space, ("ip", "l2aug"))
         check_choice("train_on", train_on, ("keys", "queries"))
@@ -171,6 +171,10 @@ class FaissANNIndex:
         self._num_tokens = total
 
     # -- selection -------------------------------------------------------------------------------
+    def gpu_bytes(self, num_chunks: int) -> int:
+        """The faiss index and its keys live in host RAM."""
+        return 0
+
     def graph_key(self):
         """None: faiss searches on the host, so a decode step with this index cannot be captured whole."""
         return None

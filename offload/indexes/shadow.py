@@ -57,7 +57,8 @@ class ShadowKeyIndex:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
                  rank: int = 32, coarse: str = "mean", candidate_factor: float = 4.0, min_candidates: int = 32,
                  fine_reduce: str = "mass", group_reduce: str = "max", shadows_on: str = "device",
-                 summary_options: dict | None = None, scale: float | None = None, capacity_chunks: int = 0):
+                 summary_options: dict | None = None, scale: float | None = None, capacity_chunks: int = 0,
+                 max_chunks: int = 0):
         self.group_size = check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
         if not 1 <= int(rank) <= head_dim:
             raise ConfigError(f"shadow rank={rank} must be between 1 and head_dim={head_dim}; "
@@ -76,6 +77,7 @@ class ShadowKeyIndex:
         self.coarse, self.fine_reduce, self.group_reduce = coarse, fine_reduce, group_reduce
         self.candidate_factor, self.min_candidates = float(candidate_factor), max(0, int(min_candidates))
         self.summary_options = dict(summary_options or {})
+        self.max_chunks = max(0, int(max_chunks))     # buffers never grow past the context's chunk count
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
         self._count = torch.zeros(1, dtype=torch.long, device=self.device)    # _count: [1] chunks, on the device
         self._reset(capacity_chunks)
@@ -84,12 +86,14 @@ class ShadowKeyIndex:
         hkv, c, d = self.num_kv_heads, self.chunk_tokens, self.head_dim
         self.basis: torch.Tensor | None = None                                 # basis: [Hkv, D, r]
         pin = self.shadow_device.type == "cpu" and self.device.type == "cuda"
-        self._shadows = ChunkBuffer(hkv, (c, self.rank), self.shadow_device, self.dtype, capacity_chunks, pin)
+        lim = self.max_chunks
+        self._shadows = ChunkBuffer(hkv, (c, self.rank), self.shadow_device, self.dtype, capacity_chunks, pin, lim)
         mean_cap = capacity_chunks if self.coarse == "mean" else 0
-        self._means = ChunkBuffer(hkv, (d,), self.device, self.dtype, mean_cap)    # means: [Hkv, cap, D]
+        self._means = ChunkBuffer(hkv, (d,), self.device, self.dtype, mean_cap, limit=lim)  # means: [Hkv, cap, D]
         self._summary = None
         if self.coarse == "summary":
-            opts = {"group_reduce": self.group_reduce, **self.summary_options, "capacity_chunks": capacity_chunks}
+            opts = {"group_reduce": self.group_reduce, **self.summary_options, "capacity_chunks": capacity_chunks,
+                    "max_chunks": lim}
             self._summary = ChunkSummaryIndex(hkv, self.num_q_heads, d, c, self.device, self.dtype, **opts)
         self._num_chunks = 0
         self._count.zero_()
@@ -144,6 +148,18 @@ class ShadowKeyIndex:
         scores = self._fine_scores(q, cand)                                    # scores: [Hkv, m]
         local = torch.topk(scores, k, dim=1).indices                           # local: [Hkv, k]
         return cand.gather(1, local)                                           # ids: [Hkv, k]
+
+    def gpu_bytes(self, num_chunks: int) -> int:
+        """Compute-device bytes the index allocates for num_chunks chunks (the planner reserves them)."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        hkv = self.num_kv_heads
+        shadows = num_chunks * hkv * self.chunk_tokens * self.rank * item if self.shadows_on == "device" else 0
+        shadows += hkv * self.head_dim * self.rank * 4                        # the float32 basis
+        if self.coarse == "mean":
+            return shadows + num_chunks * hkv * self.head_dim * item
+        inner = ChunkSummaryIndex(hkv, self.num_q_heads, self.head_dim, self.chunk_tokens, "cpu", self.dtype,
+                                  **{"group_reduce": self.group_reduce, **self.summary_options})
+        return shadows + inner.gpu_bytes(num_chunks)
 
     def graph_key(self):
         """What a captured `select` depends on besides the device-side count; None if it syncs the host."""

@@ -55,12 +55,18 @@ def dequantize_bounds(qmin: torch.Tensor, qmax: torch.Tensor, scale: torch.Tenso
 class _BoundStore:
     """Min/max bounds of one tier, native dtype or int8, in growable buffers."""
 
-    def __init__(self, hkv: int, d: int, device, dtype, int8: bool, capacity: int, pin: bool = False):
+    def __init__(self, hkv: int, d: int, device, dtype, int8: bool, capacity: int, pin: bool = False,
+                 limit: int = 0):
         self.int8 = int8
         store_dtype = torch.int8 if int8 else dtype
-        self.lo = ChunkBuffer(hkv, (d,), device, store_dtype, capacity, pin)     # lo: [Hkv, cap, D]
-        self.hi = ChunkBuffer(hkv, (d,), device, store_dtype, capacity, pin)     # hi: [Hkv, cap, D]
-        self.scale = ChunkBuffer(hkv, (), device, torch.float32, capacity if int8 else 0, pin)
+        self.lo = ChunkBuffer(hkv, (d,), device, store_dtype, capacity, pin, limit)     # lo: [Hkv, cap, D]
+        self.hi = ChunkBuffer(hkv, (d,), device, store_dtype, capacity, pin, limit)     # hi: [Hkv, cap, D]
+        self.scale = ChunkBuffer(hkv, (), device, torch.float32, capacity if int8 else 0, pin, limit)
+
+    @staticmethod
+    def row_bytes(hkv: int, d: int, dtype: torch.dtype, int8: bool) -> int:
+        """Bytes per stored row (one chunk or group, every KV head)."""
+        return hkv * (2 * d + 4) if int8 else hkv * 2 * d * torch.empty((), dtype=dtype).element_size()
 
     def append(self, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
         if self.int8:
@@ -104,7 +110,8 @@ class ChunkSummaryIndex:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
                  group_reduce: str = "max", bounds: str = "native", host_bounds: str = "native",
                  coarse_group: int = 1,
-                 candidate_factor: float = 4.0, min_candidates: int = 32, capacity_chunks: int = 0):
+                 candidate_factor: float = 4.0, min_candidates: int = 32, capacity_chunks: int = 0,
+                 max_chunks: int = 0):
         check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
         check_choice("group_reduce", group_reduce, ("max", "sum"))
         check_choice("bounds", bounds, ("native", "int8"))
@@ -118,6 +125,7 @@ class ChunkSummaryIndex:
         self.group_reduce, self.coarse_group = group_reduce, int(coarse_group)
         self.candidate_factor, self.min_candidates = float(candidate_factor), max(0, int(min_candidates))
         self.int8, self.host_int8 = bounds == "int8", host_bounds == "int8"
+        self.max_chunks = max(0, int(max_chunks))     # buffers never grow past the context's chunk count
         self._count = torch.zeros(1, dtype=torch.long, device=self.device)    # _count: [1] chunks, on the device
         self._reset(capacity_chunks)
 
@@ -125,13 +133,14 @@ class ChunkSummaryIndex:
         hkv, d, g = self.num_kv_heads, self.head_dim, self.coarse_group
         self._count.zero_()
         self._host_tier: _BoundStore | None = None
+        lim = self.max_chunks
         if g == 1:
-            self._device_tier = _BoundStore(hkv, d, self.device, self.dtype, self.int8, capacity_chunks)
+            self._device_tier = _BoundStore(hkv, d, self.device, self.dtype, self.int8, capacity_chunks, limit=lim)
             return
         self._device_tier = _BoundStore(hkv, d, self.device, self.dtype, self.int8,
-                                        math.ceil(capacity_chunks / g))
+                                        math.ceil(capacity_chunks / g), limit=math.ceil(lim / g))
         self._host_tier = _BoundStore(hkv, d, "cpu", self.dtype, self.host_int8, capacity_chunks,
-                                      pin=self.device.type == "cuda")
+                                      pin=self.device.type == "cuda", limit=lim)
 
     # -- building --------------------------------------------------------------------------------
     def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
@@ -198,6 +207,11 @@ class ChunkSummaryIndex:
             tail = torch.arange(full * g, n, device=self.device)               # tail: [r]
             parts.append(tail.expand(self.num_kv_heads, -1))                   # [Hkv, r]
         return torch.cat(parts, dim=1)                                         # cand: [Hkv, M]
+
+    def gpu_bytes(self, num_chunks: int) -> int:
+        """Compute-device bytes the index allocates for num_chunks chunks (the planner reserves them)."""
+        rows = math.ceil(num_chunks / self.coarse_group)
+        return rows * _BoundStore.row_bytes(self.num_kv_heads, self.head_dim, self.dtype, self.int8)
 
     def graph_key(self):
         """What a captured `select` depends on besides the device-side count; None if it syncs the host."""
