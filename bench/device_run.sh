@@ -16,6 +16,8 @@ for stage in "$@"; do
                 --budget 2K --kv-gpu-mem 2GiB --host-mem 48GiB --hf-chunk 4096 --out "$OUT/decode_offload.json" 2>&1 | tail -14 ;;
     sparse)   python bench/decode.py --ctx 32K,128K --modes sparse --steps 64 --warmup 2 --budget 2K --host-mem 48GiB \
                 --out "$OUT/decode_sparse.json" 2>&1 | tail -8 ;;
+    shadow)   python bench/decode.py --ctx 32K,128K --modes sparse --index shadow --steps 64 --warmup 2 --budget 2K \
+                --host-mem 48GiB --out "$OUT/decode_sparse_shadow.json" 2>&1 | tail -8 ;;
     timeline) timeout 200 python bench/timeline.py --ctx 128K --attention sparse --budget 2K --host-mem 48GiB --out "$OUT/timeline.json" 2>&1 | tail -40 ;;
     diag)     python bench/diag_fp32.py 2>&1 | grep -v Writing | tail -30 ;;
     tiers)    python bench/tiers.py --out "$OUT/tiers.json" 2>&1 | tail -25 ;;

@@ -82,6 +82,17 @@ def ceilings(reps):
             "h2d_pinned_GBps": big / h2d_ms / 1e6}
 
 
+def same_size_ms(nbytes, reps):
+    """GPU ms to copy, and to merely read (a bf16 max-reduction), nbytes at rotating offsets of a 1 GiB
+    buffer: the fixed-size floor a gather of that many bytes competes with (launch ramp and tail included)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    offs = [(i * (96 << 20)) % ((1 << 30) - nbytes) // 256 * 256 for i in range(8)]
+    copy = gpu_ms(lambda o: dst.copy_(src[o:o + nbytes]), [(o,) for o in offs], reps)
+    read = gpu_ms(lambda o: src[o:o + nbytes].view(torch.bfloat16).amax(), [(o,) for o in offs], reps)
+    return copy, read
+
+
 def make_pool(c, pinned, dtype=torch.bfloat16):
     slots_n = (1 << 30) // (2 * HKV * c * D * 2)                 # 1 GiB of bf16 chunks
     pool = torch.randn(slots_n, 2, HKV, c, D, device=DEV).to(dtype)  # pool: [S, 2, Hkv, C, D]
@@ -113,6 +124,9 @@ def bench_gather(rows, ceil, reps, tokens_list):
                    "chunk_tokens": c, "MB_read": nbytes / 1e6, "ms": ms, "GBps": nbytes / ms / 1e6,
                    "frac_of_ceiling": nbytes / ms / 1e6 / ceiling}
             if not pinned:
+                row["ms_copy_same_bytes"], row["ms_read_same_bytes"] = same_size_ms(nbytes, reps)
+                row["frac_of_same_size_copy"] = row["ms_copy_same_bytes"] / ms
+                row["frac_of_same_size_read"] = row["ms_read_same_bytes"] / ms
                 row["e2e_ms"] = e2e_ms(kernels.gather_attend, inputs, reps)
                 row["host_us_per_call"] = host_us(kernels.gather_attend, inputs)
                 for splits in (8, 32, 128):
@@ -206,7 +220,7 @@ def print_table(result):
           f"pinned H2D {c['h2d_pinned_GBps']:.1f} GB/s")
     print(f"{'op':14} {'pool':11} {'C':>3} {'tok/head':>8} {'MB':>7} {'ms':>8} {'GB/s':>7} {'%ceil':>6} "
           f"{'sdpa':>7} {'dense':>7} {'idx+sdpa':>8} {'s8':>7} {'s32':>7} {'s128':>7} {'u2':>7} {'u8':>7} "
-          f"{'pf':>7} {'pf_u2':>7} {'e2e_ms':>7} {'host_us':>7}")
+          f"{'pf':>7} {'pf_u2':>7} {'e2e_ms':>7} {'host_us':>7} {'copy=':>7} {'read=':>7}")
     for r in result["rows"]:
         if r["op"] == "gather_attend":
             f = lambda key: f"{r[key]:7.3f}" if key in r else "      -"  # noqa: E731
@@ -214,7 +228,7 @@ def print_table(result):
                   f"{r['GBps']:7.0f} {100 * r['frac_of_ceiling']:5.0f}% {f('ms_sdpa_pregathered')} "
                   f"{f('ms_dense_kernel_pregathered')} {f('ms_index_select_plus_sdpa'):>8} {f('ms_splits8')} "
                   f"{f('ms_splits32')} {f('ms_splits128')} {f('ms_u2')} {f('ms_u8')} {f('ms_pf')} {f('ms_pf_u2')} {f('e2e_ms')} "
-                  f"{r.get('host_us_per_call', float('nan')):7.1f}")
+                  f"{r.get('host_us_per_call', float('nan')):7.1f} {f('ms_copy_same_bytes')} {f('ms_read_same_bytes')}")
     for r in result["rows"]:
         if r["op"] != "gather_attend":
             print(r["op"] + ": " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

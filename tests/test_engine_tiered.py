@@ -134,3 +134,21 @@ def test_sparse_decode_step_shapes_survive_chunk_appends(tiny, ids, monkeypatch)
     assert len(set(keys)) <= 2                      # one growth of the index buffers at most
     full, _ = run_session(LLM(str(tiny.path), attention="full", **OPTS), ids, 250)
     assert not torch.equal(sparse, full)            # the budget really was sparse
+
+
+def test_sparse_reads_gpu_and_host_chunks_in_one_gather(tiny, ids, monkeypatch):
+    """With chunks on both tiers, one slot list (host slots flagged) gives what two gathers and a merge give."""
+    from offload import kernels
+    opts = dict(attention="sparse", budget="40", gpu_mem="100KiB", host_mem="1MiB", **OPTS)
+    two_pool_calls = []
+    gather = kernels.gather_attend
+    monkeypatch.setattr(kernels, "gather_attend",
+                        lambda q, p, sl, sc, alt=None: two_pool_calls.append(alt is not None) or gather(q, p, sl, sc, alt))
+    merged, s = run_session(LLM(str(tiny.path), **opts), ids, 250)
+    assert any(two_pool_calls)
+    st = s.stats()
+    assert st["attended_gpu_selections"] > 0 and st["attended_host_selections"] > 0, st
+    real = kernels.plan_slots
+    monkeypatch.setattr(kernels, "plan_slots", lambda *a: real(*a[:-1], False))     # two lists
+    separate, _ = run_session(LLM(str(tiny.path), **opts), ids, 250)
+    torch.testing.assert_close(merged, separate, rtol=0, atol=1e-5)

@@ -411,12 +411,48 @@ def test_reference_plan_slots_by_hand():
 
 
 @gpu
+@pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("m,budget", [(74, 64), (74, 10), (700, 650), (1, 1)])
-def test_gpu_plan_slots_matches_reference(poison, m, budget):
+def test_gpu_plan_slots_matches_reference(poison, m, budget, merged):
     sel, n, streaming, tier, slot = _plan_case(m, m=m, device="cuda")
     outs = []
     for fn in (poison.plan_slots, reference.plan_slots):
         hits, chunk_hits = torch.zeros(4, dtype=torch.long, device="cuda"), torch.zeros(520, device="cuda")
-        outs.append((*fn(sel, n, 2, 8, budget, streaming, tier, slot, hits, chunk_hits), hits, chunk_hits))
+        outs.append((*fn(sel, n, 2, 8, budget, streaming, tier, slot, hits, chunk_hits, merged), hits, chunk_hits))
     for got, want in zip(*outs):
         assert torch.equal(got, want)
+
+
+@gpu
+@pytest.mark.parametrize("hq,hkv,d,c", [(32, 8, 128, 32), (9, 3, 64, 16)])
+def test_gpu_gather_attend_two_pools_in_one_launch(poison, hq, hkv, d, c):
+    """GPU pool + pinned host slab: host slots flagged ALT_SLOT, -1 padding, both tiers in one list."""
+    gen = torch.Generator().manual_seed(c)
+    gpu_pool = _random_pool(gen, 50, hkv, c, d, torch.bfloat16).cuda()
+    host_pool = _random_pool(gen, 70, hkv, c, d, torch.bfloat16).pin_memory()
+    own = _random_slots(gen, hkv, 41, 50, pad=5)                               # own: [Hkv, 41]
+    alt = _random_slots(gen, hkv, 41, 70, pad=5)                               # alt: [Hkv, 41]
+    pick = torch.rand(hkv, 41, generator=gen) < 0.5
+    slots = torch.where(pick, torch.where(alt >= 0, alt | reference.ALT_SLOT, alt), own).int()
+    q = torch.randn(hq, d, generator=gen).to(torch.bfloat16).cuda()
+    got = poison.gather_attend(q, gpu_pool, slots.cuda(), 0.1, host_pool, out=_nan_out(hq, d))
+    _check(got, reference.gather_attend(q, gpu_pool, slots.cuda(), 0.1, host_pool))
+    # and the reference's own split: two single-pool gathers merged
+    none = torch.full_like(slots, -1)
+    parts = [reference.gather_attend(q, gpu_pool, torch.where(pick, none, own).cuda(), 0.1),
+             reference.gather_attend(q, host_pool, torch.where(pick, alt, none), 0.1)]
+    _check(got, reference.merge_attn(*parts[0], *parts[1]))
+
+
+def test_reference_two_pool_gather_equals_merge_of_two():
+    gen = torch.Generator().manual_seed(3)
+    pools = [_random_pool(gen, n, 2, 8, 32) for n in (9, 12)]
+    own, alt = _random_slots(gen, 2, 7, 9, pad=2), _random_slots(gen, 2, 7, 12, pad=2)   # [Hkv, 7] each
+    pick = torch.rand(2, 7, generator=gen) < 0.5
+    slots = torch.where(pick, torch.where(alt >= 0, alt | reference.ALT_SLOT, alt), own)
+    q = torch.randn(8, 32, generator=gen)
+    none = torch.full_like(slots, -1)
+    want = reference.merge_attn(*reference.gather_attend(q, pools[0], torch.where(pick, none, own), 0.2),
+                                *reference.gather_attend(q, pools[1], torch.where(pick, alt, none), 0.2))
+    got = reference.gather_attend(q, pools[0], slots, 0.2, pools[1])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -124,8 +124,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
             qt = q[:, t]  # qt: [Hq, D]
             o, lse = kernels.dense_attend(qt, self.tail_k[layer, :, :t0 + t + 1], self.tail_v[layer, :, :t0 + t + 1],
                                           self.scale)  # o: [Hq, D], lse: [Hq]
-            for pool, slots in self._select_parts(layer, qt):
-                o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
+            for pool, slots, alt in self._select_parts(layer, qt):
+                o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale, alt)  # o2: [Hq, D]
                 o, lse = kernels.merge_attn(o, lse, o2, lse2)
             outs.append(o)
         return torch.stack(outs, dim=1).to(q.dtype)  # [Hq, T, D]
@@ -137,8 +137,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
         tv.index_copy_(1, self.tail_pos, v)
         qt = q[:, 0]  # qt: [Hq, D]
         o, lse = kernels.dense_attend(qt, tk, tv, self.scale, self.tail_count)  # o: [Hq, D], first tail_count keys
-        for pool, slots in self._select_parts(layer, qt):
-            o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
+        for pool, slots, alt in self._select_parts(layer, qt):
+            o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale, alt)  # o2: [Hq, D]
             o, lse = kernels.merge_attn(o, lse, o2, lse2)
         return o.to(q.dtype)[:, None]  # [Hq, 1, D]
 
@@ -170,13 +170,16 @@ class TieredAttention(AttentionBackend, PersistableKV):
             self._last_ids[layer] = ids
             plan = self.store.fetch(layer, ids)
             self._fetched += sum(plan.bytes.values())
-            return plan.parts
+            return [(pool, slots, None) for pool, slots in plan.parts]
         lists = kernels.reference.slot_lookup(ids, tier, slot, self._hits, self._sel_hits[layer])  # [Hkv, K] x2
         return self._pool_parts(r, lists)
 
     @staticmethod
     def _pool_parts(r, lists):
-        return [(pool, slots) for pool, slots in zip((r.gpu_pool, r.host_pool), lists) if pool.shape[0] > 0]
+        """(pool, slots, alt pool) to attend: one merged list reads both tiers in one launch."""
+        if len(lists) == 1:
+            return [(r.gpu_pool, lists[0], r.host_pool)]
+        return [(pool, slots, None) for pool, slots in zip((r.gpu_pool, r.host_pool), lists) if pool.shape[0] > 0]
 
     def _select_parts(self, layer: int, q: torch.Tensor) -> list:
         """(pool, slots [Hkv, K]) pairs query q [Hq, D] attends to besides the tail: sinks, window, selection."""
@@ -193,9 +196,11 @@ class TieredAttention(AttentionBackend, PersistableKV):
         r = self._res[layer]
         if r.on_disk:
             parts = self._parts(layer, kernels.reference.combine_selection(sel, *args))
-        else:   # one launch on the GPU: selection combined, slots looked up, hits counted
+        else:   # one launch: selection combined, slots looked up (one list when both tiers hold chunks), hits counted
+            merged = r.gpu_pool.shape[0] > 0 and r.host_pool.shape[0] > 0
             parts = self._pool_parts(r, kernels.plan_slots(sel.contiguous(), *args, self._tier_dev[layer],
-                                                           self._slot_dev[layer], self._hits, self._sel_hits[layer]))
+                                                           self._slot_dev[layer], self._hits, self._sel_hits[layer],
+                                                           merged))
         self._sel_s += time.perf_counter() - t
         return parts
 

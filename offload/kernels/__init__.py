@@ -44,14 +44,20 @@ def _pool_reachable(q: torch.Tensor, pool: torch.Tensor) -> bool:
     return pool.is_cuda or (pool.device.type == "cpu" and pool.is_pinned())
 
 
-def gather_attend(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q [Hq, D] over pool slots [Hkv, K] of pool [S, 2, Hkv, C, D] -> (o [Hq, D], lse [Hq]) f32."""
-    if _on_gpu(q) and _pool_reachable(q, pool):
+def gather_attend(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, scale: float,
+                  alt_pool: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [Hq, D] over pool slots [Hkv, K] of pool [S, 2, Hkv, C, D] -> (o [Hq, D], lse [Hq]) f32.
+
+    Slots flagged with reference.ALT_SLOT are read from alt_pool (same layout; e.g. the pinned host slab next
+    to the GPU pool), so both tiers are attended in one launch.
+    """
+    pools = (pool,) if alt_pool is None else (pool, alt_pool)
+    if _on_gpu(q) and all(_pool_reachable(q, p) for p in pools):
         _cupy = _backend()
-        if _cupy.supports_gather(q, pool):
-            return _cupy.gather_attend(q, pool, slots, scale)
-    return reference.gather_attend(q, pool, slots, scale)
+        if all(_cupy.supports_gather(q, p) for p in pools) and (
+                alt_pool is None or (alt_pool.shape[1:] == pool.shape[1:] and alt_pool.dtype == pool.dtype)):
+            return _cupy.gather_attend(q, pool, slots, scale, alt_pool)
+    return reference.gather_attend(q, pool, slots, scale, alt_pool)
 
 
 def dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -93,10 +99,12 @@ def score_chunks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_vali
 
 def plan_slots(sel: torch.Tensor, n_valid: torch.Tensor, n_sink: int, n_window: int, budget: int,
                streaming: torch.Tensor, tier: torch.Tensor, slot: torch.Tensor, hits: torch.Tensor,
-               chunk_hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPU-pool and host-slab slot lists [Hkv, F + M] int32 of one layer's sparse step (reference.plan_slots)."""
+               chunk_hits: torch.Tensor, merged: bool = False) -> tuple[torch.Tensor, ...]:
+    """GPU-pool and host-slab slot lists [Hkv, F + M] int32 of one layer's sparse step, or one merged list
+    with host slots flagged (reference.plan_slots)."""
+    args = (sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged)
     if _on_gpu(sel, n_valid, streaming, tier, slot, hits, chunk_hits):
         _cupy = _backend()
         if _cupy.supports_plan(sel, n_valid, streaming, tier, slot, hits, chunk_hits):
-            return _cupy.plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits)
-    return reference.plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits)
+            return _cupy.plan_slots(*args)
+    return reference.plan_slots(*args)

@@ -134,7 +134,7 @@ def _splits(n_chunks: int, chunk_tokens: int, hkv: int, device, num_splits: int 
 
 
 def _attend(q, k_base, v_base, slots, strides, c_shift, n_chunks, n_tokens, hkv, d, dtype, scale,
-            out, num_splits, n_valid=None):
+            out, num_splits, n_valid=None, alt=(0, 0)):
     """Common launch of attend_kernel. strides: (slot, head, row) in elements."""
     device = q.device
     hq = q.shape[0]
@@ -156,20 +156,23 @@ def _attend(q, k_base, v_base, slots, strides, c_shift, n_chunks, n_tokens, hkv,
             np.int64(strides[0] // vec), np.int64(strides[1] // vec), np.int64(strides[2] // vec),
             np.int32(c_shift), np.int32(n_chunks), np.int64(n_tokens), np.int32(per), np.int32(n_splits),
             np.float32(scale), _ptr(scratch), np.uint64(part_lse), np.uint64(_tickets_for(device, hkv)),
-            _ptr(o), _ptr(lse), _ptr(n_valid))
+            _ptr(o), _ptr(lse), _ptr(n_valid), np.uint64(alt[0]), np.uint64(alt[1]))
     _launch(fn, device, (n_splits, hkv), args, shared_mem=4 * per)
     return o, lse
 
 
-def gather_attend(q, pool, slots, scale, *, out=None, num_splits=None):
-    """CuPy gather-attend; `out` (o, lse) and `num_splits` exist for tests and benchmarks."""
+def gather_attend(q, pool, slots, scale, alt_pool=None, *, out=None, num_splits=None):
+    """CuPy gather-attend; `out` (o, lse) and `num_splits` exist for tests and benchmarks. Slots flagged
+    with ALT_SLOT read `alt_pool` (same chunk layout), so a GPU pool and a host slab take one launch."""
     _, _, hkv, c, d = pool.shape
     q = q.contiguous()                                                 # q: [Hq, D]
     if slots.device != q.device or slots.dtype not in _IDX or not slots.is_contiguous():
         slots = slots.to(q.device, torch.long, non_blocking=True).contiguous()  # slots: [Hkv, K]
-    return _attend(q, pool.data_ptr(), pool.data_ptr() + hkv * c * d * pool.element_size(), slots,
+    half = hkv * c * d * pool.element_size()                           # bytes from a slot's K to its V
+    alt = (0, 0) if alt_pool is None else (alt_pool.data_ptr(), alt_pool.data_ptr() + half)
+    return _attend(q, pool.data_ptr(), pool.data_ptr() + half, slots,
                    (2 * hkv * c * d, c * d, d), c.bit_length() - 1, slots.shape[1], slots.shape[1] * c,
-                   hkv, d, pool.dtype, scale, out, num_splits)
+                   hkv, d, pool.dtype, scale, out, num_splits, alt=alt)
 
 
 def dense_attend(q, k, v, scale, n_valid=None, *, out=None, num_splits=None):
@@ -227,14 +230,15 @@ def supports_plan(sel, n_valid, streaming, tier, slot, hits, chunk_hits) -> bool
             and chunk_hits.dtype == torch.float32 and all(t.is_contiguous() for t in (tier, slot, hits, chunk_hits)))
 
 
-def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits):
+def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged=False):
     """One launch: the slot lists [Hkv, F + M] int32 of a layer's sparse step (see plan.cu)."""
     hkv, m = sel.shape
     k = n_sink + n_window + m
     gpu_out = torch.empty((hkv, k), dtype=torch.int32, device=sel.device)   # gpu_out: [Hkv, K]
-    host_out = torch.empty((hkv, k), dtype=torch.int32, device=sel.device)  # host_out: [Hkv, K]
+    host_out = gpu_out if merged else torch.empty_like(gpu_out)             # host_out: [Hkv, K]
     fn = _build.function("plan.cu", "plan_slots_kernel", sel.device.index)
     args = (_ptr(sel), np.int32(m), _ptr(n_valid), np.int32(n_sink), np.int32(n_window), np.int32(budget),
-            _ptr(streaming), _ptr(tier), _ptr(slot), _ptr(hits), _ptr(chunk_hits), _ptr(gpu_out), _ptr(host_out))
+            _ptr(streaming), _ptr(tier), _ptr(slot), _ptr(hits), _ptr(chunk_hits), _ptr(gpu_out), _ptr(host_out),
+            np.int32(merged))
     _launch(fn, sel.device, (hkv,), args)
-    return gpu_out, host_out
+    return (gpu_out,) if merged else (gpu_out, host_out)

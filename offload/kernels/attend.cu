@@ -31,6 +31,8 @@
 struct RowSource {
     const uint4* k;
     const uint4* v;
+    const uint4* k_alt;                      // the second pool (same layout), for slots flagged OFL_ALT_SLOT
+    const uint4* v_alt;
     const int* slots;                        // shared memory: the block's slot list
     long long slot_stride, head_off, row_stride, tok0, n_tokens;
     int ntok, c_shift;
@@ -46,10 +48,11 @@ struct RowSource {
             if (i < ntok) {
                 const int slot = slots[i >> c_shift];
                 if (slot >= 0 && tok0 + i < n_tokens) {
-                    const long long off = (long long)slot * slot_stride + head_off
+                    const bool alt = (slot & OFL_ALT_SLOT) != 0;
+                    const long long off = (long long)(slot & ~OFL_ALT_SLOT) * slot_stride + head_off
                                           + (long long)(i & ((1 << c_shift) - 1)) * row_stride;
-                    kr[u] = k[off];
-                    vr[u] = v[off];
+                    kr[u] = (alt ? k_alt : k)[off];
+                    vr[u] = (alt ? v_alt : v)[off];
                     ok[u] = true;
                 }
             }
@@ -70,8 +73,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(
     unsigned int* __restrict__ tickets,      // [Hkv], zero between launches
     float* __restrict__ out_o,               // [Hkv*G, D]
     float* __restrict__ out_lse,             // [Hkv*G] (natural log)
-    const long long* __restrict__ n_tokens_dev)  // optional: the token count read on the device, so a
+    const long long* __restrict__ n_tokens_dev,  // optional: the token count read on the device, so a
                                              // captured graph attends to a tail that grows between replays
+    const uint4* __restrict__ k_alt,         // optional second pool: GPU-pool and host-slab chunks in one
+    const uint4* __restrict__ v_alt)         // launch (slots flagged OFL_ALT_SLOT read from here)
 {
     constexpr int VEC = T::VEC;
     constexpr int LPR = D / VEC;             // lanes per row
@@ -115,7 +120,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(
     __syncthreads();
 
     const int ntok = n_local << c_shift;
-    const RowSource src{k_base, v_base, sm_slots, slot_stride, (long long)h * head_stride + sub, row_stride,
+    const RowSource src{k_base, v_base, k_alt, v_alt, sm_slots, slot_stride, (long long)h * head_stride + sub, row_stride,
                         (long long)c0 << c_shift, n_tokens_dev ? min(*n_tokens_dev, n_tokens) : n_tokens,
                         ntok, c_shift};
     uint4 kr[U], vr[U];

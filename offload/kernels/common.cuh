@@ -4,6 +4,8 @@
 #define OFL_NEG_INF __int_as_float(0xff800000)
 #define OFL_LOG2E 1.4426950408889634f
 #define OFL_LN2 0.6931471805599453f
+// a slot with this bit set lives in the second ("alt") pool of a gather: the host slab next to the GPU pool
+#define OFL_ALT_SLOT (1 << 30)
 
 // Storage tags. VEC = elements per 16-byte load: every kernel reads K/V in 16-byte vectors.
 struct BF16 { static constexpr int VEC = 8; };

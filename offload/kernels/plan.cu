@@ -4,22 +4,29 @@
 // (both from the device-side chunk count n, so a captured graph follows appends) and the first `budget`
 // ids of the index's best-first selection that are neither (none for a streaming head). Each id is
 // looked up in the device chunk table: its slot goes to the GPU-pool list or the host-slab list
-// (-1 elsewhere), and the per-tier and per-chunk hit counters are bumped for the store's policy.
+// (-1 elsewhere; or one list with host slots flagged, for a two-pool gather_attend), and the per-tier
+// and per-chunk hit counters are bumped for the store's policy.
 // Replaces ~30 small torch ops per layer (see reference.plan_slots, the same thing in torch).
 #include "common.cuh"
 
+// merged: one list, host-slab slots flagged OFL_ALT_SLOT (host_out unused); else two lists.
 __device__ __forceinline__ void plan_emit(long long id, int pos, const signed char* tier, const long long* slot,
-                                          unsigned long long* hits, float* chunk_hits, int* gpu_out, int* host_out) {
+                                          unsigned long long* hits, float* chunk_hits, int* gpu_out, int* host_out,
+                                          bool merged) {
     if (id < 0) {
         gpu_out[pos] = -1;
-        host_out[pos] = -1;
+        if (!merged) host_out[pos] = -1;
         atomicAdd(hits, 1ull);                              // hits[0]: padding
         return;
     }
     const int t = tier[id];
     const int s = (int)slot[id];
-    gpu_out[pos] = t == 0 ? s : -1;
-    host_out[pos] = t == 1 ? s : -1;
+    if (merged) {
+        gpu_out[pos] = t == 0 ? s : t == 1 ? (s | OFL_ALT_SLOT) : -1;
+    } else {
+        gpu_out[pos] = t == 0 ? s : -1;
+        host_out[pos] = t == 1 ? s : -1;
+    }
     atomicAdd(hits + (t + 1), 1ull);
     atomicAdd(chunk_hits + id, 1.f);
 }
@@ -35,7 +42,8 @@ extern "C" __global__ void plan_slots_kernel(
     unsigned long long* __restrict__ hits,   // [4] padding, gpu, host, disk
     float* __restrict__ chunk_hits,          // [max chunks]
     int* __restrict__ gpu_out,               // [Hkv, F + M]
-    int* __restrict__ host_out)              // [Hkv, F + M]
+    int* __restrict__ host_out,              // [Hkv, F + M] (unused when merged)
+    int merged)
 {
     const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31;
     const long long n = *n_valid;
@@ -44,7 +52,7 @@ extern "C" __global__ void plan_slots_kernel(
     int* o = host_out + (long long)h * K;
     for (int j = tid; j < F; j += blockDim.x) {
         const long long id = j < n_sink ? (long long)j : n - n_window + (j - n_sink);
-        plan_emit(id, j, tier, slot, hits, chunk_hits, g, o);
+        plan_emit(id, j, tier, slot, hits, chunk_hits, g, o, merged);
     }
     if (tid >= 32) return;
     // warp 0: the budget keeps the first `budget` eligible ids in selection order (a running count)
@@ -57,6 +65,6 @@ extern "C" __global__ void plan_slots_kernel(
         const unsigned int b = __ballot_sync(0xffffffffu, cand);
         const int rank = running + __popc(b & (0xffffffffu >> (31 - lane)));   // inclusive
         running += __popc(b);
-        if (j < M) plan_emit(cand && rank <= budget ? id : -1, F + j, tier, slot, hits, chunk_hits, g, o);
+        if (j < M) plan_emit(cand && rank <= budget ? id : -1, F + j, tier, slot, hits, chunk_hits, g, o, merged);
     }
 }

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "combine_selection",
+ALT_SLOT = 1 << 30   # a slot flagged with this bit lives in gather_attend's alt_pool (OFL_ALT_SLOT in the .cu)
+
+__all__ = ["ALT_SLOT", "gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "combine_selection",
            "slot_lookup", "plan_slots"]
 
 
@@ -39,9 +41,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tens
     return o.reshape(hq, d).float(), lse.reshape(hq).float()
 
 
-def gather_attend(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over the chunks `slots` of `pool`, per KV head -> (o [Hq, D] f32, lse [Hq] f32)."""
+def gather_attend(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, scale: float,
+                  alt_pool: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over the chunks `slots` of `pool`, per KV head -> (o [Hq, D] f32, lse [Hq] f32).
+
+    With alt_pool (same chunk layout), slots flagged ALT_SLOT are read from it instead.
+    """
+    if alt_pool is not None:
+        flagged = (slots >= 0) & (slots & ALT_SLOT != 0)                  # flagged: [Hkv, K]
+        none = torch.full_like(slots, -1)                                 # none: [Hkv, K]
+        own = gather_attend(q, pool, torch.where(flagged, none, slots), scale)
+        alt = gather_attend(q, alt_pool, torch.where(flagged, slots & ~ALT_SLOT, none), scale)
+        return merge_attn(*own, *alt)
     _, two, hkv, c, d = pool.shape
     if two != 2 or slots.dim() != 2 or slots.shape[0] != hkv:
         raise ValueError(f"pool {tuple(pool.shape)} / slots {tuple(slots.shape)} do not match "
@@ -149,7 +160,11 @@ def slot_lookup(ids: torch.Tensor, tier: torch.Tensor, slot: torch.Tensor, hits:
     return torch.where(t == 0, s, none).int(), torch.where(t == 1, s, none).int()
 
 
-def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits):
-    """combine_selection then slot_lookup: the slot lists of one layer's sparse step (see both)."""
+def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged=False):
+    """combine_selection then slot_lookup: the slot lists of one layer's sparse step (see both).
+
+    merged: one list (a 1-tuple) where host-slab slots carry ALT_SLOT, for a two-pool gather_attend.
+    """
     ids = combine_selection(sel, n_valid, n_sink, n_window, budget, streaming)  # ids: [Hkv, F + M]
-    return slot_lookup(ids, tier, slot, hits, chunk_hits)
+    gpu, host = slot_lookup(ids, tier, slot, hits, chunk_hits)                  # [Hkv, F + M] x2
+    return (torch.where(host >= 0, host | ALT_SLOT, gpu),) if merged else (gpu, host)
