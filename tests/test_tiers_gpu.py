@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -100,6 +102,8 @@ def test_store_put_copies_overlap_later_compute(tmp_path):
     out = torch.matmul(a, a)              # cuBLAS set up and the output allocated now: no implicit sync later
     store.put(0, 0, kv, wait_kv=False)                                        # fills the GPU tier
     kv2 = torch.randn(4096, *SHAPE.shape, device="cuda").to(SHAPE.dtype)
+    # earlier tests' host pools unpin (cudaHostUnregister, a device-wide sync) when collected: not during the check
+    gc.collect()
     torch.cuda.synchronize()
     with torch.cuda.stream(store._copy):
         torch.cuda._sleep(2_000_000_000)                                      # ~1 s of GPU clock cycles
