@@ -456,3 +456,27 @@ def test_reference_two_pool_gather_equals_merge_of_two():
                                 *reference.gather_attend(q, pools[1], torch.where(pick, alt, none), 0.2))
     got = reference.gather_attend(q, pools[0], slots, 0.2, pools[1])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_topk_rows_ignores_rows_past_the_count():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 7.0], [3.0, -1.0, 2.0, 9.0]])
+    assert reference.topk_rows(scores, torch.tensor([3]), 2).tolist() == [[1, 2], [0, 2]]
+
+
+@gpu
+@pytest.mark.parametrize("n,count,k", [(8192, 4100, 74), (300, 300, 300), (40000, 33000, 1200), (64, 1, 1),
+                                       (5000, 4999, 4096)])
+def test_gpu_topk_rows_matches_torch(n, count, k):
+    from offload.kernels import _cupy
+    gen = torch.Generator().manual_seed(n + k)
+    scores = torch.randn(8, n, generator=gen).cuda()
+    scores[:, count:] = float("nan")                      # unwritten rows past the count: never picked
+    scores[0, :10] = 5.0                                  # ties: lower rows first
+    c = torch.tensor([count], device="cuda")
+    got = _cupy.topk_rows(scores, c, k)
+    want = reference.topk_rows(scores, c, k)
+    masked = scores.masked_fill(torch.arange(n, device="cuda") >= count, float("-inf"))
+    torch.testing.assert_close(masked.gather(1, got), masked.gather(1, want), rtol=0, atol=0)  # same values, same order
+    assert (got < count).all() or k > count
+    if count >= 10 and k >= 10:
+        assert got[0, :10].tolist() == list(range(10))

@@ -6,14 +6,6 @@ import torch
 from offload.errors import ConfigError
 
 
-def top_rows(scores: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k row ids per head of scores [Hkv, cap] among the first `count` rows (int64 [1], may live on the
-    device) -> int64 [Hkv, k]. Scoring every allocated row and masking the rest keeps shapes static, so a
-    captured decode step stays valid while chunks are appended."""
-    rows = torch.arange(scores.shape[1], device=scores.device)                 # rows: [cap]
-    return torch.topk(scores.masked_fill(rows >= count, float("-inf")), k, dim=1).indices  # [Hkv, k]
-
-
 class ChunkBuffer:
     """Per-KV-head rows preallocated as [Hkv, capacity, *tail]; grows by doubling.
 

@@ -32,7 +32,7 @@ import torch
 from offload import kernels
 from offload.errors import ConfigError
 from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, check_shape_args,
-                                     group_reduce, split_chunks, top_rows)
+                                     group_reduce, split_chunks)
 from offload.indexes.summary import ChunkSummaryIndex
 
 
@@ -138,7 +138,7 @@ class ShadowKeyIndex:
         if self._summary is None and q.is_cuda:
             means = self._means.data                                           # means: [Hkv, cap, D] (static shape)
             b = kernels.chunk_bounds(q, means, means, means.shape[1], self.group_reduce)  # b: [Hkv, cap]
-            cand = top_rows(b, self._count, m)                                 # cand: [Hkv, m]
+            cand = kernels.topk_rows(b, self._count, m)                        # cand: [Hkv, m]
         elif self._summary is None:
             means = self._means.valid                                          # means: [Hkv, n, D]
             # with kmin = kmax = mean the Quest bound is exactly q.mean, so one kernel serves both

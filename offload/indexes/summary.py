@@ -27,7 +27,7 @@ import torch
 from offload import kernels
 from offload.errors import ConfigError
 from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, check_shape_args,
-                                     split_chunks, top_rows)
+                                     split_chunks)
 
 _INT8_LEVELS = 126.0   # one level of slack below 127 so that the outward fix-up step cannot overflow
 
@@ -183,7 +183,7 @@ class ChunkSummaryIndex:
             # a captured decode step stays valid as chunks are appended (until the buffer grows)
             lo, hi = self._device_tier.bounds(allocated=True)                  # lo, hi: [Hkv, cap, D]
             b = kernels.chunk_bounds(q, lo, hi, lo.shape[1], self.group_reduce)  # b: [Hkv, cap]
-            return top_rows(b, self._count, k)                                 # ids: [Hkv, k]
+            return kernels.topk_rows(b, self._count, k)                        # ids: [Hkv, k]
         if self._host_tier is None:
             lo, hi = self._device_tier.bounds()                                # lo, hi: [Hkv, n, D]
             return kernels.score_chunks(q, lo, hi, n, k, self.group_reduce)    # ids: [Hkv, k]

@@ -13,7 +13,7 @@ import torch
 
 from . import reference
 
-__all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "plan_slots",
+__all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "plan_slots", "topk_rows",
            "KERNELS_AVAILABLE", "reference"]
 
 # CuPy is imported lazily (first CUDA call); this only says whether it could be
@@ -108,3 +108,12 @@ def plan_slots(sel: torch.Tensor, n_valid: torch.Tensor, n_sink: int, n_window: 
         if _cupy.supports_plan(sel, n_valid, streaming, tier, slot, hits, chunk_hits):
             return _cupy.plan_slots(*args)
     return reference.plan_slots(*args)
+
+
+def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k row ids per head of scores [Hkv, N] among the first `count` (int64 [1]) rows, best first -> [Hkv, k]."""
+    if _on_gpu(scores, count):
+        _cupy = _backend()
+        if _cupy.supports_topk(scores, count, k):
+            return _cupy.topk_rows(scores, count, k)
+    return reference.topk_rows(scores, count, k)

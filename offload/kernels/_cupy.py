@@ -50,7 +50,7 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
-def _launch(fn, device: torch.device, grid, args, shared_mem: int = 0) -> None:
+def _launch(fn, device: torch.device, grid, args, shared_mem: int = 0, threads: int = _THREADS) -> None:
     """Launch on torch's current stream of `device` (captured too, inside torch.cuda.graph)."""
     stream = torch.cuda.current_stream(device)
     key = (device.index, stream.cuda_stream)
@@ -59,10 +59,10 @@ def _launch(fn, device: torch.device, grid, args, shared_mem: int = 0) -> None:
         cp_stream = _streams[key] = _cupy_stream(stream, device.index)
     if device.index == torch.cuda.current_device():
         with cp_stream:
-            fn(grid, (_THREADS,), args, shared_mem=shared_mem)
+            fn(grid, (threads,), args, shared_mem=shared_mem)
     else:
         with cupy.cuda.Device(device.index), cp_stream:
-            fn(grid, (_THREADS,), args, shared_mem=shared_mem)
+            fn(grid, (threads,), args, shared_mem=shared_mem)
 
 
 def _cupy_stream(stream: torch.cuda.Stream, device_index: int):
@@ -242,3 +242,21 @@ def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hi
             np.int32(merged))
     _launch(fn, sel.device, (hkv,), args)
     return (gpu_out,) if merged else (gpu_out, host_out)
+
+
+_TOPK_THREADS, _TOPK_MAX_K = 1024, 4096   # TK_THREADS / TK_MAX_K in topk.cu
+
+
+def supports_topk(scores, count, k) -> bool:
+    return (scores.dtype == torch.float32 and scores.dim() == 2 and scores.is_contiguous()
+            and count.dtype == torch.int64 and count.is_cuda and 1 <= k <= min(_TOPK_MAX_K, scores.shape[1]))
+
+
+def topk_rows(scores, count, k):
+    """One launch: top-k row ids per head among the first `count` rows, best first -> int64 [Hkv, k]."""
+    hkv, n = scores.shape
+    out = torch.empty((hkv, k), dtype=torch.int64, device=scores.device)       # out: [Hkv, k]
+    fn = _build.function("topk.cu", "topk_rows_kernel", scores.device.index)
+    args = (_ptr(scores), np.int64(n), _ptr(count), np.int32(k), _ptr(out))
+    _launch(fn, scores.device, (hkv,), args, threads=_TOPK_THREADS)
+    return out

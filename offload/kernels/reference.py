@@ -14,7 +14,7 @@ import torch
 ALT_SLOT = 1 << 30   # a slot flagged with this bit lives in gather_attend's alt_pool (OFL_ALT_SLOT in the .cu)
 
 __all__ = ["ALT_SLOT", "gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "combine_selection",
-           "slot_lookup", "plan_slots"]
+           "slot_lookup", "plan_slots", "topk_rows"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -168,3 +168,12 @@ def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hi
     ids = combine_selection(sel, n_valid, n_sink, n_window, budget, streaming)  # ids: [Hkv, F + M]
     gpu, host = slot_lookup(ids, tier, slot, hits, chunk_hits)                  # [Hkv, F + M] x2
     return (torch.where(host >= 0, host | ALT_SLOT, gpu),) if merged else (gpu, host)
+
+
+def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k row ids per head of scores [Hkv, N] among the first `count` rows (int64 [1], may live on the
+    device), best first -> int64 [Hkv, k]. Scoring every allocated row and masking the rest keeps shapes
+    static, so a captured decode step stays valid while chunks are appended."""
+    rows = torch.arange(scores.shape[1], device=scores.device)                # rows: [N]
+    masked = scores.float().masked_fill(rows >= count.to(scores.device), float("-inf"))  # masked: [Hkv, N]
+    return torch.topk(masked, k, dim=1).indices                               # [Hkv, k]

@@ -1,0 +1,108 @@
+// Top-k rows per head of a score matrix, best first, in one launch: the selection step of sparse decode.
+//
+// grid = (Hkv), block = TK_THREADS. scores [Hkv, N] float32; only the first *count rows are candidates
+// (a device-side count: a captured graph keeps working as chunks are appended). Radix select on the
+// order-preserving integer image of each float finds the k-th largest key in four 8-bit passes; the
+// keys above it and the first ties (lowest row first) are gathered into shared memory and sorted
+// (bitonic, key descending, row ascending). torch.topk took ~30 us per layer for this; see reference.topk_rows.
+#include "common.cuh"
+
+#define TK_THREADS 1024
+#define TK_MAX_K 4096                       // shared memory: 8 bytes per slot
+
+__device__ __forceinline__ unsigned int tk_key(float f) {
+    const unsigned int b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);   // larger float -> larger key
+}
+
+extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
+    const float* __restrict__ scores, long long N, const long long* __restrict__ count, int k,
+    long long* __restrict__ out)               // [Hkv, k]
+{
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned long long picked[TK_MAX_K];
+    __shared__ unsigned int s_prefix, s_remaining, s_taken, s_warp[TK_THREADS / 32];
+    const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float* row = scores + (long long)h * N;
+    const long long n = min(*count, N);
+    const unsigned int neg_inf_key = tk_key(OFL_NEG_INF);
+    auto key_at = [&](long long i) { return i < n ? tk_key(row[i]) : neg_inf_key; };
+
+    // 1. radix select: the k-th largest key, and how many of the keys equal to it to take
+    unsigned int prefix = 0, mask = 0, remaining = (unsigned int)k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += TK_THREADS) hist[i] = 0;
+        __syncthreads();
+        for (long long i = tid; i < N; i += TK_THREADS) {
+            const unsigned int u = key_at(i);
+            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            unsigned int above = 0;
+            int d = 255;
+            for (; d > 0; --d) {
+                if (above + hist[d] >= remaining) break;
+                above += hist[d];
+            }
+            s_prefix = prefix | ((unsigned int)d << shift);
+            s_remaining = remaining - above;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        remaining = s_remaining;
+        mask |= 255u << shift;
+    }
+    // 2. gather: every key above the threshold (any order), then the first `remaining` ties in row order
+    if (tid == 0) s_taken = 0;
+    __syncthreads();
+    for (long long i = tid; i < N; i += TK_THREADS) {
+        const unsigned int u = key_at(i);
+        if (u > prefix) {
+            const unsigned int pos = atomicAdd(&s_taken, 1u);
+            picked[pos] = ((unsigned long long)u << 32) | (0xffffffffu - (unsigned int)i);
+        }
+    }
+    __syncthreads();
+    const unsigned int above = s_taken;
+    unsigned int ties_done = 0;
+    for (long long base = 0; base < N && ties_done < remaining; base += TK_THREADS) {   // uniform loop
+        const long long i = base + tid;
+        const bool tie = i < N && key_at(i) == prefix;
+        const unsigned int b = __ballot_sync(0xffffffffu, tie);
+        if (lane == 0) s_warp[warp] = __popc(b);
+        __syncthreads();
+        unsigned int before = ties_done;
+        for (int w = 0; w < warp; ++w) before += s_warp[w];
+        before += __popc(b & ((1u << lane) - 1u));
+        if (tie && before < remaining)
+            picked[above + before] = ((unsigned long long)prefix << 32) | (0xffffffffu - (unsigned int)i);
+        unsigned int total = 0;
+        for (int w = 0; w < TK_THREADS / 32; ++w) total += s_warp[w];
+        __syncthreads();
+        ties_done += total;
+    }
+    // 3. bitonic sort of the k picks, descending (key, then lower row first)
+    int P = 1;
+    while (P < k) P <<= 1;
+    for (int i = k + tid; i < P; i += TK_THREADS) picked[i] = 0ull;
+    __syncthreads();
+    for (int size = 2; size <= P; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = tid; i < P; i += TK_THREADS) {
+                const int j = i ^ stride;
+                if (j > i) {
+                    const bool desc = (i & size) == 0;
+                    const unsigned long long a = picked[i], c = picked[j];
+                    if (desc ? (a < c) : (a > c)) {
+                        picked[i] = c;
+                        picked[j] = a;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (int i = tid; i < k; i += TK_THREADS)
+        out[(long long)h * k + i] = (long long)(0xffffffffu - (unsigned int)(picked[i] & 0xffffffffull));
+}
