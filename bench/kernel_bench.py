@@ -172,8 +172,14 @@ def bench_score(rows, ceil, reps, n_chunks=16384):
     row = {"op": "score_chunks", "chunks": n_chunks, "kv_heads": HKV, "q_heads": HQ, "MB_read": nbytes / 1e6,
            "ms_bounds_kernel": ms_bounds, "bounds_frac_of_ceiling": nbytes / ms_bounds / 1e6 / ceil["d2d_copy_GBps"],
            "ms_bounds_torch_reference": gpu_ms(reference.chunk_bounds, inputs, reps)}
-    for k in (256, 1024):
+    count = torch.tensor([n_chunks], device=DEV)
+    for k in (74, 256, 1024):
         row[f"ms_topk{k}_only"] = gpu_ms(lambda b, kk=k: torch.topk(b, kk, dim=1), [(bounds,)], reps)
+        row[f"ms_topk_rows_kernel_k{k}"] = gpu_ms(lambda b, kk=k: _cupy.topk_rows(b, count, kk), [(bounds,)], reps)
+    half = torch.tensor([n_chunks // 2], device=DEV)      # a buffer twice the chunks in use, as after growth
+    row["ms_topk_rows_kernel_k74_half_valid"] = gpu_ms(lambda b: _cupy.topk_rows(b, half, 74), [(bounds,)], reps)
+    row["ms_torch_masked_topk_k74_half_valid"] = gpu_ms(lambda b: reference.topk_rows(b, half, 74), [(bounds,)], reps)
+    for k in (256, 1024):
         row[f"ms_score_chunks_k{k}"] = gpu_ms(lambda *a, kk=k: kernels.score_chunks(*a, kk), inputs, reps)
     row["e2e_ms_score_chunks_k256"] = e2e_ms(lambda *a: kernels.score_chunks(*a, 256), inputs, reps)
     row["host_us_per_call"] = host_us(lambda *a: kernels.score_chunks(*a, 256), inputs)

@@ -33,9 +33,14 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += TK_THREADS) hist[i] = 0;
         __syncthreads();
-        for (long long i = tid; i < N; i += TK_THREADS) {
-            const unsigned int u = key_at(i);
-            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+        for (long long base = 0; base < N; base += TK_THREADS) {        // uniform: the warp stays converged
+            const long long i = base + tid;
+            const unsigned int u = i < N ? key_at(i) : 0u;
+            const bool take = i < N && (u & mask) == prefix;
+            const unsigned int digit = (u >> shift) & 255u;
+            // scores cluster in a few top digits: one atomic per distinct digit in the warp, not per lane
+            const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
+            if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
         }
         __syncthreads();
         if (tid == 0) {
@@ -56,12 +61,16 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
     // 2. gather: every key above the threshold (any order), then the first `remaining` ties in row order
     if (tid == 0) s_taken = 0;
     __syncthreads();
-    for (long long i = tid; i < N; i += TK_THREADS) {
-        const unsigned int u = key_at(i);
-        if (u > prefix) {
-            const unsigned int pos = atomicAdd(&s_taken, 1u);
-            picked[pos] = ((unsigned long long)u << 32) | (0xffffffffu - (unsigned int)i);
-        }
+    for (long long base = 0; base < N; base += TK_THREADS) {
+        const long long i = base + tid;
+        const unsigned int u = i < N ? key_at(i) : 0u;
+        const bool hit = i < N && u > prefix;
+        const unsigned int b = __ballot_sync(0xffffffffu, hit);
+        unsigned int first = 0;
+        if (lane == 0 && b) first = atomicAdd(&s_taken, __popc(b));          // one atomic per warp
+        first = __shfl_sync(0xffffffffu, first, 0);
+        if (hit) picked[first + __popc(b & ((1u << lane) - 1u))] = ((unsigned long long)u << 32)
+                                                                   | (0xffffffffu - (unsigned int)i);
     }
     __syncthreads();
     const unsigned int above = s_taken;
