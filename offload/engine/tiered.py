@@ -4,12 +4,15 @@ Where KV lives:
     tail    the newest < C tokens of every layer (plus room for a short forward), on the compute device
     store   every full chunk [2, Hkv, C, D]; the store's policy keeps sinks and recent chunks on the device
 Decode, per layer:  o = merge(dense_attend(q, tail), gather_attend(q, fetched chunks) for each FetchPlan part)
-"full" fetches every chunk; "sparse" fetches sinks + window + the index's selection per KV head.
+"full" fetches every chunk; "sparse" fetches sinks + window + the index's selection per KV head. With
+select_unit="token" the index proposes token_candidates x budget chunks, their keys are scored exactly and
+only the budget's best tokens per KV head are attended (kernels.token_attend), merged like any other part.
 Prefill (T > token_path_max) stages the layer's whole history on the device, attends with SDPA, then cuts the
 new full chunks into the store and feeds them to the layer's index.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -37,7 +40,8 @@ def from_chunks(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class TieredAttention(AttentionBackend, PersistableKV):
     def __init__(self, *, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, ctx: int,
                  device, dtype, store, chunk_tokens: int, mode: str = "full", make_index=None,
-                 budget=None, sink_tokens: int = 64, window_tokens: int = 256, token_path_max: int = 64):
+                 budget=None, sink_tokens: int = 64, window_tokens: int = 256, token_path_max: int = 64,
+                 select_unit: str = "chunk", token_candidates: float = 4.0, token_reduce: str = "sum"):
         self.L, self.Hq, self.Hkv, self.D = num_layers, num_q_heads, num_kv_heads, head_dim
         self.ctx, self.device, self.dtype, self.store = ctx, torch.device(device), dtype, store
         self.C, self.mode, self.token_path_max = chunk_tokens, mode, token_path_max
@@ -45,6 +49,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self.n_sink = -(-sink_tokens // chunk_tokens)
         self.n_window = -(-window_tokens // chunk_tokens)
         self.budget = budget    # offload.indexes.Budget: selected chunks on top of sinks + window
+        # "token": the index proposes token_candidates x budget chunks; the top budget x C tokens are attended
+        self.select_unit, self.token_candidates, self.token_reduce = select_unit, token_candidates, token_reduce
         streaming = budget.streaming_heads if budget is not None else {}
         self._streaming = torch.tensor([[h in streaming.get(layer, ()) for h in range(num_kv_heads)]
                                         for layer in range(num_layers)], device=device)  # [L, Hkv] bool
@@ -57,7 +63,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self._len, self._new = 0, 0
         self._stage = None       # (layer, k [Hkv, N, D], v, offset) while a long forward runs layer by layer
         self._next_tail = None
-        self._sel_s, self._steps, self._fetched = 0.0, 0, 0
+        self._sel_s, self._tok_s, self._steps, self._fetched = 0.0, 0.0, 0, 0
+        self._tok = torch.zeros(2, dtype=torch.long, device=device)   # token stage: scored (head, chunk)s, rows
         # the store's chunk table mirrored on the device at full size, rewritten in place: a captured step
         # reads where chunks are now, so chunk moves and appends need no recapture
         max_chunks = -(-ctx // chunk_tokens)
@@ -96,6 +103,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
             return None
         if self.mode == "full":
             return ("full", self.n_chunks)           # every chunk is attended: shapes follow the count
+        if self.select_unit == "token":
+            return None                              # the token stage gathers candidate keys through the host
         fixed = self.n_sink + self.n_window
         budgets = tuple(self.budget.chunks(self._len + 1, self.C, layer) for layer in range(self.L))
         index_keys = tuple(getattr(idx, "graph_key", lambda: ("count", self.n_chunks))() for idx in self.indexes)
@@ -124,10 +133,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
             qt = q[:, t]  # qt: [Hq, D]
             o, lse = kernels.dense_attend(qt, self.tail_k[layer, :, :t0 + t + 1], self.tail_v[layer, :, :t0 + t + 1],
                                           self.scale)  # o: [Hq, D], lse: [Hq]
-            for pool, slots, alt in self._select_parts(layer, qt):
-                o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale, alt)  # o2: [Hq, D]
-                o, lse = kernels.merge_attn(o, lse, o2, lse2)
-            outs.append(o)
+            outs.append(self._attend_store(layer, qt, o, lse))
         return torch.stack(outs, dim=1).to(q.dtype)  # [Hq, T, D]
 
     def _attend_one(self, layer: int, q, k, v) -> torch.Tensor:
@@ -137,10 +143,24 @@ class TieredAttention(AttentionBackend, PersistableKV):
         tv.index_copy_(1, self.tail_pos, v)
         qt = q[:, 0]  # qt: [Hq, D]
         o, lse = kernels.dense_attend(qt, tk, tv, self.scale, self.tail_count)  # o: [Hq, D], first tail_count keys
-        for pool, slots, alt in self._select_parts(layer, qt):
+        o = self._attend_store(layer, qt, o, lse)  # o: [Hq, D]
+        return o.to(q.dtype)[:, None]  # [Hq, 1, D]
+
+    def _attend_store(self, layer: int, qt, o, lse) -> torch.Tensor:
+        """Merge the store's parts into the tail's (o [Hq, D], lse [Hq]): whole chunks, then the token stage."""
+        parts, token = self._select_parts(layer, qt)
+        for pool, slots, alt in parts:
             o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale, alt)  # o2: [Hq, D]
             o, lse = kernels.merge_attn(o, lse, o2, lse2)
-        return o.to(q.dtype)[:, None]  # [Hq, 1, D]
+        if token is not None:
+            t = time.perf_counter()
+            cand, k_tok, n_cand = token
+            # base_lse: what is attended anyway, so "sum" ranks tokens by their share of the whole softmax
+            o2, lse2 = kernels.token_attend(qt, cand, k_tok, self.scale, self.token_reduce, base_lse=lse)
+            o, lse = kernels.merge_attn(o, lse, o2, lse2)
+            self._tok += torch.stack([n_cand.sum(), (n_cand * self.C).clamp(max=k_tok).sum()])
+            self._tok_s += time.perf_counter() - t
+        return o
 
     def _refresh_residency(self) -> None:
         """Mirror the store's chunk table on the device, so decode looks slots up without a host sync."""
@@ -156,8 +176,9 @@ class TieredAttention(AttentionBackend, PersistableKV):
             self._res[layer] = r
         self._res_version = self.store.placement_version
 
-    def _parts(self, layer: int, ids: torch.Tensor):
-        """(pool, slots [Hkv, K]) pairs to attend for ids [Hkv, K]; -1 = padding."""
+    def _parts(self, layer: int, ids: torch.Tensor, tally: int | None = None):
+        """(pool, slots [Hkv, K], None) to attend for ids [Hkv, K]; -1 = padding. Only the first `tally`
+        columns count as attended chunks (the rest are token-stage candidates: only their keys are read)."""
         r, tier, slot = self._res[layer], self._tier_dev[layer], self._slot_dev[layer]  # tier, slot: [max chunks]
         if r.on_disk:   # some chunks need a drive read: the store stages them (host sync)
             pending = self._prefetched.pop(layer, None)
@@ -171,7 +192,12 @@ class TieredAttention(AttentionBackend, PersistableKV):
             plan = self.store.fetch(layer, ids)
             self._fetched += sum(plan.bytes.values())
             return [(pool, slots, None) for pool, slots in plan.parts]
-        lists = kernels.reference.slot_lookup(ids, tier, slot, self._hits, self._sel_hits[layer])  # [Hkv, K] x2
+        tally = ids.shape[1] if tally is None else tally
+        lookup = kernels.reference.slot_lookup
+        lists = lookup(ids[:, :tally], tier, slot, self._hits, self._sel_hits[layer])  # [Hkv, tally] x2
+        if tally < ids.shape[1]:
+            rest = lookup(ids[:, tally:], tier, slot, torch.zeros_like(self._hits), self._sel_hits[layer])
+            lists = tuple(torch.cat(pair, dim=1) for pair in zip(lists, rest))     # [Hkv, K] x2
         return self._pool_parts(r, lists)
 
     @staticmethod
@@ -181,28 +207,53 @@ class TieredAttention(AttentionBackend, PersistableKV):
             return [(r.gpu_pool, lists[0], r.host_pool)]
         return [(pool, slots, None) for pool, slots in zip((r.gpu_pool, r.host_pool), lists) if pool.shape[0] > 0]
 
-    def _select_parts(self, layer: int, q: torch.Tensor) -> list:
-        """(pool, slots [Hkv, K]) pairs query q [Hq, D] attends to besides the tail: sinks, window, selection."""
+    def _select_parts(self, layer: int, q: torch.Tensor):
+        """What query q [Hq, D] attends besides the tail: ([(pool, slots [Hkv, K], alt pool)], token stage or
+        None), the token stage being (candidate (pool, slots) parts, tokens to keep per KV head, [Hkv] counts)."""
         n = self.n_chunks
         if n == 0:
-            return []
-        fixed = self.n_sink + self.n_window
-        budget = None if self.mode == "full" else self.budget.chunks(self._len + 1, self.C, layer)
-        if budget is None or n <= fixed + budget:     # every chunk
-            return self._parts(layer, torch.arange(n, device=self.device).expand(self.Hkv, n))
-        t = time.perf_counter()
-        sel = self.indexes[layer].select(q, budget + fixed).to(self.device)  # sel: [Hkv, B + fixed]
-        args = (self._n_dev, self.n_sink, self.n_window, budget, self._streaming[layer])
+            return [], None
         r = self._res[layer]
-        if r.on_disk:
-            parts = self._parts(layer, kernels.reference.combine_selection(sel, *args))
-        else:   # one launch: selection combined, slots looked up (one list when both tiers hold chunks), hits counted
-            merged = r.gpu_pool.shape[0] > 0 and r.host_pool.shape[0] > 0
-            parts = self._pool_parts(r, kernels.plan_slots(sel.contiguous(), *args, self._tier_dev[layer],
-                                                           self._slot_dev[layer], self._hits, self._sel_hits[layer],
-                                                           merged))
+        if self.mode == "sparse" and self.select_unit == "chunk" and not r.on_disk:
+            budget = self.budget.chunks(self._len + 1, self.C, layer)
+            if n > self.n_sink + self.n_window + budget:
+                # one launch on the GPU: selection combined, slots looked up (one list when both tiers
+                # hold chunks), hits counted
+                t = time.perf_counter()
+                sel = self.indexes[layer].select(q, budget + self.n_sink + self.n_window)  # [Hkv, B + fixed]
+                merged = r.gpu_pool.shape[0] > 0 and r.host_pool.shape[0] > 0
+                lists = kernels.plan_slots(sel.to(self.device).contiguous(), self._n_dev, self.n_sink, self.n_window,
+                                           budget, self._streaming[layer], self._tier_dev[layer],
+                                           self._slot_dev[layer], self._hits, self._sel_hits[layer], merged)
+                self._sel_s += time.perf_counter() - t
+                return self._pool_parts(r, lists), None
+        ids, whole, k_tok = self._chunk_ids(layer, q)  # ids: [Hkv, whole + candidates]
+        parts = self._parts(layer, ids, whole)   # one fetch for both, so disk reads and prefetch see it all
+        if whole == ids.shape[1]:
+            return parts, None
+        cand = [(pool, slots[:, whole:]) for pool, slots, _ in parts]
+        n_cand = (ids[:, whole:] >= 0).sum(1)  # n_cand: [Hkv] candidate chunks per head
+        return [(pool, slots[:, :whole], alt) for pool, slots, alt in parts], (cand, k_tok, n_cand)
+
+    def _chunk_ids(self, layer: int, q: torch.Tensor):
+        """(ids [Hkv, A + M], A, k): the first A columns are attended whole; the M after them are the token
+        stage's candidate chunks, of which the top k tokens per KV head are attended."""
+        n = self.n_chunks
+        everything = torch.arange(n, device=self.device).expand(self.Hkv, n)  # [Hkv, n]
+        fixed = self.n_sink + self.n_window
+        if self.mode == "full":
+            return everything, n, 0
+        budget = self.budget.chunks(self._len + 1, self.C, layer)
+        if n <= fixed + budget:
+            return everything, n, 0
+        token = self.select_unit == "token"
+        want = min(n - fixed, math.ceil(budget * self.token_candidates)) if token else budget
+        t = time.perf_counter()
+        sel = self.indexes[layer].select(q, want + fixed).to(self.device)  # sel: [Hkv, W + fixed]
+        ids = kernels.reference.combine_selection(sel, self._n_dev, self.n_sink, self.n_window, want,
+                                                  self._streaming[layer])  # ids: [Hkv, fixed + W + fixed]
         self._sel_s += time.perf_counter() - t
-        return parts
+        return (ids, fixed, budget * self.C) if token else (ids, ids.shape[1], 0)
 
     def _attend_staged(self, layer: int, q, k, v) -> torch.Tensor:
         """Long forward: the layer's whole history sits on the device while this layer runs."""
@@ -320,6 +371,11 @@ class TieredAttention(AttentionBackend, PersistableKV):
         out.update(attended_gpu_selections=gpu, attended_host_selections=host,
                    attended_bytes_gpu=gpu * head_bytes, attended_bytes_host=host * head_bytes,
                    selected_hit_rate_gpu=round(gpu / total, 4), selected_hit_rate_host=round(host / total, 4))
+        if self.select_unit == "token" and self.mode == "sparse":
+            scored, rows = self._tok.tolist()
+            # keys of every candidate chunk are read to score; K and V of the attended rows only
+            out.update(scored_key_bytes=scored * head_bytes // 2, token_attended_bytes=rows * head_bytes // self.C,
+                       token_stage_ms_per_step=round(1000 * self._tok_s / max(self._steps, 1), 3))
         return out
 
     def close(self) -> None:
