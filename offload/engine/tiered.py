@@ -4,12 +4,15 @@ Where KV lives:
     tail    the newest < C tokens of every layer (plus room for a short forward), on the compute device
     store   every full chunk [2, Hkv, C, D]; the store's policy keeps sinks and recent chunks on the device
 Decode, per layer:  o = merge(dense_attend(q, tail), gather_attend(q, fetched chunks) for each FetchPlan part)
-"full" fetches every chunk; "sparse" fetches sinks + window + the index's selection per KV head.
+"full" fetches every chunk; "sparse" fetches sinks + window + the index's selection per KV head. With select_unit="token" the index
+proposes token_candidates x budget chunks, their keys are scored exactly and only the top budget tokens
+per KV head are attended (kernels.token_attend), merged like any other part.
 Prefill (T > token_path_max) stages the layer's whole history on the device, attends with SDPA, then cuts the
 new full chunks into the store and feeds them to the layer's index.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -49,7 +52,8 @@ def masked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torc
 class TieredAttention(AttentionBackend, PersistableKV):
     def __init__(self, *, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, ctx: int,
                  device, dtype, store, chunk_tokens: int, mode: str = "full", make_index=None,
-                 budget=None, sink_tokens: int = 64, window_tokens: int = 256, token_path_max: int = 64):
+                 budget=None, sink_tokens: int = 64, window_tokens: int = 256, token_path_max: int = 64,
+                 select_unit: str = "chunk", token_candidates: float = 4.0, token_reduce: str = "sum"):
         self.L, self.Hq, self.Hkv, self.D = num_layers, num_q_heads, num_kv_heads, head_dim
         self.ctx, self.device, self.dtype, self.store = ctx, torch.device(device), dtype, store
         self.C, self.mode, self.token_path_max = chunk_tokens, mode, token_path_max
@@ -57,6 +61,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self.n_sink = -(-sink_tokens // chunk_tokens)
         self.n_window = -(-window_tokens // chunk_tokens)
         self.budget = budget    # offload.indexes.Budget: selected chunks on top of sinks + window
+        # "token": the index proposes token_candidates x budget chunks; the top budget x C tokens are attended
+        self.select_unit, self.token_candidates, self.token_reduce = select_unit, token_candidates, token_reduce
         streaming = budget.streaming_heads if budget is not None else {}
         self._streaming = torch.tensor([[h in streaming.get(layer, ()) for h in range(num_kv_heads)]
                                         for layer in range(num_layers)], device=device)  # [L, Hkv] bool
@@ -69,10 +75,11 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self._len, self._new = 0, 0
         self._stage = None       # (layer, k [Hkv, N, D], v, offset) while a long forward runs layer by layer
         self._next_tail = None
-        self._sel_s, self._steps, self._fetched = 0.0, 0, 0
+        self._sel_s, self._tok_s, self._steps, self._fetched = 0.0, 0.0, 0, 0
         self._res, self._res_version = [None] * num_layers, -1     # device copies of the store's chunk table
         self._last_ids, self._prefetched = [None] * num_layers, {}  # previous step's selection; pending reads
         self._hits = torch.zeros(4, dtype=torch.long, device=device)  # selections per tier: pad, gpu, host, disk
+        self._tok = torch.zeros(2, dtype=torch.long, device=device)   # token stage: scored (head, chunk)s, attended rows
         self.tail_pos = torch.zeros(1, dtype=torch.long, device=device)  # tail_pos: [1] where decode writes
         # selections per chunk since the last put, handed to the store's policy once per chunk of tokens
         self._sel_hits = torch.zeros(num_layers, -(-ctx // chunk_tokens), device=device)  # [L, max chunks]
@@ -120,12 +127,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
             qt = q[:, t]  # qt: [Hq, D]
             o, lse = kernels.dense_attend(qt, self.tail_k[layer, :, :t0 + t + 1], self.tail_v[layer, :, :t0 + t + 1],
                                           self.scale)  # o: [Hq, D], lse: [Hq]
-            ids = self._chunk_ids(layer, qt)  # ids: [Hkv, K] or None
-            if ids is not None:
-                for pool, slots in self._parts(layer, ids):
-                    o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
-                    o, lse = kernels.merge_attn(o, lse, o2, lse2)
-            outs.append(o)
+            outs.append(self._attend_store(layer, qt, o, lse)[0])
         return torch.stack(outs, dim=1).to(q.dtype)  # [Hq, T, D]
 
     def _attend_one(self, layer: int, q, k, v) -> torch.Tensor:
@@ -135,12 +137,30 @@ class TieredAttention(AttentionBackend, PersistableKV):
         tv.index_copy_(1, self.tail_pos, v)
         qt = q[:, 0]  # qt: [Hq, D]
         o, lse = masked_attend(qt, tk, tv, self.tail_arange <= self.tail_pos, self.scale)  # o: [Hq, D]
-        ids = self._chunk_ids(layer, qt)  # ids: [Hkv, K] or None
-        if ids is not None:
-            for pool, slots in self._parts(layer, ids):
-                o2, lse2 = kernels.gather_attend(qt, pool, slots, self.scale)  # o2: [Hq, D]
-                o, lse = kernels.merge_attn(o, lse, o2, lse2)
+        o, _ = self._attend_store(layer, qt, o, lse)  # o: [Hq, D]
         return o.to(q.dtype)[:, None]  # [Hq, 1, D]
+
+    def _attend_store(self, layer: int, qt, o, lse):
+        """Merge the store's part into (o [Hq, D], lse [Hq]): whole chunks (all / sinks + window + selection),
+        then with select_unit="token" the top tokens of the candidate chunks."""
+        sel = self._chunk_ids(layer, qt)
+        if sel is None:
+            return o, lse
+        ids, whole, k_tok = sel  # ids: [Hkv, whole + candidates]
+        parts = self._parts(layer, ids, whole)   # one fetch for both, so disk reads and prefetch see it all
+        for pool, slots in parts:
+            o2, lse2 = kernels.gather_attend(qt, pool, slots[:, :whole], self.scale)  # o2: [Hq, D]
+            o, lse = kernels.merge_attn(o, lse, o2, lse2)
+        if whole < ids.shape[1]:
+            t = time.perf_counter()
+            cand = [(pool, slots[:, whole:]) for pool, slots in parts]
+            # base_lse: what is attended anyway, so "sum" ranks tokens by their share of the whole softmax
+            o2, lse2 = kernels.token_attend(qt, cand, k_tok, self.scale, self.token_reduce, base_lse=lse)
+            o, lse = kernels.merge_attn(o, lse, o2, lse2)
+            n_cand = (ids[:, whole:] >= 0).sum(1)  # n_cand: [Hkv] candidate chunks per head
+            self._tok += torch.stack([n_cand.sum(), (n_cand * self.C).clamp(max=k_tok).sum()])
+            self._tok_s += time.perf_counter() - t
+        return o, lse
 
     def _refresh_residency(self) -> None:
         """Mirror the store's chunk table on the device, so decode looks slots up without a host sync."""
@@ -151,8 +171,9 @@ class TieredAttention(AttentionBackend, PersistableKV):
             self._res[layer] = (r, r.tier.to(self.device, non_blocking=True), r.slot.to(self.device, non_blocking=True))
         self._res_version = self.store.placement_version
 
-    def _parts(self, layer: int, ids: torch.Tensor):
-        """(pool, slots [Hkv, K]) pairs to attend for ids [Hkv, K]; -1 = padding."""
+    def _parts(self, layer: int, ids: torch.Tensor, tally: int | None = None):
+        """(pool, slots [Hkv, K]) pairs to attend for ids [Hkv, K]; -1 = padding. The first `tally` columns
+        count as attended chunks (the rest are token-stage candidates, of which only keys are read)."""
         r, tier, slot = self._res[layer]
         if r.on_disk:   # some chunks need a drive read: the store stages them (host sync)
             pending = self._prefetched.pop(layer, None)
@@ -170,34 +191,40 @@ class TieredAttention(AttentionBackend, PersistableKV):
         safe = ids.clamp(min=0)
         t = torch.where(valid, tier[safe], -1)  # t: [Hkv, K], -1 padding
         s = slot[safe]  # s: [Hkv, K]
-        self._hits.index_add_(0, (t.long() + 1).flatten(), torch.ones_like(t, dtype=torch.long).flatten())
+        tt = t[:, :tally]  # tt: [Hkv, tally]
+        self._hits.index_add_(0, (tt.long() + 1).flatten(), torch.ones_like(tt, dtype=torch.long).flatten())
         self._sel_hits[layer].index_add_(0, safe.flatten(), valid.flatten().to(self._sel_hits.dtype))
         none = torch.full_like(s, -1)
         return [(pool, torch.where(t == i, s, none).int())
                 for i, pool in enumerate((r.gpu_pool, r.host_pool)) if pool.shape[0] > 0]
 
-    def _chunk_ids(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:
+    def _chunk_ids(self, layer: int, q: torch.Tensor):
+        """(ids [Hkv, A + M], A, k): the first A columns are attended whole; the M after them are the token
+        stage's candidate chunks, of which the top k tokens per KV head are attended. None: nothing stored."""
         n = self.n_chunks
         if n == 0:
             return None
         everything = torch.arange(n, device=self.device).expand(self.Hkv, n)  # [Hkv, n]
         fixed = self.n_sink + self.n_window
         if self.mode == "full":
-            return everything
+            return everything, n, 0
         budget = self.budget.chunks(self._len + 1, self.C, layer)
         if n <= fixed + budget:
-            return everything
+            return everything, n, 0
+        token = self.select_unit == "token"
+        want = min(n - fixed, math.ceil(budget * self.token_candidates)) if token else budget
         t = time.perf_counter()
-        sel = self.indexes[layer].select(q, budget + fixed).to(self.device)  # sel: [Hkv, B + fixed]
-        keep = (sel >= self.n_sink) & (sel < n - self.n_window)  # keep: [Hkv, B + fixed]
-        keep &= torch.cumsum(keep.int(), dim=1) <= budget
+        sel = self.indexes[layer].select(q, want + fixed).to(self.device)  # sel: [Hkv, W + fixed]
+        keep = (sel >= self.n_sink) & (sel < n - self.n_window)  # keep: [Hkv, W + fixed]
+        keep &= torch.cumsum(keep.int(), dim=1) <= want
         keep &= ~self._streaming[layer][:, None]   # streaming heads (DuoAttention): sinks + window only
         sel = torch.where(keep, sel, torch.full_like(sel, -1))
         sinks = torch.arange(self.n_sink, device=self.device)
         window = torch.arange(n - self.n_window, n, device=self.device)
         fixed_ids = torch.cat([sinks, window]).expand(self.Hkv, fixed)  # [Hkv, fixed]
         self._sel_s += time.perf_counter() - t
-        return torch.cat([fixed_ids, sel], dim=1)  # [Hkv, fixed + B + fixed]
+        ids = torch.cat([fixed_ids, sel], dim=1)  # ids: [Hkv, fixed + W + fixed]
+        return (ids, fixed, budget * self.C) if token else (ids, ids.shape[1], 0)
 
     def _attend_staged(self, layer: int, q, k, v) -> torch.Tensor:
         """Long forward: the layer's whole history sits on the device while this layer runs."""
@@ -315,6 +342,11 @@ class TieredAttention(AttentionBackend, PersistableKV):
         out.update(attended_gpu_selections=gpu, attended_host_selections=host,
                    attended_bytes_gpu=gpu * head_bytes, attended_bytes_host=host * head_bytes,
                    selected_hit_rate_gpu=round(gpu / total, 4), selected_hit_rate_host=round(host / total, 4))
+        if self.select_unit == "token" and self.mode == "sparse":
+            scored, rows = self._tok.tolist()
+            # keys of every candidate chunk are read to score; K and V of the attended rows only
+            out.update(scored_key_bytes=scored * head_bytes // 2, token_attended_bytes=rows * head_bytes // self.C,
+                       token_stage_ms_per_step=round(1000 * self._tok_s / max(self._steps, 1), 3))
         return out
 
     def close(self) -> None:

@@ -1,0 +1,109 @@
+"""Token-level second selection stage (torch; runs on the CPU and, unfused, on CUDA tensors).
+
+The index proposes candidate chunks; this stage reads their keys only, scores every candidate token
+exactly (q.k), keeps the top `k` tokens per KV head and attends over those K/V rows. Chunk selection
+spends its budget on whole chunks whose attention mass is spread unevenly; tokens do not.
+
+Shapes (one layer, batch 1, one decode step), as in `reference`:
+    q:      [Hq, D]                 decode query, post-RoPE
+    parts:  ((pool [S, 2, Hkv, C, D], slots [Hkv, K]), ...)   candidate chunks per pool; -1 = padding
+            or held by another part (the column layout of `FetchPlan.parts`)
+Group reduce (how a KV head's query group ranks a token, as the summary index ranks chunks):
+    max     max over the group of q.k
+    sum     sum over the group of softmax probabilities, normalised with `base_lse` (the log-sum-exp of
+            what is attended anyway: tail, sinks, window) so a head that looks mostly at sinks weighs less
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import _attend, _compute_dtype
+
+__all__ = ["token_scores", "select_tokens", "token_attend", "GROUP_REDUCES"]
+
+GROUP_REDUCES = ("max", "sum")
+
+
+def token_scores(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scale: float,
+                 group_reduce: str = "sum", base_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank of every candidate token per KV head: keys [Hkv, M, D], valid [Hkv, M] -> [Hkv, M] (-inf invalid)."""
+    if group_reduce not in GROUP_REDUCES:
+        raise ValueError(f"group_reduce must be one of {GROUP_REDUCES}, not {group_reduce!r}")
+    hq, d = q.shape
+    hkv = keys.shape[0]
+    dt = _compute_dtype(q, keys)
+    qg = q.to(dt).reshape(hkv, hq // hkv, d)                              # qg: [Hkv, G, D]
+    s = torch.einsum("hgd,hmd->hgm", qg, keys.to(dt)) * scale             # s: [Hkv, G, M]
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))                  # s: [Hkv, G, M]
+    if group_reduce == "max":
+        r = s.amax(dim=1)                                                 # r: [Hkv, M]
+    else:
+        norm = torch.logsumexp(s, dim=-1)                                 # norm: [Hkv, G]
+        if base_lse is not None:
+            norm = torch.logaddexp(norm, base_lse.to(dt).reshape(hkv, hq // hkv))  # norm: [Hkv, G]
+        # a group with nothing valid has norm = -inf; subtracting 0 keeps its p = 0 instead of NaN
+        p = torch.exp(s - torch.where(torch.isinf(norm), 0.0, norm)[..., None])  # p: [Hkv, G, M]
+        r = p.sum(dim=1)                                                  # r: [Hkv, M]
+    return r.masked_fill(~valid, float("-inf"))                           # r: [Hkv, M]
+
+
+def select_tokens(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: int, scale: float,
+                  group_reduce: str = "sum", base_lse: torch.Tensor | None = None):
+    """Top-k candidate tokens per KV head -> (idx int64 [Hkv, k'], ok bool [Hkv, k']), k' = min(k, M).
+
+    Static shapes (no host sync): when a head has fewer than k valid candidates, the extra picks are
+    marked not ok.
+    """
+    r = token_scores(q, keys, valid, scale, group_reduce, base_lse)      # r: [Hkv, M]
+    idx = torch.topk(r, min(k, r.shape[1]), dim=1).indices                # idx: [Hkv, k']
+    ok = valid.gather(1, idx)                                             # ok: [Hkv, k']
+    return idx, ok
+
+
+def gather_candidate_keys(parts, hkv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (only) of every candidate chunk, parts concatenated -> (keys [Hkv, M, D], valid [Hkv, M])."""
+    ks, valids = [], []
+    for pool, slots in parts:
+        c = pool.shape[3]
+        s = slots.to(device=pool.device, dtype=torch.long)                # s: [Hkv, K]
+        heads = torch.arange(hkv, device=pool.device)[:, None]            # heads: [Hkv, 1]
+        k = pool[:, 0][s.clamp(min=0), heads]                             # k: [Hkv, K, C, D] (V is not read)
+        ks.append(k.to(device).flatten(1, 2))                             # [Hkv, K*C, D]
+        valids.append((s >= 0).to(device).repeat_interleave(c, dim=1))    # [Hkv, K*C]
+    return torch.cat(ks, dim=1), torch.cat(valids, dim=1)                 # [Hkv, M, D], [Hkv, M]
+
+
+def gather_values(parts, idx: torch.Tensor, ok: torch.Tensor, d: int, dtype) -> torch.Tensor:
+    """V rows of the picked candidates idx [Hkv, k] (positions in the parts' concatenation) -> [Hkv, k, D]."""
+    hkv, k = idx.shape
+    v = torch.zeros(hkv, k, d, device=idx.device, dtype=dtype)           # v: [Hkv, k, D]
+    start = 0
+    for pool, slots in parts:
+        c, m = pool.shape[3], slots.shape[1] * pool.shape[3]
+        local = idx - start                                               # local: [Hkv, k]
+        mine = ok & (local >= 0) & (local < m)                            # mine: [Hkv, k]
+        local = local.clamp(0, max(m - 1, 0))                             # local: [Hkv, k]
+        sl = slots.to(device=idx.device, dtype=torch.long).gather(1, local // c)  # sl: [Hkv, k]
+        sl, off = sl.clamp(min=0).to(pool.device), (local % c).to(pool.device)   # [Hkv, k] each
+        heads = torch.arange(hkv, device=pool.device)[:, None]            # heads: [Hkv, 1]
+        rows = pool[:, 1][sl, heads, off].to(idx.device, dtype)           # rows: [Hkv, k, D]
+        v = torch.where(mine[..., None], rows, v)                         # v: [Hkv, k, D]
+        start += m
+    return v
+
+
+def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str = "sum",
+                 base_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over the top-k tokens per KV head of the candidate chunks -> (o [Hq, D], lse [Hq]) f32.
+
+    Merge the result with `merge_attn`: the picked tokens are disjoint from what base_lse covers.
+    """
+    hq, d = q.shape
+    if not parts:
+        return q.new_zeros(hq, d, dtype=torch.float32), q.new_full((hq,), float("-inf"), dtype=torch.float32)
+    hkv = parts[0][0].shape[2]
+    keys, valid = gather_candidate_keys(parts, hkv, q.device)             # keys: [Hkv, M, D], valid: [Hkv, M]
+    idx, ok = select_tokens(q, keys, valid, k, scale, group_reduce, base_lse)  # idx, ok: [Hkv, k']
+    ksel = keys.gather(1, idx[..., None].expand(-1, -1, d))               # ksel: [Hkv, k', D]
+    vsel = gather_values(parts, idx, ok, d, keys.dtype)                   # vsel: [Hkv, k', D]
+    return _attend(q, ksel, vsel, ok, scale)
