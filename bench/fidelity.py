@@ -144,6 +144,9 @@ def run_teacher(llm, args, methods: list[Method], capture: bool) -> tuple[dict, 
                "kl_p99": kls_sorted[int(0.99 * (len(kls) - 1))], "kl_max": kls_sorted[-1],
                "next_acc": sum(a == b for a, b in zip(top, truth)) / len(truth), "ms_token": ms,
                "selection_ms_step": sess.stats().get("selection_ms_per_step")}
+        st = sess.stats()   # token stage: its own time, and the key bytes it scores next to what it attends
+        row.update({k: st[k] for k in ("token_stage_ms_per_step", "scored_key_bytes", "token_attended_bytes",
+                                       "attended_bytes_gpu") if k in st})
         rows.append(row)
         sess.close()
         log(f"  {m.label:28s} top1 {row['top1_agree']:.3f}  KL {row['kl_mean']:.4f}  {ms:.0f} ms/token")
