@@ -232,7 +232,8 @@ def run(args, command: str) -> dict:
         if layers is not None:
             names = list(CONFIGS) if args.recall_configs == "all" else args.recall_configs.split(",")
             log(f"recall: {len(layers)} layers x {len(names)} configs x chunks {args.chunks} x budgets {args.budgets}")
-            stages = [(float(x.rstrip("maxsum")), x.lstrip("0123456789.") or "sum") for x in args.token_stages.split(",") if x]
+            stages = [(float(x.rstrip("maxsum")), x.lstrip("0123456789.") or "sum")
+                      for x in args.token_stages.split(",") if x]
             rows = evaluate_runtime(layers, names, args.budgets.split(","), [int(c) for c in args.chunks.split(",")],
                                     llm.config.sink_tokens, llm.config.window_tokens, progress=log, token_stages=stages)
             doc["recall"] = {"tokens": args.teacher_context, "layers": len(layers), "queries": args.recall_queries,

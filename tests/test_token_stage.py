@@ -5,7 +5,7 @@ import torch
 
 from fixtures_models import run_session, write_tiny_checkpoint
 from offload import LLM, ConfigError, OffloadConfig
-from offload.kernels.tokens import select_tokens, token_attend
+from offload.kernels.tokens import gather_candidate_keys, select_tokens, token_attend
 
 OPTS = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32)
 
@@ -99,7 +99,6 @@ def test_token_selection_equals_brute_force_topk(reduce):
             r = torch.exp(sc - norm[:, None]).sum(0)
         want = {toks[i] for i in torch.topk(r, k).indices.tolist()}
         # the stage: concatenated parts, positions mapped back to (slot, offset)
-        from offload.kernels.tokens import gather_candidate_keys
         ck, valid = gather_candidate_keys(parts, hkv, q.device)                 # ck: [Hkv, M', D]
         idx, ok = select_tokens(q, ck, valid, k, scale, reduce, base)           # idx: [Hkv, k]
         assert bool(ok[h].all())

@@ -4,9 +4,9 @@ Where KV lives:
     tail    the newest < C tokens of every layer (plus room for a short forward), on the compute device
     store   every full chunk [2, Hkv, C, D]; the store's policy keeps sinks and recent chunks on the device
 Decode, per layer:  o = merge(dense_attend(q, tail), gather_attend(q, fetched chunks) for each FetchPlan part)
-"full" fetches every chunk; "sparse" fetches sinks + window + the index's selection per KV head. With select_unit="token" the index
-proposes token_candidates x budget chunks, their keys are scored exactly and only the top budget tokens
-per KV head are attended (kernels.token_attend), merged like any other part.
+"full" fetches every chunk; "sparse" fetches sinks + window + the index's selection per KV head.
+select_unit="token": the index proposes token_candidates x budget chunks, their keys are scored exactly and
+only the budget's best tokens per KV head are attended (kernels.token_attend), merged like any other part.
 Prefill (T > token_path_max) stages the layer's whole history on the device, attends with SDPA, then cuts the
 new full chunks into the store and feeds them to the layer's index.
 """
@@ -79,7 +79,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self._res, self._res_version = [None] * num_layers, -1     # device copies of the store's chunk table
         self._last_ids, self._prefetched = [None] * num_layers, {}  # previous step's selection; pending reads
         self._hits = torch.zeros(4, dtype=torch.long, device=device)  # selections per tier: pad, gpu, host, disk
-        self._tok = torch.zeros(2, dtype=torch.long, device=device)   # token stage: scored (head, chunk)s, attended rows
+        self._tok = torch.zeros(2, dtype=torch.long, device=device)   # token stage: scored (head, chunk)s, rows
         self.tail_pos = torch.zeros(1, dtype=torch.long, device=device)  # tail_pos: [1] where decode writes
         # selections per chunk since the last put, handed to the store's policy once per chunk of tokens
         self._sel_hits = torch.zeros(num_layers, -(-ctx // chunk_tokens), device=device)  # [L, max chunks]

@@ -19,7 +19,7 @@ import torch
 
 from .reference import _attend, _compute_dtype
 
-__all__ = ["token_scores", "select_tokens", "token_attend", "GROUP_REDUCES"]
+__all__ = ["token_scores", "select_tokens", "gather_candidate_keys", "gather_values", "token_attend", "GROUP_REDUCES"]
 
 GROUP_REDUCES = ("max", "sum")
 
