@@ -7,7 +7,8 @@
     python bench/fidelity.py --merge a.json b.json ...    # combine runs of different parts, then report
 
 M = CONFIG@BUDGET/CHUNK (CONFIG from bench/index_recall.py's CONFIGS, or oracle = exact best chunks),
-e.g. summary-max@5%/16, shadow-r32-mass@5%+100%x2/16 (first 2 layers at 100 %): bench/fidelity_sessions.py.
+e.g. summary-max@5%/16, shadow-r32-mass@5%+100%x2/16 (first 2 layers at 100 %), summary-max@5%/16+tok4 (token
+stage: 4 x budget candidate chunks, the budget's tokens attended): bench/fidelity_sessions.py.
 --contexts lists prompt sizes with the number of haystack segments each (cases = segments x kinds x depths).
 The default run takes ~40 min on 2 idle cores (1 torch thread); the 40-case goal check at 8K is
 --parts needle --contexts 8K:4 (split it with --segments 0,1 / 2,3 over two processes, then --merge).
@@ -143,6 +144,9 @@ def run_teacher(llm, args, methods: list[Method], capture: bool) -> tuple[dict, 
                "kl_p99": kls_sorted[int(0.99 * (len(kls) - 1))], "kl_max": kls_sorted[-1],
                "next_acc": sum(a == b for a, b in zip(top, truth)) / len(truth), "ms_token": ms,
                "selection_ms_step": sess.stats().get("selection_ms_per_step")}
+        st = sess.stats()   # token stage: its own time, and the key bytes it scores next to what it attends
+        row.update({k: st[k] for k in ("token_stage_ms_per_step", "scored_key_bytes", "token_attended_bytes",
+                                       "attended_bytes_gpu") if k in st})
         rows.append(row)
         sess.close()
         log(f"  {m.label:28s} top1 {row['top1_agree']:.3f}  KL {row['kl_mean']:.4f}  {ms:.0f} ms/token")
@@ -184,6 +188,8 @@ def main() -> None:
     ap.add_argument("--save-layers", default=None, help="torch.save the captured (keys, queries, build q) here")
     ap.add_argument("--budgets", default="1%,2%,5%,10%")
     ap.add_argument("--chunks", default="16,32")
+    ap.add_argument("--token-stages", default="", help="recall rows for the token stage too: FACTOR+REDUCE,.. "
+                    "e.g. 4sum,4max,8sum (config X becomes X+tok4sum)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared box)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out/fidelity.json")
@@ -226,10 +232,12 @@ def run(args, command: str) -> dict:
         if layers is not None:
             names = list(CONFIGS) if args.recall_configs == "all" else args.recall_configs.split(",")
             log(f"recall: {len(layers)} layers x {len(names)} configs x chunks {args.chunks} x budgets {args.budgets}")
+            stages = [(float(x.rstrip("maxsum")), x.lstrip("0123456789.") or "sum")
+                      for x in args.token_stages.split(",") if x]
             rows = evaluate_runtime(layers, names, args.budgets.split(","), [int(c) for c in args.chunks.split(",")],
-                                    llm.config.sink_tokens, llm.config.window_tokens, progress=log)
+                                    llm.config.sink_tokens, llm.config.window_tokens, progress=log, token_stages=stages)
             doc["recall"] = {"tokens": args.teacher_context, "layers": len(layers), "queries": args.recall_queries,
-                             "configs": {n: list(CONFIGS[n]) for n in names}, "rows": rows}
+                             "configs": {n: list(CONFIGS[n]) for n in names}, "token_stages": stages, "rows": rows}
             print_table(rows)
     if "needle" in parts:
         doc["needle"] = run_needle(llm, args)
@@ -259,7 +267,7 @@ def merge(paths: list[str], command: str) -> dict:
     if teacher:
         doc["teacher"] = {**doc["teacher"], "rows": list(teacher.values())}
     if recall:
-        configs = {n: list(CONFIGS[n]) for n in dict.fromkeys(k[0] for k in recall)}
+        configs = {n: list(CONFIGS[n.split("+")[0]]) for n in dict.fromkeys(k[0] for k in recall)}
         doc["recall"] = {**doc["recall"], "configs": configs, "rows": list(recall.values())}
     if cases:
         labels = list(dict.fromkeys(m for c in cases.values() for m in c["methods"]))

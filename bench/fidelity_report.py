@@ -35,7 +35,8 @@ def _share(items, pred) -> float:
 def _split(label: str) -> tuple[str, str, int]:
     config, _, rest = label.partition("@")
     budget, _, chunk = rest.partition("/")
-    return config, budget, int(chunk or 0)
+    chunk, plus, tok = chunk.partition("+")   # "16+tok4sum": recall rows name it config "X+tok4sum"
+    return config + plus + tok, budget, int(chunk or 0)
 
 
 def goal_rows(doc: dict) -> list[dict]:

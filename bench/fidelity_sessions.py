@@ -6,6 +6,10 @@ bench/index_recall.py's CONFIGS or EXTRA_CONFIGS below (index method + options),
 chunks of largest exact attention mass: the best any chunk index can do at that budget and chunk size).
 BUDGET is one budget for every layer ("5%", "2K") or REST+FIRSTxN, e.g. "5%+100%x2": the first 2 layers at
 100 % (full attention), the others at 5 % (a per-layer budget list, after DuoAttention).
+A suffix +tokF[max|sum] adds the token-level second stage (select_unit="token"): the index proposes F x the
+budget's chunks, their keys are scored exactly and the budget's number of tokens is attended, ranked by the
+query group's max q.k or summed softmax (default sum); e.g. "summary-max@5%/16+tok4". "oracle@5%/16+tok1000"
+has every chunk as a candidate: the best tokens by exact mass (the ceiling of any token selection).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ EXTRA_CONFIGS = {
 }
 ALL_CONFIGS = {**CONFIGS, **EXTRA_CONFIGS}
 _SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%+]+))?(?:/(?P<chunk>\d+))?$")
+_TOK = re.compile(r"\+tok(?P<factor>\d+(?:\.\d+)?)(?P<reduce>max|sum)?$")
 
 
 @dataclass(frozen=True)
@@ -36,14 +41,21 @@ class Method:
     config: str          # a key of CONFIGS, or "full"
     budget: str = "5%"
     chunk: int = 16
+    tok: float = 0.0         # > 0: token stage with this candidate factor
+    tok_reduce: str = "sum"
 
     @classmethod
     def parse(cls, spec: str) -> "Method":
-        m = _SPEC.match(spec.strip())
+        spec = spec.strip()
+        t = _TOK.search(spec)
+        if t:
+            spec = spec[:t.start()]
+        m = _SPEC.match(spec)
         if not m or (m["config"] not in ("full", "oracle") and m["config"] not in ALL_CONFIGS):
             raise SystemExit(f"method {spec!r}: write CONFIG@BUDGET/CHUNK with CONFIG one of full, oracle, "
                              + ", ".join(ALL_CONFIGS))
-        return cls(m["config"], m["budget"] or "5%", int(m["chunk"] or 16))
+        tok = dict(tok=float(t["factor"]), tok_reduce=t["reduce"] or "sum") if t else {}
+        return cls(m["config"], m["budget"] or "5%", int(m["chunk"] or 16), **tok)
 
     def layer_budgets(self, num_layers: int):
         """The budget for OffloadConfig: one value, or a list with one entry per layer."""
@@ -55,7 +67,8 @@ class Method:
 
     @property
     def label(self) -> str:
-        return "full" if self.config == "full" else f"{self.config}@{self.budget}/{self.chunk}"
+        tok = f"+tok{self.tok:g}{self.tok_reduce}" if self.tok else ""
+        return "full" if self.config == "full" else f"{self.config}@{self.budget}/{self.chunk}{tok}"
 
 
 def parse_methods(text: str) -> list[Method]:
@@ -74,6 +87,8 @@ def fork(base, method: Method):
     index, opts = ALL_CONFIGS.get(method.config, ("summary", {"oracle": True}))
     budget = method.layer_budgets(base.llm.model_config.num_layers)
     kw = dict(attention="sparse", index=index, budget=budget, chunk_tokens=method.chunk)
+    if method.tok:
+        kw.update(select_unit="token", token_candidates=method.tok, token_reduce=method.tok_reduce)
     if not opts:
         return base.fork(**kw)
     llm, mc = base.llm, base.llm.model_config

@@ -91,4 +91,5 @@ def make(llm, cfg=None):
     return TieredAttention(num_layers=mc.num_layers, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
                            head_dim=mc.head_dim, ctx=llm.ctx, device=llm.device, dtype=llm.dtype, store=store,
                            chunk_tokens=C, mode=m, make_index=make_idx, budget=budget,
-                           sink_tokens=cfg.sink_tokens, window_tokens=cfg.window_tokens)
+                           sink_tokens=cfg.sink_tokens, window_tokens=cfg.window_tokens, select_unit=cfg.select_unit,
+                           token_candidates=float(cfg.token_candidates), token_reduce=cfg.token_reduce)

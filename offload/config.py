@@ -22,6 +22,8 @@ ATTENTION_MODES = ("auto", "full", "sparse")
 LOAD_FORMATS = ("auto", "dummy")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+SELECT_UNITS = ("chunk", "token")
+TOKEN_REDUCES = ("max", "sum")
 
 
 def parse_tokens(value, what: str = "ctx") -> int:
@@ -67,6 +69,9 @@ class OffloadConfig:
     index: str = "summary"                # sparse chunk selection: summary | shadow | ann
     index_options: dict | None = None     # passed to the index, e.g. {"bounds": "int8"} or {"rank": 16}
     chunk_tokens: int = 32
+    select_unit: str = "chunk"            # sparse: attend whole chunks, or the top tokens of the candidate chunks
+    token_candidates: float = 4.0         # select_unit=token: candidate chunks = this x the budget's chunks
+    token_reduce: str = "sum"             # select_unit=token: rank a token by the group's summed softmax or max q.k
     policy: str = "lru"                   # which chunks stay on faster tiers: lru | attention
     sink_tokens: int = 64                 # always attended and kept on the GPU (attention sinks)
     window_tokens: int = 256              # the local window: always attended and kept on the GPU
@@ -102,6 +107,13 @@ class OffloadConfig:
         for name in ("sink_tokens", "window_tokens"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.select_unit not in SELECT_UNITS:
+            raise ConfigError(f"select_unit {self.select_unit!r} is not one of {', '.join(SELECT_UNITS)}")
+        if self.token_reduce not in TOKEN_REDUCES:
+            raise ConfigError(f"token_reduce {self.token_reduce!r} is not one of {', '.join(TOKEN_REDUCES)}")
+        tc = self.token_candidates
+        if isinstance(tc, bool) or not isinstance(tc, (int, float)) or not tc >= 1 or tc == float("inf"):
+            raise ConfigError(f"token_candidates must be a number >= 1 (candidate chunks per budget chunk), got {tc!r}")
         for name in ("chunk_tokens", "prefill_chunk"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -143,7 +155,7 @@ def env_overrides(environ=None) -> dict:
         raw = environ.get("OFFLOAD_" + name.upper())
         if raw is None or raw == "":
             continue
-        if name in ("temperature", "top_p"):
+        if name in ("temperature", "top_p", "token_candidates"):
             out[name] = _num(raw, float, name)
         elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk", "sink_tokens", "window_tokens"):
             out[name] = _num(raw, int, name)

@@ -12,8 +12,10 @@ import warnings
 import torch
 
 from . import reference
+from .tokens import token_attend  # torch only (CPU and CUDA tensors): no fused kernel yet
 
 __all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "plan_slots", "topk_rows",
+           "token_attend",
            "KERNELS_AVAILABLE", "reference"]
 
 # CuPy is imported lazily (first CUDA call); this only says whether it could be

@@ -1,0 +1,142 @@
+"""The token-level second selection stage (select_unit="token"): exact when the budget covers everything,
+the same picks as a brute-force top-k of exact scores, and refused option values."""
+import pytest
+import torch
+
+from fixtures_models import run_session, write_tiny_checkpoint
+from offload import LLM, ConfigError, OffloadConfig
+from offload.kernels.tokens import gather_candidate_keys, select_tokens, token_attend
+
+OPTS = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tokens"), "llama", num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def ids(tiny):
+    return torch.randint(0, tiny.model.config.vocab_size, (330,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@pytest.fixture(scope="module")
+def dense(tiny, ids):
+    return run_session(LLM(str(tiny.path), attention="full", **OPTS), ids, 250)
+
+
+def _force_token_stage(attn):
+    """Send every stored chunk outside sinks + window through the token stage with k = all their tokens.
+
+    The backend itself never does this (a budget that covers every chunk attends them whole), so this is
+    how the token stage's path through the backend (fetch, key scoring, top-k, V gather, merge) is held to
+    exact decode."""
+    inner = attn._chunk_ids
+
+    def chunk_ids(layer, q):
+        got = inner(layer, q)
+        fixed = attn.n_sink + attn.n_window
+        if got is None or got[2] or attn.n_chunks <= fixed:
+            return got
+        n = attn.n_chunks
+        order = torch.cat([torch.arange(attn.n_sink), torch.arange(n - attn.n_window, n),
+                           torch.arange(attn.n_sink, n - attn.n_window)])               # order: [n]
+        return order.expand(attn.Hkv, n), fixed, (n - fixed) * attn.C
+    attn._chunk_ids = chunk_ids
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_token_stage_with_everything_in_budget_equals_exact(tiny, ids, dense, reduce):
+    llm = LLM(str(tiny.path), attention="sparse", budget="100%", select_unit="token", token_candidates=2,
+              token_reduce=reduce, **OPTS)
+    got, _ = run_session(llm, ids, 250)              # a covering budget: every chunk whole, exact
+    torch.testing.assert_close(got, dense[0], rtol=0, atol=1e-5)
+    s = llm.session()
+    _force_token_stage(s.attn)
+    out = [s.prefill(ids[:250])] + [s.step(t) for t in ids[250:]]
+    torch.testing.assert_close(torch.stack(out), dense[0], rtol=0, atol=1e-5)
+    st = s.stats()
+    assert st["scored_key_bytes"] > 0 and st["token_attended_bytes"] == 2 * st["scored_key_bytes"], st
+
+
+def test_token_stage_small_budget_selects_and_stays_close(tiny, ids, dense):
+    got, s = run_session(LLM(str(tiny.path), attention="sparse", budget="10%", select_unit="token",
+                             token_candidates=4, **OPTS), ids, 250)
+    st = s.stats()
+    # candidates: 4 x the budget's chunks, keys only (half of K+V); attended: the budget's tokens
+    assert st["scored_key_bytes"] > st["token_attended_bytes"] / 2 > 0, st
+    assert 0 < (got - dense[0]).abs().max() < 5
+
+
+def _pool_and_parts(S=12, hkv=2, C=4, D=8, K=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(S, 2, hkv, C, D, generator=g, dtype=torch.float64)       # pool: [S, 2, Hkv, C, D]
+    slots = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(hkv)])  # slots: [Hkv, K]
+    slots[1, -1] = -1                                                          # padding
+    # two parts with the FetchPlan column layout: a slot lives in exactly one part, -1 in the other
+    first = torch.rand(hkv, K, generator=g) < 0.5                              # first: [Hkv, K]
+    none = torch.full_like(slots, -1)
+    return pool, [(pool, torch.where(first, slots, none)), (pool.clone(), torch.where(first, none, slots))], slots
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_token_selection_equals_brute_force_topk(reduce):
+    hkv, C, D, G, k = 2, 4, 8, 3, 7
+    pool, parts, slots = _pool_and_parts(hkv=hkv, C=C, D=D)
+    q = torch.randn(hkv * G, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # q: [Hq, D]
+    base = torch.randn(hkv * G, dtype=torch.float64)                            # base: [Hq]
+    scale = D ** -0.5
+    for h in range(hkv):
+        # brute force: every valid candidate token of head h, scored one by one
+        toks = [(s, c) for s in slots[h].tolist() if s >= 0 for c in range(C)]
+        keys = torch.stack([pool[s, 0, h, c] for s, c in toks])                 # keys: [M, D]
+        qh = q[h * G:(h + 1) * G]                                               # qh: [G, D]
+        sc = qh @ keys.T * scale                                                # sc: [G, M]
+        if reduce == "max":
+            r = sc.max(0).values
+        else:
+            norm = torch.logaddexp(torch.logsumexp(sc, 1), base[h * G:(h + 1) * G])  # norm: [G]
+            r = torch.exp(sc - norm[:, None]).sum(0)
+        want = {toks[i] for i in torch.topk(r, k).indices.tolist()}
+        # the stage: concatenated parts, positions mapped back to (slot, offset)
+        ck, valid = gather_candidate_keys(parts, hkv, q.device)                 # ck: [Hkv, M', D]
+        idx, ok = select_tokens(q, ck, valid, k, scale, reduce, base)           # idx: [Hkv, k]
+        assert bool(ok[h].all())
+        got = set()
+        for i in idx[h].tolist():
+            p, j = (0, i) if i < slots.shape[1] * C else (1, i - slots.shape[1] * C)
+            got.add((int(parts[p][1][h, j // C]), j % C))
+        assert got == want
+
+
+def test_token_attend_matches_attention_over_the_picked_rows():
+    hkv, C, D, G, k = 2, 4, 8, 3, 6
+    pool, parts, slots = _pool_and_parts(hkv=hkv, C=C, D=D, seed=3)
+    q = torch.randn(hkv * G, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)  # q: [Hq, D]
+    scale = D ** -0.5
+    o, lse = token_attend(q, parts, k, scale, "max")                            # o: [Hq, D], lse: [Hq]
+    for h in range(hkv):
+        toks = [(s, c) for s in slots[h].tolist() if s >= 0 for c in range(C)]
+        kk = torch.stack([pool[s, 0, h, c] for s, c in toks])                   # kk: [M, D]
+        vv = torch.stack([pool[s, 1, h, c] for s, c in toks])                   # vv: [M, D]
+        qh = q[h * G:(h + 1) * G]                                               # qh: [G, D]
+        top = torch.topk((qh @ kk.T * scale).max(0).values, k).indices          # top: [k]
+        s = qh @ kk[top].T * scale                                              # s: [G, k]
+        torch.testing.assert_close(lse[h * G:(h + 1) * G], torch.logsumexp(s, 1).float())
+        torch.testing.assert_close(o[h * G:(h + 1) * G], (torch.softmax(s, 1) @ vv[top]).float())
+
+
+def test_token_attend_with_fewer_candidates_than_k_attends_what_there_is():
+    pool, parts, slots = _pool_and_parts(hkv=2, C=4, D=8, K=2, seed=5)
+    q = torch.randn(6, 8, dtype=torch.float64)                                  # q: [Hq, D]
+    o, lse = token_attend(q, parts, 100, 8 ** -0.5, "sum")
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("bad,match", [(dict(select_unit="tokens"), "select_unit"),
+                                       (dict(token_candidates=0.5), "token_candidates"),
+                                       (dict(token_candidates="4"), "token_candidates"),
+                                       (dict(token_reduce="mean"), "token_reduce")])
+def test_bad_token_stage_options_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        OffloadConfig(**bad)
