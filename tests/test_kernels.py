@@ -464,17 +464,11 @@ def test_reference_topk_rows_ignores_rows_past_the_count():
 
 
 @gpu
-@pytest.mark.parametrize("n,count,k", [(8192, 4100, 74), (300, 300, 300), (32768, 30000, 1200), (64, 1, 1),
-                                       (5000, 4999, 4096), (40000, 33000, 100)])
+@pytest.mark.parametrize("n,count,k", [(8192, 4100, 74), (300, 300, 300), (40000, 33000, 1200), (64, 1, 1),
+                                       (5000, 4999, 4096)])
 def test_gpu_topk_rows_matches_torch(n, count, k):
     from offload.kernels import _cupy
     gen = torch.Generator().manual_seed(n + k)
-    if n > 32768:      # past the rows the kernel holds in registers: the public call takes torch.topk
-        scores = torch.randn(8, n, generator=gen).cuda()
-        c = torch.tensor([count], device="cuda")
-        assert not _cupy.supports_topk(scores, c, k)
-        assert torch.equal(kernels.topk_rows(scores, c, k), reference.topk_rows(scores, c, k))
-        return
     scores = torch.randn(8, n, generator=gen).cuda()
     scores[:, count:] = float("nan")                      # unwritten rows past the count: never picked
     scores[0, :10] = 5.0                                  # ties: lower rows first

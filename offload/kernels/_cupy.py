@@ -244,13 +244,12 @@ def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hi
     return (gpu_out,) if merged else (gpu_out, host_out)
 
 
-_TOPK_THREADS, _TOPK_MAX_K, _TOPK_ITEMS = 1024, 4096, 32   # TK_THREADS / TK_MAX_K / TK_ITEMS in topk.cu
+_TOPK_THREADS, _TOPK_MAX_K = 1024, 4096   # TK_THREADS / TK_MAX_K in topk.cu
 
 
 def supports_topk(scores, count, k) -> bool:
     return (scores.dtype == torch.float32 and scores.dim() == 2 and scores.is_contiguous()
-            and count.dtype == torch.int64 and count.is_cuda and 1 <= k <= min(_TOPK_MAX_K, scores.shape[1])
-            and scores.shape[1] <= _TOPK_THREADS * _TOPK_ITEMS)
+            and count.dtype == torch.int64 and count.is_cuda and 1 <= k <= min(_TOPK_MAX_K, scores.shape[1]))
 
 
 def topk_rows(scores, count, k):

@@ -1,6 +1,6 @@
 // Top-k rows per head of a score matrix, best first, in one launch: the selection step of sparse decode.
 //
-// grid = (Hkv), block = TK_THREADS. scores [Hkv, N <= 32768] float32; only the first *count rows are candidates
+// grid = (Hkv), block = TK_THREADS. scores [Hkv, N] float32; only the first *count rows are candidates
 // (a device-side count: a captured graph keeps working as chunks are appended). Radix select on the
 // order-preserving integer image of each float finds the k-th largest key in four 8-bit passes; the
 // keys above it and the first ties (lowest row first) are gathered into shared memory and sorted
@@ -9,7 +9,6 @@
 
 #define TK_THREADS 1024
 #define TK_MAX_K 4096                       // shared memory: 8 bytes per slot
-#define TK_ITEMS 32                         // keys held in registers per thread: N <= TK_ITEMS * TK_THREADS
 
 __device__ __forceinline__ unsigned int tk_key(float f) {
     const unsigned int b = __float_as_uint(f);
@@ -26,23 +25,18 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
     const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const float* row = scores + (long long)h * N;
     const long long n = min(*count, N);
-    // every key is loaded once, all loads in flight together; the passes below never touch memory
-    unsigned int keys[TK_ITEMS];
-#pragma unroll
-    for (int j = 0; j < TK_ITEMS; ++j) {
-        const long long i = (long long)j * TK_THREADS + tid;
-        keys[j] = i < N ? (i < n ? tk_key(row[i]) : tk_key(OFL_NEG_INF)) : 0u;   // 0: no row
-    }
+    const unsigned int neg_inf_key = tk_key(OFL_NEG_INF);
+    auto key_at = [&](long long i) { return i < n ? tk_key(row[i]) : neg_inf_key; };
 
     // 1. radix select: the k-th largest key, and how many of the keys equal to it to take
     unsigned int prefix = 0, mask = 0, remaining = (unsigned int)k;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += TK_THREADS) hist[i] = 0;
         __syncthreads();
-#pragma unroll
-        for (int j = 0; j < TK_ITEMS; ++j) {
-            const unsigned int u = keys[j];
-            const bool take = u != 0u && (u & mask) == prefix;
+        for (long long base = 0; base < N; base += TK_THREADS) {        // uniform: the warp stays converged
+            const long long i = base + tid;
+            const unsigned int u = i < N ? key_at(i) : 0u;
+            const bool take = i < N && (u & mask) == prefix;
             const unsigned int digit = (u >> shift) & 255u;
             // scores cluster in a few top digits: one atomic per distinct digit in the warp, not per lane
             const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
@@ -67,22 +61,23 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
     // 2. gather: every key above the threshold (any order), then the first `remaining` ties in row order
     if (tid == 0) s_taken = 0;
     __syncthreads();
-#pragma unroll
-    for (int j = 0; j < TK_ITEMS; ++j) {
-        const unsigned int u = keys[j];
-        const bool hit = u > prefix;
+    for (long long base = 0; base < N; base += TK_THREADS) {
+        const long long i = base + tid;
+        const unsigned int u = i < N ? key_at(i) : 0u;
+        const bool hit = i < N && u > prefix;
         const unsigned int b = __ballot_sync(0xffffffffu, hit);
         unsigned int first = 0;
         if (lane == 0 && b) first = atomicAdd(&s_taken, __popc(b));          // one atomic per warp
         first = __shfl_sync(0xffffffffu, first, 0);
-        if (hit) picked[first + __popc(b & ((1u << lane) - 1u))] =
-            ((unsigned long long)u << 32) | (0xffffffffu - (unsigned int)((long long)j * TK_THREADS + tid));
+        if (hit) picked[first + __popc(b & ((1u << lane) - 1u))] = ((unsigned long long)u << 32)
+                                                                   | (0xffffffffu - (unsigned int)i);
     }
     __syncthreads();
     const unsigned int above = s_taken;
     unsigned int ties_done = 0;
-    for (int j = 0; j < TK_ITEMS && ties_done < remaining; ++j) {             // uniform loop, rows ascending
-        const bool tie = keys[j] == prefix;
+    for (long long base = 0; base < N && ties_done < remaining; base += TK_THREADS) {   // uniform loop
+        const long long i = base + tid;
+        const bool tie = i < N && key_at(i) == prefix;
         const unsigned int b = __ballot_sync(0xffffffffu, tie);
         if (lane == 0) s_warp[warp] = __popc(b);
         __syncthreads();
@@ -90,8 +85,7 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
         for (int w = 0; w < warp; ++w) before += s_warp[w];
         before += __popc(b & ((1u << lane) - 1u));
         if (tie && before < remaining)
-            picked[above + before] = ((unsigned long long)prefix << 32)
-                                     | (0xffffffffu - (unsigned int)((long long)j * TK_THREADS + tid));
+            picked[above + before] = ((unsigned long long)prefix << 32) | (0xffffffffu - (unsigned int)i);
         unsigned int total = 0;
         for (int w = 0; w < TK_THREADS / 32; ++w) total += s_warp[w];
         __syncthreads();
