@@ -258,3 +258,36 @@ def test_gpu_bytes_predicts_what_the_index_allocates(name):
     full = new_index(name, max_chunks=40)
     full.build(torch.cat([keys, keys[:, :3 * C]], dim=1), prefill)             # exactly 40 chunks
     assert full.nbytes["gpu"] == full.gpu_bytes(40)
+
+
+@pytest.mark.parametrize("name", ["summary", "summary-2level-int8", "shadow", "shadow-mass-summary-host"])
+def test_reserve_keeps_buffers_in_place_while_appending(name):
+    """A captured decode step reads the index buffers by address: reserved rows mean no regrowth."""
+    keys = planted_layer(num_chunks=40)[0]                                     # keys: [Hkv, 40*C, D]
+    index = new_index(name)
+    index.build(keys[:, :20 * C])
+    index.reserve(40)
+    key_before = index.graph_key() if hasattr(index, "graph_key") else None
+    ptrs = [t.data_ptr() for t in _buffers(index)]
+    for i in range(20, 40):
+        index.extend(keys[:, i * C:(i + 1) * C])
+    assert [t.data_ptr() for t in _buffers(index)] == ptrs
+    assert index.num_chunks == 40
+    if key_before is not None:
+        assert index.graph_key() == key_before
+
+
+def _buffers(index):
+    from offload.indexes._common import ChunkBuffer
+    seen, out = set(), []
+    def walk(obj, depth=0):
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, ChunkBuffer):
+            out.append(obj.data)
+        elif hasattr(obj, "__dict__"):
+            for v in vars(obj).values():
+                walk(v, depth + 1)
+    walk(index)
+    return out

@@ -303,6 +303,9 @@ class TieredAttention(AttentionBackend, PersistableKV):
             idx = self.indexes[layer]
             if idx.num_chunks == 0 and first == 0:
                 idx.build(k)
+                if hasattr(idx, "reserve"):
+                    # decode appends then fill reserved rows: no regrowth (and no graph recapture) until 2x
+                    idx.reserve(2 * idx.num_chunks)
             else:
                 idx.extend(k)
 

@@ -149,6 +149,15 @@ class ShadowKeyIndex:
         local = torch.topk(scores, k, dim=1).indices                           # local: [Hkv, k]
         return cand.gather(1, local)                                           # ids: [Hkv, k]
 
+    def reserve(self, num_chunks: int) -> None:
+        """Room for num_chunks without regrowth (buffers keep their address, so captured steps stay valid)."""
+        num_chunks = min(num_chunks, self.max_chunks) if self.max_chunks else num_chunks
+        self._shadows.reserve(num_chunks)
+        if self._summary is None:
+            self._means.reserve(num_chunks)
+        else:
+            self._summary.reserve(num_chunks)
+
     def gpu_bytes(self, num_chunks: int) -> int:
         """Compute-device bytes the index allocates for num_chunks chunks (the planner reserves them)."""
         item = torch.empty((), dtype=self.dtype).element_size()

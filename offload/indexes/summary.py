@@ -208,6 +208,16 @@ class ChunkSummaryIndex:
             parts.append(tail.expand(self.num_kv_heads, -1))                   # [Hkv, r]
         return torch.cat(parts, dim=1)                                         # cand: [Hkv, M]
 
+    def reserve(self, num_chunks: int) -> None:
+        """Room for num_chunks without regrowth (buffers keep their address, so captured steps stay valid)."""
+        num_chunks = min(num_chunks, self.max_chunks) if self.max_chunks else num_chunks
+        tiers = [(self._device_tier, math.ceil(num_chunks / self.coarse_group))]
+        if self._host_tier is not None:
+            tiers.append((self._host_tier, num_chunks))
+        for tier, rows in tiers:
+            for buf in (tier.lo, tier.hi, tier.scale) if tier.int8 else (tier.lo, tier.hi):
+                buf.reserve(rows)
+
     def gpu_bytes(self, num_chunks: int) -> int:
         """Compute-device bytes the index allocates for num_chunks chunks (the planner reserves them)."""
         rows = math.ceil(num_chunks / self.coarse_group)
