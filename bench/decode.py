@@ -36,6 +36,8 @@ def run_offload(args, ctx: int, mode: str) -> dict:
     if mode == "sparse" and args.index:
         opts["index"] = args.index
         opts["index_options"] = json.loads(args.index_options) if args.index_options else None
+    if mode == "sparse" and args.select_unit == "token":
+        opts.update(select_unit="token", token_candidates=args.token_candidates)
     reset_peak()
     llm = LLM(**opts, show_progress=False)
     sess = llm.session()
@@ -53,6 +55,8 @@ def run_offload(args, ctx: int, mode: str) -> dict:
         tok = int(sess.step(tok).argmax())
         times.append(1000 * (time.perf_counter() - t1))
     mode_name = f"sparse-{args.index}" if mode == "sparse" and args.index else mode
+    if mode == "sparse" and args.select_unit == "token":
+        mode_name += f"+tok{args.token_candidates:g}"
     row = {"mode": mode_name, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
            "mean_ms": sum(times[args.warmup:]) / max(1, args.steps), "ttft_s": ttft,
            "peak_gib": peak_gib(), "stats": llm.stats}
@@ -93,6 +97,8 @@ def run_hf(args, ctx: int, mode: str) -> dict:
             int(tok)
             times.append(1000 * (time.perf_counter() - t1))
     mode_name = f"sparse-{args.index}" if mode == "sparse" and args.index else mode
+    if mode == "sparse" and args.select_unit == "token":
+        mode_name += f"+tok{args.token_candidates:g}"
     row = {"mode": mode_name, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
            "mean_ms": sum(times[args.warmup:]) / max(1, args.steps), "ttft_s": ttft, "peak_gib": peak_gib()}
     del model, cache, out
@@ -115,6 +121,8 @@ def main() -> None:
     ap.add_argument("--hf-chunk", type=int, default=8192)
     ap.add_argument("--index", default=None, help="sparse index: summary | shadow | ann")
     ap.add_argument("--index-options", default=None, help='JSON, e.g. \'{"rank": 16}\'')
+    ap.add_argument("--select-unit", default="chunk", choices=["chunk", "token"], help="sparse: whole chunks or tokens")
+    ap.add_argument("--token-candidates", type=float, default=4.0, help="select-unit token: candidate chunks per budget chunk")
     ap.add_argument("--out", default="bench/out/decode.json")
     args = ap.parse_args()
     rows = []

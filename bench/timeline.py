@@ -43,11 +43,14 @@ def main() -> None:
     ap.add_argument("--host-mem", default=None)
     ap.add_argument("--gpu-cap", type=float, default=24.0)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--select-unit", default="chunk", choices=["chunk", "token"])
+    ap.add_argument("--token-candidates", type=float, default=4.0)
     ap.add_argument("--out", default="bench/out/timeline.json")
     args = ap.parse_args()
     cap_gpu(args.gpu_cap)
     ctx = parse_tokens(args.ctx)
-    opts = dict(attention=args.attention, budget=args.budget)
+    opts = dict(attention=args.attention, budget=args.budget, select_unit=args.select_unit,
+                token_candidates=args.token_candidates)
     for name in ("gpu_mem", "host_mem"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
@@ -71,7 +74,8 @@ def main() -> None:
         if t > 0 and ev.device_type.name == "CUDA":
             gpu[bucket(ev.key)] = gpu.get(bucket(ev.key), 0.0) + t
     busy = sum(gpu.values())
-    row = {"ctx": ctx, "attention": args.attention, "budget": args.budget, "wall_ms": wall, "gpu_busy_ms": busy,
+    row = {"ctx": ctx, "attention": args.attention, "budget": args.budget, "select_unit": args.select_unit,
+           "wall_ms": wall, "gpu_busy_ms": busy,
            **{f"{k}_ms": v for k, v in sorted(gpu.items())}, "gap_ms": wall - busy}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     prof.export_chrome_trace(args.out.replace(".json", ".trace.json"))

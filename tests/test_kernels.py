@@ -480,3 +480,52 @@ def test_gpu_topk_rows_matches_torch(n, count, k):
     assert (got < count).all() or k > count
     if count >= 10 and k >= 10:
         assert got[0, :10].tolist() == list(range(10))
+
+
+def _naive_rows(pool, slots, which, rows, alt_pool=None):
+    """Row by row: position p of head h -> (slot, token) of the head's concatenated chunks, zeros elsewhere."""
+    _, _, hkv, c, d = pool.shape
+    out = torch.zeros(hkv, rows.shape[1], d, dtype=pool.dtype)
+    for h in range(hkv):
+        for r, p in enumerate(rows[h].tolist()):
+            if 0 <= p < slots.shape[1] * c and int(slots[h, p // c]) >= 0:
+                s = int(slots[h, p // c])
+                src = alt_pool if alt_pool is not None and s & reference.ALT_SLOT else pool
+                out[h, r] = src[s & ~reference.ALT_SLOT, which, h, p % c]
+    return out
+
+
+def _two_pool_slots(gen, hkv, k, n_own, n_alt):
+    own, alt = _random_slots(gen, hkv, k, n_own, pad=2), _random_slots(gen, hkv, k, n_alt, pad=2)  # [Hkv, K] each
+    pick = torch.rand(hkv, k, generator=gen) < 0.5
+    return torch.where(pick, torch.where(alt >= 0, alt | reference.ALT_SLOT, alt), own)           # [Hkv, K]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_reference_gather_rows_matches_naive(which):
+    gen = torch.Generator().manual_seed(which)
+    pools = [_random_pool(gen, n, 3, 4, 8) for n in (9, 12)]
+    slots = _two_pool_slots(gen, 3, 6, 9, 12)                                 # slots: [Hkv, 6]
+    rows = torch.randint(-3, 6 * 4 + 3, (3, 17), generator=gen)               # rows: [Hkv, 17], some outside
+    got = reference.gather_rows(pools[0], slots, which, rows, pools[1])
+    torch.testing.assert_close(got, _naive_rows(pools[0], slots, which, rows, pools[1]), rtol=0, atol=0)
+    every = reference.gather_rows(pools[0], slots, which, None, pools[1])     # every: [Hkv, 24, D]
+    torch.testing.assert_close(every, _naive_rows(pools[0], slots, which, torch.arange(24).expand(3, -1), pools[1]))
+
+
+@gpu
+@pytest.mark.parametrize("hkv,c,d,dtype", [(8, 64, 128, torch.bfloat16), (3, 16, 64, torch.bfloat16),
+                                           (4, 32, 64, torch.float32), (2, 8, 16, torch.float32)])
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_gpu_gather_rows_matches_reference(poison, hkv, c, d, dtype, with_rows):
+    """GPU pool + pinned host slab in one launch; positions past the list, -1 slots and -1 rows give zeros."""
+    gen = torch.Generator().manual_seed(c + d)
+    gpu_pool = _random_pool(gen, 40, hkv, c, d, dtype).cuda()
+    host_pool = _random_pool(gen, 30, hkv, c, d, dtype).pin_memory()
+    slots = _two_pool_slots(gen, hkv, 13, 40, 30).int().cuda()               # slots: [Hkv, 13]
+    rows = torch.randint(-2, 13 * c + 5, (hkv, 301), generator=gen).cuda() if with_rows else None  # [Hkv, 301]
+    for which in (0, 1):
+        got = poison.gather_rows(gpu_pool, slots, which, rows, host_pool)
+        want = reference.gather_rows(gpu_pool, slots, which, rows, host_pool)
+        assert got.device == slots.device and got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

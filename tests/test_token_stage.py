@@ -5,6 +5,7 @@ import torch
 
 from fixtures_models import run_session, write_tiny_checkpoint
 from offload import LLM, ConfigError, OffloadConfig
+from offload.kernels.reference import ALT_SLOT
 from offload.kernels.tokens import gather_candidate_keys, select_tokens, token_attend
 
 OPTS = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32)
@@ -29,20 +30,13 @@ def _force_token_stage(attn):
     """Send every stored chunk outside sinks + window through the token stage with k = all their tokens.
 
     The backend itself never does this (a budget that covers every chunk attends them whole), so this is
-    how the token stage's path through the backend (fetch, key scoring, top-k, V gather, merge) is held to
-    exact decode."""
-    inner = attn._chunk_ids
-
-    def chunk_ids(layer, q):
-        got = inner(layer, q)
-        fixed = attn.n_sink + attn.n_window
-        if got is None or got[2] or attn.n_chunks <= fixed:
-            return got
-        n = attn.n_chunks
-        order = torch.cat([torch.arange(attn.n_sink), torch.arange(n - attn.n_window, n),
-                           torch.arange(attn.n_sink, n - attn.n_window)])               # order: [n]
-        return order.expand(attn.Hkv, n), fixed, (n - fixed) * attn.C
-    attn._chunk_ids = chunk_ids
+    how the token stage's path through the backend (slot plan, key scoring, top-k, V gather, merge) is held
+    to exact decode, with a small budget that sends the step down the sparse path."""
+    def propose(layer, q, budget):
+        n, fixed = attn.n_chunks, attn.n_sink + attn.n_window
+        middle = torch.arange(attn.n_sink, n - attn.n_window, device=attn.device)    # middle: [n - fixed]
+        return middle.expand(attn.Hkv, -1).contiguous(), n - fixed, (n - fixed) * attn.C
+    attn._propose = propose
 
 
 @pytest.mark.parametrize("reduce", ["max", "sum"])
@@ -51,7 +45,8 @@ def test_token_stage_with_everything_in_budget_equals_exact(tiny, ids, dense, re
               token_reduce=reduce, **OPTS)
     got, _ = run_session(llm, ids, 250)              # a covering budget: every chunk whole, exact
     torch.testing.assert_close(got, dense[0], rtol=0, atol=1e-5)
-    s = llm.session()
+    s = LLM(str(tiny.path), attention="sparse", budget="10%", select_unit="token", token_reduce=reduce,
+            **OPTS).session()
     _force_token_stage(s.attn)
     out = [s.prefill(ids[:250])] + [s.step(t) for t in ids[250:]]
     torch.testing.assert_close(torch.stack(out), dense[0], rtol=0, atol=1e-5)
@@ -76,7 +71,19 @@ def _pool_and_parts(S=12, hkv=2, C=4, D=8, K=5, seed=0):
     # two parts with the FetchPlan column layout: a slot lives in exactly one part, -1 in the other
     first = torch.rand(hkv, K, generator=g) < 0.5                              # first: [Hkv, K]
     none = torch.full_like(slots, -1)
-    return pool, [(pool, torch.where(first, slots, none)), (pool.clone(), torch.where(first, none, slots))], slots
+    return pool, [(pool, torch.where(first, slots, none), None),
+                  (pool.clone(), torch.where(first, none, slots), None)], slots
+
+
+def test_token_stage_reads_one_merged_list_of_two_pools_like_two_parts():
+    """The backend's merged layout (host-slab slots flagged ALT_SLOT in one list) picks and attends the same."""
+    pool, parts, _ = _pool_and_parts(seed=7)
+    (p0, s0, _), (p1, s1, _) = parts
+    merged = [(p0, torch.where(s1 >= 0, s1 | ALT_SLOT, s0), p1)]
+    q = torch.randn(6, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)  # q: [Hq, D]
+    for reduce in ("max", "sum"):
+        want = token_attend(q, parts, 9, 8 ** -0.5, reduce)
+        torch.testing.assert_close(token_attend(q, merged, 9, 8 ** -0.5, reduce), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("reduce", ["max", "sum"])
@@ -140,3 +147,42 @@ def test_token_attend_with_fewer_candidates_than_k_attends_what_there_is():
 def test_bad_token_stage_options_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
         OffloadConfig(**bad)
+
+
+# ---- on the GPU: candidate keys and picked values read from the GPU pool and the pinned host slab ----------
+GPU_OPTS = dict(OPTS, device="cuda", dtype="float32", gpu_mem="128KiB", host_mem="4MiB")  # 41 chunks, 16 fit
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    # head_dim 64, GQA 2: the shapes the CuPy kernels take (the tiny default's head_dim 16 runs the references)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tokens64"), "llama", hidden_size=256,
+                                 num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_gpu_token_stage_over_both_tiers_equals_exact(tiny64, ids, reduce, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_NO_CUDA_GRAPH", "1")   # the forced candidate list grows with every chunk
+    dense, _ = run_session(LLM(str(tiny64.path), attention="full", **dict(GPU_OPTS, gpu_mem=None, host_mem=None)),
+                           ids, 250)
+    s = LLM(str(tiny64.path), attention="sparse", budget="10%", select_unit="token", token_reduce=reduce,
+            **GPU_OPTS).session()
+    _force_token_stage(s.attn)
+    out = torch.stack([s.prefill(ids[:250])] + [s.step(t) for t in ids[250:]])
+    torch.testing.assert_close(out, dense, rtol=0, atol=2e-3)
+    st = s.stats()
+    # exact although the chunks are split between the GPU pool and the host slab (candidates: keys only)
+    assert st["bytes_in_use_host"] > 0 and st["scored_key_bytes"] > 0, st
+
+
+@pytest.mark.gpu
+def test_gpu_token_stage_step_is_one_cuda_graph_equal_to_eager(tiny64, ids, monkeypatch):
+    opts = dict(GPU_OPTS, attention="sparse", budget="10%", select_unit="token", token_candidates=3)
+    graph, s = run_session(LLM(str(tiny64.path), **opts), ids, 250)
+    st = s.stats()
+    assert st["decode_mode"] == "graph" and "graph_error" not in st, st
+    assert st["bytes_in_use_host"] > 0 and st["scored_key_bytes"] > 0, st
+    monkeypatch.setenv("OFFLOAD_NO_CUDA_GRAPH", "1")
+    eager, _ = run_session(LLM(str(tiny64.path), **opts), ids, 250)
+    torch.testing.assert_close(graph, eager, rtol=0, atol=1e-4)

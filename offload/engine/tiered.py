@@ -103,10 +103,10 @@ class TieredAttention(AttentionBackend, PersistableKV):
             return None
         if self.mode == "full":
             return ("full", self.n_chunks)           # every chunk is attended: shapes follow the count
-        if self.select_unit == "token":
-            return None                              # the token stage gathers candidate keys through the host
         fixed = self.n_sink + self.n_window
         budgets = tuple(self.budget.chunks(self._len + 1, self.C, layer) for layer in range(self.L))
+        if self.select_unit == "token":          # the candidate count follows n until it reaches its cap
+            budgets += tuple(self._candidates(b) for b in budgets)
         index_keys = tuple(getattr(idx, "graph_key", lambda: ("count", self.n_chunks))() for idx in self.indexes)
         if any(k is None for k in index_keys):
             return None                              # the index syncs with the host inside select
@@ -176,9 +176,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
             self._res[layer] = r
         self._res_version = self.store.placement_version
 
-    def _parts(self, layer: int, ids: torch.Tensor, tally: int | None = None):
-        """(pool, slots [Hkv, K], None) to attend for ids [Hkv, K]; -1 = padding. Only the first `tally`
-        columns count as attended chunks (the rest are token-stage candidates: only their keys are read)."""
+    def _parts(self, layer: int, ids: torch.Tensor):
+        """(pool, slots [Hkv, K], alt pool) to attend for ids [Hkv, K]; -1 = padding."""
         r, tier, slot = self._res[layer], self._tier_dev[layer], self._slot_dev[layer]  # tier, slot: [max chunks]
         if r.on_disk:   # some chunks need a drive read: the store stages them (host sync)
             pending = self._prefetched.pop(layer, None)
@@ -192,12 +191,10 @@ class TieredAttention(AttentionBackend, PersistableKV):
             plan = self.store.fetch(layer, ids)
             self._fetched += sum(plan.bytes.values())
             return [(pool, slots, None) for pool, slots in plan.parts]
-        tally = ids.shape[1] if tally is None else tally
-        lookup = kernels.reference.slot_lookup
-        lists = lookup(ids[:, :tally], tier, slot, self._hits, self._sel_hits[layer])  # [Hkv, tally] x2
-        if tally < ids.shape[1]:
-            rest = lookup(ids[:, tally:], tier, slot, torch.zeros_like(self._hits), self._sel_hits[layer])
-            lists = tuple(torch.cat(pair, dim=1) for pair in zip(lists, rest))     # [Hkv, K] x2
+        lists = kernels.reference.slot_lookup(ids, tier, slot, self._hits, self._sel_hits[layer])  # [Hkv, K] x2
+        if r.gpu_pool.shape[0] > 0 and r.host_pool.shape[0] > 0:   # one list, host slots flagged: one launch
+            gpu, host = lists
+            lists = (torch.where(host >= 0, host | kernels.reference.ALT_SLOT, gpu),)  # [Hkv, K]
         return self._pool_parts(r, lists)
 
     @staticmethod
@@ -209,51 +206,62 @@ class TieredAttention(AttentionBackend, PersistableKV):
 
     def _select_parts(self, layer: int, q: torch.Tensor):
         """What query q [Hq, D] attends besides the tail: ([(pool, slots [Hkv, K], alt pool)], token stage or
-        None), the token stage being (candidate (pool, slots) parts, tokens to keep per KV head, [Hkv] counts)."""
+        None), the token stage being (candidate (pool, slots, alt) parts, tokens to keep per KV head, [Hkv] counts)."""
         n = self.n_chunks
         if n == 0:
             return [], None
         r = self._res[layer]
-        if self.mode == "sparse" and self.select_unit == "chunk" and not r.on_disk:
-            budget = self.budget.chunks(self._len + 1, self.C, layer)
-            if n > self.n_sink + self.n_window + budget:
-                # one launch on the GPU: selection combined, slots looked up (one list when both tiers
-                # hold chunks), hits counted
-                t = time.perf_counter()
-                sel = self.indexes[layer].select(q, budget + self.n_sink + self.n_window)  # [Hkv, B + fixed]
-                merged = r.gpu_pool.shape[0] > 0 and r.host_pool.shape[0] > 0
-                lists = kernels.plan_slots(sel.to(self.device).contiguous(), self._n_dev, self.n_sink, self.n_window,
-                                           budget, self._streaming[layer], self._tier_dev[layer],
-                                           self._slot_dev[layer], self._hits, self._sel_hits[layer], merged)
-                self._sel_s += time.perf_counter() - t
-                return self._pool_parts(r, lists), None
-        ids, whole, k_tok = self._chunk_ids(layer, q)  # ids: [Hkv, whole + candidates]
-        parts = self._parts(layer, ids, whole)   # one fetch for both, so disk reads and prefetch see it all
-        if whole == ids.shape[1]:
-            return parts, None
-        cand = [(pool, slots[:, whole:]) for pool, slots, _ in parts]
-        n_cand = (ids[:, whole:] >= 0).sum(1)  # n_cand: [Hkv] candidate chunks per head
+        fixed = self.n_sink + self.n_window
+        budget = self.budget.chunks(self._len + 1, self.C, layer) if self.mode == "sparse" else n
+        if self.mode == "sparse" and not r.on_disk and n > fixed + budget:
+            # one launch on the GPU: selection combined, slots looked up (one list when both tiers hold
+            # chunks), hits counted; token-stage candidates count as selected (their keys are read)
+            t = time.perf_counter()
+            sel, want, k_tok = self._propose(layer, q, budget)  # sel: [Hkv, want + fixed]
+            merged = r.gpu_pool.shape[0] > 0 and r.host_pool.shape[0] > 0
+            lists = kernels.plan_slots(sel, self._n_dev, self.n_sink, self.n_window, want, self._streaming[layer],
+                                       self._tier_dev[layer], self._slot_dev[layer], self._hits,
+                                       self._sel_hits[layer], merged)  # [Hkv, fixed + want] each
+            self._sel_s += time.perf_counter() - t
+            parts = self._pool_parts(r, lists)
+            return (parts, None) if not k_tok else self._split_token_stage(parts, fixed, k_tok)
+        ids, whole, k_tok = self._chunk_ids(layer, q, budget)  # ids: [Hkv, whole + candidates]
+        parts = self._parts(layer, ids)          # one fetch for both, so disk reads and prefetch see it all
+        return (parts, None) if whole == ids.shape[1] else self._split_token_stage(parts, whole, k_tok)
+
+    @staticmethod
+    def _split_token_stage(parts, whole: int, k_tok: int):
+        """Columns [:whole] of every part are attended whole, the rest go to the token stage."""
+        cand = [(pool, slots[:, whole:], alt) for pool, slots, alt in parts]
+        n_cand = sum((slots >= 0).sum(1) for _, slots, _ in cand)  # n_cand: [Hkv] candidate chunks per head
         return [(pool, slots[:, :whole], alt) for pool, slots, alt in parts], (cand, k_tok, n_cand)
 
-    def _chunk_ids(self, layer: int, q: torch.Tensor):
-        """(ids [Hkv, A + M], A, k): the first A columns are attended whole; the M after them are the token
-        stage's candidate chunks, of which the top k tokens per KV head are attended."""
+    def _propose(self, layer: int, q: torch.Tensor, budget: int):
+        """(sel [Hkv, W + fixed] the index's best-first chunk ids, W chunks to take from it, tokens to keep per KV
+        head from them: 0 = attend the W chunks whole; else the token stage scores the W candidates' keys)."""
+        token = self.select_unit == "token"
+        want = self._candidates(budget) if token else budget
+        sel = self.indexes[layer].select(q, want + self.n_sink + self.n_window)  # sel: [Hkv, W + fixed]
+        return sel.to(self.device).contiguous(), want, budget * self.C if token else 0
+
+    def _chunk_ids(self, layer: int, q: torch.Tensor, budget: int):
+        """(ids [Hkv, A + M], A, k) for the disk and exact paths: the first A columns are attended whole; the
+        M after them are the token stage's candidate chunks, of which the top k tokens per KV head are attended."""
         n = self.n_chunks
         everything = torch.arange(n, device=self.device).expand(self.Hkv, n)  # [Hkv, n]
         fixed = self.n_sink + self.n_window
-        if self.mode == "full":
+        if self.mode == "full" or n <= fixed + budget:
             return everything, n, 0
-        budget = self.budget.chunks(self._len + 1, self.C, layer)
-        if n <= fixed + budget:
-            return everything, n, 0
-        token = self.select_unit == "token"
-        want = min(n - fixed, math.ceil(budget * self.token_candidates)) if token else budget
         t = time.perf_counter()
-        sel = self.indexes[layer].select(q, want + fixed).to(self.device)  # sel: [Hkv, W + fixed]
+        sel, want, k_tok = self._propose(layer, q, budget)  # sel: [Hkv, W + fixed]
         ids = kernels.reference.combine_selection(sel, self._n_dev, self.n_sink, self.n_window, want,
                                                   self._streaming[layer])  # ids: [Hkv, fixed + W + fixed]
         self._sel_s += time.perf_counter() - t
-        return (ids, fixed, budget * self.C) if token else (ids, ids.shape[1], 0)
+        return (ids, fixed, k_tok) if k_tok else (ids, ids.shape[1], 0)
+
+    def _candidates(self, budget: int) -> int:
+        """Chunks the token stage scores for a layer whose budget is `budget` chunks."""
+        return min(self.n_chunks - self.n_sink - self.n_window, math.ceil(budget * self.token_candidates))
 
     def _attend_staged(self, layer: int, q, k, v) -> torch.Tensor:
         """Long forward: the layer's whole history sits on the device while this layer runs."""

@@ -12,10 +12,9 @@ import warnings
 import torch
 
 from . import reference
-from .tokens import token_attend  # torch only (CPU and CUDA tensors): no fused kernel yet
 
 __all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "plan_slots", "topk_rows",
-           "token_attend",
+           "gather_rows", "token_attend",
            "KERNELS_AVAILABLE", "reference"]
 
 # CuPy is imported lazily (first CUDA call); this only says whether it could be
@@ -119,3 +118,20 @@ def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor
         if _cupy.supports_topk(scores, count, k):
             return _cupy.topk_rows(scores, count, k)
     return reference.topk_rows(scores, count, k)
+
+
+def gather_rows(pool: torch.Tensor, slots: torch.Tensor, which: int, rows: torch.Tensor | None = None,
+                alt_pool: torch.Tensor | None = None) -> torch.Tensor:
+    """K (which=0) or V (which=1) rows of chunk slots [Hkv, K] at positions rows [Hkv, R] (None: all K*C)
+    of pool [S, 2, Hkv, C, D] (and alt_pool for ALT_SLOT slots) -> [Hkv, R, D] on slots' device
+    (reference.gather_rows). On the GPU a pinned host pool is read in place, with no host round trip."""
+    pools = (pool,) if alt_pool is None else (pool, alt_pool)
+    if _on_gpu(slots) and all(_pool_reachable(slots, p) for p in pools):
+        _cupy = _backend()
+        if _cupy.supports_rows(pool, alt_pool):
+            return _cupy.gather_rows(pool, slots, which, rows, alt_pool)
+    return reference.gather_rows(pool, slots, which, rows, alt_pool)
+
+
+# after gather_rows: the token stage builds on it
+from .tokens import token_attend  # noqa: E402  (torch ops around gather_rows; runs on the CPU and CUDA)

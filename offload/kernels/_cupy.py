@@ -260,3 +260,36 @@ def topk_rows(scores, count, k):
     args = (_ptr(scores), np.int64(n), _ptr(count), np.int32(k), _ptr(out))
     _launch(fn, scores.device, (hkv,), args, threads=_TOPK_THREADS)
     return out
+
+
+_ROW_THREADS = 256
+
+
+def supports_rows(pool, alt_pool=None) -> bool:
+    _, _, hkv, c, d = pool.shape
+    row_bytes = d * pool.element_size()
+    ok = (pool.is_contiguous() and pool.data_ptr() % 16 == 0 and row_bytes % 16 == 0
+          and c > 0 and c & (c - 1) == 0)
+    return ok and (alt_pool is None or (alt_pool.shape[1:] == pool.shape[1:] and alt_pool.dtype == pool.dtype
+                                        and alt_pool.is_contiguous() and alt_pool.data_ptr() % 16 == 0))
+
+
+def gather_rows(pool, slots, which, rows=None, alt_pool=None):
+    """One launch: K or V rows of chunk slots (see gather.cu) -> [Hkv, R, D] in pool's dtype, on slots' device."""
+    _, _, hkv, c, d = pool.shape
+    device = slots.device
+    slots = slots.to(torch.int32).contiguous()                                 # slots: [Hkv, K]
+    n_rows = slots.shape[1] * c if rows is None else rows.shape[1]
+    if rows is not None:
+        rows = rows.to(device, torch.int64).contiguous()                       # rows: [Hkv, R]
+    out = torch.empty((hkv, n_rows, d), dtype=pool.dtype, device=device)       # out: [Hkv, R, D]
+    if debug_poison:
+        out.view(torch.uint8).fill_(0xFF)
+    vecs = d * pool.element_size() // 16
+    if n_rows == 0:
+        return out
+    fn = _build.function("gather.cu", "gather_rows_kernel", device.index)
+    args = (_ptr(pool), _ptr(alt_pool), _ptr(slots), np.int32(slots.shape[1]), _ptr(rows), np.int32(n_rows),
+            np.int32(hkv), np.int32(c.bit_length() - 1), np.int32(vecs), np.int32(which), _ptr(out))
+    _launch(fn, device, (math.ceil(n_rows * vecs / _ROW_THREADS), hkv), args, threads=_ROW_THREADS)
+    return out

@@ -14,7 +14,7 @@ import torch
 ALT_SLOT = 1 << 30   # a slot flagged with this bit lives in gather_attend's alt_pool (OFL_ALT_SLOT in the .cu)
 
 __all__ = ["ALT_SLOT", "gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "combine_selection",
-           "slot_lookup", "plan_slots", "topk_rows"]
+           "slot_lookup", "plan_slots", "topk_rows", "gather_rows"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -177,3 +177,35 @@ def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor
     rows = torch.arange(scores.shape[1], device=scores.device)                # rows: [N]
     masked = scores.float().masked_fill(rows >= count.to(scores.device), float("-inf"))  # masked: [Hkv, N]
     return torch.topk(masked, k, dim=1).indices                               # [Hkv, k]
+
+
+def gather_rows(pool: torch.Tensor, slots: torch.Tensor, which: int, rows: torch.Tensor | None = None,
+                alt_pool: torch.Tensor | None = None) -> torch.Tensor:
+    """Single K (which=0) or V (which=1) rows of chunk slots [Hkv, K] of pool [S, 2, Hkv, C, D] -> [Hkv, R, D].
+
+    Row r of head h is position p = rows[h, r] (int64 [Hkv, R]; None: p = r, R = K*C) in the concatenation
+    of the head's chunks: slot slots[h, p // C], token p % C. Zeros where p < 0, p >= K*C or the slot is -1.
+    With alt_pool (same chunk layout), slots flagged ALT_SLOT are read from it. Output on slots' device.
+    """
+    _, two, hkv, c, d = pool.shape
+    if two != 2 or slots.dim() != 2 or slots.shape[0] != hkv or which not in (0, 1):
+        raise ValueError(f"pool {tuple(pool.shape)} / slots {tuple(slots.shape)} / which={which} do not match "
+                         "[S, 2, Hkv, C, D] / [Hkv, K] / 0 (keys) or 1 (values)")
+    dev, k = slots.device, slots.shape[1]
+    p = (torch.arange(k * c, device=dev).expand(hkv, -1) if rows is None else rows.to(dev).long())  # p: [Hkv, R]
+    inside = (p >= 0) & (p < k * c)                                           # inside: [Hkv, R]
+    col = (p.clamp(min=0) // c).clamp(max=max(k - 1, 0))                     # col: [Hkv, R]
+    s = slots.to(dev).long().gather(1, col) if k else torch.full_like(p, -1)  # s: [Hkv, R]
+    ok = inside & (s >= 0)                                                    # ok: [Hkv, R]
+    flagged = ok & (s & ALT_SLOT != 0) if alt_pool is not None else torch.zeros_like(ok)  # flagged: [Hkv, R]
+    s = s & ~ALT_SLOT                                                         # s: [Hkv, R]
+    off = p.clamp(min=0) % c                                                  # off: [Hkv, R]
+    out = torch.zeros(hkv, p.shape[1], d, dtype=pool.dtype, device=dev)       # out: [Hkv, R, D]
+    for src, mask in ((pool, ok & ~flagged), (alt_pool, flagged)):
+        if src is None or src.shape[0] == 0:
+            continue
+        heads = torch.arange(hkv, device=src.device)[:, None]                 # heads: [Hkv, 1]
+        si = s.clamp(0, src.shape[0] - 1).to(src.device)                     # si: [Hkv, R]
+        got = src[:, which][si, heads, off.to(src.device)].to(dev)            # got: [Hkv, R, D]
+        out = torch.where(mask[..., None], got, out)                          # out: [Hkv, R, D]
+    return out

@@ -1,4 +1,4 @@
-"""Token-level second selection stage (torch; runs on the CPU and, unfused, on CUDA tensors).
+"""Token-level second selection stage: torch ops around `gather_rows` (a CuPy kernel on the GPU).
 
 The index proposes candidate chunks; this stage reads their keys only, scores every candidate token
 exactly (q.k), keeps the top `k` tokens per KV head and attends over those K/V rows. Chunk selection
@@ -6,8 +6,11 @@ spends its budget on whole chunks whose attention mass is spread unevenly; token
 
 Shapes (one layer, batch 1, one decode step), as in `reference`:
     q:      [Hq, D]                 decode query, post-RoPE
-    parts:  ((pool [S, 2, Hkv, C, D], slots [Hkv, K]), ...)   candidate chunks per pool; -1 = padding
-            or held by another part (the column layout of `FetchPlan.parts`)
+    parts:  ((pool [S, 2, Hkv, C, D], slots [Hkv, K], alt pool or None), ...)   candidate chunks per pool;
+            -1 = padding or held by another part (the column layout of `FetchPlan.parts`); slots flagged
+            ALT_SLOT are read from the alt pool (the host slab next to the GPU pool)
+On the GPU every step is a fixed-shape kernel with no host sync (host-slab rows are read in place under
+UVA), so a decode step with this stage is captured in one CUDA graph like the chunk path.
 Group reduce (how a KV head's query group ranks a token, as the summary index ranks chunks):
     max     max over the group of q.k
     sum     sum over the group of softmax probabilities, normalised with `base_lse` (the log-sum-exp of
@@ -55,39 +58,35 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: i
     marked not ok.
     """
     r = token_scores(q, keys, valid, scale, group_reduce, base_lse)      # r: [Hkv, M]
-    idx = torch.topk(r, min(k, r.shape[1]), dim=1).indices                # idx: [Hkv, k']
+    # unsorted: attention does not care about order, and the sort costs as much as the selection on the GPU
+    idx = torch.topk(r, min(k, r.shape[1]), dim=1, sorted=False).indices  # idx: [Hkv, k']
     ok = valid.gather(1, idx)                                             # ok: [Hkv, k']
     return idx, ok
 
 
 def gather_candidate_keys(parts, hkv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys (only) of every candidate chunk, parts concatenated -> (keys [Hkv, M, D], valid [Hkv, M])."""
+    from . import gather_rows
     ks, valids = [], []
-    for pool, slots in parts:
+    for pool, slots, alt in parts:
         c = pool.shape[3]
-        s = slots.to(device=pool.device, dtype=torch.long)                # s: [Hkv, K]
-        heads = torch.arange(hkv, device=pool.device)[:, None]            # heads: [Hkv, 1]
-        k = pool[:, 0][s.clamp(min=0), heads]                             # k: [Hkv, K, C, D] (V is not read)
-        ks.append(k.to(device).flatten(1, 2))                             # [Hkv, K*C, D]
-        valids.append((s >= 0).to(device).repeat_interleave(c, dim=1))    # [Hkv, K*C]
+        ks.append(gather_rows(pool, slots.to(device), 0, alt_pool=alt))       # [Hkv, K*C, D] (V is not read)
+        valids.append((slots >= 0).to(device).repeat_interleave(c, dim=1))  # [Hkv, K*C]
     return torch.cat(ks, dim=1), torch.cat(valids, dim=1)                 # [Hkv, M, D], [Hkv, M]
 
 
 def gather_values(parts, idx: torch.Tensor, ok: torch.Tensor, d: int, dtype) -> torch.Tensor:
     """V rows of the picked candidates idx [Hkv, k] (positions in the parts' concatenation) -> [Hkv, k, D]."""
+    from . import gather_rows
     hkv, k = idx.shape
     v = torch.zeros(hkv, k, d, device=idx.device, dtype=dtype)           # v: [Hkv, k, D]
     start = 0
-    for pool, slots in parts:
-        c, m = pool.shape[3], slots.shape[1] * pool.shape[3]
+    for pool, slots, alt in parts:
+        m = slots.shape[1] * pool.shape[3]
         local = idx - start                                               # local: [Hkv, k]
         mine = ok & (local >= 0) & (local < m)                            # mine: [Hkv, k]
-        local = local.clamp(0, max(m - 1, 0))                             # local: [Hkv, k]
-        sl = slots.to(device=idx.device, dtype=torch.long).gather(1, local // c)  # sl: [Hkv, k]
-        sl, off = sl.clamp(min=0).to(pool.device), (local % c).to(pool.device)   # [Hkv, k] each
-        heads = torch.arange(hkv, device=pool.device)[:, None]            # heads: [Hkv, 1]
-        rows = pool[:, 1][sl, heads, off].to(idx.device, dtype)           # rows: [Hkv, k, D]
-        v = torch.where(mine[..., None], rows, v)                         # v: [Hkv, k, D]
+        rows = gather_rows(pool, slots.to(idx.device), 1, torch.where(mine, local, -1), alt)  # rows: [Hkv, k, D]
+        v = torch.where(mine[..., None], rows.to(dtype), v)               # v: [Hkv, k, D]
         start += m
     return v
 
