@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from . import reference
+from .tokens import token_attend  # torch ops around gather_rows (imported lazily there: it lives below)
 
 __all__ = ["gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "plan_slots", "topk_rows",
            "gather_rows", "token_attend",
@@ -131,7 +132,3 @@ def gather_rows(pool: torch.Tensor, slots: torch.Tensor, which: int, rows: torch
         if _cupy.supports_rows(pool, alt_pool):
             return _cupy.gather_rows(pool, slots, which, rows, alt_pool)
     return reference.gather_rows(pool, slots, which, rows, alt_pool)
-
-
-# after gather_rows: the token stage builds on it
-from .tokens import token_attend  # noqa: E402  (torch ops around gather_rows; runs on the CPU and CUDA)
