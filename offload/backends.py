@@ -47,8 +47,30 @@ def plan(llm, cfg=None):
     p = budget(0)
     sparse = cfg.attention == "sparse" or (cfg.attention == "auto" and not fits_on_device(p, mc))
     if sparse and llm.device.type == "cuda":
-        p = budget(mc.num_layers * new_index(llm, cfg, device="cpu").gpu_bytes(math.ceil(llm.ctx / C)))
+        index = mc.num_layers * new_index(llm, cfg, device="cpu").gpu_bytes(math.ceil(llm.ctx / C))
+        p = budget(index + token_stage_bytes(mc, cfg, llm.ctx, llm.dtype))
     return p
+
+
+def token_stage_bytes(mc, cfg, ctx: int, dtype) -> int:
+    """GPU scratch of the token stage at full ctx (one layer at a time; 0 for select_unit=chunk): the candidate
+    keys, their fp32 copy, the picked rows and the per-query-head scores. At 1M tokens and a 5% budget this is
+    over 1 GiB, so the planner takes it from the KV tier up front instead of failing mid-session."""
+    if cfg.select_unit != "token":
+        return 0
+    from offload.indexes import Budget
+    C = cfg.chunk_tokens
+    n = math.ceil(ctx / C)
+    fixed = math.ceil(cfg.sink_tokens / C) + math.ceil(cfg.window_tokens / C)
+    b = Budget.parse(cfg.budget, cfg.streaming_heads)
+    most = max(b.chunks(ctx, C, layer) for layer in range(mc.num_layers))
+    m = max(0, min(n - fixed, math.ceil(most * float(cfg.token_candidates)))) * C   # candidate tokens per KV head
+    picked = min(m, most * C)
+    el = torch.empty((), dtype=dtype).element_size()
+    keys = mc.num_kv_heads * m * mc.head_dim * (el + 4)              # gathered keys + fp32 copy for scoring
+    scores = 3 * mc.num_heads * m * 4                                # q.k, softmax shares, masked copies
+    rows = 2 * mc.num_kv_heads * picked * mc.head_dim * (el + 4)     # picked K and V, fp32 for attention
+    return keys + scores + rows
 
 
 def new_index(llm, cfg, device=None):

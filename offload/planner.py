@@ -57,7 +57,7 @@ class BudgetPlan:
     gpu_reserve_bytes: int        # kept free on the GPU for activations and staging
     available: tuple[int, int, int]   # KV budget bytes found per tier (gpu, host, disk)
     disk_dir: str | None
-    index_bytes: int = 0          # GPU metadata of the sparse index at full ctx, kept out of the KV budget
+    index_bytes: int = 0          # GPU bytes of sparse selection at full ctx (index, token-stage scratch)
 
     @property
     def capacities(self) -> tuple[int, int, int]:
@@ -160,8 +160,11 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
     pinned = num_layers * (sink_chunks + window_chunks)
     g = min(max(total, pinned), gpu // chunk_bytes)
     if g < pinned:
+        taken = f" once {_gib(index_bytes)} GiB go to sparse selection (index, token-stage scratch)" if index_bytes else ""
+        fix = ("lower --budget, use --select-unit chunk or a smaller model" if index_bytes and gpu_mem is None
+               else "raise --gpu-mem or use a smaller model")
         raise CapacityError(f"the GPU tier needs {_size(pinned * chunk_bytes)} for the sinks and local windows of "
-                            f"{num_layers} layers but has {_size(gpu)}; raise --gpu-mem or use a smaller model")
+                            f"{num_layers} layers but has {_size(gpu)}{taken}; {fix}")
     h = min(max(0, total - g), host // chunk_bytes)
     d = min(max(0, total - g - h), disk // chunk_bytes)
     if g + h + d < total:

@@ -105,3 +105,35 @@ def test_sparse_index_metadata_is_reserved_on_the_gpu(monkeypatch, machine):
     with pytest.raises(CapacityError, match="to the sparse index"):
         plan_budget(**LLAMA8B, ctx=256 << 10, weight_bytes=16 * GiB, device="cuda", gpu_mem=4 * GiB,
                     index_bytes=2 * GiB)
+
+
+def _llama8b_llm(cfg):
+    """What backends.plan reads of an LLM, for the 8B architecture on a (faked) CUDA device."""
+    from types import SimpleNamespace
+
+    from offload.model.config import ModelConfig
+    mc = ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                     num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=5e5,
+                     rope_scaling=None, max_position_embeddings=1 << 20, tie_word_embeddings=False,
+                     attention_bias=False)
+    return SimpleNamespace(config=cfg, model_config=mc, dtype=torch.bfloat16, device=torch.device("cuda"),
+                           ctx=cfg.ctx)
+
+
+def test_token_stage_scratch_is_reserved_with_the_index(monkeypatch, machine, tmp_path):
+    from offload import OffloadConfig, backends
+    monkeypatch.setattr(planner, "_detect_gpu", lambda device: 23 * GiB)
+    monkeypatch.setattr(planner, "_gpu_usable_total", lambda device: 24 * GiB)
+    opts = dict(ctx="1M", attention="sparse", budget="5%", host_mem="40GiB", disk_dir=str(tmp_path))
+    chunk_cfg, token_cfg = OffloadConfig(**opts), OffloadConfig(**opts, select_unit="token", token_candidates=4)
+    # a 24 GiB card: 16 GiB of weights, the summary bounds and 4x candidates of a 5% budget leave no KV tier
+    with pytest.raises(CapacityError, match="sparse selection .* use --select-unit chunk"):
+        backends.plan(_llama8b_llm(token_cfg))
+    monkeypatch.setattr(planner, "_detect_gpu", lambda device: 47 * GiB)
+    monkeypatch.setattr(planner, "_gpu_usable_total", lambda device: 48 * GiB)
+    chunk, token = backends.plan(_llama8b_llm(chunk_cfg)), backends.plan(_llama8b_llm(token_cfg))
+    scratch = backends.token_stage_bytes(_llama8b_llm(token_cfg).model_config, token_cfg, 1 << 20, torch.bfloat16)
+    assert scratch > 1 * GiB                       # 4 x 5% of 1M tokens of candidate keys per layer
+    assert token.index_bytes - chunk.index_bytes == scratch
+    assert chunk.gpu_bytes - token.gpu_bytes >= scratch - chunk.chunk_bytes   # taken from the GPU KV tier
+    assert backends.token_stage_bytes(_llama8b_llm(chunk_cfg).model_config, chunk_cfg, 1 << 20, torch.bfloat16) == 0

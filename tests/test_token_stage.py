@@ -186,3 +186,31 @@ def test_gpu_token_stage_step_is_one_cuda_graph_equal_to_eager(tiny64, ids, monk
     monkeypatch.setenv("OFFLOAD_NO_CUDA_GRAPH", "1")
     eager, _ = run_session(LLM(str(tiny64.path), **opts), ids, 250)
     torch.testing.assert_close(graph, eager, rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_token_stage_scratch_fits_what_the_planner_reserves():
+    """8B shapes, 2K budget, 4x candidates: the stage's peak allocation stays within backends.token_stage_bytes."""
+    from types import SimpleNamespace
+
+    from offload.backends import token_stage_bytes
+    hkv, hq, c, d, n_cand, k = 8, 32, 32, 128, 256, 2048
+    gen = torch.Generator().manual_seed(0)
+    gpu_pool = torch.randn(300, 2, hkv, c, d, generator=gen).to(torch.bfloat16).cuda()   # [S, 2, Hkv, C, D]
+    host_pool = torch.randn(200, 2, hkv, c, d, generator=gen).to(torch.bfloat16).pin_memory()
+    own = torch.stack([torch.randperm(300, generator=gen)[:n_cand] for _ in range(hkv)])  # own: [Hkv, 256]
+    alt = torch.stack([torch.randperm(200, generator=gen)[:n_cand] for _ in range(hkv)])  # alt: [Hkv, 256]
+    slots = torch.where(torch.rand(hkv, n_cand, generator=gen) < 0.6, alt | ALT_SLOT, own).int().cuda()
+    q = torch.randn(hq, d, generator=gen).to(torch.bfloat16).cuda()                    # q: [Hq, D]
+    base = torch.randn(hq, device="cuda")                                                # base: [Hq]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    o, lse = token_attend(q, [(gpu_pool, slots, host_pool)], k, d ** -0.5, "sum", base)
+    torch.cuda.synchronize()
+    used = torch.cuda.max_memory_allocated() - before
+    mc = SimpleNamespace(num_layers=1, num_kv_heads=hkv, num_heads=hq, head_dim=d)
+    cfg = OffloadConfig(chunk_tokens=c, budget="2K", select_unit="token", token_candidates=4)
+    reserved = token_stage_bytes(mc, cfg, 128 * 1024, torch.bfloat16)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    assert 0 < used <= reserved, (used, reserved)
