@@ -197,9 +197,9 @@ def test_gpu_token_stage_scratch_fits_what_the_planner_reserves():
     hkv, hq, c, d, n_cand, k = 8, 32, 32, 128, 256, 2048
     gen = torch.Generator().manual_seed(0)
     gpu_pool = torch.randn(300, 2, hkv, c, d, generator=gen).to(torch.bfloat16).cuda()   # [S, 2, Hkv, C, D]
-    host_pool = torch.randn(200, 2, hkv, c, d, generator=gen).to(torch.bfloat16).pin_memory()
+    host_pool = torch.randn(300, 2, hkv, c, d, generator=gen).to(torch.bfloat16).pin_memory()
     own = torch.stack([torch.randperm(300, generator=gen)[:n_cand] for _ in range(hkv)])  # own: [Hkv, 256]
-    alt = torch.stack([torch.randperm(200, generator=gen)[:n_cand] for _ in range(hkv)])  # alt: [Hkv, 256]
+    alt = torch.stack([torch.randperm(300, generator=gen)[:n_cand] for _ in range(hkv)])  # alt: [Hkv, 256]
     slots = torch.where(torch.rand(hkv, n_cand, generator=gen) < 0.6, alt | ALT_SLOT, own).int().cuda()
     q = torch.randn(hq, d, generator=gen).to(torch.bfloat16).cuda()                    # q: [Hq, D]
     base = torch.randn(hq, device="cuda")                                                # base: [Hq]
