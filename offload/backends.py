@@ -64,10 +64,12 @@ def token_stage_bytes(mc, cfg, ctx: int, dtype) -> int:
     fixed = math.ceil(cfg.sink_tokens / C) + math.ceil(cfg.window_tokens / C)
     b = Budget.parse(cfg.budget, cfg.streaming_heads)
     most = max(b.chunks(ctx, C, layer) for layer in range(mc.num_layers))
-    m = max(0, min(n - fixed, math.ceil(most * float(cfg.token_candidates)))) * C   # candidate tokens per KV head
+    # candidate columns per KV head: the index is asked for want + fixed ids (sinks and window among them
+    # come back as padding), and every column is gathered
+    m = (max(0, min(n - fixed, math.ceil(most * float(cfg.token_candidates)))) + fixed) * C
     picked = min(m, most * C)
     el = torch.empty((), dtype=dtype).element_size()
-    keys = mc.num_kv_heads * m * mc.head_dim * (el + 4)              # gathered keys + fp32 copy for scoring
+    keys = mc.num_kv_heads * m * mc.head_dim * (2 * el + 4)          # gathered keys (+ a part's, added in) + fp32 copy
     scores = 3 * mc.num_heads * m * 4                                # q.k, softmax shares, masked copies
     rows = 2 * mc.num_kv_heads * picked * mc.head_dim * (el + 4)     # picked K and V, fp32 for attention
     return keys + scores + rows

@@ -135,7 +135,7 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
         reserve = max(_GPU_RESERVE_MIN, int(_GPU_RESERVE_FRAC * _gpu_usable_total(device)))
         room = max(0, free - weight_bytes - index_bytes - reserve)
         if gpu_mem is not None and gpu_mem > room:
-            index = f", {_gib(index_bytes)} GiB to the sparse index" if index_bytes else ""
+            index = f", {_gib(index_bytes)} GiB to sparse selection (index, token-stage scratch)" if index_bytes else ""
             raise CapacityError(f"--gpu-mem {_gib(gpu_mem)} GiB of KV does not fit: the GPU has {_gib(free)} GiB free, "
                                 f"{_gib(weight_bytes)} GiB go to weights{index} and {_gib(reserve)} GiB to activations; "
                                 f"lower --gpu-mem to {_gib(room)} GiB or less")
@@ -161,8 +161,8 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
     g = min(max(total, pinned), gpu // chunk_bytes)
     if g < pinned:
         taken = f" once {_gib(index_bytes)} GiB go to sparse selection (index, token-stage scratch)" if index_bytes else ""
-        fix = ("lower --budget, use --select-unit chunk or a smaller model" if index_bytes and gpu_mem is None
-               else "raise --gpu-mem or use a smaller model")
+        fix = ("lower --budget (with --select-unit token: or use chunk, or fewer token_candidates) or use a "
+               "smaller model" if index_bytes and gpu_mem is None else "raise --gpu-mem or use a smaller model")
         raise CapacityError(f"the GPU tier needs {_size(pinned * chunk_bytes)} for the sinks and local windows of "
                             f"{num_layers} layers but has {_size(gpu)}{taken}; {fix}")
     h = min(max(0, total - g), host // chunk_bytes)

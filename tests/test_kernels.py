@@ -413,12 +413,16 @@ def test_reference_plan_slots_by_hand():
 @gpu
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("m,budget", [(74, 64), (74, 10), (700, 650), (1, 1)])
-def test_gpu_plan_slots_matches_reference(poison, m, budget, merged):
+@pytest.mark.parametrize("apart", [False, True])
+def test_gpu_plan_slots_matches_reference(poison, m, budget, merged, apart):
     sel, n, streaming, tier, slot = _plan_case(m, m=m, device="cuda")
     outs = []
     for fn in (poison.plan_slots, reference.plan_slots):
-        hits, chunk_hits = torch.zeros(4, dtype=torch.long, device="cuda"), torch.zeros(520, device="cuda")
-        outs.append((*fn(sel, n, 2, 8, budget, streaming, tier, slot, hits, chunk_hits, merged), hits, chunk_hits))
+        hits, chunk_hits = torch.zeros(8, dtype=torch.long, device="cuda"), torch.zeros(520, device="cuda")
+        outs.append((*fn(sel, n, 2, 8, budget, streaming, tier, slot, hits, chunk_hits, merged, apart),
+                     hits, chunk_hits))
+    if apart:
+        assert outs[0][-2][4:].sum() > 0
     for got, want in zip(*outs):
         assert torch.equal(got, want)
 
@@ -529,3 +533,36 @@ def test_gpu_gather_rows_matches_reference(poison, hkv, c, d, dtype, with_rows):
         want = reference.gather_rows(gpu_pool, slots, which, rows, host_pool)
         assert got.device == slots.device and got.dtype == dtype
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_reference_gather_rows_flagged_slot_without_alt_pool_is_padding():
+    gen = torch.Generator().manual_seed(5)
+    pool = _random_pool(gen, 6, 2, 4, 8)
+    slots = torch.tensor([[0, 3 | reference.ALT_SLOT], [-1, 2]])                # slots: [Hkv, 2]
+    got = reference.gather_rows(pool, slots, 1)                                 # got: [Hkv, 8, D]
+    assert (got[0, 4:] == 0).all() and (got[1, :4] == 0).all()
+    torch.testing.assert_close(got[0, :4], pool[0, 1, 0])
+    torch.testing.assert_close(got[1, 4:], pool[2, 1, 1])
+
+
+@pytest.mark.parametrize("bad", [dict(which=2), dict(slots=torch.zeros(3, 2, dtype=torch.long)),
+                                 dict(rows=torch.zeros(1, 4, dtype=torch.long))])
+def test_gather_rows_refuses_mismatched_arguments_on_every_path(bad):
+    args = dict(pool=torch.zeros(4, 2, 2, 4, 8), slots=torch.zeros(2, 2, dtype=torch.long), which=0, rows=None)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.gather_rows(**{**args, **bad})
+
+
+def test_reference_plan_slots_counts_selection_hits_apart():
+    """Token mode: sinks + window (attended whole) count into hits[:4], the selected candidates into hits[4:8]."""
+    tier = torch.tensor([0, 0, 1, 1, 0, 1, 0, 0, 0, 0], dtype=torch.int8)         # chunk -> tier
+    slot = torch.arange(10) + 100                                                  # chunk -> slot
+    sel = torch.tensor([[2, 3, 4, 0], [5, 9, 4, 1]])                              # sel: [Hkv, 4] best first
+    args = (sel, torch.tensor([10]), 1, 2, 3, torch.tensor([False, False]), tier, slot)
+    apart, together = torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
+    lists = reference.plan_slots(*args, apart, torch.zeros(10), True, selection_hits_apart=True)
+    want = reference.plan_slots(*args, together, torch.zeros(10), True)
+    torch.testing.assert_close(lists, want)                                        # same slot lists
+    assert apart[:4].tolist() == [0, 6, 0, 0]          # sinks (chunk 0) + window (8, 9): all on the GPU tier
+    assert apart[4:].tolist() == [2, 3, 3, 0]          # head 0: 2 3 4 (host host gpu); head 1: 5 4 1 (9: window)
+    assert (apart[:4] + apart[4:]).tolist() == together[:4].tolist()

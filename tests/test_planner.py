@@ -102,7 +102,7 @@ def test_sparse_index_metadata_is_reserved_on_the_gpu(monkeypatch, machine):
     with_index = plan_budget(**LLAMA8B, ctx=256 << 10, weight_bytes=16 * GiB, device="cuda", index_bytes=2 * GiB)
     assert plain.gpu_bytes - with_index.gpu_bytes >= 2 * GiB - plain.chunk_bytes
     assert "sparse index 2 GiB" in with_index.summary() and with_index.index_bytes == 2 * GiB
-    with pytest.raises(CapacityError, match="to the sparse index"):
+    with pytest.raises(CapacityError, match="to sparse selection"):
         plan_budget(**LLAMA8B, ctx=256 << 10, weight_bytes=16 * GiB, device="cuda", gpu_mem=4 * GiB,
                     index_bytes=2 * GiB)
 
@@ -127,7 +127,7 @@ def test_token_stage_scratch_is_reserved_with_the_index(monkeypatch, machine, tm
     opts = dict(ctx="1M", attention="sparse", budget="5%", host_mem="40GiB", disk_dir=str(tmp_path))
     chunk_cfg, token_cfg = OffloadConfig(**opts), OffloadConfig(**opts, select_unit="token", token_candidates=4)
     # a 24 GiB card: 16 GiB of weights, the summary bounds and 4x candidates of a 5% budget leave no KV tier
-    with pytest.raises(CapacityError, match="sparse selection .* use --select-unit chunk"):
+    with pytest.raises(CapacityError, match="sparse selection .* lower --budget .* use chunk"):
         backends.plan(_llama8b_llm(token_cfg))
     monkeypatch.setattr(planner, "_detect_gpu", lambda device: 47 * GiB)
     monkeypatch.setattr(planner, "_gpu_usable_total", lambda device: 48 * GiB)

@@ -60,6 +60,9 @@ def test_token_stage_small_budget_selects_and_stays_close(tiny, ids, dense):
     st = s.stats()
     # candidates: 4 x the budget's chunks, keys only (half of K+V); attended: the budget's tokens
     assert st["scored_key_bytes"] > st["token_attended_bytes"] / 2 > 0, st
+    # candidate chunks are counted apart from what is attended whole (keys of C=8 tokens x D=16 x fp32 each)
+    assert st["scored_key_bytes"] == (st["candidate_gpu_selections"] + st["candidate_host_selections"]) * 8 * 16 * 4
+    assert st["attended_gpu_selections"] > 0, st
     assert 0 < (got - dense[0]).abs().max() < 5
 
 
@@ -105,14 +108,13 @@ def test_token_selection_equals_brute_force_topk(reduce):
             norm = torch.logaddexp(torch.logsumexp(sc, 1), base[h * G:(h + 1) * G])  # norm: [G]
             r = torch.exp(sc - norm[:, None]).sum(0)
         want = {toks[i] for i in torch.topk(r, k).indices.tolist()}
-        # the stage: concatenated parts, positions mapped back to (slot, offset)
+        # the stage: the parts share one column layout, so a position maps back to (slot, offset) directly
         ck, valid = gather_candidate_keys(parts, hkv, q.device)                 # ck: [Hkv, M', D]
         idx, ok = select_tokens(q, ck, valid, k, scale, reduce, base)           # idx: [Hkv, k]
         assert bool(ok[h].all())
         got = set()
         for i in idx[h].tolist():
-            p, j = (0, i) if i < slots.shape[1] * C else (1, i - slots.shape[1] * C)
-            got.add((int(parts[p][1][h, j // C]), j % C))
+            got.add((int(slots[h, i // C]), i % C))
         assert got == want
 
 

@@ -74,7 +74,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self._window_offsets = torch.arange(-self.n_window, 0, device=device)  # [n_window]
         self._res, self._res_version = [None] * num_layers, -1     # Residency per layer (pools, disk count)
         self._last_ids, self._prefetched = [None] * num_layers, {}  # previous step's selection; pending reads
-        self._hits = torch.zeros(4, dtype=torch.long, device=device)  # selections per tier: pad, gpu, host, disk
+        # chunk selections per tier (pad, gpu, host, disk): attended whole, then token-stage candidates (keys read)
+        self._hits = torch.zeros(8, dtype=torch.long, device=device)
         self.tail_pos = torch.zeros(1, dtype=torch.long, device=device)  # tail_pos: [1] where decode writes
         self.tail_count = torch.ones(1, dtype=torch.long, device=device)  # tail_count: [1] = tail_pos + 1
         # selections per chunk since the last put, handed to the store's policy once per chunk of tokens
@@ -191,7 +192,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
             plan = self.store.fetch(layer, ids)
             self._fetched += sum(plan.bytes.values())
             return [(pool, slots, None) for pool, slots in plan.parts]
-        lists = kernels.reference.slot_lookup(ids, tier, slot, self._hits, self._sel_hits[layer])  # [Hkv, K] x2
+        lists = kernels.reference.slot_lookup(ids, tier, slot, self._hits[:4], self._sel_hits[layer])  # [Hkv, K] x2
         if r.gpu_pool.shape[0] > 0 and r.host_pool.shape[0] > 0:   # one list, host slots flagged: one launch
             gpu, host = lists
             lists = (torch.where(host >= 0, host | kernels.reference.ALT_SLOT, gpu),)  # [Hkv, K]
@@ -215,13 +216,14 @@ class TieredAttention(AttentionBackend, PersistableKV):
         budget = self.budget.chunks(self._len + 1, self.C, layer) if self.mode == "sparse" else n
         if self.mode == "sparse" and not r.on_disk and n > fixed + budget:
             # one launch on the GPU: selection combined, slots looked up (one list when both tiers hold
-            # chunks), hits counted; token-stage candidates count as selected (their keys are read)
+            # chunks), hits counted (token-stage candidates apart: only their keys are read)
             t = time.perf_counter()
             sel, want, k_tok = self._propose(layer, q, budget)  # sel: [Hkv, want + fixed]
             merged = r.gpu_pool.shape[0] > 0 and r.host_pool.shape[0] > 0
             lists = kernels.plan_slots(sel, self._n_dev, self.n_sink, self.n_window, want, self._streaming[layer],
                                        self._tier_dev[layer], self._slot_dev[layer], self._hits,
-                                       self._sel_hits[layer], merged)  # [Hkv, fixed + want] each
+                                       self._sel_hits[layer], merged, selection_hits_apart=bool(k_tok))
+            # lists: [Hkv, fixed + want + fixed] each
             self._sel_s += time.perf_counter() - t
             parts = self._pool_parts(r, lists)
             return (parts, None) if not k_tok else self._split_token_stage(parts, fixed, k_tok)
@@ -376,7 +378,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
         out = {"selection_ms_per_step": round(1000 * self._sel_s / max(self._steps, 1), 3),
                "fetched_bytes": self._fetched, "chunks": self.n_chunks}
         out.update(self.store.stats())
-        pad, gpu, host, disk = self._hits.tolist()
+        pad, gpu, host, disk, _, cand_gpu, cand_host, _ = self._hits.tolist()
         head_bytes = 2 * self.C * self.D * self.tail_k.element_size()
         total = max(1, gpu + host + disk + out.get("hits_disk", 0))
         out.update(attended_gpu_selections=gpu, attended_host_selections=host,
@@ -385,7 +387,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
         if self.select_unit == "token" and self.mode == "sparse":
             scored, rows = self._tok.tolist()
             # keys of every candidate chunk are read to score; K and V of the attended rows only
-            out.update(scored_key_bytes=scored * head_bytes // 2, token_attended_bytes=rows * head_bytes // self.C,
+            out.update(candidate_gpu_selections=cand_gpu, candidate_host_selections=cand_host,
+                       scored_key_bytes=scored * head_bytes // 2, token_attended_bytes=rows * head_bytes // self.C,
                        token_stage_ms_per_step=round(1000 * self._tok_s / max(self._steps, 1), 3))
         return out
 

@@ -101,13 +101,15 @@ def score_chunks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_vali
 
 def plan_slots(sel: torch.Tensor, n_valid: torch.Tensor, n_sink: int, n_window: int, budget: int,
                streaming: torch.Tensor, tier: torch.Tensor, slot: torch.Tensor, hits: torch.Tensor,
-               chunk_hits: torch.Tensor, merged: bool = False) -> tuple[torch.Tensor, ...]:
+               chunk_hits: torch.Tensor, merged: bool = False,
+               selection_hits_apart: bool = False) -> tuple[torch.Tensor, ...]:
     """GPU-pool and host-slab slot lists [Hkv, F + M] int32 of one layer's sparse step, or one merged list
     with host slots flagged (reference.plan_slots)."""
-    args = (sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged)
+    args = (sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged,
+            selection_hits_apart)
     if _on_gpu(sel, n_valid, streaming, tier, slot, hits, chunk_hits):
         _cupy = _backend()
-        if _cupy.supports_plan(sel, n_valid, streaming, tier, slot, hits, chunk_hits):
+        if _cupy.supports_plan(sel, n_valid, streaming, tier, slot, hits, chunk_hits, selection_hits_apart):
             return _cupy.plan_slots(*args)
     return reference.plan_slots(*args)
 
@@ -126,6 +128,7 @@ def gather_rows(pool: torch.Tensor, slots: torch.Tensor, which: int, rows: torch
     """K (which=0) or V (which=1) rows of chunk slots [Hkv, K] at positions rows [Hkv, R] (None: all K*C)
     of pool [S, 2, Hkv, C, D] (and alt_pool for ALT_SLOT slots) -> [Hkv, R, D] on slots' device
     (reference.gather_rows). On the GPU a pinned host pool is read in place, with no host round trip."""
+    reference.check_rows_args(pool, slots, which, rows)
     pools = (pool,) if alt_pool is None else (pool, alt_pool)
     if _on_gpu(slots) and all(_pool_reachable(slots, p) for p in pools):
         _cupy = _backend()

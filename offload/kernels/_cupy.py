@@ -223,14 +223,16 @@ def chunk_bounds(q, kmin, kmax, n_valid, group_reduce="max", *, out=None):
     return bounds
 
 
-def supports_plan(sel, n_valid, streaming, tier, slot, hits, chunk_hits) -> bool:
+def supports_plan(sel, n_valid, streaming, tier, slot, hits, chunk_hits, selection_hits_apart=False) -> bool:
     return (sel.dtype == torch.int64 and sel.dim() == 2 and sel.is_contiguous() and n_valid.dtype == torch.int64
             and streaming.dtype == torch.bool and streaming.is_contiguous() and tier.dtype == torch.int8
-            and slot.dtype == torch.int64 and hits.dtype == torch.int64 and hits.numel() >= 4
+            and slot.dtype == torch.int64 and hits.dtype == torch.int64
+            and hits.numel() >= (8 if selection_hits_apart else 4)
             and chunk_hits.dtype == torch.float32 and all(t.is_contiguous() for t in (tier, slot, hits, chunk_hits)))
 
 
-def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged=False):
+def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged=False,
+               selection_hits_apart=False):
     """One launch: the slot lists [Hkv, F + M] int32 of a layer's sparse step (see plan.cu)."""
     hkv, m = sel.shape
     k = n_sink + n_window + m
@@ -239,7 +241,7 @@ def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hi
     fn = _build.function("plan.cu", "plan_slots_kernel", sel.device.index)
     args = (_ptr(sel), np.int32(m), _ptr(n_valid), np.int32(n_sink), np.int32(n_window), np.int32(budget),
             _ptr(streaming), _ptr(tier), _ptr(slot), _ptr(hits), _ptr(chunk_hits), _ptr(gpu_out), _ptr(host_out),
-            np.int32(merged))
+            np.int32(merged), np.int32(4 if selection_hits_apart else 0))
     _launch(fn, sel.device, (hkv,), args)
     return (gpu_out,) if merged else (gpu_out, host_out)
 
@@ -289,7 +291,8 @@ def gather_rows(pool, slots, which, rows=None, alt_pool=None):
     if n_rows == 0:
         return out
     fn = _build.function("gather.cu", "gather_rows_kernel", device.index)
-    args = (_ptr(pool), _ptr(alt_pool), _ptr(slots), np.int32(slots.shape[1]), _ptr(rows), np.int32(n_rows),
+    alt = None if alt_pool is None or alt_pool.shape[0] == 0 else alt_pool
+    args = (_ptr(pool if pool.shape[0] else None), _ptr(alt), _ptr(slots), np.int32(slots.shape[1]), _ptr(rows), np.int32(n_rows),
             np.int32(hkv), np.int32(c.bit_length() - 1), np.int32(vecs), np.int32(which), _ptr(out))
     _launch(fn, device, (math.ceil(n_rows * vecs / _ROW_THREADS), hkv), args, threads=_ROW_THREADS)
     return out

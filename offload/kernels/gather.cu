@@ -21,8 +21,8 @@ extern "C" __global__ void gather_rows_kernel(const uint4* __restrict__ pool, co
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
     if (p >= 0 && (p >> c_shift) < n_slots) {
         int s = slots[(long long)h * n_slots + (p >> c_shift)];
-        if (s >= 0) {
-            const uint4* src = (s & OFL_ALT_SLOT) ? alt : pool;
+        const uint4* src = (s & OFL_ALT_SLOT) ? alt : pool;
+        if (s >= 0 && src != nullptr) {   // a flagged slot with no (or an empty) alt pool is padding
             s &= ~OFL_ALT_SLOT;
             const long long off = p & ((1LL << c_shift) - 1);
             const long long row = ((((long long)s * 2 + which) * hkv + h) << c_shift) + off;

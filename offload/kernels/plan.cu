@@ -39,11 +39,12 @@ extern "C" __global__ void plan_slots_kernel(
     const bool* __restrict__ streaming,      // [Hkv]
     const signed char* __restrict__ tier,    // [max chunks] 0 gpu, 1 host, 2 disk
     const long long* __restrict__ slot,      // [max chunks]
-    unsigned long long* __restrict__ hits,   // [4] padding, gpu, host, disk
+    unsigned long long* __restrict__ hits,   // [4] (or [8], see sel_hits_offset) padding, gpu, host, disk
     float* __restrict__ chunk_hits,          // [max chunks]
     int* __restrict__ gpu_out,               // [Hkv, F + M]
     int* __restrict__ host_out,              // [Hkv, F + M] (unused when merged)
-    int merged)
+    int merged,
+    int sel_hits_offset)                     // 0, or 4: the M selection columns count into hits[4:8]
 {
     const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31;
     const long long n = *n_valid;
@@ -65,6 +66,7 @@ extern "C" __global__ void plan_slots_kernel(
         const unsigned int b = __ballot_sync(0xffffffffu, cand);
         const int rank = running + __popc(b & (0xffffffffu >> (31 - lane)));   // inclusive
         running += __popc(b);
-        if (j < M) plan_emit(cand && rank <= budget ? id : -1, F + j, tier, slot, hits, chunk_hits, g, o, merged);
+        if (j < M) plan_emit(cand && rank <= budget ? id : -1, F + j, tier, slot, hits + sel_hits_offset, chunk_hits,
+                             g, o, merged);
     }
 }

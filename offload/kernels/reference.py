@@ -160,13 +160,21 @@ def slot_lookup(ids: torch.Tensor, tier: torch.Tensor, slot: torch.Tensor, hits:
     return torch.where(t == 0, s, none).int(), torch.where(t == 1, s, none).int()
 
 
-def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged=False):
+def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged=False,
+               selection_hits_apart=False):
     """combine_selection then slot_lookup: the slot lists of one layer's sparse step (see both).
 
     merged: one list (a 1-tuple) where host-slab slots carry ALT_SLOT, for a two-pool gather_attend.
+    selection_hits_apart: the M selection columns count into hits[4:8] (hits: [8]), sinks + window into hits[:4].
     """
     ids = combine_selection(sel, n_valid, n_sink, n_window, budget, streaming)  # ids: [Hkv, F + M]
-    gpu, host = slot_lookup(ids, tier, slot, hits, chunk_hits)                  # [Hkv, F + M] x2
+    if selection_hits_apart:
+        f = n_sink + n_window
+        lists = [slot_lookup(part, tier, slot, h, chunk_hits) for part, h in ((ids[:, :f], hits[:4]),
+                                                                              (ids[:, f:], hits[4:8]))]
+        gpu, host = (torch.cat(pair, dim=1) for pair in zip(*lists))          # [Hkv, F + M] x2
+    else:
+        gpu, host = slot_lookup(ids, tier, slot, hits, chunk_hits)              # [Hkv, F + M] x2
     return (torch.where(host >= 0, host | ALT_SLOT, gpu),) if merged else (gpu, host)
 
 
@@ -187,17 +195,15 @@ def gather_rows(pool: torch.Tensor, slots: torch.Tensor, which: int, rows: torch
     of the head's chunks: slot slots[h, p // C], token p % C. Zeros where p < 0, p >= K*C or the slot is -1.
     With alt_pool (same chunk layout), slots flagged ALT_SLOT are read from it. Output on slots' device.
     """
-    _, two, hkv, c, d = pool.shape
-    if two != 2 or slots.dim() != 2 or slots.shape[0] != hkv or which not in (0, 1):
-        raise ValueError(f"pool {tuple(pool.shape)} / slots {tuple(slots.shape)} / which={which} do not match "
-                         "[S, 2, Hkv, C, D] / [Hkv, K] / 0 (keys) or 1 (values)")
+    check_rows_args(pool, slots, which, rows)
+    _, _, hkv, c, d = pool.shape
     dev, k = slots.device, slots.shape[1]
     p = (torch.arange(k * c, device=dev).expand(hkv, -1) if rows is None else rows.to(dev).long())  # p: [Hkv, R]
     inside = (p >= 0) & (p < k * c)                                           # inside: [Hkv, R]
     col = (p.clamp(min=0) // c).clamp(max=max(k - 1, 0))                     # col: [Hkv, R]
     s = slots.to(dev).long().gather(1, col) if k else torch.full_like(p, -1)  # s: [Hkv, R]
     ok = inside & (s >= 0)                                                    # ok: [Hkv, R]
-    flagged = ok & (s & ALT_SLOT != 0) if alt_pool is not None else torch.zeros_like(ok)  # flagged: [Hkv, R]
+    flagged = ok & (s & ALT_SLOT != 0)                                        # flagged: [Hkv, R] (no alt: zeros)
     s = s & ~ALT_SLOT                                                         # s: [Hkv, R]
     off = p.clamp(min=0) % c                                                  # off: [Hkv, R]
     out = torch.zeros(hkv, p.shape[1], d, dtype=pool.dtype, device=dev)       # out: [Hkv, R, D]
@@ -209,3 +215,12 @@ def gather_rows(pool: torch.Tensor, slots: torch.Tensor, which: int, rows: torch
         got = src[:, which][si, heads, off.to(src.device)].to(dev)            # got: [Hkv, R, D]
         out = torch.where(mask[..., None], got, out)                          # out: [Hkv, R, D]
     return out
+
+
+def check_rows_args(pool: torch.Tensor, slots: torch.Tensor, which: int, rows: torch.Tensor | None) -> None:
+    """gather_rows' shape contract, checked before either path runs (the kernel would read out of bounds)."""
+    if (pool.dim() != 5 or pool.shape[1] != 2 or slots.dim() != 2 or slots.shape[0] != pool.shape[2]
+            or which not in (0, 1) or (rows is not None and (rows.dim() != 2 or rows.shape[0] != slots.shape[0]))):
+        raise ValueError(f"pool {tuple(pool.shape)} / slots {tuple(slots.shape)} / rows "
+                         f"{None if rows is None else tuple(rows.shape)} / which={which} do not match "
+                         "[S, 2, Hkv, C, D] / [Hkv, K] / [Hkv, R] / 0 (keys) or 1 (values)")

@@ -6,9 +6,9 @@ spends its budget on whole chunks whose attention mass is spread unevenly; token
 
 Shapes (one layer, batch 1, one decode step), as in `reference`:
     q:      [Hq, D]                 decode query, post-RoPE
-    parts:  ((pool [S, 2, Hkv, C, D], slots [Hkv, K], alt pool or None), ...)   candidate chunks per pool;
-            -1 = padding or held by another part (the column layout of `FetchPlan.parts`); slots flagged
-            ALT_SLOT are read from the alt pool (the host slab next to the GPU pool)
+    parts:  ((pool [S, 2, Hkv, C, D], slots [Hkv, K], alt pool or None), ...)   candidate chunks per pool,
+            all parts in one column layout (that of `FetchPlan.parts`): -1 = padding or held by another
+            part; slots flagged ALT_SLOT are read from the alt pool (the host slab next to the GPU pool)
 On the GPU every step is a fixed-shape kernel with no host sync (host-slab rows are read in place under
 UVA), so a decode step with this stage is captured in one CUDA graph like the chunk path.
 Group reduce (how a KV head's query group ranks a token, as the summary index ranks chunks):
@@ -65,30 +65,30 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: i
 
 
 def gather_candidate_keys(parts, hkv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys (only) of every candidate chunk, parts concatenated -> (keys [Hkv, M, D], valid [Hkv, M])."""
+    """Keys (only) of every candidate chunk -> (keys [Hkv, K*C, D], valid [Hkv, K*C]).
+
+    The parts share one column layout (a chunk's slot is >= 0 in exactly one part), and gather_rows writes
+    zeros where a part's slot is -1, so the parts add up: one buffer of K*C rows however many parts there are.
+    """
     from . import gather_rows
-    ks, valids = [], []
+    keys = valid = None
     for pool, slots, alt in parts:
-        c = pool.shape[3]
-        ks.append(gather_rows(pool, slots.to(device), 0, alt_pool=alt))       # [Hkv, K*C, D] (V is not read)
-        valids.append((slots >= 0).to(device).repeat_interleave(c, dim=1))  # [Hkv, K*C]
-    return torch.cat(ks, dim=1), torch.cat(valids, dim=1)                 # [Hkv, M, D], [Hkv, M]
+        s = slots.to(device)                                              # s: [Hkv, K]
+        k = gather_rows(pool, s, 0, alt_pool=alt)                         # k: [Hkv, K*C, D] (V is not read)
+        v = (s >= 0).repeat_interleave(pool.shape[3], dim=1)              # v: [Hkv, K*C]
+        keys, valid = (k, v) if keys is None else (keys.add_(k), valid | v)
+    return keys, valid
 
 
 def gather_values(parts, idx: torch.Tensor, ok: torch.Tensor, d: int, dtype) -> torch.Tensor:
-    """V rows of the picked candidates idx [Hkv, k] (positions in the parts' concatenation) -> [Hkv, k, D]."""
+    """V rows of the picked candidates idx [Hkv, k] (positions in the parts' shared column layout) -> [Hkv, k, D]."""
     from . import gather_rows
-    hkv, k = idx.shape
-    v = torch.zeros(hkv, k, d, device=idx.device, dtype=dtype)           # v: [Hkv, k, D]
-    start = 0
+    rows = torch.where(ok, idx, -1)                                       # rows: [Hkv, k]
+    v = None
     for pool, slots, alt in parts:
-        m = slots.shape[1] * pool.shape[3]
-        local = idx - start                                               # local: [Hkv, k]
-        mine = ok & (local >= 0) & (local < m)                            # mine: [Hkv, k]
-        rows = gather_rows(pool, slots.to(idx.device), 1, torch.where(mine, local, -1), alt)  # rows: [Hkv, k, D]
-        v = torch.where(mine[..., None], rows.to(dtype), v)               # v: [Hkv, k, D]
-        start += m
-    return v
+        got = gather_rows(pool, slots.to(idx.device), 1, rows, alt)       # got: [Hkv, k, D], zeros elsewhere
+        v = got if v is None else v.add_(got)
+    return v.to(dtype)                                                    # [Hkv, k, D]
 
 
 def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str = "sum",
