@@ -194,8 +194,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
             return [(pool, slots, None) for pool, slots in plan.parts]
         lists = kernels.reference.slot_lookup(ids, tier, slot, self._hits[:4], self._sel_hits[layer])  # [Hkv, K] x2
         if r.gpu_pool.shape[0] > 0 and r.host_pool.shape[0] > 0:   # one list, host slots flagged: one launch
-            gpu, host = lists
-            lists = (torch.where(host >= 0, host | kernels.reference.ALT_SLOT, gpu),)  # [Hkv, K]
+            lists = (kernels.reference.merge_slot_lists(*lists),)  # [Hkv, K]
         return self._pool_parts(r, lists)
 
     @staticmethod

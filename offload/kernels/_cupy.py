@@ -292,7 +292,7 @@ def gather_rows(pool, slots, which, rows=None, alt_pool=None):
         return out
     fn = _build.function("gather.cu", "gather_rows_kernel", device.index)
     alt = None if alt_pool is None or alt_pool.shape[0] == 0 else alt_pool
-    args = (_ptr(pool if pool.shape[0] else None), _ptr(alt), _ptr(slots), np.int32(slots.shape[1]), _ptr(rows), np.int32(n_rows),
-            np.int32(hkv), np.int32(c.bit_length() - 1), np.int32(vecs), np.int32(which), _ptr(out))
+    args = (_ptr(pool if pool.shape[0] else None), _ptr(alt), _ptr(slots), np.int32(slots.shape[1]), _ptr(rows),
+            np.int32(n_rows), np.int32(hkv), np.int32(c.bit_length() - 1), np.int32(vecs), np.int32(which), _ptr(out))
     _launch(fn, device, (math.ceil(n_rows * vecs / _ROW_THREADS), hkv), args, threads=_ROW_THREADS)
     return out

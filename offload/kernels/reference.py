@@ -14,7 +14,7 @@ import torch
 ALT_SLOT = 1 << 30   # a slot flagged with this bit lives in gather_attend's alt_pool (OFL_ALT_SLOT in the .cu)
 
 __all__ = ["ALT_SLOT", "gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "combine_selection",
-           "slot_lookup", "plan_slots", "topk_rows", "gather_rows"]
+           "slot_lookup", "plan_slots", "merge_slot_lists", "topk_rows", "gather_rows"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -175,7 +175,12 @@ def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hi
         gpu, host = (torch.cat(pair, dim=1) for pair in zip(*lists))          # [Hkv, F + M] x2
     else:
         gpu, host = slot_lookup(ids, tier, slot, hits, chunk_hits)              # [Hkv, F + M] x2
-    return (torch.where(host >= 0, host | ALT_SLOT, gpu),) if merged else (gpu, host)
+    return (merge_slot_lists(gpu, host),) if merged else (gpu, host)
+
+
+def merge_slot_lists(gpu: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """One slot list from the GPU-pool and host-slab lists [Hkv, K] (-1 elsewhere): host slots flagged ALT_SLOT."""
+    return torch.where(host >= 0, host | ALT_SLOT, gpu)                       # [Hkv, K]
 
 
 def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
