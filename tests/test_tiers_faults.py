@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import subprocess
@@ -142,15 +143,40 @@ def test_stale_directories_are_swept(tmp_path):
                              stdout=subprocess.PIPE, text=True)
     try:
         live = child.stdout.readline().strip()
-        dead = tmp_path / f"offload-{_dead_pid()}-abc123"
+        dead_pid = _dead_pid()
+        dead = tmp_path / f"offload-{dead_pid}-abc123"
         mine_but_orphaned = tmp_path / f"offload-{os.getpid()}-zzz"      # e.g. an earlier container with our pid
-        unrelated = tmp_path / "offload-notes"
-        for p in (dead, mine_but_orphaned, unrelated):
+        for p, pid in ((dead, dead_pid), (mine_but_orphaned, os.getpid())):   # crashed stores: marker, lock, kv
             p.mkdir()
             (p / "kv.bin").write_bytes(b"x" * 10)
+            (p / "lock").write_text(f"{pid}\n")
+            (p / "offload-kv-dir.json").write_text(json.dumps({"format": "offload-kv-dir/1", "pid": pid,
+                                                               "uid": os.getuid()}))
+        # a user's own folders whose names look like ours: never touched, whatever else they hold
+        lookalikes = {"no_marker": f"offload-{_dead_pid()}-notes",
+                      "foreign_marker": f"offload-{_dead_pid()}-mine",
+                      "extra_file": f"offload-{_dead_pid()}-keep",
+                      "unrelated": "offload-notes"}
+        for kind, name in lookalikes.items():
+            p = tmp_path / name
+            p.mkdir()
+            (p / "kv.bin").write_bytes(b"user data")
+            pid = int(name.split("-")[1]) if kind != "unrelated" else 0
+            if kind == "foreign_marker":
+                (p / "offload-kv-dir.json").write_text('{"format": "something-else", "pid": %d}' % pid)
+            if kind == "extra_file":     # our marker, but the user put a file beside ours: keep it all
+                (p / "offload-kv-dir.json").write_text(json.dumps({"format": "offload-kv-dir/1", "pid": pid,
+                                                                   "uid": os.getuid()}))
+                (p / "thesis.tex").write_text("precious")
+        link = tmp_path / f"offload-{_dead_pid()}-link"
+        link.symlink_to(tmp_path / lookalikes["no_marker"])
         removed = sweep_stale(str(tmp_path))
         assert sorted(removed) == sorted([str(dead), str(mine_but_orphaned)])
-        assert os.path.isdir(live) and unrelated.is_dir()
+        assert os.path.isdir(live)
+        for name in lookalikes.values():
+            assert (tmp_path / name / "kv.bin").read_bytes() == b"user data"
+        assert (tmp_path / lookalikes["extra_file"] / "thesis.tex").read_text() == "precious"
+        assert link.is_symlink()
         child.kill()                                          # crash: no cleanup runs
         child.wait()
         assert os.path.isdir(live)

@@ -33,11 +33,10 @@ import torch
 from offload.errors import TierIOError
 from offload.tiers.base import ChunkShape
 from offload.tiers.device import _check
-from offload.tiers.diskdir import make_private_dir, remove_private_dir
+from offload.tiers.diskdir import KV_FILE as _FILE, make_private_dir, remove_private_dir
 from offload.tiers.slots import SlotAllocator
 
 ALIGN = 4096
-_FILE = "kv.bin"
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
