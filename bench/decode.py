@@ -69,7 +69,7 @@ def run_offload(args, ctx: int, mode: str) -> dict:
 def run_hf(args, ctx: int, mode: str) -> dict:
     import transformers
     from transformers import DynamicCache
-    from offload.model.loading import arch_config
+    from offload.model.loaders.build import arch_config
 
     arch = arch_config(args.model)
     hc = transformers.AutoConfig.for_model(**arch)

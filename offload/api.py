@@ -33,7 +33,7 @@ class LLM:
     def __init__(self, model: str | None = None, ctx=None, device=None, gpu_mem=None, host_mem=None,
                  disk_dir=None, disk_mem=None, attention=None, load_format=None,
                  config: OffloadConfig | None = None, show_progress: bool | None = None, **options):
-        from offload.model import loading
+        from offload.model.loaders import build
 
         given = {k: v for k, v in dict(model=model, ctx=ctx, device=device, gpu_mem=gpu_mem, host_mem=host_mem,
                                          disk_dir=disk_dir, disk_mem=disk_mem, attention=attention,
@@ -47,7 +47,7 @@ class LLM:
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.show_progress = show_progress
         t0 = time.perf_counter()
-        source = loading.resolve(cfg.model, cfg.load_format)
+        source = build.resolve(cfg.model, cfg.load_format)
         self.model_config: ModelConfig = ModelConfig.from_hf(source.hf_config)
         mc = self.model_config
         self.ctx = cfg.ctx or min(mc.max_position_embeddings, 128 * 1024)
@@ -55,7 +55,7 @@ class LLM:
             warnings.warn(f"ctx {self.ctx} exceeds the model's trained length {mc.max_position_embeddings}; "
                           "quality past it is not guaranteed", stacklevel=2)
         self.plan = backends.plan(self)          # before any weight is loaded: refuse early
-        self.model: LlamaModel = loading.build_model(source, mc, self.device, self.dtype, cfg.load_format,
+        self.model: LlamaModel = build.build_model(source, mc, self.device, self.dtype, cfg.load_format,
                                                      show_progress)
         self.tokenizer = source.tokenizer
         self.name = source.name

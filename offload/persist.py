@@ -84,14 +84,6 @@ def _read_exact(f, n: int, path) -> bytes:
     return b
 
 
-def read_header(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SessionFileError(f"session file {path} does not exist; pass a file written by sess.save()")
-    with open(path, "rb") as f:
-        return _read_header(f, path)
-
-
 def _read_header(f, path) -> dict:
     if f.read(len(MAGIC)) != MAGIC:
         raise SessionFileError(f"{path} is not an offload session file; pass a file written by sess.save()")

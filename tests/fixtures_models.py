@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offload.model.resolve import smollm2_gguf_path
+from offload.model.loaders.resolve import smollm2_gguf_path
 
 TINY_COMMON = dict(
     hidden_size=64,

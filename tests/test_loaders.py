@@ -10,7 +10,7 @@ import torch
 
 from fixtures_models import write_tiny_checkpoint
 from offload.errors import ModelLoadError
-from offload.model.gguf_loader import llama3_rope_factors, load_gguf, unpermute_rotary_rows
+from offload.model.loaders.gguf_file import llama3_rope_factors, load_gguf, unpermute_rotary_rows
 from offload.model.loaders import KNOWN_MODELS, describe_model, load_checkpoint, parameter_shapes
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -12,8 +12,8 @@ import pytest
 
 from fixtures_models import write_tiny_checkpoint
 from offload.errors import ModelLoadError
-from offload.model import resolve
-from offload.model.resolve import SMOLLM2_MEMBER, extract_gguf_from_wheel, resolve_model, smollm2_gguf_path
+from offload.model.loaders import resolve
+from offload.model.loaders.resolve import SMOLLM2_MEMBER, extract_gguf_from_wheel, resolve_model, smollm2_gguf_path
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from offload.errors import ConfigError
-from offload.model.gguf_loader import open_gguf
+from offload.model.loaders.gguf_file import open_gguf
 from offload.model.loaders.gguf_tokenizer import gguf_tokenizer
 from offload.model.tokenizer import Tokenizer, byte_level_tokenizer, load_hf_tokenizer
 

@@ -35,11 +35,6 @@ class ModelConfig:
             raise ModelLoadError(
                 f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}; fix config.json")
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """KV bytes per token at 2 bytes per element (bf16)."""
-        return self.num_layers * self.num_kv_heads * self.head_dim * 2 * 2
-
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
         try:

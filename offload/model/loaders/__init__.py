@@ -33,9 +33,9 @@ def load_checkpoint(
 
     model: a path, alias, cached repo id, ModelSource or ModelInfo; None means smollm2-135m.
     """
-    from offload.model.gguf_loader import load_gguf
+    from offload.model.loaders.gguf_file import load_gguf
     from offload.model.loaders.hf_dir import load_hf_dir
-    from offload.model.resolve import ModelSource, resolve_model
+    from offload.model.loaders.resolve import ModelSource, resolve_model
 
     if load_format not in LOAD_FORMATS:
         raise ConfigError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}; pick one of them")

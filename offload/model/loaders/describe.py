@@ -17,16 +17,16 @@ class ModelInfo:
     """name: what the user asked for; source: the local files (None for a dummy alias, which needs none)."""
 
     name: str
-    source: "object | None"  # offload.model.resolve.ModelSource
+    source: "object | None"  # offload.model.loaders.resolve.ModelSource
     hf_config: dict = field(hash=False)
     tokenizer: "object | None" = field(default=None, hash=False)  # offload.model.tokenizer.Tokenizer
 
 
 def _local_tokenizer(name: str):
     """The alias's real tokenizer when its files are already local (never fetches), else None."""
-    from offload.model.gguf_loader import open_gguf
+    from offload.model.loaders.gguf_file import open_gguf
     from offload.model.loaders.gguf_tokenizer import gguf_tokenizer
-    from offload.model.resolve import SMOLLM2_MEMBER, find_in_hf_cache, offload_cache_dir
+    from offload.model.loaders.resolve import SMOLLM2_MEMBER, find_in_hf_cache, offload_cache_dir
     from offload.model.tokenizer import load_hf_tokenizer
 
     known = known_model(name)
@@ -43,10 +43,10 @@ def describe_model(model=None, dtype: torch.dtype = torch.float32, load_format: 
     With load_format="dummy" an alias is described from the alias table alone: no file is read or
     fetched, and the tokenizer is the real one only if it is already local.
     """
-    from offload.model.gguf_loader import gguf_hf_config, open_gguf
+    from offload.model.loaders.gguf_file import gguf_hf_config, open_gguf
     from offload.model.loaders.gguf_tokenizer import gguf_tokenizer
     from offload.model.loaders.hf_dir import read_hf_config
-    from offload.model.resolve import ModelSource, resolve_model
+    from offload.model.loaders.resolve import ModelSource, resolve_model
     from offload.model.tokenizer import load_hf_tokenizer
 
     model = DEFAULT_ALIAS if model is None else model

