@@ -14,7 +14,7 @@ from offload.engine.sampling import Sampler
 from offload.errors import ConfigError
 from offload.model.config import ModelConfig
 from offload.model.llama import LlamaModel
-from offload.progress import progress_bar
+from offload.progress import prefill_progress
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -156,7 +156,7 @@ class Session:
         if min(ids) < 0 or max(ids) >= vocab:
             raise ConfigError(f"token id out of range [0, {vocab}); check the tokenizer matches the model")
         show = self.llm.show_progress if len(ids) > self.config.prefill_chunk else False   # short prompts: no bar
-        with progress_bar(f"prefill {len(ids)} tokens", self.llm.model_config.num_layers, show) as upd:
+        with prefill_progress(self.llm.model_config, len(ids), self.llm.device, self.length, show) as upd:
             logits = self.engine.prefill(ids, progress=upd)
         self.tokens.extend(ids)
         self._ttft = self.engine.last_prefill_s

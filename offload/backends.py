@@ -95,8 +95,10 @@ def make(llm, cfg=None):
     p = llm.plan if cfg is llm.config else plan(llm, cfg)
     m = mode(llm, cfg)
     if m == "full" and fits_on_device(p, mc):
+        from offload.engine.sparse_prefill import SparsePrefill
         return DenseAttention(mc.num_layers, mc.num_kv_heads, mc.head_dim, llm.ctx, llm.device, llm.dtype,
-                              static=llm.device.type == "cuda")
+                              static=llm.device.type == "cuda",
+                              sparse_prefill=SparsePrefill() if cfg.prefill == "sparse" else None)
     from offload.engine.tiered import TieredAttention
     from offload.indexes import Budget
     from offload.tiers.store import TieredKVStore

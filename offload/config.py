@@ -23,6 +23,7 @@ LOAD_FORMATS = ("auto", "dummy")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 SELECT_UNITS = ("chunk", "token")
+PREFILL_MODES = ("exact", "sparse")
 TOKEN_REDUCES = ("max", "sum")
 
 
@@ -77,6 +78,7 @@ class OffloadConfig:
     window_tokens: int = 256              # the local window: always attended and kept on the GPU
     load_format: str = "auto"
     prefill_chunk: int = 2048
+    prefill: str = "exact"                # exact | sparse (block-sparse history, lossy: bench/RESULTS.md, issue 11)
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -95,7 +97,7 @@ class OffloadConfig:
                 if getattr(self, name) < 0:
                     raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         for name, allowed in (("device", DEVICES), ("attention", ATTENTION_MODES),
-                              ("load_format", LOAD_FORMATS), ("dtype", DTYPES)):
+                              ("load_format", LOAD_FORMATS), ("dtype", DTYPES), ("prefill", PREFILL_MODES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.temperature < 0:

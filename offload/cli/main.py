@@ -33,6 +33,8 @@ def _opt(*names, **kw):
 @_opt("--index", help="Sparse chunk selection method: summary, shadow or ann.")
 @_opt("--select-unit", type=click.Choice(["chunk", "token"]),
       help="Sparse: attend whole chunks (default) or the best tokens of 4x as many candidate chunks.")
+@_opt("--prefill", type=click.Choice(["exact", "sparse"]),
+      help="Prefill attention: exact (default) or sparse (block-sparse history, faster at 128K+, lossy).")
 @_opt("--load-format", type=click.Choice(["auto", "dummy"]), help="dummy = random weights (benchmarks).")
 @_opt("-p", "--prompt", help="Answer this prompt and exit (otherwise: interactive chat).")
 @_opt("-f", "--file", "file_", type=click.Path(dir_okay=False), help="A document to put in the context.")

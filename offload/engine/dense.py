@@ -5,6 +5,7 @@ import torch
 
 from offload.engine.attention import AttentionBackend, PersistableKV
 from offload.engine.ops import causal_attend, decode_attend_masked
+from offload.engine.sparse_prefill import PrefillStats, SparsePrefill, sparse_causal_attend
 from offload.errors import CapacityError
 
 
@@ -17,8 +18,9 @@ class DenseAttention(AttentionBackend, PersistableKV):
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, ctx: int, device, dtype,
-                 static: bool = False):
+                 static: bool = False, sparse_prefill: SparsePrefill | None = None):
         self.ctx, self.static = ctx, static
+        self.sparse_prefill, self.prefill_stats = sparse_prefill, PrefillStats()   # None = exact prefill
         self.shape = (num_layers, num_kv_heads, head_dim)
         self.device, self.dtype = torch.device(device), dtype
         cap = ctx if static else min(ctx, 1024)
@@ -66,6 +68,9 @@ class DenseAttention(AttentionBackend, PersistableKV):
         kc[:, off:off + T] = k
         vc[:, off:off + T] = v
         self._off[layer] = off + T
+        if self.sparse_prefill is not None:
+            return sparse_causal_attend(q, kc[:, :off + T], vc[:, :off + T], off, self.sparse_prefill,
+                                        self.prefill_stats)  # [Hq, T, D]
         return causal_attend(q, kc[:, :off + T], vc[:, :off + T], off)  # [Hq, T, D]
 
     def end(self) -> None:
@@ -94,5 +99,6 @@ class DenseAttention(AttentionBackend, PersistableKV):
         self.k = self.v = torch.empty(0)
 
     def stats(self) -> dict:
-        return {"kv_bytes_gpu" if self.device.type == "cuda" else "kv_bytes_device":
-                self._len * self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * 2 * self.k.element_size()}
+        out = {"kv_bytes_gpu" if self.device.type == "cuda" else "kv_bytes_device":
+               self._len * self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * 2 * self.k.element_size()}
+        return out | (self.prefill_stats.as_dict() if self.sparse_prefill is not None else {})

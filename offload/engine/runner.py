@@ -58,8 +58,8 @@ class Engine:
                 cos, sin = ropes[j] if ropes is not None else m.rope(pos[s:e])  # cos, sin: [T, D]
                 xs = x[s:e].to(self.device, non_blocking=True)  # xs: [T, H]
                 x[s:e].copy_(m.layer_forward(layer, xs, cos, sin, self.attn), non_blocking=True)
-            if progress:
-                progress(layer + 1, m.cfg.num_layers)
+                if progress:   # token-layer units: layer * N + tokens of this layer done
+                    progress(layer * N + e, m.cfg.num_layers * N)
         logits = m.logits(x[-1:].to(self.device))[0]  # logits: [V]
         self.attn.end()
         if self.device.type == "cuda":

@@ -1,0 +1,203 @@
+"""Prefill speed: offload's exact prefill on the old and the new attention kernel, sparse prefill, and HF
+transformers, against the dense GEMM ceiling measured in the same process (issue 11).
+
+    python bench/prefill.py --ctx 32K,128K --modes exact,exact-old,sparse,hf --micro 32K,128K,512K --gpu-cap 24
+
+micro      the attention op alone: one 2K-token chunk of 32 query heads over S keys of 8 KV heads, d=128,
+           bf16, history part with its log-sum-exp: old (mem-efficient SDPA op) vs new (cuDNN), TFLOPS
+           = 4 x Hq x T x S x D / time, and the largest difference between the two outputs.
+exact      offload.LLM (Llama-3-8B architecture, load_format="dummy"), session().prefill of N random ids on
+           the new kernel; exact-old the same on the mem-efficient op (ops.prefill_kernel("efficient")).
+sparse     prefill="sparse" (threshold 0.95). Where the KV does not fit the capped GPU the session is tiered
+           and its staging calls ops.causal_attend; until tiered.py routes sparse prefill itself this bench
+           points that call at sparse_causal_attend (labelled "sparse (bench-wired tiered)").
+hf         transformers LlamaForCausalLM from the same config (SDPA), prefilled in --hf-chunk chunks into a
+           DynamicCache (offloaded to the host when the KV does not fit under the cap).
+TFLOPS of a prefill = the FLOP model of offload.progress.prefill_flops / wall time. Writes JSON and a table.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cap_gpu, median, peak_gib, reset_peak, sync, timed, write_results  # noqa: E402
+
+from offload.config import parse_tokens  # noqa: E402
+
+_T0 = time.perf_counter()
+
+
+def gemm_tflops(n: int = 8192, reps: int = 20) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)  # a: [n, n]
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)  # b: [n, n]
+    for _ in range(3):
+        a @ b
+    ms = median(timed(lambda: a @ b, reps))
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def micro(S: int, reps: int) -> dict:
+    from offload.engine import ops
+    Hq, Hkv, T, D = 32, 8, 2048, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(Hq, T, D, device="cuda", dtype=torch.bfloat16, generator=g)  # q: [Hq, T, D]
+    k = torch.randn(Hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g)  # k: [Hkv, S, D]
+    v = torch.randn(Hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g)  # v: [Hkv, S, D]
+    row, outs = {"bench": "micro", "S": S}, {}
+    for name in ("efficient", "auto"):
+        with ops.prefill_kernel(name):
+            outs[name] = ops.attend_lse(q, k, v, causal=False)
+            ms = median(timed(lambda: ops.attend_lse(q, k, v, causal=False), reps))
+        label = "old" if name == "efficient" else "new"
+        row[f"{label}_ms"] = ms
+        row[f"{label}_tflops"] = 4 * Hq * T * S * D / (ms * 1e-3) / 1e12
+    row["max_abs_diff_o"] = (outs["auto"][0].float() - outs["efficient"][0].float()).abs().max().item()
+    row["max_abs_diff_lse"] = (outs["auto"][1] - outs["efficient"][1]).abs().max().item()
+    row["speedup"] = row["old_ms"] / row["new_ms"]
+    row["kernel"] = ops.kernel_report()
+    del q, k, v, outs
+    return row
+
+
+def run_offload(args, n: int, mode: str) -> dict:
+    from offload import LLM
+    from offload.engine import ops
+    from offload.engine import tiered as tiered_mod
+    from offload.engine.sparse_prefill import PrefillStats, SparsePrefill, sparse_causal_attend
+    from offload.progress import prefill_flops
+    opts = dict(model=args.model, load_format="dummy", ctx=n + 64, attention="full")
+    if args.host_mem:
+        opts["host_mem"] = args.host_mem
+    if args.disk_dir:
+        opts["disk_dir"] = args.disk_dir
+    reset_peak()
+    llm = LLM(**opts, show_progress=False)
+    sess = llm.session(prefill="sparse" if mode == "sparse" else "exact")
+    label, stats = mode, PrefillStats()
+    original = tiered_mod.causal_attend
+    if mode == "sparse" and not hasattr(sess.attn, "sparse_prefill"):
+        cfg = SparsePrefill(threshold=args.threshold)
+        tiered_mod.causal_attend = lambda q, k, v, off: sparse_causal_attend(q, k, v, off, cfg, stats)
+        label = "sparse (bench-wired tiered)"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, llm.model_config.vocab_size, (n,), generator=g).tolist()
+    try:
+        with ops.prefill_kernel("efficient" if mode == "exact-old" else "auto"):
+            sync()
+            t0 = time.perf_counter()
+            logits = sess.prefill(ids)
+            sync()
+            secs = time.perf_counter() - t0
+    finally:
+        tiered_mod.causal_attend = original
+    st = sess.stats()
+    flops = prefill_flops(llm.model_config, n)
+    row = {"bench": "prefill", "mode": label, "ctx": n, "prefill_s": secs, "tok_s": n / secs,
+           "tflops": flops / secs / 1e12, "peak_gib": peak_gib(), "backend": type(sess.attn).__name__,
+           "finite": bool(torch.isfinite(logits).all()), "kernel": ops.kernel_report()}
+    dens = st.get("sparse_prefill_density", stats.as_dict()["sparse_prefill_density"] if stats.chunks else None)
+    if mode == "sparse":
+        row["density"] = dens
+    sess.close()
+    llm.close()
+    del llm, sess
+    return row
+
+
+def run_hf(args, n: int) -> dict:
+    import transformers
+    from transformers import DynamicCache
+
+    from offload.model.loaders.build import arch_config
+    from offload.progress import prefill_flops
+    arch = arch_config(args.model)
+    hc = transformers.AutoConfig.for_model(**arch)
+    hc._attn_implementation = "sdpa"
+    reset_peak()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(hc).eval()
+    torch.set_default_dtype(torch.float32)
+    kv_gib = 2 * hc.num_hidden_layers * hc.num_key_value_heads * (hc.hidden_size // hc.num_attention_heads) * n * 2 / 2**30
+    offload = kv_gib + 16 > args.gpu_cap - 2
+    cache = DynamicCache(config=hc, offloading=offload)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, arch["vocab_size"], (1, n), generator=g).cuda()
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, n, args.hf_chunk):
+            out = model(input_ids=ids[:, s:s + args.hf_chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    sync()
+    secs = time.perf_counter() - t0
+    from types import SimpleNamespace
+    mc = SimpleNamespace(hidden_size=hc.hidden_size, num_heads=hc.num_attention_heads, num_kv_heads=hc.num_key_value_heads,
+                         head_dim=hc.hidden_size // hc.num_attention_heads, intermediate_size=hc.intermediate_size,
+                         num_layers=hc.num_hidden_layers, vocab_size=hc.vocab_size,
+                         tie_word_embeddings=hc.tie_word_embeddings)
+    flops = prefill_flops(mc, n)
+    row = {"bench": "prefill", "mode": "hf-offloaded-cache" if offload else "hf", "ctx": n, "prefill_s": secs,
+           "tok_s": n / secs, "tflops": flops / secs / 1e12, "peak_gib": peak_gib(),
+           "finite": bool(torch.isfinite(out.logits).all())}
+    del model, cache, out
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--ctx", default="32K,128K")
+    ap.add_argument("--modes", default="exact,exact-old,sparse,hf")
+    ap.add_argument("--micro", default="32K,128K,512K", help="S values of the attention micro-benchmark ('' = skip)")
+    ap.add_argument("--micro-reps", type=int, default=10)
+    ap.add_argument("--gpu-cap", type=float, default=24.0)
+    ap.add_argument("--host-mem", default=None)
+    ap.add_argument("--disk-dir", default=None)
+    ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--hf-chunk", type=int, default=4096)
+    ap.add_argument("--skip", default="", help="mode@ctx pairs to skip, e.g. exact-old@512K,hf@512K")
+    ap.add_argument("--time-budget", type=float, default=1e9, help="seconds: later stages are skipped past it")
+    ap.add_argument("--out", default="bench/out/prefill.json")
+    args = ap.parse_args()
+    rows = []
+    ceiling = gemm_tflops()
+    print(f"dense bf16 GEMM 8192^3: {ceiling:.0f} TFLOPS", flush=True)
+    for S in [parse_tokens(x) for x in args.micro.split(",") if x]:
+        r = micro(S, args.micro_reps)
+        r["of_gemm_new"], r["of_gemm_old"] = r["new_tflops"] / ceiling, r["old_tflops"] / ceiling
+        print(r, flush=True)
+        rows.append(r)
+        torch.cuda.empty_cache()
+    cap_gpu(args.gpu_cap)
+    skip = {tuple(x.split("@")) for x in args.skip.split(",") if x}
+    for ctx in args.ctx.split(","):
+        n = parse_tokens(ctx)
+        for mode in args.modes.split(","):
+            if (mode, ctx) in skip:
+                continue
+            if time.perf_counter() - _T0 > args.time_budget:
+                rows.append({"bench": "prefill", "mode": mode, "ctx": n, "error": "skipped: --time-budget spent"})
+                continue
+            try:
+                row = run_hf(args, n) if mode == "hf" else run_offload(args, n, mode)
+                row["of_gemm"] = row["tflops"] / ceiling
+            except torch.OutOfMemoryError as e:
+                row = {"bench": "prefill", "mode": mode, "ctx": n, "error": "OOM: " + str(e).splitlines()[0][:120]}
+            except Exception as e:  # a failed mode must not hide the others' figures
+                row = {"bench": "prefill", "mode": mode, "ctx": n, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            print({k: v for k, v in row.items() if k != "kernel"}, f"[{time.perf_counter() - _T0:.0f}s]", flush=True)
+            rows.append(row)
+            gc.collect()
+            torch.cuda.empty_cache()
+    write_results("prefill", rows, args.out, {"gemm_tflops": ceiling, "gpu_cap_gib": args.gpu_cap,
+                                              "command": " ".join(sys.argv)})
+
+
+if __name__ == "__main__":
+    main()
