@@ -28,8 +28,8 @@ print("hf cuda vs hf cpu", rel(hf_cuda, hf_cpu), per_step(hf_cuda, hf_cpu))
 print("hf incremental cuda vs hf cpu", rel(hf_inc, hf_cpu), per_step(hf_inc, hf_cpu))
 ours = {}
 for name, dev, graph in (("cpu", "cpu", "0"), ("cuda-graph", "cuda", "1"), ("cuda-eager", "cuda", "0")):
-    os.environ["OFFLOAD_NO_CUDA_GRAPH"] = "1" if graph == "0" else "0"
-    ours[name] = run_session(LLM(str(tiny.path), device=dev, dtype="float32", ctx=512), ids, 300)
+    ours[name] = run_session(LLM(str(tiny.path), device=dev, dtype="float32", ctx=512, cuda_graph=graph == "1"),
+                             ids, 300)
     print(name, "vs hf cpu", rel(ours[name][0], hf_cpu), per_step(ours[name][0], hf_cpu))
 # one-shot prefill of growing prefixes on CUDA: does the last logit match?
 for n in (301, 320, 360, 400):

@@ -54,7 +54,8 @@ class LLM:
         if self.ctx > mc.max_position_embeddings:
             warnings.warn(f"ctx {self.ctx} exceeds the model's trained length {mc.max_position_embeddings}; "
                           "quality past it is not guaranteed", stacklevel=2)
-        self.plan = backends.plan(self)          # before any weight is loaded: refuse early
+        self.spec = backends.RuntimeSpec(mc, self.ctx, self.device, self.dtype, cfg)
+        self.plan = backends.plan(self.spec)     # before any weight is loaded: refuse early
         self.model: LlamaModel = build.build_model(source, mc, self.device, self.dtype, cfg.load_format,
                                                      show_progress)
         self.tokenizer = source.tokenizer
@@ -68,7 +69,7 @@ class LLM:
     def session(self, **overrides) -> "Session":
         """A fresh sequence with its own KV cache. overrides: attention, budget, index, chunk_tokens, gpu_mem, ..."""
         cfg = self.config.replace(**overrides) if overrides else self.config
-        self._last = Session(self, backends.make(self, cfg), cfg)
+        self._last = Session(self, backends.make(self.spec, self.plan, cfg), cfg)
         return self._last
 
     def _fresh_session(self) -> "Session":
@@ -117,7 +118,7 @@ class LLM:
     @property
     def stats(self) -> dict:
         out = {"model": self.name, "device": str(self.device), "ctx": self.ctx, "load_s": round(self.load_s, 3),
-               "attention": backends.mode(self), "plan": self.plan.summary()}
+               "attention": backends.mode(self.spec, self.plan), "plan": self.plan.summary()}
         out.update(self._stats)
         if self._last is not None:
             out.update(self._last.stats())
@@ -140,7 +141,7 @@ class Session:
 
     def __init__(self, llm: LLM, attn, config: OffloadConfig):
         self.llm, self.attn, self.config = llm, attn, config
-        self.engine = Engine(llm.model, attn, prefill_chunk=config.prefill_chunk)
+        self.engine = Engine(llm.model, attn, prefill_chunk=config.prefill_chunk, use_cuda_graph=config.cuda_graph)
         self.tokens: list[int] = []
         self._decode_s, self._decoded, self._ttft = 0.0, 0, None
 

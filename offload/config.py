@@ -78,6 +78,7 @@ class OffloadConfig:
     window_tokens: int = 256              # the local window: always attended and kept on the GPU
     load_format: str = "auto"
     prefill_chunk: int = 2048
+    cuda_graph: bool = True               # capture decode steps in CUDA graphs (False: eager, e.g. to compare)
     prefill: str = "exact"                # exact | sparse (block-sparse history, lossy: bench/RESULTS.md, issue 11)
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -161,6 +162,8 @@ def env_overrides(environ=None) -> dict:
             out[name] = _num(raw, float, name)
         elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk", "sink_tokens", "window_tokens"):
             out[name] = _num(raw, int, name)
+        elif name == "cuda_graph":
+            out[name] = raw.strip().lower() not in ("0", "false", "no", "off")
         else:
             out[name] = raw
     return out

@@ -20,8 +20,7 @@ def ids(tiny):
 
 def test_cuda_graph_decode_equals_eager(tiny, ids, monkeypatch):
     graph, _ = run_session(LLM(str(tiny.path), device="cuda", dtype="float32", ctx=512), ids, 300)
-    monkeypatch.setenv("OFFLOAD_NO_CUDA_GRAPH", "1")
-    eager, _ = run_session(LLM(str(tiny.path), device="cuda", dtype="float32", ctx=512), ids, 300)
+    eager, _ = run_session(LLM(str(tiny.path), device="cuda", dtype="float32", ctx=512, cuda_graph=False), ids, 300)
     torch.testing.assert_close(graph, eager, rtol=0, atol=1e-4)
 
 
@@ -48,8 +47,7 @@ def test_sparse_graph_step_equals_eager(tiny, ids, monkeypatch, budget):
     assert st["decode_mode"] == "graph" and "graph_error" not in st, st
     if budget == "40":      # 12 chunk appends; a recapture only when the summary buffers grow
         assert st["graph_captures"] <= 2, st
-    monkeypatch.setenv("OFFLOAD_NO_CUDA_GRAPH", "1")
-    eager, _ = run_session(LLM(str(tiny.path), **opts), ids, 300)
+    eager, _ = run_session(LLM(str(tiny.path), cuda_graph=False, **opts), ids, 300)
     torch.testing.assert_close(graph, eager, rtol=0, atol=1e-4)
 
 

@@ -149,6 +149,6 @@ def test_sparse_reads_gpu_and_host_chunks_in_one_gather(tiny, ids, monkeypatch):
     st = s.stats()
     assert st["attended_gpu_selections"] > 0 and st["attended_host_selections"] > 0, st
     real = kernels.plan_slots
-    monkeypatch.setattr(kernels, "plan_slots", lambda *a, **kw: real(*a[:-1], False, **kw))     # two lists
+    monkeypatch.setattr(kernels, "plan_slots", lambda sel, table, merged, **kw: real(sel, table, False, **kw))  # two lists
     separate, _ = run_session(LLM(str(tiny.path), **opts), ids, 250)
     torch.testing.assert_close(merged, separate, rtol=0, atol=1e-5)

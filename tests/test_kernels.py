@@ -395,19 +395,28 @@ def _plan_case(seed, hkv=8, m=74, n=500, device="cpu"):
     return [t.to(device) for t in (sel, torch.tensor([n]), streaming, tier, slot)]
 
 
+def _plan_args(sel, n, n_sink, n_window, take, streaming, tier, slot, hits, chunk_hits, apart=False):
+    """The Selection and ChunkTable plan_slots takes, from plain tensors; hits: [8] (attended, candidates)."""
+    from offload.indexes.selector import Selection
+    from offload.tiers.decode import ChunkTable
+    return (Selection(sel, take, n_sink, n_window, streaming, token_k=1 if apart else 0),
+            ChunkTable(n, tier, slot, hits[:4], hits[4:8], chunk_hits))
+
+
 def test_reference_plan_slots_by_hand():
     sel = torch.tensor([[9, 0, 5, 7, 3], [8, 2, 4, 6, 1]])          # chunks 0 (sink) and 8, 9 (window) of n = 10
     tier = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 0], dtype=torch.int8)
     slot = torch.arange(10) + 100
-    hits, chunk_hits = torch.zeros(4, dtype=torch.long), torch.zeros(10)
-    gpu, host = reference.plan_slots(sel, torch.tensor([10]), 1, 2, 2, torch.tensor([False, True]), tier, slot,
-                                     hits, chunk_hits)
+    hits, chunk_hits = torch.zeros(8, dtype=torch.long), torch.zeros(10)
+    lists = reference.plan_slots(*_plan_args(sel, torch.tensor([10]), 1, 2, 2, torch.tensor([False, True]), tier,
+                                             slot, hits, chunk_hits))
+    gpu, host = lists.gpu, lists.host
     # head 0: sink 0, window 8, 9, then the first 2 eligible of the selection: 5, 7 (3 is over budget)
     assert gpu[0].tolist() == [100, 108, 109, -1, -1, -1, -1, -1]
     assert host[0].tolist() == [-1, -1, -1, -1, -1, 105, 107, -1]
     # head 1 streams: sinks and window only
     assert gpu[1].tolist() == [100, 108, 109, -1, -1, -1, -1, -1] and (host[1] == -1).all()
-    assert hits.tolist() == [8, 6, 2, 0] and chunk_hits[[0, 5, 7, 8, 9]].tolist() == [2, 1, 1, 2, 2]
+    assert hits[:4].tolist() == [8, 6, 2, 0] and chunk_hits[[0, 5, 7, 8, 9]].tolist() == [2, 1, 1, 2, 2]
 
 
 @gpu
@@ -419,12 +428,13 @@ def test_gpu_plan_slots_matches_reference(poison, m, budget, merged, apart):
     outs = []
     for fn in (poison.plan_slots, reference.plan_slots):
         hits, chunk_hits = torch.zeros(8, dtype=torch.long, device="cuda"), torch.zeros(520, device="cuda")
-        outs.append((*fn(sel, n, 2, 8, budget, streaming, tier, slot, hits, chunk_hits, merged, apart),
-                     hits, chunk_hits))
+        lists = fn(*_plan_args(sel, n, 2, 8, budget, streaming, tier, slot, hits, chunk_hits, apart), merged,
+                   with_ids=True)
+        outs.append((lists.gpu, lists.host, lists.ids, hits, chunk_hits))
     if apart:
         assert outs[0][-2][4:].sum() > 0
     for got, want in zip(*outs):
-        assert torch.equal(got, want)
+        assert (got is None and want is None) or torch.equal(got, want)
 
 
 @gpu
@@ -560,9 +570,9 @@ def test_reference_plan_slots_counts_selection_hits_apart():
     sel = torch.tensor([[2, 3, 4, 0], [5, 9, 4, 1]])                              # sel: [Hkv, 4] best first
     args = (sel, torch.tensor([10]), 1, 2, 3, torch.tensor([False, False]), tier, slot)
     apart, together = torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
-    lists = reference.plan_slots(*args, apart, torch.zeros(10), True, selection_hits_apart=True)
-    want = reference.plan_slots(*args, together, torch.zeros(10), True)
-    torch.testing.assert_close(lists, want)                                        # same slot lists
+    lists = reference.plan_slots(*_plan_args(*args, apart, torch.zeros(10), apart=True), True)
+    want = reference.plan_slots(*_plan_args(*args, together, torch.zeros(10)), True)
+    torch.testing.assert_close(lists.gpu, want.gpu)                                # same slot lists
     assert apart[:4].tolist() == [0, 6, 0, 0]          # sinks (chunk 0) + window (8, 9): all on the GPU tier
     assert apart[4:].tolist() == [2, 3, 3, 0]          # head 0: 2 3 4 (host host gpu); head 1: 5 4 1 (9: window)
     assert (apart[:4] + apart[4:]).tolist() == together[:4].tolist()

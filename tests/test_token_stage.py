@@ -32,11 +32,15 @@ def _force_token_stage(attn):
     The backend itself never does this (a budget that covers every chunk attends them whole), so this is
     how the token stage's path through the backend (slot plan, key scoring, top-k, V gather, merge) is held
     to exact decode, with a small budget that sends the step down the sparse path."""
-    def propose(layer, q, budget):
-        n, fixed = attn.n_chunks, attn.n_sink + attn.n_window
-        middle = torch.arange(attn.n_sink, n - attn.n_window, device=attn.device)    # middle: [n - fixed]
-        return middle.expand(attn.Hkv, -1).contiguous(), n - fixed, (n - fixed) * attn.C
-    attn._propose = propose
+    from offload.indexes.selector import Selection
+    sel = attn.selector
+
+    def propose(layer, q, budget, n):
+        middle = torch.arange(sel.n_sink, n - sel.n_window, device=sel.device)      # middle: [n - fixed]
+        fixed = sel.n_sink + sel.n_window
+        return Selection(middle.expand(sel.Hkv, -1).contiguous(), n - fixed, sel.n_sink, sel.n_window,
+                         sel.streaming[layer], (n - fixed) * sel.C, sel.token_reduce)
+    sel.propose = propose
 
 
 @pytest.mark.parametrize("reduce", ["max", "sum"])
@@ -165,11 +169,11 @@ def tiny64(tmp_path_factory):
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduce", ["max", "sum"])
 def test_gpu_token_stage_over_both_tiers_equals_exact(tiny64, ids, reduce, monkeypatch):
-    monkeypatch.setenv("OFFLOAD_NO_CUDA_GRAPH", "1")   # the forced candidate list grows with every chunk
-    dense, _ = run_session(LLM(str(tiny64.path), attention="full", **dict(GPU_OPTS, gpu_mem=None, host_mem=None)),
-                           ids, 250)
+    # eager: the forced candidate list grows with every chunk
+    dense, _ = run_session(LLM(str(tiny64.path), attention="full", cuda_graph=False,
+                               **dict(GPU_OPTS, gpu_mem=None, host_mem=None)), ids, 250)
     s = LLM(str(tiny64.path), attention="sparse", budget="10%", select_unit="token", token_reduce=reduce,
-            **GPU_OPTS).session()
+            cuda_graph=False, **GPU_OPTS).session()
     _force_token_stage(s.attn)
     out = torch.stack([s.prefill(ids[:250])] + [s.step(t) for t in ids[250:]])
     torch.testing.assert_close(out, dense, rtol=0, atol=2e-3)
@@ -185,8 +189,7 @@ def test_gpu_token_stage_step_is_one_cuda_graph_equal_to_eager(tiny64, ids, monk
     st = s.stats()
     assert st["decode_mode"] == "graph" and "graph_error" not in st, st
     assert st["bytes_in_use_host"] > 0 and st["scored_key_bytes"] > 0, st
-    monkeypatch.setenv("OFFLOAD_NO_CUDA_GRAPH", "1")
-    eager, _ = run_session(LLM(str(tiny64.path), **opts), ids, 250)
+    eager, _ = run_session(LLM(str(tiny64.path), cuda_graph=False, **opts), ids, 250)
     torch.testing.assert_close(graph, eager, rtol=0, atol=1e-4)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.engine.attention import AttentionBackend, PersistableKV
+from offload.attention import AttentionBackend, PersistableKV
 from offload.engine.ops import causal_attend, decode_attend_masked
 from offload.engine.sparse_prefill import PrefillStats, SparsePrefill, sparse_causal_attend
 from offload.errors import CapacityError
@@ -76,10 +76,6 @@ class DenseAttention(AttentionBackend, PersistableKV):
     def end(self) -> None:
         self._len += self._new
         self._new = 0
-
-    def truncate(self, length: int) -> None:
-        """Forget tokens past `length` (used by chat /reset and by failed forwards)."""
-        self._len = min(self._len, length)
 
     def read_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer, :, :self._len], self.v[layer, :, :self._len]

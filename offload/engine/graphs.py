@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.engine.attention import AttentionBackend
+from offload.attention import AttentionBackend
 from offload.model.llama import LlamaModel
 
 

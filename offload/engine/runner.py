@@ -1,13 +1,12 @@
 """Prefill (layer-wise, chunked) and decode steps for one sequence."""
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
 import torch
 
-from offload.engine.attention import AttentionBackend
+from offload.attention import AttentionBackend
 from offload.model.llama import LlamaModel
 
 HOST_HIDDEN_BYTES = 256 << 20
@@ -26,8 +25,8 @@ class Engine:
         self.model, self.attn = model, attn
         self.prefill_chunk = prefill_chunk
         self.device = model.device
-        graphs = use_cuda_graph and self.device.type == "cuda" and os.environ.get("OFFLOAD_NO_CUDA_GRAPH") != "1"
-        self.use_graph = graphs and getattr(attn, "static", False)     # whole step in one graph
+        graphs = use_cuda_graph and self.device.type == "cuda"
+        self.use_graph = graphs and attn.static                        # whole step in one graph
         self.use_piecewise = graphs and not self.use_graph             # dense parts in graphs, attention eager
         self._graph = self._piecewise = None
         self._graph_key, self._graph_failed, self._captured_once = None, False, False
@@ -102,7 +101,7 @@ class Engine:
 
     def _tiered_graph_ok(self) -> bool:
         """A tiered backend's step is captured whole while nothing it depends on changes (recaptured otherwise)."""
-        if self._graph_failed or not hasattr(self.attn, "graph_key"):
+        if self._graph_failed:
             return False
         key = self.attn.graph_key()
         if key is None:

@@ -175,6 +175,9 @@ class FaissANNIndex:
         """The faiss index and its keys live in host RAM."""
         return 0
 
+    def reserve(self, num_chunks: int) -> None:
+        """Nothing to reserve: faiss grows on the host, and a step with this index is never captured."""
+
     def graph_key(self):
         """None: faiss searches on the host, so a decode step with this index cannot be captured whole."""
         return None

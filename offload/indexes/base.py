@@ -31,6 +31,16 @@ class ChunkIndex(Protocol):
         budget <= 0 raises ConfigError (a head that selects nothing is a streaming head: see Budget).
         """
 
+    def reserve(self, num_chunks: int) -> None:
+        """Room for num_chunks without regrowth, so buffers keep their address and captured steps stay valid."""
+
+    def gpu_bytes(self, num_chunks: int) -> int:
+        """Compute-device bytes the index allocates for num_chunks chunks (the planner reserves them up front)."""
+
+    def graph_key(self):
+        """What a captured `select` depends on besides the device-side chunk count (e.g. buffer addresses and
+        sizes); None when `select` syncs with the host, so the decode step cannot be captured whole."""
+
     @property
     def num_chunks(self) -> int:
         """Chunks indexed so far."""

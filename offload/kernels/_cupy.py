@@ -223,27 +223,31 @@ def chunk_bounds(q, kmin, kmax, n_valid, group_reduce="max", *, out=None):
     return bounds
 
 
-def supports_plan(sel, n_valid, streaming, tier, slot, hits, chunk_hits, selection_hits_apart=False) -> bool:
-    return (sel.dtype == torch.int64 and sel.dim() == 2 and sel.is_contiguous() and n_valid.dtype == torch.int64
+def supports_plan(ids, streaming, count, tier, slot, attended, candidates, chunk_hits) -> bool:
+    return (ids.dtype == torch.int64 and ids.dim() == 2 and ids.is_contiguous() and count.dtype == torch.int64
             and streaming.dtype == torch.bool and streaming.is_contiguous() and tier.dtype == torch.int8
-            and slot.dtype == torch.int64 and hits.dtype == torch.int64
-            and hits.numel() >= (8 if selection_hits_apart else 4)
-            and chunk_hits.dtype == torch.float32 and all(t.is_contiguous() for t in (tier, slot, hits, chunk_hits)))
+            and slot.dtype == torch.int64 and attended.dtype == candidates.dtype == torch.int64
+            and attended.numel() >= 4 and candidates.numel() >= 4 and chunk_hits.dtype == torch.float32
+            and all(t.is_contiguous() for t in (tier, slot, attended, candidates, chunk_hits)))
 
 
-def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged=False,
-               selection_hits_apart=False):
-    """One launch: the slot lists [Hkv, F + M] int32 of a layer's sparse step (see plan.cu)."""
-    hkv, m = sel.shape
-    k = n_sink + n_window + m
-    gpu_out = torch.empty((hkv, k), dtype=torch.int32, device=sel.device)   # gpu_out: [Hkv, K]
+def plan_slots(sel, table, merged=False, with_ids=False):
+    """One launch: the SlotLists [Hkv, F + M] of a layer's decode step (see plan.cu)."""
+    from .reference import SlotLists
+    ids = sel.ids
+    hkv, m = ids.shape
+    k = sel.n_sink + sel.n_window + m
+    gpu_out = torch.empty((hkv, k), dtype=torch.int32, device=ids.device)   # gpu_out: [Hkv, K]
     host_out = gpu_out if merged else torch.empty_like(gpu_out)             # host_out: [Hkv, K]
-    fn = _build.function("plan.cu", "plan_slots_kernel", sel.device.index)
-    args = (_ptr(sel), np.int32(m), _ptr(n_valid), np.int32(n_sink), np.int32(n_window), np.int32(budget),
-            _ptr(streaming), _ptr(tier), _ptr(slot), _ptr(hits), _ptr(chunk_hits), _ptr(gpu_out), _ptr(host_out),
-            np.int32(merged), np.int32(4 if selection_hits_apart else 0))
-    _launch(fn, sel.device, (hkv,), args)
-    return (gpu_out,) if merged else (gpu_out, host_out)
+    ids_out = torch.empty((hkv, k), dtype=torch.int64, device=ids.device) if with_ids else None  # [Hkv, K]
+    # the selection columns count apart only when they are token-stage candidates
+    sel_hits = table.candidates if sel.token_k else table.attended
+    fn = _build.function("plan.cu", "plan_slots_kernel", ids.device.index)
+    args = (_ptr(ids), np.int32(m), _ptr(table.count), np.int32(sel.n_sink), np.int32(sel.n_window),
+            np.int32(sel.take), _ptr(sel.streaming), _ptr(table.tier), _ptr(table.slot), _ptr(table.attended),
+            _ptr(sel_hits), _ptr(table.chunk_hits), _ptr(gpu_out), _ptr(host_out), _ptr(ids_out), np.int32(merged))
+    _launch(fn, ids.device, (hkv,), args)
+    return SlotLists(gpu_out, None if merged else host_out, ids_out)
 
 
 _TOPK_THREADS, _TOPK_MAX_K = 1024, 4096   # TK_THREADS / TK_MAX_K in topk.cu

@@ -5,14 +5,16 @@
 // ids of the index's best-first selection that are neither (none for a streaming head). Each id is
 // looked up in the device chunk table: its slot goes to the GPU-pool list or the host-slab list
 // (-1 elsewhere; or one list with host slots flagged, for a two-pool gather_attend), and the per-tier
-// and per-chunk hit counters are bumped for the store's policy.
+// and per-chunk hit counters are bumped for the store's policy. With ids_out the attended ids are written
+// too (the store reads them back when some chunks must come from the drive).
 // Replaces ~30 small torch ops per layer (see reference.plan_slots, the same thing in torch).
 #include "common.cuh"
 
 // merged: one list, host-slab slots flagged OFL_ALT_SLOT (host_out unused); else two lists.
 __device__ __forceinline__ void plan_emit(long long id, int pos, const signed char* tier, const long long* slot,
                                           unsigned long long* hits, float* chunk_hits, int* gpu_out, int* host_out,
-                                          bool merged) {
+                                          long long* ids_out, bool merged) {
+    if (ids_out) ids_out[pos] = id < 0 ? -1 : id;
     if (id < 0) {
         gpu_out[pos] = -1;
         if (!merged) host_out[pos] = -1;
@@ -39,21 +41,23 @@ extern "C" __global__ void plan_slots_kernel(
     const bool* __restrict__ streaming,      // [Hkv]
     const signed char* __restrict__ tier,    // [max chunks] 0 gpu, 1 host, 2 disk
     const long long* __restrict__ slot,      // [max chunks]
-    unsigned long long* __restrict__ hits,   // [4] (or [8], see sel_hits_offset) padding, gpu, host, disk
+    unsigned long long* __restrict__ hits,   // [4] padding, gpu, host, disk: sinks + window (+ selection)
+    unsigned long long* __restrict__ sel_hits, // [4] the same for the M selection columns (may be == hits)
     float* __restrict__ chunk_hits,          // [max chunks]
     int* __restrict__ gpu_out,               // [Hkv, F + M]
     int* __restrict__ host_out,              // [Hkv, F + M] (unused when merged)
-    int merged,
-    int sel_hits_offset)                     // 0, or 4: the M selection columns count into hits[4:8]
+    long long* __restrict__ ids_out,         // [Hkv, F + M] or null
+    int merged)
 {
     const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31;
     const long long n = *n_valid;
     const int F = n_sink + n_window, K = F + M;
     int* g = gpu_out + (long long)h * K;
     int* o = host_out + (long long)h * K;
+    long long* io = ids_out ? ids_out + (long long)h * K : nullptr;
     for (int j = tid; j < F; j += blockDim.x) {
         const long long id = j < n_sink ? (long long)j : n - n_window + (j - n_sink);
-        plan_emit(id, j, tier, slot, hits, chunk_hits, g, o, merged);
+        plan_emit(id, j, tier, slot, hits, chunk_hits, g, o, io, merged);
     }
     if (tid >= 32) return;
     // warp 0: the budget keeps the first `budget` eligible ids in selection order (a running count)
@@ -66,7 +70,7 @@ extern "C" __global__ void plan_slots_kernel(
         const unsigned int b = __ballot_sync(0xffffffffu, cand);
         const int rank = running + __popc(b & (0xffffffffu >> (31 - lane)));   // inclusive
         running += __popc(b);
-        if (j < M) plan_emit(cand && rank <= budget ? id : -1, F + j, tier, slot, hits + sel_hits_offset, chunk_hits,
-                             g, o, merged);
+        if (j < M) plan_emit(cand && rank <= budget ? id : -1, F + j, tier, slot, sel_hits, chunk_hits,
+                             g, o, io, merged);
     }
 }

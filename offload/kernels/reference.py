@@ -9,12 +9,14 @@ an attention over nothing gives o = 0 and lse = -inf, so that `merge_attn` can i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 ALT_SLOT = 1 << 30   # a slot flagged with this bit lives in gather_attend's alt_pool (OFL_ALT_SLOT in the .cu)
 
 __all__ = ["ALT_SLOT", "gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "combine_selection",
-           "slot_lookup", "plan_slots", "merge_slot_lists", "topk_rows", "gather_rows"]
+           "slot_lookup", "plan_slots", "SlotLists", "merge_slot_lists", "topk_rows", "gather_rows"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -160,22 +162,34 @@ def slot_lookup(ids: torch.Tensor, tier: torch.Tensor, slot: torch.Tensor, hits:
     return torch.where(t == 0, s, none).int(), torch.where(t == 1, s, none).int()
 
 
-def plan_slots(sel, n_valid, n_sink, n_window, budget, streaming, tier, slot, hits, chunk_hits, merged=False,
-               selection_hits_apart=False):
-    """combine_selection then slot_lookup: the slot lists of one layer's sparse step (see both).
+@dataclass(frozen=True)
+class SlotLists:
+    """plan_slots' result for one layer: per KV head and column, where each attended chunk is read.
 
-    merged: one list (a 1-tuple) where host-slab slots carry ALT_SLOT, for a two-pool gather_attend.
-    selection_hits_apart: the M selection columns count into hits[4:8] (hits: [8]), sinks + window into hits[:4].
+    gpu:  int32 [Hkv, K] GPU-pool slots (-1 elsewhere), or, merged, every slot with host-slab ones flagged ALT_SLOT
+    host: int32 [Hkv, K] host-slab slots (-1 elsewhere); None when merged
+    ids:  int64 [Hkv, K] the attended chunk ids (-1 = nothing); only when asked for (with_ids)
     """
-    ids = combine_selection(sel, n_valid, n_sink, n_window, budget, streaming)  # ids: [Hkv, F + M]
-    if selection_hits_apart:
-        f = n_sink + n_window
-        lists = [slot_lookup(part, tier, slot, h, chunk_hits) for part, h in ((ids[:, :f], hits[:4]),
-                                                                              (ids[:, f:], hits[4:8]))]
-        gpu, host = (torch.cat(pair, dim=1) for pair in zip(*lists))          # [Hkv, F + M] x2
-    else:
-        gpu, host = slot_lookup(ids, tier, slot, hits, chunk_hits)              # [Hkv, F + M] x2
-    return (merge_slot_lists(gpu, host),) if merged else (gpu, host)
+    gpu: torch.Tensor
+    host: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+
+
+def plan_slots(sel, table, merged: bool = False, with_ids: bool = False) -> SlotLists:
+    """combine_selection then slot_lookup: the slot lists of one layer's decode step (see both).
+
+    sel: a Selection (ids, take, n_sink, n_window, streaming, token_k); table: a ChunkTable (count, tier, slot
+    and the counters attended [4], candidates [4], chunk_hits). With sel.token_k the selection columns count
+    into table.candidates, sinks + window into table.attended; otherwise everything into table.attended.
+    merged: one list where host-slab slots carry ALT_SLOT, for a two-pool gather_attend.
+    """
+    ids = combine_selection(sel.ids, table.count, sel.n_sink, sel.n_window, sel.take, sel.streaming)  # [Hkv, F + M]
+    f = sel.n_sink + sel.n_window if sel.token_k else ids.shape[1]
+    lists = [slot_lookup(part, table.tier, table.slot, h, table.chunk_hits)
+             for part, h in ((ids[:, :f], table.attended), (ids[:, f:], table.candidates))]
+    gpu, host = (torch.cat(pair, dim=1) for pair in zip(*lists))          # [Hkv, F + M] x2
+    out_ids = ids if with_ids else None
+    return SlotLists(merge_slot_lists(gpu, host), None, out_ids) if merged else SlotLists(gpu, host, out_ids)
 
 
 def merge_slot_lists(gpu: torch.Tensor, host: torch.Tensor) -> torch.Tensor:

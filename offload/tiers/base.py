@@ -56,3 +56,17 @@ class Tier(Protocol):
     @property
     def num_free(self) -> int:
         """Free slots."""
+
+
+def to_chunks(k: torch.Tensor, v: torch.Tensor, C: int) -> torch.Tensor:
+    """k, v: [Hkv, n*C, D] -> chunks [n, 2, Hkv, C, D] (contiguous), the layout every tier stores."""
+    Hkv, N, D = k.shape
+    kv = torch.stack([k, v])  # kv: [2, Hkv, n*C, D]
+    return kv.view(2, Hkv, N // C, C, D).permute(2, 0, 1, 3, 4).contiguous()  # [n, 2, Hkv, C, D]
+
+
+def from_chunks(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunks [n, 2, Hkv, C, D] -> k, v: [Hkv, n*C, D]."""
+    n, _, Hkv, C, D = chunks.shape
+    kv = chunks.permute(1, 2, 0, 3, 4).reshape(2, Hkv, n * C, D)  # kv: [2, Hkv, n*C, D]
+    return kv[0], kv[1]

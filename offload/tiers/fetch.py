@@ -44,9 +44,10 @@ class _Staged:
 class PendingFetch:
     """A fetch whose disk reads are running. result() -> FetchPlan (waits; raises TierIOError)."""
 
-    def __init__(self, store, layer: int, ids: torch.Tensor, weights, staged: _Staged | None, version: int):
+    def __init__(self, store, layer: int, ids: torch.Tensor, weights, staged: _Staged | None, version: int,
+                 teach: bool = True):
         self._store, self._layer, self._ids, self._weights = store, layer, ids, weights
-        self._staged, self._version, self._plan = staged, version, None
+        self._staged, self._version, self._plan, self._teach = staged, version, None, teach
 
     def result(self) -> FetchPlan:
         if self._plan is None:
@@ -55,17 +56,20 @@ class PendingFetch:
 
 
 class FetchMixin:
-    def prefetch(self, layer: int, chunk_ids, weights: torch.Tensor | None = None) -> PendingFetch:
+    def prefetch(self, layer: int, chunk_ids, weights: torch.Tensor | None = None,
+                 teach: bool = True) -> PendingFetch:
         """Start fetching chunk_ids (int64 [Hkv, K], -1 = padding, or [K] for all heads) of `layer`.
 
         weights: optional per-selection scores [Hkv, K] (e.g. attention mass) for the eviction policy.
+        teach=False: the caller counts these selections itself (the decode plan does, on the device), so
+        they neither reach the policy nor the hit counters here.
         """
         self._open_check()
         ids = self._as_ids(chunk_ids)                                           # ids: [Hkv, K]
         tiers, _ = self._lookup(layer, ids)
         disk_chunks = ids[tiers == DISK].unique()                               # disk_chunks: [m] sorted
         staged = self._stage(layer, disk_chunks) if disk_chunks.numel() else None
-        return PendingFetch(self, layer, ids, weights, staged, self._version)
+        return PendingFetch(self, layer, ids, weights, staged, self._version, teach)
 
     def fetch(self, layer: int, chunk_ids, weights: torch.Tensor | None = None) -> FetchPlan:
         """prefetch(...).result(): the plan, with every chunk readable on the compute device."""
@@ -126,16 +130,17 @@ class FetchMixin:
         if self.promote:
             self._promote(layer, staged)
         valid = ids >= 0
-        w = None
-        if pf._weights is not None:
-            w = torch.as_tensor(pf._weights).detach().cpu().expand_as(ids)[valid]  # w: [selections]
-        self.policy.touch(layer, ids[valid], w)
+        if pf._teach:
+            w = None
+            if pf._weights is not None:
+                w = torch.as_tensor(pf._weights).detach().cpu().expand_as(ids)[valid]  # w: [selections]
+            self.learn(layer, ids[valid], w)
         head_bytes = self.shape.nbytes // self.shape.num_kv_heads
         hits = {name: int((tiers == t).sum()) for t, name in enumerate(TIER_NAMES)}
         nbytes = {"gpu": hits["gpu"] * head_bytes, "host": hits["host"] * head_bytes,
                   "disk": disk_chunks_read * self.shape.nbytes}
         for name in TIER_NAMES:
-            self._stats[f"hits_{name}"] += hits[name]
+            self._stats[f"hits_{name}"] += hits[name] if pf._teach else 0
         self._stats["uva_bytes"] += nbytes["host"]
         self._stats["fetches"] += 1
         return FetchPlan(tuple(parts), hits, nbytes)

@@ -3,6 +3,7 @@
     store = TieredKVStore(ChunkShape(Hkv, C, D, dtype), num_layers, (gpu, host, disk), device, disk_dir)
     store.put(layer, first_chunk_idx, kv)            # kv: [n, 2, Hkv, C, D] new full chunks
     plan = store.fetch(layer, chunk_ids)             # chunk_ids: int64 [Hkv, K] (-1 = padding) or [K]
+    plan = store.plan(layer, selection)              # a decode step's DecodePlan (tiers/decode.py)
     pending = store.prefetch(layer + 1, ids)         # disk reads start now; pending.result() -> FetchPlan
     store.read(layer, [i, j])                        # [n, 2, Hkv, C, D] on the host, bit-identical
     store.stats(); store.close()
@@ -17,8 +18,6 @@ The store is used from one thread.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections import Counter
 from concurrent.futures import Future
 
@@ -26,6 +25,7 @@ import torch
 
 from offload.errors import CapacityError, ConfigError
 from offload.tiers.base import ChunkShape
+from offload.tiers.decode import DecodeMixin, DecodePlan
 from offload.tiers.device import DevicePool
 from offload.tiers.disk import DiskStore
 from offload.tiers.fetch import FetchMixin, FetchPlan, PendingFetch
@@ -35,7 +35,7 @@ from offload.tiers.placement import DISK, GPU, HOST, TIER_NAMES, Residents, plan
 from offload.tiers.policy import make_policy
 from offload.tiers.sync import SlotStates, new_event, stream_wait
 
-__all__ = ["TieredKVStore", "FetchPlan", "PendingFetch"]
+__all__ = ["TieredKVStore", "FetchPlan", "PendingFetch", "DecodePlan"]
 
 _STAGE_BYTES = 32 << 20      # one staging buffer of the put -> disk ring
 _STAGE_BUFFERS = 4
@@ -50,17 +50,7 @@ def _capacities(caps) -> tuple[int, int, int]:
     return gpu, host, disk
 
 
-@dataclass(frozen=True)
-class Residency:
-    """Chunk -> (tier, slot) of one layer plus the two pools attention may read directly."""
-    gpu_pool: torch.Tensor        # [S_gpu, 2, Hkv, C, D]
-    host_pool: torch.Tensor       # [S_host, 2, Hkv, C, D] (pinned on CUDA)
-    tier: torch.Tensor            # int8 [n]: 0 gpu, 1 host, 2 disk
-    slot: torch.Tensor            # int64 [n]
-    on_disk: int                  # chunks of this layer on disk
-
-
-class TieredKVStore(MovesMixin, FetchMixin):
+class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
     def __init__(self, shape: ChunkShape, num_layers: int, capacities, device: torch.device | str = "cpu",
                  disk_dir: str | None = None, policy="lru", sink_chunks: int = 1, window_chunks: int = 4,
                  promote: bool = True, io_threads: int = 4, disk_direct: bool = True):
@@ -192,20 +182,6 @@ class TieredKVStore(MovesMixin, FetchMixin):
         if self._copy is not None and wait_kv:
             torch.cuda.current_stream(self.device).wait_event(new_event(self._copy))   # kv is consumed
 
-    def learn(self, layer: int, chunk_ids: torch.Tensor, hits: torch.Tensor) -> None:
-        """Selection hits that attention served in place (not through `fetch`), so the policy ranks by them."""
-        self.policy.touch(layer, chunk_ids.detach().to("cpu", torch.long), hits.detach().to("cpu", torch.float64))
-
-    def residency(self, layer: int) -> "Residency":
-        """Where every chunk of `layer` is now, for attention that looks slots up on the device itself.
-
-        Valid until `placement_version` changes; pools are read in place (host slab through UVA on CUDA).
-        Chunks on disk must still go through `fetch`.
-        """
-        n = int(self._num[layer])
-        return Residency(self.tiers[GPU].pool, self.tiers[HOST].slab, self._tier[layer][:n].clone(),
-                         self._slot[layer][:n].clone(), int((self._tier[layer][:n] == DISK).sum()))
-
     # ---- read, stats, close ---------------------------------------------------------------------
     def read(self, layer: int, chunk_idx_list) -> torch.Tensor:
         """Chunks as stored, from whatever tier: [n, 2, Hkv, C, D] on the host (waits for in-flight writes)."""
@@ -232,7 +208,8 @@ class TieredKVStore(MovesMixin, FetchMixin):
 
     def stats(self) -> dict:
         s = dict(self._stats)
-        hits = {name: s.get(f"hits_{name}", 0) for name in TIER_NAMES}
+        decode = self.decode_counts()           # selections of decode plans, counted on the device
+        hits = {name: s.get(f"hits_{name}", 0) + decode.get(name, 0) for name in TIER_NAMES}
         total = sum(hits.values())
         for t, name in enumerate(TIER_NAMES):
             s[f"hits_{name}"] = hits[name]

@@ -79,10 +79,6 @@ class SlotStates:
             lst.append(h)
             self.drain[int(s)] = lst
 
-    def all_handles(self) -> list:
-        hs = list(self.fill.values()) + [h for lst in self.drain.values() for h in lst]
-        return [h for h in hs if h is not None]
-
 
 def new_event(stream) -> "torch.cuda.Event | None":
     if stream is None:

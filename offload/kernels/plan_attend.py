@@ -1,0 +1,40 @@
+"""Steps 3 and 4 of a decode step (select -> plan -> attend -> merge): execute a DecodePlan.
+
+    selection = selector.select(layer, q, n_chunks, length)     # offload/indexes/selector.py
+    plan = store.plan(layer, selection)                         # offload/tiers/decode.py
+    o, lse = attend_plan(q, Tail(k, v, count), plan, scale)     # here
+
+The tail (the newest tokens, on the compute device) is attended densely; every whole-chunk part of the plan
+is one gather-attend launch, whichever tiers it reads (GPU pool, pinned host slab through UVA, chunks
+staged from the drive); the partial results merge exactly by log-sum-exp, in plan order. The token stage
+then scores the candidate parts' keys and attends its best tokens, ranked against what is attended
+already (base_lse), and merges last.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Tail(NamedTuple):
+    """The newest keys of one layer: k, v [Hkv, N, D]; only the first `count` (int64 [1] on the device,
+    read when the kernel runs, so a captured step follows it) when given."""
+    k: torch.Tensor
+    v: torch.Tensor
+    count: torch.Tensor | None = None
+
+
+def attend_plan(q: torch.Tensor, tail: Tail, plan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [Hq, D] over the tail and everything DecodePlan `plan` (None: nothing) reads
+    -> (o [Hq, D], lse [Hq]) float32."""
+    from offload import kernels   # looked up per call, so a kernel can be swapped (tests count launches)
+    partials = [kernels.dense_attend(q, tail.k, tail.v, scale, tail.count)]   # [(o [Hq, D], lse [Hq])]
+    if plan is not None:
+        partials += [kernels.gather_attend(q, p.pool, p.slots, scale, p.alt) for p in plan.whole]
+    o, lse = kernels.merge_all(partials)                                      # o: [Hq, D], lse: [Hq]
+    if plan is not None and plan.token_k:
+        # base_lse: what is attended anyway, so "sum" ranks tokens by their share of the whole softmax
+        o2, lse2 = kernels.token_attend(q, plan.candidates, plan.token_k, scale, plan.token_reduce, base_lse=lse)
+        o, lse = kernels.merge_attn(o, lse, o2, lse2)
+    return o, lse

@@ -1,0 +1,162 @@
+"""Step 2 of a decode step (select -> plan -> attend -> merge): the store turns a Selection into a DecodePlan.
+
+    store.open_decode(max_chunks)                # once: the chunk table mirrored on the device at full size
+    store.begin_decode(n_chunks)                 # per forward: re-mirror if chunks moved, set the count
+    plan = store.plan(layer, selection)          # per layer: one plan_slots launch (+ drive reads if needed)
+    store.feedback(teach)                        # once per chunk of tokens: selection hits -> eviction policy
+
+The device mirror is rewritten in place, so a captured step reads where chunks are now and chunk moves or
+appends need no recapture. Every selected chunk is looked up by the same kernel (`kernels.plan_slots`),
+for exact and sparse steps, chunk and token selection, with or without chunks on the drive; a layer with
+chunks on the drive also reads them back (`FetchMixin.prefetch`; a host sync, so such steps are not captured)
+and adds the staged chunks as one more part in the same column layout. Selection hits are counted on the
+device and reach the policy through `learn`, the one route (direct `fetch` callers go through it too).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from offload import kernels
+from offload.tiers.placement import DISK, GPU, HOST
+
+
+class Part(NamedTuple):
+    """Chunks one gather reads: slots int32 [Hkv, K] of pool [S, 2, Hkv, C, D] (-1 = padding or in another
+    part; ALT_SLOT-flagged slots are read from alt, the host slab next to the GPU pool)."""
+    pool: torch.Tensor
+    slots: torch.Tensor
+    alt: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """One layer's device chunk table and the step's hit counters, as plan_slots reads and bumps them."""
+    count: torch.Tensor          # int64 [1] full chunks (every layer)
+    tier: torch.Tensor           # int8 [max chunks] 0 gpu, 1 host, 2 disk
+    slot: torch.Tensor           # int64 [max chunks]
+    attended: torch.Tensor       # int64 [4] selections attended whole: padding, gpu, host, disk
+    candidates: torch.Tensor     # int64 [4] token-stage candidates (keys read): padding, gpu, host, disk
+    chunk_hits: torch.Tensor     # float32 [max chunks] selections per chunk since the last feedback
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What one layer's decode query reads besides the tail. All parts share one column layout.
+
+    whole:      parts attended whole (the GPU pool and host slab as one merged list when both hold chunks,
+                then the chunks staged from the drive)
+    candidates: token-stage parts (keys scored, token_k best tokens per KV head attended); empty if token_k == 0
+    """
+    whole: tuple[Part, ...]
+    candidates: tuple[Part, ...] = ()
+    token_k: int = 0
+    token_reduce: str = "sum"
+    disk_bytes: int = 0          # read from the drive for this plan
+
+    def candidate_chunks(self) -> torch.Tensor | None:
+        """[Hkv] candidate chunks per KV head, or None without a token stage."""
+        if not self.token_k:
+            return None
+        return sum((p.slots >= 0).sum(1) for p in self.candidates)
+
+
+class DecodeMixin:
+    def open_decode(self, max_chunks: int) -> None:
+        """Allocate the device mirror of the chunk table and the hit counters for up to max_chunks per layer."""
+        L, dev = self.num_layers, self.device
+        self._dev_tier = torch.full((L, max_chunks), -1, dtype=torch.int8, device=dev)    # [L, max chunks]
+        self._dev_slot = torch.full((L, max_chunks), -1, dtype=torch.long, device=dev)    # [L, max chunks]
+        self._dev_count = torch.zeros(1, dtype=torch.long, device=dev)                    # [1]
+        self._attended = torch.zeros(4, dtype=torch.long, device=dev)                     # [4]
+        self._candidates = torch.zeros(4, dtype=torch.long, device=dev)                   # [4]
+        self._chunk_hits = torch.zeros(L, max_chunks, device=dev)                         # [L, max chunks]
+        self._mirrored = -1                     # placement_version the mirror shows
+        self._host_tier = [torch.zeros(0, dtype=torch.int8)] * L   # the mirror's tiers, on the host
+        self._on_disk = [0] * L
+        self._last_disk, self._prefetched = [None] * L, {}   # previous step's drive ids; pending reads
+
+    def begin_decode(self, n_chunks: int) -> None:
+        """Mirror the chunk table on the device if chunks moved since (no host sync), and set the count."""
+        if self.placement_version != self._mirrored:
+            pinned = self.device.type == "cuda"
+            for layer in range(self.num_layers):
+                n = int(self._num[layer])
+                tier, slot = self._tier[layer][:n].clone(), self._slot[layer][:n].clone()  # [n] each
+                # pinned sources: a copy from pageable memory would make the host wait for the GPU's queue
+                self._dev_tier[layer, :n].copy_(tier.pin_memory() if pinned else tier, non_blocking=True)
+                self._dev_slot[layer, :n].copy_(slot.pin_memory() if pinned else slot, non_blocking=True)
+                self._host_tier[layer], self._on_disk[layer] = tier, int((tier == DISK).sum())
+            self._mirrored = self.placement_version
+        self._dev_count.fill_(n_chunks)
+
+    def decode_on_disk(self) -> bool:
+        """Whether a step must read chunks from the drive (host syncs: it cannot be captured)."""
+        return any(self._on_disk)
+
+    def table(self, layer: int) -> ChunkTable:
+        return ChunkTable(self._dev_count, self._dev_tier[layer], self._dev_slot[layer], self._attended,
+                          self._candidates, self._chunk_hits[layer])
+
+    def plan(self, layer: int, sel) -> DecodePlan:
+        """The DecodePlan of Selection sel (offload.indexes.selector) for `layer`; valid until the next put."""
+        gpu_pool, host_pool = self.tiers[GPU].pool, self.tiers[HOST].slab
+        merged = gpu_pool.shape[0] > 0 and host_pool.shape[0] > 0   # one list, host slots flagged: one launch
+        disk = self._on_disk[layer] > 0
+        lists = kernels.plan_slots(sel, self.table(layer), merged, with_ids=disk)  # [Hkv, F + M] each
+        if lists.host is None:
+            parts = [Part(gpu_pool, lists.gpu, host_pool)]
+        else:
+            parts = [Part(p, s, None) for p, s in ((gpu_pool, lists.gpu), (host_pool, lists.host)) if p.shape[0]]
+        disk_bytes = 0
+        if disk:
+            staged = self._read_disk_part(layer, lists.ids)
+            parts += [Part(p, s, None) for p, s in staged.parts]
+            disk_bytes = staged.bytes["disk"]
+        w = sel.whole_columns
+        if not sel.token_k:
+            return DecodePlan(tuple(parts), disk_bytes=disk_bytes)
+        return DecodePlan(tuple(Part(p, s[:, :w], a) for p, s, a in parts),
+                          tuple(Part(p, s[:, w:], a) for p, s, a in parts), sel.token_k, sel.token_reduce, disk_bytes)
+
+    def _read_disk_part(self, layer: int, ids: torch.Tensor):
+        """FetchPlan of the chunks of ids [Hkv, K] the mirror shows on the drive (wherever they are by now)."""
+        pending = self._prefetched.pop(layer, None)
+        if pending is not None:
+            pending.result()          # the predicted chunks are now read (and promoted where host has room)
+        nxt = layer + 1
+        if nxt < self.num_layers and self._on_disk[nxt] and self._last_disk[nxt] is not None:
+            # layer l+1 will likely want what it wanted last step: its drive reads overlap this layer
+            self._prefetched[nxt] = self.prefetch(nxt, self._last_disk[nxt], teach=False)
+        ids = ids.cpu()                                                        # ids: [Hkv, K] (host sync)
+        tier = self._host_tier[layer][ids.clamp(min=0)]                        # tier: [Hkv, K]
+        on_disk = torch.where((ids >= 0) & (tier == DISK), ids, -1)            # on_disk: [Hkv, K]
+        self._last_disk[layer] = on_disk
+        return self.prefetch(layer, on_disk, teach=False).result()
+
+    def feedback(self, teach: bool = True) -> None:
+        """Hand the selection hits counted on the device to the policy (one sync); teach=False drops them."""
+        if teach:
+            hits = self._chunk_hits.cpu()                                      # hits: [L, max chunks]
+            for layer in range(self.num_layers):
+                ids = hits[layer].nonzero().flatten()                          # ids: [m]
+                if ids.numel():
+                    self.learn(layer, ids, hits[layer, ids])
+        self._chunk_hits.zero_()
+
+    def learn(self, layer: int, chunk_ids: torch.Tensor, hits: torch.Tensor | None) -> None:
+        """The one route of selection feedback to the eviction policy: chunk_ids [m] were selected, with
+        weights hits [m] (counts or attention mass; None = plain recency)."""
+        if hits is not None:
+            hits = hits.detach().to("cpu", torch.float64)
+        self.policy.touch(layer, chunk_ids.detach().to("cpu", torch.long), hits)
+
+    def decode_counts(self) -> dict:
+        """Selections of decode steps so far, per tier: attended whole, and token-stage candidates."""
+        if not hasattr(self, "_attended"):
+            return {}
+        _, gpu, host, disk = self._attended.tolist()
+        _, cgpu, chost, cdisk = self._candidates.tolist()
+        return {"gpu": gpu, "host": host, "disk": disk, "cand_gpu": cgpu, "cand_host": chost, "cand_disk": cdisk}
