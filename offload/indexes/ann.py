@@ -20,18 +20,21 @@ softmax mass among the tokens retrieved for that query head ("expsum"); a query 
 summed, so with every token retrieved "expsum" ranks chunks by their exact attention mass. Chunks
 with no vote are filled in newest-first so that `select` always returns min(budget, N) ids.
 
+Build cost (the 128K problem: k-means over every key with one thread took minutes per layer): k-means
+trains on a sample of `train_points` keys per centroid (faiss subsamples), nlist defaults to 2 sqrt(N),
+and build() only copies the layer's keys to the host and hands the work to one background thread, so
+the GPU prefills the next layers meanwhile; select/extend wait for it (faiss releases the GIL).
 Threads: faiss-cpu and torch each ship their own libgomp, i.e. two OpenMP thread pools. The index
-sets faiss's pool explicitly before every faiss call (`threads`, default 1, leaving the other cores
-to torch; with torch idle, 2 threads searched 1.6x faster on a 2-core box) and calls faiss only from
-the Python thread, between torch ops, never inside a torch parallel region, so the two pools never
-compete for cores at the same moment. The caller sets torch's pool (torch.set_num_threads); keep
-faiss threads + torch threads <= physical cores, and set OMP_WAIT_POLICY=PASSIVE in the environment
-so that an idle pool does not spin.
+sets faiss's pool before every faiss call (`threads`, default 0 = every core this process may use: on
+a GPU host torch's CPU pool is idle during prefill and decode). Set OMP_WAIT_POLICY=PASSIVE in the
+environment so that an idle pool does not spin; on a CPU-only run give `threads` what torch leaves.
 Memory: host only; "flat" codes keep float32 keys (D*4 B per head-token) + 8 B ids, "sq8" D B + 8 B.
 """
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -39,6 +42,19 @@ import torch
 
 from offload.errors import ConfigError
 from offload.indexes._common import check_budget, check_choice, check_shape_args, split_chunks
+
+_BUILDER: ThreadPoolExecutor | None = None     # one background builder per process: layers queue in order
+
+
+def _builder() -> ThreadPoolExecutor:
+    global _BUILDER
+    if _BUILDER is None:
+        _BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-ann-build")
+    return _BUILDER
+
+
+def all_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class FaissANNIndex:
@@ -48,22 +64,26 @@ class FaissANNIndex:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
                  space: str = "l2aug", train_on: str = "keys", codec: str = "flat", nlist: int = 0,
                  nprobe: int = 0, probe_fraction: float = 0.05, retrieve_factor: float = 1.0,
-                 chunk_score: str = "expsum", threads: int = 1, min_ivf_tokens: int = 2048,
-                 norm_headroom: float = 1.2, scale: float | None = None, seed: int = 0, max_chunks: int = 0):
+                 chunk_score: str = "expsum", threads: int = 0, min_ivf_tokens: int = 2048,
+                 norm_headroom: float = 1.2, scale: float | None = None, seed: int = 0, max_chunks: int = 0,
+                 train_points: int = 32, background: bool = True):
         self.group_size = check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
         check_choice("space", space, ("ip", "l2aug"))
         check_choice("train_on", train_on, ("keys", "queries"))
         check_choice("codec", codec, ("flat", "sq8"))
         check_choice("chunk_score", chunk_score, ("count", "expsum"))
-        if not 0 < probe_fraction <= 1 or retrieve_factor <= 0 or threads < 1:
+        if not 0 < probe_fraction <= 1 or retrieve_factor <= 0 or threads < 0 or train_points < 4:
             raise ConfigError(f"probe_fraction={probe_fraction}, retrieve_factor={retrieve_factor}, "
-                              f"threads={threads}: use 0 < probe_fraction <= 1, retrieve_factor > 0, threads >= 1")
+                              f"threads={threads}, train_points={train_points}: use 0 < probe_fraction <= 1, "
+                              "retrieve_factor > 0, threads >= 0 (0 = all cores), train_points >= 4")
         self.num_kv_heads, self.num_q_heads, self.head_dim = num_kv_heads, num_q_heads, head_dim
         self.chunk_tokens = chunk_tokens
         self.device, self.dtype = torch.device(device), dtype
         self.space, self.train_on, self.codec, self.chunk_score = space, train_on, codec, chunk_score
         self.nlist, self.nprobe, self.probe_fraction = int(nlist), int(nprobe), float(probe_fraction)
-        self.retrieve_factor, self.threads = float(retrieve_factor), int(threads)
+        self.retrieve_factor, self.threads = float(retrieve_factor), int(threads) or all_cores()
+        self.train_points, self.background = int(train_points), bool(background)
+        self._pending: Future | None = None       # the background build of this layer, if running
         self.min_ivf_tokens, self.seed = int(min_ivf_tokens), seed
         self.norm_headroom = max(1.0, float(norm_headroom))
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
@@ -73,7 +93,14 @@ class FaissANNIndex:
         self._heads: list[faiss.Index] = []       # per KV head: IVF (trained) or exact flat IP
         self._quantizers: list[faiss.Index] = []  # the IVF indexes borrow them: keep them alive
         self._max_norm: list[float] = []          # M of the l2aug transform, per head (0: no transform)
+        self._means = np.zeros((self.num_kv_heads, 0, self.head_dim), np.float32)  # chunk mean keys [Hkv, n, D]
         self._num_tokens = 0
+
+    def wait(self) -> None:
+        """Block until the background build is done (re-raises its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     # -- building --------------------------------------------------------------------------------
     def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
@@ -82,26 +109,37 @@ class FaissANNIndex:
         if self.train_on == "queries" and (queries is None or queries.shape[1] == 0):
             raise ConfigError("train_on='queries' needs prefill queries: pass queries to build(), "
                               "or use train_on='keys'")
+        self.wait()
         self._reset()
-        faiss.omp_set_num_threads(self.threads)
         q_np = None
         if self.train_on == "queries":
             # heads h*G .. h*G+G-1 are contiguous, so the reshape gathers each KV head's query group
             q_all = queries.detach().float().cpu()                              # q_all: [Hq, Nq, D]
             q_np = q_all.reshape(self.num_kv_heads, -1, self.head_dim).numpy()  # q_np: [Hkv, G*Nq, D]
+        host = keys.detach().to("cpu")                                         # host: [Hkv, N, D] (its dtype)
+        self._num_tokens = keys.shape[1]
+        if self.background:
+            self._pending = _builder().submit(self._build_all, host, q_np)
+        else:
+            self._build_all(host, q_np)
+
+    def _build_all(self, keys: torch.Tensor, q_np: np.ndarray | None) -> None:
+        """Every head's index over host keys [Hkv, N, D] (runs on the background builder)."""
+        faiss.omp_set_num_threads(self.threads)
+        means = keys.float().reshape(self.num_kv_heads, -1, self.chunk_tokens, self.head_dim).mean(dim=2)
+        self._means = means.numpy()                                             # means: [Hkv, n, D]
         for h in range(self.num_kv_heads):
             self._heads.append(None)
             self._quantizers.append(None)
             self._max_norm.append(0.0)
             # one head at a time: a float32 copy of a whole 1M-token layer would be 4 GiB
-            k_h = keys[h].detach().float().cpu().numpy()                       # k_h: [N, D]
+            k_h = keys[h].float().numpy()                                      # k_h: [N, D]
             self._build_head(h, k_h, q_np[h] if q_np is not None else None)
-        self._num_tokens = keys.shape[1]
 
     def _build_head(self, h: int, k: np.ndarray, q: np.ndarray | None) -> None:
         """(Re)build head h over keys k [N, D], IVF when there are enough of them, else exact flat."""
         n, d = k.shape
-        nlist = self.nlist or int(round(4 * math.sqrt(max(n, 1))))
+        nlist = self.nlist or int(round(2 * math.sqrt(max(n, 1))))
         train = k if q is None else q
         nlist = min(nlist, n // 8, len(train) // 8)           # k-means needs a few points per centroid
         if n < self.min_ivf_tokens or nlist < 2:
@@ -116,7 +154,7 @@ class FaissANNIndex:
         dim = k_x.shape[1]
         ip = self.space == "ip"
         km = faiss.Kmeans(dim, nlist, niter=12, seed=self.seed, spherical=ip,
-                          max_points_per_centroid=128, min_points_per_centroid=1, verbose=False)
+                          max_points_per_centroid=self.train_points, min_points_per_centroid=1, verbose=False)
         km.train(k_x if train_x is None else train_x)
         quantizer = faiss.IndexFlatIP(dim) if ip else faiss.IndexFlatL2(dim)
         quantizer.add(km.centroids)                           # trained quantizer: IVF.train skips k-means
@@ -149,15 +187,18 @@ class FaissANNIndex:
         A head that is still exact-flat is rebuilt as IVF once it reaches `min_ivf_tokens` (from its
         keys: prefill queries are not kept).
         """
-        split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)
+        chunks = split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)  # [Hkv, n, C, D]
         if keys.shape[1] == 0:
             return
+        self.wait()
         if not self._heads:
             self._reset()
             self._heads, self._quantizers = [None] * self.num_kv_heads, [None] * self.num_kv_heads
             self._max_norm = [0.0] * self.num_kv_heads
             for h in range(self.num_kv_heads):
                 self._build_head(h, np.zeros((0, self.head_dim), np.float32), None)
+        new_means = chunks.detach().float().mean(dim=2).cpu().numpy()            # new_means: [Hkv, n, D]
+        self._means = np.concatenate([self._means, new_means], axis=1)
         faiss.omp_set_num_threads(self.threads)
         keys_np = keys.detach().float().cpu().numpy()                           # keys_np: [Hkv, n*C, D]
         total = self._num_tokens + keys.shape[1]
@@ -185,6 +226,7 @@ class FaissANNIndex:
     def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
         """query [Hq, D] -> best-first chunk ids int64 [Hkv, min(budget, num_chunks)] on the device."""
         check_budget(budget)
+        self.wait()
         n = self.num_chunks
         k = min(int(budget), n)
         out = np.empty((self.num_kv_heads, k), dtype=np.int64)                  # out: [Hkv, k]
@@ -203,12 +245,43 @@ class FaissANNIndex:
             out[h] = np.lexsort((recency, -chunk_score))[:k]
         return torch.from_numpy(out).to(self.device)                            # ids: [Hkv, k]
 
+    def chunk_log_mass(self, query: torch.Tensor, cap: int) -> torch.Tensor:
+        """Estimated log attention mass per chunk and query head -> float32 [Hkv, G, n] on the device.
+
+        The retrieve_factor x cap x C nearest tokens of each query head give their chunks the logsumexp of
+        their exact scaled q.k; every chunk also has log C + scale * q.mean (a lower bound by Jensen), and
+        the larger of the two is kept. Runs on the host (the index syncs anyway).
+        """
+        self.wait()
+        hkv, g, n = self.num_kv_heads, self.group_size, self.num_chunks
+        q_np = query.detach().float().cpu().reshape(hkv, g, -1).numpy()          # q_np: [Hkv, G, D]
+        lm = np.einsum("hgd,hnd->hgn", q_np, self._means[:, :n]) * self.scale + math.log(self.chunk_tokens)
+        k_tok = min(self._num_tokens, max(1, math.ceil(self.retrieve_factor * int(cap) * self.chunk_tokens)))
+        faiss.omp_set_num_threads(self.threads)
+        for h, index in enumerate(self._heads):
+            dist, tok = index.search(self._queries_space(h, q_np[h]), k_tok)   # dist, tok: [G, k_tok]
+            logit = self.scale * self._inner_products(h, q_np[h], dist)        # logit: [G, k_tok]
+            for gi in range(g):
+                hit = tok[gi] >= 0
+                chunk = tok[gi][hit] // self.chunk_tokens                       # chunk: [hits]
+                top = np.full(n, -np.inf)
+                np.maximum.at(top, chunk, logit[gi][hit])
+                shifted = np.exp(logit[gi][hit] - top[chunk])                  # stable per-chunk logsumexp
+                lse = top + np.log(np.maximum(np.bincount(chunk, weights=shifted, minlength=n), 1e-300))
+                lm[h, gi] = np.maximum(lm[h, gi], np.where(np.isfinite(top), lse, -np.inf))
+        return torch.from_numpy(lm.astype(np.float32)).to(self.device)        # lm: [Hkv, G, n]
+
+    def _inner_products(self, h: int, q: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        """faiss distances of q [G, D] -> exact q.k [G, k] (l2aug: |q'-k'|^2 = |q|^2 + M^2 - 2 q.k)."""
+        ip = dist.astype(np.float64)
+        if self._max_norm[h]:
+            ip = ((q.astype(np.float64) ** 2).sum(axis=1, keepdims=True) + self._max_norm[h] ** 2 - ip) / 2
+        return ip
+
     def _votes(self, h: int, q: np.ndarray, dist: np.ndarray, tok: np.ndarray) -> np.ndarray:
         if self.chunk_score == "count":
             return np.ones_like(dist, dtype=np.float64)
-        ip = dist.astype(np.float64)                                            # ip: [G, k_tok]
-        if self._max_norm[h]:
-            ip = ((q.astype(np.float64) ** 2).sum(axis=1, keepdims=True) + self._max_norm[h] ** 2 - ip) / 2
+        ip = self._inner_products(h, q, dist)                                   # ip: [G, k_tok]
         ip = np.where(tok >= 0, ip, -np.inf)
         top = ip.max(axis=1, keepdims=True)                                     # top: [G, 1]
         w = np.exp(self.scale * (ip - np.where(np.isfinite(top), top, 0.0)))    # w: [G, k_tok]
@@ -224,7 +297,8 @@ class FaissANNIndex:
 
     @property
     def nbytes(self) -> dict[str, int]:
-        host = 0
+        self.wait()
+        host = self._means.nbytes
         for index in self._heads:
             if isinstance(index, faiss.IndexIVF):
                 host += index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4

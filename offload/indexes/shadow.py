@@ -92,7 +92,8 @@ class ShadowKeyIndex:
         self._means = ChunkBuffer(hkv, (d,), self.device, self.dtype, mean_cap, limit=lim)  # means: [Hkv, cap, D]
         self._summary = None
         if self.coarse == "summary":
-            opts = {"group_reduce": self.group_reduce, **self.summary_options, "capacity_chunks": capacity_chunks,
+            opts = {"group_reduce": self.group_reduce, "scale": self.scale, **self.summary_options,
+                    "capacity_chunks": capacity_chunks,
                     "max_chunks": lim}
             self._summary = ChunkSummaryIndex(hkv, self.num_q_heads, d, c, self.device, self.dtype, **opts)
         self._num_chunks = 0
@@ -148,6 +149,41 @@ class ShadowKeyIndex:
         scores = self._fine_scores(q, cand)                                    # scores: [Hkv, m]
         local = torch.topk(scores, k, dim=1).indices                           # local: [Hkv, k]
         return cand.gather(1, local)                                           # ids: [Hkv, k]
+
+    def chunk_log_mass(self, query: torch.Tensor, cap: int) -> torch.Tensor:
+        """Estimated log attention mass of every allocated chunk per query head -> float32 [Hkv, G, n_alloc].
+
+        The ceil(max(cap * candidate_factor, min_candidates)) best chunks by the coarse estimate get the
+        logsumexp of their tokens' low-rank scores; the others keep the coarse estimate (log C + scale * q.mean,
+        a lower bound of the chunk's mass by Jensen; or the summary's box estimate). Unwritten rows are -inf.
+        Fixed shapes and no host sync on the device path (cap is static per graph).
+        """
+        hkv, g, d = self.num_kv_heads, self.group_size, self.head_dim
+        q = query.to(self.device).float()                                      # q: [Hq, D]
+        if self._summary is not None:
+            lm = self._summary.chunk_log_mass(q)                               # lm: [Hkv, G, n_alloc]
+        else:
+            means = self._means.data.float()                                   # means: [Hkv, n_alloc, D]
+            lm = torch.einsum("hgd,hnd->hgn", q.reshape(hkv, g, d), means) * self.scale + math.log(self.chunk_tokens)
+            written = torch.arange(lm.shape[2], device=lm.device) < self._count  # written: [n_alloc]
+            lm = torch.where(written, lm, torch.full((), -math.inf, device=lm.device))
+        width = min(lm.shape[2], math.ceil(max(int(cap) * self.candidate_factor, self.min_candidates)))
+        if width == 0 or self.basis is None:
+            return lm
+        cand = torch.topk(lm.amax(dim=1), width, dim=1).indices               # cand: [Hkv, m]
+        fine = torch.logsumexp(self._token_scores(q, cand), dim=3)             # fine: [Hkv, G, m]
+        known = torch.gather(lm, 2, cand[:, None].expand(hkv, g, width))       # known: [Hkv, G, m]
+        fine = torch.where(torch.isfinite(known), fine, known)                 # unwritten candidates stay -inf
+        return lm.scatter(2, cand[:, None].expand(hkv, g, width), fine)       # lm: [Hkv, G, n_alloc]
+
+    def _token_scores(self, q: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Low-rank scale * q.k of every token of the candidate chunks: q [Hq, D], cand [Hkv, m] -> [Hkv, G, m, C]."""
+        hkv, g = self.num_kv_heads, self.group_size
+        qp = torch.einsum("hgd,hdr->hgr", q.float().reshape(hkv, g, self.head_dim), self.basis)  # qp: [Hkv, G, r]
+        heads = torch.arange(hkv, device=self.shadow_device)[:, None]          # heads: [Hkv, 1]
+        sh = self._shadows.data[heads, cand.to(self.shadow_device)]            # sh: [Hkv, m, C, r]
+        sh = sh.to(self.device, non_blocking=True)                             # sh: [Hkv, m, C, r]
+        return torch.einsum("hgr,hmcr->hgmc", qp, sh.float()) * self.scale     # s: [Hkv, G, m, C]
 
     def reserve(self, num_chunks: int) -> None:
         """Room for num_chunks without regrowth (buffers keep their address, so captured steps stay valid)."""

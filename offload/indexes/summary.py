@@ -29,6 +29,7 @@ from offload.errors import ConfigError
 from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, check_shape_args,
                                      split_chunks)
 
+MASS_RADIUS = 0.25     # chunk_log_mass: share of the box's radius counted (1 = Quest upper bound; see there)
 _INT8_LEVELS = 126.0   # one level of slack below 127 so that the outward fix-up step cannot overflow
 
 
@@ -111,7 +112,7 @@ class ChunkSummaryIndex:
                  group_reduce: str = "max", bounds: str = "native", host_bounds: str = "native",
                  coarse_group: int = 1,
                  candidate_factor: float = 4.0, min_candidates: int = 32, capacity_chunks: int = 0,
-                 max_chunks: int = 0):
+                 max_chunks: int = 0, mass_radius: float = MASS_RADIUS, scale: float | None = None):
         check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
         check_choice("group_reduce", group_reduce, ("max", "sum"))
         check_choice("bounds", bounds, ("native", "int8"))
@@ -126,6 +127,8 @@ class ChunkSummaryIndex:
         self.candidate_factor, self.min_candidates = float(candidate_factor), max(0, int(min_candidates))
         self.int8, self.host_int8 = bounds == "int8", host_bounds == "int8"
         self.max_chunks = max(0, int(max_chunks))     # buffers never grow past the context's chunk count
+        self.mass_radius = float(mass_radius)
+        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
         self._count = torch.zeros(1, dtype=torch.long, device=self.device)    # _count: [1] chunks, on the device
         self._reset(capacity_chunks)
 
@@ -191,6 +194,35 @@ class ChunkSummaryIndex:
         lo, hi = self._host_tier.bounds(cand.cpu(), self.device)               # lo, hi: [Hkv, M, D]
         local = kernels.score_chunks(q, lo, hi, cand.shape[1], k, self.group_reduce)  # local: [Hkv, k]
         return cand.gather(1, local)                                           # ids: [Hkv, k]
+
+    def chunk_log_mass(self, query: torch.Tensor) -> torch.Tensor:
+        """Estimated log attention mass of every allocated chunk per query head -> float32 [Hkv, G, cap].
+
+        log(C) + scale * (q.centre + mass_radius * |q|.radius) of the chunk's box [kmin, kmax]: mass_radius = 1
+        is the Quest upper bound of q.k (it overstates every chunk, most the widest); the default, calibrated on
+        SmolLM2 against the exact mass (tests/test_budget_mass.py), is lower. Unwritten rows are -inf (masked by
+        the device-side count: no host sync, fixed shape). Two-level: each chunk gets its coarse group's box.
+        """
+        q = query.to(self.device).float().reshape(self.num_kv_heads, -1, self.head_dim)  # q: [Hkv, G, D]
+        if self._host_tier is None:
+            lm = self._box_log_mass(q, *self._device_tier.bounds(allocated=True))  # lm: [Hkv, G, cap]
+            written = torch.arange(lm.shape[2], device=lm.device) < self._count  # written: [cap]
+            return torch.where(written, lm, torch.full((), -math.inf, device=lm.device))
+        # two levels (syncs with the host anyway): complete groups from their coarse box, the rest exactly
+        g, full = self.coarse_group, self._device_tier.size
+        lm = self._box_log_mass(q, *self._device_tier.bounds())                # lm: [Hkv, G, full]
+        lm = lm.repeat_interleave(g, dim=2)                                    # lm: [Hkv, G, full*Gc]
+        rest = torch.arange(full * g, self.num_chunks).expand(self.num_kv_heads, -1)  # rest: [Hkv, r]
+        if rest.shape[1]:
+            lm = torch.cat([lm, self._box_log_mass(q, *self._host_tier.bounds(rest, self.device))], dim=2)
+        return lm                                                              # lm: [Hkv, G, n]
+
+    def _box_log_mass(self, q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """q [Hkv, G, D], boxes lo/hi [Hkv, R, D] -> log(C) + scale * (q.centre + mass_radius * |q|.radius) [Hkv, G, R]."""
+        centre, radius = (lo.float() + hi.float()) / 2, (hi.float() - lo.float()) / 2  # [Hkv, R, D]
+        s = torch.einsum("hgd,hrd->hgr", q, centre)                            # s: [Hkv, G, R]
+        s = s + self.mass_radius * torch.einsum("hgd,hrd->hgr", q.abs(), radius)
+        return s * self.scale + math.log(self.chunk_tokens)                    # [Hkv, G, R]
 
     def _candidates(self, q: torch.Tensor, k: int) -> torch.Tensor:
         """Chunk ids of the best coarse groups plus the incomplete last group -> [Hkv, M], M >= k."""
