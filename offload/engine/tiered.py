@@ -37,7 +37,6 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self.tail_count = torch.ones(1, dtype=torch.long, device=self.device)  # tail_count: [1] = tail_pos + 1
         self.n_chunks, self.tail_len, self._len, self._new = 0, 0, 0, 0   # full chunks (every layer), tail tokens
         self._stage, self._next_tail = None, None   # (layer, k [Hkv, N, D], v, offset) while a long forward runs
-        self._tok = torch.zeros(2, dtype=torch.long, device=self.device)  # token stage: scored (head, chunk)s, rows
         self._tok_s, self._steps, self._fetched = 0.0, 0, 0
         store.open_decode(-(-ctx // self.C))
 
@@ -93,10 +92,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
             self._fetched += plan.disk_bytes
         t = time.perf_counter()
         o, _ = kernels.attend_plan(q, tail, plan, self.scale)  # o: [Hq, D]
-        if plan is not None and plan.token_k:
-            n_cand = plan.candidate_chunks()                   # n_cand: [Hkv]
-            self._tok += torch.stack([n_cand.sum(), (n_cand * self.C).clamp(max=plan.token_k).sum()])
-            self._tok_s += time.perf_counter() - t
+        self._tok_s += time.perf_counter() - t if plan is not None and plan.token_k else 0.0
         return o
 
     def _attend_staged(self, layer: int, q, k, v) -> torch.Tensor:
@@ -174,20 +170,10 @@ class TieredAttention(AttentionBackend, PersistableKV):
     def stats(self) -> dict:
         out = {"selection_ms_per_step": round(1000 * self.selector.select_s / max(self._steps, 1), 3),
                "fetched_bytes": self._fetched, "chunks": self.n_chunks}
-        out.update(self.store.stats())
-        sel = self.store.decode_counts()
-        gpu, host, disk = sel["gpu"], sel["host"], sel["disk"]
-        head_bytes = 2 * self.C * self.D * self.tail_k.element_size()
-        total = max(1, gpu + host + disk)
-        out.update(attended_gpu_selections=gpu, attended_host_selections=host,
-                   attended_bytes_gpu=gpu * head_bytes, attended_bytes_host=host * head_bytes,
-                   selected_hit_rate_gpu=round(gpu / total, 4), selected_hit_rate_host=round(host / total, 4))
-        if self.selector.token_candidates is not None and self.selector.sparse:
-            scored, rows = self._tok.tolist()
-            # keys of every candidate chunk are read to score; K and V of the attended rows only
-            out.update(candidate_gpu_selections=sel["cand_gpu"], candidate_host_selections=sel["cand_host"],
-                       scored_key_bytes=scored * head_bytes // 2, token_attended_bytes=rows * head_bytes // self.C,
-                       token_stage_ms_per_step=round(1000 * self._tok_s / max(self._steps, 1), 3))
+        token = self.selector.token_candidates is not None and self.selector.sparse
+        out.update(self.store.stats(), **self.store.decode_stats(token))
+        if token:
+            out["token_stage_ms_per_step"] = round(1000 * self._tok_s / max(self._steps, 1), 3)
         return out
 
     def close(self) -> None:

@@ -73,6 +73,7 @@ class DecodeMixin:
         self._attended = torch.zeros(4, dtype=torch.long, device=dev)                     # [4]
         self._candidates = torch.zeros(4, dtype=torch.long, device=dev)                   # [4]
         self._chunk_hits = torch.zeros(L, max_chunks, device=dev)                         # [L, max chunks]
+        self._token_rows = torch.zeros(2, dtype=torch.long, device=dev)   # token stage: scored (head, chunk)s, rows
         self._mirrored = -1                     # placement_version the mirror shows
         self._host_tier = [torch.zeros(0, dtype=torch.int8)] * L   # the mirror's tiers, on the host
         self._on_disk = [0] * L
@@ -118,8 +119,12 @@ class DecodeMixin:
         w = sel.whole_columns
         if not sel.token_k:
             return DecodePlan(tuple(parts), disk_bytes=disk_bytes)
-        return DecodePlan(tuple(Part(p, s[:, :w], a) for p, s, a in parts),
+        plan = DecodePlan(tuple(Part(p, s[:, :w], a) for p, s, a in parts),
                           tuple(Part(p, s[:, w:], a) for p, s, a in parts), sel.token_k, sel.token_reduce, disk_bytes)
+        n_cand = plan.candidate_chunks()                                       # n_cand: [Hkv]
+        C = self.shape.chunk_tokens
+        self._token_rows += torch.stack([n_cand.sum(), (n_cand * C).clamp(max=sel.token_k).sum()])
+        return plan
 
     def _read_disk_part(self, layer: int, ids: torch.Tensor):
         """FetchPlan of the chunks of ids [Hkv, K] the mirror shows on the drive (wherever they are by now)."""
@@ -152,6 +157,23 @@ class DecodeMixin:
         if hits is not None:
             hits = hits.detach().to("cpu", torch.float64)
         self.policy.touch(layer, chunk_ids.detach().to("cpu", torch.long), hits)
+
+    def decode_stats(self, token_stage: bool) -> dict:
+        """Selections of decode steps per tier and the bytes they read (stats(); one sync)."""
+        sel = self.decode_counts()
+        gpu, host, disk = sel["gpu"], sel["host"], sel["disk"]
+        head_bytes = self.shape.nbytes // self.shape.num_kv_heads             # K and V of one head's chunk
+        total = max(1, gpu + host + disk)
+        out = dict(attended_gpu_selections=gpu, attended_host_selections=host,
+                   attended_bytes_gpu=gpu * head_bytes, attended_bytes_host=host * head_bytes,
+                   selected_hit_rate_gpu=round(gpu / total, 4), selected_hit_rate_host=round(host / total, 4))
+        if token_stage:
+            scored, rows = self._token_rows.tolist()
+            # keys of every candidate chunk are read to score; K and V of the attended rows only
+            out.update(candidate_gpu_selections=sel["cand_gpu"], candidate_host_selections=sel["cand_host"],
+                       scored_key_bytes=scored * head_bytes // 2,
+                       token_attended_bytes=rows * head_bytes // self.shape.chunk_tokens)
+        return out
 
     def decode_counts(self) -> dict:
         """Selections of decode steps so far, per tier: attended whole, and token-stage candidates."""
