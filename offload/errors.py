@@ -27,3 +27,7 @@ class TierIOError(OffloadError):
 
 class SessionFileError(OffloadError):
     """A saved session file is corrupt, truncated or belongs to another model."""
+
+
+class SessionClosedError(OffloadError):
+    """A session or chat was used after it (or its LLM) was closed."""

@@ -4,13 +4,17 @@ File layout (little-endian):
     b"OFFLOADKV" | u32 version | u64 header length | header JSON | u32 crc32(header)
     then, per layer, per record of up to RECORD_TOKENS tokens: u64 payload length | u32 crc32 | K bytes | V bytes
 The header holds the model fingerprint, ctx, layout (layers, KV heads, head dim, dtype) and the token ids.
-Written atomically: a temp file in the same directory, fsync, rename, fsync of the directory.
+Written atomically: a 0600 temp file `.<name>.offload-tmp-<pid>` in the same directory, fsync, rename, fsync
+of the directory. A save killed half-way leaves its temp file; the next save or load in that directory removes
+temp files of that exact pattern whose writer process is gone (nothing else is ever touched).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -18,11 +22,50 @@ from pathlib import Path
 import torch
 
 from offload.errors import ConfigError, SessionFileError
+from offload.files import regular_file
 
 MAGIC = b"OFFLOADKV"
 VERSION = 1
 RECORD_TOKENS = 4096
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_TEMP = re.compile(r"\..+\.offload-tmp-(\d+)")
+_FIX = "save the session again"
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.offload-tmp-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temps(folder: Path) -> list[Path]:
+    """Remove save temp files (our exact name pattern, regular, ours) whose writing process is gone."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP.fullmatch(name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        p = folder / name
+        try:
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    return removed
 
 
 def model_fingerprint(model) -> str:
@@ -48,17 +91,19 @@ def save_session(sess, path) -> None:
     if not hasattr(attn, "read_kv"):
         raise ConfigError("this attention backend cannot save sessions; use --attention full")
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory; pass a file path to save the session")
+    if os.path.lexists(path):     # overwrite a previous session file, never a folder, device or FIFO
+        regular_file(path, "session file", "pass a new or regular file path to save()", SessionFileError)
+    sweep_temps(path.parent)
     mc = model.cfg
     header = {"version": VERSION, "fingerprint": model_fingerprint(model), "model": sess.llm.name,
               "ctx": sess.llm.ctx, "length": sess.length, "tokens": sess.tokens,
               "layout": {"num_layers": mc.num_layers, "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
                          "dtype": str(model.dtype).replace("torch.", ""), "record_tokens": RECORD_TOKENS}}
     hb = json.dumps(header).encode()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        # 0600 from the start: the file holds the context's tokens
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
             f.write(MAGIC + struct.pack("<IQ", VERSION, len(hb)) + hb + struct.pack("<I", zlib.crc32(hb)))
             for layer in range(mc.num_layers):
                 k, v = attn.read_kv(layer)  # k, v: [Hkv, length, D]
@@ -73,8 +118,12 @@ def save_session(sess, path) -> None:
         finally:
             os.close(dfd)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SessionFileError(f"cannot write session {path} ({e.strerror or e}); free disk space or pick another path") from None
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass                  # the folder itself vanished or turned read-only
+        raise SessionFileError(f"cannot write session {path} ({e.strerror or e}); check that the folder exists and "
+                               "is writable and has free space, or pick another path") from None
 
 
 def _read_exact(f, n: int, path) -> bytes:
@@ -96,7 +145,43 @@ def _read_header(f, path) -> dict:
     (crc,) = struct.unpack("<I", _read_exact(f, 4, path))
     if zlib.crc32(hb) != crc:
         raise SessionFileError(f"session file {path} has a corrupt header (checksum mismatch); save the session again")
-    return json.loads(hb)
+    try:
+        header = json.loads(hb.decode("utf-8"))
+    except (UnicodeError, ValueError) as e:
+        raise SessionFileError(f"session file {path} has a header that is not UTF-8 JSON ({e}); {_FIX}") from None
+    return _checked_header(header, path)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _checked_header(h, path) -> dict:
+    """Every field present with its type and consistent with the others (a checksum only proves the bytes)."""
+    def bad(what):
+        return SessionFileError(f"session file {path} has a malformed header ({what}); {_FIX}")
+    if not isinstance(h, dict):
+        raise bad(f"a {type(h).__name__}, not an object")
+    want = {"fingerprint": str, "model": str, "ctx": int, "length": int, "tokens": list, "layout": dict}
+    for key, kind in want.items():
+        if key not in h:
+            raise bad(f"no {key!r}")
+        if not isinstance(h[key], kind) or (kind is int and not _is_int(h[key])):
+            raise bad(f"{key!r} is a {type(h[key]).__name__}, not a {kind.__name__}")
+    lay = h["layout"]
+    for key in ("num_layers", "num_kv_heads", "head_dim", "record_tokens"):
+        if not _is_int(lay.get(key)) or lay[key] <= 0:
+            raise bad(f"layout {key!r} is {lay.get(key)!r}")
+    if lay["record_tokens"] != RECORD_TOKENS:
+        raise bad(f"record_tokens {lay['record_tokens']}, this offload writes {RECORD_TOKENS}")
+    if lay.get("dtype") not in _DTYPES:
+        raise bad(f"dtype {lay.get('dtype')!r}")
+    n, tokens = h["length"], h["tokens"]
+    if n < 0 or n > h["ctx"] or len(tokens) != n:
+        raise bad(f"length {n}, {len(tokens)} token ids, ctx {h['ctx']}")
+    if not all(_is_int(t) and t >= 0 for t in tokens):
+        raise bad("a token id that is not a non-negative integer")
+    return h
 
 
 def load_session(sess, path) -> None:
@@ -105,14 +190,21 @@ def load_session(sess, path) -> None:
     model, attn = sess.llm.model, sess.attn
     if not hasattr(attn, "load_kv"):
         raise ConfigError("this attention backend cannot load sessions; use --attention full")
-    if not path.is_file():
-        raise SessionFileError(f"session file {path} does not exist; pass a file written by sess.save()")
+    regular_file(path, "session file", "pass a file written by sess.save()", SessionFileError)
+    sweep_temps(path.parent)
     with open(path, "rb") as f:
         h = _read_header(f, path)
         if h["fingerprint"] != model_fingerprint(model):
             raise SessionFileError(f"session file {path} was saved with another model ({h['model']}); "
                                    "load it with the model that wrote it")
         lay, mc = h["layout"], model.cfg
+        shape = (lay["num_layers"], lay["num_kv_heads"], lay["head_dim"])
+        if shape != (mc.num_layers, mc.num_kv_heads, mc.head_dim):
+            raise SessionFileError(f"session file {path} holds KV of {shape} (layers, KV heads, head dim), this model "
+                                   f"has {(mc.num_layers, mc.num_kv_heads, mc.head_dim)}; {_FIX} with this model")
+        if any(t >= mc.vocab_size for t in h["tokens"]):
+            raise SessionFileError(f"session file {path} holds a token id outside the vocabulary ({mc.vocab_size}); "
+                                   f"it is corrupt: {_FIX}")
         dtype = str(model.dtype).replace("torch.", "")
         if lay["dtype"] != dtype:
             raise SessionFileError(f"session file {path} holds {lay['dtype']} KV but this runtime uses {dtype}; "

@@ -49,8 +49,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = False, parse_special: bool = True) -> list[int]:
+        """parse_special=False: text that spells a control token (`<|im_start|>`) stays text, as llama.cpp's
+        parse_special does for user input; add_special_tokens (BOS) is independent of it."""
+        if parse_special:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        else:
+            self.backend.encode_special_tokens = True   # split special tokens' text like any other text
+            try:
+                ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+            finally:
+                self.backend.encode_special_tokens = False
         # GGUF/SentencePiece files ask for BOS by flag, not through a post-processor.
         needs_bos = add_special_tokens and self.add_bos_token and self.bos_token_id is not None
         if needs_bos and (not ids or ids[0] != self.bos_token_id):
@@ -87,6 +96,47 @@ class Tokenizer:
             # The template writes BOS itself where the model wants it.
             return self.encode(text, add_special_tokens=False)
         return text
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered chat and the (start, end) of each message's content in it: the spans that are user text.
+
+        Rendered once more with private-use sentinels as contents to learn where each content lands; when the
+        template changes contents (strips them, say), each content is looked up in order instead."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        probe = self.apply_chat_template([{**m, "content": k} for m, k in zip(messages, marks)], add_generation_prompt)
+        filled, spans, pos = "", [], 0
+        for m, k in zip(messages, marks):
+            i = probe.find(k, pos)
+            if i < 0:
+                break
+            filled += probe[pos:i]
+            spans.append((len(filled), len(filled) + len(m["content"])))
+            filled += m["content"]
+            pos = i + len(k)
+        if filled + probe[pos:] != text:
+            spans, pos = [], 0
+            for m in messages:
+                i = text.find(m["content"], pos) if m["content"] else -1
+                if i >= 0:
+                    spans.append((i, i + len(m["content"])))
+                    pos = i + len(m["content"])
+        return text, spans
+
+    def encode_chat(self, text: str, spans: list[tuple[int, int]], start: int = 0) -> list[int]:
+        """Token ids of text[start:]: the template's markers are special tokens, the user spans are plain text."""
+        specials = self._special_texts()
+        user = [(max(a, start), b) for a, b in spans if b > start]
+        if not any(sp in text[a:b] for a, b in user for sp in specials):
+            return self.encode(text[start:])   # nothing to protect: one piece, exactly as before
+        ids, pos = [], start
+        for a, b in user:
+            ids += self.encode(text[pos:a]) + self.encode(text[a:b], parse_special=False)
+            pos = b
+        return ids + self.encode(text[pos:])
+
+    def _special_texts(self) -> list[str]:
+        return [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special and t.content]
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)

@@ -128,17 +128,33 @@ def parameter_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(cfg: dict, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Keep exactly the decoder's parameters; a missing or misshapen one raises."""
+# Tensors a checkpoint may carry that hold no parameter: rotary inv_freq buffers (old transformers saves).
+_NOT_PARAMETERS = ("rotary_emb.inv_freq",)
+
+
+def check_shapes(cfg: dict, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Every parameter the config implies is there with its shape, and nothing else is: a config whose layer
+    count or vocabulary disagrees with the weights would otherwise load and produce garbage."""
     expected = parameter_shapes(cfg)
     for name, shape in expected.items():
-        tensor = state_dict.get(name)
-        if tensor is None:
-            raise ModelLoadError(f"{source} has no tensor {name!r}; the checkpoint is incomplete: re-download it")
-        if tuple(tensor.shape) != shape:
+        if name not in shapes:
+            raise ModelLoadError(f"{source} has no tensor {name!r} that its config implies "
+                                 f"({cfg['num_hidden_layers']} layers); config and weights do not belong together: "
+                                 "re-download the model")
+        if tuple(shapes[name]) != shape:
             raise ModelLoadError(
-                f"{source}: {name} has shape {tuple(tensor.shape)}, the config says {shape}; "
+                f"{source}: {name} has shape {tuple(shapes[name])}, the config says {shape}; "
                 "config and weights do not belong together: re-download the model"
             )
-    # Drops rotary inv_freq buffers and a saved copy of a tied lm_head.
-    return {name: state_dict[name] for name in expected}
+    tied_copy = "lm_head.weight" if cfg["tie_word_embeddings"] else None   # a saved copy of a tied head
+    extra = sorted(n for n in shapes if n not in expected and n != tied_copy and not n.endswith(_NOT_PARAMETERS))
+    if extra:
+        raise ModelLoadError(f"{source} holds {len(extra)} tensor(s) its config does not use (first: {extra[0]!r}; "
+                             f"config: {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}); config and "
+                             "weights do not belong together: re-download the model")
+
+
+def check_state_dict(cfg: dict, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Exactly the decoder's parameters (see check_shapes); a missing, misshapen or left-over tensor raises."""
+    check_shapes(cfg, {name: tuple(t.shape) for name, t in state_dict.items()}, source)
+    return {name: state_dict[name] for name in parameter_shapes(cfg)}

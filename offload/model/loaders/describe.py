@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from offload.errors import ModelLoadError
-from offload.model.loaders.checkpoint import normalize_hf_config
+from offload.model.loaders.checkpoint import check_shapes, normalize_hf_config
 from offload.model.loaders.known_archs import DEFAULT_ALIAS, known_model
 
 
@@ -43,8 +43,9 @@ def describe_model(model=None, dtype: torch.dtype = torch.float32, load_format: 
     With load_format="dummy" an alias is described from the alias table alone: no file is read or
     fetched, and the tokenizer is the real one only if it is already local.
     """
-    from offload.model.loaders.gguf_file import gguf_hf_config, open_gguf
+    from offload.model.loaders.gguf_file import gguf_hf_config, header_shapes, open_gguf
     from offload.model.loaders.gguf_tokenizer import gguf_tokenizer
+    from offload.model.loaders.hf_dir import header_shapes as hf_header_shapes
     from offload.model.loaders.hf_dir import read_hf_config
     from offload.model.loaders.resolve import ModelSource, resolve_model
     from offload.model.tokenizer import load_hf_tokenizer
@@ -56,10 +57,12 @@ def describe_model(model=None, dtype: torch.dtype = torch.float32, load_format: 
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     if source.kind == "gguf":
         reader = open_gguf(source.path)
-        return ModelInfo(source.name, source, gguf_hf_config(reader, dtype, source.path),
-                         gguf_tokenizer(reader, source.path))
+        cfg = gguf_hf_config(reader, dtype, source.path)
+        check_shapes(cfg, header_shapes(reader), str(source.path))   # weights agree with the config, before planning
+        return ModelInfo(source.name, source, cfg, gguf_tokenizer(reader, source.path))
     if source.kind == "hf_dir":
         cfg = normalize_hf_config(read_hf_config(source.path), dtype, str(source.path / "config.json"))
+        check_shapes(cfg, hf_header_shapes(source.path), str(source.path))
         eos = cfg["eos_token_id"]
         return ModelInfo(source.name, source, cfg,
                          load_hf_tokenizer(source.path, eos if isinstance(eos, list) else [eos] if eos else []))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from offload.errors import ModelLoadError
-from offload.model.loaders.checkpoint import LoadedCheckpoint, check_state_dict, dtype_name
+from offload.model.loaders.checkpoint import LoadedCheckpoint, check_shapes, check_state_dict, dtype_name
 
 # GGUF architecture -> HF model_type. Mistral files say "llama" (same layout, same permutation).
 _ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -78,6 +78,17 @@ def hf_name(gguf_name: str) -> str | None:
     if match and match.group(2) in _LAYER_NAMES:
         return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
     return None
+
+
+def header_shapes(reader) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the file by HF name and HF shape, read from the header alone (no dequantizing).
+    Tensors with no HF counterpart keep their GGUF name, so a foreign one shows up as left over."""
+    out = {}
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":   # Llama 3.1 scaling factors: read into the config, not a parameter
+            continue
+        out[hf_name(tensor.name) or tensor.name] = tuple(int(n) for n in reversed(tensor.shape))  # GGUF: fastest-first
+    return out
 
 
 def unpermute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -200,6 +211,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device | str) 
     path = Path(path).expanduser()
     reader = open_gguf(path)
     cfg = gguf_hf_config(reader, dtype, path)
+    check_shapes(cfg, header_shapes(reader), str(path))   # refuse before dequantizing anything
     arch = metadata_value(reader, "general.architecture")
     permuted = arch in _PERMUTED_ARCHITECTURES
     device = torch.device(device)

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from offload.errors import ModelLoadError
-from offload.model.loaders.checkpoint import LoadedCheckpoint, check_state_dict, normalize_hf_config
+from offload.model.loaders.checkpoint import LoadedCheckpoint, check_shapes, check_state_dict, normalize_hf_config
 from offload.model.tokenizer import load_hf_tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -80,11 +80,29 @@ def _read_tensors(
     return tensors
 
 
+def header_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors headers (no tensor data is read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file, names in _weight_files(folder).items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for name in reader.keys() if names is None else names:
+                    shapes[name] = tuple(reader.get_slice(name).get_shape())
+        except SafetensorError as exc:
+            raise ModelLoadError(
+                f"{file} is not a readable safetensors file ({exc}); it is corrupt or truncated: re-download it"
+            ) from None
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {file} ({exc}); check the file and its permissions") from None
+    return shapes
+
+
 def load_hf_dir(folder: str | Path, dtype: torch.dtype, device: torch.device | str) -> LoadedCheckpoint:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist; pass an existing HF folder or a .gguf file")
     cfg = normalize_hf_config(read_hf_config(folder), dtype, source=str(folder / "config.json"))
+    check_shapes(cfg, header_shapes(folder), str(folder))   # refuse before reading any tensor data
     device = torch.device(device)
     state_dict: dict[str, torch.Tensor] = {}
     for file, names in _weight_files(folder).items():

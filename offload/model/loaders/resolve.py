@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from offload.errors import ModelLoadError
+from offload.files import file_or_folder
 from offload.model.loaders.checkpoint import normalize_hf_config
 from offload.model.loaders.known_archs import DEFAULT_ALIAS, KNOWN_MODELS, known_model
 
@@ -72,6 +73,8 @@ def find_in_hf_cache(repo_id: str) -> Path | None:
 
 
 def _source_for_path(path: Path, name: str, arch: dict | None = None) -> ModelSource:
+    # stat before open: a FIFO or device named as the model would block or stream forever
+    file_or_folder(path, "model path", "pass an HF model folder or a .gguf file", ModelLoadError)
     if path.is_dir():
         return ModelSource("hf_dir", path, name, arch)
     with open(path, "rb") as handle:
@@ -139,7 +142,7 @@ def resolve_model(model: str | os.PathLike | None = None) -> ModelSource:
     """A local ModelSource for a path, alias or cached repo id; None means the default smollm2-135m."""
     name = DEFAULT_ALIAS if model is None or str(model).strip() == "" else str(model).strip()
     path = Path(name).expanduser()
-    if path.exists():
+    if os.path.lexists(path):
         return _source_for_path(path, name)
     known = known_model(name)
     if known is not None:
