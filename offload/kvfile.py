@@ -1,0 +1,279 @@
+"""Prompt-cache files: KV per layer in chunk-aligned blocks, checkpointed in place, read lazily layer by layer.
+
+Layout (little-endian; every region starts on a 4096-byte boundary):
+    record 0, record 1   two commit records (A/B), RECORD_BYTES each:
+                         MAGIC | u32 version | u64 seq | u32 json length | JSON | u32 crc32(all before it).
+                         The valid record with the highest seq is the file's state, so a torn record write
+                         leaves the previous state readable.
+    tokens               int32 [capacity]
+    logits 0, logits 1   float32 [vocab]: the logits of the last committed position, one slot per record
+    crc table            u32 [layers, blocks]: CRC-32 of each block's bytes
+    blocks               block b of layer l at data + (l * blocks + b) * stride, holding [2, Hkv, C, D] (K then V):
+                         the tiers' chunk layout at the disk tier's 4096-aligned stride, so a disk tier could
+                         use these bytes as its slots in place instead of copying them.
+A record's JSON: the cache key (model identity, options), the layout, n (tokens committed), the sha256 of
+tokens[:n], the crc of the table's committed entries and of its logits slot.
+
+Committing never rewrites bytes the current record relies on: a checkpoint writes the blocks past the
+committed ones (a block is partial only at the very end of a prompt, and such a file is never extended),
+the new table entries and tokens, the other logits slot, fsyncs, then writes the other record and fsyncs.
+A new file is written under a temporary name and renamed over the old one only after its first commit,
+so an older cache survives any failure (disk full included) of the new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offload.errors import SessionFileError
+
+MAGIC = b"OFFLDPC1"
+VERSION = 1
+ALIGN = 4096
+RECORD_BYTES = 16384
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class Layout:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    block_tokens: int      # C: tokens per block (the tiers' chunk_tokens when the file was made)
+    capacity: int          # tokens the file has room for
+    vocab: int
+
+    @property
+    def blocks(self) -> int:
+        return math.ceil(self.capacity / self.block_tokens)
+
+    @property
+    def block_bytes(self) -> int:
+        return 2 * self.kv_heads * self.block_tokens * self.head_dim * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+    @property
+    def stride(self) -> int:
+        return _up(self.block_bytes)
+
+    def offsets(self) -> dict:
+        tokens = 2 * RECORD_BYTES
+        logits = tokens + _up(4 * self.capacity)
+        table = logits + 2 * _up(4 * self.vocab)
+        data = table + _up(4 * self.layers * self.blocks)
+        return {"tokens": tokens, "logits": logits, "table": table, "data": data,
+                "end": data + self.layers * self.blocks * self.stride}
+
+    def block_offset(self, layer: int, block: int) -> int:
+        return self.offsets()["data"] + (layer * self.blocks + block) * self.stride
+
+
+def tokens_digest(ids) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest()
+
+
+def _table_crc(table: np.ndarray, n_blocks: int) -> int:
+    return zlib.crc32(np.ascontiguousarray(table[:, :n_blocks]).tobytes())
+
+
+def _pack_record(body: dict) -> bytes:
+    js = json.dumps(body, sort_keys=True).encode()
+    head = MAGIC + struct.pack("<IQI", VERSION, body["seq"], len(js)) + js
+    rec = head + struct.pack("<I", zlib.crc32(head))
+    if len(rec) > RECORD_BYTES:
+        raise SessionFileError(f"prompt cache header is {len(rec)} bytes, more than {RECORD_BYTES}; "
+                               "use a model with fewer weight files")
+    return rec.ljust(RECORD_BYTES, b"\0")
+
+
+def _unpack_record(raw: bytes) -> dict | None:
+    """The record's JSON, or None when it is missing, torn or from another format."""
+    if len(raw) < len(MAGIC) + 20 or raw[:len(MAGIC)] != MAGIC:
+        return None
+    version, seq, jlen = struct.unpack_from("<IQI", raw, len(MAGIC))
+    end = len(MAGIC) + 16 + jlen
+    if version != VERSION or end + 4 > len(raw):
+        return None
+    (crc,) = struct.unpack_from("<I", raw, end)
+    if zlib.crc32(raw[:end]) != crc:
+        return None
+    body = json.loads(raw[len(MAGIC) + 16:end])
+    return body if body.get("seq") == seq else None
+
+
+class KVFileReader:
+    """Opens a cache file and checks everything but the blocks; `layers()` checks each block as it reads it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                recs = [_unpack_record(f.read(RECORD_BYTES)) for _ in range(2)]
+                size = os.fstat(f.fileno()).st_size
+                good = [r for r in recs if r is not None]
+                if not good:
+                    raise SessionFileError("it is not a prompt cache, or its header is corrupt")
+                body = max(good, key=lambda r: r["seq"])
+                self.layout = Layout(**body["layout"])
+                off = self.layout.offsets()
+                if size < off["end"]:
+                    raise SessionFileError(f"it is truncated ({size} of {off['end']} bytes)")
+                self.key, self.n, self.seq, self.slot = body["key"], body["n"], body["seq"], body["slot"]
+                if not 0 < self.n <= self.layout.capacity:
+                    raise SessionFileError("its header is corrupt (token count)")
+                f.seek(off["tokens"])
+                self.tokens = np.frombuffer(f.read(4 * self.n), dtype=np.int32).tolist()
+                f.seek(off["table"])
+                nt = self.layout.layers * self.layout.blocks
+                self.table = np.frombuffer(f.read(4 * nt), dtype=np.uint32).reshape(self.layout.layers, -1).copy()
+                f.seek(off["logits"] + self.slot * _up(4 * self.layout.vocab))
+                lb = f.read(4 * self.layout.vocab)
+        except OSError as e:
+            raise SessionFileError(f"cannot read it ({e.strerror or e})") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise SessionFileError(f"its header is corrupt ({type(e).__name__})") from None
+        if tokens_digest(self.tokens) != body["tokens_sha"]:
+            raise SessionFileError("its token ids are corrupt (checksum mismatch)")
+        if _table_crc(self.table, self.committed_blocks) != body["table_crc"]:
+            raise SessionFileError("its block checksum table is corrupt")
+        if zlib.crc32(lb) != body["logits_crc"]:
+            raise SessionFileError("its logits are corrupt (checksum mismatch)")
+        self.logits = torch.frombuffer(bytearray(lb), dtype=torch.float32)  # logits: [V]
+
+    @property
+    def committed_blocks(self) -> int:
+        return math.ceil(self.n / self.layout.block_tokens)
+
+    def layers(self):
+        """Yields (k, v) per layer, each [Hkv, n, D] in a fresh tensor. Only one layer's blocks are mapped at a
+        time, and every block's CRC is checked before its bytes are used (SessionFileError otherwise)."""
+        lay, n, nb = self.layout, self.n, self.committed_blocks
+        dtype, C, Hkv, D = DTYPES[lay.dtype], lay.block_tokens, lay.kv_heads, lay.head_dim
+        with open(self.path, "rb") as f:
+            for layer in range(lay.layers):
+                mm = mmap.mmap(f.fileno(), nb * lay.stride, access=mmap.ACCESS_COPY,
+                               offset=lay.block_offset(layer, 0))
+                try:
+                    with memoryview(mm) as mv:
+                        for b in range(nb):
+                            if zlib.crc32(mv[b * lay.stride:b * lay.stride + lay.block_bytes]) != int(self.table[layer, b]):
+                                raise SessionFileError(f"block {b} of layer {layer} is corrupt (checksum mismatch)")
+                    raw = torch.frombuffer(mm, dtype=torch.uint8).view(nb, lay.stride)[:, :lay.block_bytes]
+                    blocks = raw.view(dtype).view(nb, 2, Hkv, C, D)  # a view of the mapped bytes, no copy
+                    kv = torch.empty(2, Hkv, nb, C, D, dtype=dtype)  # kv: [2, Hkv, nb, C, D]
+                    kv.copy_(blocks.permute(1, 2, 0, 3, 4))
+                    del raw, blocks
+                finally:
+                    mm.close()
+                kv = kv.view(2, Hkv, nb * C, D)[:, :, :n]
+                yield kv[0], kv[1]  # [Hkv, n, D] each
+
+
+class KVFileWriter:
+    """Writes commits of a growing prompt into a cache file: a new one (temp, then rename) or an existing one
+    (in place, past its committed blocks). `_pwrite` and `_fsync` are seams for fault-injection tests."""
+
+    def __init__(self, path, layout: Layout, key: dict, n: int = 0, seq: int = 0, slot: int = 1,
+                 table: np.ndarray | None = None, tmp: Path | None = None):
+        self.path, self.layout, self.key = Path(path), layout, key
+        self.n, self.seq, self.slot, self.tmp = n, seq, slot, tmp
+        self.table = table if table is not None else np.zeros((layout.layers, layout.blocks), dtype=np.uint32)
+        self._pwrite, self._fsync = os.pwrite, os.fsync
+        self._fd = os.open(tmp if tmp is not None else self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+
+    @classmethod
+    def create(cls, path, layout: Layout, key: dict) -> "KVFileWriter":
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            os.ftruncate(fd, layout.offsets()["end"])   # sparse: blocks take space as they are written
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return cls(path, layout, key, tmp=tmp)
+
+    @classmethod
+    def extend(cls, reader: KVFileReader) -> "KVFileWriter":
+        """Continue the file `reader` read (same prompt, block-aligned n); its committed bytes stay as they are."""
+        return cls(reader.path, reader.layout, reader.key, n=reader.n, seq=reader.seq, slot=reader.slot,
+                   table=reader.table)
+
+    def bytes_to_commit(self, n: int) -> int:
+        lay = self.layout
+        return (math.ceil(n / lay.block_tokens) - self.n // lay.block_tokens) * lay.layers * lay.stride
+
+    def commit(self, n: int, tokens, logits: torch.Tensor, read_range) -> None:
+        """Make tokens[:n] the file's state. read_range(layer, start, end) -> (k, v) [Hkv, end-start, D]."""
+        lay, off, C = self.layout, self.layout.offsets(), self.layout.block_tokens
+        if self.n % C or n > lay.capacity or n <= self.n:
+            raise ValueError(f"cannot commit {n} tokens after {self.n} (block {C}, capacity {lay.capacity})")
+        b0, b1 = self.n // C, math.ceil(n / C)
+        dtype = DTYPES[lay.dtype]
+        for layer in range(lay.layers):
+            k, v = read_range(layer, b0 * C, n)  # k, v: [Hkv, n - b0*C, D]
+            t = n - b0 * C
+            kv = torch.zeros(2, lay.kv_heads, (b1 - b0) * C, lay.head_dim, dtype=dtype)  # kv: [2, Hkv, T', D]
+            kv[0, :, :t], kv[1, :, :t] = k.to("cpu", dtype), v.to("cpu", dtype)
+            blocks = kv.view(2, lay.kv_heads, b1 - b0, C, lay.head_dim).permute(2, 0, 1, 3, 4).contiguous()
+            buf = np.zeros((b1 - b0, lay.stride), dtype=np.uint8)           # buf: [blocks, stride] bytes
+            buf[:, :lay.block_bytes] = blocks.view(b1 - b0, -1).view(torch.uint8).numpy()
+            for i in range(b1 - b0):
+                self.table[layer, b0 + i] = zlib.crc32(buf[i, :lay.block_bytes])
+            self._write(buf, lay.block_offset(layer, b0))
+        self._write(self.table[:, b0:b1].copy(), None, rows=(off["table"], b0))
+        self._write(np.asarray(tokens[self.n:n], dtype=np.int32), off["tokens"] + 4 * self.n)
+        slot = 1 - self.slot
+        lb = logits.detach().float().cpu().contiguous().numpy()
+        self._write(lb, off["logits"] + slot * _up(4 * lay.vocab))
+        self._fsync(self._fd)
+        body = {"seq": self.seq + 1, "slot": slot, "n": n, "key": self.key, "layout": asdict(lay),
+                "tokens_sha": tokens_digest(tokens[:n]), "table_crc": _table_crc(self.table, b1),
+                "logits_crc": zlib.crc32(lb.tobytes())}
+        self._write(np.frombuffer(_pack_record(body), dtype=np.uint8), slot * RECORD_BYTES)
+        self._fsync(self._fd)
+        if self.tmp is not None:
+            os.replace(self.tmp, self.path)
+            self.tmp = None
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        self.n, self.seq, self.slot = n, self.seq + 1, slot
+
+    def _write(self, arr: np.ndarray, offset: int | None, rows: tuple[int, int] | None = None) -> None:
+        if rows is not None:   # table columns b0.. of every layer row: one write per row
+            base, b0 = rows
+            for layer in range(arr.shape[0]):
+                self._write(arr[layer], base + 4 * (layer * self.layout.blocks + b0))
+            return
+        mv = memoryview(np.ascontiguousarray(arr)).cast("B")
+        done = 0
+        while done < len(mv):
+            done += self._pwrite(self._fd, mv[done:], offset + done)
+
+    def close(self) -> None:
+        """Stop writing; a file never committed is removed (the older cache, if any, stays)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None

@@ -1,0 +1,285 @@
+"""Prompt cache: prefill a long prompt once, resume it in later runs, checkpoint it while it is prefilled.
+
+    logits = sess.prefill(ids, prompt_cache="book.kvc")     # API (an empty session)
+    offload-chat --prompt-cache book.kvc -f book.txt        # CLI: caches the document part of the first turn
+
+A cache is reused only when its key matches (model identity: weight files' size, mtime and a hash of their
+first MiB, the architecture and a sample of the weights; the options that change KV: dtype, prefill chunk,
+attention mode, kv dtype / prefill mode when present), the ctx holds it, and its token ids are a prefix of
+the new prompt's; then only the rest is prefilled. Anything else (another model or options, a different
+document, a truncated or corrupt file) prints one line on stderr, prefills afresh and replaces the file;
+the old file stays intact until the new one's first commit is on disk (offload.kvfile).
+
+A long prefill runs in segments and commits every `prompt_cache_every` tokens (default 64K once the
+prompt is >= 128K tokens), and once more on Ctrl-C / SIGTERM, so an interrupted prefill resumes where it
+stopped. A checkpoint writes only the blocks added since the last one.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from offload.errors import ConfigError, SessionFileError
+from offload.kvfile import KVFileReader, KVFileWriter, Layout
+
+AUTO_EVERY = 64 * 1024            # checkpoint interval once a prompt is long enough to be worth it
+AUTO_MIN_PROMPT = 128 * 1024
+SEGMENT_MAX = 16 * 1024           # an interrupt loses at most one segment of work
+_HEAD_BYTES = 1 << 20             # bytes hashed at the start of each weight file (its header and then some)
+_KV_OPTIONS = ("prefill_chunk", "kv_dtype", "prefill")   # config options that change the KV values
+
+
+def note(message: str) -> None:
+    """One unwrapped line on stderr (rich would wrap it at the terminal width)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _weight_files(llm) -> list[Path]:
+    if llm.config.load_format == "dummy":
+        return []
+    src = Path(str(llm.config.model)).expanduser()
+    if not src.exists():
+        src = None
+        for mod in ("offload.model.loaders.resolve", "offload.model.resolve"):
+            try:
+                src = Path(__import__(mod, fromlist=["resolve_model"]).resolve_model(llm.config.model).path)
+                break
+            except Exception:   # noqa: BLE001  (the key then rests on the config and the weight sample)
+                continue
+    if src is None:
+        return []
+    if src.is_dir():
+        return sorted(p for p in src.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json"))
+    return [src]
+
+
+def _file_id(p: Path) -> str:
+    st = p.stat()
+    with open(p, "rb") as f:
+        head = hashlib.sha256(f.read(_HEAD_BYTES)).hexdigest()[:16]
+    return f"{p.name}:{st.st_size}:{st.st_mtime_ns}:{head}"
+
+
+def cache_key(sess) -> dict:
+    """What must match for a cached prompt's KV to be this session's: ordered, so a mismatch names a field."""
+    from offload.persist import model_fingerprint
+    llm, cfg = sess.llm, sess.config
+    key = {"model": llm.name, "model files": [_file_id(p) for p in _weight_files(llm)],
+           "architecture": hashlib.sha256(json.dumps(vars(llm.model.cfg), sort_keys=True, default=str).encode()
+                                          ).hexdigest()[:16],
+           "weights": model_fingerprint(llm.model),
+           "dtype": str(llm.model.dtype).replace("torch.", ""), "attention": getattr(sess.attn, "mode", "full")}
+    for name in _KV_OPTIONS:
+        if hasattr(cfg, name):
+            key[name] = getattr(cfg, name)
+    return json.loads(json.dumps(key, default=str))
+
+
+def _mismatch(cached: dict, now: dict) -> str | None:
+    for field in now:
+        if cached.get(field) != now[field]:
+            a, b = (str(x) if not isinstance(x, list) else ",".join(x) or "-" for x in (cached.get(field), now[field]))
+            short = lambda s: s if len(s) <= 40 else s[:37] + "..."  # noqa: E731
+            return f"{field} differs (cached {short(a)}, now {short(b)})"
+    return None
+
+
+def checkpoint_every(value, n_tokens: int) -> int:
+    """Tokens between checkpoints: the option, else 64K for prompts of 128K tokens or more; 0 = only at the end."""
+    if value is None:
+        return AUTO_EVERY if n_tokens >= AUTO_MIN_PROMPT else 0
+    return int(value)
+
+
+def _read_range(attn, layer: int, start: int, end: int):
+    """K, V of tokens [start, end) of a layer: [Hkv, end-start, D] each (a ranged read where the backend has one)."""
+    if hasattr(attn, "read_kv_range"):
+        return attn.read_kv_range(layer, start, end)
+    k, v = attn.read_kv(layer)
+    return k[:, start:end], v[:, start:end]
+
+
+def _reset(sess) -> None:
+    """A fresh, empty backend for a session whose load failed half way (nothing of the bad file stays)."""
+    llm, cfg = sess.llm, sess.config
+    over = {f: getattr(cfg, f) for f in cfg.field_names() if getattr(cfg, f) != getattr(llm.config, f)}
+    sess.attn.close()
+    fresh = llm.session(**over)
+    sess.attn, sess.engine, sess.tokens = fresh.attn, fresh.engine, []
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt while we prefill (so the checkpoint is written), unless someone handles it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class _Saver:
+    """Commits of one prompt to its cache file; a failed write turns saving off for the run (one line)."""
+
+    def __init__(self, path: Path, writer: KVFileWriter, sess, ids: list[int]):
+        self.path, self.writer, self.sess, self.ids = path, writer, sess, ids
+
+    @property
+    def n(self) -> int:
+        return self.writer.n if self.writer is not None else 0
+
+    def commit(self, n: int, logits: torch.Tensor) -> bool:
+        if self.writer is None or n <= self.writer.n:
+            return False
+        try:
+            need = self.writer.bytes_to_commit(n) + (1 << 20)
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < need:
+                raise OSError(28, f"{need / 2**30:.2f} GiB needed, {st.f_bavail * st.f_frsize / 2**30:.2f} GiB free")
+            self.writer.commit(n, self.ids, logits, lambda layer, s, e: _read_range(self.sess.attn, layer, s, e))
+            return True
+        except OSError as e:
+            note(f"prompt cache {self.path}: cannot save ({e.strerror or e}); continuing without it "
+                 "(any older cache is kept)")
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _open(path: Path, key: dict, ids: list[int], sess) -> tuple[KVFileReader | None, str | None]:
+    """The cache if it can serve a prefix of ids, else (None, why)."""
+    if not path.exists():
+        return None, f"none yet; prefilling {len(ids)} tokens and saving them"
+    try:
+        r = KVFileReader(path)
+    except SessionFileError as e:
+        return None, f"{e}; prefilling afresh, then replacing it"
+    why = _mismatch(r.key, key)
+    mc = sess.llm.model_config
+    lay = r.layout
+    if why is None and (lay.layers, lay.kv_heads, lay.head_dim, lay.vocab) != (
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.vocab_size):
+        why = "KV layout differs"
+    if why is None and r.n > sess.llm.ctx:
+        why = f"it holds {r.n} tokens, more than ctx {sess.llm.ctx}"
+    if why is None and (r.n > len(ids) or r.tokens != ids[:r.n]):
+        first = next((i for i, (a, b) in enumerate(zip(r.tokens, ids)) if a != b), min(r.n, len(ids)))
+        why = f"the prompt differs from token {first} on"
+    return (r, None) if why is None else (None, f"{why}; prefilling afresh, then replacing it")
+
+
+def prefill_cached(sess, token_ids, path, every=None, on_segment=None) -> torch.Tensor:
+    """Like sess.prefill(token_ids) on an empty session, through the cache at `path`.
+
+    every: tokens between checkpoints (None: the session's prompt_cache_every, else the default);
+    on_segment(done): called after each prefilled segment (tests interrupt here)."""
+    ids = [int(t) for t in token_ids]
+    path = Path(path).expanduser()
+    if sess.length:
+        raise ConfigError("a prompt cache fills an empty session; call prefill(ids, prompt_cache=...) first")
+    if path.is_dir() or not path.parent.is_dir():
+        raise ConfigError(f"prompt cache {path}: not a file in an existing directory; pass a file path")
+    if not ids:
+        raise ConfigError("prefill needs at least one token id")
+    t0 = time.perf_counter()
+    key = cache_key(sess)
+    reader, why = _open(path, key, ids, sess)
+    done, logits = 0, None
+    if reader is not None:
+        try:
+            sess.attn.load_kv(reader.layers())
+            done, logits = reader.n, reader.logits.to(sess.llm.device)
+            sess.tokens = ids[:done]
+            note(f"prompt cache {path}: resumed {done} of {len(ids)} tokens" +
+                 (f", prefilling the other {len(ids) - done}" if done < len(ids) else ""))
+        except SessionFileError as e:
+            _reset(sess)
+            reader, why = None, f"{e}; prefilling afresh, then replacing it"
+    if why:
+        note(f"prompt cache {path}: {why}")
+    if done == len(ids):
+        sess._ttft = time.perf_counter() - t0
+        return logits
+    mc, cfg = sess.llm.model_config, sess.config
+    C = reader.layout.block_tokens if reader is not None else cfg.chunk_tokens
+    if reader is not None and reader.layout.capacity >= len(ids) and done % C == 0:
+        writer = KVFileWriter.extend(reader)
+    else:
+        writer = KVFileWriter.create(path, Layout(mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                                                  str(sess.llm.model.dtype).replace("torch.", ""), C, len(ids),
+                                                  mc.vocab_size), key)
+    saver = _Saver(path, writer, sess, ids)
+    every = checkpoint_every(getattr(cfg, "prompt_cache_every", None) if every is None else every, len(ids))
+    unit = math.lcm(cfg.prefill_chunk, C)   # segment ends on prefill chunks (exact) and on blocks (in place)
+    seg = len(ids) if not every else -(-min(every, SEGMENT_MAX) // unit) * unit
+    every = -(-every // unit) * unit if every else 0
+    try:
+        with _sigterm_interrupts():
+            while done < len(ids):
+                end = min(len(ids), done + seg)
+                logits = sess.prefill(ids[done:end])
+                done = end
+                if on_segment is not None:
+                    on_segment(done)
+                if every and done < len(ids) and done - saver.n >= every:
+                    saver.commit(done, logits)
+    except (KeyboardInterrupt, SystemExit):
+        if done and saver.commit(done, logits):
+            note(f"prompt cache {path}: saved {done} of {len(ids)} tokens; run the same command again to resume")
+        saver.close()
+        raise
+    except BaseException:
+        saver.close()
+        raise
+    saver.commit(done, logits)
+    saver.close()
+    sess._ttft = time.perf_counter() - t0
+    return logits
+
+
+def check_path(path, has_document: bool = True) -> None:
+    """Refuse an unusable cache path before any weight loads (CLI)."""
+    p = Path(path).expanduser()
+    if p.is_dir() or not p.parent.is_dir():
+        raise ConfigError(f"--prompt-cache {path}: not a file in an existing directory; pass a file path like ./book.kvc")
+    if p.exists() and not os.access(p, os.R_OK | os.W_OK):
+        raise ConfigError(f"--prompt-cache {path}: not readable and writable; fix its permissions or pass another path")
+    if not has_document:
+        note(f"prompt cache {path}: it caches the -f/--file document; without one it is not used")
+
+
+def prime_chat(chat, document: str, path) -> None:
+    """Prefill the first turn's document (everything the chat template puts before the question) through
+    the cache, so chat.stream(document + "\\n\\n" + question) then prefills only the question."""
+    tok = chat.llm.tokenizer
+    mark = "\x00offload-question\x00"
+    rendered = tok.apply_chat_template(chat.messages + [{"role": "user", "content": f"{document}\n\n{mark}"}],
+                                       add_generation_prompt=True)
+    i = rendered.find(mark)
+    if i < 0 or not rendered[:i].endswith("\n\n"):
+        note(f"prompt cache {path}: this chat template hides where the document ends; not using the cache")
+        return
+    prefix = rendered[:i - 2]
+    chat.session.prefill(tok.encode(prefix, add_special_tokens=False), prompt_cache=path)
+    chat._cached_text = prefix

@@ -1,0 +1,232 @@
+"""Prompt cache (issue 11): resume instead of prefilling, checkpoint and resume an interrupted prefill exactly,
+and refuse (one line, fresh prefill) caches of other models, options or prompts and damaged files; a disk
+that fills while a cache is written never costs the older cache."""
+import errno
+import os
+import signal
+
+import pytest
+import torch
+
+from fixtures_models import write_tiny_checkpoint
+from offload import LLM
+from offload.kvfile import RECORD_BYTES, KVFileReader
+from offload import prompt_cache
+from offload.prompt_cache import prefill_cached
+
+N = 300
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("pc"), "llama")
+    return LLM(str(ckpt.path), device="cpu", ctx=512, prefill_chunk=16, chunk_tokens=32)
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(3, 320, (N,), generator=torch.Generator().manual_seed(7)).tolist()
+
+
+@pytest.fixture
+def reference(tiny, ids):
+    """An uncached prefill of ids in one call: (its logits, the logits of one more step)."""
+    s = tiny.session()
+    out = s.prefill(ids), s.step(11)
+    s.close()
+    return out
+
+
+@pytest.fixture
+def prefilled(monkeypatch):
+    """Records the length of every engine prefill call (what was actually computed)."""
+    from offload.engine.runner import Engine
+    calls = []
+    real = Engine.prefill
+
+    def counting(self, ids, *a, **kw):
+        calls.append(len(ids))
+        return real(self, ids, *a, **kw)
+
+    monkeypatch.setattr(Engine, "prefill", counting)
+    return calls
+
+
+def run(llm, ids, path, **kw):
+    s = llm.session()
+    logits = prefill_cached(s, ids, path, **kw)
+    return logits, s.step(11), s
+
+
+def exact(got, want):
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_second_run_resumes_without_prefill(tiny, ids, reference, prefilled, tmp_path, capsys):
+    path = tmp_path / "doc.kvc"
+    exact(run(tiny, ids, path), reference)
+    assert sum(prefilled) == N and path.stat().st_mode & 0o777 == 0o600
+    prefilled.clear()
+    got = run(tiny, ids, path)
+    exact(got, reference)
+    assert prefilled == [] and got[2].tokens == ids + [11]
+    assert f"resumed {N} of {N} tokens" in capsys.readouterr().err
+
+
+def test_prefix_cached_then_only_the_rest_is_prefilled(tiny, ids, reference, prefilled, tmp_path):
+    path = tmp_path / "doc.kvc"
+    run(tiny, ids[:128], path)
+    prefilled.clear()
+    exact(run(tiny, ids, path), reference)
+    assert prefilled == [N - 128]
+    assert KVFileReader(path).n == N        # extended in place (128 is block-aligned)
+
+
+def test_interrupted_prefill_resumes_where_it_stopped(tiny, ids, reference, prefilled, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(prompt_cache, "SEGMENT_MAX", 32)    # segments of 32 tokens, checkpoints every 64
+    path = tmp_path / "doc.kvc"
+
+    def stop_after_3(done):
+        if done == 3 * 32:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, ids, path, every=64, on_segment=stop_after_3)
+    assert KVFileReader(path).n == 96       # the checkpoint on interrupt holds every segment done
+    assert "saved 96 of 300 tokens" in capsys.readouterr().err
+    prefilled.clear()
+    exact(run(tiny, ids, path, every=64), reference)   # bit-identical to one uninterrupted prefill
+    assert sum(prefilled) == N - 96
+
+
+def test_sigterm_checkpoints_like_ctrl_c(tiny, ids, tmp_path, monkeypatch):
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled by the test runner here")
+    monkeypatch.setattr(prompt_cache, "SEGMENT_MAX", 32)
+    path = tmp_path / "doc.kvc"
+
+    def term(done):
+        if done == 64:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, ids, path, every=1000, on_segment=term)
+    assert KVFileReader(path).n == 64 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_checkpoints_write_each_block_once(tiny, ids, tmp_path, monkeypatch):
+    written = []
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, b, off: written.append((off, len(b))) or real(fd, b, off))
+    path = tmp_path / "doc.kvc"
+    run(tiny, ids, path, every=32)          # 9 checkpoints and the final commit
+    lay = KVFileReader(path).layout
+    blocks = sum(n for off, n in written if off >= lay.offsets()["data"])
+    assert blocks == lay.layers * lay.blocks * lay.stride   # not O(N^2): nothing is rewritten
+
+
+@pytest.mark.parametrize("change, field", [("options", "prefill_chunk differs"),
+                                           ("model", "differs (cached"), ("prompt", "prompt differs from token 40")])
+def test_mismatch_says_which_and_prefills_afresh(tiny, ids, tmp_path, capsys, change, field, prefilled):
+    path = tmp_path / "doc.kvc"
+    run(tiny, ids, path)
+    llm, new = tiny, list(ids)
+    if change == "options":
+        llm = LLM(str(tiny.config.model), device="cpu", ctx=512, prefill_chunk=32)
+    elif change == "model":
+        llm = LLM(str(write_tiny_checkpoint(tmp_path, "llama", seed=1).path), device="cpu", ctx=512, prefill_chunk=16)
+    else:
+        new[40] = (new[40] + 1) % 320
+    s = llm.session()
+    want = s.prefill(new), s.step(11)
+    capsys.readouterr()
+    prefilled.clear()
+    exact(run(llm, new, path), want)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0] and "prefilling afresh" in err[0]
+    assert prefilled == [N] and KVFileReader(path).tokens == new   # replaced by the new prompt's cache
+
+
+@pytest.mark.parametrize("damage", ["truncate", "block", "tokens", "both_records"])
+def test_damaged_cache_is_never_resumed(tiny, ids, reference, tmp_path, capsys, damage, prefilled):
+    path = tmp_path / "doc.kvc"
+    run(tiny, ids, path)
+    r = KVFileReader(path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:len(data) - 5000]
+    elif damage == "block":      # the last layer's last block: found only after the other layers were loaded
+        data[r.layout.block_offset(r.layout.layers - 1, r.committed_blocks - 1) + 7] ^= 0x10
+    elif damage == "tokens":
+        data[r.layout.offsets()["tokens"] + 4 * 100] ^= 1
+    else:
+        data[100] ^= 1
+        data[RECORD_BYTES + 100] ^= 1
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    prefilled.clear()
+    exact(run(tiny, ids, path), reference)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prefilling afresh" in err[0], err
+    assert prefilled == [N] and KVFileReader(path).n == N
+
+
+class DiskFull:
+    """os.pwrite of a drive with `budget` bytes left: a short write, then ENOSPC (as a full file system does)."""
+
+    def __init__(self, budget):
+        self.left, self.real = budget, os.pwrite
+
+    def __call__(self, fd, b, off):
+        if not self.left:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = self.real(fd, b[:self.left], off)
+        self.left -= n
+        return n
+
+
+def test_disk_full_while_replacing_keeps_the_older_cache(tiny, ids, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "doc.kvc"
+    run(tiny, ids[:200], path)
+    old = path.read_bytes()
+    other = ids[:50] + [5] * 250
+    s = tiny.session()
+    want = s.prefill(other), s.step(11)
+    monkeypatch.setattr(os, "pwrite", DiskFull(100_000))
+    capsys.readouterr()
+    exact(run(tiny, other, path), want)         # the answer goes on without the cache
+    err = capsys.readouterr().err
+    assert "cannot save" in err and "No space left" in err and len(err.strip().splitlines()) == 2
+    assert path.read_bytes() == old and sorted(os.listdir(tmp_path)) == ["doc.kvc"]   # old cache, no temp file
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_commit(tiny, ids, reference, tmp_path, monkeypatch):
+    monkeypatch.setattr(prompt_cache, "SEGMENT_MAX", 32)
+    path = tmp_path / "doc.kvc"
+
+    def stop(done):
+        if done == 64:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, ids, path, every=1000, on_segment=stop)
+    # the in-place extension dies part way through its blocks, then (second case) 300 bytes into its record
+    lay = KVFileReader(path).layout
+    before_record = lay.layers * (lay.blocks - 2) * lay.stride + 4 * lay.layers * (lay.blocks - 2) + 4 * (N - 64) + 4 * 320
+    for budget in (50_000, before_record + 300):
+        with monkeypatch.context() as m:
+            m.setattr(os, "pwrite", DiskFull(budget))
+            run(tiny, ids, path)
+        assert KVFileReader(path).n == 64       # the checkpoint still reads back, checksums and all
+    exact(run(tiny, ids, path), reference)
+    assert KVFileReader(path).n == N
+
+
+def test_api_hook_and_bad_paths(tiny, ids, reference, tmp_path):
+    s = tiny.session()
+    assert torch.equal(s.prefill(ids, prompt_cache=tmp_path / "a.kvc"), reference[0])
+    from offload.errors import ConfigError
+    with pytest.raises(ConfigError, match="existing directory"):
+        tiny.session().prefill(ids, prompt_cache=tmp_path / "nowhere" / "a.kvc")
+    with pytest.raises(ConfigError, match="empty session"):
+        s.prefill(ids, prompt_cache=tmp_path / "a.kvc")
