@@ -149,7 +149,11 @@ class Session:
     def length(self) -> int:
         return self.attn.length
 
-    def prefill(self, token_ids) -> torch.Tensor:
+    def prefill(self, token_ids, prompt_cache=None) -> torch.Tensor:
+        """prompt_cache: a file path; an empty session then resumes the prompt's cached KV (offload.prompt_cache)."""
+        if prompt_cache is not None:
+            from offload.prompt_cache import prefill_cached
+            return prefill_cached(self, token_ids, prompt_cache)
         ids = [int(t) for t in token_ids]
         if not ids:
             raise ConfigError("prefill needs at least one token id")

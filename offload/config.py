@@ -80,6 +80,8 @@ class OffloadConfig:
     prefill_chunk: int = 2048
     cuda_graph: bool = True               # capture decode steps in CUDA graphs (False: eager, e.g. to compare)
     prefill: str = "exact"                # exact | sparse (block-sparse history, lossy: bench/RESULTS.md, issue 11)
+    prompt_cache: str | None = None       # CLI: a file that keeps the document's prefilled KV (offload.prompt_cache)
+    prompt_cache_every: int | str | None = None   # checkpoint a long prefill every N tokens; None: 64K from 128K on
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -120,6 +122,10 @@ class OffloadConfig:
         for name in ("chunk_tokens", "prefill_chunk"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.prompt_cache_every is not None:
+            set_("prompt_cache_every", parse_tokens(self.prompt_cache_every, "prompt_cache_every"))
+            if self.prompt_cache_every < 0:
+                raise ConfigError(f"prompt_cache_every must be >= 0 (0: save only at the end), got {self.prompt_cache_every}")
 
     def replace(self, **kw) -> "OffloadConfig":
         return dataclasses.replace(self, **kw)

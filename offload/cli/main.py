@@ -38,6 +38,8 @@ def _opt(*names, **kw):
 @_opt("--load-format", type=click.Choice(["auto", "dummy"]), help="dummy = random weights (benchmarks).")
 @_opt("-p", "--prompt", help="Answer this prompt and exit (otherwise: interactive chat).")
 @_opt("-f", "--file", "file_", type=click.Path(dir_okay=False), help="A document to put in the context.")
+@_opt("--prompt-cache", help="File keeping the -f document's prefilled KV: the next run with the same model, "
+      "options and document resumes it instead of prefilling.")
 @_opt("-s", "--system", help="System prompt.")
 @_opt("-n", "--max-new-tokens", type=int, help="Most tokens to generate per answer. Default: 256.")
 @_opt("--temperature", type=float, help="0 = greedy (default).")
@@ -49,6 +51,9 @@ def chat_command(prompt, file_, system, config_path, show_stats, **flags):
     """Chat with a local LLM over a huge context."""
     cfg = build_config(config_path, flags)
     document = _read_document(file_) if file_ else None
+    if cfg.prompt_cache:
+        from offload.prompt_cache import check_path
+        check_path(cfg.prompt_cache, document is not None)
     from offload.api import LLM
     from offload.progress import note
 
@@ -62,6 +67,9 @@ def chat_command(prompt, file_, system, config_path, show_stats, **flags):
         raise ConfigError("this model has no tokenizer (--load-format dummy); use a real model, or bench/decode.py")
     chat = llm.chat(system=system)
     try:
+        if cfg.prompt_cache and document is not None:
+            from offload.prompt_cache import prime_chat
+            prime_chat(chat, document, cfg.prompt_cache)
         if prompt is not None:
             _answer(chat, _with_document(document, prompt))
         else:
