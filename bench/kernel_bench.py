@@ -133,9 +133,8 @@ def bench_gather(rows, ceil, reps, tokens_list):
                     row[f"ms_splits{splits}"] = gpu_ms(
                         lambda *a, n=splits: _cupy.gather_attend(*a, num_splits=n), inputs, reps)
                 for tag, defines in VARIANTS.items():           # compile-time variants of attend.cu
-                    _cupy.attend_defines = defines
-                    row[f"ms_{tag}"] = gpu_ms(kernels.gather_attend, inputs, reps)
-                    _cupy.attend_defines = ()
+                    with _cupy.launch_options(attend_defines=defines):
+                        row[f"ms_{tag}"] = gpu_ms(kernels.gather_attend, inputs, reps)
                 # SDPA on K/V gathered beforehand, and gather (index_select) + SDPA
                 kv = [_gathered(pool, s) for s in sets[:2]]
                 row["ms_sdpa_pregathered"] = gpu_ms(_sdpa, [(q, kk, vv, scale) for kk, vv in kv], reps)

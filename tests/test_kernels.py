@@ -201,10 +201,10 @@ gpu = pytest.mark.gpu
 
 
 @pytest.fixture
-def poison(monkeypatch):
+def poison():
     from offload.kernels import _cupy
-    monkeypatch.setattr(_cupy, "debug_poison", True)
-    return _cupy
+    with _cupy.launch_options(poison=True):
+        yield _cupy
 
 
 def _nan_out(hq, d):
@@ -340,14 +340,14 @@ def test_gpu_compile_error_is_offload_error(monkeypatch):
 @pytest.mark.parametrize("hq,hkv,d,c,k,dtype", [GATHER_CASES[i] for i in (0, 1, 3, 4)])
 def test_gpu_gather_attend_tuning_variants(poison, monkeypatch, defines, hq, hkv, d, c, k, dtype):
     """The compile-time variants the benchmark compares must give the same answer as the default."""
-    monkeypatch.setattr(poison, "attend_defines", defines)
     gen = torch.Generator().manual_seed(k)
     pool = _random_pool(gen, k + 5, hkv, c, d, dtype).cuda()
     slots = _random_slots(gen, hkv, k, k + 5, pad=k // 4).cuda()
     q = torch.randn(hq, d, generator=gen).to(dtype).cuda()
     want = reference.gather_attend(q, pool, slots, 0.1)
-    for splits in (None, 1, 5):
-        _check(poison.gather_attend(q, pool, slots, 0.1, out=_nan_out(hq, d), num_splits=splits), want)
+    with poison.launch_options(poison=True, attend_defines=defines):
+        for splits in (None, 1, 5):
+            _check(poison.gather_attend(q, pool, slots, 0.1, out=_nan_out(hq, d), num_splits=splits), want)
     k_win, v_win = pool[:3, 0].transpose(0, 1).reshape(hkv, -1, d), pool[:3, 1].transpose(0, 1).reshape(hkv, -1, d)
     _check(poison.dense_attend(q, k_win, v_win, 0.1, out=_nan_out(hq, d)), reference.dense_attend(q, k_win, v_win, 0.1))
 

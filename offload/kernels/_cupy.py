@@ -7,6 +7,8 @@ host tensor's pointer is valid on the device under UVA, so a host pool is read i
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import cupy
 import numpy as np
@@ -21,10 +23,29 @@ _MAX_SPLITS = 128          # ATT_MAX_SPLITS
 _MAX_GROUP = 8
 _DENSE_CHUNK_SHIFT = 6     # dense attention walks its keys in runs of 64 tokens
 
-# tests set this to fill outputs and scratch with NaN, so an element a kernel forgets to write shows
-debug_poison = False
-# benchmarks set -D tuning options of attend.cu here (e.g. "-DATT_U_SMALL=8")
-attend_defines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Debug and tuning options of every launch (defaults: none). poison: fill outputs and scratch with NaN
+    first, so an element a kernel forgets to write shows; attend_defines: -D tuning options of attend.cu
+    (e.g. "-DATT_U_SMALL=8"), each set compiled apart."""
+    poison: bool = False
+    attend_defines: tuple[str, ...] = ()
+
+
+_options = LaunchOptions()
+
+
+@contextmanager
+def launch_options(**kw):
+    """Run launches under LaunchOptions(**kw) (tests poison outputs, benchmarks compare compile variants)."""
+    global _options
+    saved, _options = _options, LaunchOptions(**kw)
+    try:
+        yield
+    finally:
+        _options = saved
 
 _VEC = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}  # elements per 16-byte load
 _TICKET_RING = 1 << 16     # per-device ring of split tickets; a call takes Hkv consecutive entries
@@ -40,7 +61,7 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
 
 def _empty(shape, device) -> torch.Tensor:
     out = torch.empty(shape, dtype=torch.float32, device=device)
-    return out.fill_(float("nan")) if debug_poison else out
+    return out.fill_(float("nan")) if _options.poison else out
 
 
 def _sm_count(device: torch.device) -> int:
@@ -150,7 +171,7 @@ def _attend(q, k_base, v_base, slots, strides, c_shift, n_chunks, n_tokens, hkv,
     part_lse = scratch.data_ptr() + 4 * n_part * d
     idx = "int" if slots is None else _IDX[slots.dtype]
     name = f"attend_kernel<{_TAGS[q.dtype]}, {_TAGS[dtype]}, {d}, {group}, {idx}>"
-    fn = _build.function("attend.cu", name, device.index, attend_defines)
+    fn = _build.function("attend.cu", name, device.index, _options.attend_defines)
     vec = _VEC[dtype]
     args = (_ptr(q), np.uint64(k_base), np.uint64(v_base), _ptr(slots),
             np.int64(strides[0] // vec), np.int64(strides[1] // vec), np.int64(strides[2] // vec),
@@ -289,7 +310,7 @@ def gather_rows(pool, slots, which, rows=None, alt_pool=None):
     if rows is not None:
         rows = rows.to(device, torch.int64).contiguous()                       # rows: [Hkv, R]
     out = torch.empty((hkv, n_rows, d), dtype=pool.dtype, device=device)       # out: [Hkv, R, D]
-    if debug_poison:
+    if _options.poison:
         out.view(torch.uint8).fill_(0xFF)
     vecs = d * pool.element_size() // 16
     if n_rows == 0:
