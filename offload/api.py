@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Iterator
+import weakref
+from typing import Callable, Iterator
 
 import torch
 
@@ -11,12 +12,14 @@ from offload import backends
 from offload.config import OffloadConfig
 from offload.engine.runner import Engine
 from offload.engine.sampling import Sampler
-from offload.errors import ConfigError
+from offload.errors import CapacityError, ConfigError, SessionClosedError
+from offload.files import utf8_text
 from offload.model.config import ModelConfig
 from offload.model.llama import LlamaModel
 from offload.progress import prefill_progress
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+STATS_DEVICE_KEYS = ("kv_bytes_gpu",)   # backend key names that depend on the device; reported as kv_bytes_device
 
 
 def pick_device(device: str) -> torch.device:
@@ -32,8 +35,12 @@ class LLM:
 
     def __init__(self, model: str | None = None, ctx=None, device=None, gpu_mem=None, host_mem=None,
                  disk_dir=None, disk_mem=None, attention=None, load_format=None,
-                 config: OffloadConfig | None = None, show_progress: bool | None = None, **options):
+                 config: OffloadConfig | None = None, show_progress: bool | None = None,
+                 before_load: Callable[["LLM"], None] | None = None, **options):
+        """before_load(llm): called once the config, plan and tokenizer are known and before any weight loads
+        (the CLI tokenizes its document there, so a too-long one is refused in a second, not after the load)."""
         from offload.model.loaders import build
+        from offload.preflight import check_options
 
         given = {k: v for k, v in dict(model=model, ctx=ctx, device=device, gpu_mem=gpu_mem, host_mem=host_mem,
                                          disk_dir=disk_dir, disk_mem=disk_mem, attention=attention,
@@ -54,35 +61,48 @@ class LLM:
         if self.ctx > mc.max_position_embeddings:
             warnings.warn(f"ctx {self.ctx} exceeds the model's trained length {mc.max_position_embeddings}; "
                           "quality past it is not guaranteed", stacklevel=2)
+        check_options(cfg, mc, self.ctx, self.dtype)   # budget, index, disk dir: refuse before any weight loads
         self.spec = backends.RuntimeSpec(mc, self.ctx, self.device, self.dtype, cfg)
         self.plan = backends.plan(self.spec)     # before any weight is loaded: refuse early
-        self.model: LlamaModel = build.build_model(source, mc, self.device, self.dtype, cfg.load_format,
-                                                     show_progress)
         self.tokenizer = source.tokenizer
         self.name = source.name
+        self.load_s = 0.0
+        self._sessions: weakref.WeakSet = weakref.WeakSet()   # every open session (each owns its KV)
+        self._closed = False
+        if before_load is not None:
+            before_load(self)
+        self.model: LlamaModel = build.build_model(source, mc, self.device, self.dtype, cfg.load_format,
+                                                     show_progress)
         self.load_s = time.perf_counter() - t0
-        self._session: Session | None = None    # behind generate / stream / chat
         self._last: Session | None = None       # the latest session of any kind: what `stats` reports
         self._stats: dict = {}
 
     # ---- sessions -----------------------------------------------------------------------------
     def session(self, **overrides) -> "Session":
         """A fresh sequence with its own KV cache. overrides: attention, budget, index, chunk_tokens, gpu_mem, ..."""
+        if self._closed:
+            raise SessionClosedError("this LLM was closed (llm.close()); create a new LLM to start sessions")
         cfg = self.config.replace(**overrides) if overrides else self.config
-        self._last = Session(self, backends.make(self.spec, self.plan, cfg), cfg)
+        try:
+            attn = backends.make(self.spec, self.plan, cfg)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            # sessions coexist, each with its own KV; the planner sized one, so another may not fit beside it
+            live = sum(1 for s in self._sessions if not s.closed)
+            raise CapacityError(f"a new session's KV does not fit beside the {live} open session(s) "
+                                f"({str(e).splitlines()[0][:80]}); close one (sess.close() / chat.close()) "
+                                "or lower ctx") from None
+        self._last = Session(self, attn, cfg)
+        self._sessions.add(self._last)
         return self._last
-
-    def _fresh_session(self) -> "Session":
-        """The session behind generate/stream/chat: the previous one is closed to free its KV."""
-        if self._session is not None:
-            self._session.close()
-        self._session = self.session()
-        return self._session
 
     def load_session(self, path) -> "Session":
         from offload.persist import load_session
-        sess = self._fresh_session()
-        load_session(sess, path)
+        sess = self.session()
+        try:
+            load_session(sess, path)
+        except BaseException:
+            sess.close()
+            raise
         return sess
 
     # ---- text ---------------------------------------------------------------------------------
@@ -92,10 +112,15 @@ class LLM:
 
     def stream(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
-        """Raw completion of `prompt` (no chat template) in a fresh session, yielded as text pieces."""
-        sess = self._fresh_session()
+        """Raw completion of `prompt` (no chat template) in a fresh session, yielded as text pieces; the session
+        is closed when the generation ends, so other sessions and chats are never disturbed."""
         ids = self._encode(prompt)
-        yield from sess.generate_text(ids, **self._sampling(max_new_tokens, temperature, top_p, seed))
+        sampling = self._sampling(max_new_tokens, temperature, top_p, seed)
+        sess = self.session()
+        try:
+            yield from sess.generate_text(ids, **sampling)
+        finally:
+            sess.close()
 
     def chat(self, system: str | None = None) -> "Chat":
         return Chat(self, system)
@@ -103,7 +128,10 @@ class LLM:
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ConfigError("this model has no tokenizer (load_format='dummy'); pass token ids to session().prefill")
-        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        text = utf8_text(text, "the prompt") if isinstance(text, str) else text
+        if not isinstance(text, str):
+            raise ConfigError(f"the prompt must be a str, got {type(text).__name__}; pass text")
+        ids = self.tokenizer.encode(text, add_special_tokens=True, parse_special=False)   # user text: never control tokens
         if not ids:
             raise ConfigError("the prompt is empty; pass some text")
         return ids
@@ -120,14 +148,19 @@ class LLM:
         out = {"model": self.name, "device": str(self.device), "ctx": self.ctx, "load_s": round(self.load_s, 3),
                "attention": backends.mode(self.spec, self.plan), "plan": self.plan.summary()}
         out.update(self._stats)
+        out.update({"tokens": 0, "ttft_s": None, "ms_per_token": None})
         if self._last is not None:
             out.update(self._last.stats())
+        for key in STATS_DEVICE_KEYS:          # one name on every device (the backend says gpu on CUDA)
+            if key in out:
+                out["kv_bytes_device"] = out.pop(key)
         return out
 
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        """Close every open session (their KV, spill files) and refuse new ones."""
+        for sess in list(self._sessions):
+            sess.close()
+        self._closed = True
 
     def __enter__(self):
         return self
@@ -144,16 +177,24 @@ class Session:
         self.engine = Engine(llm.model, attn, prefill_chunk=config.prefill_chunk, use_cuda_graph=config.cuda_graph)
         self.tokens: list[int] = []
         self._decode_s, self._decoded, self._ttft = 0.0, 0, None
+        self.closed = False
 
     @property
     def length(self) -> int:
+        self._check_open()
         return self.attn.length
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionClosedError("this session was closed (its KV is freed); start a new one with "
+                                     "llm.session() or llm.chat()")
 
     def prefill(self, token_ids, prompt_cache=None) -> torch.Tensor:
         """prompt_cache: a file path; an empty session then resumes the prompt's cached KV (offload.prompt_cache)."""
         if prompt_cache is not None:
             from offload.prompt_cache import prefill_cached
             return prefill_cached(self, token_ids, prompt_cache)
+        self._check_open()
         ids = [int(t) for t in token_ids]
         if not ids:
             raise ConfigError("prefill needs at least one token id")
@@ -168,6 +209,7 @@ class Session:
         return logits
 
     def step(self, token_id: int) -> torch.Tensor:
+        self._check_open()
         if not 0 <= int(token_id) < self.llm.model_config.vocab_size:
             raise ConfigError(f"token id {token_id} out of range [0, {self.llm.model_config.vocab_size})")
         t0 = time.perf_counter()
@@ -208,6 +250,7 @@ class Session:
 
     def fork(self, **overrides) -> "Session":
         """A new session holding a copy of this one's KV, e.g. fork(attention="sparse", budget="5%")."""
+        self._check_open()
         other = self.llm.session(**overrides)
         other.attn.load_kv(self.attn.read_kv(layer) for layer in range(self.llm.model_config.num_layers))
         other.tokens = list(self.tokens)
@@ -215,17 +258,23 @@ class Session:
 
     def save(self, path) -> None:
         from offload.persist import save_session
+        self._check_open()
         save_session(self, path)
 
     def stats(self) -> dict:
-        out = {"tokens": self.length, "ttft_s": None if self._ttft is None else round(self._ttft, 4),
+        if self.closed:
+            return dict(self._final_stats)
+        out = {"tokens": self.attn.length, "ttft_s": None if self._ttft is None else round(self._ttft, 4),
                "ms_per_token": round(1000 * self._decode_s / self._decoded, 3) if self._decoded else None}
         out.update(self.engine.stats())
         out.update(self.attn.stats())
         return out
 
     def close(self) -> None:
-        self.attn.close()
+        if not self.closed:
+            self._final_stats = self.stats()   # llm.stats still reports a finished generate()
+            self.closed = True
+            self.attn.close()
 
 
 class Chat:
@@ -233,12 +282,22 @@ class Chat:
 
     def __init__(self, llm: LLM, system: str | None = None):
         self.llm, self.system = llm, system
+        self.session: Session | None = None
         self.reset()
 
     def reset(self) -> None:
+        """Start over: this chat's own session is replaced (other chats and sessions are untouched)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.session = self.llm._fresh_session()
+        self._new_session()
+
+    def _new_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session = self.llm.session()
         self._cached_text = ""   # the text whose tokens are in the KV cache, in order
+
+    def close(self) -> None:
+        self.session.close()
 
     def send(self, text: str, **sampling) -> str:
         return "".join(self.stream(text, **sampling))
@@ -247,13 +306,18 @@ class Chat:
         tok = self.llm.tokenizer
         if tok is None:
             raise ConfigError("this model has no tokenizer (load_format='dummy'); chat needs a real model")
-        self.messages.append({"role": "user", "content": text})
-        rendered = tok.apply_chat_template(self.messages, add_generation_prompt=True)
+        if self.session.closed:
+            raise SessionClosedError("this chat was closed (chat.close() or llm.close()); start a new one with "
+                                     "llm.chat()")
+        utf8_text(text, "the message")
+        messages = self.messages + [{"role": "user", "content": text}]
+        rendered, spans = tok.render_chat(messages, add_generation_prompt=True)
         if not rendered.startswith(self._cached_text):
             # the template rewrote earlier turns (some templates do): start the cache over
-            self.session = self.llm._fresh_session()
-            self._cached_text = ""
-        ids = tok.encode(rendered[len(self._cached_text):], add_special_tokens=False)  # the template has BOS
+            self._new_session()
+        self.messages = messages
+        # the template's markers are control tokens; the messages' text never is (even when it spells one)
+        ids = tok.encode_chat(rendered, spans, start=len(self._cached_text))   # the template has BOS
         start = self.session.length + len(ids)
         pieces = []
         for piece in self.session.generate_text(ids, **self.llm._sampling(max_new_tokens, temperature, top_p, seed)):

@@ -5,14 +5,17 @@ Priority when layered by the CLI: command-line flags > OFFLOAD_* environment > Y
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 
 from offload.errors import ConfigError
+from offload.files import read_utf8
 
 _TOKEN_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _BYTE_SUFFIX = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "M": 1000**2, "MB": 1000**2, "MIB": 1 << 20,
@@ -25,6 +28,14 @@ DEVICES = ("auto", "cpu", "cuda")
 SELECT_UNITS = ("chunk", "token")
 PREFILL_MODES = ("exact", "sparse")
 TOKEN_REDUCES = ("max", "sum")
+CONFIG_MAX_BYTES = 1 << 20      # an options file is a few hundred bytes; anything near this is not one
+SEED_MAX = 2**64 - 1            # torch.Generator.manual_seed takes 64 bits
+# fields whose default is None: what a set value may be (other fields take the type of their default)
+_OPTIONAL_TYPES = {"ctx": (int, str), "gpu_mem": (int, str), "host_mem": (int, str), "disk_mem": (int, str),
+                   "disk_dir": (str,), "streaming_heads": (dict,), "index_options": (dict,), "seed": (int,),
+                   "prompt_cache": (str,), "prompt_cache_every": (int, str)}
+_ANY_TYPES = {"budget": (str, int, float, list)}
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", str: "a string", float: "a number", dict: "a mapping", list: "a list"}
 
 
 def parse_tokens(value, what: str = "ctx") -> int:
@@ -89,6 +100,9 @@ class OffloadConfig:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
+        if isinstance(self.model, os.PathLike):
+            set_("model", os.fspath(self.model))
+        _check_types(self)
         if self.ctx is not None:
             set_("ctx", parse_tokens(self.ctx, "--ctx"))
             if self.ctx <= 0:
@@ -104,9 +118,11 @@ class OffloadConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}; use 0 for greedy or e.g. 0.8")
         if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}; use e.g. 0.9, or 1 to turn it off")
+        if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"--seed {self.seed} is outside 0..2**64-1; pass a seed in that range")
         if self.max_new_tokens < 0:
             raise ConfigError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         for name in ("sink_tokens", "window_tokens"):
@@ -135,18 +151,69 @@ class OffloadConfig:
         return [f.name for f in fields(cls)]
 
 
+def _show(value) -> str:
+    """A short, bounded rendering of a user value for an error message."""
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def _check_types(cfg) -> None:
+    """Each field holds a value of its kind, so later checks and parsers never meet a list where a number goes."""
+    for f in fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.name in _OPTIONAL_TYPES:
+            if value is None:
+                continue
+            want = _OPTIONAL_TYPES[f.name]
+        elif f.name in _ANY_TYPES:
+            want = _ANY_TYPES[f.name]
+        elif isinstance(f.default, float):
+            want = (int, float)
+        else:
+            want = (type(f.default),)
+        if (isinstance(value, bool) and bool not in want) or not isinstance(value, want):
+            kinds = " or ".join(dict.fromkeys(_TYPE_NAMES.get(t, t.__name__) for t in want))
+            raise ConfigError(f"{flag} must be {kinds}, got {_show(value)}; fix the value (see offload-chat --help)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}; pass e.g. 0.8")
+    for name in ("index_options", "streaming_heads"):
+        value = getattr(cfg, name)
+        if value is not None and not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in value):
+            raise ConfigError(f"{name} keys must be names or numbers, got {_show(value)}; fix the mapping")
+    for layer, heads in (cfg.streaming_heads or {}).items():
+        if not isinstance(heads, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
+            raise ConfigError(f"streaming_heads[{layer}] must be a list of KV head numbers, got {_show(heads)}; "
+                              "write e.g. {3: [0, 1]}")
+
+
+class _OptionsLoader(yaml.SafeLoader):
+    """SafeLoader without anchors/aliases: a few lines of aliases can stand for billions of nodes
+    ("billion laughs"), and an options file never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*name) are not allowed in a config file")
+        return super().compose_node(parent, index)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML config; keys are field names (dashes allowed)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+    fix = "pass a YAML file of option: value lines to --config"
+    text = read_utf8(p, "config file", fix, max_bytes=CONFIG_MAX_BYTES)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(text, Loader=_OptionsLoader)
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "syntax error"
         raise ConfigError(f"config file {p} is not valid YAML ({first}); fix the file") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} nests too deeply; {fix}") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must be a mapping of option: value")
+        raise ConfigError(f"config file {p} must be a mapping of option: value, got {_show(data)}; {fix}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config file {p} has a key that is not an option name ({_show(bad[0])}); {fix}")
     out = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(out) - set(OffloadConfig.field_names()))
     if unknown:
@@ -180,3 +247,17 @@ def _num(raw: str, kind, name: str):
         return kind(raw)
     except ValueError:
         raise ConfigError(f"OFFLOAD_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def check_disk_dir(disk_dir: str | None) -> None:
+    """--disk-dir is a folder we may create files in (or can be created); checked before any weight loads."""
+    if not disk_dir:
+        return
+    fix = "pass a writable folder to --disk-dir"
+    probe = os.path.abspath(disk_dir)
+    while not os.path.lexists(probe):      # the store creates missing folders: the nearest parent must allow it
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"--disk-dir {disk_dir}: {probe} is not a folder; {fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--disk-dir {disk_dir}: {probe} is not writable by this user; {fix}")

@@ -134,6 +134,10 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
         free = _detect_gpu(device)
         reserve = max(_GPU_RESERVE_MIN, int(_GPU_RESERVE_FRAC * _gpu_usable_total(device)))
         room = max(0, free - weight_bytes - index_bytes - reserve)
+        if weight_bytes + reserve > free:   # say so: the tiers' own messages would blame a KiB-sized KV need
+            raise CapacityError(f"the weights do not fit on the GPU: {_gib(weight_bytes)} GiB of weights + "
+                                f"{_gib(reserve)} GiB for activations, {_gib(free)} GiB free; use a smaller model, "
+                                "--dtype bfloat16, a GPU with more memory, or --device cpu")
         if gpu_mem is not None and gpu_mem > room:
             index = f", {_gib(index_bytes)} GiB to sparse selection (index, token-stage scratch)" if index_bytes else ""
             raise CapacityError(f"--gpu-mem {_gib(gpu_mem)} GiB of KV does not fit: the GPU has {_gib(free)} GiB free, "
@@ -153,7 +157,9 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
     disk = _detect_disk(disk_dir)
     if disk_mem is not None:
         if disk_dir and disk_mem > disk:
-            raise CapacityError(f"--disk-mem {_gib(disk_mem)} GiB but {disk_dir} has {_gib(disk)} GiB to spare; "
+            raise CapacityError(f"--disk-mem {_gib(disk_mem)} GiB but {disk_dir} has {_gib(disk)} GiB to spare "
+                                f"(free space less a reserve of max({_gib(_DISK_HEADROOM_MIN)} GiB, "
+                                f"{_DISK_HEADROOM_FRAC:.0%} of the drive) so the disk never fills); "
                                 "free space there or lower --disk-mem")
         disk = disk_mem
     # the store pins sinks + window of every layer on the GPU tier, even for a context shorter than that

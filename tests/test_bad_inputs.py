@@ -315,3 +315,14 @@ def test_every_start_naming_disk_dir_sweeps(tiny, tmp_path):
 def test_every_error_is_an_offload_error():
     for cls in (ConfigError, ModelLoadError, CapacityError, SessionFileError, SessionClosedError):
         assert issubclass(cls, OffloadError)
+
+
+def test_capacity_messages_name_the_real_cause(monkeypatch, tmp_path):
+    from offload import planner
+    gib = 1 << 30
+    monkeypatch.setattr(planner, "_detect_gpu", lambda device: 12 * gib)
+    monkeypatch.setattr(planner, "_gpu_usable_total", lambda device: 12 * gib)
+    with pytest.raises(CapacityError, match=r"weights do not fit on the GPU: 16 GiB of weights"):
+        planner.plan_budget(32, 8, 128, 2, 8192, 16 * gib, torch.device("cuda"))     # not "the GPU tier needs ..."
+    with pytest.raises(CapacityError, match="less a reserve of max"):
+        planner.plan_budget(2, 2, 16, 4, 512, 1, "cpu", disk_mem=1 << 60, disk_dir=str(tmp_path))

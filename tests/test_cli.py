@@ -1,4 +1,5 @@
 """offload-chat end to end, through a subprocess, on the real default model; bad input exits 2 in one line."""
+import json
 import os
 import struct
 import subprocess
@@ -20,6 +21,8 @@ def test_one_shot_prompt(smollm2_gguf):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "offload | model" in r.stderr and '"ms_per_token"' in r.stderr   # banner and --stats go to stderr
+    stats = r.stderr.splitlines()[-1]        # one line of JSON, longer than the 80 columns rich would wrap at
+    assert len(stats) > 80 and json.loads(stats)["ms_per_token"] > 0
     assert "offload |" not in r.stdout
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ import click
 
 from offload.config import OffloadConfig, env_overrides, load_yaml
 from offload.errors import ConfigError, OffloadError
+from offload.files import read_utf8, utf8_text
 
 EXIT_BAD_INPUT = 2
 
@@ -51,6 +53,8 @@ def chat_command(prompt, file_, system, config_path, show_stats, **flags):
     """Chat with a local LLM over a huge context."""
     cfg = build_config(config_path, flags)
     document = _read_document(file_) if file_ else None
+    prompt = utf8_text(prompt, "--prompt") if prompt is not None else None
+    system = utf8_text(system, "--system") if system is not None else None
     if cfg.prompt_cache:
         from offload.prompt_cache import check_path
         check_path(cfg.prompt_cache, document is not None)
@@ -59,12 +63,10 @@ def chat_command(prompt, file_, system, config_path, show_stats, **flags):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # shown once in the banner instead
-        llm = LLM(config=cfg, show_progress=None)
+        llm = LLM(config=cfg, show_progress=None, before_load=lambda llm: _check_inputs(llm, document, prompt, system))
     note(banner(llm))
     if llm.ctx > llm.model_config.max_position_embeddings:
         note(f"warning: ctx {llm.ctx} exceeds the model's trained length {llm.model_config.max_position_embeddings}")
-    if llm.tokenizer is None:
-        raise ConfigError("this model has no tokenizer (--load-format dummy); use a real model, or bench/decode.py")
     chat = llm.chat(system=system)
     try:
         if cfg.prompt_cache and document is not None:
@@ -75,8 +77,9 @@ def chat_command(prompt, file_, system, config_path, show_stats, **flags):
         else:
             _interactive(chat, document)
     finally:
-        if show_stats:
-            note(json.dumps(llm.stats, default=str))
+        if show_stats:   # one line of JSON, never wrapped: rich's console would fold it at the terminal width
+            sys.stderr.write(json.dumps(llm.stats, default=str) + "\n")
+            sys.stderr.flush()
         llm.close()
 
 
@@ -95,13 +98,22 @@ def banner(llm) -> str:
 
 
 def _read_document(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--file {path}: no such file; pass an existing text file")
-    try:
-        return p.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise ConfigError(f"--file {path}: cannot read it ({e.strerror}); check its permissions") from None
+    return read_utf8(Path(path), "--file", "pass a UTF-8 text file")
+
+
+def _check_inputs(llm, document: str | None, prompt: str | None, system: str | None) -> None:
+    """Before the weights load: the model can chat, and the document and prompt fit the context."""
+    if llm.tokenizer is None:
+        raise ConfigError("this model has no tokenizer (--load-format dummy, or a folder without tokenizer.json); "
+                          "use a model with one, or bench/decode.py")
+    if llm.tokenizer.chat_template is None:
+        raise ConfigError(f"{llm.name} has no chat template; use an instruct model (offload-chat renders chats), "
+                          "or the Python API's llm.generate() for raw completion")
+    text = "\n".join(t for t in (system, document, prompt) if t)
+    n = len(llm.tokenizer.encode(text, parse_special=False)) if text else 0
+    if n >= llm.ctx:
+        raise ConfigError(f"the input is {n} tokens but ctx is {llm.ctx}; raise --ctx above {n} "
+                          "(e.g. --ctx 128K) or shorten the document")
 
 
 def _with_document(document: str | None, text: str) -> str:
@@ -123,9 +135,10 @@ def _interactive(chat, document: str | None) -> None:
     while True:
         if tty:
             click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline()
+        if not raw:
             break
+        line = utf8_text(raw, "a line of input")
         text = line.strip()
         if not text:
             continue
@@ -139,13 +152,21 @@ def _interactive(chat, document: str | None) -> None:
         document = None  # the document goes into the first message only
 
 
+def _terminate(signum, frame):
+    # SIGTERM unwinds like Ctrl-C, so `finally` blocks close the sessions and remove spilled KV files
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> None:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         chat_command.main(args=argv, prog_name="offload-chat", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+        message = " ".join(e.format_message().split()).rstrip(".")   # one line, with the fix appended
+        click.echo(f"error: {message}; see offload-chat --help", err=True)
         sys.exit(EXIT_BAD_INPUT)
     except OffloadError as e:
         click.echo(f"error: {e}", err=True)
