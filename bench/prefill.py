@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,19 +67,48 @@ def micro(S: int, reps: int) -> dict:
     return row
 
 
-def run_offload(args, n: int, mode: str) -> dict:
+def load_offload(args, n: int):
     from offload import LLM
-    from offload.engine import ops
-    from offload.engine import tiered as tiered_mod
-    from offload.engine.sparse_prefill import PrefillStats, SparsePrefill, sparse_causal_attend
-    from offload.progress import prefill_flops
     opts = dict(model=args.model, load_format="dummy", ctx=n + 64, attention="full")
     if args.host_mem:
         opts["host_mem"] = args.host_mem
     if args.disk_dir:
         opts["disk_dir"] = args.disk_dir
+    return LLM(**opts, show_progress=False)
+
+
+def micro_sparse(S: int, density: float, reps: int) -> dict:
+    """Sparse prefill's parts on one 2K chunk over S keys: the block-mass estimate + selection, and the attention
+    over a fixed fraction of key blocks (random ids: dummy weights give near-uniform attention, so the density
+    real text reaches is measured on SmolLM2 instead)."""
+    from offload.engine import sparse_prefill as sp
+    Hq, Hkv, T, D = 32, 8, 2048, 128
+    cfg = sp.SparsePrefill()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(Hq, T, D, device="cuda", dtype=torch.bfloat16, generator=g)  # q: [Hq, T, D]
+    k = torch.randn(Hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g)  # k: [Hkv, S, D]
+    v = torch.randn(Hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g)  # v: [Hkv, S, D]
+    nK = S // cfg.block
+    c = max(1, int(density * nK))
+    idx = torch.rand(Hq, nK, device="cuda", generator=g).argsort(1)[:, :c].sort(1).values  # idx: [Hq, c]
+    sp.select_blocks(q, k, cfg)
+    sp.attend_blocks(q, k, v, idx, cfg)
+    sel_ms = median(timed(lambda: sp.select_blocks(q, k, cfg), reps))
+    att_ms = median(timed(lambda: sp.attend_blocks(q, k, v, idx, cfg), reps))
+    dense_flops = 4 * Hq * T * S * D
+    row = {"bench": "micro-sparse", "S": S, "density": density, "select_ms": sel_ms, "attend_ms": att_ms,
+           "total_ms": sel_ms + att_ms, "attend_tflops": density * dense_flops / (att_ms * 1e-3) / 1e12,
+           "dense_equiv_tflops": dense_flops / ((sel_ms + att_ms) * 1e-3) / 1e12}
+    del q, k, v
+    return row
+
+
+def run_offload(args, llm, n: int, mode: str) -> dict:
+    from offload.engine import ops
+    from offload.engine import tiered as tiered_mod
+    from offload.engine.sparse_prefill import PrefillStats, SparsePrefill, sparse_causal_attend
+    from offload.progress import prefill_flops
     reset_peak()
-    llm = LLM(**opts, show_progress=False)
     sess = llm.session(prefill="sparse" if mode == "sparse" else "exact")
     label, stats = mode, PrefillStats()
     original = tiered_mod.causal_attend
@@ -87,6 +118,11 @@ def run_offload(args, n: int, mode: str) -> dict:
         label = "sparse (bench-wired tiered)"
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, llm.model_config.vocab_size, (n,), generator=g).tolist()
+    if args.warmup and n > args.warmup:   # kernels load and the cuDNN probe runs outside the timed prefill
+        warm = llm.session(prefill="sparse" if mode == "sparse" else "exact")
+        with ops.prefill_kernel("efficient" if mode == "exact-old" else "auto"):
+            warm.prefill(ids[:args.warmup])
+        warm.close()
     try:
         with ops.prefill_kernel("efficient" if mode == "exact-old" else "auto"):
             sync()
@@ -105,8 +141,7 @@ def run_offload(args, n: int, mode: str) -> dict:
     if mode == "sparse":
         row["density"] = dens
     sess.close()
-    llm.close()
-    del llm, sess
+    del sess
     return row
 
 
@@ -131,9 +166,13 @@ def run_hf(args, n: int) -> dict:
     ids = torch.randint(0, arch["vocab_size"], (1, n), generator=g).cuda()
     sync()
     t0 = time.perf_counter()
+    done = 0
     with torch.inference_mode():
         for s in range(0, n, args.hf_chunk):
             out = model(input_ids=ids[:, s:s + args.hf_chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            done = min(n, s + args.hf_chunk)
+            if time.perf_counter() - t0 > args.hf_max_s and done < n:
+                break   # too slow to finish in this run: report the part done
     sync()
     secs = time.perf_counter() - t0
     from types import SimpleNamespace
@@ -141,9 +180,9 @@ def run_hf(args, n: int) -> dict:
                          head_dim=hc.hidden_size // hc.num_attention_heads, intermediate_size=hc.intermediate_size,
                          num_layers=hc.num_hidden_layers, vocab_size=hc.vocab_size,
                          tie_word_embeddings=hc.tie_word_embeddings)
-    flops = prefill_flops(mc, n)
+    flops = prefill_flops(mc, done)
     row = {"bench": "prefill", "mode": "hf-offloaded-cache" if offload else "hf", "ctx": n, "prefill_s": secs,
-           "tok_s": n / secs, "tflops": flops / secs / 1e12, "peak_gib": peak_gib(),
+           "tokens_done": done, "tok_s": done / secs, "tflops": flops / secs / 1e12, "peak_gib": peak_gib(),
            "finite": bool(torch.isfinite(out.logits).all())}
     del model, cache, out
     return row
@@ -156,11 +195,14 @@ def main() -> None:
     ap.add_argument("--modes", default="exact,exact-old,sparse,hf")
     ap.add_argument("--micro", default="32K,128K,512K", help="S values of the attention micro-benchmark ('' = skip)")
     ap.add_argument("--micro-reps", type=int, default=10)
+    ap.add_argument("--micro-sparse", default="128K,512K", help="S values of the sparse-prefill micro-benchmark")
     ap.add_argument("--gpu-cap", type=float, default=24.0)
     ap.add_argument("--host-mem", default=None)
     ap.add_argument("--disk-dir", default=None)
     ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--warmup", type=int, default=6144, help="tokens prefilled untimed first (0 = none)")
     ap.add_argument("--hf-chunk", type=int, default=4096)
+    ap.add_argument("--hf-max-s", type=float, default=90, help="HF stops after this many seconds (partial figure)")
     ap.add_argument("--skip", default="", help="mode@ctx pairs to skip, e.g. exact-old@512K,hf@512K")
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds: later stages are skipped past it")
     ap.add_argument("--out", default="bench/out/prefill.json")
@@ -174,10 +216,17 @@ def main() -> None:
         print(r, flush=True)
         rows.append(r)
         torch.cuda.empty_cache()
+    for S in [parse_tokens(x) for x in args.micro_sparse.split(",") if x]:
+        for density in (0.05, 0.1, 0.2):
+            r = micro_sparse(S, density, args.micro_reps)
+            print(r, flush=True)
+            rows.append(r)
+        torch.cuda.empty_cache()
     cap_gpu(args.gpu_cap)
     skip = {tuple(x.split("@")) for x in args.skip.split(",") if x}
     for ctx in args.ctx.split(","):
         n = parse_tokens(ctx)
+        llm = None
         for mode in args.modes.split(","):
             if (mode, ctx) in skip:
                 continue
@@ -185,7 +234,16 @@ def main() -> None:
                 rows.append({"bench": "prefill", "mode": mode, "ctx": n, "error": "skipped: --time-budget spent"})
                 continue
             try:
-                row = run_hf(args, n) if mode == "hf" else run_offload(args, n, mode)
+                if mode == "hf":
+                    if llm is not None:   # the GPU holds one 8B model at a time
+                        llm.close()
+                        llm = None
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                    row = run_hf(args, n)
+                else:
+                    llm = llm or load_offload(args, n)
+                    row = run_offload(args, llm, n, mode)
                 row["of_gemm"] = row["tflops"] / ceiling
             except torch.OutOfMemoryError as e:
                 row = {"bench": "prefill", "mode": mode, "ctx": n, "error": "OOM: " + str(e).splitlines()[0][:120]}
@@ -193,6 +251,13 @@ def main() -> None:
                 row = {"bench": "prefill", "mode": mode, "ctx": n, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             print({k: v for k, v in row.items() if k != "kernel"}, f"[{time.perf_counter() - _T0:.0f}s]", flush=True)
             rows.append(row)
+            Path(args.out + ".partial").parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out + ".partial").write_text(json.dumps(rows, default=str))   # survives a timeout
+            gc.collect()
+            torch.cuda.empty_cache()
+        if llm is not None:
+            llm.close()
+            llm = None
             gc.collect()
             torch.cuda.empty_cache()
     write_results("prefill", rows, args.out, {"gemm_tflops": ceiling, "gpu_cap_gib": args.gpu_cap,
