@@ -7,6 +7,7 @@ weights to get there; and nothing written in the test's folder. Fault tests for 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -150,6 +151,17 @@ def test_cli_bad_input(row, tmp_path, capsys, no_weights, tiny, mismatched, smol
     for w in words:
         assert w.lower() in lines[0].lower(), lines[0]
     assert _listing(work) == before      # nothing written or removed
+
+
+def test_cli_stdin_that_is_not_utf8(smollm2_gguf, monkeypatch, capsys):
+    """Interactive input is read after the weights load: the bad line still gets the one-line error."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n")))
+    with pytest.raises(SystemExit) as exit_, _no_hang():
+        cli_main(["-m", str(smollm2_gguf), "--device", "cpu", "--ctx", "512", "-n", "2"])
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exit_.value.code == 2 and len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    assert "UTF-8" in errors[0] and "; " in errors[0] and "Traceback" not in err and out == ""
 
 
 # id: (setup(tmp, models) -> LLM kwargs, error type, words)

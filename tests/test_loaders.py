@@ -97,13 +97,13 @@ def test_unpermute_inverts_llama_cpp_permutation():
     assert torch.equal(unpermute_rotary_rows(torch.from_numpy(_llama_cpp_permute(bias, 3)), 3), torch.from_numpy(bias))
 
 
-def _write_tiny_gguf(path, model, rope_freqs=None, arch="llama"):
+def _write_tiny_gguf(path, model, rope_freqs=None, arch="llama", block_count=None, extra=None):
     """A GGUF the way llama.cpp's converter writes one: HF tensors renamed, Llama's q/k rows permuted."""
     import gguf
 
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_block_count(cfg.num_hidden_layers if block_count is None else block_count)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)
@@ -138,6 +138,8 @@ def _write_tiny_gguf(path, model, rope_freqs=None, arch="llama"):
         writer.add_tensor(out_name, array)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -246,3 +248,20 @@ def test_truncated_gguf_raises(tmp_path, smollm2_gguf):
         truncated.write_bytes(data[:cut])
         with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
             load_checkpoint(str(truncated))
+
+
+@pytest.mark.parametrize("case", ["fewer-layers", "foreign-tensor", "more-layers"])
+def test_gguf_metadata_that_disagrees_with_its_tensors_is_refused(tmp_path, case):
+    """Checked from the header (describe, before planning) and again by the loader: missing, left over."""
+    from offload.model.loaders import describe_model
+
+    tiny = write_tiny_checkpoint(tmp_path, "llama")
+    path = tmp_path / f"{case}.gguf"
+    kwargs, match = {"fewer-layers": ({"block_count": 1}, "does not use .*model.layers.1"),
+                     "foreign-tensor": ({"extra": {"blk.0.mystery.weight": np.zeros(4, np.float32)}},
+                                        "blk.0.mystery.weight"),
+                     "more-layers": ({"block_count": 3}, "no tensor 'model.layers.2")}[case]
+    _write_tiny_gguf(path, tiny.model, **kwargs)
+    for read in (describe_model, load_checkpoint):
+        with pytest.raises(ModelLoadError, match=match):
+            read(str(path))
