@@ -257,7 +257,8 @@ def test_gpu_bytes_predicts_what_the_index_allocates(name):
     assert index.nbytes["gpu"] <= index.gpu_bytes(40)
     full = new_index(name, max_chunks=40)
     full.build(torch.cat([keys, keys[:, :3 * C]], dim=1), prefill)             # exactly 40 chunks
-    assert full.nbytes["gpu"] == full.gpu_bytes(40)
+    # gpu_bytes = the buffers + the build's scratch (one slab's temporaries, see test_gpu_bytes_cover_the_build_peak)
+    assert full.nbytes["gpu"] == full.gpu_bytes(40) - getattr(full, "scratch_bytes", lambda: 0)()
 
 
 @pytest.mark.parametrize("name", ["summary", "summary-2level-int8", "shadow", "shadow-mass-summary-host"])
@@ -291,3 +292,82 @@ def _buffers(index):
                 walk(v, depth + 1)
     walk(index)
     return out
+
+
+# ---- the planner's reservation covers each index's real peak (issue 13, deliverable 5) --------------
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the mode: a CPU stand-in for max_memory_allocated."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: dict[int, int] = {}
+
+    def _free(self, key: int, n: int) -> None:
+        if self._seen.pop(key, None) is not None:
+            self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+        from torch.utils._pytree import tree_flatten
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                key, n = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                if n and key not in self._seen and key not in inputs:   # new storage, not a view of an input
+                    self._seen[key] = n
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, key, n)
+        return out
+
+
+MEMORY_CONFIGS = {"summary": {}, "summary-int8": {"bounds": "int8"}, "shadow": {},
+                  "shadow-summary-int8": {"coarse": "summary", "summary_options": {"bounds": "int8"}}}
+
+
+@pytest.mark.parametrize("name", list(MEMORY_CONFIGS))
+@pytest.mark.parametrize("prompt_chunks, max_chunks", [(64, 64), (64, 256), (100, 128), (300, 320)])
+def test_gpu_bytes_cover_the_build_peak(name, prompt_chunks, max_chunks):
+    """Build (the prefill) then reserve (what the selector does) never holds more than gpu_bytes(ctx chunks).
+
+    Llama-like head shapes in bf16; prompts that fill the context, half of it, and just under it (the case
+    where a reserve() after build used to hold the old and the new buffer at once)."""
+    method = name.split("-")[0]
+    shape = dict(num_kv_heads=8, num_q_heads=32, head_dim=128, chunk_tokens=32)
+    keys = torch.randn(8, prompt_chunks * 32, 128).bfloat16()                  # keys: [Hkv, N, D]
+    index = make_index(method, dtype=torch.bfloat16, max_chunks=max_chunks, **shape, **MEMORY_CONFIGS[name])
+    with _LiveBytes() as mem:
+        index.build(keys)
+        index.reserve(2 * prompt_chunks)
+        index.extend(torch.randn(8, 32, 128).bfloat16())                     # a decode chunk: no regrowth
+    budget = index.gpu_bytes(max_chunks)
+    assert index.nbytes["gpu"] <= budget
+    assert mem.peak <= budget, f"{name}: peak {mem.peak / 2**20:.2f} MiB > gpu_bytes {budget / 2**20:.2f} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(MEMORY_CONFIGS) + ["summary-2level-int8", "ann"])
+@pytest.mark.parametrize("prompt_chunks, max_chunks", [(256, 256), (1024, 4096), (4000, 4096)])
+def test_gpu_peak_within_gpu_bytes_on_cuda(name, prompt_chunks, max_chunks):
+    """The real allocator's peak during build + reserve + one extend stays within gpu_bytes (up to 128K tokens)."""
+    opts = {"summary-2level-int8": {"bounds": "int8", "coarse_group": 4, "host_bounds": "int8"},
+            "ann": {}}.get(name, MEMORY_CONFIGS.get(name))
+    method = name.split("-")[0]
+    shape = dict(num_kv_heads=8, num_q_heads=32, head_dim=128, chunk_tokens=32)
+    keys = torch.randn(8, prompt_chunks * 32, 128, device="cuda").bfloat16()  # keys: [Hkv, N, D]
+    more = torch.randn(8, 32, 128, device="cuda").bfloat16()
+    torch.bmm(keys[:, :64].float(), keys[:, :64].float().transpose(1, 2))      # cuBLAS workspace: not the index's
+    index = make_index(method, device="cuda", dtype=torch.bfloat16, max_chunks=max_chunks, **shape, **opts)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    index.build(keys)
+    index.reserve(2 * prompt_chunks)
+    index.extend(more)
+    if hasattr(index, "wait"):
+        index.wait()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= index.gpu_bytes(max_chunks), f"{name}: {peak / 2**20:.1f} MiB > {index.gpu_bytes(max_chunks) / 2**20:.1f}"

@@ -96,3 +96,67 @@ def true_chunk_log_mass(query: torch.Tensor, keys: torch.Tensor, chunk_tokens: i
     qg = query.float().reshape(hkv, hq // hkv, d)                               # qg: [Hkv, G, D]
     s = torch.einsum("hgd,hnd->hgn", qg, keys.float()) * scale                  # s: [Hkv, G, N]
     return torch.logsumexp(s.reshape(hkv, hq // hkv, -1, chunk_tokens), dim=3)  # [Hkv, G, n]
+
+
+class MassBudgetIndex:
+    """Wraps a ChunkIndex so that `select` applies a mass budget: the same call, fewer ids per head.
+
+    select(query, width) returns [Hkv, min(width, num_chunks)] ids best-first by estimated share, -1 past
+    each head's count (the slot planner treats -1 as padding, so a padded column moves no bytes). width is
+    what the selector asks for (the cap in chunks + sinks + window), so the step keeps its fixed shapes.
+    Counts are summed on the device (`selected_chunks`): the average budget a run really used.
+    """
+
+    def __init__(self, inner, p: float, floor_chunks: int, n_sink: int, n_window: int):
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"mass threshold p={p} must be in (0, 1]")
+        self.inner, self.p, self.floor = inner, float(p), int(floor_chunks)
+        self.n_sink, self.n_window = int(n_sink), int(n_window)
+        self.chunk_tokens = inner.chunk_tokens
+        self._sum = torch.zeros(2, dtype=torch.float64, device=getattr(inner, "device", "cpu"))  # [chunks, heads x steps]
+
+    def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
+        n = self.inner.num_chunks
+        width = min(int(budget), n)
+        cap = max(0, width - self.n_sink - self.n_window)
+        if cap == 0 or n == 0:
+            return self.inner.select(query, budget)
+        lm = self.inner.chunk_log_mass(query, cap)                              # lm: [Hkv, G, n_alloc]
+        written = torch.isfinite(lm[0, 0])                                      # written: [n_alloc]
+        count = written.sum()                                                   # count: [] (device: no sync)
+        ids = torch.arange(lm.shape[2], device=lm.device)                       # ids: [n_alloc]
+        mask = written & (ids >= self.n_sink) & (ids < count - self.n_window)   # mask: [n_alloc]
+        share, base = group_shares(lm, mask)                                    # share: [Hkv, n_alloc]
+        counts = adaptive_counts(share, self.p, self.floor, cap, base, mask.sum().expand(share.shape[0]))
+        self._sum[0] += counts.sum()                                            # in place: graph-safe
+        self._sum[1] += float(counts.numel())
+        return adaptive_select(share, counts, width)                           # [Hkv, width], -1 = padding
+
+    def selected_chunks(self) -> float:
+        """Mean chunks selected per head and step so far (a host sync: call it for stats, not per step)."""
+        total, n = self._sum.tolist()
+        return total / n if n else 0.0
+
+    # the rest of the ChunkIndex interface is the wrapped index's
+    def build(self, keys, queries=None) -> None:
+        self.inner.build(keys, queries)
+
+    def extend(self, keys) -> None:
+        self.inner.extend(keys)
+
+    def reserve(self, num_chunks: int) -> None:
+        self.inner.reserve(num_chunks)
+
+    def gpu_bytes(self, num_chunks: int) -> int:
+        return self.inner.gpu_bytes(num_chunks)
+
+    def graph_key(self):
+        return self.inner.graph_key()
+
+    @property
+    def num_chunks(self) -> int:
+        return self.inner.num_chunks
+
+    @property
+    def nbytes(self) -> dict[str, int]:
+        return self.inner.nbytes

@@ -36,18 +36,23 @@ from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, ch
 from offload.indexes.summary import ChunkSummaryIndex
 
 
-def key_basis(keys: torch.Tensor, rank: int, slab: int = 16384) -> torch.Tensor:
+BUILD_SLAB = 1024   # tokens per step of build(): bounds its float32 temporaries (ShadowKeyIndex.scratch_bytes)
+
+
+def key_basis(keys: torch.Tensor, rank: int, slab: int = BUILD_SLAB) -> torch.Tensor:
     """keys [Hkv, N, D] -> orthonormal basis [Hkv, D, rank] of the top `rank` directions (float32).
 
-    K^T K is accumulated in float64 over slabs of tokens, so a 1M-token layer never exists in float64.
+    K^T K is summed in float32 over slabs of `slab` tokens and accumulated in float64 across slabs, so the
+    temporaries stay at one float32 slab (a 16K-token float64 slab was 128 MiB for Llama-3-8B at build).
     """
     hkv, n, d = keys.shape
     gram = torch.zeros(hkv, d, d, dtype=torch.float64, device=keys.device)    # gram: [Hkv, D, D]
     for start in range(0, n, slab):
-        k = keys[:, start:start + slab].double()                               # k: [Hkv, s, D]
-        gram += torch.einsum("hnd,hne->hde", k, k)
-    _, vecs = torch.linalg.eigh(gram)                                          # vecs: [Hkv, D, D] ascending
-    return vecs.flip(-1)[..., :rank].float().contiguous()                      # basis: [Hkv, D, r]
+        k = keys[:, start:start + slab].float()                                # k: [Hkv, s, D]
+        gram += torch.bmm(k.transpose(1, 2), k)                                # [Hkv, D, D] f32 -> f64
+    # a few 128x128 matrices: solved on the host, so no solver workspace lands on the GPU at build
+    _, vecs = torch.linalg.eigh(gram.cpu())                                    # vecs: [Hkv, D, D] ascending
+    return vecs.flip(-1)[..., :rank].float().contiguous().to(keys.device)      # basis: [Hkv, D, r]
 
 
 class ShadowKeyIndex:
@@ -100,13 +105,18 @@ class ShadowKeyIndex:
         self._count.zero_()
 
     def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
-        """Fit the basis to keys [Hkv, N, D] and index their chunks (queries unused)."""
-        self._reset(keys.shape[1] // self.chunk_tokens)
+        """Fit the basis to keys [Hkv, N, D] and index their chunks (queries unused).
+
+        Buffers are allocated once, at twice the prefill (capped by max_chunks), before anything else: a later
+        reserve() then copies nothing, so the peak is the final size plus one slab's temporaries (scratch_bytes).
+        """
+        n = keys.shape[1] // self.chunk_tokens
+        self._reset(min(2 * n, self.max_chunks) if self.max_chunks else n)
         split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)   # shape check
         if keys.shape[1]:
             self.basis = key_basis(keys, self.rank).to(self.device)            # basis: [Hkv, D, r]
         # slabs bound the float32 temporaries of a long prefill
-        slab = self.chunk_tokens * max(1, 16384 // self.chunk_tokens)
+        slab = self.chunk_tokens * max(1, BUILD_SLAB // self.chunk_tokens)
         for start in range(0, keys.shape[1], slab):
             self.extend(keys[:, start:start + slab])
 
@@ -118,10 +128,10 @@ class ShadowKeyIndex:
         if self.basis is None:
             self.basis = key_basis(keys, self.rank).to(self.device)           # basis: [Hkv, D, r]
         basis = self.basis.to(keys.device)                                     # basis: [Hkv, D, r]
-        shadows = torch.einsum("hncd,hdr->hncr", chunks.float(), basis)       # shadows: [Hkv, n, C, r]
-        self._shadows.append(shadows)
+        flat = chunks.float()                                                  # flat: [Hkv, n, C, D] (one copy)
+        self._shadows.append(torch.einsum("hncd,hdr->hncr", flat, basis))     # shadows: [Hkv, n, C, r]
         if self._summary is None:
-            self._means.append(chunks.float().mean(dim=2))                     # mean: [Hkv, n, D]
+            self._means.append(flat.mean(dim=2))                               # mean: [Hkv, n, D]
         else:
             self._summary.extend(keys)
         self._num_chunks += chunks.shape[1]
@@ -195,16 +205,35 @@ class ShadowKeyIndex:
             self._summary.reserve(num_chunks)
 
     def gpu_bytes(self, num_chunks: int) -> int:
-        """Compute-device bytes the index allocates for num_chunks chunks (the planner reserves them)."""
+        """Compute-device bytes of the index at num_chunks chunks, at its peak (the planner reserves them).
+
+        The buffers at num_chunks, plus scratch_bytes(): the float32 temporaries of one build slab. The planner
+        counts this per layer, so the scratch is over-reserved (layers - 1) times: a few MiB per layer.
+        (Before, only the buffers were counted while build() held ~10x them in 16K-token float64/float32 slabs.)
+        """
         item = torch.empty((), dtype=self.dtype).element_size()
         hkv = self.num_kv_heads
         shadows = num_chunks * hkv * self.chunk_tokens * self.rank * item if self.shadows_on == "device" else 0
-        shadows += hkv * self.head_dim * self.rank * 4                        # the float32 basis
+        shadows += hkv * self.head_dim * self.rank * 4 + self.scratch_bytes()  # the float32 basis + build scratch
         if self.coarse == "mean":
             return shadows + num_chunks * hkv * self.head_dim * item
-        inner = ChunkSummaryIndex(hkv, self.num_q_heads, self.head_dim, self.chunk_tokens, "cpu", self.dtype,
-                                  **{"group_reduce": self.group_reduce, **self.summary_options})
-        return shadows + inner.gpu_bytes(num_chunks)
+        inner = self._inner_summary()
+        return shadows + inner.gpu_bytes(num_chunks) - inner.scratch_bytes()   # its scratch is in ours
+
+    def _inner_summary(self) -> ChunkSummaryIndex:
+        return ChunkSummaryIndex(self.num_kv_heads, self.num_q_heads, self.head_dim, self.chunk_tokens, "cpu",
+                                 self.dtype, **{"group_reduce": self.group_reduce, **self.summary_options})
+
+    def scratch_bytes(self) -> int:
+        """Largest temporaries of build()/extend() (one slab): the float32 keys, their float32 shadows and
+        their cast, the float32 means, the gram accumulators and eigh's output (see key_basis)."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        hkv, d, r = self.num_kv_heads, self.head_dim, self.rank
+        s = self.chunk_tokens * max(1, BUILD_SLAB // self.chunk_tokens)       # tokens per slab
+        extend = s * hkv * (4 * d + (8 + item) * r) + (s // self.chunk_tokens) * hkv * d * (4 + item)
+        basis = 2 * s * hkv * d * 4 + hkv * d * d * (8 + 4)                   # slab (+ its transposed copy), gram, bmm out
+        inner = self._inner_summary().scratch_bytes() if self.coarse == "summary" else 0  # runs while ours live
+        return max(extend + inner, basis)
 
     def graph_key(self):
         """What a captured `select` depends on besides the device-side count; None if it syncs the host."""

@@ -30,7 +30,8 @@ from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, ch
                                      split_chunks)
 
 MASS_RADIUS = 0.25     # chunk_log_mass: share of the box's radius counted (1 = Quest upper bound; see there)
-_INT8_LEVELS = 126.0   # one level of slack below 127 so that the outward fix-up step cannot overflow
+_INT8_LEVELS = 126.0
+_BUILD_SLAB = 1024     # tokens per build() step: bounds the temporaries (scratch_bytes)   # one level of slack below 127 so that the outward fix-up step cannot overflow
 
 
 def quantize_bounds(kmin: torch.Tensor, kmax: torch.Tensor):
@@ -147,9 +148,16 @@ class ChunkSummaryIndex:
 
     # -- building --------------------------------------------------------------------------------
     def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
-        """Index all chunks of keys [Hkv, N, D]; queries are not needed (bounds hold for any query)."""
-        self._reset(keys.shape[1] // self.chunk_tokens)
-        self.extend(keys)
+        """Index all chunks of keys [Hkv, N, D]; queries are not needed (bounds hold for any query).
+
+        Buffers are sized once at twice the prefill (capped by max_chunks), so a later reserve() copies
+        nothing, and the keys go in slabs: the peak is the final buffers plus scratch_bytes().
+        """
+        n = keys.shape[1] // self.chunk_tokens
+        self._reset(min(2 * n, self.max_chunks) if self.max_chunks else n)
+        slab = self.chunk_tokens * max(1, _BUILD_SLAB // self.chunk_tokens)
+        for start in range(0, max(keys.shape[1], 1), slab):
+            self.extend(keys[:, start:start + slab])
 
     def extend(self, keys: torch.Tensor) -> None:
         """Append full chunks: keys [Hkv, n*C, D]."""
@@ -195,13 +203,14 @@ class ChunkSummaryIndex:
         local = kernels.score_chunks(q, lo, hi, cand.shape[1], k, self.group_reduce)  # local: [Hkv, k]
         return cand.gather(1, local)                                           # ids: [Hkv, k]
 
-    def chunk_log_mass(self, query: torch.Tensor) -> torch.Tensor:
+    def chunk_log_mass(self, query: torch.Tensor, cap: int = 0) -> torch.Tensor:
         """Estimated log attention mass of every allocated chunk per query head -> float32 [Hkv, G, cap].
 
         log(C) + scale * (q.centre + mass_radius * |q|.radius) of the chunk's box [kmin, kmax]: mass_radius = 1
         is the Quest upper bound of q.k (it overstates every chunk, most the widest); the default, calibrated on
         SmolLM2 against the exact mass (tests/test_budget_mass.py), is lower. Unwritten rows are -inf (masked by
         the device-side count: no host sync, fixed shape). Two-level: each chunk gets its coarse group's box.
+        cap (the selection's width) is not needed here: every chunk's bounds are scored anyway.
         """
         q = query.to(self.device).float().reshape(self.num_kv_heads, -1, self.head_dim)  # q: [Hkv, G, D]
         if self._host_tier is None:
@@ -251,9 +260,16 @@ class ChunkSummaryIndex:
                 buf.reserve(rows)
 
     def gpu_bytes(self, num_chunks: int) -> int:
-        """Compute-device bytes the index allocates for num_chunks chunks (the planner reserves them)."""
+        """Compute-device bytes at num_chunks chunks, at the peak: the bounds plus one build slab's scratch."""
         rows = math.ceil(num_chunks / self.coarse_group)
-        return rows * _BoundStore.row_bytes(self.num_kv_heads, self.head_dim, self.dtype, self.int8)
+        return rows * _BoundStore.row_bytes(self.num_kv_heads, self.head_dim, self.dtype, self.int8) + self.scratch_bytes()
+
+    def scratch_bytes(self) -> int:
+        """Temporaries of one build slab: its min/max bounds, and float32 copies while int8 rounds them."""
+        chunks = max(1, _BUILD_SLAB // self.chunk_tokens)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        per_value = 2 * (item + 4) + (8 * 4 + 2 if self.int8 else 0)            # (+ float32 reduction results)
+        return chunks * self.num_kv_heads * self.head_dim * per_value + chunks * self.num_kv_heads * 4 * 4
 
     def graph_key(self):
         """What a captured `select` depends on besides the device-side count; None if it syncs the host."""
