@@ -99,3 +99,25 @@ def test_unwritten_rows_are_masked_on_the_static_path():
         index.reserve(64)                                                     # 32 written, 64 allocated
         lm = _estimate(index, name, decode[:, 0])
         assert lm.shape[2] >= 64 and torch.isfinite(lm[..., :32]).all() and (lm[..., 32:] == -math.inf).all()
+
+
+@pytest.mark.parametrize("name", ["summary", "shadow", "ann"])
+def test_mass_budget_index_pads_past_each_count(layer, name):
+    """The wrapper answers the selector's select(q, cap + fixed): best-first ids, -1 past each head's count;
+    p = 1 with a cap over every chunk selects every chunk outside sinks and window (the exact path)."""
+    from offload.indexes.adaptive import MassBudgetIndex
+    keys, decode = layer
+    inner = make_index(name, num_kv_heads=HKV, num_q_heads=HQ, head_dim=D, chunk_tokens=C, **OPTIONS[name])
+    index = MassBudgetIndex(inner, 0.9, FLOOR, SINK, WINDOW)
+    index.build(keys)
+    n = N // C
+    ids = index.select(decode[:, 0], CAP + SINK + WINDOW)                     # ids: [Hkv, CAP + fixed]
+    assert ids.shape == (HKV, CAP + SINK + WINDOW)
+    for row in ids.tolist():
+        k = sum(i >= 0 for i in row)
+        assert FLOOR <= k <= CAP and all(i >= 0 for i in row[:k]) and all(i == -1 for i in row[k:])
+        assert len(set(row[:k])) == k and all(SINK <= i < n - WINDOW for i in row[:k])
+    assert 0 < index.selected_chunks() <= CAP
+    every = MassBudgetIndex(inner, 1.0, 0, SINK, WINDOW).select(decode[:, 1], n)  # ids: [Hkv, n]
+    for row in every.tolist():
+        assert sorted(i for i in row if i >= 0) == list(range(SINK, n - WINDOW))
