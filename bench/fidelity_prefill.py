@@ -50,9 +50,17 @@ def session(llm, mode: str):
     return sess
 
 
-def answer(llm, mode, ids: list[int], max_new: int) -> tuple[str, dict]:
-    sess = session(llm, mode)
-    logits = sess.prefill(ids)
+def answer(llm, mode, ids: list[int], max_new: int, base=None) -> tuple[str, dict]:
+    """Greedy answer after prefilling ids; `base` (a session holding ids' first prefill chunk, which every mode
+    prefills exactly: it has no history) is forked, so that chunk is computed once per case."""
+    if base is not None:
+        sess = base.fork(prefill="exact")
+        if isinstance(mode, SparsePrefill):
+            sess.attn.sparse_prefill = mode
+        logits = sess.prefill(ids[base.length:])
+    else:
+        sess = session(llm, mode)
+        logits = sess.prefill(ids)
     out: list[int] = []
     eos = set(llm.tokenizer.eos_token_ids)
     for i in range(max_new):
@@ -77,16 +85,24 @@ def run_needle(llm, args, modes: dict) -> dict:
         ctx, _, segs = item.partition(":")
         cases += needle_cases(tok, hay, [parse_tokens(ctx)], depths, args.kinds.split(","), haystacks=int(segs or 1),
                               seed=args.seed, reserve=args.max_new + 6)
+    if args.haystacks:
+        cases = [c for c in cases if c.haystack in {int(x) for x in args.haystacks.split(",")}]
     log(f"needle: {len(cases)} cases x {len(modes)} prefill modes")
     results = []
     for case in cases:
         ids = case.head + case.doc + case.tail
         row = {"case": case.name, "context": case.context, "answer": case.answer, "tokens": len(ids), "modes": {}}
+        base = None
+        if len(ids) > llm.config.prefill_chunk:
+            base = session(llm, "exact")
+            base.prefill(ids[:llm.config.prefill_chunk])
         for label, mode in modes.items():
             t0 = time.perf_counter()
-            text, st = answer(llm, mode, ids, args.max_new)
+            text, st = answer(llm, mode, ids, args.max_new, base)
             row["modes"][label] = {"digits": extract_digits(text), "text": text, "s": round(time.perf_counter() - t0, 1),
                                    "density": st.get("sparse_prefill_density")}
+        if base is not None:
+            base.close()
         log("  " + case.name + " key " + case.answer + " " +
             " ".join(f"{k}={v['digits'] or '-'}" + (f"(d={v['density']})" if v["density"] else "")
                      for k, v in row["modes"].items()))
@@ -128,7 +144,28 @@ def run_teacher(llm, args, modes: dict) -> dict:
     return {"context": n, "continuation": args.continuation, "rows": rows}
 
 
+def merge(paths: list[str], out: str) -> None:
+    """Combine needle runs split over processes (--haystacks) into one table."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    cases = [c for d in docs for c in d["needle"]["cases"]]
+    labels = list(cases[0]["modes"])
+    rows = []
+    for label in labels:
+        for ctx in sorted({c["context"] for c in cases}) + [None]:
+            sel = [c for c in cases if ctx is None or c["context"] == ctx]
+            dens = [c["modes"][label]["density"] for c in sel if c["modes"][label]["density"] is not None]
+            rows.append({"prefill": label, "context": "all" if ctx is None else ctx, "cases": len(sel),
+                         "equal_to_exact": sum(c["modes"][label]["digits"] == c["modes"]["exact"]["digits"] for c in sel) / len(sel),
+                         "correct": sum(c["modes"][label]["digits"] == c["answer"] for c in sel) / len(sel),
+                         "density": sum(dens) / len(dens) if dens else None})
+    doc = {**docs[0], "command": [d["command"] for d in docs], "needle": {"cases": cases, "rows": rows}}
+    Path(out).write_text(json.dumps(doc, indent=1))
+    print_table(rows)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--merge"]:
+        return merge(sys.argv[2:-1], sys.argv[-1])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--parts", default="needle,teacher")
@@ -141,6 +178,7 @@ def main() -> None:
     ap.add_argument("--continuation", type=int, default=256)
     ap.add_argument("--max-new", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--haystacks", default="", help="only these haystack segments (split a run over processes)")
     ap.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16, cuDNN prefill)")
     ap.add_argument("--out", default="bench/out/fidelity_prefill.json")
     args = ap.parse_args()
