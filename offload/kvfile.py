@@ -198,8 +198,9 @@ class KVFileWriter:
     @classmethod
     def create(cls, path, layout: Layout, key: dict) -> "KVFileWriter":
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+        # the session files' temp-name pattern, so offload.persist.sweep_temps removes one a killed run left
+        tmp = path.with_name(f".{path.name}.offload-tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.ftruncate(fd, layout.offsets()["end"])   # sparse: blocks take space as they are written
         except OSError:

@@ -118,6 +118,15 @@ def _reset(sess) -> None:
     sess.attn, sess.engine, sess.tokens = fresh.attn, fresh.engine, []
 
 
+def _sweep(folder: Path) -> None:
+    """Remove the temp file of a cache write that a killed run left (it can be as large as the cache)."""
+    try:
+        from offload.persist import sweep_temps
+    except ImportError:
+        return
+    sweep_temps(folder)
+
+
 @contextlib.contextmanager
 def _sigterm_interrupts():
     """SIGTERM raises KeyboardInterrupt while we prefill (so the checkpoint is written), unless someone handles it."""
@@ -226,6 +235,7 @@ def prefill_cached(sess, token_ids, path, every=None, on_segment=None) -> torch.
     if reader is not None and reader.layout.capacity >= len(ids) and done % C == 0:
         writer = KVFileWriter.extend(reader)
     else:
+        _sweep(path.parent)
         writer = KVFileWriter.create(path, Layout(mc.num_layers, mc.num_kv_heads, mc.head_dim,
                                                   str(sess.llm.model.dtype).replace("torch.", ""), C, len(ids),
                                                   mc.vocab_size), key)
