@@ -14,6 +14,8 @@ The default run takes ~40 min on 2 idle cores (1 torch thread); the 40-case goal
 --parts needle --contexts 8K:4 (split it with --segments 0,1 / 2,3 over two processes, then --merge).
 Runs on the CPU in float32, whatever the machine has.
 
+suite    the needle suite (bench/fidelity_suite.py): >= 100 questions over 2K-8K, three haystack sources,
+         multi-key, single, multi-value and variable-tracking tasks; --quick: 12 questions at 2K for tests.
 needle   passkeys in CPython's docs at depths 10-90 %; the document is prefilled exactly, the question and
          the answer prefix go through the method under test (Session.prefill on a fork), then greedy
          decode. Reports answers equal to full attention's and correct, per context and method.
@@ -46,6 +48,7 @@ from fidelity_recall import evaluate_runtime  # noqa: E402
 from fidelity_report import goal_rows, needle_rows, write_markdown  # noqa: E402
 from fidelity_sessions import ALL_CONFIGS as CONFIGS  # noqa: E402
 from fidelity_sessions import Method, QueryRecorder, fork, greedy_answer, parse_methods  # noqa: E402
+from fidelity_suite import SOURCES, run_suite, suite_docs, suite_rows  # noqa: E402
 
 from offload import LLM  # noqa: E402
 from offload.config import parse_tokens  # noqa: E402
@@ -165,7 +168,17 @@ def run_teacher(llm, args, methods: list[Method], capture: bool) -> tuple[dict, 
 # ---- driver ----------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="needle,teacher,recall")
+    ap.add_argument("--parts", default="needle,teacher,recall", help="any of suite,needle,teacher,recall")
+    ap.add_argument("--suite-contexts", default="2K,4K,8K")
+    ap.add_argument("--suite-sources", default=",".join(SOURCES))
+    ap.add_argument("--suite-docs", type=int, default=2, help="documents per context and source (6 questions each)")
+    ap.add_argument("--suite-split", default=None, help="K/N: only documents i with i %% N == K (split a run)")
+    ap.add_argument("--suite-methods", default="oracle@5%/16,summary-max@5%/16,shadow-r32-mass@5%/16,"
+                                               "ann-l2aug@5%/16,summary-max@5%/16+tok4,shadow-r32-mass@5%/16+tok4,"
+                                               "summary-max@p0.9:64:1K/16,shadow-r32-mass@p0.9:64:1K/16,"
+                                               "ann-l2aug@p0.9:64:1K/16")
+    ap.add_argument("--quick", action="store_true", help="suite: 2 documents at 2K (12 questions), for tests")
+    ap.add_argument("--suite-cache", default=None, help="directory for the suite's exact document prefills")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ctx", default="8K", help="the LLM's ctx (SmolLM2 is trained to 8192)")
     ap.add_argument("--contexts", default="2K:1,4K:1,8K:1", help="needle prompt sizes : haystack segments "
@@ -239,6 +252,20 @@ def run(args, command: str) -> dict:
             doc["recall"] = {"tokens": args.teacher_context, "layers": len(layers), "queries": args.recall_queries,
                              "configs": {n: list(CONFIGS[n]) for n in names}, "token_stages": stages, "rows": rows}
             print_table(rows)
+    if "suite" in parts:
+        contexts = ["2K"] if args.quick else args.suite_contexts.split(",")
+        sources = args.suite_sources.split(",")[:2] if args.quick else args.suite_sources.split(",")
+        docs = suite_docs(llm.tokenizer, [parse_tokens(c) for c in contexts], sources,
+                          1 if args.quick else args.suite_docs, seed=args.seed)
+        if args.suite_split:
+            k, n = (int(x) for x in args.suite_split.split("/"))
+            docs = docs[k::n]
+        methods = [Method("full")] + parse_methods(args.suite_methods)
+        log(f"suite: {len(docs)} documents, {sum(len(d.questions) for d in docs)} questions x {len(methods)} methods")
+        cases = run_suite(llm, docs, methods, fork, greedy_answer, log, args.max_new, partial=args.out + ".partial",
+                          cache_dir=args.suite_cache)
+        doc["suite"] = {"cases": cases, "rows": suite_rows(cases, [m.label for m in methods])}
+        print_table(doc["suite"]["rows"])
     if "needle" in parts:
         doc["needle"] = run_needle(llm, args)
         print_table(doc["needle"]["rows"])
@@ -250,10 +277,14 @@ def run(args, command: str) -> dict:
 def merge(paths: list[str], command: str) -> dict:
     """Later files win per part; commands and dates are kept from all."""
     doc: dict = {}
-    commands, cases, teacher, recall = [], {}, {}, {}
+    commands, cases, teacher, recall, suite = [], {}, {}, {}, {}
     for p in paths:
         part = json.loads(Path(p).read_text())
         commands += part.get("commands", [])
+        for case in part.get("suite", {}).get("cases", []):
+            if case["case"] in suite:     # same question, other methods: add them
+                case = {**case, "methods": {**suite[case["case"]]["methods"], **case["methods"]}}
+            suite[case["case"]] = case
         # rows of split runs add up (a later file wins for the same case / method / config)
         for case in part.get("needle", {}).get("cases", part.get("cases", [])):
             if case["case"] in cases:     # same prompt, other methods: add them (full is deterministic)
@@ -269,6 +300,9 @@ def merge(paths: list[str], command: str) -> dict:
     if recall:
         configs = {n: list(CONFIGS[n.split("+")[0]]) for n in dict.fromkeys(k[0] for k in recall)}
         doc["recall"] = {**doc["recall"], "configs": configs, "rows": list(recall.values())}
+    if suite:
+        labels = list(dict.fromkeys(m for c in suite.values() for m in c["methods"]))
+        doc["suite"] = {"cases": list(suite.values()), "rows": suite_rows(list(suite.values()), labels)}
     if cases:
         labels = list(dict.fromkeys(m for c in cases.values() for m in c["methods"]))
         doc["needle"] = {"cases": list(cases.values()), "rows": needle_rows(list(cases.values()), labels)}

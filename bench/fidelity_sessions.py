@@ -5,7 +5,8 @@ A method is written CONFIG@BUDGET/CHUNK, e.g. "summary-max@5%/16"; CONFIG names 
 bench/index_recall.py's CONFIGS or EXTRA_CONFIGS below (index method + options), "full" (exact attention) or "oracle" (the
 chunks of largest exact attention mass: the best any chunk index can do at that budget and chunk size).
 BUDGET is one budget for every layer ("5%", "2K") or REST+FIRSTxN, e.g. "5%+100%x2": the first 2 layers at
-100 % (full attention), the others at 5 % (a per-layer budget list, after DuoAttention).
+100 % (full attention), the others at 5 % (a per-layer budget list, after DuoAttention), or a mass budget
+P:FLOOR:CAP, e.g. "p0.9:64:1K" = "p=0.9,floor=64,cap=1K" (offload.indexes.adaptive).
 A suffix +tokF[max|sum] adds the token-level second stage (select_unit="token"): the index proposes F x the
 budget's chunks, their keys are scored exactly and the budget's number of tokens is attended, ranked by the
 query group's max q.k or summed softmax (default sum); e.g. "summary-max@5%/16+tok4". "oracle@5%/16+tok1000"
@@ -32,7 +33,7 @@ EXTRA_CONFIGS = {
                                           "min_candidates": 64}),
 }
 ALL_CONFIGS = {**CONFIGS, **EXTRA_CONFIGS}
-_SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%+]+))?(?:/(?P<chunk>\d+))?$")
+_SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%+:]+))?(?:/(?P<chunk>\d+))?$")
 _TOK = re.compile(r"\+tok(?P<factor>\d+(?:\.\d+)?)(?P<reduce>max|sum)?$")
 
 
@@ -59,6 +60,9 @@ class Method:
 
     def layer_budgets(self, num_layers: int):
         """The budget for OffloadConfig: one value, or a list with one entry per layer."""
+        if self.budget.startswith("p"):
+            p, floor, cap = (self.budget[1:].split(":") + ["", ""])[:3]
+            return f"p={p}" + (f",floor={floor}" if floor else "") + (f",cap={cap}" if cap else "")
         if "+" not in self.budget:
             return self.budget
         rest, _, first = self.budget.partition("+")
@@ -90,7 +94,7 @@ def fork(base, method: Method):
     if method.tok:
         kw.update(select_unit="token", token_candidates=method.tok, token_reduce=method.tok_reduce)
     if not opts:
-        return base.fork(**kw)
+        return _mass_wrapped(base.fork(**kw), base, budget)
     llm, mc = base.llm, base.llm.model_config
     sess = llm.session(**kw)
     if method.config == "oracle":
@@ -99,8 +103,24 @@ def fork(base, method: Method):
         sess.attn.indexes = [make_index(index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads,
                                         head_dim=mc.head_dim, chunk_tokens=method.chunk, device=llm.device,
                                         dtype=llm.dtype, **opts) for _ in range(mc.num_layers)]
+    _mass_wrapped(sess, base, budget)
     sess.attn.load_kv(base.attn.read_kv(layer) for layer in range(mc.num_layers))
     sess.tokens = list(base.tokens)
+    return sess
+
+
+def _mass_wrapped(sess, base, budget):
+    """A mass budget's indexes wrapped in MassBudgetIndex (unless the runtime did it already); KV reloaded."""
+    from offload.indexes import Budget
+    from offload.indexes.adaptive import MassBudgetIndex
+    b = Budget.parse(budget)
+    indexes = sess.attn.indexes
+    if not b.adaptive or indexes is None or all(isinstance(i, MassBudgetIndex) for i in indexes):
+        return sess
+    cfg, C = base.llm.config, sess.attn.C
+    n_sink, n_window = -(-cfg.sink_tokens // C), -(-cfg.window_tokens // C)
+    sess.attn.indexes = [MassBudgetIndex(idx, b.mass(layer), b.floor_chunks(C, layer), n_sink, n_window)
+                         for layer, idx in enumerate(indexes)]
     return sess
 
 
@@ -117,6 +137,20 @@ class OracleIndex:
     def extend(self, keys: torch.Tensor) -> None:
         self.keys = keys.clone() if self.keys is None else torch.cat([self.keys, keys], dim=1)
 
+    def chunk_log_mass(self, query: torch.Tensor, cap: int = 0) -> torch.Tensor:
+        """The exact log mass per chunk and query head: [Hkv, G, n] (what the indexes estimate)."""
+        from offload.indexes.adaptive import true_chunk_log_mass
+        return true_chunk_log_mass(query, self.keys, self.chunk_tokens, query.shape[-1] ** -0.5)
+
+    def reserve(self, num_chunks: int) -> None:
+        pass
+
+    def gpu_bytes(self, num_chunks: int) -> int:
+        return 0
+
+    def graph_key(self):
+        return None
+
     def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
         mass = chunk_attention_mass(query, self.keys, self.chunk_tokens)     # mass: [Hkv, n]
         return torch.topk(mass, min(budget, mass.shape[1]), dim=1).indices  # ids: [Hkv, k] best first
@@ -130,7 +164,7 @@ class OracleIndex:
         return {"gpu": 0, "host": 0}
 
 
-def greedy_answer(sess, tail: list[int], tokenizer, max_new: int = 10) -> tuple[str, list[int], float]:
+def greedy_answer(sess, tail: list[int], tokenizer, max_new: int = 10, numbers: int = 1) -> tuple[str, list[int], float]:
     """Feed `tail` through sess (prefill), then greedy-decode until EOS, a finished number, or max_new.
 
     Returns (text, ids, seconds). Stopping right after a number ends saves steps; it is the same rule
@@ -150,7 +184,7 @@ def greedy_answer(sess, tail: list[int], tokenizer, max_new: int = 10) -> tuple[
             break
         out.append(tok)
         text = tokenizer.decode(out)
-        if re.search(r"\d\D", text) or i == max_new - 1:
+        if len(re.findall(r"\d\D", text)) >= numbers or i == max_new - 1:
             break
         logits = sess.step(tok)
     return tokenizer.decode(out), out, time.perf_counter() - t0

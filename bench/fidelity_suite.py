@@ -1,0 +1,233 @@
+"""The needle suite of bench/fidelity.py: >= 100 questions over 2K-8K tokens, three haystack sources, four tasks.
+
+Sources (all shipped with Python, no download): "pydoc" (pydoc_data.topics), "docstrings" (the module, class
+and function docstrings of the stdlib's Lib/*.py), "lists" (generated inventory records, full of numbers that
+look like answers). Each document carries every task's needles, and every question about it is one case,
+so one exact prefill serves six cases:
+    multikey    passkeys of three labelled doors; ask one (the other two are distractors)       x3
+    single      "the secret passkey"; ask it                                                     x1
+    multivalue  two "special magic numbers" for one word at two depths; ask for both            x1
+    vartrack    a variable chain VAR A = n ... VAR B = A ... VAR C = B (RULER); ask C's value    x1
+As in the runtime, the prompt (document and question) is prefilled exactly; the answer prefix ("The passkey of
+the red door is") and the greedy answer go through the method under test, so every digit of the answer is
+decided by sparse decode steps. A case scores as equal to full attention when the numbers in its answer are
+the full session's. (The older `needle` part routes the whole question through the method: stricter, slower.)
+"""
+from __future__ import annotations
+
+import ast
+import random
+import re
+import string
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fidelity_data import _line_starts, _nearest, split_template
+
+SOURCES = ("pydoc", "docstrings", "lists")
+KINDS = ("multikey", "single", "multivalue", "vartrack")
+DOORS = ("red", "green", "blue")
+WORDS = ("lantern", "harbor", "meadow", "quartz", "falcon", "cedar", "comet", "violet", "ember", "glacier")
+_ADJ = ("blue", "heavy", "small", "antique", "green", "polished", "rusty", "spare", "wooden", "sealed")
+_NOUN = ("valve", "crate", "lamp", "gear", "barrel", "cable", "anchor", "kettle", "spindle", "ledger")
+_CITY = ("Oslo", "Lyon", "Porto", "Graz", "Turku", "Bergen", "Leeds", "Aarhus", "Trieste", "Cork")
+
+
+@dataclass(frozen=True)
+class SuiteDoc:
+    """One document with all tasks' needles; `questions` = [(case name, kind, answer digits, question ids,
+    answer-prefix ids, numbers)]: the question ids continue the document, the answer prefix continues them."""
+
+    name: str
+    context: int
+    source: str
+    head: list[int] = field(repr=False)
+    doc: list[int] = field(repr=False)
+    questions: tuple = field(repr=False)
+
+
+def source_text(source: str) -> str:
+    if source == "pydoc":
+        from pydoc_data.topics import topics
+        return "\n\n".join(topics[k].strip() for k in sorted(topics))
+    if source == "docstrings":
+        parts = []
+        for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in [tree, *ast.walk(tree)]:
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) > 80:
+                        parts.append(doc.strip())
+        return "\n\n".join(parts)
+    if source == "lists":
+        rng = random.Random(1234)
+        lines = [f"Record {i:04d}: the {rng.choice(_ADJ)} {rng.choice(_NOUN)} from {rng.choice(_CITY)} weighs "
+                 f"{rng.randrange(100, 9999)} grams, sits on shelf {rng.randrange(1, 60)} and ships in "
+                 f"{rng.randrange(2, 30)} days." for i in range(6000)]
+        return "\n".join(lines)
+    raise ValueError(f"haystack source {source!r}: use one of {', '.join(SOURCES)}")
+
+
+def _var_names(rng: random.Random, n: int) -> list[str]:
+    names = set()
+    while len(names) < n:
+        names.add("".join(rng.choice(string.ascii_uppercase) for _ in range(4)))
+    return sorted(names, key=lambda _: rng.random())
+
+
+def _needles(rng: random.Random) -> tuple[list[tuple[float, str]], list[tuple[str, str, str, str, int]]]:
+    """(needles [(depth, text)], questions [(kind, question, answer prefix, answer digits, numbers)])."""
+    keys = [str(rng.randrange(10000, 100000)) for _ in range(6)]
+    needles, questions = [], []
+    for door, key in zip(DOORS, keys):
+        needles.append((rng.uniform(0.05, 0.95), f"The passkey of the {door} door is {key}. Remember it."))
+        questions.append(("multikey", f"What is the passkey of the {door} door in the text above? Answer with "
+                          "the number only.", f"The passkey of the {door} door is", key, 1))
+    needles.append((rng.uniform(0.05, 0.95), f"The secret passkey is {keys[3]}. Remember it."))
+    questions.append(("single", "What is the secret passkey in the text above? Answer with the number only.",
+                      "The secret passkey is", keys[3], 1))
+    word = rng.choice(WORDS)
+    d1, d2 = sorted(rng.uniform(0.05, 0.95) for _ in range(2))
+    needles += [(d1, f"One of the special magic numbers for {word} is: {keys[4]}."),
+                (d2, f"One of the special magic numbers for {word} is: {keys[5]}.")]
+    questions.append(("multivalue", f"What are the two special magic numbers for {word} in the text above? "
+                      "Answer with the two numbers only.", f"The special magic numbers for {word} are",
+                      f"{keys[4]},{keys[5]}", 2))
+    a, b, c = _var_names(rng, 3)
+    value = str(rng.randrange(10000, 100000))
+    hops = sorted(rng.uniform(0.05, 0.95) for _ in range(3))
+    needles += [(hops[0], f"VAR {a} = {value}."), (hops[1], f"VAR {b} = {a}."), (hops[2], f"VAR {c} = {b}.")]
+    questions.append(("vartrack", f"In the text above, VAR {c} is assigned through a chain of variables. What "
+                      f"number is the value of VAR {c}? Answer with the number only.",
+                      f"The value of VAR {c} is", value, 1))
+    return needles, questions
+
+
+def suite_docs(tokenizer, contexts: list[int], sources: list[str], docs_per: int, seed: int = 0,
+               reserve: int = 24) -> list[SuiteDoc]:
+    """docs_per documents per (context, source); every document holds all tasks (6 questions)."""
+    rng = random.Random(seed)
+    hays = {s: tokenizer.encode(source_text(s), add_special_tokens=False) for s in sources}
+    out = []
+    for ctx in contexts:
+        for source in sources:
+            hay = hays[source]
+            for i in range(docs_per):
+                needles, questions = _needles(rng)
+                head, _ = split_template(tokenizer, "", "")
+                tails = [split_template(tokenizer, q, prefix)[1] for _, q, prefix, _, _ in questions]
+                asks = [split_template(tokenizer, q, "")[1] for _, q, _, _, _ in questions]
+                assert all(t[:len(a)] == a for t, a in zip(tails, asks)), "answer prefix must start a new token"
+                needle_ids = [(d, tokenizer.encode(t + "\n", add_special_tokens=False)) for d, t in needles]
+                room = ctx - reserve - len(head) - max(map(len, tails)) - sum(len(n) for _, n in needle_ids)
+                start = rng.randrange(0, max(1, len(hay) - room))
+                base = hay[start:start + room]
+                starts = _line_starts(tokenizer, base)
+                spots = sorted(((_nearest(starts, int(d * len(base))), j) for j, (d, _) in enumerate(needle_ids)))
+                doc, last = [], 0
+                for pos, j in spots:               # needles in depth order; ties keep their listed order
+                    doc += base[last:pos] + needle_ids[j][1]
+                    last = pos
+                doc += base[last:]
+                name = f"{ctx // 1024}K-{source}-{i}"
+                qs = tuple((f"{name}-{kind}{k if kind == 'multikey' else ''}", kind, answer, asks[k],
+                            tails[k][len(asks[k]):], numbers) for k, (kind, _, _, answer, numbers) in enumerate(questions))
+                out.append(SuiteDoc(name, ctx, source, head, doc, qs))
+    return out
+
+
+def answer_numbers(text: str, numbers: int) -> str:
+    """The first `numbers` digit runs of an answer, comma-joined ('' if none)."""
+    return ",".join(re.findall(r"\d+", text)[:numbers])
+
+
+# ---- running it ----------------------------------------------------------------------------------
+def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_new: int = 10,
+              partial: str | None = None, cache_dir: str | None = None) -> list[dict]:
+    """Every question of every document through full attention and each method -> one row per case.
+
+    cache_dir: exact document prefills are saved there (Session.save) and loaded by a later run of the same
+    documents, so a re-run with other methods skips the prefill (minutes per 8K document on 2 CPU cores).
+    """
+    import hashlib
+    import json
+    import time
+    rows = []
+    for d in docs:
+        t0 = time.perf_counter()
+        ids = d.head + d.doc
+        path = None
+        if cache_dir:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            path = Path(cache_dir) / (hashlib.sha1(json.dumps([llm.name, ids]).encode()).hexdigest()[:16] + ".offload")
+        if path is not None and path.exists():
+            base = llm.load_session(path)
+        else:
+            base = llm.session()
+            base.prefill(ids)                        # exact: the document is never what is being measured
+            if path is not None:
+                base.save(path)
+        prefill_s = time.perf_counter() - t0
+        for name, kind, answer, ask, prefix, numbers in d.questions:
+            row = {"case": name, "context": d.context, "source": d.source, "kind": kind, "answer": answer,
+                   "tokens": len(d.head) + len(d.doc) + len(ask) + len(prefix), "methods": {}}
+            asked = base.fork(attention="full")
+            asked.prefill(ask)                       # the question, exactly (it is part of the prompt)
+            for m in methods:
+                sess = fork(asked, m)
+                text, _, secs = greedy_answer(sess, prefix, llm.tokenizer, max_new * numbers, numbers=numbers)
+                used = selected_tokens(sess, m)
+                sess.close()
+                row["methods"][m.label] = {"text": text, "digits": answer_numbers(text, numbers), "s": round(secs, 2),
+                                           **({"tokens_per_head": used} if used is not None else {})}
+            full = row["methods"]["full"]["digits"]
+            short = " ".join(f"{k.split('@')[0][:7]}={'=' if v['digits'] == full else v['digits'] or '-'}"
+                             for k, v in row["methods"].items() if k != "full")
+            log(f"  {name:28s} key {answer:11s} full {full or '-':11s} {short}")
+            rows.append(row)
+            if partial:
+                Path(partial).write_text(json.dumps({"suite": rows}, indent=1))
+            asked.close()
+        base.close()
+        log(f"{d.name}: {len(d.questions)} questions (prefill {prefill_s:.0f}s)")
+    return rows
+
+
+def selected_tokens(sess, method) -> float | None:
+    """Mean tokens a head selected per step (mass budgets: what the threshold really took), else None."""
+    indexes = getattr(sess.attn, "indexes", None) or []
+    used = [idx.selected_chunks() for idx in indexes if hasattr(idx, "selected_chunks")]
+    return round(sum(used) / len(used) * method.chunk, 1) if used else None
+
+
+def suite_rows(cases: list[dict], labels: list[str]) -> list[dict]:
+    """Per method: answers equal to full attention (all, per task, per source), correct answers, budget used."""
+    out = []
+    for label in labels:
+        group = [c for c in cases if label in c["methods"]]
+        if not group:
+            continue
+        eq = lambda c: c["methods"][label]["digits"] == c["methods"]["full"]["digits"]  # noqa: E731
+        row = {"method": label, "n": len(group), "eq_full": _share(group, eq),
+               "correct": _share(group, lambda c: c["methods"][label]["digits"] == c["answer"])}
+        for key, values in (("kind", KINDS), ("source", SOURCES)):
+            for v in values:
+                sub = [c for c in group if c[key] == v]
+                if sub:
+                    row[f"eq_{v}"] = _share(sub, eq)
+        for ctx in sorted({c["context"] for c in group}):
+            row[f"eq_{ctx // 1024}K"] = _share([c for c in group if c["context"] == ctx], eq)
+        used = [c["methods"][label]["tokens_per_head"] for c in group if "tokens_per_head" in c["methods"][label]]
+        if used:
+            row["tokens_per_head"] = round(sum(used) / len(used), 1)
+        out.append(row)
+    return out
+
+
+def _share(items, pred) -> float:
+    return round(sum(1 for x in items if pred(x)) / len(items), 4) if items else float("nan")
