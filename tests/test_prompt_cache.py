@@ -310,3 +310,12 @@ def test_tiered_backend_resumes_an_interrupted_prefill(tmp_path, monkeypatch):
         # decode over tiers merges parts in placement order, which a resumed session lays out differently
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
         got[2].close()
+
+
+def test_checkpoint_option_parses_sizes():
+    from offload.config import OffloadConfig
+    from offload.errors import ConfigError
+    assert OffloadConfig(prompt_cache_every="64K").prompt_cache_every == 65536
+    assert prompt_cache.checkpoint_every(None, 128 * 1024) == 65536 and prompt_cache.checkpoint_every(None, 4096) == 0
+    with pytest.raises(ConfigError, match="prompt_cache_every"):
+        OffloadConfig(prompt_cache_every="-5")
