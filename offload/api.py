@@ -131,7 +131,8 @@ class LLM:
         text = utf8_text(text, "the prompt") if isinstance(text, str) else text
         if not isinstance(text, str):
             raise ConfigError(f"the prompt must be a str, got {type(text).__name__}; pass text")
-        ids = self.tokenizer.encode(text, add_special_tokens=True, parse_special=False)   # user text: never control tokens
+        # user text: `<|im_start|>` typed by a user stays text, never a control token
+        ids = self.tokenizer.encode(text, add_special_tokens=True, parse_special=False)
         if not ids:
             raise ConfigError("the prompt is empty; pass some text")
         return ids

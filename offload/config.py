@@ -35,7 +35,8 @@ _OPTIONAL_TYPES = {"ctx": (int, str), "gpu_mem": (int, str), "host_mem": (int, s
                    "disk_dir": (str,), "streaming_heads": (dict,), "index_options": (dict,), "seed": (int,),
                    "prompt_cache": (str,), "prompt_cache_every": (int, str)}
 _ANY_TYPES = {"budget": (str, int, float, list)}
-_TYPE_NAMES = {bool: "true or false", int: "a whole number", str: "a string", float: "a number", dict: "a mapping", list: "a list"}
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", str: "a string", float: "a number", dict: "a mapping",
+               list: "a list"}
 
 
 def parse_tokens(value, what: str = "ctx") -> int:

@@ -97,7 +97,8 @@ class Tokenizer:
             return self.encode(text, add_special_tokens=False)
         return text
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    def render_chat(self, messages: list[dict],
+                    add_generation_prompt: bool = True) -> tuple[str, list[tuple[int, int]]]:
         """The rendered chat and the (start, end) of each message's content in it: the spans that are user text.
 
         Rendered once more with private-use sentinels as contents to learn where each content lands; when the
