@@ -101,10 +101,27 @@ def checkpoint_every(value, n_tokens: int) -> int:
     return int(value)
 
 
+def _commits_untouched_mid_forward(attn) -> bool:
+    from offload.engine.dense import DenseAttention
+    return isinstance(attn, DenseAttention)
+
+
 def _read_range(attn, layer: int, start: int, end: int):
-    """K, V of tokens [start, end) of a layer: [Hkv, end-start, D] each (a ranged read where the backend has one)."""
+    """K, V of committed tokens [start, end) of a layer: [Hkv, end-start, D] each. A checkpoint needs only the
+    tokens since the last one; a tiered backend's read_kv would read the whole layer from its tiers each time."""
     if hasattr(attn, "read_kv_range"):
         return attn.read_kv_range(layer, start, end)
+    store, C, n = getattr(attn, "store", None), getattr(attn, "C", None), getattr(attn, "n_chunks", None)
+    if store is not None and hasattr(store, "read") and C and n is not None and hasattr(attn, "tail_k"):
+        c0 = min(start // C, n)
+        parts = []
+        if c0 < n:
+            ch = store.read(layer, range(c0, n))  # ch: [m, 2, Hkv, C, D] (host)
+            parts.append(ch.permute(1, 2, 0, 3, 4).reshape(2, ch.shape[2], (n - c0) * C, ch.shape[4]))
+        tail = torch.stack([attn.tail_k[layer, :, :attn.tail_len], attn.tail_v[layer, :, :attn.tail_len]])
+        parts.append(tail.cpu())  # [2, Hkv, tail, D]
+        kv = torch.cat(parts, 2)[:, :, start - c0 * C:end - c0 * C]  # kv: [2, Hkv, end-start, D]
+        return kv[0], kv[1]
     k, v = attn.read_kv(layer)
     return k[:, start:end], v[:, start:end]
 
@@ -242,21 +259,30 @@ def prefill_cached(sess, token_ids, path, every=None, on_segment=None) -> torch.
     saver = _Saver(path, writer, sess, ids)
     every = checkpoint_every(getattr(cfg, "prompt_cache_every", None) if every is None else every, len(ids))
     unit = math.lcm(cfg.prefill_chunk, C)   # segment ends on prefill chunks (exact) and on blocks (in place)
-    seg = len(ids) if not every else -(-min(every, SEGMENT_MAX) // unit) * unit
     every = -(-every // unit) * unit if every else 0
+    # Only a dense backend keeps its committed KV untouched while a forward runs (it writes past its length);
+    # the tiered one rewrites each finished layer's tail mid-forward. So an interrupt inside a segment is
+    # checkpointed at once on a dense backend; a tiered one commits at every segment end instead (segments =
+    # `every`: each segment re-stages the layer's history, so fewer segments are cheaper there).
+    mid_safe = _commits_untouched_mid_forward(sess.attn)
+    seg = len(ids) if not every else (-(-min(every, SEGMENT_MAX) // unit) * unit if mid_safe else every)
+    inside = False
     try:
         with _sigterm_interrupts():
             while done < len(ids):
                 end = min(len(ids), done + seg)
+                inside = True
                 logits = sess.prefill(ids[done:end])
-                done = end
+                done, inside = end, False
                 if on_segment is not None:
                     on_segment(done)
                 if every and done < len(ids) and done - saver.n >= every:
                     saver.commit(done, logits)
     except (KeyboardInterrupt, SystemExit):
-        if done and saver.commit(done, logits):
+        if done and (mid_safe or not inside) and saver.commit(done, logits):
             note(f"prompt cache {path}: saved {done} of {len(ids)} tokens; run the same command again to resume")
+        elif saver.n:
+            note(f"prompt cache {path}: keeps {saver.n} of {len(ids)} tokens; run the same command again to resume")
         saver.close()
         raise
     except BaseException:

@@ -58,6 +58,19 @@ def run(llm, ids, path, **kw):
     return logits, s.step(11), s
 
 
+def interrupt_at_layer_call(monkeypatch, model, k):
+    """KeyboardInterrupt from inside the k-th layer forward (1-based), i.e. in the middle of a prefill segment."""
+    real, calls = model.layer_forward, []
+
+    def forward(*a, **kw):
+        calls.append(1)
+        if len(calls) == k:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model, "layer_forward", forward)
+
+
 def exact(got, want):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -97,6 +110,17 @@ def test_interrupted_prefill_resumes_where_it_stopped(tiny, ids, reference, pref
     prefilled.clear()
     exact(run(tiny, ids, path, every=64), reference)   # bit-identical to one uninterrupted prefill
     assert sum(prefilled) == N - 96
+
+
+def test_interrupt_inside_a_segment_saves_the_segments_done(tiny, ids, reference, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(prompt_cache, "SEGMENT_MAX", 32)   # 32-token segments = 2 chunks x 2 layers = 4 forwards
+    path = tmp_path / "doc.kvc"
+    with monkeypatch.context() as m:
+        interrupt_at_layer_call(m, tiny.model, 3 * 4 + 2)    # inside the 4th segment, after its layer 0
+        with pytest.raises(KeyboardInterrupt):
+            run(tiny, ids, path, every=64)
+    assert KVFileReader(path).n == 96 and "saved 96 of 300" in capsys.readouterr().err   # periodic one was 64
+    exact(run(tiny, ids, path), reference)
 
 
 def test_sigterm_checkpoints_like_ctrl_c(tiny, ids, tmp_path, monkeypatch):
@@ -284,7 +308,7 @@ def test_reader_maps_one_layer_at_a_time(tiny, ids, tmp_path, monkeypatch):
 
 
 def test_tiered_backend_resumes_an_interrupted_prefill(tmp_path, monkeypatch):
-    monkeypatch.setattr(prompt_cache, "SEGMENT_MAX", 64)
+    monkeypatch.setattr(prompt_cache, "SEGMENT_MAX", 32)     # a dense backend would use 32-token segments
     ckpt = write_tiny_checkpoint(tmp_path, "llama")
     opts = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32, prefill_chunk=32,
                 attention="full", gpu_mem="60KiB", host_mem="30KiB", disk_mem="4MiB", disk_dir=str(tmp_path / "kv"))
@@ -302,6 +326,18 @@ def test_tiered_backend_resumes_an_interrupted_prefill(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(llm, seq, path, every=64, on_segment=stop)
     assert KVFileReader(path).n == 128
+    # an interrupt inside the next segment (its layer 0 done, so that layer's tail is already rewritten): the
+    # tiered backend keeps the last commit instead of reading a half-updated layer
+    with monkeypatch.context() as m:
+        interrupt_at_layer_call(m, llm.model, 2 + 1)          # 64-token segments = 2 chunks x 2 layers
+        with pytest.raises(KeyboardInterrupt):
+            run(llm, seq, path, every=64)
+    assert KVFileReader(path).n == 128
+    with monkeypatch.context() as m:
+        interrupt_at_layer_call(m, llm.model, 4 + 4)          # the second segment after the resume, its layer 1
+        with pytest.raises(KeyboardInterrupt):
+            run(llm, seq, path, every=64)
+    assert KVFileReader(path).n == 192
     for got in (run(llm, seq, path, every=64), run(llm, seq, path)):     # resumed at 128, then whole
         assert torch.equal(got[0], want[0])
         for layer in range(llm.model_config.num_layers):   # the same KV bits, whatever tier holds them
