@@ -186,6 +186,10 @@ def _check_types(cfg) -> None:
                               "write e.g. {3: [0, 1]}")
 
 
+class _AliasRefused(Exception):
+    pass
+
+
 class _OptionsLoader(yaml.SafeLoader):
     """SafeLoader without anchors/aliases: a few lines of aliases can stand for billions of nodes
     ("billion laughs"), and an options file never needs them."""
@@ -193,7 +197,7 @@ class _OptionsLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
-            raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*name) are not allowed in a config file")
+            raise _AliasRefused(f"line {mark.line + 1}")
         return super().compose_node(parent, index)
 
 
@@ -204,6 +208,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
     text = read_utf8(p, "config file", fix, max_bytes=CONFIG_MAX_BYTES)
     try:
         data = yaml.load(text, Loader=_OptionsLoader)
+    except _AliasRefused as e:
+        raise ConfigError(f"config file {p} uses a YAML alias (*name, {e}), which can expand without bound; "
+                          "write the value out instead") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "syntax error"
         raise ConfigError(f"config file {p} is not valid YAML ({first}); fix the file") from None

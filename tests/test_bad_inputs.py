@@ -29,8 +29,9 @@ from offload.errors import (CapacityError, ConfigError, ModelLoadError, OffloadE
                             SessionFileError)
 from offload.model.loaders import build
 
-ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+# "billion laughs": 9 levels of 9 aliases each under a real option; printing or parsing it expands 9**9 items
+ALIAS_BOMB = "ctx: [&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+    f"&{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]" for p, c in zip("abcdefgh", "bcdefghi")) + "]\n"
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ CLI_ROWS = {
     "model-other-vocab": (lambda t, m: ["-m", str(m["vocab"]), "-p", "x"], ["embed_tokens", "shape"]),
     "model-no-tokenizer": (lambda t, m: ["-m", str(m["tiny"]), "-p", "x"], ["no tokenizer"]),
     "config-fifo": (lambda t, m: ["--config", _fifo(t / "c.yaml"), "-p", "x"], ["FIFO", "--config"]),
-    "config-alias-bomb": (lambda t, m: ["--config", _write(t / "c.yaml", ALIAS_BOMB), "-p", "x"], ["aliases"]),
+    "config-alias-bomb": (lambda t, m: ["--config", _write(t / "c.yaml", ALIAS_BOMB), "-p", "x"], ["alias", "line 1"]),
     "config-deep": (lambda t, m: ["--config", _write(t / "c.yaml", "a: " + "[" * 20000 + "]" * 20000), "-p", "x"],
                     ["c.yaml"]),
     "config-huge": (lambda t, m: ["--config", _write(t / "c.yaml", "# x\n" * 300000), "-p", "x"], ["bytes"]),
