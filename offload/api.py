@@ -85,7 +85,10 @@ class LLM:
         cfg = self.config.replace(**overrides) if overrides else self.config
         try:
             attn = backends.make(self.spec, self.plan, cfg)
-        except (torch.OutOfMemoryError, MemoryError) as e:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError, OSError) as e:
+            if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "out of memory" not in str(e).lower() \
+                    and getattr(e, "errno", None) != 12:    # ENOMEM from mmap / cudaHostRegister of the host slab
+                raise
             # sessions coexist, each with its own KV; the planner sized one, so another may not fit beside it
             live = sum(1 for s in self._sessions if not s.closed)
             raise CapacityError(f"a new session's KV does not fit beside the {live} open session(s) "

@@ -218,6 +218,21 @@ def test_sessions_coexist_and_closed_ones_say_so(tiny_llm):
     a.close(), c.close()
 
 
+def test_a_session_that_cannot_fit_beside_others_is_refused(tiny_llm, monkeypatch):
+    from offload import backends
+    kept = tiny_llm.session()
+    kept.prefill([1, 2])
+
+    def no_room(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    monkeypatch.setattr(backends, "make", no_room)
+    with pytest.raises(CapacityError, match=r"beside the \d+ open session.*; close one") as e:
+        tiny_llm.session()
+    assert "\n" not in str(e.value)
+    kept.step(3)                              # the open session is untouched
+    kept.close()
+
+
 def _saved(llm, folder: Path) -> Path:
     sess = llm.session()
     sess.prefill([3, 4, 5, 6])
