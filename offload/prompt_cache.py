@@ -270,7 +270,7 @@ def prefill_cached(sess, token_ids, path, every=None, on_segment=None) -> torch.
     try:
         with _sigterm_interrupts():
             while done < len(ids):
-                end = min(len(ids), done + seg)
+                end = min(len(ids), (done // seg + 1) * seg)   # on the segment grid, also after an odd resume
                 inside = True
                 logits = sess.prefill(ids[done:end])
                 done, inside = end, False

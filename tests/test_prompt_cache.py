@@ -95,6 +95,19 @@ def test_prefix_cached_then_only_the_rest_is_prefilled(tiny, ids, reference, pre
     assert KVFileReader(path).n == N        # extended in place (128 is block-aligned)
 
 
+def test_longer_prompt_after_an_unaligned_cache_checkpoints_on_the_grid(tiny, ids, tmp_path, monkeypatch):
+    monkeypatch.setattr(prompt_cache, "SEGMENT_MAX", 32)
+    path, longer = tmp_path / "doc.kvc", ids + ids[:150]
+    run(tiny, ids, path)                     # 300 tokens: the last block is partial
+    s = tiny.session()
+    want = s.prefill(longer), s.step(11)
+    seen = []
+    got = run(tiny, longer, path, every=64, on_segment=seen.append)
+    assert seen == [320, 352, 384, 416, 448, 450] and KVFileReader(path).n == 450
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)   # the chunk grid moved: not bit-exact
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
+
+
 def test_interrupted_prefill_resumes_where_it_stopped(tiny, ids, reference, prefilled, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(prompt_cache, "SEGMENT_MAX", 32)    # segments of 32 tokens, checkpoints every 64
     path = tmp_path / "doc.kvc"
