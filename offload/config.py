@@ -143,6 +143,11 @@ class OffloadConfig:
             set_("prompt_cache_every", parse_tokens(self.prompt_cache_every, "prompt_cache_every"))
             if self.prompt_cache_every < 0:
                 raise ConfigError(f"prompt_cache_every must be >= 0 (0: save only at the end), got {self.prompt_cache_every}")
+        # sparse selection: a bad budget (mass p outside (0, 1], floor above cap) or index option fails here,
+        # before any weight loads, whatever attention mode ends up chosen
+        from offload.indexes import Budget, check_index_options   # lazy: the indexes import torch kernels
+        Budget.parse(self.budget, self.streaming_heads)
+        check_index_options(self.index, self.index_options or {})
 
     def replace(self, **kw) -> "OffloadConfig":
         return dataclasses.replace(self, **kw)

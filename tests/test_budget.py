@@ -98,3 +98,30 @@ def test_group_shares_match_the_exact_softmax():
     want = p[..., :128].reshape(2, 3, 8, 16).sum(-1).mean(1)                   # want: [Hkv, n]
     assert torch.allclose(share, want, atol=1e-5)
     assert torch.allclose(base, p[..., 128:].sum(-1).mean(1), atol=1e-5)
+
+
+# ---- bad input reaches the user as one line, before any weight loads ------------------------------
+@pytest.mark.parametrize("options, words", [
+    ({"budget": "p=1.2"}, "outside (0, 1]"),
+    ({"budget": "p=0.9,floor=2K,cap=1K"}, "above cap"),
+    ({"index": "shadow", "index_options": {"rank": "sixteen"}}, "rank='sixteen' must be a whole number"),
+    ({"index": "summary", "index_options": {"candidate_factor": "4"}}, "must be a number"),
+])
+def test_api_refuses_bad_sparse_options_before_resolving_the_model(tmp_path, options, words):
+    """The model path does not exist: the sparse option is what gets reported, so it is checked first."""
+    from offload import LLM
+    with pytest.raises(ConfigError, match=None) as e:
+        LLM(str(tmp_path / "no-such-model"), **options)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_bad_mass_budget_exits_2_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "offload.cli.main", "-m", str(tmp_path / "no-such-model"),
+                        "--budget", "p=0", "-p", "x"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OFFLOAD_NO_PROGRESS": "1", "OFFLOAD_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "outside (0, 1]" in lines[0], r.stderr

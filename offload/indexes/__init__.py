@@ -23,13 +23,13 @@ from offload.indexes.shadow import ShadowKeyIndex
 from offload.indexes.summary import ChunkSummaryIndex
 
 __all__ = ["ChunkIndex", "ChunkSummaryIndex", "ShadowKeyIndex", "FaissANNIndex", "Budget", "make_index",
+           "check_index_options",
            "METHODS", "chunk_attention_mass", "mass_recall"]
 
 METHODS = ("summary", "shadow", "ann")
 
 
-def make_index(method: str, **kw) -> ChunkIndex:
-    """make_index(method, num_kv_heads=, num_q_heads=, head_dim=, chunk_tokens=, device=, dtype=, **options)."""
+def _index_class(method: str):
     if method == "summary":
         cls = ChunkSummaryIndex
     elif method == "shadow":
@@ -39,11 +39,36 @@ def make_index(method: str, **kw) -> ChunkIndex:
         cls = FaissANNIndex
     else:
         raise ConfigError(f"unknown index method {method!r}; use one of {', '.join(map(repr, METHODS))}")
-    known = set(inspect.signature(cls).parameters)
-    unknown = sorted(set(kw) - known)
+    return cls
+
+
+_KINDS = {bool: ((bool,), "true or false"), int: ((int,), "a whole number"), float: ((int, float), "a number"),
+          str: ((str,), "a string"), dict: ((dict,), "a mapping")}
+
+
+def check_index_options(method: str, options: dict) -> None:
+    """Unknown names and values of the wrong type -> one-line ConfigError (before any weight loads).
+
+    The type is the constructor default's (an option whose default is None is checked by the index itself)."""
+    params = inspect.signature(_index_class(method)).parameters
+    unknown = sorted(set(options) - set(params))
     if unknown:
-        raise ConfigError(f"index method {method!r} has no option(s) {', '.join(unknown)}; "
-                          f"valid: {', '.join(sorted(known))}")
+        raise ConfigError(f"index method {method!r} has no option(s) {', '.join(map(str, unknown))}; "
+                          f"valid: {', '.join(sorted(params))}")
+    for name, value in options.items():
+        default = params[name].default
+        if default is inspect.Parameter.empty or default is None or type(default) not in _KINDS:
+            continue
+        want, words = _KINDS[type(default)]
+        if (isinstance(value, bool) and bool not in want) or not isinstance(value, want):
+            raise ConfigError(f"index option {name}={value!r} must be {words} (default {default!r}); "
+                              f"fix index_options")
+
+
+def make_index(method: str, **kw) -> ChunkIndex:
+    """make_index(method, num_kv_heads=, num_q_heads=, head_dim=, chunk_tokens=, device=, dtype=, **options)."""
+    cls = _index_class(method)
+    check_index_options(method, kw)
     return cls(**kw)
 
 
