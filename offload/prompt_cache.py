@@ -164,7 +164,7 @@ def _sigterm_interrupts():
 class _Saver:
     """Commits of one prompt to its cache file; a failed write turns saving off for the run (one line)."""
 
-    def __init__(self, path: Path, writer: KVFileWriter, sess, ids: list[int]):
+    def __init__(self, path: Path, writer: KVFileWriter | None, sess, ids: list[int]):
         self.path, self.writer, self.sess, self.ids = path, writer, sess, ids
 
     @property
@@ -181,8 +181,8 @@ class _Saver:
                 raise OSError(28, f"{need / 2**30:.2f} GiB needed, {st.f_bavail * st.f_frsize / 2**30:.2f} GiB free")
             self.writer.commit(n, self.ids, logits, lambda layer, s, e: _read_range(self.sess.attn, layer, s, e))
             return True
-        except OSError as e:
-            note(f"prompt cache {self.path}: cannot save ({e.strerror or e}); continuing without it "
+        except (OSError, SessionFileError) as e:
+            note(f"prompt cache {self.path}: cannot save ({getattr(e, 'strerror', None) or e}); continuing without it "
                  "(any older cache is kept)")
             self.close()
             return False
@@ -249,13 +249,17 @@ def prefill_cached(sess, token_ids, path, every=None, on_segment=None) -> torch.
         return logits
     mc, cfg = sess.llm.model_config, sess.config
     C = reader.layout.block_tokens if reader is not None else cfg.chunk_tokens
-    if reader is not None and reader.layout.capacity >= len(ids) and done % C == 0:
-        writer = KVFileWriter.extend(reader)
-    else:
-        _sweep(path.parent)
-        writer = KVFileWriter.create(path, Layout(mc.num_layers, mc.num_kv_heads, mc.head_dim,
-                                                  str(sess.llm.model.dtype).replace("torch.", ""), C, len(ids),
-                                                  mc.vocab_size), key)
+    try:
+        if reader is not None and reader.layout.capacity >= len(ids) and done % C == 0:
+            writer = KVFileWriter.extend(reader)
+        else:
+            _sweep(path.parent)
+            writer = KVFileWriter.create(path, Layout(mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                                                      str(sess.llm.model.dtype).replace("torch.", ""), C, len(ids),
+                                                      mc.vocab_size), key)
+    except OSError as e:
+        note(f"prompt cache {path}: cannot write it ({e.strerror or e}); continuing without it")
+        writer = None
     saver = _Saver(path, writer, sess, ids)
     every = checkpoint_every(getattr(cfg, "prompt_cache_every", None) if every is None else every, len(ids))
     unit = math.lcm(cfg.prefill_chunk, C)   # segment ends on prefill chunks (exact) and on blocks (in place)

@@ -368,3 +368,16 @@ def test_checkpoint_option_parses_sizes():
     assert prompt_cache.checkpoint_every(None, 128 * 1024) == 65536 and prompt_cache.checkpoint_every(None, 4096) == 0
     with pytest.raises(ConfigError, match="prompt_cache_every"):
         OffloadConfig(prompt_cache_every="-5")
+
+
+def test_unwritable_folder_answers_without_a_cache(tiny, ids, reference, tmp_path, capsys, monkeypatch):
+    real_open = os.open
+
+    def refuse(path, flags, *a):
+        if str(path).startswith(str(tmp_path)) and flags & os.O_CREAT:
+            raise PermissionError(13, os.strerror(13))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", refuse)   # what a read-only folder does to the temp file
+    exact(run(tiny, ids, tmp_path / "doc.kvc"), reference)
+    assert "cannot write it (Permission denied)" in capsys.readouterr().err and not list(tmp_path.iterdir())
