@@ -173,8 +173,9 @@ class ShadowKeyIndex:
         if self._summary is not None:
             lm = self._summary.chunk_log_mass(q)                               # lm: [Hkv, G, n_alloc]
         else:
-            means = self._means.data.float()                                   # means: [Hkv, n_alloc, D]
-            lm = torch.einsum("hgd,hnd->hgn", q.reshape(hkv, g, d), means) * self.scale + math.log(self.chunk_tokens)
+            means = self._means.data                                           # means: [Hkv, n_alloc, D]
+            s = torch.bmm(q.reshape(hkv, g, d).to(means.dtype), means.transpose(1, 2)).float()  # s: [Hkv, G, n_alloc]
+            lm = s * self.scale + math.log(self.chunk_tokens)
             written = torch.arange(lm.shape[2], device=lm.device) < self._count  # written: [n_alloc]
             lm = torch.where(written, lm, torch.full((), -math.inf, device=lm.device))
         width = min(lm.shape[2], math.ceil(max(int(cap) * self.candidate_factor, self.min_candidates)))

@@ -228,9 +228,11 @@ class ChunkSummaryIndex:
 
     def _box_log_mass(self, q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """q [Hkv, G, D], boxes lo/hi [Hkv, R, D] -> log(C) + scale * (q.centre + mass_radius * |q|.radius) [Hkv, G, R]."""
-        centre, radius = (lo.float() + hi.float()) / 2, (hi.float() - lo.float()) / 2  # [Hkv, R, D]
-        s = torch.einsum("hgd,hrd->hgr", q, centre)                            # s: [Hkv, G, R]
-        s = s + self.mass_radius * torch.einsum("hgd,hrd->hgr", q.abs(), radius)
+        # q.centre + rho |q|.radius = a.lo + b.hi with a = (q - rho|q|)/2, b = (q + rho|q|)/2: two matmuls over
+        # the stored bounds as they are (bf16 on the GPU), no [Hkv, R, D] temporaries
+        r = self.mass_radius * q.abs()                                         # r: [Hkv, G, D]
+        a, b = ((q - r) / 2).to(lo.dtype), ((q + r) / 2).to(hi.dtype)          # a, b: [Hkv, G, D]
+        s = torch.bmm(a, lo.transpose(1, 2)).float() + torch.bmm(b, hi.transpose(1, 2)).float()  # s: [Hkv, G, R]
         return s * self.scale + math.log(self.chunk_tokens)                    # [Hkv, G, R]
 
     def _candidates(self, q: torch.Tensor, k: int) -> torch.Tensor:
