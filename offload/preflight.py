@@ -25,7 +25,7 @@ def check_options(cfg, mc, ctx: int, dtype) -> None:
     except (TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"--budget {cfg.budget!r} cannot be read ({e}); use e.g. 2K or 5%") from None
     if isinstance(cfg.budget, list) and len(cfg.budget) != mc.num_layers:
-        raise ConfigError(f"the per-layer budget list has {len(cfg.budget)} entries but the model has "
+        raise ConfigError(f"--budget: the per-layer list has {len(cfg.budget)} entries but the model has "
                           f"{mc.num_layers} layers; give one budget per layer")
     beyond = sorted(int(k) for k in (cfg.streaming_heads or {}) if int(k) >= mc.num_layers)
     if beyond:
