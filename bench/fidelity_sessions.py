@@ -112,15 +112,12 @@ def fork(base, method: Method):
 def _mass_wrapped(sess, base, budget):
     """A mass budget's indexes wrapped in MassBudgetIndex (unless the runtime did it already); KV reloaded."""
     from offload.indexes import Budget
-    from offload.indexes.adaptive import MassBudgetIndex
+    from offload.indexes.adaptive import wrap_mass_budget
     b = Budget.parse(budget)
-    indexes = sess.attn.indexes
-    if not b.adaptive or indexes is None or all(isinstance(i, MassBudgetIndex) for i in indexes):
+    if not b.adaptive or sess.attn.indexes is None:
         return sess
     cfg, C = base.llm.config, sess.attn.C
-    n_sink, n_window = -(-cfg.sink_tokens // C), -(-cfg.window_tokens // C)
-    sess.attn.indexes = [MassBudgetIndex(idx, b.mass(layer), b.floor_chunks(C, layer), n_sink, n_window)
-                         for layer, idx in enumerate(indexes)]
+    sess.attn.indexes = wrap_mass_budget(sess.attn.indexes, b, C, -(-cfg.sink_tokens // C), -(-cfg.window_tokens // C))
     return sess
 
 

@@ -160,3 +160,15 @@ class MassBudgetIndex:
     @property
     def nbytes(self) -> dict[str, int]:
         return self.inner.nbytes
+
+
+def wrap_mass_budget(indexes: list, budget, chunk_tokens: int, n_sink: int, n_window: int) -> list:
+    """Each layer's index wrapped in MassBudgetIndex where `budget` (offload.indexes.Budget) has a mass
+    threshold for that layer; others (and already wrapped ones) are returned as they are."""
+    out = []
+    for layer, idx in enumerate(indexes):
+        p = budget.mass(layer)
+        if p and not isinstance(idx, MassBudgetIndex):
+            idx = MassBudgetIndex(idx, p, budget.floor_chunks(chunk_tokens, layer), n_sink, n_window)
+        out.append(idx)
+    return out
