@@ -9,8 +9,8 @@ What the host tier will hold is simulated by hooking the session's TieredKVStore
 the sinks and the local window goes through quantize_chunks -> dequantize_chunks when it is stored, and a
 chunk that leaves the window is stored again the same way (sinks, window and the < C-token tail stay exact,
 as they stay in bf16 on the GPU). Indexes are built from the unquantized keys, as in the runtime.
-The model runs in float32 on the CPU, so "unquantized" here is float32 KV; the row kv=bf16 (KV rounded to
-bf16 outside sinks + window) shows the floor every GPU run has anyway.
+On the CPU the model runs in float32, so "unquantized" there is float32 KV (the row kv=bf16, KV rounded to
+bf16 outside sinks + window, shows the floor every GPU run has anyway); with --device cuda it is bf16.
 
 teacher  --teacher-context tokens of text, then --continuation tokens teacher-forced: top-1 agreement and
          KL(reference || quantized) per step, against exact attention on unquantized KV ("vs exact") and,
@@ -55,7 +55,8 @@ class RoundTripPuts:
 
     def __init__(self, attn, kv_dtype: str):
         self.store, self.kv_dtype = attn.store, kv_dtype
-        self.n_sink, self.n_window = attn.n_sink, attn.n_window
+        where = getattr(attn, "selector", attn)      # sinks and window in chunks (the selector's since issue 10)
+        self.n_sink, self.n_window = where.n_sink, where.n_window
         s = self.store.shape
         self.fmt = PackedFormat(kv_dtype if kv_dtype != "bf16" else "int8", s.num_kv_heads, s.chunk_tokens,
                                 s.head_dim, s.dtype)
@@ -83,7 +84,7 @@ class RoundTripPuts:
         self._put(layer, first, kv, *args, **kwargs)
         lo, hi = max(before - self.n_window, self.n_sink, 0), min(cut, first)
         if hi > lo:                                 # stored exact earlier, left the window now
-            self._put(layer, lo, self._lossy(self.store.read(layer, range(lo, hi))))
+            self._put(layer, lo, self._lossy(self.store.read(layer, range(lo, hi)).to(kv.device)))
         self.count[layer] = total
 
 
@@ -99,51 +100,76 @@ def quant_session(base, attention: str, kv_dtype: str | None):
     return sess, hook
 
 
+_BASE = "fp32"        # the unquantized KV's dtype in labels (bf16 on CUDA)
+
+
 def label(attention: str, kv_dtype: str | None) -> str:
-    return f"{'exact' if attention == 'full' else 'sparse'} kv={kv_dtype or 'fp32'}"
+    return f"{'exact' if attention == 'full' else 'sparse'} kv={kv_dtype or _BASE}"
 
 
 def run_teacher(llm, args) -> dict:
+    """All sessions advance together token by token, so a run cut short still compares them over the same
+    prefix; the JSON (--out + ".partial") is rewritten every 64 tokens."""
     tok = llm.tokenizer
     ids = teacher_text_ids(tok, haystack_ids(tok), args.teacher_context, args.continuation)
     cont = ids[args.teacher_context:]
     log(f"teacher: prefill {args.teacher_context} tokens, {len(cont)} teacher-forced")
     base = llm.session(attention="full")
     base.prefill(ids[:args.teacher_context])
-    refs: dict[str, tuple[list, list]] = {}
-    rows = []
     modes = args.attention.split(",")
     plan = [("full", None)] + [(a, None) for a in modes if a != "full"]    # references first
     plan += [(a, d) for a in modes for d in args.kv_dtypes.split(",")]
+    runs = []
     for attention, kd in plan:
         if attention == "full" and kd is None:
             sess, hook = base.fork(attention="full"), None       # the reference: dense, exact, unquantized
         else:
             sess, hook = quant_session(base, attention, kd)
-        logp, top, t0 = [], [], time.perf_counter()
-        for t in cont:
-            lp = torch.log_softmax(sess.step(t).float(), -1)      # lp: [V]
-            logp.append(lp)
-            top.append(int(lp.argmax()))
-        ms = 1000 * (time.perf_counter() - t0) / len(cont)
-        sess.close()
-        name = label(attention, kd)
-        if kd is None:
-            refs[attention] = (logp, top)
-        row = {"method": name, "ms_token": round(ms, 1), "lossy_chunks": hook.lossy_chunks if hook else 0}
-        for ref_name, (rl, rt) in (("exact", refs["full"]), ("same", refs.get(attention))):
-            if rl is None or (ref_name == "same" and attention == "full"):
+        runs.append({"name": label(attention, kd), "attention": attention, "kd": kd, "sess": sess, "hook": hook,
+                     "top": [], "kl": {"exact": [], "same": []}, "s": 0.0})
+    base.close()
+    refs = {"full": runs[0]}
+    refs.update({r["attention"]: r for r in runs if r["kd"] is None})
+    out = {"context": args.teacher_context, "continuation": 0, "rows": []}
+    for i, t in enumerate(cont):
+        logps = []
+        for r in runs:
+            t0 = time.perf_counter()
+            lp = torch.log_softmax(r["sess"].step(t).float(), -1)  # lp: [V]
+            r["s"] += time.perf_counter() - t0
+            r["top"].append(int(lp.argmax()))
+            logps.append(lp)
+        by_name = {r["name"]: lp for r, lp in zip(runs, logps)}
+        for r, lp in zip(runs, logps):
+            for ref_name, ref in (("exact", refs["full"]), ("same", refs.get(r["attention"]))):
+                if ref is not None and ref is not r:
+                    rl = by_name[ref["name"]]
+                    r["kl"][ref_name].append(float((rl.exp() * (rl - lp)).sum()))
+        if (i + 1) % 64 == 0 or i + 1 == len(cont):
+            out = {"context": args.teacher_context, "continuation": i + 1, "rows": _teacher_rows(runs, refs)}
+            Path(args.out + ".partial").write_text(json.dumps({"teacher": out}, indent=1))
+            log(f"  {i + 1} tokens: " + "  ".join(f"{r['method']} {r.get('top1_vs_exact', 1):.4f}" for r in out["rows"]))
+    for r in runs:
+        r["sess"].close()
+    return out
+
+
+def _teacher_rows(runs: list[dict], refs: dict) -> list[dict]:
+    rows = []
+    for r in runs:
+        n = len(r["top"])
+        row = {"method": r["name"], "tokens": n, "ms_token": round(1000 * r["s"] / n, 1),
+               "lossy_chunks": r["hook"].lossy_chunks if r["hook"] else 0}
+        for ref_name in ("exact", "same"):
+            ref = refs["full"] if ref_name == "exact" else refs.get(r["attention"])
+            kls = sorted(r["kl"][ref_name])
+            if ref is None or ref is r or not kls or (ref_name == "same" and r["attention"] == "full"):
                 continue
-            kls = sorted(float((a.exp() * (a - b)).sum()) for a, b in zip(rl, logp))
-            row[f"top1_vs_{ref_name}"] = sum(a == b for a, b in zip(rt, top)) / len(top)
+            row[f"top1_vs_{ref_name}"] = sum(a == b for a, b in zip(ref["top"], r["top"])) / n
             row[f"kl_mean_vs_{ref_name}"] = sum(kls) / len(kls)
             row[f"kl_p99_vs_{ref_name}"] = kls[int(0.99 * (len(kls) - 1))]
         rows.append(row)
-        log(f"  {name:22s} top1 vs exact {row.get('top1_vs_exact', 1):.4f}  KL {row.get('kl_mean_vs_exact', 0):.5f}"
-            f"  vs same {row.get('top1_vs_same', float('nan')):.4f}  {ms:.0f} ms/token")
-        del logp
-    base.close()
-    return {"context": args.teacher_context, "continuation": len(cont), "rows": rows}
+    return rows
 
 
 def run_needle(llm, args) -> dict:
@@ -194,7 +220,8 @@ def needle_table(cases: list[dict]) -> list[dict]:
         same_attn = [c for c in got if c["methods"][name] == c["methods"].get(base)]
         rows.append({"method": name, "cases": len(got),
                      "correct": sum(c["methods"][name] == c["answer"] for c in got) / len(got),
-                     "eq_exact_fp32": len(same) / len(got), "eq_same_attention_fp32": len(same_attn) / len(got)})
+                     "eq_exact_unquantized": len(same) / len(got),
+                     "eq_same_attention_unquantized": len(same_attn) / len(got)})
     return rows
 
 
@@ -211,6 +238,7 @@ def main() -> None:
     ap.add_argument("--segments", default=None, help="needle: only these segments (split a run over processes)")
     ap.add_argument("--max-new", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu (float32 model and KV) or cuda (bf16: the baseline is bf16 KV)")
     ap.add_argument("--out", default="bench/out/kv_quant_fidelity.json")
     ap.add_argument("--merge", nargs="+", default=None)
     args = ap.parse_args()
@@ -220,13 +248,15 @@ def main() -> None:
         for p in args.merge:
             part = json.loads(Path(p).read_text())
             doc["commands"] += part.get("commands", [])
-            cases += part.get("needle", {}).get("cases", [])
+            cases += part.get("needle", part).get("cases", [])
             doc.update({k: v for k, v in part.items() if k not in ("commands", "needle")})
         if cases:
             doc["needle"] = {"cases": cases, "rows": needle_table(cases)}
     else:
         torch.set_num_threads(args.threads)
-        llm = LLM("smollm2-135m", device="cpu", ctx="8K", show_progress=False)
+        global _BASE
+        _BASE = "bf16" if args.device == "cuda" else "fp32"
+        llm = LLM("smollm2-135m", device=args.device, ctx="8K", show_progress=False)
         doc = {"bench": "kv_quant_fidelity", "date": date.today().isoformat(), "device": device_name(),
                "model": llm.name, "commands": ["python " + " ".join(sys.argv)],
                "sink_tokens": llm.config.sink_tokens, "window_tokens": llm.config.window_tokens,

@@ -183,10 +183,11 @@ gpu = pytest.mark.gpu
 
 
 @pytest.fixture
-def poison(monkeypatch):
+def poison():
+    """The quant.cu launchers, with outputs and scratch filled with NaN first (an element left unwritten shows)."""
     from offload.kernels import _cupy, _cupy_quant
-    monkeypatch.setattr(_cupy, "debug_poison", True)
-    return _cupy_quant
+    with _cupy.launch_options(poison=True):
+        yield _cupy_quant
 
 
 def _nan_out(hq, d):

@@ -215,12 +215,16 @@ def _split_alt(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(flagged, none, slots), torch.where(flagged, slots & ~ALT_SLOT, none)
 
 
-def _gpu_path(q: torch.Tensor, pools) -> object | None:
-    from . import _on_gpu, _pool_reachable
-    if _on_gpu(q) and all(_pool_reachable(q, p) for p in pools if p is not None):
-        from . import _cupy_quant
-        return _cupy_quant
-    return None
+def _gpu_path(ref: torch.Tensor, pools) -> object | None:
+    """The CuPy launchers when ref is on the GPU and every pool is readable there (a pinned host pool through
+    UVA), else None."""
+    if not ref.is_cuda or any(p is not None and not (p.is_cuda or p.is_pinned()) for p in pools):
+        return None
+    from . import _backend
+    if _backend() is None:
+        return None
+    from . import _cupy_quant
+    return _cupy_quant
 
 
 def gather_attend_q(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, scale: float,
