@@ -22,6 +22,9 @@
 #ifndef QA_U_BIG
 #define QA_U_BIG 2
 #endif
+#ifndef QA_MIN_BLOCKS                        // blocks per SM the compiler must fit (caps registers)
+#define QA_MIN_BLOCKS 1
+#endif
 #define QA_VGROUP_SHIFT 5                    // 32 channels per value scale
 
 __device__ __forceinline__ void scale_pair(unsigned int w, float& s, float& m) {
@@ -182,7 +185,7 @@ __device__ __forceinline__ void load_raw(const unsigned char* kp, const unsigned
 }
 
 template <typename TQ, typename TR, int D, int G, int BITS, typename IdxT>
-__global__ void __launch_bounds__(QA_THREADS) attend_q_kernel(
+__global__ void __launch_bounds__(QA_THREADS, QA_MIN_BLOCKS) attend_q_kernel(
     const void* __restrict__ q,                 // [Hkv*G, D] TQ
     const unsigned char* __restrict__ pool_a,   // slots without the flag
     const unsigned char* __restrict__ pool_b,   // slots flagged OFL_ALT_SLOT (may be null)

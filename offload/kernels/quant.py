@@ -32,7 +32,7 @@ import torch
 from . import reference
 from .reference import ALT_SLOT
 
-__all__ = ["KV_DTYPES", "PackedFormat", "packed_format", "quantize_chunks", "dequantize_chunks", "is_packed",
+__all__ = ["KV_DTYPES", "PackedFormat", "PackedStorage", "packed_format", "quantize_chunks", "dequantize_chunks", "is_packed",
            "gather_attend_q", "gather_rows_q"]
 
 KV_DTYPES = ("bf16", "int8", "int4")
@@ -101,8 +101,32 @@ class PackedFormat:
         return 2 * self.num_kv_heads * self.part_bytes
 
     @property
+    def storage(self) -> PackedStorage:
+        return PackedStorage(self.num_kv_heads, self.chunk_tokens, self.chunk_bytes)
+
+    @property
     def raw_chunk_bytes(self) -> int:
         return 2 * self.num_kv_heads * self.chunk_tokens * self.head_dim * torch.empty((), dtype=self.raw_dtype).element_size()
+
+
+@dataclass(frozen=True)
+class PackedStorage:
+    """What a tier needs to store packed chunks (the fields of tiers.base.ChunkShape it reads): [S, B] uint8."""
+    num_kv_heads: int
+    chunk_tokens: int
+    nbytes: int                   # B: one packed chunk
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.nbytes,)
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8
 
 
 def packed_format(kv_dtype: str, shape) -> PackedFormat:
