@@ -65,10 +65,14 @@ def check_index_options(method: str, options: dict) -> None:
                               f"fix index_options")
 
 
+_GEOMETRY = frozenset({"num_kv_heads", "num_q_heads", "head_dim", "chunk_tokens", "device", "dtype", "max_chunks"})
+
+
 def make_index(method: str, **kw) -> ChunkIndex:
     """make_index(method, num_kv_heads=, num_q_heads=, head_dim=, chunk_tokens=, device=, dtype=, **options)."""
     cls = _index_class(method)
-    check_index_options(method, kw)
+    # the runtime passes the geometry (device may be a torch.device); only user options are type-checked
+    check_index_options(method, {k: v for k, v in kw.items() if k not in _GEOMETRY})
     return cls(**kw)
 
 
