@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from offload.engine.attention import AttentionBackend
+from offload.attention import AttentionBackend
 from offload.errors import ModelLoadError
 from offload.model.config import ModelConfig
 from offload.model.rope import rope_inv_freq
