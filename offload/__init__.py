@@ -6,9 +6,10 @@
 """
 from offload.api import LLM, Chat, Session
 from offload.config import OffloadConfig, parse_bytes, parse_tokens
-from offload.errors import (CapacityError, ConfigError, ModelLoadError, OffloadError, SessionFileError,
-                            TierIOError)
+from offload.errors import (CapacityError, ConfigError, ModelLoadError, OffloadError, SessionClosedError,
+                            SessionFileError, TierIOError)
 
 __all__ = ["LLM", "Session", "Chat", "OffloadConfig", "parse_tokens", "parse_bytes", "OffloadError",
-           "ConfigError", "ModelLoadError", "CapacityError", "TierIOError", "SessionFileError"]
+           "ConfigError", "ModelLoadError", "CapacityError", "TierIOError", "SessionFileError",
+           "SessionClosedError"]
 __version__ = "0.1.0"

@@ -314,12 +314,14 @@ def prime_chat(chat, document: str, path) -> None:
     the cache, so chat.stream(document + "\\n\\n" + question) then prefills only the question."""
     tok = chat.llm.tokenizer
     mark = "\x00offload-question\x00"
-    rendered = tok.apply_chat_template(chat.messages + [{"role": "user", "content": f"{document}\n\n{mark}"}],
-                                       add_generation_prompt=True)
+    rendered, spans = tok.render_chat(chat.messages + [{"role": "user", "content": f"{document}\n\n{mark}"}],
+                                      add_generation_prompt=True)
     i = rendered.find(mark)
     if i < 0 or not rendered[:i].endswith("\n\n"):
         note(f"prompt cache {path}: this chat template hides where the document ends; not using the cache")
         return
     prefix = rendered[:i - 2]
-    chat.session.prefill(tok.encode(prefix, add_special_tokens=False), prompt_cache=path)
+    # the document is user text: a control token spelled in it stays text (as chat.stream encodes it)
+    user = [(a, min(b, len(prefix))) for a, b in spans if a < len(prefix)]
+    chat.session.prefill(tok.encode_chat(prefix, user), prompt_cache=path)
     chat._cached_text = prefix
