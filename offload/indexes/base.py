@@ -37,6 +37,10 @@ class ChunkIndex(Protocol):
     def gpu_bytes(self, num_chunks: int) -> int:
         """Compute-device bytes the index allocates for num_chunks chunks (the planner reserves them up front)."""
 
+    def chunk_log_mass(self, query: torch.Tensor, cap: int = 0) -> torch.Tensor:
+        """Estimated log attention mass per chunk and query head: query [Hq, D] -> float32 [Hkv, G, n_alloc]
+        (-inf for rows not written); cap = the selection's width in chunks. Mass budgets use it (adaptive.py)."""
+
     def graph_key(self):
         """What a captured `select` depends on besides the device-side chunk count (e.g. buffer addresses and
         sizes); None when `select` syncs with the host, so the decode step cannot be captured whole."""

@@ -46,6 +46,11 @@ class Selector:
                  token_reduce: str = "sum"):
         self.L, self.Hkv, self.C = num_layers, num_kv_heads, chunk_tokens
         self.n_sink, self.n_window, self.device = n_sink, n_window, torch.device(device)
+        if indexes is not None and budget is not None and budget.adaptive:
+            # a mass budget: each head's count comes from the index's mass estimate; the width stays the cap
+            # (budget.chunks), -1 past the count (offload/indexes/adaptive.py)
+            from offload.indexes.adaptive import wrap_mass_budget
+            indexes = wrap_mass_budget(indexes, budget, chunk_tokens, n_sink, n_window)
         self.indexes, self.budget = indexes, budget   # budget: offload.indexes.Budget (chunks beyond sinks + window)
         self.token_candidates, self.token_reduce = token_candidates, token_reduce  # None: whole chunks
         streaming = budget.streaming_heads if budget is not None else {}
