@@ -54,17 +54,31 @@ def plan(spec: RuntimeSpec, cfg=None):
     A sparse session on the GPU also holds its index's metadata there (bounds, shadows: up to GiBs at 1M
     tokens); that is reserved first, so the KV tier never takes memory the index will need later.
     """
+    from offload.errors import CapacityError
+    from offload.kernels.quant import packed_format
     from offload.planner import plan_budget
     cfg = cfg or spec.config
     mc = spec.model_config
     C, n_sink, n_window = _geometry(cfg)
 
+    kd = "bf16" if cfg.kv_dtype == "auto" else cfg.kv_dtype
+
     def budget(index_bytes: int):
+        cold = None if kd == "bf16" else packed_format(kd, ChunkShape(mc.num_kv_heads, C, mc.head_dim, spec.dtype)).chunk_bytes
         return plan_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, _itemsize(spec.dtype), spec.ctx,
                            weight_bytes(mc, spec.dtype), spec.device, gpu_mem=cfg.gpu_mem, host_mem=cfg.host_mem,
                            disk_mem=cfg.disk_mem, disk_dir=cfg.disk_dir, chunk_tokens=C, sink_chunks=n_sink,
-                           window_chunks=n_window, index_bytes=index_bytes)
-    p = budget(0)
+                           window_chunks=n_window, index_bytes=index_bytes, kv_dtype=kd, cold_chunk_bytes=cold)
+    try:
+        p = budget(0)
+    except CapacityError:
+        if cfg.kv_dtype != "auto":
+            raise
+        kd, p = "int8", None
+    if cfg.kv_dtype == "auto" and kd == "bf16" and p.host_chunks + p.disk_chunks and cfg.select_unit == "chunk":
+        kd = "int8"        # auto: KV that leaves the GPU is held in int8 (bench/RESULTS.md, issue 12)
+    if p is None or p.kv_dtype != kd:
+        p = budget(0)
     sparse = cfg.attention == "sparse" or (cfg.attention == "auto" and not fits_on_device(p, mc))
     if sparse and spec.device.type == "cuda":
         index = mc.num_layers * new_index(spec, cfg, device="cpu").gpu_bytes(math.ceil(spec.ctx / C))
@@ -127,7 +141,7 @@ def make(spec: RuntimeSpec, plan_=None, cfg=None):
     C, n_sink, n_window = _geometry(cfg)
     store = TieredKVStore(ChunkShape(mc.num_kv_heads, C, mc.head_dim, spec.dtype), mc.num_layers, p.capacities,
                           spec.device, disk_dir=cfg.disk_dir, policy=cfg.policy, sink_chunks=n_sink,
-                          window_chunks=n_window)
+                          window_chunks=n_window, kv_dtype=p.kv_dtype)
     indexes, budget = None, None
     if m == "sparse":
         budget = Budget.parse(cfg.budget, cfg.streaming_heads)

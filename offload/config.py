@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SELECT_UNITS = ("chunk", "token")
 PREFILL_MODES = ("exact", "sparse")
 TOKEN_REDUCES = ("max", "sum")
+KV_DTYPES = ("auto", "bf16", "int8", "int4")
 CONFIG_MAX_BYTES = 1 << 20      # an options file is a few hundred bytes; anything near this is not one
 SEED_MAX = 2**64 - 1            # torch.Generator.manual_seed takes 64 bits
 # fields whose default is None: what a set value may be (other fields take the type of their default)
@@ -86,6 +87,8 @@ class OffloadConfig:
     token_candidates: float = 4.0         # select_unit=token: candidate chunks = this x the budget's chunks
     token_reduce: str = "sum"             # select_unit=token: rank a token by the group's summed softmax or max q.k
     policy: str = "lru"                   # which chunks stay on faster tiers: lru | attention
+    kv_dtype: str = "bf16"                # KV in the host and disk tiers: bf16 (as computed) | int8 | int4
+                                          # (compressed, lossy: bench/RESULTS.md, issue 12) | auto
     sink_tokens: int = 64                 # always attended and kept on the GPU (attention sinks)
     window_tokens: int = 256              # the local window: always attended and kept on the GPU
     load_format: str = "auto"
@@ -115,7 +118,8 @@ class OffloadConfig:
                 if getattr(self, name) < 0:
                     raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         for name, allowed in (("device", DEVICES), ("attention", ATTENTION_MODES),
-                              ("load_format", LOAD_FORMATS), ("dtype", DTYPES), ("prefill", PREFILL_MODES)):
+                              ("load_format", LOAD_FORMATS), ("dtype", DTYPES), ("prefill", PREFILL_MODES),
+                              ("kv_dtype", KV_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.temperature < 0:
@@ -131,6 +135,9 @@ class OffloadConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.select_unit not in SELECT_UNITS:
             raise ConfigError(f"select_unit {self.select_unit!r} is not one of {', '.join(SELECT_UNITS)}")
+        if self.kv_dtype in ("int8", "int4") and self.select_unit == "token":
+            raise ConfigError(f"--kv-dtype {self.kv_dtype} does not combine with --select-unit token yet; "
+                              "use --kv-dtype bf16 or --select-unit chunk")
         if self.token_reduce not in TOKEN_REDUCES:
             raise ConfigError(f"token_reduce {self.token_reduce!r} is not one of {', '.join(TOKEN_REDUCES)}")
         tc = self.token_candidates

@@ -58,6 +58,8 @@ class BudgetPlan:
     available: tuple[int, int, int]   # KV budget bytes found per tier (gpu, host, disk)
     disk_dir: str | None
     index_bytes: int = 0          # GPU bytes of sparse selection at full ctx (index, token-stage scratch)
+    kv_dtype: str = "bf16"         # how the host and disk tiers hold KV (int8 / int4: packed chunks)
+    cold_chunk_bytes: int = 0     # one host/disk chunk when packed (0: chunk_bytes)
 
     @property
     def capacities(self) -> tuple[int, int, int]:
@@ -69,16 +71,17 @@ class BudgetPlan:
 
     @property
     def host_bytes(self) -> int:
-        return self.host_chunks * self.chunk_bytes
+        return self.host_chunks * (self.cold_chunk_bytes or self.chunk_bytes)
 
     @property
     def disk_bytes(self) -> int:
-        return self.disk_chunks * self.chunk_bytes
+        return self.disk_chunks * (self.cold_chunk_bytes or self.chunk_bytes)
 
     def summary(self) -> str:
-        disk = f" + disk {_gib(self.disk_bytes)} GiB" + (f" ({self.disk_dir})" if self.disk_dir else "")
+        cold = f" {self.kv_dtype}" if self.kv_dtype != "bf16" else ""   # KV dtype of the host and disk tiers
+        disk = f" + disk {_gib(self.disk_bytes)} GiB{cold}" + (f" ({self.disk_dir})" if self.disk_dir else "")
         return (f"KV {_gib(self.kv_bytes)} GiB for ctx {_tokens(self.ctx)} ({self.chunk_tokens}-token chunks): "
-                f"GPU {_gib(self.gpu_bytes)} + host {_gib(self.host_bytes)} GiB"
+                f"GPU {_gib(self.gpu_bytes)} + host {_gib(self.host_bytes)} GiB{cold}"
                 + (disk if self.disk_chunks else "")
                 + (f"; sparse index {_size(self.index_bytes)} on the GPU" if self.index_bytes else ""))
 
@@ -121,7 +124,7 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
                 weight_bytes: int, device: torch.device | str = "cpu", gpu_mem: int | None = None,
                 host_mem: int | None = None, disk_mem: int | None = None, disk_dir: str | None = None,
                 chunk_tokens: int = 32, sink_chunks: int = 1, window_chunks: int = 4,
-                index_bytes: int = 0) -> BudgetPlan:
+                index_bytes: int = 0, kv_dtype: str = "bf16", cold_chunk_bytes: int | None = None) -> BudgetPlan:
     """Split the KV of `ctx` tokens over GPU, host and disk, or raise CapacityError saying what to change."""
     device = torch.device(device)
     chunk_bytes = 2 * num_kv_heads * chunk_tokens * head_dim * dtype_bytes
@@ -171,13 +174,17 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
                "smaller model" if index_bytes and gpu_mem is None else "raise --gpu-mem or use a smaller model")
         raise CapacityError(f"the GPU tier needs {_size(pinned * chunk_bytes)} for the sinks and local windows of "
                             f"{num_layers} layers but has {_size(gpu)}{taken}; {fix}")
-    h = min(max(0, total - g), host // chunk_bytes)
-    d = min(max(0, total - g - h), disk // chunk_bytes)
+    cold = cold_chunk_bytes or chunk_bytes      # host and disk hold packed chunks when kv_dtype is int8/int4
+    h = min(max(0, total - g), host // cold)
+    d = min(max(0, total - g - h), disk // cold)
     if g + h + d < total:
         fix = "raise --disk-mem or lower --ctx" if disk_dir else "pass --disk-dir (NVMe) or lower --ctx"
+        if kv_dtype == "bf16":
+            fix += ", or compress host and disk KV with --kv-dtype int8 (0.56x) or int4 (0.31x)"
         raise CapacityError(f"ctx {_tokens(ctx)} needs {_gib(kv_bytes)} GiB of KV; GPU {_gib(gpu)} + "
                             f"host {_gib(host)} + disk {_gib(disk)} = {_gib(gpu + host + disk)} GiB available; {fix}")
     return BudgetPlan(ctx=ctx, chunk_tokens=chunk_tokens, chunk_bytes=chunk_bytes, num_layers=num_layers,
                       gpu_chunks=g, host_chunks=h, disk_chunks=d, kv_bytes=kv_bytes, weight_bytes=weight_bytes,
                       gpu_reserve_bytes=reserve, available=(gpu, host, disk), disk_dir=disk_dir,
-                      index_bytes=index_bytes if device.type == "cuda" else 0)
+                      index_bytes=index_bytes if device.type == "cuda" else 0, kv_dtype=kv_dtype,
+                      cold_chunk_bytes=cold if cold != chunk_bytes else 0)

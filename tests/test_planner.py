@@ -29,7 +29,8 @@ def test_refusal_names_need_budgets_and_fix(tmp_path, machine):
         plan_budget(**LLAMA8B, ctx=1 << 20, weight_bytes=16 * GiB, device="cpu", gpu_mem=6 * GiB,
                     host_mem=48 * GiB, disk_mem=40 * GiB, disk_dir=str(tmp_path))
     assert str(e.value) == ("ctx 1M needs 128 GiB of KV; GPU 6 + host 48 + disk 40 = 94 GiB available; "
-                            "raise --disk-mem or lower --ctx")
+                            "raise --disk-mem or lower --ctx, or compress host and disk KV with --kv-dtype int8 "
+                            "(0.56x) or int4 (0.31x)")
     with pytest.raises(CapacityError, match="pass --disk-dir"):
         plan_budget(**LLAMA8B, ctx=1 << 20, weight_bytes=0, device="cpu", gpu_mem=6 * GiB, host_mem=48 * GiB)
 

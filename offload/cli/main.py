@@ -33,6 +33,9 @@ def _opt(*names, **kw):
 @_opt("--attention", type=click.Choice(["auto", "full", "sparse"]), help="Exact (full) or sparse retrieval attention.")
 @_opt("--budget", help="Sparse attention budget: tokens (2K) or a fraction (5%).")
 @_opt("--index", help="Sparse chunk selection method: summary, shadow or ann.")
+@_opt("--kv-dtype", type=click.Choice(["auto", "bf16", "int8", "int4"]),
+      help="KV in host RAM and on disk: bf16 (default), int8 or int4 (compressed, lossy; fewer bytes over PCIe), "
+      "auto (int8 once KV leaves the GPU).")
 @_opt("--select-unit", type=click.Choice(["chunk", "token"]),
       help="Sparse: attend whole chunks (default) or the best tokens of 4x as many candidate chunks.")
 @_opt("--prefill", type=click.Choice(["exact", "sparse"]),

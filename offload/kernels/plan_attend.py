@@ -25,13 +25,22 @@ class Tail(NamedTuple):
     count: torch.Tensor | None = None
 
 
+def _gather(kernels, q, part, scale, packed):
+    """One whole-chunk part: packed pools (int8/int4 host slab, drive chunks) through quant.gather_attend_q."""
+    if packed is not None:
+        from offload.kernels import quant
+        if quant.is_packed(part.pool) or quant.is_packed(part.alt):
+            return quant.gather_attend_q(q, part.pool, part.slots, scale, packed, part.alt)
+    return kernels.gather_attend(q, part.pool, part.slots, scale, part.alt)
+
+
 def attend_plan(q: torch.Tensor, tail: Tail, plan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [Hq, D] over the tail and everything DecodePlan `plan` (None: nothing) reads
     -> (o [Hq, D], lse [Hq]) float32."""
     from offload import kernels   # looked up per call, so a kernel can be swapped (tests count launches)
     partials = [kernels.dense_attend(q, tail.k, tail.v, scale, tail.count)]   # [(o [Hq, D], lse [Hq])]
     if plan is not None:
-        partials += [kernels.gather_attend(q, p.pool, p.slots, scale, p.alt) for p in plan.whole]
+        partials += [_gather(kernels, q, p, scale, plan.packed) for p in plan.whole]
     o, lse = kernels.merge_all(partials)                                      # o: [Hq, D], lse: [Hq]
     if plan is not None and plan.token_k:
         # base_lse: what is attended anyway, so "sum" ranks tokens by their share of the whole softmax

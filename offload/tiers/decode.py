@@ -55,6 +55,7 @@ class DecodePlan:
     token_k: int = 0
     token_reduce: str = "sum"
     disk_bytes: int = 0          # read from the drive for this plan
+    packed: object = None        # PackedFormat of the host slab and drive parts ([S, B] uint8) when int8/int4
 
     def candidate_chunks(self) -> torch.Tensor | None:
         """[Hkv] candidate chunks per KV head, or None without a token stage."""
@@ -118,9 +119,10 @@ class DecodeMixin:
             disk_bytes = staged.bytes["disk"]
         w = sel.whole_columns
         if not sel.token_k:
-            return DecodePlan(tuple(parts), disk_bytes=disk_bytes)
+            return DecodePlan(tuple(parts), disk_bytes=disk_bytes, packed=self.packed)
         plan = DecodePlan(tuple(Part(p, s[:, :w], a) for p, s, a in parts),
-                          tuple(Part(p, s[:, w:], a) for p, s, a in parts), sel.token_k, sel.token_reduce, disk_bytes)
+                          tuple(Part(p, s[:, w:], a) for p, s, a in parts), sel.token_k, sel.token_reduce, disk_bytes,
+                          self.packed)
         n_cand = plan.candidate_chunks()                                       # n_cand: [Hkv]
         C = self.shape.chunk_tokens
         self._token_rows += torch.stack([n_cand.sum(), (n_cand * C).clamp(max=sel.token_k).sum()])

@@ -87,11 +87,11 @@ class FetchMixin:
     def _stage(self, layer: int, chunks: torch.Tensor) -> _Staged:
         """Start reading chunks (sorted, all on disk) into a fresh host buffer."""
         dslots = self._slot[layer][chunks].tolist()
-        buf = torch.empty((len(dslots), *self.shape.shape), dtype=self.shape.dtype,
-                          pin_memory=self._copy is not None)                    # buf: [m, 2, Hkv, C, D]
+        buf = torch.empty((len(dslots), *self.cold_shape.shape), dtype=self.cold_shape.dtype,
+                          pin_memory=self._copy is not None)                    # buf: [m, 2, Hkv, C, D] or [m, B]
         fut = self.tiers[DISK].read(dslots, buf, after=self._state[DISK].readers_wait(dslots))
         self._state[DISK].drained_by(dslots, fut)
-        self._stats["disk2h_bytes"] += len(dslots) * self.shape.nbytes
+        self._stats["disk2h_bytes"] += len(dslots) * self.cold_shape.nbytes
         return _Staged(chunks, buf, fut)
 
     def _complete(self, pf: PendingFetch) -> FetchPlan:
@@ -138,7 +138,7 @@ class FetchMixin:
         head_bytes = self.shape.nbytes // self.shape.num_kv_heads
         hits = {name: int((tiers == t).sum()) for t, name in enumerate(TIER_NAMES)}
         nbytes = {"gpu": hits["gpu"] * head_bytes, "host": hits["host"] * head_bytes,
-                  "disk": disk_chunks_read * self.shape.nbytes}
+                  "disk": disk_chunks_read * self.cold_shape.nbytes}
         for name in TIER_NAMES:
             self._stats[f"hits_{name}"] += hits[name] if pf._teach else 0
         self._stats["uva_bytes"] += nbytes["host"]

@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from offload.kernels.quant import quantize_chunks
 from offload.tiers.placement import DISK, GPU, HOST
 from offload.tiers.slots import paired_runs, runs
 from offload.tiers.sync import new_event, stream_wait
@@ -21,6 +22,10 @@ def _storage(tier) -> torch.Tensor:
 
 
 class MovesMixin:
+    def _cold(self, kv: torch.Tensor) -> torch.Tensor:
+        """kv [n, 2, Hkv, C, D] as a host/disk slot holds it: packed when kv_dtype is int8/int4 (on kv's device)."""
+        return kv if self.packed is None else quantize_chunks(kv, self.packed)   # [n, 2, Hkv, C, D] or [n, B]
+
     def _copy_scope(self):
         return torch.cuda.stream(self._copy) if self._copy is not None else contextlib.nullcontext()
 
@@ -51,7 +56,7 @@ class MovesMixin:
             self._state[HOST].drained_by(hs, fut)
             layers, chunks = self._vacate(HOST, hs)
             self._place(DISK, ds, layers, chunks)
-        self._stats["h2disk_bytes"] += len(order) * self.shape.nbytes
+        self._stats["h2disk_bytes"] += len(order) * self.cold_shape.nbytes
 
     def _to_disk_staged(self, src: torch.Tensor, rows: list[int], new: tuple | None) -> None:
         """Write src[rows] to disk through the pinned staging ring. new=None: rows are GPU slots (demotion)."""
@@ -66,7 +71,7 @@ class MovesMixin:
                 stream_wait(self._copy, self._state[GPU].readers_wait(part))
             with self._copy_scope():
                 for pos, row, n in runs(part):
-                    stage[pos:pos + n].copy_(src[row:row + n], non_blocking=self._copy is not None)
+                    stage[pos:pos + n].copy_(self._cold(src[row:row + n]), non_blocking=self._copy is not None)
             ev = new_event(self._copy)
             ds = disk.alloc(len(part))
             fut = disk.write(ds, stage, after=[ev] + self._state[DISK].writers_wait(ds))
@@ -80,7 +85,7 @@ class MovesMixin:
                 idx = torch.tensor(part, dtype=torch.long)                       # idx: [m]
                 layers, chunks = new[0][idx], new[1][idx]
             self._place(DISK, ds, layers, chunks)
-            self._stats["h2disk_bytes"] += len(part) * self.shape.nbytes
+            self._stats["h2disk_bytes"] += len(part) * self.cold_shape.nbytes
 
     def _move(self, src_tier: int, src_slots: list[int], dst_tier: int) -> None:
         """Copy resident chunks between the GPU and host tiers (on the copy stream) and retarget the table."""
@@ -89,10 +94,13 @@ class MovesMixin:
         order = sorted(src_slots)
         dst = self.tiers[dst_tier].alloc(len(order))
         stream_wait(self._copy, self._state[dst_tier].writers_wait(dst) + self._state[src_tier].readers_wait(order))
+        if self.packed is not None and dst_tier == GPU:
+            raise NotImplementedError("promotion of packed host chunks to the GPU pool")   # put() never asks
         src_t, dst_t = _storage(self.tiers[src_tier]), _storage(self.tiers[dst_tier])
+        cold = self._cold if src_tier == GPU and dst_tier != GPU else (lambda x: x)
         with self._copy_scope():
             for s0, d0, n in paired_runs(order, dst):
-                dst_t[d0:d0 + n].copy_(src_t[s0:s0 + n], non_blocking=self._copy is not None)  # [n, 2, Hkv, C, D]
+                dst_t[d0:d0 + n].copy_(cold(src_t[s0:s0 + n]), non_blocking=self._copy is not None)  # [n, ...]
         ev = new_event(self._copy)
         self._state[dst_tier].filled_by(dst, ev)
         self._state[src_tier].drained_by(order, ev)
@@ -106,7 +114,9 @@ class MovesMixin:
         stream_wait(self._copy, self._state[tier].writers_wait(slots))
         ev = None
         for pos, row, n in runs(rows):
-            ev = self.tiers[tier].write(slots[pos:pos + n], kv[row:row + n], stream=self._copy) or ev
+            with self._copy_scope():              # quantized on the copy stream, which follows kv's producer
+                src = kv[row:row + n] if tier == GPU else self._cold(kv[row:row + n])
+            ev = self.tiers[tier].write(slots[pos:pos + n], src, stream=self._copy) or ev
         self._state[tier].filled_by(slots, ev)
         idx = torch.tensor(rows, dtype=torch.long)                               # idx: [m]
         self._place(tier, slots, layers[idx], ids[idx])

@@ -24,6 +24,7 @@ from concurrent.futures import Future
 import torch
 
 from offload.errors import CapacityError, ConfigError
+from offload.kernels.quant import dequantize_chunks, packed_format
 from offload.tiers.base import ChunkShape
 from offload.tiers.decode import DecodeMixin, DecodePlan
 from offload.tiers.device import DevicePool
@@ -53,8 +54,12 @@ def _capacities(caps) -> tuple[int, int, int]:
 class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
     def __init__(self, shape: ChunkShape, num_layers: int, capacities, device: torch.device | str = "cpu",
                  disk_dir: str | None = None, policy="lru", sink_chunks: int = 1, window_chunks: int = 4,
-                 promote: bool = True, io_threads: int = 4, disk_direct: bool = True):
+                 promote: bool = True, io_threads: int = 4, disk_direct: bool = True, kv_dtype: str = "bf16"):
         caps = _capacities(capacities)
+        # int8 / int4: the host and disk tiers hold packed chunks (quantized when a chunk leaves the GPU pool)
+        self.packed = None if kv_dtype == "bf16" else packed_format(kv_dtype, shape)
+        cold = self.packed.storage if self.packed is not None else shape       # what a host/disk slot holds
+        self.cold_shape = cold
         self.shape, self.num_layers, self.capacities = shape, num_layers, caps
         self.device = torch.device(device)
         self.promote = promote
@@ -69,11 +74,11 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
             raise ConfigError(f"a disk tier of {caps[DISK]} chunks needs a directory; pass --disk-dir")
         cuda = self.device.type == "cuda"
         self._copy = torch.cuda.Stream(self.device) if cuda else None
-        self.tiers: list = [DevicePool(shape, caps[GPU], self.device), HostPool(shape, caps[HOST], pin=cuda), None]
+        self.tiers: list = [DevicePool(shape, caps[GPU], self.device), HostPool(cold, caps[HOST], pin=cuda), None]
         if caps[DISK]:
-            self.tiers[DISK] = DiskStore(shape, caps[DISK], disk_dir, io_threads=io_threads, direct=disk_direct)
-        per = max(1, _STAGE_BYTES // shape.nbytes)
-        self._ring = HostPool(shape, per * _STAGE_BUFFERS, pin=cuda) if caps[DISK] else None
+            self.tiers[DISK] = DiskStore(cold, caps[DISK], disk_dir, io_threads=io_threads, direct=disk_direct)
+        per = max(1, _STAGE_BYTES // cold.nbytes)
+        self._ring = HostPool(cold, per * _STAGE_BUFFERS, pin=cuda) if caps[DISK] else None
         self._ring_busy: list[Future | None] = [None] * _STAGE_BUFFERS
         self._ring_next, self._ring_per = 0, per
         # per tier, who owns each slot: (layer, chunk id), -1 = free; residents are a nonzero() away
@@ -194,7 +199,8 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
             if not sel.numel():
                 continue
             ss = slots[sel].tolist()
-            tmp = torch.empty((len(ss), *self.shape.shape), dtype=self.shape.dtype)  # tmp: [m, 2, Hkv, C, D]
+            slot_shape = self.shape if t == GPU else self.cold_shape
+            tmp = torch.empty((len(ss), *slot_shape.shape), dtype=slot_shape.dtype)  # tmp: [m, 2, Hkv, C, D] or [m, B]
             wait = self._state[t].readers_wait(ss)
             if t == DISK:
                 self.tiers[DISK].read(ss, tmp, after=wait).result()
@@ -203,7 +209,7 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
                 ev = self.tiers[t].read(ss, tmp, stream=self._copy)
                 if ev is not None:
                     ev.synchronize()
-            out[sel] = tmp
+            out[sel] = tmp if t == GPU or self.packed is None else dequantize_chunks(tmp, self.packed, self.shape.dtype)
         return out
 
     def stats(self) -> dict:
@@ -215,8 +221,10 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
             s[f"hits_{name}"] = hits[name]
             s[f"hit_rate_{name}"] = hits[name] / total if total else 0.0
             used = 0 if self.tiers[t] is None else self.capacities[t] - self.tiers[t].num_free
-            s[f"bytes_in_use_{name}"] = used * self.shape.nbytes
-            s[f"capacity_bytes_{name}"] = self.capacities[t] * self.shape.nbytes
+            nb = (self.shape if t == GPU else self.cold_shape).nbytes
+            s[f"bytes_in_use_{name}"] = used * nb
+            s[f"capacity_bytes_{name}"] = self.capacities[t] * nb
+            s[f"kv_dtype_{name}"] = "bf16" if t == GPU or self.packed is None else self.packed.kv_dtype
         for k in ("d2h_bytes", "h2d_bytes", "h2disk_bytes", "disk2h_bytes", "promoted_chunks", "fetches", "put_chunks"):
             s.setdefault(k, 0)
         return s
