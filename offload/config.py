@@ -78,7 +78,9 @@ class OffloadConfig:
     disk_mem: int | str | None = None
     disk_dir: str | None = None
     attention: str = "auto"               # auto: exact while the KV fits on the GPU, else sparse; CPU: exact
-    budget: str | int | float | list = "5%"   # sparse: tokens ("2K"), a fraction ("5%"), or a list per layer
+    # sparse: a mass threshold ("p=0.75,floor=128,cap=2K": per KV head the fewest chunks whose estimated mass
+    # reaches p, 128-2K tokens; bench/RESULTS.md, issue 13), tokens ("2K"), a fraction ("5%"), or a per-layer list
+    budget: str | int | float | list = "p=0.75,floor=128,cap=2K"
     streaming_heads: dict | None = None   # sparse: {layer: [kv heads]} that attend to sinks + window only
     index: str = "summary"                # sparse chunk selection: summary | shadow | ann
     index_options: dict | None = None     # passed to the index, e.g. {"bounds": "int8"} or {"rank": 16}
@@ -135,9 +137,6 @@ class OffloadConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.select_unit not in SELECT_UNITS:
             raise ConfigError(f"select_unit {self.select_unit!r} is not one of {', '.join(SELECT_UNITS)}")
-        if self.kv_dtype in ("int8", "int4") and self.select_unit == "token":
-            raise ConfigError(f"--kv-dtype {self.kv_dtype} does not combine with --select-unit token yet; "
-                              "use --kv-dtype bf16 or --select-unit chunk")
         if self.token_reduce not in TOKEN_REDUCES:
             raise ConfigError(f"token_reduce {self.token_reduce!r} is not one of {', '.join(TOKEN_REDUCES)}")
         tc = self.token_candidates
