@@ -97,6 +97,7 @@ def evaluate(layers, chunk: int, ps: list[float], floor: int, cap: int, radii: l
                      "tokens_mean": round(float(tok.mean()), 1),
                      "budget_pct": round(100 * float(tok.mean()) / (layers[0][0].shape[1]), 2),
                      "fixed_same_avg_mean": round(float(fix_t.mean()), 4),
+                     "fixed_same_avg_p5": round(float(torch.quantile(fix_t.double(), 0.05)), 4),
                      "fixed_same_avg_min": round(float(fix_t.min()), 4)})
     return rows
 
