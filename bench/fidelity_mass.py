@@ -70,7 +70,8 @@ def evaluate(layers, chunk: int, ps: list[float], floor: int, cap: int, radii: l
                     lm = true_lm
                 else:
                     idx = built[name]
-                    lm = idx.chunk_log_mass(q) if name.startswith("summary") else idx.chunk_log_mass(q, cap // chunk)   # what MassBudgetIndex passes
+                    # the cap in chunks: what MassBudgetIndex passes (the shadow fine-scores 4x that many chunks)
+                    lm = idx.chunk_log_mass(q, cap // chunk)
                 share, base = group_shares(lm, sel_mask)                        # share: [Hkv, n]
                 for p in ps:
                     counts = adaptive_counts(share, p, math.ceil(floor / chunk), math.ceil(cap / chunk), base,

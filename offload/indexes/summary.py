@@ -30,8 +30,8 @@ from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, ch
                                      split_chunks)
 
 MASS_RADIUS = 0.25     # chunk_log_mass: share of the box's radius counted (1 = Quest upper bound; see there)
-_INT8_LEVELS = 126.0
-_BUILD_SLAB = 1024     # tokens per build() step: bounds the temporaries (scratch_bytes)   # one level of slack below 127 so that the outward fix-up step cannot overflow
+_INT8_LEVELS = 126.0   # one level of slack below 127 so that the outward fix-up step cannot overflow
+_BUILD_SLAB = 1024     # tokens per build() step: bounds the temporaries (scratch_bytes)
 
 
 def quantize_bounds(kmin: torch.Tensor, kmax: torch.Tensor):
@@ -264,7 +264,8 @@ class ChunkSummaryIndex:
     def gpu_bytes(self, num_chunks: int) -> int:
         """Compute-device bytes at num_chunks chunks, at the peak: the bounds plus one build slab's scratch."""
         rows = math.ceil(num_chunks / self.coarse_group)
-        return rows * _BoundStore.row_bytes(self.num_kv_heads, self.head_dim, self.dtype, self.int8) + self.scratch_bytes()
+        buffers = rows * _BoundStore.row_bytes(self.num_kv_heads, self.head_dim, self.dtype, self.int8)
+        return buffers + self.scratch_bytes()
 
     def scratch_bytes(self) -> int:
         """Temporaries of one build slab: its min/max bounds, and float32 copies while int8 rounds them."""
