@@ -132,18 +132,25 @@ class TieredAttention(AttentionBackend, PersistableKV):
             self.store.put(layer, first + s, to_chunks(k[:, sl], v[:, sl], self.C))
         self.selector.index_chunks(layer, first, k)
 
+    def _cut_chunk(self) -> None:
+        """The tail's first C tokens become chunk n_chunks of every layer (a chunk boundary of decode)."""
+        C, n, rest = self.C, self.n_chunks, self.tail_len - self.C
+        kv = torch.stack([self.tail_k[:, :, :C], self.tail_v[:, :, :C]], 1)    # kv: [L, 2, Hkv, C, D] (fresh)
+        for layer in range(self.L):
+            # a fresh tensor nobody writes again: the copies overlap the next steps instead of fencing them
+            self.store.put(layer, n, kv[layer:layer + 1], wait_kv=False)    # [1, 2, Hkv, C, D]
+            self.selector.index_chunks(layer, n, kv[layer, 0])               # keys [Hkv, C, D]
+        self.tail_k[:, :, :rest] = self.tail_k[:, :, C:self.tail_len].clone()   # all layers in one copy
+        self.tail_v[:, :, :rest] = self.tail_v[:, :, C:self.tail_len].clone()
+        self.n_chunks, self.tail_len = n + 1, rest
+
     def end(self) -> None:
         if self._token_path:
             self.tail_len += self._new
             if self.tail_len >= self.C:        # selection hits reach the policy once per chunk of tokens
                 self.store.feedback(teach=self.selector.sparse)
             while self.tail_len >= self.C:     # cut full chunks off the front of the tail
-                for layer in range(self.L):
-                    self._store_chunks(layer, self.n_chunks, self.tail_k[layer, :, :self.C], self.tail_v[layer, :, :self.C])
-                    rest = self.tail_len - self.C
-                    self.tail_k[layer, :, :rest] = self.tail_k[layer, :, self.C:self.tail_len].clone()
-                    self.tail_v[layer, :, :rest] = self.tail_v[layer, :, self.C:self.tail_len].clone()
-                self.n_chunks, self.tail_len = self.n_chunks + 1, self.tail_len - self.C
+                self._cut_chunk()
         else:
             self._commit_stage()
             self.n_chunks, self.tail_len = self._next_tail

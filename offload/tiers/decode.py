@@ -21,6 +21,7 @@ import torch
 
 from offload import kernels
 from offload.tiers.placement import DISK, GPU, HOST
+from offload.tiers.sync import new_event
 
 
 class Part(NamedTuple):
@@ -64,6 +65,47 @@ class DecodePlan:
         return sum((p.slots >= 0).sum(1) for p in self.candidates)
 
 
+def _pinned_like(t: torch.Tensor) -> torch.Tensor:
+    """A host tensor shaped like t, pinned when t is on CUDA (a non_blocking copy from the device then runs async)."""
+    return torch.zeros(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+
+
+class _Mirror:
+    """Ships changed chunk-table rows to the device mirror: a persistent pinned staging buffer (a pinned
+    copy made per call would be a cudaHostAlloc each time), reused once its previous copy has finished."""
+    ROW_BYTES = 24                 # key, tier, slot: int64 each
+
+    def __init__(self, num_layers: int, max_chunks: int, device: torch.device):
+        self.max_chunks, self.device = max_chunks, device
+        self.cuda = device.type == "cuda"
+        self.dirty: list[torch.Tensor] = []          # keys layer * max_chunks + chunk, int64 [m] each
+        self._stage = _pinned_like(torch.empty(3, 64, dtype=torch.long, device=device))   # [3, cap]
+        self._done = None                            # event: the staging buffer's last copy finished
+
+    def take(self) -> torch.Tensor | None:
+        if not self.dirty:
+            return None
+        keys = torch.cat(self.dirty).unique()                                  # keys: [m] sorted, distinct
+        self.dirty = []
+        return keys if keys.numel() else None
+
+    def send(self, keys, tier, slot, dev_tier: torch.Tensor, dev_slot: torch.Tensor) -> None:
+        """dev_tier/dev_slot.view(-1)[keys] = tier, slot, queued on the compute stream (in place: a captured
+        step reads the new rows at its next replay)."""
+        m = keys.numel()
+        if self._done is not None:
+            self._done.synchronize()                 # the staging rows of the last mirror are read (long ago)
+        if self._stage.shape[1] < m:
+            self._stage = _pinned_like(torch.empty(3, max(m, 2 * self._stage.shape[1]), dtype=torch.long,
+                                                   device=self.device))
+        stage = self._stage[:, :m]                                             # stage: [3, m]
+        stage[0], stage[1], stage[2] = keys, tier, slot
+        rows = stage.to(self.device, non_blocking=True) if self.cuda else stage   # rows: [3, m]
+        dev_tier.view(-1).index_copy_(0, rows[0], rows[1].to(torch.int8))
+        dev_slot.view(-1).index_copy_(0, rows[0], rows[2])
+        self._done = new_event(torch.cuda.current_stream(self.device)) if self.cuda else None
+
+
 class DecodeMixin:
     def open_decode(self, max_chunks: int) -> None:
         """Allocate the device mirror of the chunk table and the hit counters for up to max_chunks per layer."""
@@ -75,23 +117,40 @@ class DecodeMixin:
         self._candidates = torch.zeros(4, dtype=torch.long, device=dev)                   # [4]
         self._chunk_hits = torch.zeros(L, max_chunks, device=dev)                         # [L, max chunks]
         self._token_rows = torch.zeros(2, dtype=torch.long, device=dev)   # token stage: scored (head, chunk)s, rows
-        self._mirrored = -1                     # placement_version the mirror shows
-        self._host_tier = [torch.zeros(0, dtype=torch.int8)] * L   # the mirror's tiers, on the host
+        self._host_tier = torch.full((L, max_chunks), -1, dtype=torch.int8)   # the mirror's tiers, on the host
         self._on_disk = [0] * L
         self._last_disk, self._prefetched = [None] * L, {}   # previous step's drive ids; pending reads
+        self._mirror = _Mirror(L, max_chunks, dev)
+        self._hits_host = _pinned_like(self._chunk_hits)  # [L, max chunks] the last feedback's hits, copied async
+        self._hits_ready = None                            # event (CUDA) or True once _hits_host holds hits
+        for layer in range(L):           # the first mirror: every chunk stored so far
+            n = int(self._num[layer])
+            self._mark_dirty(torch.full((n,), layer, dtype=torch.long), torch.arange(n))
+
+    def _mark_dirty(self, layers: torch.Tensor, chunks: torch.Tensor) -> None:
+        """Chunks whose (tier, slot) changed: the next begin_decode copies exactly these rows to the device."""
+        if hasattr(self, "_mirror"):
+            self._mirror.dirty.append(layers.reshape(-1) * self._mirror.max_chunks + chunks.reshape(-1))
 
     def begin_decode(self, n_chunks: int) -> None:
-        """Mirror the chunk table on the device if chunks moved since (no host sync), and set the count."""
-        if self.placement_version != self._mirrored:
-            pinned = self.device.type == "cuda"
-            for layer in range(self.num_layers):
-                n = int(self._num[layer])
-                tier, slot = self._tier[layer][:n].clone(), self._slot[layer][:n].clone()  # [n] each
-                # pinned sources: a copy from pageable memory would make the host wait for the GPU's queue
-                self._dev_tier[layer, :n].copy_(tier.pin_memory() if pinned else tier, non_blocking=True)
-                self._dev_slot[layer, :n].copy_(slot.pin_memory() if pinned else slot, non_blocking=True)
-                self._host_tier[layer], self._on_disk[layer] = tier, int((tier == DISK).sum())
-            self._mirrored = self.placement_version
+        """Copy the chunk-table rows that changed since the last call to the device mirror (no host sync; a
+        persistent pinned staging buffer), and set the count."""
+        keys = self._mirror.take()                                            # keys: [m] layer * max + chunk
+        if keys is not None:
+            layers, chunks = keys // self._mirror.max_chunks, keys % self._mirror.max_chunks   # [m] each
+            tier = torch.empty(keys.numel(), dtype=torch.long)                # tier: [m]
+            slot = torch.empty(keys.numel(), dtype=torch.long)                # slot: [m]
+            touched = layers.unique().tolist()
+            for layer in touched:
+                sel = layers == layer                                         # sel: [m] bool
+                tier[sel] = self._tier[layer][chunks[sel]].long()
+                slot[sel] = self._slot[layer][chunks[sel]]
+            self._mirror.send(keys, tier, slot, self._dev_tier, self._dev_slot)
+            self._host_tier.view(-1)[keys] = tier.to(torch.int8)
+            for layer in touched:
+                self._on_disk[layer] = int((self._host_tier[layer] == DISK).sum())
+            self._stats["mirror_rows"] += keys.numel()
+            self._stats["mirror_bytes"] += self._mirror.ROW_BYTES * keys.numel()
         self._dev_count.fill_(n_chunks)
 
     def decode_on_disk(self) -> bool:
@@ -107,6 +166,7 @@ class DecodeMixin:
         gpu_pool, host_pool = self.tiers[GPU].pool, self.tiers[HOST].slab
         merged = gpu_pool.shape[0] > 0 and host_pool.shape[0] > 0   # one list, host slots flagged: one launch
         disk = self._on_disk[layer] > 0
+        self._prefetch_next(layer)      # before this layer's lookup and attention are queued
         lists = kernels.plan_slots(sel, self.table(layer), merged, with_ids=disk)  # [Hkv, F + M] each
         if lists.host is None:
             parts = [Part(gpu_pool, lists.gpu, host_pool)]
@@ -128,30 +188,57 @@ class DecodeMixin:
         self._token_rows += torch.stack([n_cand.sum(), (n_cand * C).clamp(max=sel.token_k).sum()])
         return plan
 
+    def _prefetch_next(self, layer: int) -> None:
+        """Start the drive reads of the next layer (after the last layer: layer 0 of the next step) from what
+        it selected on the drive last step, so they overlap this layer's plan and attention."""
+        nxt = (layer + 1) % self.num_layers
+        if nxt not in self._prefetched and self._on_disk[nxt] and self._last_disk[nxt] is not None:
+            self._prefetched[nxt] = self.prefetch(nxt, self._last_disk[nxt], teach=False)
+
     def _read_disk_part(self, layer: int, ids: torch.Tensor):
         """FetchPlan of the chunks of ids [Hkv, K] the mirror shows on the drive (wherever they are by now)."""
         pending = self._prefetched.pop(layer, None)
-        if pending is not None:
-            pending.result()          # the predicted chunks are now read (and promoted where host has room)
-        nxt = layer + 1
-        if nxt < self.num_layers and self._on_disk[nxt] and self._last_disk[nxt] is not None:
-            # layer l+1 will likely want what it wanted last step: its drive reads overlap this layer
-            self._prefetched[nxt] = self.prefetch(nxt, self._last_disk[nxt], teach=False)
         ids = ids.cpu()                                                        # ids: [Hkv, K] (host sync)
         tier = self._host_tier[layer][ids.clamp(min=0)]                        # tier: [Hkv, K]
         on_disk = torch.where((ids >= 0) & (tier == DISK), ids, -1)            # on_disk: [Hkv, K]
         self._last_disk[layer] = on_disk
+        if pending is not None:
+            pending.result()          # the predicted chunks are now read (and promoted where host has room)
+            need = on_disk[on_disk >= 0].unique()                              # need: [m]
+            early = pending._staged.chunks if pending._staged is not None else need[:0]   # early: [r]
+            hit = int(torch.isin(need, early).sum())
+            self._stats["prefetch_hit_chunks"] += hit
+            self._stats["prefetch_miss_chunks"] += need.numel() - hit
+            self._stats["prefetch_unused_chunks"] += early.numel() - hit
         return self.prefetch(layer, on_disk, teach=False).result()
 
     def feedback(self, teach: bool = True) -> None:
-        """Hand the selection hits counted on the device to the policy (one sync); teach=False drops them."""
+        """Hand the selection hits counted on the device to the policy, without a host sync: the counters are
+        copied to pinned memory on the compute stream and reach the policy once the copy is done (at the
+        next put or feedback that finds it finished); teach=False drops them."""
+        self._apply_hits(wait=True)      # the previous feedback's copy: long finished (a chunk of tokens ago)
         if teach:
-            hits = self._chunk_hits.cpu()                                      # hits: [L, max chunks]
-            for layer in range(self.num_layers):
-                ids = hits[layer].nonzero().flatten()                          # ids: [m]
-                if ids.numel():
-                    self.learn(layer, ids, hits[layer, ids])
-        self._chunk_hits.zero_()
+            self._hits_host.copy_(self._chunk_hits, non_blocking=True)      # [L, max chunks]
+            self._hits_ready = new_event(torch.cuda.current_stream(self.device)) if self.device.type == "cuda" else True
+            self._apply_hits(wait=False)
+        self._chunk_hits.zero_()          # queued after the copy on the same stream
+
+    def _apply_hits(self, wait: bool) -> None:
+        """Teach the policy the hits of the last feedback once their copy has landed (wait: block for it)."""
+        ready = getattr(self, "_hits_ready", None)
+        if ready is None:
+            return
+        if ready is not True:
+            if not wait and not ready.query():
+                return
+            ready.synchronize()
+        self._hits_ready = None
+        hits = self._hits_host                                                 # hits: [L, max chunks]
+        for layer in range(self.num_layers):
+            ids = hits[layer].nonzero().flatten()                              # ids: [m]
+            if ids.numel():
+                self.learn(layer, ids, hits[layer, ids])
+        self._stats["feedback_applied"] += 1
 
     def learn(self, layer: int, chunk_ids: torch.Tensor, hits: torch.Tensor | None) -> None:
         """The one route of selection feedback to the eviction policy: chunk_ids [m] were selected, with

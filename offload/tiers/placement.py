@@ -47,9 +47,10 @@ def _pick(policy: EvictionPolicy, layers: torch.Tensor, chunks: torch.Tensor, n:
 
 
 def plan_put(policy: EvictionPolicy, layer: int, new_ids: torch.Tensor, num_chunks: torch.Tensor,
-             gpu: Residents, gpu_free: int, host: Residents, host_free: int, disk_free: int,
+             gpu, gpu_free: int, host, host_free: int, disk_free: int,
              gpu_headroom: int = 0) -> Moves:
     """Decide the moves for putting new_ids (int64 [n]) of `layer`; num_chunks: int64 [L] after the put.
+    gpu, host: Residents, or callables returning them (only called when the device tier overflows).
 
     When the device tier overflows, `gpu_headroom` more chunks than needed are demoted in the same
     batch, so the next puts (one chunk per layer every C decode tokens) find free slots and skip the
@@ -57,6 +58,10 @@ def plan_put(policy: EvictionPolicy, layer: int, new_ids: torch.Tensor, num_chun
     """
     n = new_ids.numel()
     moves = Moves()
+    if n <= gpu_free:      # everything fits on the device: no ranking, no scan of the residents
+        moves.new_gpu = list(range(n))
+        return moves
+    gpu, host = (r() if callable(r) else r for r in (gpu, host))   # Residents, or a callable that finds them
     new_layers = torch.full_like(new_ids, layer)                                # new_layers: [n]
     # device level: residents first, then the new chunks, as one candidate list
     cand_layers = torch.cat([gpu.layers, new_layers])                           # [r + n]

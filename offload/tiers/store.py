@@ -105,6 +105,7 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
 
     def _place(self, tier: int, slots: list[int], layers: torch.Tensor, chunks: torch.Tensor) -> None:
         self.placement_version += 1
+        self._mark_dirty(layers, chunks)       # the decode mirror copies just these rows (tiers/decode.py)
         idx = torch.tensor(slots, dtype=torch.long)                            # idx: [m]
         self._owner[tier][0][idx], self._owner[tier][1][idx] = layers, chunks
         for layer in layers.unique().tolist():
@@ -164,8 +165,9 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
         self._num[layer] = max(int(self._num[layer]), first_chunk_idx + n)
         self.policy.touch(layer, ids, torch.zeros(n))                          # inserted: recency, no mass
         free = [t.num_free if t is not None else 0 for t in self.tiers]
-        mv = plan_put(self.policy, layer, ids, self._num, self._residents(GPU), free[GPU],
-                      self._residents(HOST), free[HOST], free[DISK], self.gpu_headroom)
+        self._apply_hits(wait=False)     # selection hits whose async copy has landed (tiers/decode.py)
+        mv = plan_put(self.policy, layer, ids, self._num, lambda: self._residents(GPU), free[GPU],
+                      lambda: self._residents(HOST), free[HOST], free[DISK], self.gpu_headroom)
         fence = None
         if self._copy is not None:
             compute = torch.cuda.current_stream(self.device)
