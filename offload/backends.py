@@ -75,7 +75,7 @@ def plan(spec: RuntimeSpec, cfg=None):
         if cfg.kv_dtype != "auto":
             raise
         kd, p = "int8", None
-    if cfg.kv_dtype == "auto" and kd == "bf16" and p.host_chunks + p.disk_chunks and cfg.select_unit == "chunk":
+    if cfg.kv_dtype == "auto" and kd == "bf16" and p.host_chunks + p.disk_chunks:
         kd = "int8"        # auto: KV that leaves the GPU is held in int8 (bench/RESULTS.md, issue 12)
     if p is None or p.kv_dtype != kd:
         p = budget(0)

@@ -44,6 +44,7 @@ def attend_plan(q: torch.Tensor, tail: Tail, plan, scale: float) -> tuple[torch.
     o, lse = kernels.merge_all(partials)                                      # o: [Hq, D], lse: [Hq]
     if plan is not None and plan.token_k:
         # base_lse: what is attended anyway, so "sum" ranks tokens by their share of the whole softmax
-        o2, lse2 = kernels.token_attend(q, plan.candidates, plan.token_k, scale, plan.token_reduce, base_lse=lse)
+        o2, lse2 = kernels.token_attend(q, plan.candidates, plan.token_k, scale, plan.token_reduce, base_lse=lse,
+                                        packed=plan.packed)
         o, lse = kernels.merge_attn(o, lse, o2, lse2)
     return o, lse

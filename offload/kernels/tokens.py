@@ -64,45 +64,55 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: i
     return idx, ok
 
 
-def gather_candidate_keys(parts, hkv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows(pool, slots, which: int, rows, alt, packed):
+    """gather_rows, or quant.gather_rows_q when a pool holds packed (int8/int4) chunks of format `packed`."""
+    if packed is not None:
+        from .quant import gather_rows_q, is_packed
+        if is_packed(pool) or is_packed(alt):
+            return gather_rows_q(pool, slots, which, rows, alt, packed, packed.raw_dtype)
+    from . import gather_rows
+    return gather_rows(pool, slots, which, rows, alt)
+
+
+def gather_candidate_keys(parts, hkv: int, device, packed=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys (only) of every candidate chunk -> (keys [Hkv, K*C, D], valid [Hkv, K*C]).
 
     The parts share one column layout (a chunk's slot is >= 0 in exactly one part), and gather_rows writes
     zeros where a part's slot is -1, so the parts add up: one buffer of K*C rows however many parts there are.
     """
-    from . import gather_rows
     keys = valid = None
     for pool, slots, alt in parts:
         s = slots.to(device)                                              # s: [Hkv, K]
-        k = gather_rows(pool, s, 0, alt_pool=alt)                         # k: [Hkv, K*C, D] (V is not read)
-        v = (s >= 0).repeat_interleave(pool.shape[3], dim=1)              # v: [Hkv, K*C]
+        k = _rows(pool, s, 0, None, alt, packed)                          # k: [Hkv, K*C, D] (V is not read)
+        c = packed.chunk_tokens if packed is not None else pool.shape[3]
+        v = (s >= 0).repeat_interleave(c, dim=1)                          # v: [Hkv, K*C]
         keys, valid = (k, v) if keys is None else (keys.add_(k), valid | v)
     return keys, valid
 
 
-def gather_values(parts, idx: torch.Tensor, ok: torch.Tensor, d: int, dtype) -> torch.Tensor:
+def gather_values(parts, idx: torch.Tensor, ok: torch.Tensor, d: int, dtype, packed=None) -> torch.Tensor:
     """V rows of the picked candidates idx [Hkv, k] (positions in the parts' shared column layout) -> [Hkv, k, D]."""
-    from . import gather_rows
     rows = torch.where(ok, idx, -1)                                       # rows: [Hkv, k]
     v = None
     for pool, slots, alt in parts:
-        got = gather_rows(pool, slots.to(idx.device), 1, rows, alt)       # got: [Hkv, k, D], zeros elsewhere
+        got = _rows(pool, slots.to(idx.device), 1, rows, alt, packed)     # got: [Hkv, k, D], zeros elsewhere
         v = got if v is None else v.add_(got)
     return v.to(dtype)                                                    # [Hkv, k, D]
 
 
 def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str = "sum",
-                 base_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 base_lse: torch.Tensor | None = None, packed=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the top-k tokens per KV head of the candidate chunks -> (o [Hq, D], lse [Hq]) f32.
 
-    Merge the result with `merge_attn`: the picked tokens are disjoint from what base_lse covers.
+    Merge the result with `merge_attn`: the picked tokens are disjoint from what base_lse covers. packed: the
+    PackedFormat of parts whose pools hold int8/int4 chunks (their rows are dequantized as they are read).
     """
     hq, d = q.shape
     if not parts:
         return q.new_zeros(hq, d, dtype=torch.float32), q.new_full((hq,), float("-inf"), dtype=torch.float32)
-    hkv = parts[0][0].shape[2]
-    keys, valid = gather_candidate_keys(parts, hkv, q.device)             # keys: [Hkv, M, D], valid: [Hkv, M]
+    hkv = packed.num_kv_heads if packed is not None else parts[0][0].shape[2]
+    keys, valid = gather_candidate_keys(parts, hkv, q.device, packed)     # keys: [Hkv, M, D], valid: [Hkv, M]
     idx, ok = select_tokens(q, keys, valid, k, scale, group_reduce, base_lse)  # idx, ok: [Hkv, k']
     ksel = keys.gather(1, idx[..., None].expand(-1, -1, d))               # ksel: [Hkv, k', D]
-    vsel = gather_values(parts, idx, ok, d, keys.dtype)                   # vsel: [Hkv, k', D]
+    vsel = gather_values(parts, idx, ok, d, keys.dtype, packed)           # vsel: [Hkv, k', D]
     return _attend(q, ksel, vsel, ok, scale)
