@@ -3,6 +3,7 @@
     python bench/decode.py --model llama3-8b --ctx 8K,32K --modes exact,hf --steps 32 --gpu-cap 24
 
 Modes: exact (offload, whole KV on the device, CUDA graph), offload-full (offload, tiered exact attention),
+MODE@KVDTYPE (e.g. offload-full@int8: host and disk KV compressed, issue 12),
 sparse (offload, sparse retrieval), hf (transformers, whole KV on the GPU), hf-offload
 (transformers DynamicCache(offloading=True)). Writes JSON (bench/out/decode.json) and prints a table.
 """
@@ -25,10 +26,13 @@ from offload.config import parse_tokens  # noqa: E402
 
 def run_offload(args, ctx: int, mode: str) -> dict:
     from offload import LLM
+    mode, _, kv_dtype = mode.partition("@")     # e.g. offload-full@int8: host/disk KV in int8 (issue 12)
     attention = {"exact": "full", "offload-full": "full", "sparse": "sparse"}[mode]
     opts = dict(model=args.model, load_format="dummy", ctx=ctx + args.steps + 8, attention=attention)
     if mode == "offload-full":
         opts["gpu_mem"] = args.kv_gpu_mem   # forces most of the KV to the host tier
+    if kv_dtype:
+        opts["kv_dtype"] = kv_dtype
     if mode != "exact" and args.host_mem:
         opts["host_mem"] = args.host_mem
     if mode == "sparse" and args.budget:
@@ -57,6 +61,7 @@ def run_offload(args, ctx: int, mode: str) -> dict:
     mode_name = f"sparse-{args.index}" if mode == "sparse" and args.index else mode
     if mode == "sparse" and args.select_unit == "token":
         mode_name += f"+tok{args.token_candidates:g}"
+    mode_name += f"@{kv_dtype}" if kv_dtype else ""
     row = {"mode": mode_name, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
            "mean_ms": sum(times[args.warmup:]) / max(1, args.steps), "ttft_s": ttft,
            "peak_gib": peak_gib(), "stats": llm.stats}
