@@ -92,9 +92,13 @@ def _detect_gpu(device: torch.device) -> int:
     # a per-process cap (set_per_process_memory_fraction, how we model a 24 GB card) is invisible to mem_get_info
     idx = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(idx)
+    # blocks our caching allocator holds but no tensor uses are ours to reuse (it empties them before an OOM):
+    # counting them as taken refused the 8B weights after a benchmark had freed its large tensors
+    allocated = torch.cuda.memory_allocated(idx)
+    free += torch.cuda.memory_reserved(idx) - allocated
     frac = torch.cuda.get_per_process_memory_fraction(idx)
     if frac < 1.0:
-        free = min(free, int(frac * total) - torch.cuda.memory_reserved(idx))
+        free = min(free, int(frac * total) - allocated)
     return max(0, int(free))
 
 
