@@ -153,5 +153,9 @@ def make(spec: RuntimeSpec, plan_=None, cfg=None):
     selector = Selector(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, chunk_tokens=C, n_sink=n_sink,
                         n_window=n_window, device=spec.device, indexes=indexes, budget=budget,
                         token_candidates=float(cfg.token_candidates) if token else None, token_reduce=cfg.token_reduce)
-    return TieredAttention(num_q_heads=mc.num_heads, head_dim=mc.head_dim, ctx=spec.ctx, store=store,
-                           selector=selector)
+    backend = TieredAttention(num_q_heads=mc.num_heads, head_dim=mc.head_dim, ctx=spec.ctx, store=store,
+                              selector=selector)
+    if cfg.prefill == "sparse":              # long prompts at 1M prefill on this backend: sparse applies here too
+        from offload.engine.sparse_prefill import PrefillStats, SparsePrefill
+        backend.sparse_prefill, backend.prefill_stats = SparsePrefill(), PrefillStats()
+    return backend

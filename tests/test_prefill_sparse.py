@@ -143,3 +143,23 @@ def test_sparse_on_cuda_matches_cpu_reference():
     full = sparse_causal_attend(qc, kc, vc, 8192, SparsePrefill(1.0, 128, 16, 1, 4, 8))
     torch.testing.assert_close(full.float(), causal_attend(qc, kc, vc, 8192).float(), rtol=0, atol=2e-2)
     assert torch.isfinite(sparse_causal_attend(qc, kc, vc, 8192, cfg)).all() and ref.isfinite().all()
+
+
+def test_tiered_backend_prefills_sparse_too(tmp_path):
+    """Long prompts at large ctx prefill on the tiered backend: --prefill sparse must reach it, not only the
+    dense one (it used to prefill exactly there)."""
+    from fixtures_models import write_tiny_checkpoint
+    from offload import LLM
+    ckpt = write_tiny_checkpoint(tmp_path, "llama")
+    ids = torch.randint(3, 320, (2600,), generator=torch.Generator().manual_seed(1)).tolist()  # > sinks + band
+    logits = {}
+    for prefill in ("exact", "sparse"):
+        llm = LLM(str(ckpt.path), device="cpu", ctx=4096, attention="sparse", prefill=prefill, prefill_chunk=512,
+                  chunk_tokens=16, budget="1K")
+        s = llm.session()
+        logits[prefill] = s.prefill(ids)
+        stats = s.attn.stats()
+        if prefill == "sparse":
+            assert stats["sparse_prefill_chunks"] > 0 and 0 < stats["sparse_prefill_density"] <= 1
+        s.close()
+    assert torch.nn.functional.cosine_similarity(logits["exact"], logits["sparse"], dim=0) > 0.99

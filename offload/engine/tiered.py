@@ -19,12 +19,15 @@ import torch
 from offload import kernels
 from offload.attention import AttentionBackend, PersistableKV
 from offload.engine.ops import causal_attend
+from offload.engine.sparse_prefill import sparse_causal_attend
 from offload.errors import CapacityError
 from offload.kernels import Tail
 from offload.tiers.base import from_chunks, to_chunks
 
 
 class TieredAttention(AttentionBackend, PersistableKV):
+    sparse_prefill = None    # a SparsePrefill config makes long forwards block-sparse over history (lossy)
+    prefill_stats = None     # its PrefillStats
     def __init__(self, *, num_q_heads: int, head_dim: int, ctx: int, store, selector, token_path_max: int = 64):
         self.selector, self.store = selector, store
         self.L, self.Hq, self.Hkv, self.D, self.C = store.num_layers, num_q_heads, selector.Hkv, head_dim, selector.C
@@ -110,6 +113,9 @@ class TieredAttention(AttentionBackend, PersistableKV):
         T = q.shape[1]
         sk[:, off:off + T], sv[:, off:off + T] = k, v
         self._stage = (layer, sk, sv, off + T)
+        if self.sparse_prefill is not None:      # opt-in, lossy: block-sparse history (engine/sparse_prefill.py)
+            return sparse_causal_attend(q, sk[:, :off + T], sv[:, :off + T], off, self.sparse_prefill,
+                                        self.prefill_stats)  # [Hq, T, D]
         return causal_attend(q, sk[:, :off + T], sv[:, :off + T], off)  # [Hq, T, D]
 
     def _commit_stage(self) -> None:
@@ -179,6 +185,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
                "fetched_bytes": self._fetched, "chunks": self.n_chunks}
         token = self.selector.token_candidates is not None and self.selector.sparse
         out.update(self.store.stats(), **self.store.decode_stats(token))
+        if self.prefill_stats is not None:
+            out.update(self.prefill_stats.as_dict())
         if token:
             out["token_stage_ms_per_step"] = round(1000 * self._tok_s / max(self._steps, 1), 3)
         return out
