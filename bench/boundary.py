@@ -98,6 +98,7 @@ def run(args, model: str, ctx: int) -> tuple[dict, list[dict]]:
     sess = llm.session()
     with torch.inference_mode():     # the prefill's chunk table is made of inference tensors
         t_fill = fill(sess, ctx, sample=args.sample)
+    print(f"filled {ctx} tokens: {t_fill}", file=sys.stderr, flush=True)
     attn = sess.attn
     cuda = attn.device.type == "cuda"
     probes = {name: Probe(name, cuda) for name in ("end", "put", "index_extend", "feedback", "mirror")}
@@ -117,6 +118,8 @@ def run(args, model: str, ctx: int) -> tuple[dict, list[dict]]:
         t0 = time.perf_counter()
         tok = int(sess.step(tok).argmax())     # the host needs the sampled token: a real step syncs here
         wall.append(1000 * (time.perf_counter() - t0))
+        if i % C == C - 1:
+            print(f"step {i + 1}/{args.warmup + steps}: {wall[-1]:.1f} ms", file=sys.stderr, flush=True)
     sync()
     timed = list(range(args.warmup, args.warmup + steps))
     times = [wall[i] for i in timed]

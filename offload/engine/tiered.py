@@ -40,7 +40,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self.tail_count = torch.ones(1, dtype=torch.long, device=self.device)  # tail_count: [1] = tail_pos + 1
         self.n_chunks, self.tail_len, self._len, self._new = 0, 0, 0, 0   # full chunks (every layer), tail tokens
         self._stage, self._next_tail = None, None   # (layer, k [Hkv, N, D], v, offset) while a long forward runs
-        self._tok_s, self._steps, self._fetched = 0.0, 0, 0
+        self._tok_s, self._steps, self._fetched, self._disk0 = 0.0, 0, 0, 0
         store.open_decode(-(-ctx // self.C))
 
     @property
@@ -65,6 +65,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
             self.store.begin_decode(self.n_chunks)
             self.tail_pos.fill_(self.tail_len)
             self.tail_count.fill_(self.tail_len + 1)
+        if num_new == 1 and not self._steps:     # drive bytes read by decode steps count from here
+            self._disk0 = self.store._stats["disk2h_bytes"]
         self._steps += num_new == 1
 
     def graph_key(self):
@@ -187,6 +189,8 @@ class TieredAttention(AttentionBackend, PersistableKV):
         out.update(self.store.stats(), **self.store.decode_stats(token))
         if self.prefill_stats is not None:
             out.update(self.prefill_stats.as_dict())
+        if self._steps:      # every drive read of decode (prefetched or not) per token
+            out["disk_read_bytes_per_token"] = round((out["disk2h_bytes"] - self._disk0) / self._steps)
         if token:
             out["token_stage_ms_per_step"] = round(1000 * self._tok_s / max(self._steps, 1), 3)
         return out

@@ -219,9 +219,13 @@ class DecodeMixin:
         self._apply_hits(wait=True)      # the previous feedback's copy: long finished (a chunk of tokens ago)
         if teach:
             self._hits_host.copy_(self._chunk_hits, non_blocking=True)      # [L, max chunks]
-            self._hits_ready = new_event(torch.cuda.current_stream(self.device)) if self.device.type == "cuda" else True
+            self._hits_ready = self._copy_done()
             self._apply_hits(wait=False)
         self._chunk_hits.zero_()          # queued after the copy on the same stream
+
+    def _copy_done(self):
+        """What tells that the compute stream's queued copies have landed: an event on CUDA (True on the CPU)."""
+        return new_event(torch.cuda.current_stream(self.device)) if self.device.type == "cuda" else True
 
     def _apply_hits(self, wait: bool) -> None:
         """Teach the policy the hits of the last feedback once their copy has landed (wait: block for it)."""

@@ -61,7 +61,7 @@ def plan_put(policy: EvictionPolicy, layer: int, new_ids: torch.Tensor, num_chun
     if n <= gpu_free:      # everything fits on the device: no ranking, no scan of the residents
         moves.new_gpu = list(range(n))
         return moves
-    gpu, host = (r() if callable(r) else r for r in (gpu, host))   # Residents, or a callable that finds them
+    gpu = gpu() if callable(gpu) else gpu          # Residents, or a callable that finds them
     new_layers = torch.full_like(new_ids, layer)                                # new_layers: [n]
     # device level: residents first, then the new chunks, as one candidate list
     cand_layers = torch.cat([gpu.layers, new_layers])                           # [r + n]
@@ -84,6 +84,10 @@ def plan_put(policy: EvictionPolicy, layer: int, new_ids: torch.Tensor, num_chun
     # host level: host residents, then what the device level pushed down
     pushed_slots = gpu.slots[res_down]                                          # [a]
     pushed_new = torch.nonzero(new_down).flatten()                              # [b]
+    if pushed_slots.numel() + pushed_new.numel() <= host_free:   # the host has room: no scan of its residents
+        moves.gpu_to_host, moves.new_host = pushed_slots.tolist(), pushed_new.tolist()
+        return moves
+    host = host() if callable(host) else host
     h_layers = torch.cat([host.layers, gpu.layers[res_down], new_layers[pushed_new]])  # [h + a + b]
     h_chunks = torch.cat([host.chunks, gpu.chunks[res_down], new_ids[pushed_new]])     # [h + a + b]
     excess_h = h_chunks.numel() - host.slots.numel() - host_free
