@@ -134,7 +134,8 @@ def run(args, model: str, ctx: int) -> tuple[dict, list[dict]]:
            "mean_over_median": round(sum(times) / len(times) / _pct(times, 0.5), 3),
            "ms_boundary_step_mean": round(sum(wall[i] for i in b_steps) / max(1, len(b_steps)), 3),
            "ms_plain_step_median": round(_pct(plain, 0.5), 3) if plain else None,
-           **{k: st.get(k) for k in ("hit_rate_gpu", "hit_rate_host", "hit_rate_disk", "disk_bytes_per_token",
+           **{k: st.get(k) for k in ("hit_rate_gpu", "hit_rate_host", "hit_rate_disk", "disk_read_bytes_per_token",
+                                      "prefetch_hit_chunks", "prefetch_miss_chunks",
                                       "mirror_bytes", "decode_mode", "graph_captures")}, **t_fill}
     comps = []
     for name, p in probes.items():

@@ -94,6 +94,7 @@ def test_selection_hits_reach_the_policy_by_one_route(tmp_path, monkeypatch):
         store.plan(layer, selector.select(layer, torch.zeros(HQ, D, device=DEVICE), N, N * C))
     assert taught == [] and touched == []       # planning and its drive reads teach nothing by themselves
     store.feedback()
+    store.begin_decode(N)        # hits reach the policy over the next steps, not at the boundary itself
     assert taught == list(range(LAYERS)) and touched == taught
     store.fetch(0, torch.tensor([0, 5]))
     assert taught[-1] == 0 and touched == taught

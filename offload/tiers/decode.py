@@ -123,6 +123,7 @@ class DecodeMixin:
         self._mirror = _Mirror(L, max_chunks, dev)
         self._hits_host = _pinned_like(self._chunk_hits)  # [L, max chunks] the last feedback's hits, copied async
         self._hits_ready = None                            # event (CUDA) or True once _hits_host holds hits
+        self._hits_next = 0                                # first layer whose hits the policy has not seen
         for layer in range(L):           # the first mirror: every chunk stored so far
             n = int(self._num[layer])
             self._mark_dirty(torch.full((n,), layer, dtype=torch.long), torch.arange(n))
@@ -152,6 +153,7 @@ class DecodeMixin:
             self._stats["mirror_rows"] += keys.numel()
             self._stats["mirror_bytes"] += self._mirror.ROW_BYTES * keys.numel()
         self._dev_count.fill_(n_chunks)
+        self._apply_hits(wait=False, layers=2)   # the last feedback's hits, a few layers a step (no waiting)
 
     def decode_on_disk(self) -> bool:
         """Whether a step must read chunks from the drive (host syncs: it cannot be captured)."""
@@ -220,29 +222,33 @@ class DecodeMixin:
         if teach:
             self._hits_host.copy_(self._chunk_hits, non_blocking=True)      # [L, max chunks]
             self._hits_ready = self._copy_done()
-            self._apply_hits(wait=False)
         self._chunk_hits.zero_()          # queued after the copy on the same stream
 
     def _copy_done(self):
         """What tells that the compute stream's queued copies have landed: an event on CUDA (True on the CPU)."""
         return new_event(torch.cuda.current_stream(self.device)) if self.device.type == "cuda" else True
 
-    def _apply_hits(self, wait: bool) -> None:
-        """Teach the policy the hits of the last feedback once their copy has landed (wait: block for it)."""
+    def _apply_hits(self, wait: bool, layers: int | None = None) -> None:
+        """Teach the policy the hits of the last feedback once their copy has landed (wait: block for it);
+        `layers`: at most that many layers now (decode steps spread the host work), None = all left."""
         ready = getattr(self, "_hits_ready", None)
         if ready is None:
             return
         if ready is not True:
-            if not wait and not ready.query():
-                return
-            ready.synchronize()
-        self._hits_ready = None
-        hits = self._hits_host                                                 # hits: [L, max chunks]
-        for layer in range(self.num_layers):
+            if not ready.query():
+                if not wait:
+                    return
+                ready.synchronize()
+            self._hits_ready = ready = True
+        hits, todo = self._hits_host, self.num_layers - self._hits_next                    # hits: [L, max chunks]
+        for layer in range(self._hits_next, self._hits_next + min(todo, todo if layers is None else layers)):
             ids = hits[layer].nonzero().flatten()                              # ids: [m]
             if ids.numel():
                 self.learn(layer, ids, hits[layer, ids])
-        self._stats["feedback_applied"] += 1
+            self._hits_next = layer + 1
+        if self._hits_next == self.num_layers:
+            self._hits_ready, self._hits_next = None, 0
+            self._stats["feedback_applied"] += 1
 
     def learn(self, layer: int, chunk_ids: torch.Tensor, hits: torch.Tensor | None) -> None:
         """The one route of selection feedback to the eviction policy: chunk_ids [m] were selected, with

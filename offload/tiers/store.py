@@ -165,7 +165,6 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
         self._num[layer] = max(int(self._num[layer]), first_chunk_idx + n)
         self.policy.touch(layer, ids, torch.zeros(n))                          # inserted: recency, no mass
         free = [t.num_free if t is not None else 0 for t in self.tiers]
-        self._apply_hits(wait=False)     # selection hits whose async copy has landed (tiers/decode.py)
         mv = plan_put(self.policy, layer, ids, self._num, lambda: self._residents(GPU), free[GPU],
                       lambda: self._residents(HOST), free[HOST], free[DISK], self.gpu_headroom)
         fence = None
