@@ -1,7 +1,8 @@
 """Chunk-boundary stalls (issue 12): per-step decode time across many chunk boundaries, and what a boundary costs.
 
     python bench/boundary.py --model tiny --ctx 16K --boundaries 6                    # CPU, a tiny 32-layer model
-    python bench/boundary.py --model llama3-8b --ctx 128K,256K --boundaries 8 --gpu-cap 24 --host-mem 48GiB
+    python bench/boundary.py --model llama3-8b --load-format dummy --ctx 128K,256K --boundaries 8 --host-mem 48GiB
+    python bench/boundary.py --store-only                  # the store's boundary work alone, no model
 
 Every C-th decode step crosses a chunk boundary: the tail's first C tokens become a chunk in every layer
 (TieredAttention.end). The session is filled without a prefill (bench/synthetic_fill.py, figures labelled
@@ -149,6 +150,38 @@ def run(args, model: str, ctx: int) -> tuple[dict, list[dict]]:
     return row, comps
 
 
+def store_only(args) -> list[dict]:
+    """The store's share of a boundary alone (no model): 32 layers x `chunks` stored, a host tier of `host_slots`
+    slots; per boundary: feedback, one put per layer, then the mirror (median of 8 boundaries, host ms)."""
+    from offload.tiers import ChunkShape, TieredKVStore
+    L, N, rows = 32, args.store_chunks, []
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for case, gpu_cap in (("gpu tier has room", L * N + 1024), ("gpu tier full (demotions)", L * N // 4)):
+        s = TieredKVStore(ChunkShape(1, 4, 8, torch.float32), L, (gpu_cap, args.host_slots, 0), dev,
+                          sink_chunks=1, window_chunks=4)
+        s.open_decode(N + 64)
+        for layer in range(L):
+            s.put(layer, 0, torch.zeros(N, 2, 1, 4, 8, device=dev))
+        s.begin_decode(N)
+        m0 = s.stats().get("mirror_bytes")
+        t = {"feedback": [], "put": [], "mirror": []}
+        for b in range(8):
+            s._chunk_hits[:, :N:5] = 1.0           # a fifth of the chunks were selected since the last boundary
+            for name, fn in (("feedback", s.feedback),
+                             ("put", lambda: [s.put(layer, N + b, torch.zeros(1, 2, 1, 4, 8, device=dev))
+                                              for layer in range(L)]),
+                             ("mirror", lambda: s.begin_decode(N + b + 1))):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                t[name].append(1000 * (time.perf_counter() - t0))
+        rows.append({"case": case, "chunks_per_layer": N, "host_slots": args.host_slots,
+                     **{f"{k}_ms": round(sorted(v)[len(v) // 2], 2) for k, v in t.items()},
+                     "mirror_bytes_per_boundary": None if m0 is None else (s.stats()["mirror_bytes"] - m0) // 8})
+        s.close()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="tiny (a 32-layer random model written here) or an alias/path")
@@ -165,7 +198,13 @@ def main() -> None:
     ap.add_argument("--disk-dir", default=None)
     ap.add_argument("--gpu-cap", type=float, default=24.0)
     ap.add_argument("--out", default="bench/out/boundary.json")
+    ap.add_argument("--store-only", action="store_true", help="time the store's boundary work alone (no model)")
+    ap.add_argument("--store-chunks", type=int, default=2048, help="--store-only: chunks per layer (2048 = 128K)")
+    ap.add_argument("--host-slots", type=int, default=1 << 18, help="--store-only: host tier slots (48 GiB of 8B KV ~ 196K)")
     args = ap.parse_args()
+    if args.store_only:
+        write_results("boundary_store", store_only(args), args.out, {"args": vars(args)})
+        return
     from offload.config import parse_tokens
     cap_gpu(args.gpu_cap)
     with tempfile.TemporaryDirectory() as tmp:
