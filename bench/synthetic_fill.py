@@ -56,6 +56,7 @@ def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> tor
     return (xf * cos + rot * sin).to(x.dtype)
 
 
+@torch.inference_mode()   # as the engine puts: the store's chunk table is made of inference tensors
 def fill(sess, n_tokens: int, sample: int = 4096, segment: int = 64, noise: float = 0.1, seed: int = 0,
          progress=None) -> dict:
     """Fill `sess` (a fresh tiered session) to n_tokens of synthetic KV; returns timings."""

@@ -48,7 +48,7 @@ def test_mass_budget_in_the_captured_cuda_step(tiny, ids, index):
     """On the GPU the step with a mass budget is captured in a CUDA graph: p = 1 over everything equals exact
     attention, and a real threshold replays with per-head counts that change from step to step."""
     gpu = dict(OPTS, device="cuda", dtype="float32", index_options={"rank": 8} if index == "shadow" else None)
-    ref, _ = run_session(LLM(str(tiny.path), attention="full", **gpu), ids, 250)
+    ref, _ = run_session(LLM(str(tiny.path), attention="full", index=index, **gpu), ids, 250)
     got, s = run_session(LLM(str(tiny.path), attention="sparse", budget="p=1,floor=0,cap=512", index=index, **gpu),
                          ids, 250)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)

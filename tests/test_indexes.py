@@ -365,7 +365,8 @@ def test_gpu_peak_within_gpu_bytes_on_cuda(name, prompt_chunks, max_chunks):
     base = torch.cuda.memory_allocated()
     index.build(keys)
     index.reserve(2 * prompt_chunks)
-    index.extend(more)
+    if prompt_chunks < max_chunks:     # a context of max_chunks is full: nothing is appended past it
+        index.extend(more)
     if hasattr(index, "wait"):
         index.wait()
     torch.cuda.synchronize()

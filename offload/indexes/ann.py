@@ -115,7 +115,7 @@ class FaissANNIndex:
         q_np = None
         if self.train_on == "queries":
             # heads h*G .. h*G+G-1 are contiguous, so the reshape gathers each KV head's query group
-            q_all = queries.detach().float().cpu()                              # q_all: [Hq, Nq, D]
+            q_all = queries.detach().cpu().float()                              # q_all: [Hq, Nq, D]
             q_np = q_all.reshape(self.num_kv_heads, -1, self.head_dim).numpy()  # q_np: [Hkv, G*Nq, D]
         host = keys.detach().to("cpu")                                         # host: [Hkv, N, D] (its dtype)
         self._num_tokens = keys.shape[1]
@@ -198,10 +198,11 @@ class FaissANNIndex:
             self._max_norm = [0.0] * self.num_kv_heads
             for h in range(self.num_kv_heads):
                 self._build_head(h, np.zeros((0, self.head_dim), np.float32), None)
-        new_means = chunks.detach().float().mean(dim=2).cpu().numpy()            # new_means: [Hkv, n, D]
+        # to the host before widening: a float32 copy on the GPU would be memory the planner never reserved
+        new_means = chunks.detach().cpu().float().mean(dim=2).numpy()            # new_means: [Hkv, n, D]
         self._means = np.concatenate([self._means, new_means], axis=1)
         faiss.omp_set_num_threads(self.threads)
-        keys_np = keys.detach().float().cpu().numpy()                           # keys_np: [Hkv, n*C, D]
+        keys_np = keys.detach().cpu().float().numpy()                           # keys_np: [Hkv, n*C, D]
         total = self._num_tokens + keys.shape[1]
         for h, index in enumerate(self._heads):
             if not isinstance(index, faiss.IndexIVF) and total >= self.min_ivf_tokens:
@@ -233,7 +234,7 @@ class FaissANNIndex:
         out = np.empty((self.num_kv_heads, k), dtype=np.int64)                  # out: [Hkv, k]
         if k == 0:
             return torch.from_numpy(out).to(self.device)
-        q_np = query.detach().float().cpu().reshape(self.num_kv_heads, self.group_size, -1).numpy()  # [Hkv, G, D]
+        q_np = query.detach().cpu().float().reshape(self.num_kv_heads, self.group_size, -1).numpy()  # [Hkv, G, D]
         k_tok = min(self._num_tokens, max(1, math.ceil(self.retrieve_factor * k * self.chunk_tokens)))
         recency = -np.arange(n, dtype=np.int64)                                 # newer chunks sort first
         for h, (dist, tok) in enumerate(self._search(q_np, k_tok)):             # dist, tok: [G, k_tok]
@@ -252,7 +253,7 @@ class FaissANNIndex:
         """
         self.wait()
         hkv, g, n = self.num_kv_heads, self.group_size, self.num_chunks
-        q_np = query.detach().float().cpu().reshape(hkv, g, -1).numpy()          # q_np: [Hkv, G, D]
+        q_np = query.detach().cpu().float().reshape(hkv, g, -1).numpy()          # q_np: [Hkv, G, D]
         lm = np.einsum("hgd,hnd->hgn", q_np, self._means[:, :n]) * self.scale + math.log(self.chunk_tokens)
         k_tok = min(self._num_tokens, max(1, math.ceil(self.retrieve_factor * int(cap) * self.chunk_tokens)))
         for h, (dist, tok) in enumerate(self._search(q_np, k_tok)):             # dist, tok: [G, k_tok]
