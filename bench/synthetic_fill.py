@@ -17,6 +17,7 @@ Decode figures from a filled session are synthetic: label them so (rows carry "f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -158,7 +159,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
         sess.close()
+        llm.close()              # sessions and the LLM refer to each other: free the weights before the next ctx
         del llm, sess
+        gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     doc = {"bench": "synthetic_decode", "date": date.today().isoformat(), "device": device_name(),
            "command": "python " + " ".join(sys.argv), "rows": rows}

@@ -48,8 +48,11 @@ def weight_bytes(mc, dtype: torch.dtype) -> int:
     return n * _itemsize(dtype)
 
 
-def plan(spec: RuntimeSpec, cfg=None):
+def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
     """Split the KV of spec.ctx tokens over GPU / host / disk, or raise CapacityError with the fix.
+
+    weights_loaded: the weights already sit in the memory the planner measures (a session planned after
+    load, e.g. with overrides), so they are not subtracted a second time.
 
     A sparse session on the GPU also holds its index's metadata there (bounds, shadows: up to GiBs at 1M
     tokens); that is reserved first, so the KV tier never takes memory the index will need later.
@@ -66,7 +69,8 @@ def plan(spec: RuntimeSpec, cfg=None):
     def budget(index_bytes: int):
         cold = None if kd == "bf16" else packed_format(kd, ChunkShape(mc.num_kv_heads, C, mc.head_dim, spec.dtype)).chunk_bytes
         return plan_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, _itemsize(spec.dtype), spec.ctx,
-                           weight_bytes(mc, spec.dtype), spec.device, gpu_mem=cfg.gpu_mem, host_mem=cfg.host_mem,
+                           0 if weights_loaded else weight_bytes(mc, spec.dtype), spec.device, gpu_mem=cfg.gpu_mem,
+                           host_mem=cfg.host_mem,
                            disk_mem=cfg.disk_mem, disk_dir=cfg.disk_dir, chunk_tokens=C, sink_chunks=n_sink,
                            window_chunks=n_window, index_bytes=index_bytes, kv_dtype=kd, cold_chunk_bytes=cold)
     try:
@@ -126,7 +130,8 @@ def make(spec: RuntimeSpec, plan_=None, cfg=None):
     """The attention backend for a new session; plan_: the BudgetPlan of spec.config (re-planned for another cfg)."""
     cfg = cfg or spec.config
     mc = spec.model_config
-    p = plan_ if plan_ is not None and cfg is spec.config else plan(spec, cfg)
+    # a session with overrides is planned now, with the weights already loaded (and counted as used)
+    p = plan_ if plan_ is not None and cfg is spec.config else plan(spec, cfg, weights_loaded=True)
     m = mode(spec, plan_, cfg)    # 'auto' asks whether the session's KV fits as the LLM was planned
     if m == "full" and fits_on_device(p, mc):
         from offload.engine.sparse_prefill import SparsePrefill

@@ -155,3 +155,24 @@ def test_freed_cache_counts_as_free_under_a_cap():
     assert during <= before - (4 << 30) + (64 << 20)
     assert after >= before - (64 << 20)
     torch.cuda.empty_cache()
+
+
+def test_session_with_overrides_is_planned_with_the_weights_already_loaded(monkeypatch, tmp_path):
+    """llm.session(prefill=...) re-plans after load: the weights are then part of what the device reports as
+    used, and subtracting them again refused the 8B model on a 24 GiB card (7 GiB free beside its weights)."""
+    from offload import OffloadConfig, backends
+    monkeypatch.setattr(planner, "_detect_gpu", lambda device: 7 * GiB)      # 24 GiB card, 16 GiB of weights in
+    monkeypatch.setattr(planner, "_gpu_usable_total", lambda device: 24 * GiB)
+    spec = _llama8b_llm(OffloadConfig(ctx="128K", attention="full", host_mem="40GiB"))
+    with pytest.raises(CapacityError, match="weights do not fit"):
+        backends.plan(spec)                                  # before load: 7 GiB cannot take 15 GiB of weights
+    after = backends.plan(spec, weights_loaded=True)
+    assert 4 * GiB <= after.gpu_bytes <= 7 * GiB             # the free memory less the activation reserve
+    # and the runtime does re-plan that way: a session with overrides on the tiny CPU model
+    from fixtures_models import write_tiny_checkpoint
+    from offload import LLM
+    llm = LLM(str(write_tiny_checkpoint(tmp_path, "llama").path), device="cpu", ctx=256)
+    seen, real = [], backends.plan
+    monkeypatch.setattr(backends, "plan", lambda *a, **k: seen.append(k.get("weights_loaded")) or real(*a, **k))
+    llm.session(prefill="sparse").close()
+    assert seen == [True]
