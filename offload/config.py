@@ -78,9 +78,10 @@ class OffloadConfig:
     disk_mem: int | str | None = None
     disk_dir: str | None = None
     attention: str = "auto"               # auto: exact while the KV fits on the GPU, else sparse; CPU: exact
-    # sparse: a mass threshold ("p=0.75,floor=128,cap=2K": per KV head the fewest chunks whose estimated mass
-    # reaches p, 128-2K tokens; bench/RESULTS.md, issue 13), tokens ("2K"), a fraction ("5%"), or a per-layer list
-    budget: str | int | float | list = "p=0.75,floor=128,cap=2K"
+    # sparse: tokens ("2K", the default: the same cost at any ctx; "5%" was 52K tokens at 1M), a mass threshold
+    # ("p=0.75,floor=128,cap=2K": per KV head the fewest chunks whose estimated mass reaches p; 1.66x the step
+    # time at 128K, not yet shown more accurate at the same average: bench/RESULTS.md), a fraction, or a list
+    budget: str | int | float | list = "2K"
     streaming_heads: dict | None = None   # sparse: {layer: [kv heads]} that attend to sinks + window only
     index: str = "summary"                # sparse chunk selection: summary | shadow | ann
     index_options: dict | None = None     # passed to the index, e.g. {"bounds": "int8"} or {"rank": 16}

@@ -31,8 +31,8 @@ def _opt(*names, **kw):
 @_opt("--disk-mem", help="NVMe space for KV, e.g. 200GB. Default: free space in --disk-dir.")
 @_opt("--disk-dir", help="Directory for spilled KV files (created 0700, removed on exit).")
 @_opt("--attention", type=click.Choice(["auto", "full", "sparse"]), help="Exact (full) or sparse retrieval attention.")
-@_opt("--budget", help="Sparse attention budget: a mass threshold (p=0.75,floor=128,cap=2K: the default), "
-                        "tokens (2K) or a fraction (5%).")
+@_opt("--budget", help="Sparse attention budget per step and KV head: tokens (2K, the default), a mass "
+                        "threshold (p=0.75,floor=128,cap=2K) or a fraction (5%).")
 @_opt("--index", help="Sparse chunk selection method: summary, shadow or ann.")
 @_opt("--kv-dtype", type=click.Choice(["auto", "bf16", "int8", "int4"]),
       help="KV in host RAM and on disk: bf16 (default), int8 or int4 (compressed, lossy; fewer bytes over PCIe), "
