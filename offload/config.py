@@ -184,8 +184,11 @@ def _check_types(cfg) -> None:
         else:
             want = (type(f.default),)
         if (isinstance(value, bool) and bool not in want) or not isinstance(value, want):
-            kinds = " or ".join(dict.fromkeys(_TYPE_NAMES.get(t, t.__name__) for t in want))
-            raise ConfigError(f"{flag} must be {kinds}, got {_show(value)}; fix the value (see offload-chat --help)")
+            named = [t for t in want if not (t is int and float in want)]      # int or float: "a number"
+            kinds = " or ".join(dict.fromkeys(_TYPE_NAMES.get(t, t.__name__) for t in named))
+            # both spellings: the CLI flag and the API / YAML key
+            raise ConfigError(f"{flag} ({f.name}) must be {kinds}, got {_show(value)}; fix the value "
+                              "(see offload-chat --help)")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{flag} must be a finite number, got {value}; pass e.g. 0.8")
     for name in ("index_options", "streaming_heads"):

@@ -99,3 +99,25 @@ def run_session(llm, ids: list[int], n_prefill: int):
     for t in ids[n_prefill:]:
         out.append(sess.step(t))
     return torch.stack(out), sess
+
+
+# A tiny GQA checkpoint (2 KV heads), a 330-token prompt and its exact-attention run (logits, session):
+# the shared baseline of the tiered / sparse / token-stage tests. A module that defines its own fixture of
+# one of these names overrides it (pytest's nearest definition wins).
+TIERED_OPTS = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiered"), "llama", num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def ids(tiny):
+    return torch.randint(0, tiny.model.config.vocab_size, (330,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@pytest.fixture(scope="module")
+def dense(tiny, ids):
+    from offload import LLM
+    return run_session(LLM(str(tiny.path), attention="full", **TIERED_OPTS), ids, 250)

@@ -2,26 +2,11 @@
 import pytest
 import torch
 
-from fixtures_models import run_session, write_tiny_checkpoint
+from fixtures_models import TIERED_OPTS, run_session, write_tiny_checkpoint
 from offload import LLM
 from offload.indexes.adaptive import MassBudgetIndex
 
-OPTS = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("mass"), "llama", num_key_value_heads=2)
-
-
-@pytest.fixture(scope="module")
-def ids(tiny):
-    return torch.randint(0, tiny.model.config.vocab_size, (330,), generator=torch.Generator().manual_seed(0)).tolist()
-
-
-@pytest.fixture(scope="module")
-def dense(tiny, ids):
-    return run_session(LLM(str(tiny.path), attention="full", **OPTS), ids, 250)
+OPTS = TIERED_OPTS    # tiny, ids and dense: the shared fixtures in fixtures_models.py
 
 
 @pytest.mark.parametrize("index", ["summary", "shadow", "ann"])

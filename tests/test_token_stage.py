@@ -3,27 +3,12 @@ the same picks as a brute-force top-k of exact scores, and refused option values
 import pytest
 import torch
 
-from fixtures_models import run_session, write_tiny_checkpoint
+from fixtures_models import TIERED_OPTS, run_session, write_tiny_checkpoint
 from offload import LLM, ConfigError, OffloadConfig
 from offload.kernels.reference import ALT_SLOT
 from offload.kernels.tokens import gather_candidate_keys, select_tokens, token_attend
 
-OPTS = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tokens"), "llama", num_key_value_heads=2)
-
-
-@pytest.fixture(scope="module")
-def ids(tiny):
-    return torch.randint(0, tiny.model.config.vocab_size, (330,), generator=torch.Generator().manual_seed(0)).tolist()
-
-
-@pytest.fixture(scope="module")
-def dense(tiny, ids):
-    return run_session(LLM(str(tiny.path), attention="full", **OPTS), ids, 250)
+OPTS = TIERED_OPTS    # tiny, ids and dense: the shared fixtures in fixtures_models.py
 
 
 def _force_token_stage(attn):
