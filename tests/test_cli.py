@@ -92,3 +92,13 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU error")
 def test_device_cuda_without_gpu():
     _assert_one_line_error(run_cli("--device", "cuda", "-p", "x", env={"OFFLOAD_OFFLINE": "1"}), "cuda", "--device cpu")
+
+
+def test_main_in_process_leaves_sigterm_as_it_was():
+    """The CLI turns SIGTERM into a clean exit only while it runs: in-process callers get their handler back."""
+    import signal
+    from offload.cli.main import main
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(SystemExit):
+        main(["--ctx", "not-a-size"])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -162,8 +163,18 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> None:
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    # only while the command runs: a caller that runs main() in-process (tests, embedding) keeps its own SIGTERM
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if ours:
         signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _run(argv)
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(argv) -> None:
     try:
         chat_command.main(args=argv, prog_name="offload-chat", standalone_mode=False)
     except click.exceptions.Abort:
