@@ -161,4 +161,5 @@ def _clock(seconds: float) -> str:
 
 def note(message: str) -> None:
     """One line to stderr (banners, warnings)."""
-    _console.print(message, highlight=False, markup=False)
+    # soft_wrap: a line stays one line in a log or a pipe (rich would wrap it at 80 columns there)
+    _console.print(message, highlight=False, markup=False, soft_wrap=True)

@@ -61,3 +61,12 @@ def test_session_prefill_prints_lines_when_stderr_is_not_a_terminal(tmp_path, mo
     err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("prefill ")]
     assert len(err) >= 4 and all(LINE.match(line) for line in err), err
     assert LINE.match(err[-1]).group(1) == "128"
+
+
+def test_notes_stay_one_line_when_stderr_is_not_a_terminal(capsys):
+    """Banners and notes are one line each in logs and pipes, however long (rich wrapped them at 80 columns)."""
+    from offload.progress import note
+    long = "offload | model x | " + "KV 0.4 GiB for ctx 8K (32-token chunks): GPU 0.4 + host 0 GiB | " * 3
+    note(long)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and long.strip() in err
