@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -56,27 +57,34 @@ def _weight_files(folder: Path) -> dict[Path, list[str] | None]:
     )
 
 
-def _read_tensors(
-    file: Path, names: list[str] | None, dtype: torch.dtype, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """One file, tensor by tensor, so peak host memory is one tensor beyond the result."""
-    tensors: dict[str, torch.Tensor] = {}
+@contextlib.contextmanager
+def _open_shard(file: Path):
+    """safe_open with unreadable or corrupt files turned into one-line ModelLoadErrors."""
     try:
         with safe_open(str(file), framework="pt", device="cpu") as reader:
-            available = set(reader.keys())
-            wanted = available if names is None else names
-            for name in wanted:
-                if name not in available:
-                    raise ModelLoadError(
-                        f"{file.name} lacks tensor {name!r} that {INDEX_FILE} places there; re-download the shard"
-                    )
-                tensors[name] = reader.get_tensor(name).to(device=device, dtype=dtype)  # shape as stored
+            yield reader
     except SafetensorError as exc:
         raise ModelLoadError(
             f"{file} is not a readable safetensors file ({exc}); it is corrupt or truncated: re-download it"
         ) from None
     except OSError as exc:
         raise ModelLoadError(f"cannot read {file} ({exc}); check the file and its permissions") from None
+
+
+def _read_tensors(
+    file: Path, names: list[str] | None, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One file, tensor by tensor, so peak host memory is one tensor beyond the result."""
+    tensors: dict[str, torch.Tensor] = {}
+    with _open_shard(file) as reader:
+        available = set(reader.keys())
+        wanted = available if names is None else names
+        for name in wanted:
+            if name not in available:
+                raise ModelLoadError(
+                    f"{file.name} lacks tensor {name!r} that {INDEX_FILE} places there; re-download the shard"
+                )
+            tensors[name] = reader.get_tensor(name).to(device=device, dtype=dtype)  # shape as stored
     return tensors
 
 
@@ -84,16 +92,9 @@ def header_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape from the safetensors headers (no tensor data is read)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for file, names in _weight_files(folder).items():
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for name in reader.keys() if names is None else names:
-                    shapes[name] = tuple(reader.get_slice(name).get_shape())
-        except SafetensorError as exc:
-            raise ModelLoadError(
-                f"{file} is not a readable safetensors file ({exc}); it is corrupt or truncated: re-download it"
-            ) from None
-        except OSError as exc:
-            raise ModelLoadError(f"cannot read {file} ({exc}); check the file and its permissions") from None
+        with _open_shard(file) as reader:
+            for name in reader.keys() if names is None else names:
+                shapes[name] = tuple(reader.get_slice(name).get_shape())
     return shapes
 
 
