@@ -71,3 +71,14 @@ def utf8_text(data: bytes | str, what: str) -> str:
     except UnicodeError as e:
         raise ConfigError(f"{what} is not valid UTF-8 (byte {e.start}); convert it to UTF-8 "
                           "(e.g. iconv -t UTF-8)") from None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process pid exists (another user's counts as alive): what our stale-file sweeps ask first."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

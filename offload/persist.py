@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from offload.errors import ConfigError, SessionFileError
-from offload.files import regular_file
+from offload.files import pid_alive, regular_file
 
 MAGIC = b"OFFLOADKV"
 VERSION = 1
@@ -36,16 +36,6 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.offload-tmp-{os.getpid()}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_temps(folder: Path) -> list[Path]:
     """Remove save temp files (our exact name pattern, regular, ours) whose writing process is gone."""
     removed = []
@@ -55,7 +45,7 @@ def sweep_temps(folder: Path) -> list[Path]:
         return removed
     for name in names:
         m = _TEMP.fullmatch(name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
         p = folder / name
         try:

@@ -19,6 +19,7 @@ import tempfile
 import threading
 
 from offload.errors import TierIOError
+from offload.files import pid_alive
 
 _NAME = re.compile(r"offload-(\d+)-[A-Za-z0-9_]+")
 _LOCK = "lock"
@@ -34,12 +35,8 @@ def _owner_alive(path: str, pid: int) -> bool:
     if pid == os.getpid():
         with _OURS_LOCK:
             return path in _OURS     # our pid but not ours: left by an earlier process with the same pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True                  # alive, another user's process
     try:
         fd = os.open(os.path.join(path, _LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
