@@ -34,7 +34,7 @@ SEED_MAX = 2**64 - 1            # torch.Generator.manual_seed takes 64 bits
 # fields whose default is None: what a set value may be (other fields take the type of their default)
 _OPTIONAL_TYPES = {"ctx": (int, str), "gpu_mem": (int, str), "host_mem": (int, str), "disk_mem": (int, str),
                    "disk_dir": (str,), "streaming_heads": (dict,), "index_options": (dict,), "seed": (int,),
-                   "prompt_cache": (str,), "prompt_cache_every": (int, str)}
+                   "prompt_cache": (str,), "prompt_cache_every": (int, str), "stop": (str, list, tuple)}
 _ANY_TYPES = {"budget": (str, int, float, list)}
 _TYPE_NAMES = {bool: "true or false", int: "a whole number", str: "a string", float: "a number", dict: "a mapping",
                list: "a list"}
@@ -104,6 +104,13 @@ class OffloadConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    # the rest of offload.engine.sampling.SamplingParams (validated there): 0 / 1 turn each off
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: str | list | tuple | None = None    # stop strings: the answer ends before the first one
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -133,6 +140,7 @@ class OffloadConfig:
             raise ConfigError(f"--seed {self.seed} is outside 0..2**64-1; pass a seed in that range")
         if self.max_new_tokens < 0:
             raise ConfigError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        _check_sampling(self)
         for name in ("sink_tokens", "window_tokens"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -201,6 +209,18 @@ def _check_types(cfg) -> None:
                               "write e.g. {3: [0, 1]}")
 
 
+def _check_sampling(cfg) -> None:
+    """The sampling keys through SamplingParams' own checks; its messages name the key, ours the flag too."""
+    from offload.engine.sampling import SamplingParams   # lazy: sampling imports torch
+    try:
+        params = SamplingParams.from_config(cfg)
+    except ConfigError as e:
+        key = str(e).split(" ", 1)[0]
+        flag = "--" + key.replace("_", "-")
+        raise ConfigError(f"{flag} ({key}) {str(e).split(' ', 1)[1]}" if key in cfg.field_names() else str(e)) from None
+    object.__setattr__(cfg, "stop", params.stop or None)
+
+
 class _AliasRefused(Exception):
     pass
 
@@ -254,9 +274,11 @@ def env_overrides(environ=None) -> dict:
         raw = environ.get("OFFLOAD_" + name.upper())
         if raw is None or raw == "":
             continue
-        if name in ("temperature", "top_p", "token_candidates"):
+        if name in ("temperature", "top_p", "token_candidates", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty"):
             out[name] = _num(raw, float, name)
-        elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk", "sink_tokens", "window_tokens"):
+        elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk", "sink_tokens", "window_tokens",
+                      "top_k"):
             out[name] = _num(raw, int, name)
         elif name == "cuda_graph":
             out[name] = raw.strip().lower() not in ("0", "false", "no", "off")

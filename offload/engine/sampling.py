@@ -13,11 +13,14 @@ import dataclasses
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Iterable
-
-import torch
+from typing import TYPE_CHECKING, Iterable
 
 from offload.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the functions: SamplingParams validates options (the CLI's, before any load) in
+# milliseconds, without the 1-4 s torch import
 
 SEED_MAX = 2**64 - 1     # torch.Generator.manual_seed takes 64 bits
 MAX_STOPS = 16           # stop strings per request (OpenAI allows 4; vLLM does not bound them)
@@ -128,6 +131,7 @@ def _stop_tuple(stop) -> tuple[str, ...]:
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
                     p: SamplingParams) -> torch.Tensor:
     """logits: [V] float32; seen: [V] bool (context + output); counts: [V] int64 (output) -> new logits [V]."""
+    import torch
     out = logits.clone()
     if p.repetition_penalty != 1.0 and seen is not None:
         hit = out[seen]                                                        # hit: [n_seen]
@@ -140,6 +144,7 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor | None, counts: tor
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Tempered logits with the tokens top-k, top-p and min-p drop set to -inf. logits: [V] -> [V] float32."""
+    import torch
     x = logits.float() / p.temperature                                         # x: [V]
     if p.top_k and p.top_k < x.numel():
         kth = torch.topk(x, p.top_k).values[-1]
@@ -164,6 +169,7 @@ class Sampler:
                  context_ids: Iterable[int] = ()):
         if not isinstance(params, SamplingParams):
             params = SamplingParams(temperature=params, top_p=top_p, seed=seed)
+        import torch
         self.params = p = params
         self.gen = torch.Generator()
         self.gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
@@ -179,10 +185,12 @@ class Sampler:
         if self._seen is None:
             self._pending.extend(int(i) for i in ids)
         else:
+            import torch
             self._seen[torch.as_tensor(list(ids), dtype=torch.long)] = True
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: [V] float -> one token id."""
+        import torch
         p = self.params
         x = logits.detach().float().cpu()                                      # x: [V]
         if p.penalized:
@@ -201,6 +209,7 @@ class Sampler:
     def _init_state(self, vocab: int) -> None:
         if self._seen is not None:
             return
+        import torch
         ids = torch.as_tensor(self._pending, dtype=torch.long)
         self._seen = torch.bincount(ids[(ids >= 0) & (ids < vocab)], minlength=vocab)[:vocab] > 0
         self._counts = torch.zeros(vocab, dtype=torch.long)
