@@ -18,6 +18,7 @@ class RuntimeSpec:
     device: torch.device
     dtype: torch.dtype
     config: object                # offload.config.OffloadConfig
+    weight_bytes: int | None = None   # device bytes of the weights as they will load (quantized ones at block size)
 
 
 def _geometry(cfg) -> tuple[int, int, int]:
@@ -69,7 +70,8 @@ def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
     def budget(index_bytes: int):
         cold = None if kd == "bf16" else packed_format(kd, ChunkShape(mc.num_kv_heads, C, mc.head_dim, spec.dtype)).chunk_bytes
         return plan_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, _itemsize(spec.dtype), spec.ctx,
-                           0 if weights_loaded else weight_bytes(mc, spec.dtype), spec.device, gpu_mem=cfg.gpu_mem,
+                           0 if weights_loaded else spec.weight_bytes if spec.weight_bytes is not None
+                           else weight_bytes(mc, spec.dtype), spec.device, gpu_mem=cfg.gpu_mem,
                            host_mem=cfg.host_mem,
                            disk_mem=cfg.disk_mem, disk_dir=cfg.disk_dir, chunk_tokens=C, sink_chunks=n_sink,
                            window_chunks=n_window, index_bytes=index_bytes, kv_dtype=kd, cold_chunk_bytes=cold)
@@ -122,6 +124,12 @@ def new_index(spec: RuntimeSpec, cfg, device=None):
                       max_chunks=math.ceil(spec.ctx / C), **(cfg.index_options or {}))
 
 
+def prefill_stage_bytes(p) -> int:
+    """Device bytes of the prefill window (engine/staging.py): a third of the planner's activation reserve, so the
+    window, two streamed history blocks and a forward chunk's activations fit in what the KV tier left free."""
+    return max(64 << 20, p.gpu_reserve_bytes // 3)
+
+
 def fits_on_device(p, mc) -> bool:
     return p.gpu_chunks >= mc.num_layers * math.ceil(p.ctx / p.chunk_tokens)
 
@@ -159,7 +167,7 @@ def make(spec: RuntimeSpec, plan_=None, cfg=None):
                         n_window=n_window, device=spec.device, indexes=indexes, budget=budget,
                         token_candidates=float(cfg.token_candidates) if token else None, token_reduce=cfg.token_reduce)
     backend = TieredAttention(num_q_heads=mc.num_heads, head_dim=mc.head_dim, ctx=spec.ctx, store=store,
-                              selector=selector)
+                              selector=selector, stage_bytes=prefill_stage_bytes(p))
     if cfg.prefill == "sparse":              # long prompts at 1M prefill on this backend: sparse applies here too
         from offload.engine.sparse_prefill import PrefillStats, SparsePrefill
         backend.sparse_prefill, backend.prefill_stats = SparsePrefill(), PrefillStats()

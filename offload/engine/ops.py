@@ -47,11 +47,16 @@ def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: i
     if q_offset == 0 and not q.is_cuda:
         return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
                                               enable_gqa=q.shape[0] != k.shape[0])[0]
+    return causal_attend_lse(q, k, v, q_offset)[0].to(q.dtype)  # [Hq, T, D]
+
+
+def causal_attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int):
+    """causal_attend with its log-sum-exp, for merging with attention over more keys: (o [Hq, T, D], lse [Hq, T])."""
     o2, lse2 = attend_lse(q, k[:, q_offset:], v[:, q_offset:], causal=True)   # o2: [Hq, T, D]
     if q_offset == 0:
-        return o2.to(q.dtype)
+        return o2, lse2
     o1, lse1 = attend_lse(q, k[:, :q_offset], v[:, :q_offset], causal=False)  # o1: [Hq, T, D]
-    return merge_lse(o1, lse1, o2, lse2)[0].to(q.dtype)  # [Hq, T, D]
+    return merge_lse(o1, lse1, o2, lse2)  # f32 o: [Hq, T, D], lse: [Hq, T]
 
 
 def causal_attend_blocks(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.engine.ops import attend_lse, causal_attend, merge_lse
+from offload.engine.ops import attend_lse, causal_attend, causal_attend_lse, merge_lse
 
 
 @dataclass(frozen=True)
@@ -52,29 +52,30 @@ class PrefillStats:
 def sparse_causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int,
                          cfg: SparsePrefill, stats: PrefillStats | None = None) -> torch.Tensor:
     """Like ops.causal_attend (q: [Hq, T, D], k/v: [Hkv, q_offset + T, D] -> [Hq, T, D]) with block-sparse history."""
+    n_full = q_offset // cfg.block
+    if max(cfg.sink_blocks, n_full - cfg.local_blocks) <= cfg.sink_blocks:
+        return causal_attend(q, k, v, q_offset)  # nothing to skip
+    return sparse_causal_attend_lse(q, k, v, q_offset, cfg, stats)[0].to(q.dtype)  # [Hq, T, D]
+
+
+def sparse_causal_attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int,
+                             cfg: SparsePrefill, stats: PrefillStats | None = None):
+    """sparse_causal_attend with its log-sum-exp: float32 (o [Hq, T, D], lse [Hq, T])."""
     B = cfg.block
     n_full = q_offset // B                       # whole key blocks of history
     first_local = max(cfg.sink_blocks, n_full - cfg.local_blocks)
     if first_local <= cfg.sink_blocks:
-        return causal_attend(q, k, v, q_offset)  # nothing to skip
+        return causal_attend_lse(q, k, v, q_offset)  # nothing to skip
     # exact: local band (+ partial block) and the causal square
     dense_k, dense_v = k[:, first_local * B:], v[:, first_local * B:]  # [Hkv, q_offset + T - first_local*B, D]
-    o, lse = _local_and_square(q, dense_k, dense_v, q_offset - first_local * B)
+    o, lse = causal_attend_lse(q, dense_k, dense_v, q_offset - first_local * B)
     idx = select_blocks(q, k[:, :first_local * B], cfg)  # idx: [Hq, c] block ids in [0, first_local)
     if stats is not None:
         stats.kept += int((idx >= 0).sum()) + q.shape[0] * (n_full - first_local)
         stats.total += q.shape[0] * n_full
         stats.chunks += 1
     o2, lse2 = attend_blocks(q, k, v, idx, cfg)
-    return merge_lse(o, lse, o2, lse2)[0].to(q.dtype)  # [Hq, T, D]
-
-
-def _local_and_square(q, k, v, off: int):
-    """Exact attention over keys k [Hkv, off + T, D] of which the last T are causal: float32 (o, lse)."""
-    o2, lse2 = attend_lse(q, k[:, off:], v[:, off:], causal=True)  # o2: [Hq, T, D]
-    if off == 0:
-        return o2.float(), lse2
-    return merge_lse(*attend_lse(q, k[:, :off], v[:, :off], causal=False), o2, lse2)
+    return merge_lse(o, lse, o2, lse2)  # f32 o: [Hq, T, D], lse: [Hq, T]
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, cfg: SparsePrefill) -> torch.Tensor:

@@ -7,8 +7,9 @@ A decode token, per layer (each step in its own file; the whole step is one CUDA
     plan     store.plan -> DecodePlan: slots per tier, drive reads    offload/tiers/decode.py (kernels/plan.cu)
     attend   kernels.attend_plan: tail + every part + token stage     offload/kernels/plan_attend.py
     merge    kernels.merge_all: exact log-sum-exp merge of the parts  offload/kernels/__init__.py
-Prefill (T > token_path_max) stages the layer's whole history on the device, attends causally, then cuts the
-new full chunks into the store and feeds them to the layer's index. This class keeps the tail and the staging.
+Prefill (T > token_path_max) keeps a bounded window of the layer on the device and streams older history from
+the store (engine/staging.py), which also cuts new full chunks into the store and the layer's index. This
+class keeps the tail and drives the staging.
 """
 from __future__ import annotations
 
@@ -18,17 +19,17 @@ import torch
 
 from offload import kernels
 from offload.attention import AttentionBackend, PersistableKV
-from offload.engine.ops import causal_attend
-from offload.engine.sparse_prefill import sparse_causal_attend
+from offload.engine.staging import PrefillStage
 from offload.errors import CapacityError
 from offload.kernels import Tail
-from offload.tiers.base import from_chunks, to_chunks
+from offload.tiers.base import from_chunks
 
 
 class TieredAttention(AttentionBackend, PersistableKV):
     sparse_prefill = None    # a SparsePrefill config makes long forwards block-sparse over history (lossy)
     prefill_stats = None     # its PrefillStats
-    def __init__(self, *, num_q_heads: int, head_dim: int, ctx: int, store, selector, token_path_max: int = 64):
+    def __init__(self, *, num_q_heads: int, head_dim: int, ctx: int, store, selector, token_path_max: int = 64,
+                 stage_bytes: int = 1 << 30):
         self.selector, self.store = selector, store
         self.L, self.Hq, self.Hkv, self.D, self.C = store.num_layers, num_q_heads, selector.Hkv, head_dim, selector.C
         self.ctx, self.device, self.dtype = ctx, store.device, store.shape.dtype
@@ -39,7 +40,9 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self.tail_pos = torch.zeros(1, dtype=torch.long, device=self.device)  # tail_pos: [1] where decode writes
         self.tail_count = torch.ones(1, dtype=torch.long, device=self.device)  # tail_count: [1] = tail_pos + 1
         self.n_chunks, self.tail_len, self._len, self._new = 0, 0, 0, 0   # full chunks (every layer), tail tokens
-        self._stage, self._next_tail = None, None   # (layer, k [Hkv, N, D], v, offset) while a long forward runs
+        self.staging = PrefillStage(store, selector, stage_bytes // (2 * self.Hkv * head_dim * self.tail_k.element_size()),
+                                    stage_bytes // 8 // (2 * self.Hkv * head_dim * self.tail_k.element_size()))
+        self._next_tail = None
         self._tok_s, self._steps, self._fetched, self._disk0 = 0.0, 0, 0, 0
         store.open_decode(-(-ctx // self.C))
 
@@ -101,44 +104,20 @@ class TieredAttention(AttentionBackend, PersistableKV):
         return o
 
     def _attend_staged(self, layer: int, q, k, v) -> torch.Tensor:
-        """Long forward: the layer's whole history sits on the device while this layer runs."""
-        if self._stage is None or self._stage[0] != layer:
+        """Long forward: the layer's window on the device, older history streamed (engine/staging.py)."""
+        if self.staging.layer != layer:
             self._commit_stage()
-            total, n = self._len + self._new, self.n_chunks * self.C
-            sk = torch.empty(self.Hkv, total, self.D, device=self.device, dtype=self.dtype)  # sk: [Hkv, total, D]
-            sv = torch.empty_like(sk)  # sv: [Hkv, total, D]
-            if self.n_chunks:
-                sk[:, :n], sv[:, :n] = from_chunks(self.store.read(layer, range(self.n_chunks)).to(self.device))
-            sk[:, n:self._len], sv[:, n:self._len] = self.tail_k[layer, :, :self.tail_len], self.tail_v[layer, :, :self.tail_len]
-            self._stage = (layer, sk, sv, self._len)
-        _, sk, sv, off = self._stage
-        T = q.shape[1]
-        sk[:, off:off + T], sv[:, off:off + T] = k, v
-        self._stage = (layer, sk, sv, off + T)
-        if self.sparse_prefill is not None:      # opt-in, lossy: block-sparse history (engine/sparse_prefill.py)
-            return sparse_causal_attend(q, sk[:, :off + T], sv[:, :off + T], off, self.sparse_prefill,
-                                        self.prefill_stats)  # [Hq, T, D]
-        return causal_attend(q, sk[:, :off + T], sv[:, :off + T], off)  # [Hq, T, D]
+            self.staging.open(layer, self.n_chunks, self._len, self.tail_k[layer, :, :self.tail_len],
+                              self.tail_v[layer, :, :self.tail_len], self._new)
+        return self.staging.attend(q, k, v, self.sparse_prefill, self.prefill_stats)  # [Hq, T, D]
 
     def _commit_stage(self) -> None:
-        if self._stage is None:
+        if self.staging.layer is None:
             return
-        layer, sk, sv, off = self._stage
-        n_full = off // self.C
-        if n_full > self.n_chunks:
-            s, e = self.n_chunks * self.C, n_full * self.C
-            self._store_chunks(layer, self.n_chunks, sk[:, s:e], sv[:, s:e])
-        rest = off - n_full * self.C
-        self.tail_k[layer, :, :rest], self.tail_v[layer, :, :rest] = sk[:, n_full * self.C:off], sv[:, n_full * self.C:off]
-        self._next_tail, self._stage = (n_full, rest), None
-
-    def _store_chunks(self, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [Hkv, n*C, D] new full chunks of one layer -> store (+ index)."""
-        step = max(1, (64 << 20) // (2 * k[:, :self.C].numel() * k.element_size()))  # ~64 MiB of chunks a put
-        for s in range(0, k.shape[1] // self.C, step):
-            sl = slice(s * self.C, min(k.shape[1], (s + step) * self.C))
-            self.store.put(layer, first + s, to_chunks(k[:, sl], v[:, sl], self.C))
-        self.selector.index_chunks(layer, first, k)
+        layer = self.staging.layer
+        n_full, rest, tk, tv = self.staging.close()
+        self.tail_k[layer, :, :rest], self.tail_v[layer, :, :rest] = tk, tv
+        self._next_tail = (n_full, rest)
 
     def _cut_chunk(self) -> None:
         """The tail's first C tokens become chunk n_chunks of every layer (a chunk boundary of decode)."""
@@ -161,6 +140,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
                 self._cut_chunk()
         else:
             self._commit_stage()
+            self.staging.release()            # the window's memory goes back before decode
             self.n_chunks, self.tail_len = self._next_tail
         self._len, self._new = self._len + self._new, 0
 
@@ -177,7 +157,10 @@ class TieredAttention(AttentionBackend, PersistableKV):
             if layer == 0:
                 self.begin(n)
                 self._token_path = False
-            self._stage = (layer, k.to(self.device, self.dtype), v.to(self.device, self.dtype), n)
+            self.staging.open(layer, 0, 0, k[:, :0].to(self.device, self.dtype), v[:, :0].to(self.device, self.dtype), n)
+            for s in range(0, n, self.staging.cap // 2):      # pieces of at most half a window
+                self.staging.append(k[:, s:s + self.staging.cap // 2].to(self.device, self.dtype),
+                                    v[:, s:s + self.staging.cap // 2].to(self.device, self.dtype))
             self._commit_stage()
         if n:
             self.end()

@@ -6,6 +6,7 @@
     plan = store.plan(layer, selection)              # a decode step's DecodePlan (tiers/decode.py)
     pending = store.prefetch(layer + 1, ids)         # disk reads start now; pending.result() -> FetchPlan
     store.read(layer, [i, j])                        # [n, 2, Hkv, C, D] on the host, bit-identical
+    k, v = store.read_device(layer, [i, j])          # [Hkv, n*C, D] each on the device (prefill history)
     store.stats(); store.close()
 
 Ordering (CUDA): put() makes the copy stream wait for everything already queued on the compute
@@ -31,6 +32,7 @@ from offload.tiers.device import DevicePool
 from offload.tiers.disk import DiskStore
 from offload.tiers.fetch import FetchMixin, FetchPlan, PendingFetch
 from offload.tiers.moves import MovesMixin
+from offload.tiers.stream import StreamMixin
 from offload.tiers.host import HostPool
 from offload.tiers.placement import DISK, GPU, HOST, TIER_NAMES, Residents, plan_put
 from offload.tiers.policy import make_policy
@@ -51,7 +53,7 @@ def _capacities(caps) -> tuple[int, int, int]:
     return gpu, host, disk
 
 
-class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
+class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin):
     def __init__(self, shape: ChunkShape, num_layers: int, capacities, device: torch.device | str = "cpu",
                  disk_dir: str | None = None, policy="lru", sink_chunks: int = 1, window_chunks: int = 4,
                  promote: bool = True, io_threads: int = 4, disk_direct: bool = True, kv_dtype: str = "bf16"):
@@ -187,6 +189,24 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin):
         self._stats["put_chunks"] += n
         if self._copy is not None and wait_kv:
             torch.cuda.current_stream(self.device).wait_event(new_event(self._copy))   # kv is consumed
+
+    def adopt(self, layer: int, first_chunk_idx: int, extents) -> None:
+        """Chunks first_chunk_idx.. of `layer` already lie in a file (tiers/attached.py FileExtents, one per
+        chunk, this tier's slot layout): they go on the disk tier as they are, read in place, nothing written."""
+        self._open_check()
+        n = len(extents.offsets)
+        if self.tiers[DISK] is None or self.packed is not None:
+            raise ConfigError("only a bf16 disk tier reads chunks in place; load them with put()")
+        ids = torch.arange(first_chunk_idx, first_chunk_idx + n)                # ids: [n]
+        self._grow(layer, first_chunk_idx + n)
+        if bool((self._tier[layer][ids] >= 0).any()):
+            raise ValueError(f"layer {layer} already holds some of chunks {first_chunk_idx}..{first_chunk_idx + n - 1}")
+        slots = self.tiers[DISK].alloc(n)
+        self.tiers[DISK].adopt(slots, extents)
+        self._num[layer] = max(int(self._num[layer]), first_chunk_idx + n)
+        self.policy.touch(layer, ids, torch.zeros(n))                          # inserted: recency, no mass
+        self._place(DISK, slots, torch.full((n,), layer, dtype=torch.long), ids)
+        self._stats["adopted_chunks"] += n
 
     # ---- read, stats, close ---------------------------------------------------------------------
     def read(self, layer: int, chunk_idx_list) -> torch.Tensor:

@@ -1,0 +1,57 @@
+"""Bulk reads of a layer's stored chunks onto the compute device, for prefill attention over history.
+
+`read_device(layer, ids)` returns the chunks' K and V as [Hkv, n*C, D] tensors on the compute device, in the
+model's dtype: GPU-pool chunks are gathered from the pool, host chunks straight from the pinned slab through
+UVA (packed int8/int4 slots are dequantized in registers, so only the packed bytes cross PCIe), drive chunks
+are read (CRC-verified) into pinned memory first. Keys come grouped by tier, not in id order: attention over
+a set of keys does not depend on their order (RoPE is already in the keys). Bit-identical to `read`.
+"""
+from __future__ import annotations
+
+import torch
+
+from offload.kernels.quant import dequantize_chunks, gather_rows_q
+from offload.tiers.base import from_chunks
+from offload.tiers.placement import DISK, GPU, HOST
+from offload.tiers.sync import stream_wait
+
+
+class StreamMixin:
+    def read_device(self, layer: int, chunk_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunks `chunk_ids` of `layer` -> (k, v), each [Hkv, n*C, D] on the compute device, grouped by tier.
+
+        Runs on the current stream (a caller may put it on a side stream to overlap compute); waits only for
+        in-flight writes of the slots it reads."""
+        self._open_check()
+        ids = torch.as_tensor(list(chunk_ids), dtype=torch.long)                # ids: [n]
+        tiers, slots = self._lookup(layer, ids)                                 # [n] each
+        stream = torch.cuda.current_stream(self.device) if self._copy is not None else None
+        ks, vs = [], []
+        for t in (GPU, HOST, DISK):
+            sel = slots[tiers == t]                                             # sel: [m]
+            if not sel.numel():
+                continue
+            ss = sel.tolist()
+            if t == DISK:
+                buf = torch.empty((len(ss), *self.cold_shape.shape), dtype=self.cold_shape.dtype,
+                                  pin_memory=stream is not None)                # buf: [m, 2, Hkv, C, D] or [m, B]
+                self.tiers[DISK].read(ss, buf, after=self._state[DISK].readers_wait(ss)).result()
+                self._stats["disk2h_bytes"] += buf.numel() * buf.element_size()
+                dev = buf.to(self.device, non_blocking=True)
+                chunks = dev if self.packed is None else dequantize_chunks(dev, self.packed, self.shape.dtype)
+                k, v = from_chunks(chunks)                                      # k, v: [Hkv, m*C, D]
+            else:
+                stream_wait(stream, self._state[t].readers_wait(ss))
+                pool = self.tiers[t].pool if t == GPU else self.tiers[t].slab
+                fmt = self.packed if t == HOST else None
+                st = sel.to(torch.int32).expand(self.shape.num_kv_heads, -1).contiguous()  # st: [Hkv, m]
+                st = st.to(self.device)
+                k = gather_rows_q(pool, st, 0, fmt=fmt, dtype=self.shape.dtype)  # k: [Hkv, m*C, D]
+                v = gather_rows_q(pool, st, 1, fmt=fmt, dtype=self.shape.dtype)  # v: [Hkv, m*C, D]
+                if t == HOST:
+                    self._stats["uva_bytes"] += len(ss) * self.cold_shape.nbytes
+            ks.append(k.to(self.device, self.shape.dtype))
+            vs.append(v.to(self.device, self.shape.dtype))
+        if len(ks) == 1:
+            return ks[0], vs[0]
+        return torch.cat(ks, 1), torch.cat(vs, 1)  # [Hkv, n*C, D] each
