@@ -8,9 +8,9 @@ micro      the attention op alone: one 2K-token chunk of 32 query heads over S k
            = 4 x Hq x T x S x D / time, and the largest difference between the two outputs.
 exact      offload.LLM (Llama-3-8B architecture, load_format="dummy"), session().prefill of N random ids on
            the new kernel; exact-old the same on the mem-efficient op (ops.prefill_kernel("efficient")).
-sparse     prefill="sparse" (threshold 0.95). Where the KV does not fit the capped GPU the session is tiered
-           and its staging calls ops.causal_attend; until tiered.py routes sparse prefill itself this bench
-           points that call at sparse_causal_attend (labelled "sparse (bench-wired tiered)").
+sparse     prefill="sparse" (threshold 0.95), dense or tiered sessions alike.
+Long contexts: --kv-dtype int4 --host-mem 48GiB keeps 1M tokens in host RAM; --stage 128K prefills in calls
+(times per call kept); --decode-steps N decodes right after (the end-to-end check).
 hf         transformers LlamaForCausalLM from the same config (SDPA), prefilled in --hf-chunk chunks into a
            DynamicCache (offloaded to the host when the KV does not fit under the cap).
 TFLOPS of a prefill = the FLOP model of offload.progress.prefill_flops / wall time. Writes JSON and a table.
@@ -69,7 +69,8 @@ def micro(S: int, reps: int) -> dict:
 
 def load_offload(args, n: int):
     from offload import LLM
-    opts = dict(model=args.model, load_format="dummy", ctx=n + 64, attention="full")
+    opts = dict(model=args.model, load_format="dummy", ctx=n + 64 + args.decode_steps, attention=args.attention,
+                kv_dtype=args.kv_dtype)
     if args.host_mem:
         opts["host_mem"] = args.host_mem
     if args.disk_dir:
@@ -105,8 +106,6 @@ def micro_sparse(S: int, density: float, reps: int) -> dict:
 
 def run_offload(args, llm, n: int, mode: str) -> dict:
     from offload.engine import ops
-    from offload.engine import tiered as tiered_mod
-    from offload.engine.sparse_prefill import PrefillStats, SparsePrefill, sparse_causal_attend
     from offload.progress import prefill_flops
     reset_peak()
     pf = "sparse" if mode == "sparse" else "exact"
@@ -122,29 +121,40 @@ def run_offload(args, llm, n: int, mode: str) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
     sess = new_session()
-    label, stats = mode, PrefillStats()
-    original = tiered_mod.causal_attend
-    if mode == "sparse" and getattr(sess.attn, "sparse_prefill", None) is None:
-        cfg = SparsePrefill(threshold=args.threshold)
-        tiered_mod.causal_attend = lambda q, k, v, off: sparse_causal_attend(q, k, v, off, cfg, stats)
-        label = "sparse (bench-wired tiered)"
-    try:
-        with ops.prefill_kernel("efficient" if mode == "exact-old" else "auto"):
+    label = mode
+    stage = parse_tokens(args.stage) if args.stage else n
+    stages = []
+    with ops.prefill_kernel("efficient" if mode == "exact-old" else "auto"):
+        sync()
+        t0 = time.perf_counter()
+        for s in range(0, n, stage):     # each stage a prefill call: its time is kept even if a later one dies
+            logits = sess.prefill(ids[s:s + stage])
             sync()
-            t0 = time.perf_counter()
-            logits = sess.prefill(ids)
-            sync()
-            secs = time.perf_counter() - t0
-    finally:
-        tiered_mod.causal_attend = original
+            stages.append({"tokens": min(n, s + stage), "s": time.perf_counter() - t0})
+            print(f"  {mode} {stages[-1]['tokens']} tokens at {stages[-1]['s']:.1f} s", flush=True)
+            if time.perf_counter() - _T0 > args.time_budget:
+                break
+        secs = time.perf_counter() - t0
+    done = stages[-1]["tokens"]
     st = sess.stats()
-    flops = prefill_flops(llm.model_config, n)
-    row = {"bench": "prefill", "mode": label, "ctx": n, "prefill_s": secs, "tok_s": n / secs,
+    flops = prefill_flops(llm.model_config, done)
+    row = {"bench": "prefill", "mode": label, "ctx": n, "tokens_done": done, "prefill_s": secs, "tok_s": done / secs,
            "tflops": flops / secs / 1e12, "peak_gib": peak_gib(), "backend": type(sess.attn).__name__,
-           "finite": bool(torch.isfinite(logits).all()), "kernel": ops.kernel_report()}
-    dens = st.get("sparse_prefill_density", stats.as_dict()["sparse_prefill_density"] if stats.chunks else None)
+           "finite": bool(torch.isfinite(logits).all()), "kernel": ops.kernel_report(), "stages": stages,
+           "kv_dtype": args.kv_dtype, "streamed_tokens": getattr(getattr(sess.attn, "staging", None), "streamed_tokens", 0)}
     if mode == "sparse":
-        row["density"] = dens
+        row["density"] = st.get("sparse_prefill_density")
+    if args.decode_steps and done == n:      # the end-to-end check: decode right after the long prefill
+        tok = int(logits.argmax())
+        times = []
+        for _ in range(args.decode_steps):
+            sync()
+            t = time.perf_counter()
+            tok = int(sess.step(tok).argmax())
+            sync()
+            times.append(1000 * (time.perf_counter() - t))
+        row["decode_ms"] = times
+        row["decode_median_ms"] = median(times)
     sess.close()
     del sess
     return row
@@ -204,13 +214,16 @@ def main() -> None:
     ap.add_argument("--gpu-cap", type=float, default=24.0)
     ap.add_argument("--host-mem", default=None)
     ap.add_argument("--disk-dir", default=None)
-    ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--cap-only", action="store_true", help="plan GPU memory against --gpu-cap alone, not cudaMemGetInfo")
     ap.add_argument("--warmup", type=int, default=6144, help="tokens prefilled untimed first (0 = none)")
     ap.add_argument("--hf-chunk", type=int, default=4096)
     ap.add_argument("--hf-max-s", type=float, default=90, help="HF stops after this many seconds (partial figure)")
     ap.add_argument("--skip", default="", help="mode@ctx pairs to skip, e.g. exact-old@512K,hf@512K")
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds: later stages are skipped past it")
+    ap.add_argument("--kv-dtype", default="bf16", help="KV dtype of the host/disk tiers (int4 fits 1M in 48 GiB)")
+    ap.add_argument("--attention", default="full", help="decode attention of the session (full or sparse)")
+    ap.add_argument("--stage", default="", help="prefill in calls of this many tokens (e.g. 128K); '' = one call")
+    ap.add_argument("--decode-steps", type=int, default=0, help="greedy decode steps timed after the prefill")
     ap.add_argument("--out", default="bench/out/prefill.json")
     args = ap.parse_args()
     rows = []
