@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -33,14 +34,57 @@ def lines_enabled() -> bool:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, show: bool | None = None):
-    """Yields update(done, total); a no-op when progress is disabled."""
-    if not (enabled() if show is None else show):
+    """Yields update(done, total): a rich bar on a terminal, a plain line every LINE_EVERY_S otherwise (a log
+    or a pipe still sees a long load move); a no-op when show is False or OFFLOAD_NO_PROGRESS=1."""
+    if show is False or not lines_enabled():
         yield lambda done, total=None: None
+        return
+    if not sys.stderr.isatty():
+        lines = StepLines(description, total, sys.stderr)
+        try:
+            yield lines
+        finally:
+            lines.finish()
         return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=_console, transient=True) as prog:
         task = prog.add_task(description, total=total)
         yield lambda done, total=None: prog.update(task, completed=done, **({"total": total} if total else {}))
+
+
+class StepLines:
+    """update(done, total) for a long step-wise job on a non-terminal stderr: a thread writes
+    "loading X: 3/31 steps (10%), 0m05s" every `every` seconds, also while one step takes long (reading a
+    big file is one step), and finish() a last line when any was written."""
+
+    def __init__(self, description: str, total: int, stream, every: float = LINE_EVERY_S):
+        self.description, self.total, self.stream, self.every = description, total, stream, every
+        self.t0 = time.perf_counter()
+        self.done, self.printed = 0, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="offload-progress", daemon=True)
+        self._thread.start()
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        self.done, self.total = done, total or self.total
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            self._write()
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.printed:
+            self.done = self.total
+            self._write()
+
+    def _write(self) -> None:
+        self.printed = True
+        pct = 100 * self.done / self.total if self.total else 100.0
+        self.stream.write(f"{self.description}: {self.done}/{self.total} steps ({pct:.0f}%), "
+                          f"{_clock(time.perf_counter() - self.t0)}\n")
+        self.stream.flush()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""offload-chat: chat with a long-context model whose KV lives in GPU, host RAM and NVMe tiers."""
+"""offload-chat: chat with a long-context model whose KV lives in GPU, host RAM and NVMe tiers.
+
+Imports stay light until the model loads (torch takes seconds to import): `--help` and every option error
+come back at once, and every option is checked before any weight is read.
+"""
 from __future__ import annotations
 
 import json
@@ -10,60 +14,49 @@ from pathlib import Path
 
 import click
 
-from offload.config import OffloadConfig, env_overrides, load_yaml
+from offload.cli.options import (MODEL_OPTIONS, SAMPLING_OPTIONS, _opt, apply_options, build_config,
+                                 screen_llama_flags)
 from offload.errors import ConfigError, OffloadError
 from offload.files import read_utf8, utf8_text
 
 EXIT_BAD_INPUT = 2
-
-
-def _opt(*names, **kw):
-    return click.option(*names, default=None, show_default=False, **kw)
+STDIN_MAX_BYTES = 1 << 30     # `-f -`: a document from a pipe, read whole before the model loads
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@_opt("-m", "--model", help="HF folder, .gguf file, alias (llama3-8b, llama3.1-8b, llama3-8b-1m, qwen2.5-7b-1m) "
-      "or repo id in the local HF cache. Default: smollm2-135m.")
-@_opt("-c", "--ctx", help="Context length in tokens: 8192, 128K, 1M. Default: the model's trained length (max 128K).")
-@_opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Compute device. Default: auto.")
-@_opt("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), help="Weight/KV dtype.")
-@_opt("--gpu-mem", help="GPU memory for KV, e.g. 6GiB. Default: detected.")
-@_opt("--host-mem", help="Host RAM for KV, e.g. 48GiB. Default: detected.")
-@_opt("--disk-mem", help="NVMe space for KV, e.g. 200GB. Default: free space in --disk-dir.")
-@_opt("--disk-dir", help="Directory for spilled KV files (created 0700, removed on exit).")
-@_opt("--attention", type=click.Choice(["auto", "full", "sparse"]), help="Exact (full) or sparse retrieval attention.")
-@_opt("--budget", help="Sparse attention budget per step and KV head: tokens (2K, the default), a mass "
-                        "threshold (p=0.75,floor=128,cap=2K) or a fraction (5%).")
-@_opt("--index", help="Sparse chunk selection method: summary, shadow or ann.")
-@_opt("--kv-dtype", type=click.Choice(["auto", "bf16", "int8", "int4"]),
-      help="KV in host RAM and on disk: bf16 (default), int8 or int4 (compressed, lossy; fewer bytes over PCIe), "
-      "auto (int8 once KV leaves the GPU).")
-@_opt("--select-unit", type=click.Choice(["chunk", "token"]),
-      help="Sparse: attend whole chunks (default) or the best tokens of 4x as many candidate chunks.")
-@_opt("--prefill", type=click.Choice(["exact", "sparse"]),
-      help="Prefill attention: exact (default) or sparse (block-sparse history, faster at 128K+, lossy).")
-@_opt("--load-format", type=click.Choice(["auto", "dummy"]), help="dummy = random weights (benchmarks).")
+@apply_options(MODEL_OPTIONS)
 @_opt("-p", "--prompt", help="Answer this prompt and exit (otherwise: interactive chat).")
-@_opt("-f", "--file", "file_", type=click.Path(dir_okay=False), help="A document to put in the context.")
+@_opt("-f", "--file", "file_", type=click.Path(dir_okay=False, allow_dash=True),
+      help="A document to put in the context; - reads it from stdin (then without -p it is the message).")
 @_opt("--prompt-cache", help="File keeping the -f document's prefilled KV: the next run with the same model, "
       "options and document resumes it instead of prefilling.")
-@_opt("-s", "--system", help="System prompt.")
-@_opt("-n", "--max-new-tokens", type=int, help="Most tokens to generate per answer. Default: 256.")
-@_opt("--temperature", type=float, help="0 = greedy (default).")
-@_opt("--top-p", type=float, help="Nucleus sampling mass. Default: 1.0.")
-@_opt("--seed", type=int, help="Sampling seed.")
+@_opt("-s", "--system", help="System prompt (llama.cpp's -s is the seed: use --seed).")
+@apply_options(SAMPLING_OPTIONS)
 @_opt("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of options (CLI > env OFFLOAD_* > file).")
 @click.option("--stats", "show_stats", is_flag=True, help="Print runtime statistics (JSON) to stderr at the end.")
 def chat_command(prompt, file_, system, config_path, show_stats, **flags):
-    """Chat with a local LLM over a huge context."""
+    """Chat with a local LLM over a huge context.
+
+    In chat: /save FILE, /load FILE, /stats, /reset, /exit; a line ending in \\ continues; Ctrl-C stops the
+    answer and keeps the conversation, twice exits."""
     cfg = build_config(config_path, flags)
+    for line in click.get_current_context().obj or ():   # llama.cpp flags we ignore: noted once options are valid
+        click.echo(line, err=True)
     document = _read_document(file_) if file_ else None
     prompt = utf8_text(prompt, "--prompt") if prompt is not None else None
     system = utf8_text(system, "--system") if system is not None else None
+    if file_ == "-" and prompt is None:
+        prompt, document = document, None     # stdin was the document, so it cannot also carry chat messages
+        if not prompt.strip():
+            raise ConfigError("-f - read nothing from stdin; pipe the text in, or pass -p")
+    if system is not None and system.strip().lstrip("-").isdigit():
+        click.echo(f"note: -s is the system prompt here ({system!r}); llama.cpp's seed is --seed", err=True)
     if cfg.prompt_cache:
         from offload.prompt_cache import check_path
         check_path(cfg.prompt_cache, document is not None)
     from offload.api import LLM
+    from offload.cli.banner import banner
+    from offload.cli.chat_loop import Interrupts, answer, interactive
     from offload.progress import note
 
     with warnings.catch_warnings():
@@ -78,9 +71,9 @@ def chat_command(prompt, file_, system, config_path, show_stats, **flags):
             from offload.prompt_cache import prime_chat
             prime_chat(chat, document, cfg.prompt_cache)
         if prompt is not None:
-            _answer(chat, _with_document(document, prompt))
+            answer(chat, _with_document(document, prompt), Interrupts())
         else:
-            _interactive(chat, document)
+            chat = interactive(chat, document)
     finally:
         if show_stats:   # one line of JSON, never wrapped: rich's console would fold it at the terminal width
             sys.stderr.write(json.dumps(llm.stats, default=str) + "\n")
@@ -88,21 +81,13 @@ def chat_command(prompt, file_, system, config_path, show_stats, **flags):
         llm.close()
 
 
-def build_config(config_path, flags: dict) -> OffloadConfig:
-    values = load_yaml(config_path) if config_path else {}
-    values.update(env_overrides())
-    values.update({k: v for k, v in flags.items() if v is not None})
-    return OffloadConfig(**values)
-
-
-def banner(llm) -> str:
-    plan = llm.plan.summary() if llm.plan is not None else "KV on " + llm.device.type
-    from offload.backends import mode
-    return (f"offload | model {llm.name} | ctx {llm.ctx} | {llm.device.type} {str(llm.dtype).replace('torch.', '')} "
-            f"| attention {mode(llm)} | {plan} | loaded in {llm.load_s:.1f}s")
-
-
 def _read_document(path: str) -> str:
+    if path == "-":
+        stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
+        data = stream.read(STDIN_MAX_BYTES + 1)
+        if len(data) > STDIN_MAX_BYTES:
+            raise ConfigError(f"-f - read more than {STDIN_MAX_BYTES >> 20} MiB from stdin; pass a file instead")
+        return utf8_text(data, "the stdin document (-f -)")
     return read_utf8(Path(path), "--file", "pass a UTF-8 text file")
 
 
@@ -125,38 +110,6 @@ def _with_document(document: str | None, text: str) -> str:
     return text if document is None else f"{document}\n\n{text}"
 
 
-def _answer(chat, text: str) -> None:
-    for piece in chat.stream(text):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-
-
-def _interactive(chat, document: str | None) -> None:
-    tty = sys.stdin.isatty()
-    if tty:
-        click.echo("Type a message; /reset starts over, /exit quits.", err=True)
-    while True:
-        if tty:
-            click.echo("> ", nl=False, err=True)
-        raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline()
-        if not raw:
-            break
-        line = utf8_text(raw, "a line of input")
-        text = line.strip()
-        if not text:
-            continue
-        if text == "/exit":
-            break
-        if text == "/reset":
-            chat.reset()
-            click.echo("(conversation reset)", err=True)
-            continue
-        _answer(chat, _with_document(document, text))
-        document = None  # the document goes into the first message only
-
-
 def _terminate(signum, frame):
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks close the sessions and remove spilled KV files
     raise SystemExit(128 + signum)
@@ -168,15 +121,21 @@ def main(argv=None) -> None:
     if ours:
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        _run(argv)
+        _run(list(sys.argv[1:] if argv is None else argv))
     finally:
         if ours:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _run(argv) -> None:
+def _valued_options() -> set[str]:
+    return {name for p in chat_command.params if isinstance(p, click.Option) and not p.is_flag
+            for name in p.opts + p.secondary_opts}
+
+
+def _run(argv: list[str]) -> None:
     try:
-        chat_command.main(args=argv, prog_name="offload-chat", standalone_mode=False)
+        argv, notes = screen_llama_flags(argv, _valued_options())
+        chat_command.main(args=argv, prog_name="offload-chat", standalone_mode=False, obj=notes)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:
