@@ -57,8 +57,9 @@ class StepLines:
     "loading X: 3/31 steps (10%), 0m05s" every `every` seconds, also while one step takes long (reading a
     big file is one step), and finish() a last line when any was written."""
 
-    def __init__(self, description: str, total: int, stream, every: float = LINE_EVERY_S):
-        self.description, self.total, self.stream, self.every = description, total, stream, every
+    def __init__(self, description: str, total: int, stream, every: float | None = None):
+        self.description, self.total, self.stream = description, total, stream
+        self.every = LINE_EVERY_S if every is None else every     # read at call time: tests shorten it
         self.t0 = time.perf_counter()
         self.done, self.printed = 0, False
         self._stop = threading.Event()
@@ -139,9 +140,10 @@ class PrefillProgress:
     (FLOP-weighted, since a chunk's attention grows with its position), tokens/s and an ETA; prints a line
     every `every` seconds to `stream` (or drives a rich bar on a terminal)."""
 
-    def __init__(self, n_tokens: int, num_layers: int, start: int = 0, stream=None, every: float = LINE_EVERY_S,
+    def __init__(self, n_tokens: int, num_layers: int, start: int = 0, stream=None, every: float | None = None,
                  attn_per_matmul: float = 0.0, bar=None):
-        self.n, self.L, self.start, self.every = n_tokens, num_layers, start, every
+        self.n, self.L, self.start = n_tokens, num_layers, start
+        self.every = LINE_EVERY_S if every is None else every
         self.stream, self.bar = stream, bar
         self.r = attn_per_matmul     # attention FLOPs per (query, key) pair over matmul FLOPs per token
         self.t0 = time.perf_counter()

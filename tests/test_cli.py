@@ -102,3 +102,201 @@ def test_main_in_process_leaves_sigterm_as_it_was():
     with pytest.raises(SystemExit):
         main(["--ctx", "not-a-size"])
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+# ---- issue 15: options, llama.cpp habits, stdin, notices, progress, chat commands, Ctrl-C --------------------
+# In-process runs on a tiny random checkpoint with a byte-level tokenizer and a chat template (loads in < 1 s).
+import io  # noqa: E402
+import signal  # noqa: E402
+
+from offload.cli.chat_loop import Interrupts, answer  # noqa: E402
+from offload.cli.main import main  # noqa: E402
+from offload.cli.options import screen_llama_flags  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    from offload.model.tokenizer import byte_level_tokenizer
+    tiny = write_tiny_checkpoint(tmp_path_factory.mktemp("chat"), "llama")
+    tok = byte_level_tokenizer()
+    tok.backend.save(str(tiny.path / "tokenizer.json"))
+    (tiny.path / "tokenizer_config.json").write_text(json.dumps({"chat_template": tok.chat_template}))
+    return str(tiny.path)
+
+
+def run_main(args, capsys, monkeypatch, stdin: bytes = b""):
+    """main(args) in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, out, err, *needles):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error: "), (code, out, err)
+    for n in needles:
+        assert n.lower() in lines[0].lower(), lines[0]
+
+
+def test_sampling_and_llama_flag_errors_exit_2_in_one_line(capsys, monkeypatch):
+    cases = [(["--top-k", "-3"], ["--top-k"]), (["--min-p", "2"], ["--min-p"]),
+             (["--repeat-penalty", "0"], ["--repetition-penalty"]), (["--presence-penalty", "5"], ["presence"]),
+             (["--stop", ""], ["stop string"]), (["--temp", "x"], ["--temp"]), (["--top-k", "1.5"], ["top-k"]),
+             (["--mirostat", "2"], ["--mirostat", "--top-k"]), (["-ctk", "q8_0"], ["--kv-dtype"]),
+             (["-ngl", "99", "--min-p", "-1"], ["--min-p"]),      # the -ngl note waits until options are valid
+             (["-hf", "org/x"], ["hf download"]), (["--no-such-flag"], ["no-such-flag"])]
+    for args, needles in cases:
+        _one_line_error(*run_main(args + ["-p", "x"], capsys, monkeypatch), *needles)
+    _one_line_error(*run_main(["-f", "-"], capsys, monkeypatch, stdin=b"  \n"), "stdin")
+    _one_line_error(*run_main(["-f", "-", "-p", "x"], capsys, monkeypatch, stdin=b"\xff\xfe bad"), "utf-8")
+
+
+def test_help_and_option_errors_do_not_import_torch():
+    """What makes --help and option errors instant: torch (seconds to import) is never loaded for them."""
+    code = ("import sys; from offload.cli.main import main\n"
+            "for argv in (['--help'], ['--top-k', '-3'], ['-ngl', '99', '--ctx', '12X'], ['--stop', '']):\n"
+            "    try: main(argv)\n"
+            "    except SystemExit as e: assert e.code in (0, 2), e.code\n"
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_llama_cpp_flags_are_screened_without_touching_values():
+    valued = {"-p", "--prompt", "-m"}
+    argv = ["-ngl", "99", "-p", "-t", "--n-gpu-layers=40", "-fa", "on", "--mlock", "-m", "x", "--flash-attn", "-t", "4"]
+    out, notes = screen_llama_flags(argv, valued)
+    assert out == ["-p", "-t", "-m", "x"]                # "-t" as the prompt's value stays
+    assert [n.split()[1] for n in notes] == ["-ngl", "--n-gpu-layers", "-fa", "--mlock", "--flash-attn", "-t"]
+    assert "weights always sit on the GPU" in notes[0]
+    assert screen_llama_flags(["--", "-ngl"], valued)[0] == ["--", "-ngl"]
+
+
+def test_truncation_notice_banner_and_plain_progress_lines(tiny_chat_model, tmp_path, capsys, monkeypatch):
+    import offload.progress as progress
+    monkeypatch.delenv("OFFLOAD_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.05)      # stderr is not a terminal here: plain lines
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("prefill_chunk: 32\n")                     # the prompt spans chunks, so prefill reports
+    code, out, err = run_main(["-m", tiny_chat_model, "--device", "cpu", "--config", str(cfg), "-n", "3", "-ngl", "9",
+                               "-p", "a question " * 20, "--temp", "0"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "(answer cut at the -n limit of 3 tokens; raise -n" in err
+    assert "note: -ngl ignored: weights always sit on the GPU" in err
+    banner = next(line for line in err.splitlines() if line.startswith("offload |"))
+    assert "device CPU" in banner and "weights" in banner and "CPU RAM" in banner and "GPU" not in banner
+    prefill = [line for line in err.splitlines() if line.startswith("prefill ")]
+    assert prefill and "tok/s" in prefill[-1] and "eta" in prefill[-1] and "100.0%" in prefill[-1]
+
+
+def test_load_lines_keep_coming_while_one_step_is_long():
+    """Reading a big file is one step of the load: a non-terminal stderr still gets a line every few seconds."""
+    import time
+    from offload.progress import StepLines
+    out = io.StringIO()
+    lines = StepLines("loading m", 3, out, every=0.02)
+    lines(1)
+    time.sleep(0.2)                                             # one long step, no updates
+    lines.finish()
+    got = out.getvalue().splitlines()
+    assert len(got) >= 3 and got[0].startswith("loading m: 1/3 steps (33%), ")
+    assert got[-1].startswith("loading m: 3/3 steps (100%)")
+    quiet = io.StringIO()
+    fast = StepLines("loading m", 3, quiet, every=60)
+    fast(3)
+    fast.finish()
+    assert quiet.getvalue() == ""                               # a quick load prints nothing
+
+
+def test_stdin_document_and_stop_strings(tiny_chat_model, capsys, monkeypatch):
+    base = ["-m", tiny_chat_model, "--device", "cpu", "-n", "24", "--stats"]
+    code, full, err = run_main(base + ["-p", "hi"], capsys, monkeypatch)
+    assert code == 0, err
+    text = full[:-1]                                          # the answer, then a newline
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert len(stop) == 2
+    code, cut, err = run_main(base + ["-p", "hi", "--stop", stop], capsys, monkeypatch)
+    assert code == 0 and cut == text[:text.find(stop)] + "\n"
+    assert "answer cut" not in err                            # a stop string is not a truncation
+    doc = "a document line\n" * 8
+    stats = lambda e: json.loads(e.strip().splitlines()[-1])  # noqa: E731
+    code, _, err = run_main(base + ["-p", "hi", "-f", "-"], capsys, monkeypatch, stdin=doc.encode())
+    with_doc = stats(err)["tokens"]
+    code, _, err = run_main(base + ["-f", "-"], capsys, monkeypatch, stdin=doc.encode())   # stdin is the message
+    assert code == 0 and stats(err)["tokens"] >= len(doc) and with_doc >= len(doc) + 2
+
+
+def test_chat_commands_save_load_stats(tiny_chat_model, tmp_path, capsys, monkeypatch):
+    saved = tmp_path / "talk.offload"
+    script = f"first\\\nline two\n/save {saved}\n/reset\n/load {saved}\n/stats\n/bogus\nsecond\n/load {tmp_path}/no\n/exit\n"
+    code, out, err = run_main(["-m", tiny_chat_model, "--device", "cpu", "-n", "4"], capsys, monkeypatch,
+                              stdin=script.encode())
+    assert code == 0, err
+    assert saved.is_file() and "(saved 2 messages" in err and "(loaded 2 messages" in err
+    stats_line = next(line for line in err.splitlines() if line.startswith("{"))
+    assert json.loads(stats_line)["tokens"] > len("first\nline two")     # the continued line was one message
+    assert "unknown command /bogus" in err and "error: " in err         # a bad /load is one line; the chat goes on
+    assert len([line for line in out.splitlines()]) == 2                 # two answers
+
+
+class _Stream:
+    """A chat whose answer is pieces; SIGINT arrives while piece `at` is written."""
+
+    def __init__(self, pieces, kills):
+        self.pieces, self.kills, self.closed, self.finish_reason = pieces, kills, False, None
+
+    def stream(self, text):
+        try:
+            for i, p in enumerate(self.pieces):
+                for _ in range(self.kills.get(i, 0)):
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield p
+        finally:
+            self.closed = True
+
+
+def test_ctrl_c_stops_the_answer_and_a_second_exits(capsys):
+    chat = _Stream(["a", "b", "c", "d"], {1: 1})
+    assert answer(chat, "q", Interrupts()) == "interrupted"
+    out, err = capsys.readouterr()
+    assert out == "ab\n" and chat.closed and "(answer stopped; the conversation keeps it)" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # Ctrl-C at the prompt exits again
+    chat = _Stream(["a", "b", "c"], {1: 2})
+    with pytest.raises(KeyboardInterrupt):
+        answer(chat, "q", Interrupts())
+    assert chat.closed
+
+
+def test_ctrl_c_keeps_the_conversation(tiny_chat_model, capsys, monkeypatch):
+    from offload import LLM
+    llm = LLM(tiny_chat_model, device="cpu", max_new_tokens=12)
+    chat = llm.chat()
+    writes = []
+
+    class KillingStdout(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            if len(writes) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return len(s)
+
+    monkeypatch.setattr(sys, "stdout", KillingStdout())
+    assert answer(chat, "hello", Interrupts()) == "interrupted"
+    partial = "".join(writes[:2])
+    assert chat.messages[-1] == {"role": "assistant", "content": partial}
+    reply = chat.send("and again")                          # the KV and the text still agree: the chat goes on
+    assert chat.messages[-1]["content"] == reply and len(chat.messages) == 4
+    llm.close()
+
+
+def test_index_ann_without_faiss_is_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)          # import faiss -> ImportError
+    monkeypatch.delitem(sys.modules, "offload.indexes.ann", raising=False)
+    _one_line_error(*run_main(["--index", "ann", "-p", "x"], capsys, monkeypatch), "offload[ann]")
+    monkeypatch.delitem(sys.modules, "offload.indexes.ann", raising=False)
