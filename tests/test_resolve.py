@@ -66,7 +66,7 @@ def test_alias_not_in_hf_cache_says_where_and_how(empty_hf_cache):
         resolve_model("llama3-8b")
     message = str(error.value)
     assert str(empty_hf_cache) in message
-    assert "huggingface-cli download meta-llama/Meta-Llama-3-8B-Instruct" in message
+    assert "`hf download meta-llama/Meta-Llama-3-8B-Instruct`" in message
     with pytest.raises(ModelLoadError, match="not in the local HF cache"):
         resolve_model("org/unknown-model")
 
@@ -149,3 +149,22 @@ def test_hf_cache_location_follows_env(tmp_path, monkeypatch):
     assert resolve.hf_hub_cache() == tmp_path / ".cache" / "huggingface" / "hub"
     snapshot = _cache_snapshot(resolve.hf_hub_cache(), "org/m", "r", {"config.json": json.dumps({})})
     assert resolve.find_in_hf_cache("org/m") == snapshot
+
+
+def test_hf_cache_blob_layout_and_newest_snapshot_without_main(empty_hf_cache):
+    """The layout `hf download` writes (snapshot files are symlinks into blobs/) is read through huggingface_hub;
+    without refs/main the newest snapshot that holds a model wins."""
+    repo = empty_hf_cache / "models--org--linked"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "aaa").write_text("{}")
+    snapshot = repo / "snapshots" / "r2"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to(Path("../../blobs/aaa"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("r2")
+    assert resolve.find_in_hf_cache("org/linked") == snapshot
+    old = _cache_snapshot(empty_hf_cache, "org/nomain", "old", {"config.json": "{}"}, main=False)
+    newer = _cache_snapshot(empty_hf_cache, "org/nomain", "new", {"README.md": "no model here"}, main=False)
+    os.utime(old / "config.json", (1, 1))
+    assert resolve.find_in_hf_cache("org/nomain") == old      # the newer snapshot holds no model files
+    assert newer.is_dir() and resolve.find_in_hf_cache("org/absent") is None

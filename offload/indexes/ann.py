@@ -36,11 +36,16 @@ import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import faiss
 import numpy as np
 import torch
 
 from offload.errors import ConfigError
+
+try:
+    import faiss
+except ImportError:   # an extra since issue 15: only --index ann needs it (offload.indexes imports us lazily)
+    raise ConfigError("--index ann needs faiss-cpu, which is not installed; pip install 'offload[ann]' "
+                      "(or use --index summary / shadow)") from None
 from offload.indexes._common import check_budget, check_choice, check_shape_args, split_chunks
 
 _BUILDER: ThreadPoolExecutor | None = None     # one background builder per process: layers queue in order

@@ -53,20 +53,28 @@ def offload_cache_dir() -> Path:
 
 
 def find_in_hf_cache(repo_id: str) -> Path | None:
-    """The snapshot folder (or single .gguf file) of `repo_id` in the HF cache, refs/main first."""
-    repo_dir = hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
-    snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
+    """The snapshot folder (or single .gguf file) of `repo_id` in the HF cache, refs/main first, then the
+    newest other snapshot. huggingface_hub reads the cache layout (refs, snapshots), so we follow its format
+    as it evolves; nothing is downloaded."""
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+    from huggingface_hub.errors import CacheNotFound
+
+    cache = hf_hub_cache()
+    config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache)   # refs/main's snapshot
+    if isinstance(config, str):
+        return Path(config).parent
+    try:
+        repos = scan_cache_dir(cache).repos
+    except CacheNotFound:
         return None
-    candidates = []
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        candidates.append(snapshots / ref.read_text().strip())
-    candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-    for snapshot in candidates:
-        if (snapshot / "config.json").is_file():
-            return snapshot
-        ggufs = sorted(snapshot.glob("*.gguf"))
+    repo = next((r for r in repos if r.repo_type == "model" and r.repo_id == repo_id), None)
+    if repo is None:
+        return None
+    for rev in sorted(repo.revisions, key=lambda r: ("main" in r.refs, r.last_modified), reverse=True):
+        top = [f.file_path for f in rev.files if f.file_path.parent == rev.snapshot_path]
+        if any(p.name == "config.json" for p in top):
+            return rev.snapshot_path
+        ggufs = sorted(p for p in top if p.suffix.lower() == ".gguf")
         if len(ggufs) == 1:  # a GGUF-only repo; with several quantizations the user must pick a file
             return ggufs[0]
     return None
@@ -87,7 +95,7 @@ def _source_for_path(path: Path, name: str, arch: dict | None = None) -> ModelSo
 def _not_cached(name: str, repo_id: str) -> ModelLoadError:
     return ModelLoadError(
         f"{name} ({repo_id}) is not in the local HF cache (looked in {hf_hub_cache()}, set by HF_HUB_CACHE/HF_HOME); "
-        f"get it with `huggingface-cli download {repo_id}` or pass a local folder/.gguf "
+        f"get it with `hf download {repo_id}` (huggingface_hub's CLI) or pass a local folder/.gguf "
         "(offload never downloads weights by itself)"
     )
 
