@@ -142,6 +142,8 @@ class KVFileReader:
                 self.table = np.frombuffer(f.read(4 * nt), dtype=np.uint32).reshape(self.layout.layers, -1).copy()
                 f.seek(off["logits"] + self.slot * _up(4 * self.layout.vocab))
                 lb = f.read(4 * self.layout.vocab)
+                st = os.fstat(f.fileno())
+                self.identity = (st.st_dev, st.st_ino)   # the file these checks were made on
         except OSError as e:
             raise SessionFileError(f"cannot read it ({e.strerror or e})") from None
         except (KeyError, TypeError, ValueError) as e:
@@ -157,6 +159,56 @@ class KVFileReader:
     @property
     def committed_blocks(self) -> int:
         return math.ceil(self.n / self.layout.block_tokens)
+
+    def extents(self, layer: int, first: int, count: int, fix: str):
+        """Where committed blocks first.. of a layer lie, with their CRCs: for a disk tier to read in place."""
+        from offload.tiers.attached import FileExtents
+        if first < 0 or first + count > self.committed_blocks:
+            raise ValueError(f"blocks {first}..{first + count - 1} are not all committed ({self.committed_blocks})")
+        base = self.layout.block_offset(layer, first)
+        offsets = base + np.arange(count, dtype=np.int64) * self.layout.stride                  # offsets: [count]
+        return FileExtents(str(self.path), self.identity, offsets,
+                           self.table[layer, first:first + count].copy(), fix)                # crcs: [count]
+
+    def read_blocks(self, layer: int, first: int, count: int) -> torch.Tensor:
+        """Committed blocks first.. of a layer, CRC-checked: [count, 2, Hkv, C, D] (SessionFileError if corrupt).
+        Reads the file these checks were made on (by inode), so a file renamed over it since is never mixed in."""
+        lay = self.layout
+        if first < 0 or first + count > self.committed_blocks:
+            raise ValueError(f"blocks {first}..{first + count - 1} are not all committed ({self.committed_blocks})")
+        buf = np.empty((count, lay.stride), dtype=np.uint8)                    # buf: [count, stride] bytes
+        try:
+            fd = self._fd()
+            want, got = count * lay.stride, 0
+            mv = memoryview(buf).cast("B")
+            while got < want:
+                r = os.preadv(fd, [mv[got:]], lay.block_offset(layer, first) + got)
+                if r == 0:
+                    raise SessionFileError(f"it is truncated (layer {layer} block {first + got // lay.stride})")
+                got += r
+        except OSError as e:
+            raise SessionFileError(f"cannot read it ({e.strerror or e})") from None
+        for i in range(count):
+            if zlib.crc32(buf[i, :lay.block_bytes]) != int(self.table[layer, first + i]):
+                raise SessionFileError(f"block {first + i} of layer {layer} is corrupt (checksum mismatch)")
+        t = torch.from_numpy(buf[:, :lay.block_bytes]).contiguous()              # t: [count, block_bytes] u8
+        return t.view(DTYPES[lay.dtype]).view(count, 2, lay.kv_heads, lay.block_tokens, lay.head_dim)
+
+    def _fd(self) -> int:
+        """A descriptor of the checked file (opened once, by path, and compared by inode)."""
+        if getattr(self, "_file", None) is None:
+            f = open(self.path, "rb")
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != self.identity:
+                f.close()
+                raise SessionFileError("it was replaced while it was being read")
+            self._file = f
+        return self._file.fileno()
+
+    def close(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
 
     def layers(self):
         """Yields (k, v) per layer, each [Hkv, n, D] in a fresh tensor. Only one layer's blocks are mapped at a

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from offload.errors import ConfigError, SessionFileError
+from offload.errors import CapacityError, ConfigError, SessionFileError, TierIOError
 from offload.kvfile import KVFileReader, KVFileWriter, Layout
 
 AUTO_EVERY = 64 * 1024            # checkpoint interval once a prompt is long enough to be worth it
@@ -126,6 +126,26 @@ def _read_range(attn, layer: int, start: int, end: int):
     return k[:, start:end], v[:, start:end]
 
 
+def _load(sess, reader, path: Path) -> str:
+    """Put the cache's KV into the empty session: in place when its disk tier can read the file's blocks
+    (offload.cache_attach), else copied in layer by layer. Returns how, for the resume note."""
+    from offload.cache_attach import attach, attachable
+    if attachable(sess.attn, reader) is not None:
+        sess.attn.load_kv(reader.layers())
+        return ""
+    info = attach(sess.attn, reader, _fix(path))
+    sess._prompt_cache_attached = info
+    return (f" ({_size(info.eager_bytes)} read, {_size(info.in_place_bytes)} read in place when needed"
+            + (", its keys read once for the index" if info.index_bytes else "") + ")")
+
+
+def _size(n: int) -> str:
+    for unit, b in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= b:
+            return f"{n / b:.1f} {unit}"
+    return f"{n} B"
+
+
 def _reset(sess) -> None:
     """A fresh, empty backend for a session whose load failed half way (nothing of the bad file stays)."""
     llm, cfg = sess.llm, sess.config
@@ -215,11 +235,16 @@ def _open(path: Path, key: dict, ids: list[int], sess) -> tuple[KVFileReader | N
     return (r, None) if why is None else (None, f"{why}; prefilling afresh, then replacing it")
 
 
-def prefill_cached(sess, token_ids, path, every=None, on_segment=None) -> torch.Tensor:
+def _fix(path: Path) -> str:
+    return f"delete {path} to prefill afresh"
+
+
+def prefill_cached(sess, token_ids, path, every=None, on_segment=None, _corrupt: str | None = None) -> torch.Tensor:
     """Like sess.prefill(token_ids) on an empty session, through the cache at `path`.
 
     every: tokens between checkpoints (None: the session's prompt_cache_every, else the default);
-    on_segment(done): called after each prefilled segment (tests interrupt here)."""
+    on_segment(done): called after each prefilled segment (tests interrupt here).
+    _corrupt: why the cache was found corrupt while this call's first attempt read it (then it is not opened)."""
     ids = [int(t) for t in token_ids]
     path = Path(path).expanduser()
     if sess.length:
@@ -230,18 +255,21 @@ def prefill_cached(sess, token_ids, path, every=None, on_segment=None) -> torch.
         raise ConfigError("prefill needs at least one token id")
     t0 = time.perf_counter()
     key = cache_key(sess)
-    reader, why = _open(path, key, ids, sess)
+    reader, why = _open(path, key, ids, sess) if _corrupt is None else (None, _corrupt)
     done, logits = 0, None
     if reader is not None:
         try:
-            sess.attn.load_kv(reader.layers())
+            how = _load(sess, reader, path)
             done, logits = reader.n, reader.logits.to(sess.llm.device)
             sess.tokens = ids[:done]
-            note(f"prompt cache {path}: resumed {done} of {len(ids)} tokens" +
+            note(f"prompt cache {path}: resumed {done} of {len(ids)} tokens{how}" +
                  (f", prefilling the other {len(ids) - done}" if done < len(ids) else ""))
-        except SessionFileError as e:
+        except (SessionFileError, TierIOError, CapacityError) as e:
             _reset(sess)
             reader, why = None, f"{e}; prefilling afresh, then replacing it"
+        finally:
+            if reader is not None:
+                reader.close()
     if why:
         note(f"prompt cache {path}: {why}")
     if done == len(ids):
@@ -289,6 +317,15 @@ def prefill_cached(sess, token_ids, path, every=None, on_segment=None) -> torch.
             note(f"prompt cache {path}: keeps {saver.n} of {len(ids)} tokens; run the same command again to resume")
         saver.close()
         raise
+    except TierIOError as e:
+        saver.close()
+        if reader is None or str(path) not in str(e):
+            raise
+        # a block the disk tier reads in place from this cache is corrupt: nothing wrong was used (the read
+        # failed); start again without it
+        _reset(sess)
+        return prefill_cached(sess, ids, path, every, on_segment,
+                              _corrupt=f"{str(e).removesuffix('; ' + _fix(path))}; prefilling afresh, then replacing it")
     except BaseException:
         saver.close()
         raise

@@ -54,7 +54,11 @@ def prefilled(monkeypatch):
 
 def run(llm, ids, path, **kw):
     s = llm.session()
-    logits = prefill_cached(s, ids, path, **kw)
+    try:
+        logits = prefill_cached(s, ids, path, **kw)
+    except BaseException:
+        s.close()                # an LLM's open sessions share its KV budget
+        raise
     return logits, s.step(11), s
 
 
@@ -69,6 +73,12 @@ def interrupt_at_layer_call(monkeypatch, model, k):
         return real(*a, **kw)
 
     monkeypatch.setattr(model, "layer_forward", forward)
+
+
+def close(a, b):
+    """A prompt resumed part way and then prefilled: the rest's prefill streams history in other pieces than
+    one uninterrupted prefill (engine/staging.py), which moves float rounding, never more."""
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def exact(got, want):
@@ -330,6 +340,8 @@ def test_tiered_backend_resumes_an_interrupted_prefill(tmp_path, monkeypatch):
     ref = llm.session()
     want = ref.prefill(seq), ref.step(11)
     assert ref.stats()["hits_disk"] > 0       # the KV really spans the drive tier
+    ref_kv = [ref.attn.read_kv(layer) for layer in range(llm.model_config.num_layers)]
+    ref.close()
     path = tmp_path / "doc.kvc"
 
     def stop(done):
@@ -351,14 +363,24 @@ def test_tiered_backend_resumes_an_interrupted_prefill(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             run(llm, seq, path, every=64)
     assert KVFileReader(path).n == 192
-    for got in (run(llm, seq, path, every=64), run(llm, seq, path)):     # resumed at 128, then whole
-        assert torch.equal(got[0], want[0])
-        for layer in range(llm.model_config.num_layers):   # the same KV bits, whatever tier holds them
-            for a, b in zip(got[2].attn.read_kv(layer), ref.attn.read_kv(layer)):
-                assert torch.equal(a[:, :330], b[:, :330])   # the prompt's KV (the step's token comes after)
-        # decode over tiers merges parts in placement order, which a resumed session lays out differently
-        torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
-        got[2].close()
+    # resumed at 192 and the rest prefilled: prefill streams history in pieces of the staging window and
+    # merges them by log-sum-exp (engine/staging.py), so where a prefill starts moves the float rounding (1e-7)
+    # of what follows. Then resumed whole: exactly the bits that first run saved.
+    first = run(llm, seq, path, every=64)
+    close(first[0], want[0])
+    first_kv = [tuple(t.clone() for t in first[2].attn.read_kv(layer)) for layer in range(llm.model_config.num_layers)]
+    for layer, kv in enumerate(first_kv):
+        for a, b in zip(kv, ref_kv[layer]):
+            close(a[:, :330], b[:, :330])     # the prompt's KV (the step's token comes after)
+    first[2].close()
+    again = run(llm, seq, path)
+    assert torch.equal(again[0], first[0])
+    for layer, kv in enumerate(first_kv):     # the same KV bits, whatever tier holds them
+        for a, b in zip(again[2].attn.read_kv(layer), kv):
+            assert torch.equal(a[:, :330], b[:, :330])
+    # decode over tiers merges parts in placement order, which a resumed session lays out differently
+    close(again[1], first[1])
+    again[2].close()
 
 
 def test_checkpoint_option_parses_sizes():
@@ -398,3 +420,135 @@ def test_cached_document_spelling_a_control_token_stays_text(smollm2_gguf, tmp_p
     template_markers = tok.encode(rendered[:spans[0][0]]).count(start[0])
     assert cached.count(start[0]) == template_markers  # only the template's own marker(s)
     chat.close() if hasattr(chat, "close") else chat.session.close()
+
+
+# ---- tiered sessions read the cache's cold blocks in place (offload/cache_attach.py) -----------------------
+
+TIERED = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32, prefill_chunk=32,
+              attention="full", gpu_mem="60KiB", host_mem="30KiB", disk_mem="4MiB")
+
+
+@pytest.fixture(scope="module")
+def tiered(tmp_path_factory):
+    """A tiered LLM whose GPU + host tiers hold a fraction of a 330-token prompt, and that prompt's exact
+    prefill: (llm, ids, logits, KV per layer, logits of one more step)."""
+    d = tmp_path_factory.mktemp("tiered")
+    llm = LLM(str(write_tiny_checkpoint(d, "llama").path), disk_dir=str(d / "kv"), **TIERED)
+    seq = torch.randint(3, 320, (330,), generator=torch.Generator().manual_seed(3)).tolist()
+    s = llm.session()
+    logits = s.prefill(seq)
+    kv = [tuple(t.clone() for t in s.attn.read_kv(layer)) for layer in range(llm.model_config.num_layers)]
+    step = s.step(11)
+    s.close()
+    return llm, seq, logits, kv, step
+
+
+def same_kv(sess, kv, n):
+    for layer, (k, v) in enumerate(kv):
+        a, b = sess.attn.read_kv(layer)
+        assert torch.equal(a[:, :n], k[:, :n]) and torch.equal(b[:, :n], v[:, :n])
+
+
+def cached_file(llm, ids, path):
+    s = llm.session()
+    prefill_cached(s, ids, path)
+    s.close()
+
+
+def test_tiered_resume_reads_cold_blocks_in_place(tiered, tmp_path, capsys, prefilled):
+    llm, seq, logits, kv, step = tiered
+    path = tmp_path / "doc.kvc"
+    cached_file(llm, seq, path)
+    size = path.stat().st_size
+    capsys.readouterr()
+    prefilled.clear()
+    s = llm.session()
+    disk = s.attn.store.tiers[2]
+    assert torch.equal(prefill_cached(s, seq, path), logits) and prefilled == []
+    st = s.attn.store.stats()
+    full = llm.model_config.num_layers * (330 // 8)
+    assert st["adopted_chunks"] + st["put_chunks"] == full      # the blocks GPU + host have no room for ...
+    assert st["adopted_chunks"] >= full // 3
+    assert disk.bytes_written == 0 and st["h2disk_bytes"] == 0  # ... stay in the file: nothing is copied
+    assert "read in place when needed" in capsys.readouterr().err
+    same_kv(s, kv, 330)                                         # bit-identical, read through the disk tier
+    assert disk.bytes_read >= st["adopted_chunks"] * disk.shape.nbytes
+    torch.testing.assert_close(s.step(11), step, rtol=0, atol=1e-5)   # parts merge in another placement order
+    assert disk.bytes_written < size // 8 and path.stat().st_size == size
+    s.close()
+    assert path.exists() and KVFileReader(path).n == 330        # closing the tier leaves the file
+
+
+def test_attached_file_outlives_its_replacement_and_extension(tiered, tmp_path):
+    """A resumed session keeps reading the bytes it adopted while the cache is extended in place (only ever
+    appended to) by one run and then replaced (new file, rename) by another."""
+    llm, seq, logits, kv, _ = tiered
+    path = tmp_path / "doc.kvc"
+    cached_file(llm, seq[:256], path)
+    a = LLM(str(llm.config.model), disk_dir=llm.config.disk_dir, **TIERED).session()   # open beside b
+    prefill_cached(a, seq[:256], path)
+    b = llm.session()
+    close(prefill_cached(b, seq, path), logits)                 # extends the same file past its 256 tokens
+    assert KVFileReader(path).n == 330
+    b.close()
+    cached_file(llm, [5] * 300, path)                           # another prompt: a new file renamed over it
+    assert KVFileReader(path).tokens == [5] * 300
+    same_kv(a, kv, 256)
+    a.close()
+
+
+def corrupt_cold_block(path, layer=0):
+    r = KVFileReader(path)
+    off = r.layout.block_offset(layer, 3)   # after the 2 sink blocks: adopted, not read eagerly
+    with open(path, "r+b") as f:
+        f.seek(off + 100)
+        b = f.read(1)
+        f.seek(off + 100)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def test_corrupt_block_read_in_place_is_an_error_never_wrong_kv(tiered, tmp_path):
+    from offload.errors import TierIOError
+    llm, seq, *_ = tiered
+    path = tmp_path / "doc.kvc"
+    cached_file(llm, seq, path)
+    corrupt_cold_block(path)
+    s = llm.session()
+    prefill_cached(s, seq, path)          # resuming reads only the hot blocks: the damage is not seen yet
+    with pytest.raises(TierIOError) as e:
+        s.step(11)                        # exact attention reads every chunk: the corrupt one fails its CRC
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "checksum mismatch" in msg and f"delete {path}" in msg
+    s.close()
+
+
+def test_corrupt_block_found_while_extending_prefills_afresh(tiered, tmp_path, capsys, prefilled):
+    llm, seq, logits, kv, _ = tiered
+    path = tmp_path / "doc.kvc"
+    cached_file(llm, seq[:256], path)
+    corrupt_cold_block(path, layer=1)
+    capsys.readouterr()
+    prefilled.clear()
+    s = llm.session()
+    close(prefill_cached(s, seq, path), logits)                 # the rest's prefill reads it: start again
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "resumed 256 of 330" in err[0] and "checksum mismatch" in err[1] and "prefilling afresh" in err[1]
+    assert len(err) == 2 and sum(prefilled) == 330 - 256 + 330
+    s.close()
+    assert KVFileReader(path).n == 330                          # replaced by a sound cache
+
+
+def test_disk_full_while_a_resumed_session_checkpoints_keeps_the_cache(tiered, tmp_path, monkeypatch):
+    llm, seq, logits, *_ = tiered
+    path = tmp_path / "doc.kvc"
+    cached_file(llm, seq[:256], path)
+    s = llm.session()                                           # its disk tier writes to a drive with room
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", DiskFull(20_000))               # the cache's in-place extension dies part way
+        close(prefill_cached(s, seq, path), logits)
+    s.close()
+    assert KVFileReader(path).n == 256                          # the committed state still reads back
+    s = llm.session()
+    close(prefill_cached(s, seq, path), logits)
+    s.close()
+    assert KVFileReader(path).n == 330

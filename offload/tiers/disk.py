@@ -11,6 +11,11 @@
   bits, which is the corruption a drive or a stray write produces. It is not a defence against an
   attacker, who could also rewrite the checksum table: the table stays in process memory). It is
   checked on every read; a mismatch raises TierIOError and the destination is zeroed, never returned.
+* `adopt` binds slots to chunks that already lie in another file (a prompt cache's blocks, same layout):
+  no byte is copied; reads of those slots go to that file (opened read-only, O_DIRECT when it allows) at
+  the given offsets and are CRC-checked against the given checksums like any slot. The file is never
+  written, truncated or removed; its descriptor stays open until close(), so a file renamed over it
+  later leaves these reads on the old, intact bytes. Writing or freeing an adopted slot returns it to kv.bin.
 * I/O runs on a thread pool; write/read return a Future. `after` handles (CUDA events, futures) are
   waited inside the worker, so a disk write can follow a GPU->host copy without blocking the caller.
   The pool's queue is FIFO, so waiting on a future submitted earlier to the same pool cannot deadlock.
@@ -28,9 +33,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from offload.errors import TierIOError
+from offload.tiers.attached import AttachedFiles, FileExtents, check_aligned
 from offload.tiers.base import ChunkShape
 from offload.tiers.device import _check
 from offload.tiers.diskdir import KV_FILE as _FILE, make_private_dir, remove_private_dir
@@ -126,8 +133,15 @@ class DiskStore:
         self._slots = SlotAllocator(capacity, self.name)
         self._local = threading.local()
         self._threads = io_threads
+        # adopted slots: which attached file (-1: kv.bin) and at what byte
+        self._src = np.full(capacity, -1, dtype=np.int32)
+        self._off = np.zeros(capacity, dtype=np.int64)
+        self._files = AttachedFiles()
+        self._count_lock = threading.Lock()
+        self.bytes_written = self.bytes_read = 0        # drive traffic of this tier (kv.bin and attached files)
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="offload-disk")
-        self._finalizer = weakref.finalize(self, DiskStore._cleanup, self._pool, self._fd, self.dir, self._lock_fd)
+        self._finalizer = weakref.finalize(self, DiskStore._cleanup, self._pool, self._fd, self.dir, self._lock_fd,
+                                           self._files)
 
     # ---- creation -------------------------------------------------------------------------------
     def _open(self, direct: bool) -> tuple[int, bool]:
@@ -183,6 +197,19 @@ class DiskStore:
         self._slots.free(slots)
         for s in slots:
             self._crc[int(s)] = None     # a stale read of a freed slot fails instead of returning old data
+            self._src[int(s)] = -1
+
+    def adopt(self, slots: Sequence[int], extents: FileExtents) -> None:
+        """Slots (allocated) now hold the chunks of `extents`, read in place from its file: nothing is copied."""
+        if len(slots) != len(extents.offsets) or len(slots) != len(extents.crcs):
+            raise ValueError(f"{len(slots)} slots for {len(extents.offsets)} extents")
+        offs = check_aligned(extents.offsets)                                   # offs: [n]
+        src = self._files.open(extents)
+        idx = np.asarray(slots, dtype=np.int64)                                 # idx: [n]
+        self._src[idx], self._off[idx] = src, offs
+        for s, crc in zip(idx.tolist(), np.asarray(extents.crcs).tolist()):
+            self._crc[s] = int(crc)
+            self._bad.pop(s, None)
 
     def write(self, slots: Sequence[int], src: torch.Tensor, stream=None, after: Iterable = ()) -> Future:
         """Store src: [n, 2, Hkv, C, D] (host memory, kept alive by the caller until the Future is done)."""
@@ -194,6 +221,7 @@ class DiskStore:
         for s in slots:
             self._crc[s] = None
             self._bad.pop(s, None)
+            self._src[s] = -1            # an adopted slot is written to kv.bin, never into the attached file
         return self._submit(self._write_one, slots, src, list(after))
 
     def read(self, slots: Sequence[int], dst: torch.Tensor, stream=None, after: Iterable = ()) -> Future:
@@ -206,6 +234,11 @@ class DiskStore:
     @property
     def num_free(self) -> int:
         return self._slots.num_free
+
+    def _count(self, written: int = 0, read: int = 0) -> None:
+        with self._count_lock:
+            self.bytes_written += written
+            self.bytes_read += read
 
     # ---- I/O ------------------------------------------------------------------------------------
     def _submit(self, one, slots: list[int], t: torch.Tensor, after: list) -> Future:
@@ -248,6 +281,7 @@ class DiskStore:
             err = _io_error(e, self.path, slot, "writing")
             self._bad[slot] = str(err)
             raise err from None
+        self._count(written=len(buf))
         self._crc[slot] = crc
 
     def _read_one(self, slot: int, chunk: torch.Tensor) -> None:
@@ -256,7 +290,13 @@ class DiskStore:
         if want is None:
             raise TierIOError(self._bad.get(slot) or f"slot {slot} of {self.path} (disk tier) holds no "
                               "complete chunk; it was freed or never written")
-        into_dst = self._direct_ok(ptr) or not self.direct
+        src = int(self._src[slot])
+        if src < 0:
+            fd, direct, path, base = self._fd, self.direct, self.path, slot * self.stride
+        else:
+            f, base = self._files[src], int(self._off[slot])
+            fd, direct, path, fix = f.fd, f.direct, f.path, f.fix
+        into_dst = self._direct_ok(ptr) or not direct
         if into_dst:
             buf, addr = _address_view(ptr, nb), ptr
         else:
@@ -264,16 +304,23 @@ class DiskStore:
         try:
             done = 0
             while done < len(buf):
-                got = self._preadv(self._fd, [buf[done:]], slot * self.stride + done)
+                got = self._preadv(fd, [buf[done:]], base + done)
                 if got == 0:
+                    if src >= 0:
+                        raise TierIOError(f"{path} is truncated at byte {base + done} (read in place by the disk "
+                                          f"tier): something else modified it; {fix}")
                     raise TierIOError(f"{self.path} is truncated at slot {slot} (disk tier): "
                                       "something else modified the file; pass a private --disk-dir")
                 done += got
         except OSError as e:
-            raise _io_error(e, self.path, slot, "reading") from None
+            raise _io_error(e, path, slot, "reading") from None
+        self._count(read=len(buf))
         if zlib.crc32(buf[:nb]) != want:
             if into_dst:
                 ctypes.memset(ptr, 0, nb)    # corrupt bytes never reach the caller
+            if src >= 0:
+                raise TierIOError(f"{path} is corrupt at byte {base} (checksum mismatch, read in place by the "
+                                  f"disk tier); {fix}")
             raise TierIOError(f"checksum mismatch in {self.path} slot {slot} (disk tier): the drive returned "
                               "corrupt data; check it (smartctl, dmesg) or pass another --disk-dir")
         if not into_dst:
@@ -281,12 +328,13 @@ class DiskStore:
 
     # ---- lifetime -------------------------------------------------------------------------------
     @staticmethod
-    def _cleanup(pool: ThreadPoolExecutor, fd: int, path: str, lock_fd: int) -> None:
+    def _cleanup(pool: ThreadPoolExecutor, fd: int, path: str, lock_fd: int, attached: AttachedFiles) -> None:
         pool.shutdown(wait=True)
         try:
             os.close(fd)
         except OSError:
             pass
+        attached.close()                 # closed, never removed
         remove_private_dir(path, lock_fd)
 
     def close(self) -> None:

@@ -1,0 +1,103 @@
+"""Resume a prompt cache into a tiered session with its cold KV read in place: the cache file becomes part of
+the disk tier instead of being copied into it (issue 11: a 1M-token cache is 128 GiB).
+
+    why_not = attachable(sess.attn, reader)        # None, or why this session copies the KV in instead
+    info = attach(sess.attn, reader, fix)          # -> Attached (what was read eagerly, what stays in place)
+
+Policy (here): per layer, the sink blocks and as many of the newest blocks as the GPU and host tiers have
+room for are read eagerly (CRC-checked) and put into the store, which places them as it places any put;
+the partial last block becomes the tail; every other block is adopted by the disk tier where it lies
+(TieredKVStore.adopt -> DiskStore.adopt: offsets and CRCs from the file's table, verified on every read,
+so a corrupt block is a TierIOError at its first read, never wrong KV). A sparse session's chunk index
+needs every key: its blocks are read once (CRC-checked) to build it, and still not written anywhere.
+Mechanism lives in KVFileReader (the file) and the store / disk tier (adopt, put).
+
+The attached file must stay intact while the session reads it. Checkpoints of a resumed session only ever
+append (offload.kvfile: blocks past the committed ones, the other logits slot and record; committed bytes
+are never rewritten), and a cache that is replaced is written to a new file and renamed over the old name,
+which leaves the inode the disk tier holds open, and so these reads, untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_GROUP_BYTES = 64 << 20      # blocks read and put at a time
+
+
+@dataclass(frozen=True)
+class Attached:
+    tokens: int
+    eager_bytes: int         # block bytes read from the cache before the session answers
+    in_place_bytes: int      # block bytes left in the cache file, read by the disk tier when attention needs them
+    index_bytes: int         # block bytes read only to build a sparse index (0 for exact attention)
+
+
+def attachable(attn, reader) -> str | None:
+    """None when this session's disk tier can read the cache's blocks in place, else why not."""
+    store = getattr(attn, "store", None)
+    if store is None or not hasattr(store, "adopt") or not hasattr(attn, "tail_k"):
+        return "this attention backend keeps its KV in memory"
+    if store.tiers[2] is None:
+        return "the session has no disk tier"
+    if store.packed is not None:
+        return "the disk tier holds compressed KV"
+    lay = reader.layout
+    if lay.block_tokens != attn.C or lay.block_bytes != store.cold_shape.nbytes or lay.stride != store.tiers[2].stride:
+        return "the cache's blocks are not this session's chunks"
+    return None
+
+
+def eager_blocks(n_full: int, layers: int, room: int, sink: int, window: int) -> tuple[int, int]:
+    """(sink blocks, newest blocks) each layer reads eagerly: sinks and the window always, then what fits in
+    `room` chunk slots of the GPU and host tiers shared by all layers."""
+    per_layer = max(0, room // max(layers, 1))
+    sinks = min(sink, n_full)
+    newest = min(n_full - sinks, max(window, per_layer - sinks))
+    return sinks, newest
+
+
+def _put_blocks(attn, reader, layer: int, first: int, count: int) -> None:
+    per = max(1, _GROUP_BYTES // reader.layout.stride)
+    for s in range(first, first + count, per):
+        m = min(per, first + count - s)
+        attn.store.put(layer, s, reader.read_blocks(layer, s, m).to(attn.device))   # [m, 2, Hkv, C, D]
+
+
+def _index(attn, reader, layer: int, n_full: int) -> None:
+    """Build a sparse layer's index over all its keys, as a copy-in load does (one build, not extends)."""
+    per = max(1, _GROUP_BYTES // reader.layout.stride)
+    keys = torch.empty(attn.Hkv, n_full * attn.C, attn.D, device=attn.device, dtype=attn.dtype)  # [Hkv, n*C, D]
+    for s in range(0, n_full, per):
+        m = min(per, n_full - s)
+        blocks = reader.read_blocks(layer, s, m)                                # [m, 2, Hkv, C, D]
+        keys[:, s * attn.C:(s + m) * attn.C] = blocks[:, 0].permute(1, 0, 2, 3).reshape(attn.Hkv, m * attn.C, attn.D)
+    attn.selector.index_chunks(layer, 0, keys)
+
+
+def attach(attn, reader, fix: str) -> Attached:
+    """Fill an empty tiered session from `reader`; SessionFileError / TierIOError leave it to be reset."""
+    lay, C, n, store = reader.layout, attn.C, reader.n, attn.store
+    n_full, tail = n // C, n % C
+    room = sum(t.num_free for t in store.tiers[:2]) - 2 * store.gpu_headroom   # slack: the put's demotion batch
+    sinks, newest = eager_blocks(n_full, attn.L, room, store.policy.sink_chunks, store.policy.window_chunks)
+    cold0, cold1 = sinks, n_full - newest
+    attn.begin(n)
+    attn._token_path = False           # the staged path's bookkeeping, as load_kv uses it
+    for layer in range(attn.L):
+        if sinks:
+            _put_blocks(attn, reader, layer, 0, sinks)
+        if cold1 > cold0:
+            store.adopt(layer, cold0, reader.extents(layer, cold0, cold1 - cold0, fix))
+        _put_blocks(attn, reader, layer, cold1, newest)
+        if tail:
+            kv = reader.read_blocks(layer, n_full, 1)[0].to(attn.device)        # kv: [2, Hkv, C, D]
+            attn.tail_k[layer, :, :tail], attn.tail_v[layer, :, :tail] = kv[0, :, :tail], kv[1, :, :tail]
+        if attn.selector.sparse and n_full:
+            _index(attn, reader, layer, n_full)
+    attn._next_tail = (n_full, tail)
+    attn.end()
+    per_layer = (sinks + newest + (tail > 0)) * lay.stride
+    cold = (cold1 - cold0) * lay.stride * attn.L
+    return Attached(n, per_layer * attn.L, cold, cold if attn.selector.sparse else 0)
