@@ -49,6 +49,12 @@ def weight_bytes(mc, dtype: torch.dtype) -> int:
     return n * _itemsize(dtype)
 
 
+def _weight_bytes(spec) -> int:
+    """What the loader counted from the headers (quantized matrices at block size), else the architecture's."""
+    counted = getattr(spec, "weight_bytes", None)
+    return counted if counted is not None else weight_bytes(spec.model_config, spec.dtype)
+
+
 def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
     """Split the KV of spec.ctx tokens over GPU / host / disk, or raise CapacityError with the fix.
 
@@ -70,8 +76,7 @@ def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
     def budget(index_bytes: int):
         cold = None if kd == "bf16" else packed_format(kd, ChunkShape(mc.num_kv_heads, C, mc.head_dim, spec.dtype)).chunk_bytes
         return plan_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, _itemsize(spec.dtype), spec.ctx,
-                           0 if weights_loaded else spec.weight_bytes if spec.weight_bytes is not None
-                           else weight_bytes(mc, spec.dtype), spec.device, gpu_mem=cfg.gpu_mem,
+                           0 if weights_loaded else _weight_bytes(spec), spec.device, gpu_mem=cfg.gpu_mem,
                            host_mem=cfg.host_mem,
                            disk_mem=cfg.disk_mem, disk_dir=cfg.disk_dir, chunk_tokens=C, sink_chunks=n_sink,
                            window_chunks=n_window, index_bytes=index_bytes, kv_dtype=kd, cold_chunk_bytes=cold)
@@ -125,9 +130,9 @@ def new_index(spec: RuntimeSpec, cfg, device=None):
 
 
 def prefill_stage_bytes(p) -> int:
-    """Device bytes of the prefill window (engine/staging.py): a third of the planner's activation reserve, so the
-    window, two streamed history blocks and a forward chunk's activations fit in what the KV tier left free."""
-    return max(64 << 20, p.gpu_reserve_bytes // 3)
+    """Device bytes of the prefill window (engine/staging.py): a quarter of the planner's activation reserve, so
+    the window, two streamed history blocks and a forward chunk's activations fit in what the KV tier left free."""
+    return max(64 << 20, p.gpu_reserve_bytes // 4)
 
 
 def fits_on_device(p, mc) -> bool:

@@ -29,6 +29,7 @@ SELECT_UNITS = ("chunk", "token")
 PREFILL_MODES = ("exact", "sparse")
 TOKEN_REDUCES = ("max", "sum")
 KV_DTYPES = ("auto", "bf16", "int8", "int4")
+WEIGHTS = ("auto", "bf16", "q8_0", "q4")   # offload.model.loaders.build: how weights sit on the device
 CONFIG_MAX_BYTES = 1 << 20      # an options file is a few hundred bytes; anything near this is not one
 SEED_MAX = 2**64 - 1            # torch.Generator.manual_seed takes 64 bits
 # fields whose default is None: what a set value may be (other fields take the type of their default)
@@ -95,6 +96,8 @@ class OffloadConfig:
     sink_tokens: int = 64                 # always attended and kept on the GPU (attention sinks)
     window_tokens: int = 256              # the local window: always attended and kept on the GPU
     load_format: str = "auto"
+    weights: str = "auto"                 # auto: a GGUF's blocks stay quantized on a GPU | bf16 (dequantized)
+                                          # | q8_0 | q4 (Q4_K): matrices quantized at load (lossy)
     prefill_chunk: int = 2048
     cuda_graph: bool = True               # capture decode steps in CUDA graphs (False: eager, e.g. to compare)
     prefill: str = "exact"                # exact | sparse (block-sparse history, lossy: bench/RESULTS.md, issue 11)
@@ -129,7 +132,7 @@ class OffloadConfig:
                     raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         for name, allowed in (("device", DEVICES), ("attention", ATTENTION_MODES),
                               ("load_format", LOAD_FORMATS), ("dtype", DTYPES), ("prefill", PREFILL_MODES),
-                              ("kv_dtype", KV_DTYPES)):
+                              ("kv_dtype", KV_DTYPES), ("weights", WEIGHTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.temperature < 0:

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from offload.attention import AttentionBackend
 from offload.errors import ModelLoadError
 from offload.model.config import ModelConfig
+from offload.model.qlinear import QuantWeight, Scratch, linear
 from offload.model.rope import rope_inv_freq
 
 
 @dataclass
 class LayerWeights:
+    """Matrices are dense tensors or QuantWeights (kept in a GGUF block format, offload.model.qlinear)."""
     attn_norm: torch.Tensor   # [H]
     wqkv: torch.Tensor        # [(Hq + 2*Hkv) * D, H]
     bqkv: torch.Tensor | None  # [(Hq + 2*Hkv) * D]
@@ -25,6 +27,17 @@ class LayerWeights:
     mlp_norm: torch.Tensor    # [H]
     w_gate_up: torch.Tensor   # [2 * I, H]
     w_down: torch.Tensor      # [H, I]
+
+
+_SLOTS = {"wqkv": "wqkv", "wo": "wo", "w_gate_up": "gate_up", "w_down": "down"}
+
+
+def _cat_rows(parts: list, dtype: torch.dtype, slot: str):
+    """Fuse row blocks (q|k|v, gate|up): all dense -> torch.cat; all quantized -> one QuantWeight; mixed
+    (a dense F16 tensor beside quantized ones) -> dense."""
+    if all(isinstance(p, QuantWeight) for p in parts):
+        return QuantWeight.cat(parts, slot)
+    return torch.cat([p.dequantize(dtype) if isinstance(p, QuantWeight) else p for p in parts])
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,56 +58,75 @@ class LlamaModel:
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
                  norm: torch.Tensor, lm_head: torch.Tensor):
         self.cfg = cfg
-        self.embed = embed      # embed: [V, H]
+        self.embed = embed      # embed: [V, H] (QuantWeight: embed[ids] dequantizes those rows)
         self.layers = layers
         self.norm = norm        # norm: [H]
         self.lm_head = lm_head  # lm_head: [V, H] (the embedding itself when tied)
-        self.device = embed.device
-        self.dtype = embed.dtype
+        self.device = norm.device
+        self.dtype = norm.dtype
+        # quantized matrices dequantize into one scratch per slot for multi-token products (prefill)
+        self.scratch = Scratch()
+        for lw in layers:
+            for field, slot in _SLOTS.items():
+                w = getattr(lw, field)
+                if isinstance(w, QuantWeight):
+                    w.attach(slot, self.scratch, self.dtype)
+        for w, slot in ((embed, "lm_head"), (lm_head, "lm_head")):
+            if isinstance(w, QuantWeight):
+                w.attach(slot, self.scratch, self.dtype)
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)  # [D/2] f64
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor], device, dtype,
-                        progress=None) -> "LlamaModel":
-        """Build from HF parameter names; tensors are popped as they are fused to keep peak memory low."""
-        def take(name: str) -> torch.Tensor:
+                        progress=None, quantize: str | None = None) -> "LlamaModel":
+        """Build from HF parameter names; tensors are popped as they are fused to keep peak memory low.
+
+        Values may be QuantWeights (a GGUF's blocks, kept). quantize: a block format ("Q8_0", "Q4_K") every
+        dense matrix is quantized to on the device as it arrives (--weights q8_0 / q4)."""
+        def take(name: str, matrix: bool = False):
             if name not in sd:
                 raise ModelLoadError(f"checkpoint lacks tensor {name!r}; the weights do not match config.json")
-            return sd.pop(name).to(device=device, dtype=dtype)
+            t = sd.pop(name).to(device=device, dtype=dtype)
+            if matrix and quantize and not isinstance(t, QuantWeight):
+                t = QuantWeight.quantize(quantize, t)
+            return t
 
         layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            wqkv = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            wqkv = _cat_rows([take(p + f"self_attn.{n}_proj.weight", True) for n in "qkv"], dtype, "wqkv")
             bqkv = None
             if cfg.attention_bias:
                 bqkv = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             layers.append(LayerWeights(
                 attn_norm=take(p + "input_layernorm.weight"), wqkv=wqkv, bqkv=bqkv,
-                wo=take(p + "self_attn.o_proj.weight"),
+                wo=take(p + "self_attn.o_proj.weight", True),
                 mlp_norm=take(p + "post_attention_layernorm.weight"),
-                w_gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                w_down=take(p + "mlp.down_proj.weight")))
+                w_gate_up=_cat_rows([take(p + "mlp.gate_proj.weight", True), take(p + "mlp.up_proj.weight", True)],
+                                    dtype, "gate_up"),
+                w_down=take(p + "mlp.down_proj.weight", True)))
             if progress:
                 progress(i)
-        embed = take("model.embed_tokens.weight")
+        embed = take("model.embed_tokens.weight", True)
         if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
-            lm_head = take("lm_head.weight")
+            lm_head = take("lm_head.weight", True)
         elif cfg.tie_word_embeddings or "lm_head.weight" not in sd:
             sd.pop("lm_head.weight", None)
             lm_head = embed
         return cls(cfg, embed, layers, take("model.norm.weight"), lm_head)
 
     @classmethod
-    def random(cls, cfg: ModelConfig, device, dtype, seed: int = 0) -> "LlamaModel":
-        """Random weights with the real architecture (load_format="dummy"), made directly on the device."""
+    def random(cls, cfg: ModelConfig, device, dtype, seed: int = 0, quantize: str | None = None) -> "LlamaModel":
+        """Random weights with the real architecture (load_format="dummy"), made directly on the device;
+        quantize: matrices quantized to that block format one at a time (peak: one dense matrix)."""
         g = torch.Generator(device=device).manual_seed(seed)
         H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * D
 
         def rnd(*shape, std=0.02):
-            return torch.randn(*shape, generator=g, device=device, dtype=dtype) * std
+            t = torch.randn(*shape, generator=g, device=device, dtype=dtype) * std
+            return QuantWeight.quantize(quantize, t) if quantize and len(shape) == 2 else t
 
         def ones(n):
             return torch.ones(n, device=device, dtype=dtype)
@@ -108,13 +140,21 @@ class LlamaModel:
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes the parameters occupy (quantized matrices at their block size; the scratch not included)."""
         seen, total = set(), 0
         for t in [self.embed, self.norm, self.lm_head] + [
                 x for lw in self.layers for x in vars(lw).values() if x is not None]:
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
+            key = id(t) if isinstance(t, QuantWeight) else t.data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.nbytes if isinstance(t, QuantWeight) else t.numel() * t.element_size()
         return total
+
+    @property
+    def weight_format(self) -> str:
+        """What the layers' matrices are held in: 'bfloat16', 'Q8_0', 'Q4_K+Q6_K', ..."""
+        from offload.model.qlinear import weight_formats
+        return "+".join(dict.fromkeys(f for lw in self.layers for s in _SLOTS for f in weight_formats(getattr(lw, s))))
 
     # ---- forward ------------------------------------------------------------------------------
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +174,7 @@ class LlamaModel:
         cfg, w = self.cfg, self.layers[i]
         T, Hq, Hkv, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)  # h: [T, H]
-        qkv = F.linear(h, w.wqkv, w.bqkv)  # qkv: [T, (Hq + 2Hkv) * D]
+        qkv = linear(h, w.wqkv, w.bqkv)  # qkv: [T, (Hq + 2Hkv) * D]
         q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
         q = apply_rope(q.view(T, Hq, D).transpose(0, 1), cos, sin)  # q: [Hq, T, D]
         k = apply_rope(k.view(T, Hkv, D).transpose(0, 1), cos, sin)  # k: [Hkv, T, D]
@@ -145,14 +185,14 @@ class LlamaModel:
         """x: [T, H] layer input, o: [Hq, T, D] attention output -> [T, H]: the dense part after attention."""
         cfg, w = self.cfg, self.layers[i]
         T = x.shape[0]
-        x = x + F.linear(o.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim), w.wo)  # x: [T, H]
+        x = x + linear(o.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim), w.wo)  # x: [T, H]
         h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)  # h: [T, H]
-        gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)  # gate, up: [T, I]
-        return x + F.linear(F.silu(gate) * up, w.w_down)  # [T, H]
+        gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)  # gate, up: [T, I]
+        return x + linear(F.silu(gate) * up, w.w_down)  # [T, H]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> float32 logits [T, V]."""
-        return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+        return linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """Token-major forward of a few tokens (decode, short chunks). ids, pos: [T] -> logits of the last: [V]."""

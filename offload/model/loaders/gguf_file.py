@@ -1,7 +1,7 @@
 """Load a GGUF file (llama.cpp's format) into the same LoadedCheckpoint an HF folder gives.
 
-Every tensor is dequantized to float (gguf.quants.dequantize handles Q4_0..Q8_0, K-quants, IQ*, F16,
-BF16), renamed to HF names, and Llama's q/k rows are put back in HF order: llama.cpp's converter
+Matrices of the types in `keep` stay quantized (QuantWeight: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K); every other
+tensor is dequantized to float (gguf.quants.dequantize handles K-quants, IQ*, F16, BF16), renamed to HF names, and Llama's q/k rows are put back in HF order: llama.cpp's converter
 interleaves the two rotary halves of each head (HF rotates dims i and i + D/2; llama.cpp rotates
 adjacent pairs 2i, 2i+1), so q_proj/k_proj rows are stored permuted per head.
 """
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from offload.errors import ModelLoadError
+from offload.model import qformats
+from offload.model.qlinear import QuantWeight
 from offload.model.loaders.checkpoint import LoadedCheckpoint, check_shapes, check_state_dict, dtype_name
 
 # GGUF architecture -> HF model_type. Mistral files say "llama" (same layout, same permutation).
@@ -42,13 +44,37 @@ _LAYER_NAMES = {
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def open_gguf(path: str | Path):
-    """A GGUFReader over `path`; a truncated or foreign file raises ModelLoadError."""
-    from gguf import GGUFReader
+# The last file parsed: describing a model and loading it read the header once, not twice (GGUFReader
+# builds a numpy view per vocabulary entry: 2-4 s for SmolLM2's 49K tokens). Keyed by what stat says,
+# so a file replaced in between is parsed again.
+_last_reader: tuple[tuple, object] | None = None
 
+
+def open_gguf(path: str | Path):
+    """A GGUFReader over `path` (the one already parsed when the file is unchanged); a truncated or foreign
+    file raises ModelLoadError."""
+    global _last_reader
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist; pass an existing .gguf file")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if _last_reader is not None and _last_reader[0] == key:
+        return _last_reader[1]
+    reader = _parse(path)
+    _last_reader = (key, reader)
+    return reader
+
+
+def forget_reader() -> None:
+    """Drop the kept reader (after the weights are loaded: its per-field arrays hold memory)."""
+    global _last_reader
+    _last_reader = None
+
+
+def _parse(path: Path):
+    from gguf import GGUFReader
+
     try:
         reader = GGUFReader(str(path))
         size = path.stat().st_size
@@ -205,7 +231,41 @@ def _dequantized(tensor, path: Path) -> torch.Tensor:
     return torch.from_numpy(values).reshape(hf_shape)  # [out, in] for matrices, [n] for norms/biases
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> LoadedCheckpoint:
+_DENSE_TYPES = ("F32", "F16", "BF16")
+
+
+def tensor_types(reader) -> dict[str, str]:
+    """GGUF type name (Q4_K, F32...) of every parameter tensor, by HF name."""
+    return {name: t.tensor_type.name for t in reader.tensors if (name := hf_name(t.name)) is not None}
+
+
+def check_kept_types(reader, path: Path) -> None:
+    """With the file's own formats kept (weights auto on a GPU), every quantized type must be one we run."""
+    for name, kind in tensor_types(reader).items():
+        if kind not in _DENSE_TYPES and kind not in qformats.SUPPORTED:
+            raise ModelLoadError(
+                f"{path}: tensor {name} is {kind}, a quantization offload does not run on the GPU (supported: "
+                f"{', '.join(qformats.SUPPORTED)}, F16, BF16, F32); pass --weights bf16 to dequantize it at load "
+                "(or --weights q8_0 / q4 to requantize)")
+
+
+def _kept(tensor, path: Path, name: str) -> QuantWeight:
+    """A quantized matrix as it is in the file (rows in HF order), its scales checked finite."""
+    kind = tensor.tensor_type.name
+    rows, cols = int(tensor.shape[1]), int(tensor.shape[0])      # GGUF shape: [in, out]
+    raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(rows, -1))  # raw: [out, nblocks * bytes]
+    weight = QuantWeight.from_gguf(kind, raw, cols)
+    for scales in qformats.scale_planes(kind, weight.parts[0].planes):
+        if not bool(torch.isfinite(scales).all()):
+            raise ModelLoadError(f"{path}: tensor {name} ({kind}) has NaN or infinite block scales; the file is "
+                                 "corrupt: re-download or re-convert it")
+    return weight
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device | str,
+              keep: frozenset[str] = frozenset()) -> LoadedCheckpoint:
+    """keep: GGUF types whose matrices stay quantized (QuantWeight values in the state dict); every other
+    tensor is dequantized to dtype. The file is parsed once (open_gguf keeps the describe step's reader)."""
     from offload.model.loaders.gguf_tokenizer import gguf_tokenizer
 
     path = Path(path).expanduser()
@@ -220,11 +280,22 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device | str) 
         name = hf_name(tensor.name)
         if name is None:
             continue
+        heads = (cfg["num_attention_heads"] if ".q_proj." in name else
+                 cfg["num_key_value_heads"] if ".k_proj." in name else 0) if permuted else 0
+        if tensor.tensor_type.name in keep and len(tensor.shape) == 2:
+            weight = _kept(tensor, path, name)
+            if heads:
+                weight = weight.permute_rows(unpermute_rotary_rows(torch.arange(weight.shape[0]), heads))
+            state_dict[name] = weight.to(device)
+            continue
         weight = _dequantized(tensor, path)
-        if permuted and ".q_proj." in name:
-            weight = unpermute_rotary_rows(weight, cfg["num_attention_heads"])
-        elif permuted and ".k_proj." in name:
-            weight = unpermute_rotary_rows(weight, cfg["num_key_value_heads"])
+        if tensor.tensor_type.name not in _DENSE_TYPES and not bool(torch.isfinite(weight).all()):
+            raise ModelLoadError(f"{path}: tensor {tensor.name} ({tensor.tensor_type.name}) dequantizes to NaN or "
+                                 "infinite values (corrupt block scales); re-download or re-convert the file")
+        if heads:
+            weight = unpermute_rotary_rows(weight, heads)
         state_dict[name] = weight.to(device=device, dtype=dtype)  # same shape, target dtype/device
     state_dict = check_state_dict(cfg, state_dict, str(path))
-    return LoadedCheckpoint(hf_config=cfg, state_dict=state_dict, tokenizer=gguf_tokenizer(reader, path))
+    tokenizer = gguf_tokenizer(reader, path)
+    forget_reader()
+    return LoadedCheckpoint(hf_config=cfg, state_dict=state_dict, tokenizer=tokenizer)
