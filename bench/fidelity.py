@@ -48,7 +48,8 @@ from fidelity_recall import evaluate_runtime  # noqa: E402
 from fidelity_report import goal_rows, needle_rows, write_markdown  # noqa: E402
 from fidelity_sessions import ALL_CONFIGS as CONFIGS  # noqa: E402
 from fidelity_sessions import Method, QueryRecorder, fork, greedy_answer, parse_methods  # noqa: E402
-from fidelity_suite import SOURCES, run_suite, suite_docs, suite_rows  # noqa: E402
+from fidelity_suite import SOURCES, run_suite, selected_tokens, suite_docs, suite_rows  # noqa: E402
+from fidelity_variants import fixed_budget_tokens, fork_any, parse_all  # noqa: E402
 
 from offload import LLM  # noqa: E402
 from offload.config import parse_tokens  # noqa: E402
@@ -147,11 +148,18 @@ def run_teacher(llm, args, methods: list[Method], capture: bool) -> tuple[dict, 
                "kl_p99": kls_sorted[int(0.99 * (len(kls) - 1))], "kl_max": kls_sorted[-1],
                "next_acc": sum(a == b for a, b in zip(top, truth)) / len(truth), "ms_token": ms,
                "selection_ms_step": sess.stats().get("selection_ms_per_step")}
+        used = selected_tokens(sess, m)     # mass budgets: the mean it took; fixed: what it selects at n_ctx
+        used = used if used is not None else fixed_budget_tokens(m, n_ctx, llm.config.sink_tokens,
+                                                                 llm.config.window_tokens)
+        if used is not None:
+            row["tokens_per_head"], row["budget_pct"] = used, round(100 * used / n_ctx, 2)
         st = sess.stats()   # token stage: its own time, and the key bytes it scores next to what it attends
         row.update({k: st[k] for k in ("token_stage_ms_per_step", "scored_key_bytes", "token_attended_bytes",
                                        "attended_bytes_gpu") if k in st})
         rows.append(row)
         sess.close()
+        Path(args.out + ".teacher.partial").write_text(json.dumps({"context": n_ctx, "continuation": len(cont),
+                                                                   "rows": rows}, indent=1, default=str))
         log(f"  {m.label:28s} top1 {row['top1_agree']:.3f}  KL {row['kl_mean']:.4f}  {ms:.0f} ms/token")
     layers = None
     if capture:
@@ -171,8 +179,12 @@ def main() -> None:
     ap.add_argument("--parts", default="needle,teacher,recall", help="any of suite,needle,teacher,recall")
     ap.add_argument("--suite-contexts", default="2K,4K,8K")
     ap.add_argument("--suite-sources", default=",".join(SOURCES))
+    ap.add_argument("--suite-first", type=int, default=0, help="--suite-plan: number documents from here "
+                    "(runs split over processes keep unique case names)")
     ap.add_argument("--suite-docs", type=int, default=2, help="documents per context and source (6 questions each)")
     ap.add_argument("--suite-split", default=None, help="K/N: only documents i with i %% N == K (split a run)")
+    ap.add_argument("--suite-plan", default=None, help="documents in run order, CTX:N[,CTX:N..] (N per source, "
+                    "item k seeded seed+k; e.g. 8K:1,2K:2,4K:1,8K:1), instead of --suite-contexts x --suite-docs")
     ap.add_argument("--suite-methods", default="oracle@5%/16,summary-max@5%/16,shadow-r32-mass@5%/16,"
                                                "ann-l2aug@5%/16,summary-max@5%/16+tok4,shadow-r32-mass@5%/16+tok4,"
                                                "summary-max@p0.9:64:1K/16,shadow-r32-mass@p0.9:64:1K/16,"
@@ -255,14 +267,23 @@ def run(args, command: str) -> dict:
     if "suite" in parts:
         contexts = ["2K"] if args.quick else args.suite_contexts.split(",")
         sources = args.suite_sources.split(",")[:2] if args.quick else args.suite_sources.split(",")
-        docs = suite_docs(llm.tokenizer, [parse_tokens(c) for c in contexts], sources,
-                          1 if args.quick else args.suite_docs, seed=args.seed)
+        if args.suite_plan and not args.quick:
+            docs, seen = [], {}
+            for k, item in enumerate(args.suite_plan.split(",")):
+                ctx, _, n = item.partition(":")
+                ctx, n = parse_tokens(ctx), int(n or 1)
+                docs += suite_docs(llm.tokenizer, [ctx], sources, n, seed=args.seed + k,
+                                   first_index=seen.get(ctx, args.suite_first))
+                seen[ctx] = seen.get(ctx, args.suite_first) + n
+        else:
+            docs = suite_docs(llm.tokenizer, [parse_tokens(c) for c in contexts], sources,
+                              1 if args.quick else args.suite_docs, seed=args.seed)
         if args.suite_split:
             k, n = (int(x) for x in args.suite_split.split("/"))
             docs = docs[k::n]
-        methods = [Method("full")] + parse_methods(args.suite_methods)
+        methods = [Method("full")] + parse_all(args.suite_methods)
         log(f"suite: {len(docs)} documents, {sum(len(d.questions) for d in docs)} questions x {len(methods)} methods")
-        cases = run_suite(llm, docs, methods, fork, greedy_answer, log, args.max_new, partial=args.out + ".partial",
+        cases = run_suite(llm, docs, methods, fork_any, greedy_answer, log, args.max_new, partial=args.out + ".partial",
                           cache_dir=args.suite_cache)
         doc["suite"] = {"cases": cases, "rows": suite_rows(cases, [m.label for m in methods])}
         print_table(doc["suite"]["rows"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fidelity_data import _line_starts, _nearest, split_template
+from fidelity_variants import fixed_budget_tokens
 
 SOURCES = ("pydoc", "docstrings", "lists")
 KINDS = ("multikey", "single", "multivalue", "vartrack")
@@ -109,8 +110,9 @@ def _needles(rng: random.Random) -> tuple[list[tuple[float, str]], list[tuple[st
 
 
 def suite_docs(tokenizer, contexts: list[int], sources: list[str], docs_per: int, seed: int = 0,
-               reserve: int = 24) -> list[SuiteDoc]:
-    """docs_per documents per (context, source); every document holds all tasks (6 questions)."""
+               reserve: int = 24, first_index: int = 0) -> list[SuiteDoc]:
+    """docs_per documents per (context, source); every document holds all tasks (6 questions).
+    first_index numbers the documents (names stay unique when a plan asks for one context twice)."""
     rng = random.Random(seed)
     hays = {s: tokenizer.encode(source_text(s), add_special_tokens=False) for s in sources}
     out = []
@@ -134,7 +136,7 @@ def suite_docs(tokenizer, contexts: list[int], sources: list[str], docs_per: int
                     doc += base[last:pos] + needle_ids[j][1]
                     last = pos
                 doc += base[last:]
-                name = f"{ctx // 1024}K-{source}-{i}"
+                name = f"{ctx // 1024}K-{source}-{i + first_index}"
                 qs = tuple((f"{name}-{kind}{k if kind == 'multikey' else ''}", kind, answer, asks[k],
                             tails[k][len(asks[k]):], numbers) for k, (kind, _, _, answer, numbers) in enumerate(questions))
                 out.append(SuiteDoc(name, ctx, source, head, doc, qs))
@@ -172,6 +174,8 @@ def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_
             base.prefill(ids)                        # exact: the document is never what is being measured
             if path is not None:
                 base.save(path)
+        # document-level variants (sparse prefill): their own prefill of the same document
+        doc_bases = {m.label: m.prefill_document(llm, ids) for m in methods if hasattr(m, "prefill_document")}
         prefill_s = time.perf_counter() - t0
         for name, kind, answer, ask, prefix, numbers in d.questions:
             row = {"case": name, "context": d.context, "source": d.source, "kind": kind, "answer": answer,
@@ -179,12 +183,20 @@ def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_
             asked = base.fork(attention="full")
             asked.prefill(ask)                       # the question, exactly (it is part of the prompt)
             for m in methods:
-                sess = fork(asked, m)
+                extra = {}
+                if m.label in doc_bases:
+                    sess, extra["prefill_density"] = m.ask(doc_bases[m.label], ask)
+                else:
+                    sess = fork(asked, m)
                 text, _, secs = greedy_answer(sess, prefix, llm.tokenizer, max_new * numbers, numbers=numbers)
                 used = selected_tokens(sess, m)
+                if used is None:     # a fixed budget: what it selects at this length (None: exact attention)
+                    used = fixed_budget_tokens(m, row["tokens"], llm.config.sink_tokens, llm.config.window_tokens)
                 sess.close()
+                if used is not None:
+                    extra["tokens_per_head"] = used
                 row["methods"][m.label] = {"text": text, "digits": answer_numbers(text, numbers), "s": round(secs, 2),
-                                           **({"tokens_per_head": used} if used is not None else {})}
+                                           **extra}
             full = row["methods"]["full"]["digits"]
             short = " ".join(f"{k.split('@')[0][:7]}={'=' if v['digits'] == full else v['digits'] or '-'}"
                              for k, v in row["methods"].items() if k != "full")
@@ -194,6 +206,8 @@ def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_
                 Path(partial).write_text(json.dumps({"suite": rows}, indent=1))
             asked.close()
         base.close()
+        for sess in doc_bases.values():
+            sess.close()
         log(f"{d.name}: {len(d.questions)} questions (prefill {prefill_s:.0f}s)")
     return rows
 
@@ -222,11 +236,26 @@ def suite_rows(cases: list[dict], labels: list[str]) -> list[dict]:
                     row[f"eq_{v}"] = _share(sub, eq)
         for ctx in sorted({c["context"] for c in group}):
             row[f"eq_{ctx // 1024}K"] = _share([c for c in group if c["context"] == ctx], eq)
-        used = [c["methods"][label]["tokens_per_head"] for c in group if "tokens_per_head" in c["methods"][label]]
+        used = [(c["methods"][label]["tokens_per_head"], c["tokens"]) for c in group
+                if "tokens_per_head" in c["methods"][label]]
         if used:
-            row["tokens_per_head"] = round(sum(used) / len(used), 1)
+            row["tokens_per_head"] = round(sum(u for u, _ in used) / len(used), 1)
+            # selected tokens as a share of the context (sinks + window come on top: 320 tokens)
+            row["budget_pct"] = round(100 * sum(u / n for u, n in used) / len(used), 2)
+        dens = [c["methods"][label]["prefill_density"] for c in group if "prefill_density" in c["methods"][label]]
+        if dens:
+            row["prefill_density"] = round(sum(dens) / len(dens), 4)
+        ref = SAME_ATTENTION.get(label.rsplit(":", 1)[0]) if label.startswith("kv:") else None
+        paired = [c for c in group if ref in c["methods"]]
+        if paired:   # compressed KV against the same attention on unquantized KV: what quantization alone changes
+            row["eq_same_attention"] = _share(paired, lambda c: c["methods"][label]["digits"]
+                                              == c["methods"][ref]["digits"])
         out.append(row)
     return out
+
+
+# kv:ATTN:DTYPE methods and the method that is the same attention on unquantized KV
+SAME_ATTENTION = {"kv:exact": "full", "kv:sparse": "summary-max@2K/32"}
 
 
 def _share(items, pred) -> float:

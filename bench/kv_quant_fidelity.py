@@ -88,8 +88,52 @@ class RoundTripPuts:
         self.count[layer] = total
 
 
+class DenseRoundTrip:
+    """Exact attention, cheaper than through the tiered store: a dense session whose whole chunks outside sinks
+    + window are quantize -> dequantize round-tripped in place once they leave the window (after every
+    forward), the same chunks RoundTripPuts makes lossy (the < C-token tail and the window stay exact)."""
+
+    def __init__(self, sess, kv_dtype: str):
+        cfg, mc = sess.llm.config, sess.llm.model_config
+        self.attn, self.kv_dtype, self.C = sess.attn, kv_dtype, cfg.chunk_tokens
+        self.n_sink, self.n_window = -(-cfg.sink_tokens // self.C), -(-cfg.window_tokens // self.C)
+        self.fmt = PackedFormat(kv_dtype if kv_dtype != "bf16" else "int8", mc.num_kv_heads, self.C, mc.head_dim,
+                                sess.llm.dtype)
+        self.done, self.lossy_chunks = self.n_sink, 0     # chunks below `done` are round-tripped already
+        self._end = self.attn.end
+        self.attn.end = self.end
+
+    def end(self) -> None:
+        self._end()
+        self.sync()
+
+    def sync(self) -> None:
+        cut = self.attn.length // self.C - self.n_window
+        if cut <= self.done:
+            return
+        a, b, C = self.done * self.C, cut * self.C, self.C
+        k, v = self.attn.k[:, :, a:b], self.attn.v[:, :, a:b]              # k, v: [L, Hkv, n*C, D]
+        L, H, _, D = k.shape
+        kv = torch.stack([k.reshape(L, H, -1, C, D), v.reshape(L, H, -1, C, D)], 0)   # [2, L, Hkv, n, C, D]
+        kv = kv.permute(1, 3, 0, 2, 4, 5).reshape(-1, 2, H, C, D)              # chunks: [L*n, 2, Hkv, C, D]
+        if self.kv_dtype == "bf16":
+            kv = kv.to(torch.bfloat16).to(k.dtype)
+        else:
+            kv = dequantize_chunks(quantize_chunks(kv, self.fmt), self.fmt, k.dtype)
+        kv = kv.reshape(L, -1, 2, H, C, D).permute(2, 0, 3, 1, 4, 5).reshape(2, L, H, -1, D)
+        self.attn.k[:, :, a:b], self.attn.v[:, :, a:b] = kv[0], kv[1]
+        self.lossy_chunks += kv.shape[3] // C * L
+        self.done = cut
+
+
 def quant_session(base, attention: str, kv_dtype: str | None):
-    """A copy of the prefilled dense session `base` through the tiered store, KV simulated at kv_dtype."""
+    """A copy of the prefilled dense session `base` with KV simulated at kv_dtype: exact attention on a dense
+    session (DenseRoundTrip), sparse attention through the tiered store (RoundTripPuts)."""
+    if attention == "full" and kv_dtype:
+        sess = base.fork(attention="full")
+        hook = DenseRoundTrip(sess, kv_dtype)
+        hook.sync()
+        return sess, hook
     kw = {"attention": attention}
     if attention == "full":
         kw["gpu_mem"] = _SMALL_GPU

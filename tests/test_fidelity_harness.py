@@ -66,3 +66,77 @@ def test_quick_suite_run_oracle_covering_everything_matches_full(llm):
         assert 16 <= used <= 256
     rows = {r["method"]: r for r in suite_rows(cases, [m.label for m in methods])}
     assert rows[methods[1].label]["eq_full"] == 1.0 and rows["full"]["n"] == 6
+
+
+def test_suite_plan_names_stay_unique_and_methods_parse():
+    """Method specs of every lossy option; the budget a fixed method selects at a length."""
+    from fidelity_variants import KVQuantMethod, SparsePrefillMethod, fixed_budget_tokens, parse_any
+    assert parse_any("kv:exact:int8") == KVQuantMethod("exact", "int8")
+    assert parse_any("prefill:sparse:0.9").label == "prefill:sparse:0.9"
+    assert isinstance(parse_any("prefill:sparse:1"), SparsePrefillMethod)
+    for bad in ("kv:exact:int3", "kv:dense:int8", "prefill:sparse:1.5", "prefill:dense:0.9"):
+        with pytest.raises(SystemExit):
+            parse_any(bad)
+    # 8K tokens, 32-token chunks: 2K = 64 chunks; at 1K only 32 - 2 sink - 8 window chunks are left to select
+    assert fixed_budget_tokens(Method.parse("summary-max@2K/32"), 8192, 64, 256) == 2048
+    assert fixed_budget_tokens(Method.parse("summary-max@2K/32"), 1024, 64, 256) == 22 * 32
+    assert fixed_budget_tokens(Method.parse("summary-max@5%/16+tok4"), 8192, 64, 256) == 26 * 16  # ceil(409.6/16)
+    assert fixed_budget_tokens(KVQuantMethod("sparse", "int4"), 8192, 64, 256) == 2048
+    assert fixed_budget_tokens(KVQuantMethod("exact", "int4"), 8192, 64, 256) is None
+    assert fixed_budget_tokens(Method.parse("summary-max@p0.8:64:1K/16"), 8192, 64, 256) is None
+
+
+def test_suite_rows_compare_quantized_kv_with_the_same_attention():
+    def case(name, **digits):
+        return {"case": name, "context": 2048, "source": "lists", "kind": "single", "answer": "1", "tokens": 2000,
+                "methods": {k.replace("_", ":"): {"digits": v} for k, v in digits.items()}}
+    # kv:sparse:int8 differs from full twice but from the sparse session it quantizes only once
+    cases = [case("a", full="1", kv_sparse_int8="2", **{"summary-max@2K/32": "2"}),
+             case("b", full="1", kv_sparse_int8="3", **{"summary-max@2K/32": "1"}),
+             case("c", full="1", kv_sparse_int8="1", **{"summary-max@2K/32": "1"})]
+    rows = {r["method"]: r for r in suite_rows(cases, ["full", "kv:sparse:int8"])}
+    assert rows["kv:sparse:int8"]["eq_full"] == pytest.approx(1 / 3, abs=1e-4)
+    assert rows["kv:sparse:int8"]["eq_same_attention"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_sparse_prefill_method_at_threshold_1_answers_as_exact_prefill(llm):
+    """A ~1.6K document: the question (its own prefill chunk) has history past sinks + local band, so
+    sparse prefill selects; threshold 1 keeps every block and must answer as exact prefill, a low threshold
+    must really skip blocks (density < 1) and still run end to end."""
+    from fidelity_variants import fork_any, parse_all
+    docs = suite_docs(llm.tokenizer, [1664], ["lists"], 1, seed=5)
+    methods = [Method("full")] + parse_all("prefill:sparse:1,prefill:sparse:0.2,kv:exact:int8")
+    cases = run_suite(llm, docs, methods, fork_any, greedy_answer, lambda *_: None, max_new=8)
+    assert len(cases) == 6
+    for case in cases:
+        m = case["methods"]
+        assert m["prefill:sparse:1"]["text"] == m["full"]["text"], case["case"]
+        assert m["prefill:sparse:1"]["prefill_density"] == 1.0
+        assert m["prefill:sparse:0.2"]["prefill_density"] < 1.0
+        assert "tokens_per_head" not in m["kv:exact:int8"]          # exact attention: no selection budget
+    rows = {r["method"]: r for r in suite_rows(cases, [m.label for m in methods])}
+    assert rows["prefill:sparse:1"]["eq_full"] == 1.0 and rows["prefill:sparse:0.2"]["prefill_density"] < 1.0
+
+
+def test_dense_round_trip_matches_the_tiered_store_simulation(llm):
+    """Exact attention over int4 KV simulated two ways: in place on a dense session (DenseRoundTrip) and
+    through the tiered store's puts (RoundTripPuts): the same chunks are lossy, so the logits agree; and
+    they differ from unquantized KV (the simulation is not a no-op)."""
+    from kv_quant_fidelity import DenseRoundTrip, RoundTripPuts, quant_session
+    ids = list(range(2000, 2600))                       # 600 tokens: 18 chunks, 8 of them outside sinks + window
+    base = llm.session(attention="full")
+    base.prefill(ids)
+    dense, hook = quant_session(base, "full", "int4")
+    assert isinstance(hook, DenseRoundTrip) and hook.lossy_chunks == 30 * (18 - 2 - 8)
+    tiered = llm.session(attention="full", gpu_mem="24MiB")
+    puts = RoundTripPuts(tiered.attn, "int4")
+    tiered.attn.load_kv(base.attn.read_kv(layer) for layer in range(llm.model_config.num_layers))
+    tiered.tokens = list(base.tokens)
+    exact = base.fork(attention="full")
+    for t in range(3000, 3040):                         # 40 steps: one more chunk leaves the window
+        a, b, ref = dense.step(t), tiered.step(t), exact.step(t)   # logits: [V]
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert hook.lossy_chunks == puts.lossy_chunks == 30 * (20 - 2 - 8)   # 640 tokens: 10 lossy chunks a layer
+    assert (a - ref).abs().max() > 1e-3
+    for s in (base, dense, tiered, exact):
+        s.close()
