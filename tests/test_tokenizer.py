@@ -175,3 +175,48 @@ def test_user_text_never_becomes_a_control_token(smol_tokenizer, smollm2_hf_toke
     # from an offset (a chat's later turn): the same ids as the tail of the whole
     start = text.index(attack) - len("<|im_start|>user\n")
     assert tok.encode_chat(text, spans, start=start) == ids[len(ids) - len(tok.encode_chat(text, spans, start)):]
+
+
+def _streamed(decoder, ids) -> list[str]:
+    return [decoder.push(i) for i in ids] + [decoder.flush()]
+
+
+@pytest.mark.parametrize("make", ["smol", "bytes"])
+def test_decode_stream_pieces_add_up_to_the_full_decode(smol_tokenizer, make):
+    """Generated ids are arbitrary: random ones (byte tokens that leave characters unfinished or invalid
+    included) stream to exactly what decode() gives, through tokenizers' DecodeStream."""
+    import random
+    tokenizer = smol_tokenizer if make == "smol" else byte_level_tokenizer()
+    vocab = tokenizer.vocab_size if make == "smol" else 256
+    special = {t for t in range(vocab) if tokenizer.backend.id_to_token(t) in tokenizer._special_texts()}
+    rng = random.Random(0)
+    for trial in range(20):
+        ids = [rng.randrange(vocab) for _ in range(60)]
+        ids = [i for i in ids if i not in special] + tokenizer.encode("é 東京 🎉")[: trial % 4]   # may end mid-character
+        decoder = tokenizer.stream_decoder()
+        assert decoder._stream is not None                     # the library path, not the fallback
+        assert "".join(_streamed(decoder, ids)) == tokenizer.decode(ids), ids
+
+
+def test_stream_decoder_fallback_when_decode_stream_fails(smol_tokenizer):
+    ids = smol_tokenizer.encode(UNICODE_TEXT + " 🇩🇪 end")
+    full = smol_tokenizer.decode(ids)
+
+    class FailsLater:
+        def __init__(self, inner):
+            self.inner, self.n = inner, 0
+
+        def step(self, backend, i):
+            self.n += 1
+            if self.n == 5:
+                raise RuntimeError("cannot stream this decoder")
+            return self.inner.step(backend, i)
+
+    decoder = smol_tokenizer.stream_decoder()
+    decoder._stream = FailsLater(decoder._stream)             # fails mid-stream: the rest by difference
+    pieces = _streamed(decoder, ids)
+    assert "".join(pieces) == full and not any("\ufffd" in p for p in pieces)
+    refused = Tokenizer(smol_tokenizer.backend, chat_template=None)
+    refused._decode_stream_ok = False                          # what the probe records for a refusing decoder
+    decoder = refused.stream_decoder()
+    assert decoder._stream is None and "".join(_streamed(decoder, ids)) == full

@@ -146,35 +146,64 @@ class Tokenizer:
 class StreamDecoder:
     """Turns generated ids into text pieces as they arrive, never splitting a UTF-8 character.
 
-    Decodes a short window of ids twice (with and without the new ids) and emits the difference, so
-    decoders that strip a leading space or merge bytes across tokens stay correct. A piece ending in
-    U+FFFD is an unfinished multi-byte character: it is held back until the next id completes it.
+    tokenizers' own DecodeStream does the work (it holds back bytes of an unfinished character and keeps
+    decoders that strip a leading space or merge bytes across tokens correct). Where it cannot be used (a
+    tokenizers build without it, or a decoder it refuses: the tokenizer's first stream probes this once),
+    pieces come from the difference between decodes of all ids so far. flush() returns what is still
+    held back, so the pieces always add up to decode(ids) (an unfinished character ends as U+FFFD).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
-        self._prefix_start = 0  # window start: ids before it are fully emitted
-        self._read_start = 0  # ids from here on are not emitted yet
+        self._emitted = 0       # characters of decode(ids) given out so far
+        self._stream = _decode_stream(tokenizer, skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        return self._emit(final=False)
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self._tokenizer.backend, int(token_id)) or ""
+            except Exception:   # tokenizers raises its own error types; decode by difference from here on
+                self._stream = None
+            else:
+                self._emitted += len(piece)
+                return piece
+        return self._by_difference(final=False)
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character comes out as U+FFFD)."""
-        return self._emit(final=True)
+        return self._by_difference(final=True)
 
-    def _emit(self, final: bool) -> str:
-        decode = self._tokenizer.decode
-        emitted = decode(self._ids[self._prefix_start : self._read_start], self._skip)
-        current = decode(self._ids[self._prefix_start :], self._skip)
-        if len(current) <= len(emitted) or (current.endswith("\ufffd") and not final):
+    def _by_difference(self, final: bool) -> str:
+        current = self._tokenizer.decode(self._ids, self._skip)
+        if len(current) <= self._emitted or (current.endswith("\ufffd") and not final):
             return ""
-        piece = current[len(emitted) :]
-        self._prefix_start, self._read_start = self._read_start, len(self._ids)
+        piece = current[self._emitted:]
+        self._emitted = len(current)
         return piece
+
+
+_PROBE = "Streamed: café 東京 🎉 naïve  two spaces\nend"
+
+
+def _decode_stream(tokenizer: Tokenizer, skip_special_tokens: bool):
+    """A DecodeStream when this tokenizer streams exactly like it decodes (probed once per tokenizer)."""
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:     # tokenizers < 0.21
+        return None
+    ok = getattr(tokenizer, "_decode_stream_ok", None)
+    if ok is None:
+        try:
+            ids = tokenizer.encode(_PROBE)
+            probe = DecodeStream(skip_special_tokens=skip_special_tokens)
+            ok = "".join(probe.step(tokenizer.backend, i) or "" for i in ids) == tokenizer.decode(ids)
+        except Exception:
+            ok = False
+        tokenizer._decode_stream_ok = ok
+    return DecodeStream(skip_special_tokens=skip_special_tokens) if ok else None
 
 
 class _TemplateRejection(Exception):
