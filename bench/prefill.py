@@ -130,7 +130,8 @@ def run_offload(args, llm, n: int, mode: str) -> dict:
         for s in range(0, n, stage):     # each stage a prefill call: its time is kept even if a later one dies
             logits = sess.prefill(ids[s:s + stage])
             sync()
-            stages.append({"tokens": min(n, s + stage), "s": time.perf_counter() - t0})
+            stages.append({"tokens": min(n, s + stage), "s": time.perf_counter() - t0, "peak_gib": peak_gib(),
+                           "allocated_gib": torch.cuda.memory_allocated() / 2**30})
             print(f"  {mode} {stages[-1]['tokens']} tokens at {stages[-1]['s']:.1f} s", flush=True)
             if time.perf_counter() - _T0 > args.time_budget:
                 break
@@ -278,7 +279,9 @@ def main() -> None:
                     row = run_offload(args, llm, n, mode)
                 row["of_gemm"] = row["tflops"] / ceiling
             except torch.OutOfMemoryError as e:
-                row = {"bench": "prefill", "mode": mode, "ctx": n, "error": "OOM: " + str(e).splitlines()[0][:120]}
+                row = {"bench": "prefill", "mode": mode, "ctx": n, "error": "OOM: " + " ".join(str(e).split())[:600],
+                       "allocated_gib": torch.cuda.memory_allocated() / 2**30,
+                       "reserved_gib": torch.cuda.memory_reserved() / 2**30}
             except Exception as e:  # a failed mode must not hide the others' figures
                 row = {"bench": "prefill", "mode": mode, "ctx": n, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             print({k: v for k, v in row.items() if k != "kernel"}, f"[{time.perf_counter() - _T0:.0f}s]", flush=True)

@@ -158,6 +158,10 @@ class MassBudgetIndex:
         return self.inner.num_chunks
 
     @property
+    def max_chunks(self) -> int:
+        return getattr(self.inner, "max_chunks", 0)
+
+    @property
     def nbytes(self) -> dict[str, int]:
         return self.inner.nbytes
 

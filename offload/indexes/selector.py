@@ -115,7 +115,8 @@ class Selector:
         idx = self.indexes[layer]
         if idx.num_chunks == 0 and first == 0:
             idx.build(k)
-            # decode appends then fill reserved rows: no regrowth (and no graph recapture) until 2x
-            idx.reserve(2 * idx.num_chunks)
+            # room for the whole context at once (the planner counted it): later appends, prefill's included,
+            # never regrow (no transient old + new buffers under a capped GPU, no graph recapture)
+            idx.reserve(getattr(idx, "max_chunks", 0) or 2 * idx.num_chunks)
         else:
             idx.extend(k)
