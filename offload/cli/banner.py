@@ -22,7 +22,11 @@ def _tokens(n: int) -> str:
 
 
 def weight_bytes(llm) -> int:
-    """Bytes of the loaded weights (the architecture's count at the load dtype)."""
+    """Device bytes of the weights: what the planner was given (quantized blocks at their size), else the
+    architecture's count at the load dtype."""
+    counted = getattr(llm.spec, "weight_bytes", None)
+    if counted is not None:
+        return counted
     from offload.backends import weight_bytes as arch_bytes
     return arch_bytes(llm.model_config, llm.dtype)
 
@@ -47,5 +51,8 @@ def banner(llm) -> str:
     from offload.backends import mode
     dev = device_name(llm.device)
     dtype = str(llm.dtype).replace("torch.", "")
+    kind = getattr(llm.config, "weights", "auto")
+    held = dtype if kind in ("auto", "bf16") else f"{kind} blocks"
     return (f"offload | model {llm.name} | ctx {_tokens(llm.ctx)} | device {dev} | weights {_size(weight_bytes(llm))} "
-            f"{dtype} on {dev} | {kv_tiers(llm)} | attention {mode(llm.spec, llm.plan)} | loaded in {llm.load_s:.1f}s")
+            f"({held}) on {dev} | {kv_tiers(llm)} | attention {mode(llm.spec, llm.plan)} | compute {dtype} "
+            f"| loaded in {llm.load_s:.1f}s")
