@@ -72,12 +72,10 @@ def causal_attend_blocks(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tens
 
 
 def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor):
-    """Exact softmax merge of two attentions over disjoint key sets: o: [H, T, D], lse: [H, T] -> float32 (o, lse)."""
-    m = torch.maximum(lse1, lse2)  # m: [H, T]
-    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)  # w: [H, T]
-    den = w1 + w2  # den: [H, T]
-    o = (o1.float() * (w1 / den)[..., None] + o2.float() * (w2 / den)[..., None])  # o: [H, T, D]
-    return o, m + torch.log(den)
+    """Exact softmax merge of two attentions over disjoint key sets: o: [H, T, D], lse: [H, T] -> float32 (o, lse).
+    The decode kernels' merge (one fused launch on CUDA, the torch reference elsewhere)."""
+    from offload.kernels import merge_attn
+    return merge_attn(o1.float(), lse1.float(), o2.float(), lse2.float())
 
 
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self.tail_count = torch.ones(1, dtype=torch.long, device=self.device)  # tail_count: [1] = tail_pos + 1
         self.n_chunks, self.tail_len, self._len, self._new = 0, 0, 0, 0   # full chunks (every layer), tail tokens
         self.staging = PrefillStage(store, selector, stage_bytes // (2 * self.Hkv * head_dim * self.tail_k.element_size()),
-                                    stage_bytes // 8 // (2 * self.Hkv * head_dim * self.tail_k.element_size()))
+                                    stage_bytes // 4 // (2 * self.Hkv * head_dim * self.tail_k.element_size()))
         self._next_tail = None
         self._tok_s, self._steps, self._fetched, self._disk0 = 0.0, 0, 0, 0
         store.open_decode(-(-ctx // self.C))
