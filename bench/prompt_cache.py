@@ -8,6 +8,18 @@ For one document of --doc-tokens tokens and a short question, in one process on 
   resumed    read the document's KV from the cache (no prefill), prefill the question, the first token
 Timings start after the model is loaded; they are medians of --reps runs (the first run once per rep, into a
 fresh file). The page cache is warm for "resumed" (the file was just written), as in a rerun of a session.
+
+    python bench/prompt_cache.py --resume-sizes 16K,64K --out bench/results/prompt_cache_resume_cpu.json
+    python bench/prompt_cache.py --resume-sizes 256K --model llama3-8b --load-format dummy --device cuda \
+        --gpu-mem 4GiB --host-mem 16GiB --disk-dir /tmp/kv --gpu-cap 24 --out $OUT/prompt_cache_resume_h200.json
+
+Resume of a tiered session (KV spread over GPU, host and a disk tier) from a cache of N tokens, per size:
+  in place   the disk tier adopts the file's cold blocks (offload/cache_attach.py); what is read eagerly
+  copy-in    every block read and put into the store, which writes what GPU + host cannot hold to its spill file
+and for each, the time to resume, then to prefill a --question-token question and take its first token (exact
+attention reads every chunk once for it). The cache file is written straight from random KV of the model's
+shape (no prefill: resuming costs bytes, not values) and dropped from the page cache (posix_fadvise DONTNEED)
+before each resume, so reads come from the drive, as after a restart.
 """
 from __future__ import annotations
 
@@ -19,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write_results  # noqa: E402
+from common import cap_gpu, median, sync, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -50,8 +62,93 @@ def first_token(sess, doc, question, cache=None) -> tuple[float, int]:
     return time.perf_counter() - t0, tok
 
 
+def _parse_tokens(text: str) -> list[int]:
+    return [int(float(x[:-1]) * 1024) if x[-1] in "kK" else int(x) for x in text.split(",")]
+
+
+def _drop_cached(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def write_cache(sess, path: Path, n: int, seed: int = 0) -> list[int]:
+    """A valid cache file of n tokens of random KV for this session's model and options; returns its ids."""
+    from offload.kvfile import KVFileWriter, Layout
+    from offload.prompt_cache import cache_key
+    mc, C = sess.llm.model_config, sess.config.chunk_tokens
+    dtype = sess.llm.model.dtype
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, mc.vocab_size, (n,), generator=g).tolist()
+    w = KVFileWriter.create(path, Layout(mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                                         str(dtype).replace("torch.", ""), C, n, mc.vocab_size), cache_key(sess))
+
+    base = torch.randn(2, mc.num_kv_heads, 4096, mc.head_dim, generator=g).to(dtype)  # base: [2, Hkv, 4096, D]
+
+    def kv(layer, s, e):   # k, v: [Hkv, e - s, D]: the base rolled per layer and tiled (values do not matter)
+        t = base.roll(layer * 97, 2).repeat(1, 1, -(-(e - s) // 4096), 1)[:, :, :e - s]
+        return t[0], t[1]
+
+    w.commit(n, ids, torch.randn(mc.vocab_size, generator=g), kv)
+    w.close()
+    return ids
+
+
+def resume_rows(a) -> list[dict]:
+    from offload import cache_attach
+    rows = []
+    work = Path(a.dir or tempfile.mkdtemp(prefix="pcbench-"))
+    real = cache_attach.attachable
+    for n in _parse_tokens(a.resume_sizes):
+        opts = dict(device=a.device, ctx=n + a.question + 64, attention="full", gpu_mem=a.gpu_mem,
+                    host_mem=a.host_mem, disk_dir=str(work / "kv"))
+        if a.load_format:
+            opts["load_format"] = a.load_format
+        llm = LLM(a.model, **opts)
+        path = work / f"resume-{n}.kvc"
+        s = llm.session()
+        ids = write_cache(s, path, n)
+        s.close()
+        size = path.stat().st_size
+        question = torch.randint(3, llm.model_config.vocab_size, (a.question,),
+                                 generator=torch.Generator().manual_seed(1)).tolist()
+        for mode in ("in place", "copy-in"):
+            cache_attach.attachable = real if mode == "in place" else (lambda attn, reader: "bench: copy-in")
+            _drop_cached(path)
+            s = llm.session()
+            disk = s.attn.store.tiers[2]
+            t0 = time.perf_counter()
+            s.prefill(ids, prompt_cache=path)
+            sync()
+            t1 = time.perf_counter()
+            tok = int(s.prefill(question).argmax()) if question else -1
+            sync()
+            t2 = time.perf_counter()
+            info = getattr(s, "_prompt_cache_attached", None)
+            rows.append({"tokens": n, "file_GiB": round(size / 2**30, 3), "mode": mode,
+                         "resume_s": round(t1 - t0, 3), "question_s": round(t2 - t1, 3),
+                         "first_token_s": round(t2 - t0, 3),
+                         "eager_read_GiB": round((info.eager_bytes if info else size) / 2**30, 3),
+                         "in_place_GiB": round((info.in_place_bytes if info else 0) / 2**30, 3),
+                         "spill_written_GiB": round(disk.bytes_written / 2**30, 3), "first_token": tok})
+            s.close()
+        cache_attach.attachable = real
+        path.unlink()
+        llm.close() if hasattr(llm, "close") else None
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--resume-sizes", default=None, help="e.g. 16K,64K: the resume bench (in place vs copy-in)")
+    ap.add_argument("--question", type=int, default=16, help="question tokens prefilled after a resume")
+    ap.add_argument("--load-format", default=None)
+    ap.add_argument("--gpu-mem", default="32MiB")
+    ap.add_argument("--host-mem", default="64MiB")
+    ap.add_argument("--gpu-cap", type=float, default=None)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--doc-tokens", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)
@@ -60,6 +157,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     os.environ.setdefault("OFFLOAD_NO_PROGRESS", "1")
+    if a.resume_sizes:
+        if a.gpu_cap:
+            cap_gpu(a.gpu_cap)
+        rows = resume_rows(a)
+        write_results("prompt_cache_resume", rows, a.out, {"model": a.model, "question_tokens": a.question,
+                                                           "gpu_mem": a.gpu_mem, "host_mem": a.host_mem,
+                                                           "command": " ".join(sys.argv)})
+        return
     llm = LLM(a.model, device=a.device, ctx=a.doc_tokens + 1024)
     doc = document_ids(llm, a.doc_tokens)
     question = llm.tokenizer.encode("\nWhich shelf holds the crate with the most lamps?", add_special_tokens=False)

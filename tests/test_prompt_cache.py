@@ -552,3 +552,24 @@ def test_disk_full_while_a_resumed_session_checkpoints_keeps_the_cache(tiered, t
     close(prefill_cached(s, seq, path), logits)
     s.close()
     assert KVFileReader(path).n == 330
+
+
+def test_sparse_session_resumes_in_place_with_its_index(tiered, tmp_path):
+    """A sparse session's index needs every key: resuming reads the blocks once for it (CRC-checked) and still
+    writes nothing; its selections are the uninterrupted session's."""
+    llm, seq, *_ = tiered
+    ref = llm.session(attention="sparse", budget=32)
+    ref.prefill(seq)
+    want = [ref.step(t) for t in (11, 12, 13)]
+    ref.close()
+    path = tmp_path / "doc.kvc"
+    s = llm.session(attention="sparse", budget=32)
+    prefill_cached(s, seq, path)
+    s.close()
+    s = llm.session(attention="sparse", budget=32)
+    prefill_cached(s, seq, path)
+    info, disk = s._prompt_cache_attached, s.attn.store.tiers[2]
+    assert info.in_place_bytes > 0 and info.index_bytes == info.in_place_bytes and disk.bytes_written == 0
+    for t, w in zip((11, 12, 13), want):
+        close(s.step(t), w)
+    s.close()
