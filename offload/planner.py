@@ -20,6 +20,11 @@ import torch
 
 from offload.errors import CapacityError
 
+# A 512K prefill under a 24 GiB cap ran out of memory with 1.7 GiB free in pieces (freed blocks that fit no later
+# request); expandable segments map device memory as it is needed instead. Read at the first CUDA allocation, so
+# it applies whenever offload is imported first; a value the user set wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 GiB = 1 << 30
 _GPU_RESERVE_MIN, _GPU_RESERVE_FRAC = int(1.5 * GiB), 0.10
 _HOST_HEADROOM_MIN, _HOST_HEADROOM_FRAC = 4 * GiB, 0.20

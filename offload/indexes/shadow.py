@@ -111,7 +111,7 @@ class ShadowKeyIndex:
         reserve() then copies nothing, so the peak is the final size plus one slab's temporaries (scratch_bytes).
         """
         n = keys.shape[1] // self.chunk_tokens
-        self._reset(min(2 * n, self.max_chunks) if self.max_chunks else n)
+        self._reset(self.max_chunks or n)      # the whole context at once: appends never regrow (see selector)
         split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)   # shape check
         if keys.shape[1]:
             self.basis = key_basis(keys, self.rank).to(self.device)            # basis: [Hkv, D, r]

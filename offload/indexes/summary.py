@@ -150,11 +150,11 @@ class ChunkSummaryIndex:
     def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
         """Index all chunks of keys [Hkv, N, D]; queries are not needed (bounds hold for any query).
 
-        Buffers are sized once at twice the prefill (capped by max_chunks), so a later reserve() copies
-        nothing, and the keys go in slabs: the peak is the final buffers plus scratch_bytes().
+        Buffers are sized once for max_chunks (the context; the planner counted them), so later appends and
+        reserve() copy nothing, and the keys go in slabs: the peak is the final buffers plus scratch_bytes().
         """
         n = keys.shape[1] // self.chunk_tokens
-        self._reset(min(2 * n, self.max_chunks) if self.max_chunks else n)
+        self._reset(self.max_chunks or n)      # the whole context at once: appends never regrow (see selector)
         slab = self.chunk_tokens * max(1, _BUILD_SLAB // self.chunk_tokens)
         for start in range(0, max(keys.shape[1], 1), slab):
             self.extend(keys[:, start:start + slab])
