@@ -52,12 +52,21 @@ def progress_bar(description: str, total: int, show: bool | None = None):
         yield lambda done, total=None: prog.update(task, completed=done, **({"total": total} if total else {}))
 
 
+def activity(description: str):
+    """For a job without steps (reading a model's metadata): on a non-terminal stderr a line
+    "reading X: 0m05s" every LINE_EVERY_S until the returned stop() is called; else a no-op."""
+    if not lines_enabled() or sys.stderr.isatty():
+        return lambda: None
+    lines = StepLines(description, None, sys.stderr)
+    return lines.finish
+
+
 class StepLines:
     """update(done, total) for a long step-wise job on a non-terminal stderr: a thread writes
     "loading X: 3/31 steps (10%), 0m05s" every `every` seconds, also while one step takes long (reading a
-    big file is one step), and finish() a last line when any was written."""
+    big file is one step), and finish() a last line when any was written. total None: no steps, the time only."""
 
-    def __init__(self, description: str, total: int, stream, every: float | None = None):
+    def __init__(self, description: str, total: int | None, stream, every: float | None = None):
         self.description, self.total, self.stream = description, total, stream
         self.every = LINE_EVERY_S if every is None else every     # read at call time: tests shorten it
         self.t0 = time.perf_counter()
@@ -74,6 +83,8 @@ class StepLines:
             self._write()
 
     def finish(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join()
         if self.printed:
@@ -82,9 +93,12 @@ class StepLines:
 
     def _write(self) -> None:
         self.printed = True
-        pct = 100 * self.done / self.total if self.total else 100.0
-        self.stream.write(f"{self.description}: {self.done}/{self.total} steps ({pct:.0f}%), "
-                          f"{_clock(time.perf_counter() - self.t0)}\n")
+        clock = _clock(time.perf_counter() - self.t0)
+        if self.total is None:
+            self.stream.write(f"{self.description}: {clock}\n")
+        else:
+            pct = 100 * self.done / self.total if self.total else 100.0
+            self.stream.write(f"{self.description}: {self.done}/{self.total} steps ({pct:.0f}%), {clock}\n")
         self.stream.flush()
 
 

@@ -212,6 +212,12 @@ def test_load_lines_keep_coming_while_one_step_is_long():
     fast(3)
     fast.finish()
     assert quiet.getvalue() == ""                               # a quick load prints nothing
+    timed = io.StringIO()
+    reading = StepLines("reading m", None, timed, every=0.02)   # no steps (the model's metadata): the time only
+    time.sleep(0.1)
+    reading.finish()
+    reading.finish()                                            # stopping twice is harmless
+    assert timed.getvalue().splitlines()[0].startswith("reading m: 0m00s")
 
 
 def test_stdin_document_and_stop_strings(tiny_chat_model, capsys, monkeypatch):

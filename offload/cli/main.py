@@ -54,14 +54,22 @@ def chat_command(prompt, file_, system, config_path, show_stats, **flags):
     if cfg.prompt_cache:
         from offload.prompt_cache import check_path
         check_path(cfg.prompt_cache, document is not None)
-    from offload.api import LLM
+    from offload.progress import activity, note
+    reading = activity(f"reading {cfg.model}")      # torch's import and the model's metadata: lines, not silence
+
+    def before_load(llm):
+        reading()                                    # the weights' own progress takes over from here
+        _check_inputs(llm, document, prompt, system)
+
+    try:
+        from offload.api import LLM
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # shown once in the banner instead
+            llm = LLM(config=cfg, show_progress=None, before_load=before_load)
+    finally:
+        reading()
     from offload.cli.banner import banner
     from offload.cli.chat_loop import Interrupts, answer, interactive
-    from offload.progress import note
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # shown once in the banner instead
-        llm = LLM(config=cfg, show_progress=None, before_load=lambda llm: _check_inputs(llm, document, prompt, system))
     note(banner(llm))
     if llm.ctx > llm.model_config.max_position_embeddings:
         note(f"warning: ctx {llm.ctx} exceeds the model's trained length {llm.model_config.max_position_embeddings}")
