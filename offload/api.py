@@ -11,7 +11,7 @@ import torch
 from offload import backends
 from offload.config import OffloadConfig
 from offload.engine.runner import Engine
-from offload.engine.sampling import Sampler
+from offload.engine.sampling import Sampler, SamplingParams, StopStrings
 from offload.errors import CapacityError, ConfigError, SessionClosedError
 from offload.files import utf8_text
 from offload.model.config import ModelConfig
@@ -62,7 +62,8 @@ class LLM:
             warnings.warn(f"ctx {self.ctx} exceeds the model's trained length {mc.max_position_embeddings}; "
                           "quality past it is not guaranteed", stacklevel=2)
         check_options(cfg, mc, self.ctx, self.dtype)   # budget, index, disk dir: refuse before any weight loads
-        self.spec = backends.RuntimeSpec(mc, self.ctx, self.device, self.dtype, cfg)
+        self.spec = backends.RuntimeSpec(mc, self.ctx, self.device, self.dtype, cfg, build.planned_weight_bytes(
+            source, mc, self.dtype, cfg.weights, self.device))
         self.plan = backends.plan(self.spec)     # before any weight is loaded: refuse early
         self.tokenizer = source.tokenizer
         self.name = source.name
@@ -72,17 +73,25 @@ class LLM:
         if before_load is not None:
             before_load(self)
         self.model: LlamaModel = build.build_model(source, mc, self.device, self.dtype, cfg.load_format,
-                                                     show_progress)
+                                                     show_progress, cfg.weights)
         self.load_s = time.perf_counter() - t0
         self._last: Session | None = None       # the latest session of any kind: what `stats` reports
         self._stats: dict = {}
 
     # ---- sessions -----------------------------------------------------------------------------
     def session(self, **overrides) -> "Session":
-        """A fresh sequence with its own KV cache. overrides: attention, budget, index, chunk_tokens, gpu_mem, ..."""
+        """A fresh sequence with its own KV cache. overrides: attention, budget, index, chunk_tokens, gpu_mem, ...
+
+        Open sessions share the LLM's KV budget per tier (what the planner found or --gpu-mem/--host-mem/--disk-mem
+        gave): each holds its plan's bytes until it is closed, and one that does not fit beside the others is
+        refused (CapacityError) instead of overcommitting a tier."""
         if self._closed:
             raise SessionClosedError("this LLM was closed (llm.close()); create a new LLM to start sessions")
         cfg = self.config.replace(**overrides) if overrides else self.config
+        p = self.plan if cfg is self.config else backends.plan(self.spec, cfg, weights_loaded=True)
+        need = self._tier_bytes(p)
+        # a session given its own budgets (fork(gpu_mem=..., disk_dir=...)) may use them: they bound it too
+        self._check_room(need, tuple(max(a, b) for a, b in zip(self.plan.available, p.available)))
         try:
             attn = backends.make(self.spec, self.plan, cfg)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError, OSError) as e:
@@ -94,9 +103,24 @@ class LLM:
             raise CapacityError(f"a new session's KV does not fit beside the {live} open session(s) "
                                 f"({str(e).splitlines()[0][:80]}); close one (sess.close() / chat.close()) "
                                 "or lower ctx") from None
-        self._last = Session(self, attn, cfg)
+        self._last = Session(self, attn, cfg, need)
         self._sessions.add(self._last)
         return self._last
+
+    @staticmethod
+    def _tier_bytes(p) -> tuple[int, int, int]:
+        return (p.gpu_bytes, p.host_bytes, p.disk_bytes)
+
+    def _check_room(self, need: tuple[int, int, int], budget: tuple[int, int, int]) -> None:
+        """Refuse a session whose planned KV does not fit what the open sessions leave of the tier budgets."""
+        open_ = [s for s in self._sessions if not s.closed]
+        held = [sum(s.tier_bytes[t] for s in open_) for t in range(3)]
+        for t, name in enumerate(("GPU", "host", "disk")):
+            if need[t] and held[t] + need[t] > budget[t]:
+                raise CapacityError(
+                    f"a new session needs {_mib(need[t])} of {name} KV but the {len(open_)} open session(s) hold "
+                    f"{_mib(held[t])} of the {_mib(budget[t])} {name} budget; close one (sess.close() / "
+                    "chat.close()), lower ctx or raise the tier's budget")
 
     def load_session(self, path) -> "Session":
         from offload.persist import load_session
@@ -108,25 +132,50 @@ class LLM:
             raise
         return sess
 
-    # ---- text ---------------------------------------------------------------------------------
-    def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, seed: int | None = None) -> str:
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, seed))
+    def load_chat(self, path) -> "Chat":
+        """A chat saved with chat.save(path): its messages and KV, ready for the next send()."""
+        from offload.chat import Chat
+        return Chat.load(self, path)
 
-    def stream(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
-               top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+    # ---- text ---------------------------------------------------------------------------------
+    def generate(self, prompt, sampling_params: SamplingParams | list | None = None, **sampling):
+        """Raw completion (no chat template). prompt: a str -> a str, or a list of str -> a list of str (one fresh
+        session each, one after the other). sampling_params (one, or one per prompt) and/or keyword arguments:
+        max_new_tokens / max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
+        frequency_penalty, stop, seed."""
+        if isinstance(prompt, (list, tuple)):
+            params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompt)
+            if len(params) != len(prompt):
+                raise ConfigError(f"{len(prompt)} prompts but {len(params)} sampling_params; pass one, or one per prompt")
+            wanted = [self.sampling(p, **sampling) for p in params]   # every value checked before any work
+            for p in prompt:
+                self._encode(p)
+            return ["".join(self.stream(p, s)) for p, s in zip(prompt, wanted)]
+        return "".join(self.stream(prompt, sampling_params, **sampling))
+
+    def stream(self, prompt: str, sampling_params: SamplingParams | None = None, **sampling) -> Iterator[str]:
         """Raw completion of `prompt` (no chat template) in a fresh session, yielded as text pieces; the session
         is closed when the generation ends, so other sessions and chats are never disturbed."""
         ids = self._encode(prompt)
-        sampling = self._sampling(max_new_tokens, temperature, top_p, seed)
+        params = self.sampling(sampling_params, **sampling)
         sess = self.session()
         try:
-            yield from sess.generate_text(ids, **sampling)
+            yield from sess.generate_text(ids, params)
         finally:
             sess.close()
 
     def chat(self, system: str | None = None) -> "Chat":
+        from offload.chat import Chat
         return Chat(self, system)
+
+    def sampling(self, params: SamplingParams | None = None, **values) -> SamplingParams:
+        """The SamplingParams of a call: `params` (else the LLM's configured sampling) with `values` (None =
+        keep) on top. Also accepts the old names: max_new_tokens for max_tokens."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise ConfigError(f"sampling_params must be an offload.SamplingParams, got {type(params).__name__}; "
+                              "pass SamplingParams(temperature=..., ...) or keyword arguments")
+        base = params if params is not None else SamplingParams.from_config(self.config)
+        return base.override(**values)
 
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -139,13 +188,6 @@ class LLM:
         if not ids:
             raise ConfigError("the prompt is empty; pass some text")
         return ids
-
-    def _sampling(self, max_new_tokens, temperature, top_p, seed) -> dict:
-        c = self.config
-        cfg = c.replace(max_new_tokens=c.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                        temperature=c.temperature if temperature is None else temperature,
-                        top_p=c.top_p if top_p is None else top_p, seed=c.seed if seed is None else seed)
-        return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
 
     @property
     def stats(self) -> dict:
@@ -176,8 +218,11 @@ class LLM:
 class Session:
     """One sequence: `prefill(ids)` and `step(id)` return float32 logits of the last position."""
 
-    def __init__(self, llm: LLM, attn, config: OffloadConfig):
+    def __init__(self, llm: LLM, attn, config: OffloadConfig, tier_bytes: tuple[int, int, int] = (0, 0, 0)):
         self.llm, self.attn, self.config = llm, attn, config
+        self.tier_bytes = tier_bytes        # (GPU, host, disk) KV bytes this session holds of the LLM's budget
+        self.finish_reason: str | None = None   # of the last generation: "stop" (EOS / stop string) or "length"
+        self.generated = 0                      # tokens sampled by the last generation
         self.engine = Engine(llm.model, attn, prefill_chunk=config.prefill_chunk, use_cuda_graph=config.cuda_graph)
         self.tokens: list[int] = []
         self._decode_s, self._decoded, self._ttft = 0.0, 0, None
@@ -223,32 +268,52 @@ class Session:
         self.tokens.append(int(token_id))
         return logits
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
-                     seed: int | None) -> Iterator[int]:
-        """Prefill ids, then sample until EOS or max_new_tokens; yields each new id."""
-        sampler = Sampler(temperature, top_p, seed)
+    def generate_ids(self, ids: list[int], params: SamplingParams | None = None, **sampling) -> Iterator[int]:
+        """Prefill ids, then sample until EOS or max_tokens; yields each new id. params: SamplingParams, or
+        keyword arguments (max_new_tokens, temperature, top_p, seed, ...) over the LLM's configured sampling."""
+        p = self.llm.sampling(params, **sampling)
         eos = set(self.llm.tokenizer.eos_token_ids) if self.llm.tokenizer is not None else set()
-        if self.length + len(ids) + max_new_tokens > self.llm.ctx:
-            max_new_tokens = max(0, self.llm.ctx - self.length - len(ids))
+        self.finish_reason, self.generated = None, 0
+        room = self.llm.ctx - self.length - len(ids)
+        n = min(p.max_tokens, max(0, room))
+        sampler = Sampler(p, context_ids=self.tokens + list(ids))
         logits = self.prefill(ids)
-        for i in range(max_new_tokens):
+        for i in range(n):
             tok = sampler(logits)
+            self.generated += 1
             yield tok
-            if tok in eos or i == max_new_tokens - 1:
+            if tok in eos:
+                self.finish_reason = "stop"
+                return
+            if i == n - 1:
                 break
             logits = self.step(tok)
+        self.finish_reason = "length"
 
-    def generate_text(self, ids: list[int], **sampling) -> Iterator[str]:
+    def generate_text(self, ids: list[int], params: SamplingParams | None = None, **sampling) -> Iterator[str]:
+        """generate_ids as text pieces: EOS is not shown, and the text ends before a stop string (the stop
+        string's tokens are in the KV). finish_reason says why it ended."""
         from offload.model.tokenizer import StreamDecoder
+        p = self.llm.sampling(params, **sampling)
         dec = StreamDecoder(self.llm.tokenizer)
+        stops = StopStrings(p.stop) if p.stop else None
         eos = set(self.llm.tokenizer.eos_token_ids)
-        for tok in self.generate_ids(ids, **sampling):
+        for tok in self.generate_ids(ids, p):
             if tok in eos:
                 break
             piece = dec.push(tok)
+            if stops is not None:
+                piece = stops.push(piece)
             if piece:
                 yield piece
+            if stops is not None and stops.stopped:
+                self.finish_reason = "stop"
+                return
         tail = dec.flush()
+        if stops is not None:
+            tail = stops.push(tail) + ("" if stops.stopped else stops.flush())
+            if stops.stopped:
+                self.finish_reason = "stop"
         if tail:
             yield tail
 
@@ -281,52 +346,8 @@ class Session:
             self.attn.close()
 
 
-class Chat:
-    """Multi-turn chat over one session; each turn prefills only the text not already in the KV cache."""
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
-    def __init__(self, llm: LLM, system: str | None = None):
-        self.llm, self.system = llm, system
-        self.session: Session | None = None
-        self.reset()
 
-    def reset(self) -> None:
-        """Start over: this chat's own session is replaced (other chats and sessions are untouched)."""
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self._new_session()
-
-    def _new_session(self) -> None:
-        if self.session is not None:
-            self.session.close()
-        self.session = self.llm.session()
-        self._cached_text = ""   # the text whose tokens are in the KV cache, in order
-
-    def close(self) -> None:
-        self.session.close()
-
-    def send(self, text: str, **sampling) -> str:
-        return "".join(self.stream(text, **sampling))
-
-    def stream(self, text: str, max_new_tokens=None, temperature=None, top_p=None, seed=None) -> Iterator[str]:
-        tok = self.llm.tokenizer
-        if tok is None:
-            raise ConfigError("this model has no tokenizer (load_format='dummy'); chat needs a real model")
-        if self.session.closed:
-            raise SessionClosedError("this chat was closed (chat.close() or llm.close()); start a new one with "
-                                     "llm.chat()")
-        utf8_text(text, "the message")
-        messages = self.messages + [{"role": "user", "content": text}]
-        rendered, spans = tok.render_chat(messages, add_generation_prompt=True)
-        if not rendered.startswith(self._cached_text):
-            # the template rewrote earlier turns (some templates do): start the cache over
-            self._new_session()
-        self.messages = messages
-        # the template's markers are control tokens; the messages' text never is (even when it spells one)
-        ids = tok.encode_chat(rendered, spans, start=len(self._cached_text))   # the template has BOS
-        start = self.session.length + len(ids)
-        pieces = []
-        for piece in self.session.generate_text(ids, **self.llm._sampling(max_new_tokens, temperature, top_p, seed)):
-            pieces.append(piece)
-            yield piece
-        self.messages.append({"role": "assistant", "content": "".join(pieces)})
-        fed = self.session.tokens[start:]   # generated ids that went through the model (not the last sampled one)
-        self._cached_text = rendered + tok.decode(fed, skip_special_tokens=False)
+from offload.chat import Chat  # noqa: E402  (re-exported: offload.api.Chat)

@@ -76,7 +76,8 @@ def _write_record(f, k: torch.Tensor, v: torch.Tensor) -> None:
     f.write(payload)
 
 
-def save_session(sess, path) -> None:
+def save_session(sess, path, meta: dict | None = None) -> None:
+    """meta: JSON the caller keeps with the KV (a chat's messages); load_session returns it."""
     attn, model = sess.attn, sess.llm.model
     if not hasattr(attn, "read_kv"):
         raise ConfigError("this attention backend cannot save sessions; use --attention full")
@@ -89,6 +90,8 @@ def save_session(sess, path) -> None:
               "ctx": sess.llm.ctx, "length": sess.length, "tokens": sess.tokens,
               "layout": {"num_layers": mc.num_layers, "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
                          "dtype": str(model.dtype).replace("torch.", ""), "record_tokens": RECORD_TOKENS}}
+    if meta is not None:
+        header["meta"] = meta
     hb = json.dumps(header).encode()
     tmp = _temp_path(path)
     try:
@@ -174,8 +177,9 @@ def _checked_header(h, path) -> dict:
     return h
 
 
-def load_session(sess, path) -> None:
-    """Fill an empty session from `path`, refusing files of other models, layouts or corrupt records."""
+def load_session(sess, path) -> dict | None:
+    """Fill an empty session from `path`, refusing files of other models, layouts or corrupt records; returns
+    the meta saved with it (None if none)."""
     path = Path(path)
     model, attn = sess.llm.model, sess.attn
     if not hasattr(attn, "load_kv"):
@@ -236,3 +240,4 @@ def load_session(sess, path) -> None:
         f.seek(body)
         attn.load_kv(layers(True))
     sess.tokens = list(h["tokens"])
+    return h.get("meta")
