@@ -73,13 +73,14 @@ def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
 
     kd = "bf16" if cfg.kv_dtype == "auto" else cfg.kv_dtype
 
-    def budget(index_bytes: int):
+    def budget(index_bytes: int, stage: int = 0):
         cold = None if kd == "bf16" else packed_format(kd, ChunkShape(mc.num_kv_heads, C, mc.head_dim, spec.dtype)).chunk_bytes
         return plan_budget(mc.num_layers, mc.num_kv_heads, mc.head_dim, _itemsize(spec.dtype), spec.ctx,
                            0 if weights_loaded else _weight_bytes(spec), spec.device, gpu_mem=cfg.gpu_mem,
                            host_mem=cfg.host_mem,
                            disk_mem=cfg.disk_mem, disk_dir=cfg.disk_dir, chunk_tokens=C, sink_chunks=n_sink,
-                           window_chunks=n_window, index_bytes=index_bytes, kv_dtype=kd, cold_chunk_bytes=cold)
+                           window_chunks=n_window, index_bytes=index_bytes, kv_dtype=kd, cold_chunk_bytes=cold,
+                           stage_bytes=stage)
     try:
         p = budget(0)
     except CapacityError:
@@ -91,9 +92,14 @@ def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
     if p is None or p.kv_dtype != kd:
         p = budget(0)
     sparse = cfg.attention == "sparse" or (cfg.attention == "auto" and not fits_on_device(p, mc))
-    if sparse and spec.device.type == "cuda":
-        index = mc.num_layers * new_index(spec, cfg, device="cpu").gpu_bytes(math.ceil(spec.ctx / C))
-        p = budget(index + token_stage_bytes(mc, cfg, spec.ctx, spec.dtype))
+    if spec.device.type == "cuda" and (sparse or not fits_on_device(p, mc)):     # a tiered session
+        index = 0
+        if sparse:
+            index = mc.num_layers * new_index(spec, cfg, device="cpu").gpu_bytes(math.ceil(spec.ctx / C))
+            index += token_stage_bytes(mc, cfg, spec.ctx, spec.dtype)
+        # its prefill window and streamed blocks (engine/staging.py): a window, three quarter-window blocks
+        # in flight, and a put's chunk copies
+        p = budget(index, 2 * prefill_stage_bytes(p) + (128 << 20))
     return p
 
 
@@ -130,9 +136,10 @@ def new_index(spec: RuntimeSpec, cfg, device=None):
 
 
 def prefill_stage_bytes(p) -> int:
-    """Device bytes of the prefill window (engine/staging.py): a quarter of the planner's activation reserve, so
-    the window, two streamed history blocks and a forward chunk's activations fit in what the KV tier left free."""
-    return max(64 << 20, p.gpu_reserve_bytes // 4)
+    """Device bytes of a tiered prefill's window (engine/staging.py): one layer's KV at the full context, at most
+    512 MiB (128K tokens of an 8B layer: a 128K prompt never streams; longer ones stream the rest in blocks).
+    The planner reserves twice this beside the activations (`plan`)."""
+    return min(512 << 20, p.chunk_bytes * math.ceil(p.ctx / p.chunk_tokens))
 
 
 def fits_on_device(p, mc) -> bool:

@@ -133,8 +133,10 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
                 weight_bytes: int, device: torch.device | str = "cpu", gpu_mem: int | None = None,
                 host_mem: int | None = None, disk_mem: int | None = None, disk_dir: str | None = None,
                 chunk_tokens: int = 32, sink_chunks: int = 1, window_chunks: int = 4,
-                index_bytes: int = 0, kv_dtype: str = "bf16", cold_chunk_bytes: int | None = None) -> BudgetPlan:
-    """Split the KV of `ctx` tokens over GPU, host and disk, or raise CapacityError saying what to change."""
+                index_bytes: int = 0, kv_dtype: str = "bf16", cold_chunk_bytes: int | None = None,
+                stage_bytes: int = 0) -> BudgetPlan:
+    """Split the KV of `ctx` tokens over GPU, host and disk, or raise CapacityError saying what to change.
+    stage_bytes: GPU bytes a tiered prefill stages (its window and streamed blocks), reserved beside activations."""
     device = torch.device(device)
     chunk_bytes = 2 * num_kv_heads * chunk_tokens * head_dim * dtype_bytes
     per_layer = math.ceil(ctx / chunk_tokens)
@@ -144,16 +146,16 @@ def plan_budget(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: 
     host = host_mem if host_mem is not None else None
     if device.type == "cuda":
         free = _detect_gpu(device)
-        reserve = max(_GPU_RESERVE_MIN, int(_GPU_RESERVE_FRAC * _gpu_usable_total(device)))
+        reserve = max(_GPU_RESERVE_MIN, int(_GPU_RESERVE_FRAC * _gpu_usable_total(device))) + stage_bytes
         room = max(0, free - weight_bytes - index_bytes - reserve)
         if weight_bytes + reserve > free:   # say so: the tiers' own messages would blame a KiB-sized KV need
             raise CapacityError(f"the weights do not fit on the GPU: {_gib(weight_bytes)} GiB of weights + "
-                                f"{_gib(reserve)} GiB for activations, {_gib(free)} GiB free; use a smaller model, "
+                                f"{_gib(reserve)} GiB for activations and prefill staging, {_gib(free)} GiB free; use a smaller model, "
                                 "--dtype bfloat16, a GPU with more memory, or --device cpu")
         if gpu_mem is not None and gpu_mem > room:
             index = f", {_gib(index_bytes)} GiB to sparse selection (index, token-stage scratch)" if index_bytes else ""
             raise CapacityError(f"--gpu-mem {_gib(gpu_mem)} GiB of KV does not fit: the GPU has {_gib(free)} GiB free, "
-                                f"{_gib(weight_bytes)} GiB go to weights{index} and {_gib(reserve)} GiB to activations; "
+                                f"{_gib(weight_bytes)} GiB go to weights{index} and {_gib(reserve)} GiB to activations and prefill staging; "
                                 f"lower --gpu-mem to {_gib(room)} GiB or less")
         gpu = room if gpu_mem is None else gpu_mem
         if host is None:

@@ -97,7 +97,7 @@ class PrefillStage:
         if end <= self.stored:
             return
         C, layer = self.C, self.layer
-        step = max(1, (64 << 20) // (2 * self.k[:, :C].numel() * self.k.element_size()))  # ~64 MiB a put
+        step = max(1, (32 << 20) // (2 * self.k[:, :C].numel() * self.k.element_size()))  # ~32 MiB a put
         for s in range(self.stored, end, step * C):
             e = min(end, s + step * C)
             kk, vv = self.k[:, s - self.s0:e - self.s0], self.v[:, s - self.s0:e - self.s0]  # [Hkv, e-s, D]
