@@ -130,7 +130,9 @@ def _serve(host, port, api_key, served_name, max_tokens, max_body, queue, live, 
     note(f"offload-serve | model {service.served[0]} | ctx {service.llm.ctx} | {service.llm.device.type} | "
          f"http://{host}:{port}/v1 | queue {queue} | {'key required' if api_key else 'no key (loopback only)'}")
     try:
-        uvicorn.run(create_app(service, api_key), host=host, port=port, log_level="warning", lifespan="off")
+        # SIGTERM / Ctrl-C: open streams get 5 s, then close (their generations stop), then parked files go
+        uvicorn.run(create_app(service, api_key), host=host, port=port, log_level="warning", lifespan="off",
+                    timeout_graceful_shutdown=5)
     finally:
         service.close()
 
