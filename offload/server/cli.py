@@ -3,7 +3,8 @@
     offload-serve -m llama3-8b --ctx 128K                  # http://127.0.0.1:8000/v1
     offload-serve --host 0.0.0.0 --api-key "$KEY"          # anything but loopback needs a key
 
-The model, tier and attention options are offload-chat's own (same names, YAML and OFFLOAD_* variables).
+The model, tier, attention and sampling options are offload-chat's own (offload.cli.options: same names, YAML and
+OFFLOAD_* variables, llama.cpp's aliases and hints); sampling options are the defaults of requests.
 """
 from __future__ import annotations
 
@@ -14,14 +15,8 @@ import threading
 
 import click
 
-from offload.errors import ConfigError
-
-_CHAT_ONLY = {"prompt", "file_", "system", "prompt_cache", "show_stats"}   # offload-chat options that mean nothing here
-
-
-def _chat_options():
-    from offload.cli.main import chat_command
-    return [p for p in chat_command.params if p.name not in _CHAT_ONLY and p.name != "help"]
+from offload.cli.options import MODEL_OPTIONS, SAMPLING_OPTIONS, apply_options, build_config, screen_llama_flags
+from offload.errors import ConfigError, OffloadError
 
 
 def _loopback(host: str) -> bool:
@@ -106,11 +101,17 @@ def _serve_options(f):
     return f
 
 
+@click.command("offload-serve", context_settings={"help_option_names": ["-h", "--help"]})
+@apply_options(MODEL_OPTIONS)
+@apply_options(SAMPLING_OPTIONS)
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="YAML file of options (CLI > env OFFLOAD_* > file).")
 @_serve_options
-def _serve(host, port, api_key, served_name, max_tokens, max_body, queue, live, park_dir, park_mem, config_path=None,
-           **flags):
-    """Serve a local LLM over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    from offload.cli.main import build_config
+def serve_command(host, port, api_key, served_name, max_tokens, max_body, queue, live, park_dir, park_mem,
+                  config_path, **flags):
+    """Serve a local LLM over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    The sampling options are the defaults of requests that leave them out; -n is the default max_tokens."""
     from offload.config import parse_bytes
     try:
         import starlette  # noqa: F401
@@ -120,13 +121,14 @@ def _serve(host, port, api_key, served_name, max_tokens, max_body, queue, live, 
                           "pip install 'offload[serve]'") from None
     check_bind(host, port, api_key)
     cfg = build_config(config_path, flags)
+    for line in click.get_current_context().obj or ():   # llama.cpp flags we ignore, noted once options are valid
+        click.echo(line, err=True)
     max_body, park_mem = parse_bytes(max_body), parse_bytes(park_mem)
     if park_dir is not None and os.path.exists(park_dir) and not os.path.isdir(park_dir):
         raise ConfigError(f"--park-dir {park_dir} is not a folder; pass a folder (created 0700 if missing)")
     service = build_service(cfg, max_tokens, max_body, queue, park_dir, park_mem, live, served_name)
-    import uvicorn
-    from offload.server.app import create_app
     from offload.progress import note
+    from offload.server.app import create_app
     note(f"offload-serve | model {service.served[0]} | ctx {service.llm.ctx} | {service.llm.device.type} | "
          f"http://{host}:{port}/v1 | queue {queue} | {'key required' if api_key else 'no key (loopback only)'}")
     try:
@@ -137,21 +139,13 @@ def _serve(host, port, api_key, served_name, max_tokens, max_body, queue, live, 
         service.close()
 
 
-_command = click.command("offload-serve", context_settings={"help_option_names": ["-h", "--help"]})(_serve)
-
-
-def command() -> click.Command:
-    """offload-serve's click command: offload-chat's model, tier, attention and sampling options, then ours."""
-    if not getattr(_command, "_with_chat_options", False):
-        _command.params = _chat_options() + _command.params
-        _command._with_chat_options = True
-    return _command
-
-
 def main(argv=None) -> None:
-    from offload.errors import OffloadError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    valued = {n for p in serve_command.params if isinstance(p, click.Option) and not p.is_flag
+              for n in p.opts + p.secondary_opts}
     try:
-        command().main(args=argv, prog_name="offload-serve", standalone_mode=False)
+        argv, notes = screen_llama_flags(argv, valued)     # llama-server habits: -ngl 99 is noted, not an error
+        serve_command.main(args=argv, prog_name="offload-serve", standalone_mode=False, obj=notes)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:
