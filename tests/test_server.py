@@ -274,3 +274,34 @@ def test_offload_serve_command(model_path, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert not any(park.iterdir())
+
+
+def test_store_parks_when_the_shared_budget_is_full_and_forgets_past_the_park_budget(model_path, tmp_path):
+    """Conversations beyond what the tiers hold go to disk (the LLM refuses a session that does not fit beside
+    the live ones); past the park budget the oldest parked ones are forgotten and simply prefilled again."""
+    from offload.server.conversations import ConversationStore
+    one = LLM(str(model_path), device="cpu", ctx=256).plan.gpu_bytes
+    llm = LLM(str(model_path), device="cpu", ctx=256, gpu_mem=one + 1000, host_mem=0)   # room for one session
+    store = ConversationStore(llm, tmp_path / "park", park_bytes=1 << 30, live_max=5)
+    texts = {}
+    for name in ("alpha", "beta"):
+        sess, cached, reused = store.checkout("completion", name)
+        assert (cached, reused) == ("", 0)
+        ids = llm._encode(name)
+        sess.prefill(ids)
+        texts[name] = name
+        store.checkin("completion", sess, name)
+    st = store.stats()
+    assert st["live"] == 1 and st["parked_now"] == 1 and st["parked"] == 1     # beta's session parked alpha
+    sess, cached, reused = store.checkout("completion", "alpha and more")
+    assert cached == "alpha" and reused == len(llm._encode("alpha")) and store.stats()["resumed_from_disk"] == 1
+    assert sess.tokens == llm._encode("alpha")
+    store.checkin("completion", sess, "alpha")
+    store.park_bytes = 1                                   # now nothing fits on disk: parking forgets
+    sess, _, _ = store.checkout("completion", "gamma")
+    sess.prefill(llm._encode("gamma"))
+    store.checkin("completion", sess, "gamma")
+    st = store.stats()
+    assert st["parked_now"] == 0 and st["forgotten"] >= 1 and st["parked_bytes"] == 0
+    assert not any((tmp_path / "park").iterdir())
+    store.close()
