@@ -216,7 +216,8 @@ def selected_tokens(sess, method) -> float | None:
     """Mean tokens a head selected per step (mass budgets: what the threshold really took), else None."""
     indexes = getattr(sess.attn, "indexes", None) or []
     used = [idx.selected_chunks() for idx in indexes if hasattr(idx, "selected_chunks")]
-    return round(sum(used) / len(used) * method.chunk, 1) if used else None
+    # 0: no step selected (the cap covered the context, everything was attended): the caller reports the cap
+    return round(sum(used) / len(used) * method.chunk, 1) if used and sum(used) > 0 else None
 
 
 def suite_rows(cases: list[dict], labels: list[str]) -> list[dict]:

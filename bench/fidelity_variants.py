@@ -93,14 +93,21 @@ def fork_any(base, method):
 
 
 def fixed_budget_tokens(method, length: int, sink_tokens: int, window_tokens: int) -> float | None:
-    """Tokens a head selects per step beyond sinks + window for a fixed budget (None: mass budget, exact,
-    or not a sparse index method). The default sparse session of kv:sparse is summary@2K/32."""
+    """Tokens a head selects per step beyond sinks + window for a fixed budget (None: exact attention or not a
+    sparse index method; a mass budget: its cap, for when it never selected). kv:sparse is summary@2K/32."""
     from offload.indexes import Budget
     if isinstance(method, KVQuantMethod):
         if method.attention == "exact":
             return None
         budget, chunk = "2K", 32
-    elif isinstance(method, Method) and method.config != "full" and not method.budget.startswith("p"):
+    elif isinstance(method, Method) and method.config != "full" and method.budget.startswith("p"):
+        # a mass budget that never selected (its cap covers the context: all is attended): the cap
+        from offload.config import parse_tokens
+        cap = (method.budget.split(":") + ["", ""])[2]
+        if not cap:
+            return None
+        budget, chunk = str(parse_tokens(cap)), method.chunk
+    elif isinstance(method, Method) and method.config != "full":
         budget, chunk = method.budget.split("+")[0], method.chunk
     else:
         return None

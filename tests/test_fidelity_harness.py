@@ -83,7 +83,9 @@ def test_suite_plan_names_stay_unique_and_methods_parse():
     assert fixed_budget_tokens(Method.parse("summary-max@5%/16+tok4"), 8192, 64, 256) == 26 * 16  # ceil(409.6/16)
     assert fixed_budget_tokens(KVQuantMethod("sparse", "int4"), 8192, 64, 256) == 2048
     assert fixed_budget_tokens(KVQuantMethod("exact", "int4"), 8192, 64, 256) is None
-    assert fixed_budget_tokens(Method.parse("summary-max@p0.8:64:1K/16"), 8192, 64, 256) is None
+    assert fixed_budget_tokens(Method.parse("summary-max@p0.8:64:1K/16"), 8192, 64, 256) == 1024   # its cap
+    assert fixed_budget_tokens(Method.parse("summary-max@p0.8:64:1K/16"), 1024, 64, 256) == 44 * 16  # all there is
+    assert fixed_budget_tokens(Method.parse("summary-max@p0.8/16"), 8192, 64, 256) is None           # no cap given
 
 
 def test_suite_rows_compare_quantized_kv_with_the_same_attention():
