@@ -150,7 +150,7 @@ def test_stop_strings_cut_the_text():
 def test_sampling_keys_in_config_yaml_and_env(tmp_path):
     from offload.config import OffloadConfig, env_overrides, load_yaml
     y = tmp_path / "c.yaml"
-    y.write_text("top-k: 40\nmin_p: 0.05\nrepetition-penalty: 1.1\nstop: ['User:', '\\n\\n']\n")
+    y.write_text("top-k: 40\nmin_p: 0.05\nrepetition-penalty: 1.1\nstop: [\"User:\", \"\\n\\n\"]\n")
     cfg = OffloadConfig(**{**load_yaml(y), **env_overrides({"OFFLOAD_PRESENCE_PENALTY": "0.5", "OFFLOAD_STOP": "END"})})
     p = SamplingParams.from_config(cfg)
     assert (p.top_k, p.min_p, p.repetition_penalty, p.presence_penalty, p.stop) == (40, 0.05, 1.1, 0.5, ("END",))
