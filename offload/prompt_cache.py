@@ -151,8 +151,18 @@ def _reset(sess) -> None:
     llm, cfg = sess.llm, sess.config
     over = {f: getattr(cfg, f) for f in cfg.field_names() if getattr(cfg, f) != getattr(llm.config, f)}
     sess.attn.close()
-    fresh = llm.session(**over)
+    held = getattr(sess, "tier_bytes", None)        # this session's share of the LLM's KV budget, now freed
+    if held is not None:
+        sess.tier_bytes = (0, 0, 0)
+    try:
+        fresh = llm.session(**over)
+    except BaseException:
+        if held is not None:
+            sess.tier_bytes = held
+        raise
     sess.attn, sess.engine, sess.tokens = fresh.attn, fresh.engine, []
+    if held is not None:                             # the share moves with the KV: fresh is dropped unclosed
+        sess.tier_bytes, fresh.tier_bytes = fresh.tier_bytes, (0, 0, 0)
 
 
 def _sweep(folder: Path) -> None:

@@ -3,7 +3,9 @@ and refuse (one line, fresh prefill) caches of other models, options or prompts 
 that fills while a cache is written never costs the older cache."""
 import errno
 import os
+import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -428,19 +430,33 @@ TIERED = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_toke
               attention="full", gpu_mem="60KiB", host_mem="30KiB", disk_mem="4MiB")
 
 
+class Tiered:
+    """A tiered LLM whose GPU + host tiers hold a fraction of a 330-token prompt; that prompt prefilled once
+    through a cache (its logits, KV per layer, the logits of one more step) and the cache files of the whole
+    prompt and of its first 256 tokens, which each test copies."""
+
+    def __init__(self, d):
+        self.llm = LLM(str(write_tiny_checkpoint(d, "llama").path), disk_dir=str(d / "kv"), **TIERED)
+        self.seq = torch.randint(3, 320, (330,), generator=torch.Generator().manual_seed(3)).tolist()
+        self.whole, self.prefix = d / "whole.kvc", d / "prefix.kvc"
+        s = self.llm.session()
+        self.logits = prefill_cached(s, self.seq, self.whole)
+        self.kv = [tuple(t.clone() for t in s.attn.read_kv(layer)) for layer in range(self.llm.model_config.num_layers)]
+        self.step = s.step(11)
+        s.close()
+        s = self.llm.session()
+        prefill_cached(s, self.seq[:256], self.prefix)
+        s.close()
+
+    def cache(self, tmp_path, whole=True) -> Path:
+        path = tmp_path / "doc.kvc"
+        shutil.copyfile(self.whole if whole else self.prefix, path)
+        return path
+
+
 @pytest.fixture(scope="module")
 def tiered(tmp_path_factory):
-    """A tiered LLM whose GPU + host tiers hold a fraction of a 330-token prompt, and that prompt's exact
-    prefill: (llm, ids, logits, KV per layer, logits of one more step)."""
-    d = tmp_path_factory.mktemp("tiered")
-    llm = LLM(str(write_tiny_checkpoint(d, "llama").path), disk_dir=str(d / "kv"), **TIERED)
-    seq = torch.randint(3, 320, (330,), generator=torch.Generator().manual_seed(3)).tolist()
-    s = llm.session()
-    logits = s.prefill(seq)
-    kv = [tuple(t.clone() for t in s.attn.read_kv(layer)) for layer in range(llm.model_config.num_layers)]
-    step = s.step(11)
-    s.close()
-    return llm, seq, logits, kv, step
+    return Tiered(tmp_path_factory.mktemp("tiered"))
 
 
 def same_kv(sess, kv, n):
@@ -449,51 +465,43 @@ def same_kv(sess, kv, n):
         assert torch.equal(a[:, :n], k[:, :n]) and torch.equal(b[:, :n], v[:, :n])
 
 
-def cached_file(llm, ids, path):
-    s = llm.session()
-    prefill_cached(s, ids, path)
-    s.close()
-
-
 def test_tiered_resume_reads_cold_blocks_in_place(tiered, tmp_path, capsys, prefilled):
-    llm, seq, logits, kv, step = tiered
-    path = tmp_path / "doc.kvc"
-    cached_file(llm, seq, path)
+    t, path = tiered, tiered.cache(tmp_path)
     size = path.stat().st_size
     capsys.readouterr()
     prefilled.clear()
-    s = llm.session()
+    s = t.llm.session()
     disk = s.attn.store.tiers[2]
-    assert torch.equal(prefill_cached(s, seq, path), logits) and prefilled == []
+    assert torch.equal(prefill_cached(s, t.seq, path), t.logits) and prefilled == []
     st = s.attn.store.stats()
-    full = llm.model_config.num_layers * (330 // 8)
+    full = t.llm.model_config.num_layers * (330 // 8)
     assert st["adopted_chunks"] + st["put_chunks"] == full      # the blocks GPU + host have no room for ...
     assert st["adopted_chunks"] >= full // 3
     assert disk.bytes_written == 0 and st["h2disk_bytes"] == 0  # ... stay in the file: nothing is copied
     assert "read in place when needed" in capsys.readouterr().err
-    same_kv(s, kv, 330)                                         # bit-identical, read through the disk tier
+    same_kv(s, t.kv, 330)                                       # bit-identical, read through the disk tier
     assert disk.bytes_read >= st["adopted_chunks"] * disk.shape.nbytes
-    torch.testing.assert_close(s.step(11), step, rtol=0, atol=1e-5)   # parts merge in another placement order
+    torch.testing.assert_close(s.step(11), t.step, rtol=0, atol=1e-5)   # parts merge in another placement order
     assert disk.bytes_written < size // 8 and path.stat().st_size == size
     s.close()
     assert path.exists() and KVFileReader(path).n == 330        # closing the tier leaves the file
 
 
-def test_attached_file_outlives_its_replacement_and_extension(tiered, tmp_path):
-    """A resumed session keeps reading the bytes it adopted while the cache is extended in place (only ever
-    appended to) by one run and then replaced (new file, rename) by another."""
-    llm, seq, logits, kv, _ = tiered
-    path = tmp_path / "doc.kvc"
-    cached_file(llm, seq[:256], path)
-    a = LLM(str(llm.config.model), disk_dir=llm.config.disk_dir, **TIERED).session()   # open beside b
-    prefill_cached(a, seq[:256], path)
-    b = llm.session()
-    close(prefill_cached(b, seq, path), logits)                 # extends the same file past its 256 tokens
+def test_attached_file_outlives_its_extension_and_replacement(tiered, tmp_path):
+    """A resumed session keeps reading the bytes it adopted while another run extends the cache in place (only
+    ever appending) and then a new cache is renamed over it."""
+    t, path = tiered, tiered.cache(tmp_path, whole=False)
+    a = LLM(str(t.llm.config.model), disk_dir=t.llm.config.disk_dir, **TIERED).session()   # open beside b
+    prefill_cached(a, t.seq[:256], path)
+    b = t.llm.session()
+    close(prefill_cached(b, t.seq, path), t.logits)             # extends the same file past its 256 tokens
     assert KVFileReader(path).n == 330
     b.close()
-    cached_file(llm, [5] * 300, path)                           # another prompt: a new file renamed over it
-    assert KVFileReader(path).tokens == [5] * 300
-    same_kv(a, kv, 256)
+    other = tmp_path / "other.kvc"
+    with open(other, "wb") as f:                                # another cache, renamed over the name
+        f.write(b"\0" * path.stat().st_size)
+    os.replace(other, path)
+    same_kv(a, t.kv, 256)
     a.close()
 
 
@@ -509,12 +517,10 @@ def corrupt_cold_block(path, layer=0):
 
 def test_corrupt_block_read_in_place_is_an_error_never_wrong_kv(tiered, tmp_path):
     from offload.errors import TierIOError
-    llm, seq, *_ = tiered
-    path = tmp_path / "doc.kvc"
-    cached_file(llm, seq, path)
+    t, path = tiered, tiered.cache(tmp_path)
     corrupt_cold_block(path)
-    s = llm.session()
-    prefill_cached(s, seq, path)          # resuming reads only the hot blocks: the damage is not seen yet
+    s = t.llm.session()
+    prefill_cached(s, t.seq, path)        # resuming reads only the hot blocks: the damage is not seen yet
     with pytest.raises(TierIOError) as e:
         s.step(11)                        # exact attention reads every chunk: the corrupt one fails its CRC
     msg = str(e.value)
@@ -523,14 +529,12 @@ def test_corrupt_block_read_in_place_is_an_error_never_wrong_kv(tiered, tmp_path
 
 
 def test_corrupt_block_found_while_extending_prefills_afresh(tiered, tmp_path, capsys, prefilled):
-    llm, seq, logits, kv, _ = tiered
-    path = tmp_path / "doc.kvc"
-    cached_file(llm, seq[:256], path)
+    t, path = tiered, tiered.cache(tmp_path, whole=False)
     corrupt_cold_block(path, layer=1)
     capsys.readouterr()
     prefilled.clear()
-    s = llm.session()
-    close(prefill_cached(s, seq, path), logits)                 # the rest's prefill reads it: start again
+    s = t.llm.session()
+    close(prefill_cached(s, t.seq, path), t.logits)             # the rest's prefill reads it: start again
     err = capsys.readouterr().err.strip().splitlines()
     assert "resumed 256 of 330" in err[0] and "checksum mismatch" in err[1] and "prefilling afresh" in err[1]
     assert len(err) == 2 and sum(prefilled) == 330 - 256 + 330
@@ -539,37 +543,54 @@ def test_corrupt_block_found_while_extending_prefills_afresh(tiered, tmp_path, c
 
 
 def test_disk_full_while_a_resumed_session_checkpoints_keeps_the_cache(tiered, tmp_path, monkeypatch):
-    llm, seq, logits, *_ = tiered
-    path = tmp_path / "doc.kvc"
-    cached_file(llm, seq[:256], path)
-    s = llm.session()                                           # its disk tier writes to a drive with room
+    t, path = tiered, tiered.cache(tmp_path, whole=False)
+    s = t.llm.session()                                         # its disk tier writes to a drive with room
     with monkeypatch.context() as m:
         m.setattr(os, "pwrite", DiskFull(20_000))               # the cache's in-place extension dies part way
-        close(prefill_cached(s, seq, path), logits)
+        close(prefill_cached(s, t.seq, path), t.logits)
     s.close()
     assert KVFileReader(path).n == 256                          # the committed state still reads back
-    s = llm.session()
-    close(prefill_cached(s, seq, path), logits)
+    s = t.llm.session()
+    close(prefill_cached(s, t.seq, path), t.logits)
     s.close()
     assert KVFileReader(path).n == 330
 
 
 def test_sparse_session_resumes_in_place_with_its_index(tiered, tmp_path):
     """A sparse session's index needs every key: resuming reads the blocks once for it (CRC-checked) and still
-    writes nothing; its selections are the uninterrupted session's."""
-    llm, seq, *_ = tiered
-    ref = llm.session(attention="sparse", budget=32)
-    ref.prefill(seq)
-    want = [ref.step(t) for t in (11, 12, 13)]
-    ref.close()
-    path = tmp_path / "doc.kvc"
-    s = llm.session(attention="sparse", budget=32)
-    prefill_cached(s, seq, path)
+    writes nothing; its selections are the first session's."""
+    t, path = tiered, tmp_path / "sparse.kvc"
+    s = t.llm.session(attention="sparse", budget=32)
+    prefill_cached(s, t.seq, path)
+    want = [s.step(tok) for tok in (11, 12, 13)]
     s.close()
-    s = llm.session(attention="sparse", budget=32)
-    prefill_cached(s, seq, path)
+    s = t.llm.session(attention="sparse", budget=32)
+    prefill_cached(s, t.seq, path)
     info, disk = s._prompt_cache_attached, s.attn.store.tiers[2]
     assert info.in_place_bytes > 0 and info.index_bytes == info.in_place_bytes and disk.bytes_written == 0
-    for t, w in zip((11, 12, 13), want):
-        close(s.step(t), w)
+    for tok, w in zip((11, 12, 13), want):
+        close(s.step(tok), w)
+    s.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["full", "sparse"])
+def test_cuda_tiered_resume_in_place(tiered, tmp_path, attention):
+    """On the GPU: the resumed session's KV is the saved KV bit for bit, read through the disk tier from the
+    cache file (O_DIRECT where the file system allows it) with nothing written, and decode goes on."""
+    opts = dict(TIERED, device="cuda", attention=attention, budget=32)
+    llm = LLM(str(tiered.llm.config.model), disk_dir=str(tmp_path / "kv"), **opts)
+    path, seq = tmp_path / "doc.kvc", tiered.seq
+    s = llm.session()
+    logits = prefill_cached(s, seq, path)
+    kv = [tuple(t.clone() for t in s.attn.read_kv(layer)) for layer in range(llm.model_config.num_layers)]
+    want = [s.step(tok) for tok in (11, 12)]
+    s.close()
+    s = llm.session()
+    assert torch.equal(prefill_cached(s, seq, path), logits)
+    disk = s.attn.store.tiers[2]
+    assert s.attn.store.stats()["adopted_chunks"] > 0 and disk.bytes_written == 0
+    same_kv(s, kv, 330)
+    for tok, w in zip((11, 12), want):
+        torch.testing.assert_close(s.step(tok), w, rtol=0, atol=1e-2)   # bf16 parts merged in another order
     s.close()
