@@ -3,9 +3,12 @@
     python bench/decode.py --model llama3-8b --ctx 8K,32K --modes exact,hf --steps 32 --gpu-cap 24
 
 Modes: exact (offload, whole KV on the device, CUDA graph), offload-full (offload, tiered exact attention),
-MODE@KVDTYPE (e.g. offload-full@int8: host and disk KV compressed, issue 12),
+MODE@KVDTYPE (e.g. offload-full@int8: host and disk KV compressed, issue 12), MODE:WEIGHTS (e.g. exact:q4:
+weights quantized at load, issue 16; `--weights bf16,q8_0,q4` runs every offload mode with each),
 sparse (offload, sparse retrieval), hf (transformers, whole KV on the GPU), hf-offload
 (transformers DynamicCache(offloading=True)). Writes JSON (bench/out/decode.json) and prints a table.
+`--gemv` adds the quantized-weight GEMV kernels alone on the model's layer shapes (GB/s of weight bytes read)
+beside the device's copy ceiling (a 2 GiB device-to-device copy, read + write bytes) in the same process.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from offload.config import parse_tokens  # noqa: E402
 
 def run_offload(args, ctx: int, mode: str) -> dict:
     from offload import LLM
+    mode, _, weights = mode.partition(":")      # e.g. exact:q4: weights quantized at load (issue 16)
     mode, _, kv_dtype = mode.partition("@")     # e.g. offload-full@int8: host/disk KV in int8 (issue 12)
     attention = {"exact": "full", "offload-full": "full", "sparse": "sparse"}[mode]
     opts = dict(model=args.model, load_format="dummy", ctx=ctx + args.steps + 8, attention=attention)
@@ -33,6 +37,8 @@ def run_offload(args, ctx: int, mode: str) -> dict:
         opts["gpu_mem"] = args.kv_gpu_mem   # forces most of the KV to the host tier
     if kv_dtype:
         opts["kv_dtype"] = kv_dtype
+    if weights:
+        opts["weights"] = weights
     if mode != "exact" and args.host_mem:
         opts["host_mem"] = args.host_mem
     if mode == "sparse" and args.budget:
@@ -62,9 +68,12 @@ def run_offload(args, ctx: int, mode: str) -> dict:
     if mode == "sparse" and args.select_unit == "token":
         mode_name += f"+tok{args.token_candidates:g}"
     mode_name += f"@{kv_dtype}" if kv_dtype else ""
+    mode_name += f":{weights}" if weights else ""
     row = {"mode": mode_name, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
            "mean_ms": sum(times[args.warmup:]) / max(1, args.steps), "ttft_s": ttft,
-           "peak_gib": peak_gib(), "stats": llm.stats}
+           "peak_gib": peak_gib(), "weights": llm.model.weight_format, "weight_gib": llm.model.weight_bytes / 2**30,
+           "gpu_kv_room_gib": llm.plan.available[0] / 2**30, "gpu_kv_gib": llm.plan.gpu_bytes / 2**30,
+           "stats": llm.stats}
     llm.close()
     del sess, llm
     gc.collect()
@@ -111,6 +120,62 @@ def run_hf(args, ctx: int, mode: str) -> dict:
     return row
 
 
+def run_gemv(args) -> list[dict]:
+    """GB/s of the dequantize-GEMV kernels over one layer set of the model's shapes (several copies, so L2
+    cannot hold them), against the HBM copy ceiling and dense bf16 (cuBLAS) GEMV of the same shapes."""
+    from offload.model.loaders.build import arch_config
+    from offload.model.qlinear import QuantWeight, linear
+    a = arch_config(args.model)
+    H, I, D = a["hidden_size"], a["intermediate_size"], a["head_dim"]
+    shapes = [((a["num_attention_heads"] + 2 * a["num_key_value_heads"]) * D, H),
+              (H, a["num_attention_heads"] * D), (2 * I, H), (H, I)]
+    buf = torch.empty(1 << 30, dtype=torch.int16, device="cuda")   # 2 GiB
+    copy_ms = _cuda_ms(lambda: buf.clone(), 10)
+    ceiling = 2 * buf.numel() * 2 / copy_ms / 1e6     # GB/s: read + write
+    del buf
+    rows = [{"mode": "hbm-copy", "gb_per_s": ceiling}]
+    x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in {c for _, c in shapes}}
+    for fmt in ("bf16", "Q8_0", "Q4_K", "Q4_0", "Q4_1", "Q6_K"):
+        copies = []
+        for _ in range(args.gemv_copies):
+            for r, c in shapes:
+                w = torch.randn(r, c, device="cuda", dtype=torch.bfloat16) * 0.02
+                copies.append(w if fmt == "bf16" else QuantWeight.quantize(fmt, w))
+        nbytes = sum(w.numel() * 2 if fmt == "bf16" else w.nbytes for w in copies)
+
+        def step():
+            for w in copies:
+                linear(x[w.shape[1]], w)
+        ms = _cuda_ms(step, 20)
+        rows.append({"mode": "gemv", "weights": fmt, "gb_per_s": nbytes / ms / 1e6, "ms_per_layer_set":
+                     ms / args.gemv_copies, "x_of_copy": nbytes / ms / 1e6 / ceiling})
+        del copies
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _cuda_ms(fn, reps: int) -> float:
+    """Median ms of fn() between CUDA events, captured in a CUDA graph (the decode step's launch cost)."""
+    fn()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3-8b")
@@ -128,9 +193,19 @@ def main() -> None:
     ap.add_argument("--index-options", default=None, help='JSON, e.g. \'{"rank": 16}\'')
     ap.add_argument("--select-unit", default="chunk", choices=["chunk", "token"], help="sparse: whole chunks or tokens")
     ap.add_argument("--token-candidates", type=float, default=4.0, help="select-unit token: candidate chunks per budget chunk")
+    ap.add_argument("--weights", default=None, help="bf16,q8_0,q4: run every offload mode with each (issue 16)")
+    ap.add_argument("--gemv", action="store_true", help="also time the quantized GEMV kernels against the copy ceiling")
+    ap.add_argument("--gemv-copies", type=int, default=4, help="layer sets cycled by the GEMV timing (beat the L2)")
     ap.add_argument("--out", default="bench/out/decode.json")
     args = ap.parse_args()
     rows = []
+    if args.gemv and torch.cuda.is_available():
+        for row in run_gemv(args):
+            rows.append(row)
+            print(row, flush=True)
+    if args.weights:
+        args.modes = ",".join(m if m.startswith("hf") else ",".join(f"{m}:{w}" for w in args.weights.split(","))
+                              for m in args.modes.split(","))
     for ctx in [parse_tokens(c) for c in args.ctx.split(",")]:
         for mode in args.modes.split(","):
             hf = mode.startswith("hf")
@@ -149,12 +224,18 @@ def main() -> None:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    for ctx in {r["ctx"] for r in rows}:
-        base = {r["mode"]: r.get("ms_per_token") for r in rows if r["ctx"] == ctx}
+    for ctx in {r["ctx"] for r in rows if "ctx" in r}:
+        base = {r["mode"]: r.get("ms_per_token") for r in rows if r.get("ctx") == ctx}
+        ttft = {r["mode"]: r.get("ttft_s") for r in rows if r.get("ctx") == ctx}
         for r in rows:
-            if r["ctx"] == ctx and r.get("ms_per_token") and base.get("hf"):
+            mode, _, weights = r["mode"].partition(":")
+            bf16 = f"{mode}:bf16"
+            if r.get("ctx") == ctx and weights and r.get("ms_per_token") and base.get(bf16):
+                r["x_time_vs_bf16"] = r["ms_per_token"] / base[bf16]     # issue 16 goals: q8_0 <= 0.6, q4 <= 0.4
+                r["x_prefill_vs_bf16"] = r["ttft_s"] / ttft[bf16]       # goal <= 1.2
+            if r.get("ctx") == ctx and r.get("ms_per_token") and base.get("hf"):
                 r["x_vs_hf"] = base["hf"] / r["ms_per_token"]
-            if r["ctx"] == ctx and r.get("ms_per_token") and base.get("hf-offload"):
+            if r.get("ctx") == ctx and r.get("ms_per_token") and base.get("hf-offload"):
                 r["x_vs_hf_offload"] = base["hf-offload"] / r["ms_per_token"]
     table = [{k: v for k, v in r.items() if k != "stats"} for r in rows]
     write_results("decode", rows, args.out, {"args": vars(args)})

@@ -7,9 +7,10 @@ import numpy as np
 import torch
 
 from . import _build
-from ._cupy import _TAGS, _launch, _ptr
+from ._cupy import _TAGS, _launch, _ptr, _sm_count
 
-ROWS_PER_BLOCK = 4         # WQ_ROWS: one warp per output row
+WARPS = 4                  # WQ_ROWS in wquant.cu
+ROWS_PER_WARP = 2          # WQ_RPW
 
 
 def gemv_part(x: torch.Tensor, planes: list[torch.Tensor], code: int, y: torch.Tensor, rows: int, cols: int) -> None:
@@ -17,4 +18,13 @@ def gemv_part(x: torch.Tensor, planes: list[torch.Tensor], code: int, y: torch.T
     fn = _build.function("wquant.cu", f"gemv_kernel<{_TAGS[x.dtype]}, {code}>", x.device.index)
     ptrs = [_ptr(p) for p in planes] + [_ptr(None)] * (4 - len(planes))
     args = (*ptrs, _ptr(x), _ptr(y), np.int32(rows), np.int32(cols))
-    _launch(fn, x.device, (math.ceil(rows / ROWS_PER_BLOCK),), args, threads=32 * ROWS_PER_BLOCK)
+    _launch(fn, x.device, (math.ceil(rows / (WARPS * ROWS_PER_WARP)),), args, threads=32 * WARPS)
+
+
+def dequant_part(planes: list[torch.Tensor], code: int, out: torch.Tensor, rows: int, cols: int) -> None:
+    """out: [rows, cols] (contiguous rows of the dense scratch) = the part's rows, dequantized."""
+    fn = _build.function("wquant.cu", f"dequant_kernel<{_TAGS[out.dtype]}, {code}>", out.device.index)
+    ptrs = [_ptr(p) for p in planes] + [_ptr(None)] * (4 - len(planes))
+    units = rows * (cols // 32)
+    blocks = min(math.ceil(units / 256), 64 * _sm_count(out.device))
+    _launch(fn, out.device, (blocks,), (*ptrs, _ptr(out), np.int32(rows), np.int32(cols)), threads=256)

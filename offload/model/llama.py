@@ -79,17 +79,19 @@ class LlamaModel:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor], device, dtype,
-                        progress=None, quantize: str | None = None) -> "LlamaModel":
+                        progress=None, quantize: str | None = None,
+                        head_quantize: str | None = None) -> "LlamaModel":
         """Build from HF parameter names; tensors are popped as they are fused to keep peak memory low.
 
         Values may be QuantWeights (a GGUF's blocks, kept). quantize: a block format ("Q8_0", "Q4_K") every
-        dense matrix is quantized to on the device as it arrives (--weights q8_0 / q4)."""
-        def take(name: str, matrix: bool = False):
+        dense layer matrix is quantized to on the device as it arrives (--weights q8_0 / q4); head_quantize:
+        the same for the output head and a tied embedding."""
+        def take(name: str, matrix: bool = False, fmt: str | None = quantize):
             if name not in sd:
                 raise ModelLoadError(f"checkpoint lacks tensor {name!r}; the weights do not match config.json")
             t = sd.pop(name).to(device=device, dtype=dtype)
-            if matrix and quantize and not isinstance(t, QuantWeight):
-                t = QuantWeight.quantize(quantize, t)
+            if matrix and fmt and not isinstance(t, QuantWeight):
+                t = QuantWeight.quantize(fmt, t)
             return t
 
         layers = []
@@ -108,25 +110,27 @@ class LlamaModel:
                 w_down=take(p + "mlp.down_proj.weight", True)))
             if progress:
                 progress(i)
-        embed = take("model.embed_tokens.weight", True)
+        embed = take("model.embed_tokens.weight", True, head_quantize if cfg.tie_word_embeddings else quantize)
         if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
-            lm_head = take("lm_head.weight", True)
+            lm_head = take("lm_head.weight", True, head_quantize)
         elif cfg.tie_word_embeddings or "lm_head.weight" not in sd:
             sd.pop("lm_head.weight", None)
             lm_head = embed
         return cls(cfg, embed, layers, take("model.norm.weight"), lm_head)
 
     @classmethod
-    def random(cls, cfg: ModelConfig, device, dtype, seed: int = 0, quantize: str | None = None) -> "LlamaModel":
+    def random(cls, cfg: ModelConfig, device, dtype, seed: int = 0, quantize: str | None = None,
+               head_quantize: str | None = None) -> "LlamaModel":
         """Random weights with the real architecture (load_format="dummy"), made directly on the device;
-        quantize: matrices quantized to that block format one at a time (peak: one dense matrix)."""
+        quantize / head_quantize: layer matrices / the head (and a tied embedding) quantized to that block
+        format one at a time (peak: one dense matrix)."""
         g = torch.Generator(device=device).manual_seed(seed)
         H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * D
 
-        def rnd(*shape, std=0.02):
+        def rnd(*shape, std=0.02, fmt=quantize):
             t = torch.randn(*shape, generator=g, device=device, dtype=dtype) * std
-            return QuantWeight.quantize(quantize, t) if quantize and len(shape) == 2 else t
+            return QuantWeight.quantize(fmt, t) if fmt and len(shape) == 2 else t
 
         def ones(n):
             return torch.ones(n, device=device, dtype=dtype)
@@ -134,8 +138,8 @@ class LlamaModel:
         layers = [LayerWeights(ones(H), rnd(qkv, H), rnd(qkv) if cfg.attention_bias else None,
                                rnd(H, cfg.num_heads * D), ones(H), rnd(2 * I, H), rnd(H, I))
                   for _ in range(cfg.num_layers)]
-        embed = rnd(cfg.vocab_size, H)
-        lm_head = embed if cfg.tie_word_embeddings else rnd(cfg.vocab_size, H)
+        embed = rnd(cfg.vocab_size, H, fmt=head_quantize if cfg.tie_word_embeddings else quantize)
+        lm_head = embed if cfg.tie_word_embeddings else rnd(cfg.vocab_size, H, fmt=head_quantize)
         return cls(cfg, embed, layers, ones(H), lm_head)
 
     @property

@@ -39,10 +39,13 @@ TARGETS = {"q8_0": "Q8_0", "q4": "Q4_K"}
 
 def fit(fmt: str | None, cols: int) -> str | None:
     """The format a row of `cols` weights gets when `fmt` is asked: Q4_K needs whole 256-weight super-blocks
-    (Q4_1 otherwise, as llama.cpp falls back for such rows), 32-weight formats whole blocks (else dense: None)."""
+    (Q4_1 otherwise, as llama.cpp falls back for such rows; Q6_K falls back to Q8_0), 32-weight formats whole
+    blocks (else dense: None)."""
     if fmt is None or cols % FORMATS[fmt].block == 0:
         return fmt
-    return "Q4_1" if fmt == "Q4_K" and cols % 32 == 0 else None
+    if cols % 32:
+        return None
+    return {"Q4_K": "Q4_1", "Q6_K": "Q8_0"}.get(fmt)
 
 
 def bits_per_weight(fmt: str) -> float:

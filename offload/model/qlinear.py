@@ -124,17 +124,25 @@ class QuantWeight:
         return sum(p.nbytes for p in self.parts)
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
-        """out: [out, in] of any float dtype, filled a row range at a time (small float32 temporaries)."""
+        """out: [out, in] of any float dtype: one kernel launch per part on the GPU, else the torch reference."""
+        if out.is_cuda:
+            from offload.kernels import wquant
+            if wquant.dequantize_into(self, out):
+                return out
+        return self._reference_into(out)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The torch reference (what the kernels are tested against): [out, in] in dtype."""
+        return self._reference_into(torch.empty(self.shape, dtype=dtype, device=self.device))  # [out, in]
+
+    def _reference_into(self, out: torch.Tensor) -> torch.Tensor:
         r = 0
-        for p in self.parts:
+        for p in self.parts:   # a row range at a time: small float32 temporaries
             for s in range(0, p.rows, _DEQUANT_ROWS):
                 e = min(p.rows, s + _DEQUANT_ROWS)
                 out[r + s:r + e].copy_(p.dequantize(s, e))
             r += p.rows
         return out
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.dequantize_into(torch.empty(self.shape, dtype=dtype, device=self.device))  # [out, in]
 
     def __getitem__(self, idx) -> torch.Tensor:
         """Rows idx (a slice or an index tensor), dequantized: [n, in] in self.dtype (the embedding lookup).

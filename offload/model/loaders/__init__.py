@@ -29,11 +29,13 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     load_format: str = "auto",
     keep: frozenset[str] = frozenset(),
+    keep_head: frozenset[str] | None = None,
 ) -> LoadedCheckpoint:
     """Load `model` as `dtype` on `device`.
 
     model: a path, alias, cached repo id, ModelSource or ModelInfo; None means smollm2-135m.
-    keep: GGUF block types whose matrices stay quantized (QuantWeight values; see model/loaders/build.py).
+    keep: GGUF block types whose matrices stay quantized (QuantWeight values; see model/loaders/build.py);
+    keep_head: the same for the output head (and a tied embedding), None: as keep.
     """
     from offload.model.loaders.gguf_file import load_gguf
     from offload.model.loaders.hf_dir import load_hf_dir
@@ -47,7 +49,7 @@ def load_checkpoint(
         model = model.source if model.source is not None else model.name
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     if source.kind == "gguf":
-        return load_gguf(source.path, dtype, device, keep)
+        return load_gguf(source.path, dtype, device, keep, keep_head)
     if source.kind == "hf_dir":
         return load_hf_dir(source.path, dtype, device)
     raise ModelLoadError(f"unknown model source kind {source.kind!r}; pass a folder, a .gguf file or an alias")

@@ -3,7 +3,9 @@
 Weights (`--weights`): auto keeps a GGUF file's quantized blocks on a GPU (dequantized on the CPU, which has
 no quantized kernels here) and leaves other checkpoints in the compute dtype; bf16 dequantizes everything
 at load (the compute dtype: bf16 on a GPU, fp32 on the CPU); q8_0 / q4 quantize every matrix at load to
-Q8_0 / Q4_K, keeping a GGUF's blocks already in that class.
+Q8_0 / Q4_K, keeping a GGUF's blocks already in that class. q4 holds the output head (and an embedding tied
+to it) in Q6_K, as llama.cpp's Q4_K_M does: on SmolLM2 a 4-bit tied head alone costs 12% of teacher-forced
+top-1 agreement (bench/RESULTS.md, quantized weights).
 """
 from __future__ import annotations
 
@@ -26,19 +28,27 @@ _FOUR_BIT = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 
 @dataclass(frozen=True)
 class WeightPlan:
-    """keep: GGUF types whose blocks stay as they are; quantize: the block format other matrices get."""
+    """keep: GGUF types whose blocks stay as they are; quantize: the block format other matrices get;
+    head_keep / head_quantize: the same for the output head (and the embedding when it is tied)."""
     keep: frozenset[str]
     quantize: str | None
+    head_keep: frozenset[str]
+    head_quantize: str | None
+
+    def for_tensor(self, name: str, tied: bool) -> tuple[frozenset[str], str | None]:
+        head = name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
+        return (self.head_keep, self.head_quantize) if head else (self.keep, self.quantize)
 
 
 def weight_plan(weights: str, device: torch.device) -> WeightPlan:
-    if weights == "auto":
-        return WeightPlan(frozenset(qformats.SUPPORTED) if torch.device(device).type == "cuda" else frozenset(), None)
+    if weights == "auto" and torch.device(device).type == "cuda":
+        every = frozenset(qformats.SUPPORTED)
+        return WeightPlan(every, None, every, None)
     if weights == "q8_0":
-        return WeightPlan(frozenset({"Q8_0"}), "Q8_0")
+        return WeightPlan(frozenset({"Q8_0"}), "Q8_0", frozenset({"Q8_0"}), "Q8_0")
     if weights == "q4":
-        return WeightPlan(_FOUR_BIT, "Q4_K")
-    return WeightPlan(frozenset(), None)
+        return WeightPlan(_FOUR_BIT, "Q4_K", frozenset({"Q6_K", "Q8_0"}), "Q6_K")
+    return WeightPlan(frozenset(), None, frozenset(), None)
 
 
 def resolve(model: str, load_format: str = "auto"):
@@ -63,10 +73,12 @@ def planned_weight_bytes(info, mc: ModelConfig, dtype: torch.dtype, weights: str
         check_kept_types(open_gguf(info.source.path), info.source.path)
     size = torch.empty((), dtype=dtype).element_size()
     total, quantized = 0, False
+    tied = info.hf_config["tie_word_embeddings"]
     for name, shape in parameter_shapes(info.hf_config).items():
         n = int(torch.Size(shape).numel())
         kind = types.get(name)
-        fmt = kind if kind in plan.keep else qformats.fit(plan.quantize, shape[-1])
+        keep, target = plan.for_tensor(name, tied)
+        fmt = kind if kind in keep else qformats.fit(target, shape[-1])
         if len(shape) == 2 and fmt is not None:
             total += int(n * qformats.bits_per_weight(fmt) / 8)
             quantized = True
@@ -84,15 +96,16 @@ def build_model(info, mc: ModelConfig, device: torch.device, dtype: torch.dtype,
     plan = weight_plan(weights, device)
     with progress_bar(f"loading {info.name}", mc.num_layers + 1, show_progress) as update:
         if load_format == "dummy":
-            model = LlamaModel.random(mc, device, dtype, quantize=plan.quantize)
+            model = LlamaModel.random(mc, device, dtype, quantize=plan.quantize, head_quantize=plan.head_quantize)
         else:
             # quantizing a dense checkpoint: read it on the host, so the device never holds it whole
             where = "cpu" if plan.quantize and torch.device(device).type == "cuda" else device
             ckpt = load_checkpoint(info.source if info.source is not None else info.name, dtype, where,
-                                   keep=plan.keep)
+                                   keep=plan.keep, keep_head=plan.head_keep)
             update(1)
             model = LlamaModel.from_state_dict(mc, dict(ckpt.state_dict), device, dtype,
-                                               progress=lambda i: update(i + 2), quantize=plan.quantize)
+                                               progress=lambda i: update(i + 2), quantize=plan.quantize,
+                                               head_quantize=plan.head_quantize)
         update(mc.num_layers + 1)
     return model
 

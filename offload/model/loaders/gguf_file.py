@@ -263,9 +263,10 @@ def _kept(tensor, path: Path, name: str) -> QuantWeight:
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device | str,
-              keep: frozenset[str] = frozenset()) -> LoadedCheckpoint:
-    """keep: GGUF types whose matrices stay quantized (QuantWeight values in the state dict); every other
-    tensor is dequantized to dtype. The file is parsed once (open_gguf keeps the describe step's reader)."""
+              keep: frozenset[str] = frozenset(), keep_head: frozenset[str] | None = None) -> LoadedCheckpoint:
+    """keep: GGUF types whose matrices stay quantized (QuantWeight values in the state dict); keep_head: the
+    same for the output head (the embedding when tied; None: keep). Every other tensor is dequantized to
+    dtype. The file is parsed once (open_gguf keeps the describe step's reader)."""
     from offload.model.loaders.gguf_tokenizer import gguf_tokenizer
 
     path = Path(path).expanduser()
@@ -282,7 +283,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: torch.device | str,
             continue
         heads = (cfg["num_attention_heads"] if ".q_proj." in name else
                  cfg["num_key_value_heads"] if ".k_proj." in name else 0) if permuted else 0
-        if tensor.tensor_type.name in keep and len(tensor.shape) == 2:
+        head = name == "lm_head.weight" or (name == "model.embed_tokens.weight" and cfg["tie_word_embeddings"])
+        kept = keep_head if head and keep_head is not None else keep
+        if tensor.tensor_type.name in kept and len(tensor.shape) == 2:
             weight = _kept(tensor, path, name)
             if heads:
                 weight = weight.permute_rows(unpermute_rotary_rows(torch.arange(weight.shape[0]), heads))
