@@ -185,8 +185,11 @@ def test_truncation_notice_banner_and_plain_progress_lines(tiny_chat_model, tmp_
     cfg = tmp_path / "c.yaml"
     cfg.write_text("prefill_chunk: 32\n")                     # the prompt spans chunks, so prefill reports
     code, out, err = run_main(["-m", tiny_chat_model, "--device", "cpu", "--config", str(cfg), "-n", "3", "-ngl", "9",
-                               "-p", "a question " * 20, "--temp", "0"], capsys, monkeypatch)
+                               "-p", "a question " * 20, "--temp", "0", "--ctx-size", "384", "-s", "42"],
+                              capsys, monkeypatch)
     assert code == 0, err
+    assert "note: -s is the system prompt here ('42'); llama.cpp's seed is --seed" in err
+    assert "| ctx 384 |" in err                                  # llama.cpp's --ctx-size is -c/--ctx
     assert "(answer cut at the -n limit of 3 tokens; raise -n" in err
     assert "note: -ngl ignored: weights always sit on the GPU" in err
     banner = next(line for line in err.splitlines() if line.startswith("offload |"))
