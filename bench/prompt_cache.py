@@ -11,7 +11,7 @@ fresh file). The page cache is warm for "resumed" (the file was just written), a
 
     python bench/prompt_cache.py --resume-sizes 16K,64K --out bench/results/prompt_cache_resume_cpu.json
     python bench/prompt_cache.py --resume-sizes 256K --model llama3-8b --load-format dummy --device cuda \
-        --gpu-mem 4GiB --host-mem 16GiB --disk-dir /tmp/kv --gpu-cap 24 --out $OUT/prompt_cache_resume_h200.json
+        --gpu-mem 2GiB --host-mem 4GiB --dir /tmp/pc --gpu-cap 24 --out $OUT/prompt_cache_resume_h200.json
 
 Resume of a tiered session (KV spread over GPU, host and a disk tier) from a cache of N tokens, per size:
   in place   the disk tier adopts the file's cold blocks (offload/cache_attach.py); what is read eagerly
@@ -104,7 +104,7 @@ def resume_rows(a) -> list[dict]:
     real = cache_attach.attachable
     for n in _parse_tokens(a.resume_sizes):
         opts = dict(device=a.device, ctx=n + a.question + 64, attention="full", gpu_mem=a.gpu_mem,
-                    host_mem=a.host_mem, disk_dir=str(work / "kv"))
+                    host_mem=a.host_mem, disk_dir=a.disk_dir or str(work / "kv"))
         if a.load_format:
             opts["load_format"] = a.load_format
         llm = LLM(a.model, **opts)
@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--gpu-mem", default="32MiB")
     ap.add_argument("--host-mem", default="64MiB")
     ap.add_argument("--gpu-cap", type=float, default=None)
+    ap.add_argument("--disk-dir", default=None, help="the disk tier's folder (default: DIR/kv)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--doc-tokens", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)
