@@ -159,13 +159,20 @@ def test_sampling_and_llama_flag_errors_exit_2_in_one_line(capsys, monkeypatch):
 def test_help_and_option_errors_do_not_import_torch():
     """What makes --help and option errors instant: torch (seconds to import) is never loaded for them."""
     code = ("import sys; from offload.cli.main import main\n"
-            "for argv in (['--help'], ['--top-k', '-3'], ['-ngl', '99', '--ctx', '12X'], ['--stop', '']):\n"
+            "for argv in (['--help'], ['--top-k', '-3'], ['-ngl', '99', '--ctx', '12X'], ['--stop', ''], ['--index', 'x']):\n"
             "    try: main(argv)\n"
             "    except SystemExit as e: assert e.code in (0, 2), e.code\n"
             "print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_index_choices_are_the_index_methods():
+    from offload.cli.main import chat_command
+    from offload.indexes import METHODS
+    index = next(p for p in chat_command.params if p.name == "index")
+    assert tuple(index.type.choices) == METHODS
 
 
 def test_llama_cpp_flags_are_screened_without_touching_values():

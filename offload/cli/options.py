@@ -30,7 +30,9 @@ MODEL_OPTIONS = [
          help="Exact (full) or sparse retrieval attention."),
     _opt("--budget", help="Sparse attention budget per step and KV head: tokens (2K, the default), a mass "
          "threshold (p=0.75,floor=128,cap=2K) or a fraction (5%)."),
-    _opt("--index", help="Sparse chunk selection method: summary, shadow or ann (needs pip install offload[ann])."),
+    # offload.indexes.METHODS, spelled out: importing that package loads torch, and a typo must fail at once
+    _opt("--index", type=click.Choice(["summary", "shadow", "ann"]),
+         help="Sparse chunk selection method (ann needs pip install offload[ann])."),
     _opt("--kv-dtype", type=click.Choice(["auto", "bf16", "int8", "int4"]),
          help="KV in host RAM and on disk: bf16 (default), int8 or int4 (compressed, lossy; fewer bytes over "
          "PCIe), auto (int8 once KV leaves the GPU)."),
