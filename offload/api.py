@@ -30,6 +30,10 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class PrefillCancelled(Exception):
+    """Session.interrupt() asked to stop a prefill; the session was closed (its KV was half-written)."""
+
+
 class LLM:
     """A loaded model plus the policy that places its KV. Sessions share the weights."""
 
@@ -223,6 +227,9 @@ class Session:
         self.tier_bytes = tier_bytes        # (GPU, host, disk) KV bytes this session holds of the LLM's budget
         self.finish_reason: str | None = None   # of the last generation: "stop" (EOS / stop string) or "length"
         self.generated = 0                      # tokens sampled by the last generation
+        # interrupt(): polled between prefill chunks; True cancels the prefill (PrefillCancelled) and closes the
+        # session, whose KV is then half-written (a server stops a long prefill whose client went away)
+        self.interrupt: Callable[[], bool] | None = None
         self.engine = Engine(llm.model, attn, prefill_chunk=config.prefill_chunk, use_cuda_graph=config.cuda_graph)
         self.tokens: list[int] = []
         self._decode_s, self._decoded, self._ttft = 0.0, 0, None
@@ -252,10 +259,25 @@ class Session:
             raise ConfigError(f"token id out of range [0, {vocab}); check the tokenizer matches the model")
         show = self.llm.show_progress if len(ids) > self.config.prefill_chunk else False   # short prompts: no bar
         with prefill_progress(self.llm.model_config, len(ids), self.llm.device, self.length, show) as upd:
-            logits = self.engine.prefill(ids, progress=upd)
+            try:
+                logits = self.engine.prefill(ids, progress=self._interruptible(upd))
+            except PrefillCancelled:
+                self.close()      # the KV is half-written: this session cannot go on
+                raise
         self.tokens.extend(ids)
         self._ttft = self.engine.last_prefill_s
         return logits
+
+    def _interruptible(self, upd):
+        if self.interrupt is None:
+            return upd
+        stop = self.interrupt
+
+        def update(done, total=None):
+            if stop():
+                raise PrefillCancelled("the prefill was cancelled (the session is closed); start a new session")
+            upd(done, total)
+        return update
 
     def step(self, token_id: int) -> torch.Tensor:
         self._check_open()

@@ -32,7 +32,7 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_path):
-    return LLM(str(model_path), device="cpu", ctx=CTX)
+    return LLM(str(model_path), device="cpu", ctx=CTX, prefill_chunk=64)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def server(model_path):
     from offload.server.app import create_app
     from offload.server.cli import Running, build_service
     # live=1: a second conversation parks the first on disk, so interleaving exercises the swap back
-    service = build_service(OffloadConfig(model=str(model_path), device="cpu", ctx=CTX), max_tokens=1500,
+    # prefill_chunk 64: a prompt of a few hundred tokens prefills in many chunks, which a disconnect can cut
+    service = build_service(OffloadConfig(model=str(model_path), device="cpu", ctx=CTX, prefill_chunk=64), max_tokens=1500,
                             max_body=64 << 10, queue=2, park_dir=None, park_mem=1 << 30, live=1, show_progress=False)
     running = Running(create_app(service, api_key=KEY))
     yield running, service
@@ -162,6 +163,31 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server, cli
     ok = client.chat.completions.create(model=_model(server), messages=[{"role": "user", "content": "hi"}],
                                         max_tokens=3)
     assert ok.choices[0].finish_reason == "length"          # the server goes on
+
+
+def test_a_client_that_disconnects_during_a_long_prefill_stops_it(server, client, monkeypatch):
+    from offload.model.llama import LlamaModel
+    layer_forward = LlamaModel.layer_forward
+
+    def slow(self, *a, **k):
+        time.sleep(0.05)
+        return layer_forward(self, *a, **k)
+    monkeypatch.setattr(LlamaModel, "layer_forward", slow)      # 1200 tokens: 19 chunks x 2 layers, ~2 s
+    before = _stats(server)["queue"]["cancelled"]
+    c = httpx.Client(timeout=30)
+    body = {"model": _model(server), "messages": [{"role": "user", "content": "w" * 1200}], "stream": True}
+    r = c.send(c.build_request("POST", server[0].url + "/v1/chat/completions", json=body,
+                               headers={"Authorization": f"Bearer {KEY}"}), stream=True)
+    assert next(r.iter_lines()).startswith("data: ")
+    time.sleep(0.5)                       # inside the prefill by now
+    r.close(), c.close()
+    _wait_idle(server)
+    st = _stats(server)
+    assert st["queue"]["cancelled"] == before + 1 and st["last_request"]["finish_reason"] == "cancelled in prefill"
+    monkeypatch.undo()
+    ok = client.chat.completions.create(model=_model(server), messages=[{"role": "user", "content": "w" * 1200}],
+                                        max_tokens=2)
+    assert ok.usage.prompt_tokens_details.cached_tokens == 0 and ok.choices[0].finish_reason == "length"
 
 
 def test_queue_full_answers_429_with_retry_after_while_health_answers(server, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from offload.api import PrefillCancelled
 from offload.server.conversations import ConversationStore
 from offload.server.protocol import ApiError, Limits, Request
 from offload.server.worker import Job, Worker
@@ -75,20 +76,27 @@ class Service:
             else:
                 ids = llm._encode(prompt.text)
         start = sess.length + len(ids)
+        sess.interrupt = lambda: job.cancelled     # a long prefill stops between chunks once the client is gone
         gen = sess.generate_text(ids, req.sampling)
         try:
             for piece in gen:
                 job.emit("piece", piece)
                 if job.cancelled:       # the client went away: stop here, keep what is in the KV
                     break
+        except PrefillCancelled:        # the session closed itself; this conversation is prefilled afresh next time
+            self.last = {"prompt_tokens": start, "completion_tokens": 0, "cached_tokens": reused,
+                         "finish_reason": "cancelled in prefill", "ttft_s": None}
+            return
         except BaseException:
             gen.close()
+            sess.interrupt = None
             if len(sess.tokens) < start:   # the prompt did not reach the KV whole: do not keep this session
                 self.store.drop(sess)
             else:
                 self.store.checkin(req.kind, sess, prompt.text + tok.decode(sess.tokens[start:], False))
             raise
         gen.close()
+        sess.interrupt = None
         fed = sess.tokens[start:]           # answer ids that went through the model (not the last one sampled)
         self.store.checkin(req.kind, sess, prompt.text + tok.decode(fed, skip_special_tokens=False))
         self.llm_stats = llm.stats
