@@ -73,6 +73,11 @@ def test_session_with_int8_host_tier_stays_close_to_bf16(tiny, mode):
         st = sess.stats()
         assert st["kv_dtype_host"] == kd
         assert sum(st.get(k, 0) for k in ("attended_host_selections", "candidate_host_selections")) > 0   # host read
+        if st.get("attended_host_selections"):      # bytes read from the host at the size the host tier stores
+            store = sess.attn.store
+            per = store.cold_shape.nbytes // store.shape.num_kv_heads
+            assert st["attended_bytes_host"] == st["attended_host_selections"] * per
+            assert (per < st["attended_bytes_gpu"] // max(1, st["attended_gpu_selections"])) == (kd == "int8")
         sess.close()
     diff = (out["int8"] - out["bf16"]).abs().max()
     assert 0 < float(diff) < 0.05 * float(out["bf16"].abs().max())

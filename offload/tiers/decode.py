@@ -262,9 +262,11 @@ class DecodeMixin:
         sel = self.decode_counts()
         gpu, host, disk = sel["gpu"], sel["host"], sel["disk"]
         head_bytes = self.shape.nbytes // self.shape.num_kv_heads             # K and V of one head's chunk
+        # a host slot holds what the cold tiers store: packed int8/int4 codes and scales read in place
+        cold_head_bytes = self.cold_shape.nbytes // self.shape.num_kv_heads
         total = max(1, gpu + host + disk)
         out = dict(attended_gpu_selections=gpu, attended_host_selections=host,
-                   attended_bytes_gpu=gpu * head_bytes, attended_bytes_host=host * head_bytes,
+                   attended_bytes_gpu=gpu * head_bytes, attended_bytes_host=host * cold_head_bytes,
                    selected_hit_rate_gpu=round(gpu / total, 4), selected_hit_rate_host=round(host / total, 4))
         if token_stage:
             scored, rows = self._token_rows.tolist()
