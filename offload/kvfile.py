@@ -264,9 +264,15 @@ class KVFileWriter:
 
     @classmethod
     def extend(cls, reader: KVFileReader) -> "KVFileWriter":
-        """Continue the file `reader` read (same prompt, block-aligned n); its committed bytes stay as they are."""
-        return cls(reader.path, reader.layout, reader.key, n=reader.n, seq=reader.seq, slot=reader.slot,
-                   table=reader.table)
+        """Continue the file `reader` read (same prompt, block-aligned n); its committed bytes stay as they are.
+        Only ever appends: a session may be reading those committed blocks in place (offload.cache_attach)."""
+        w = cls(reader.path, reader.layout, reader.key, n=reader.n, seq=reader.seq, slot=reader.slot,
+                table=reader.table.copy())
+        st = os.fstat(w._fd)
+        if (st.st_dev, st.st_ino) != reader.identity:   # renamed over since it was checked: not ours to extend
+            w.close()
+            raise OSError(0, "it was replaced by another run")
+        return w
 
     def bytes_to_commit(self, n: int) -> int:
         lay = self.layout
