@@ -303,5 +303,5 @@ def test_quantized_decode_graph_matches_dequantized_twin(weights):
     twin = llm.session()
     ref = [twin.prefill(ids[:30])] + [twin.step(t) for t in ids[30:]]
     got, want = torch.stack(out), torch.stack(ref)
+    # random weights give near-flat logits, so argmax is no measure here; the values must agree
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
