@@ -12,6 +12,7 @@ import torch
 
 from offload.kernels.quant import dequantize_chunks, gather_rows_q
 from offload.tiers.base import from_chunks
+from offload.tiers.device import to_device
 from offload.tiers.placement import DISK, GPU, HOST
 from offload.tiers.sync import stream_wait
 
@@ -45,7 +46,7 @@ class StreamMixin:
                 pool = self.tiers[t].pool if t == GPU else self.tiers[t].slab
                 fmt = self.packed if t == HOST else None
                 st = sel.to(torch.int32).expand(self.shape.num_kv_heads, -1).contiguous()  # st: [Hkv, m]
-                st = st.to(self.device)
+                st = to_device(st, self.device)   # pinned, queued: a pageable copy would sync the stream
                 k = gather_rows_q(pool, st, 0, fmt=fmt, dtype=self.shape.dtype)  # k: [Hkv, m*C, D]
                 v = gather_rows_q(pool, st, 1, fmt=fmt, dtype=self.shape.dtype)  # v: [Hkv, m*C, D]
                 if t == HOST:
