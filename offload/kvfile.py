@@ -28,6 +28,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,6 +121,7 @@ class KVFileReader:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._file, self._open_lock = None, threading.Lock()     # read_blocks' descriptor, opened on first use
         try:
             with open(self.path, "rb") as f:
                 recs = [_unpack_record(f.read(RECORD_BYTES)) for _ in range(2)]
@@ -195,18 +197,19 @@ class KVFileReader:
         return t.view(DTYPES[lay.dtype]).view(count, 2, lay.kv_heads, lay.block_tokens, lay.head_dim)
 
     def _fd(self) -> int:
-        """A descriptor of the checked file (opened once, by path, and compared by inode)."""
-        if getattr(self, "_file", None) is None:
-            f = open(self.path, "rb")
-            st = os.fstat(f.fileno())
-            if (st.st_dev, st.st_ino) != self.identity:
-                f.close()
-                raise SessionFileError("it was replaced while it was being read")
-            self._file = f
-        return self._file.fileno()
+        """A descriptor of the checked file (opened once, by path, compared by inode; threads share it)."""
+        with self._open_lock:
+            if self._file is None:
+                f = open(self.path, "rb")
+                st = os.fstat(f.fileno())
+                if (st.st_dev, st.st_ino) != self.identity:
+                    f.close()
+                    raise SessionFileError("it was replaced while it was being read")
+                self._file = f
+            return self._file.fileno()
 
     def close(self) -> None:
-        if getattr(self, "_file", None) is not None:
+        if self._file is not None:
             self._file.close()
             self._file = None
 
