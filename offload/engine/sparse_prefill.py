@@ -32,10 +32,14 @@ class SparsePrefill:
     sink_blocks: int = 1          # first key blocks, always attended
     local_blocks: int = 8         # key blocks just before the chunk, always attended (the local band)
     heads_per_call: int = 8       # query heads gathered into one attention call (bounds the gathered K/V)
+    # history past a tiered session's prefill window (engine/staging.py) is not scored block by block: the layer's
+    # sparse-decode index picks `stream_tokens` per KV head for each query block's mean query, and the union over
+    # heads and query blocks (plus the sinks) is attended. 0 = streamed history is attended exactly
+    stream_tokens: int = 512
 
     def __post_init__(self):
-        if not 0 < self.threshold <= 1 or self.block % self.stride or self.stride < 1:
-            raise ValueError("sparse prefill: threshold in (0, 1], block a multiple of stride")
+        if not 0 < self.threshold <= 1 or self.block % self.stride or self.stride < 1 or self.stream_tokens < 0:
+            raise ValueError("sparse prefill: threshold in (0, 1], block a multiple of stride, stream_tokens >= 0")
 
 
 class PrefillStats:
@@ -43,10 +47,14 @@ class PrefillStats:
 
     def __init__(self):
         self.kept, self.total, self.chunks = 0, 0, 0
+        self.streamed_kept, self.streamed_total = 0, 0      # chunks of streamed history attended vs. available
 
     def as_dict(self) -> dict:
-        return {"sparse_prefill_chunks": self.chunks,
-                "sparse_prefill_density": round(self.kept / self.total, 4) if self.total else 1.0}
+        out = {"sparse_prefill_chunks": self.chunks,
+               "sparse_prefill_density": round(self.kept / self.total, 4) if self.total else 1.0}
+        if self.streamed_total:
+            out["sparse_prefill_streamed_density"] = round(self.streamed_kept / self.streamed_total, 4)
+        return out
 
 
 def sparse_causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int,
@@ -167,3 +175,18 @@ def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
         og, lg = attend_lse(q[g:g + n], kg, vg, causal=False)  # og: [n', T, D]
         o[g:g + n], lse[g:g + n] = og.float(), lg
     return o, lse
+
+
+def streamed_chunks(q: torch.Tensor, index, n: int, chunk_tokens: int, sink_chunks: int,
+                    cfg: SparsePrefill) -> torch.Tensor:
+    """Chunk ids among the first n stored ones that a chunk's queries attend from streamed history: the union, over
+    KV heads and query blocks, of the index's best `stream_tokens` per head for each query block's mean query,
+    plus the sinks. q: [Hq, T, D] -> int64 [K] sorted, on the CPU (the store looks them up there)."""
+    per = max(1, -(-cfg.stream_tokens // chunk_tokens))                  # chunks per head and query block
+    hit = torch.zeros(n + 1, dtype=torch.int32, device=q.device)         # hit: [n + 1], column n = "not streamed"
+    for a in range(0, q.shape[1], cfg.block):
+        ids = index.select(q[:, a:a + cfg.block].float().mean(1).to(q.dtype), per)  # ids: [Hkv, per] best first
+        ids = ids.to(q.device).reshape(-1).clamp(0, n)                   # ids in the window count as column n
+        hit.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+    hit[:min(sink_chunks, n)] += 1
+    return torch.nonzero(hit[:n]).flatten().cpu()                       # [K]

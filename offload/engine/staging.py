@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from offload.engine.ops import attend_lse, causal_attend, causal_attend_lse, merge_lse
-from offload.engine.sparse_prefill import sparse_causal_attend, sparse_causal_attend_lse
+from offload.engine.sparse_prefill import sparse_causal_attend, sparse_causal_attend_lse, streamed_chunks
 from offload.tiers.base import to_chunks
 
 
@@ -47,7 +47,7 @@ class PrefillStage:
         self.layer, self.s0, self.off, self.stored = layer, hist - max(keep, 0), length, hist
         for a in range(self.s0 // C, n_chunks, self.block):                # bounded temporaries
             b = min(a + self.block, n_chunks)
-            k, v = self.store.read_device(layer, range(a, b))              # k, v: [Hkv, (b-a)*C, D]
+            k, v = self.store.read_device(layer, range(a, b), ordered=True)  # k, v: [Hkv, (b-a)*C, D]
             self.k[:, a * C - self.s0:b * C - self.s0], self.v[:, a * C - self.s0:b * C - self.s0] = k, v
         w = hist - self.s0
         self.k[:, w:length - self.s0], self.v[:, w:length - self.s0] = tail_k, tail_v
@@ -64,7 +64,14 @@ class PrefillStage:
             o, lse = sparse_causal_attend_lse(q, kw, vw, w, sparse, stats)
         else:
             o, lse = causal_attend_lse(q, kw, vw, w)                       # o: [Hq, T, D], lse: [Hq, T]
-        return self._streamed(q, o, lse)[0].to(q.dtype)  # [Hq, T, D]
+        ids = None
+        if sparse is not None and sparse.stream_tokens and self.selector.sparse:   # opt-in, lossy
+            n = self.s0 // self.C
+            ids = streamed_chunks(q, self.selector.indexes[self.layer], n, self.C, self.selector.n_sink, sparse)
+            if stats is not None:
+                stats.streamed_kept += ids.numel()
+                stats.streamed_total += n
+        return self._streamed(q, o, lse, ids)[0].to(q.dtype)  # [Hq, T, D]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Write k/v [Hkv, T, D] at position off (sliding the window first if full); returns their position."""
@@ -126,29 +133,33 @@ class PrefillStage:
             self.v[:, :n].copy_(self.v[:, d:d + n])
         self.s0 = new_s0
 
-    def _streamed(self, q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor):
-        """Merge in the attention over stored chunks [0, s0/C), read block by block, one block ahead."""
+    def _streamed(self, q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor | None = None):
+        """Merge in the attention over stored chunks [0, s0/C) (or just `ids` among them), read block by block,
+        one block ahead."""
         n, layer = self.s0 // self.C, self.layer
-        blocks = [(a, min(a + self.block, n)) for a in range(0, n, self.block)]
-        nxt = self._read(layer, *blocks[0])
+        ids = torch.arange(n) if ids is None else ids                      # ids: [K] sorted
+        blocks = [ids[a:a + self.block] for a in range(0, ids.numel(), self.block)]
+        if not blocks:
+            return o, lse
+        nxt = self._read(layer, blocks[0])
         for i in range(len(blocks)):
             kb, vb, ready = nxt
             if i + 1 < len(blocks):
-                nxt = self._read(layer, *blocks[i + 1])
+                nxt = self._read(layer, blocks[i + 1])
             if ready is not None:
                 torch.cuda.current_stream(q.device).wait_event(ready)
             o, lse = merge_lse(o, lse, *attend_lse(q, kb, vb, causal=False))  # o: [Hq, T, D] f32
-        self.streamed_tokens += self.s0
+        self.streamed_tokens += ids.numel() * self.C
         return o, lse
 
-    def _read(self, layer: int, a: int, b: int):
-        """Chunks [a, b) of layer -> (k, v [Hkv, (b-a)*C, D], event or None), read on the side stream."""
+    def _read(self, layer: int, ids: torch.Tensor):
+        """Chunks ids of layer -> (k, v [Hkv, len(ids)*C, D], event or None), read on the side stream."""
         if self._side is None:
-            return (*self.store.read_device(layer, range(a, b)), None)
+            return (*self.store.read_device(layer, ids), None)
         compute = torch.cuda.current_stream(self.store.device)
         self._side.wait_stream(compute)               # puts and window writes queued so far come first
         with torch.cuda.stream(self._side):
-            k, v = self.store.read_device(layer, range(a, b))              # k, v: [Hkv, (b-a)*C, D]
+            k, v = self.store.read_device(layer, ids)                      # k, v: [Hkv, len(ids)*C, D]
             ready = torch.cuda.Event()
             ready.record(self._side)
         k.record_stream(compute)

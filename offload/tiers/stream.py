@@ -3,8 +3,8 @@
 `read_device(layer, ids)` returns the chunks' K and V as [Hkv, n*C, D] tensors on the compute device, in the
 model's dtype: GPU-pool chunks are gathered from the pool, host chunks straight from the pinned slab through
 UVA (packed int8/int4 slots are dequantized in registers, so only the packed bytes cross PCIe), drive chunks
-are read (CRC-verified) into pinned memory first. Keys come grouped by tier, not in id order: attention over
-a set of keys does not depend on their order (RoPE is already in the keys). Bit-identical to `read`.
+are read (CRC-verified) into pinned memory first. Keys come grouped by tier unless asked in id order: attention
+over a set of keys does not depend on their order (RoPE is already in the keys). Bit-identical to `read`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from offload.tiers.sync import stream_wait
 
 
 class StreamMixin:
-    def read_device(self, layer: int, chunk_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunks `chunk_ids` of `layer` -> (k, v), each [Hkv, n*C, D] on the compute device, grouped by tier.
+    def read_device(self, layer: int, chunk_ids, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunks `chunk_ids` of `layer` -> (k, v), each [Hkv, n*C, D] on the compute device, grouped by tier
+        (ordered=True: in chunk_ids' order, one more copy when the chunks span tiers).
 
         Runs on the current stream (a caller may put it on a side stream to overlap compute); waits only for
         in-flight writes of the slots it reads."""
@@ -27,7 +28,7 @@ class StreamMixin:
         ids = torch.as_tensor(list(chunk_ids), dtype=torch.long)                # ids: [n]
         tiers, slots = self._lookup(layer, ids)                                 # [n] each
         stream = torch.cuda.current_stream(self.device) if self._copy is not None else None
-        ks, vs = [], []
+        ks, vs, groups = [], [], []
         for t in (GPU, HOST, DISK):
             sel = slots[tiers == t]                                             # sel: [m]
             if not sel.numel():
@@ -53,6 +54,13 @@ class StreamMixin:
                     self._stats["uva_bytes"] += len(ss) * self.cold_shape.nbytes
             ks.append(k.to(self.device, self.shape.dtype))
             vs.append(v.to(self.device, self.shape.dtype))
+            groups.append(torch.nonzero(tiers == t).flatten())                # positions in chunk_ids: [m]
         if len(ks) == 1:
             return ks[0], vs[0]
-        return torch.cat(ks, 1), torch.cat(vs, 1)  # [Hkv, n*C, D] each
+        k, v = torch.cat(ks, 1), torch.cat(vs, 1)                               # [Hkv, n*C, D] each
+        if ordered:
+            inv = to_device(torch.argsort(torch.cat(groups)), self.device)     # inv: [n] output chunk per id
+            hkv, _, d = k.shape
+            k = k.view(hkv, -1, self.shape.chunk_tokens, d).index_select(1, inv).view(hkv, -1, d)
+            v = v.view(hkv, -1, self.shape.chunk_tokens, d).index_select(1, inv).view(hkv, -1, d)
+        return k, v
