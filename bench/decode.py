@@ -129,11 +129,14 @@ def run_gemv(args) -> list[dict]:
     H, I, D = a["hidden_size"], a["intermediate_size"], a["head_dim"]
     shapes = [((a["num_attention_heads"] + 2 * a["num_key_value_heads"]) * D, H),
               (H, a["num_attention_heads"] * D), (2 * I, H), (H, I)]
-    buf = torch.empty(1 << 30, dtype=torch.int16, device="cuda")   # 2 GiB
-    copy_ms = _cuda_ms(lambda: buf.clone(), 10)
-    ceiling = 2 * buf.numel() * 2 / copy_ms / 1e6     # GB/s: read + write
-    del buf
+    from offload.kernels import _cupy_wquant
+    src = torch.ones(1 << 28, dtype=torch.float32, device="cuda")   # 1 GiB each
+    dst = torch.empty_like(src)
+    copy_ms = _cuda_ms(lambda: dst.copy_(src), 10, graph=False)
+    ceiling = 2 * src.numel() * 4 / copy_ms / 1e6     # GB/s: read + write
+    del src, dst
     rows = [{"mode": "hbm-copy", "gb_per_s": ceiling}]
+    variants = [tuple(v.split()) for v in args.gemv_variants.split(";")]
     x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in {c for _, c in shapes}}
     for fmt in ("bf16", "Q8_0", "Q4_K", "Q4_0", "Q4_1", "Q6_K"):
         copies = []
@@ -146,17 +149,32 @@ def run_gemv(args) -> list[dict]:
         def step():
             for w in copies:
                 linear(x[w.shape[1]], w)
-        ms = _cuda_ms(step, 20)
-        rows.append({"mode": "gemv", "weights": fmt, "gb_per_s": nbytes / ms / 1e6, "ms_per_layer_set":
-                     ms / args.gemv_copies, "x_of_copy": nbytes / ms / 1e6 / ceiling})
+        for defines in variants if fmt != "bf16" else [()]:
+            _cupy_wquant.wquant_defines = defines
+            ms = _cuda_ms(step, 20)
+            rows.append({"mode": "gemv", "weights": fmt, "variant": " ".join(defines) or "default",
+                         "gb_per_s": nbytes / ms / 1e6, "ms_per_layer_set": ms / args.gemv_copies,
+                         "x_of_copy": nbytes / ms / 1e6 / ceiling})
+            print(rows[-1], flush=True)
+        _cupy_wquant.wquant_defines = ()
         del copies
         torch.cuda.empty_cache()
     return rows
 
 
-def _cuda_ms(fn, reps: int) -> float:
+def _cuda_ms(fn, reps: int, graph: bool = True) -> float:
     """Median ms of fn() between CUDA events, captured in a CUDA graph (the decode step's launch cost)."""
     fn()
+    if not graph:
+        times = []
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1))
+        return median(times)
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -196,13 +214,12 @@ def main() -> None:
     ap.add_argument("--weights", default=None, help="bf16,q8_0,q4: run every offload mode with each (issue 16)")
     ap.add_argument("--gemv", action="store_true", help="also time the quantized GEMV kernels against the copy ceiling")
     ap.add_argument("--gemv-copies", type=int, default=4, help="layer sets cycled by the GEMV timing (beat the L2)")
+    ap.add_argument("--gemv-variants", default="", help="';'-separated -D sets of wquant.cu to time (empty: default)")
     ap.add_argument("--out", default="bench/out/decode.json")
     args = ap.parse_args()
     rows = []
     if args.gemv and torch.cuda.is_available():
-        for row in run_gemv(args):
-            rows.append(row)
-            print(row, flush=True)
+        rows.extend(run_gemv(args))
     if args.weights:
         args.modes = ",".join(m if m.startswith("hf") else ",".join(f"{m}:{w}" for w in args.weights.split(","))
                               for m in args.modes.split(","))

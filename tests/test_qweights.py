@@ -265,9 +265,13 @@ def test_smollm2_gguf_kept_quantized_end_to_end(smollm2_gguf):
 # ---- GPU: the dequantize-GEMV kernel against its torch reference ------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gemv_kernel_matches_reference(fmt, dtype):
-    from offload.kernels import wquant
+@pytest.mark.parametrize("dtype, defines", [(torch.bfloat16, ()), (torch.float32, ()), (torch.bfloat16, ("-DWQ_RPW=1",)),
+                                            (torch.bfloat16, ("-DWQ_RPW=4", "-DWQ_UNROLL=4"))])
+def test_gemv_kernel_matches_reference(fmt, dtype, defines, monkeypatch):
+    """Every block format and x dtype, and the tuning variants the decode bench compares (rows per warp,
+    units in flight), against the float32 torch reference; the prefill's dequantize kernel too."""
+    from offload.kernels import _cupy_wquant, wquant
+    monkeypatch.setattr(_cupy_wquant, "wquant_defines", defines)
     w = QuantWeight.cat([_qw(fmt, 300, 1024, 0), _qw("Q8_0", 20, 1024, 1)], "w").to("cuda")   # two parts
     x = torch.randn(1, 1024, device="cuda", dtype=dtype)
     assert wquant.supports(x, w)

@@ -12,6 +12,11 @@
 #ifndef WQ_RPW
 #define WQ_RPW 2       // rows per warp
 #endif
+#ifndef WQ_UNROLL
+#define WQ_UNROLL 2    // units in flight per lane
+#endif
+
+static constexpr int wq_unroll = WQ_UNROLL;   // #pragma unroll takes a constant, not a macro
 
 enum { FMT_Q8_0 = 0, FMT_Q4_0 = 1, FMT_Q4_1 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4 };
 
@@ -37,12 +42,26 @@ template <typename T> __device__ __forceinline__ void load_x16(const void* x, lo
     for (int i = 0; i < 16 / T::VEC; ++i) unpack<T>(__ldg(p + i), f + i * T::VEC);
 }
 
-__device__ __forceinline__ float nib_dot(const unsigned int* w, const float* x, int shift) {
-    // sum over the 16 bytes w of ((byte >> shift) & 15) * x[byte index]
+// Byte k of w as an exact float, without an int-to-float conversion (a quarter-rate instruction that bound
+// the first version of these kernels): PRMT puts the byte under the exponent of 2^23, one FADD removes it.
+// `bias` is subtracted too (128 for int8 stored as b ^ 0x80, 32 for Q6_K's offset).
+__device__ __forceinline__ float byte_f(unsigned int w, int k, float bias) {
+    return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650u | (unsigned int)k)) - (8388608.0f + bias);
+}
+
+// sum over 16 weights held one per byte in q[0..3] (already masked to their bits) of (q - bias) * x
+__device__ __forceinline__ float byte_dot(const unsigned int* q, const float* x, float bias) {
     float s = 0.f;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) s += (float)((w[i >> 2] >> (8 * (i & 3) + shift)) & 15u) * x[i];
+    for (int i = 0; i < 16; ++i) s += byte_f(q[i >> 2], i & 3, bias) * x[i];
     return s;
+}
+
+__device__ __forceinline__ float nib_dot(const unsigned int* w, const float* x, int shift) {
+    // sum over the 16 bytes w of ((byte >> shift) & 15) * x[byte index]
+    const unsigned int q[4] = {(w[0] >> shift) & 0x0F0F0F0Fu, (w[1] >> shift) & 0x0F0F0F0Fu,
+                               (w[2] >> shift) & 0x0F0F0F0Fu, (w[3] >> shift) & 0x0F0F0F0Fu};
+    return byte_dot(q, x, 0.f);
 }
 
 __device__ __forceinline__ float sum16(const float* x) {
@@ -94,29 +113,25 @@ __device__ __forceinline__ void unit_x(const void* x, int u, float* xa, float* x
 template <int FMT>
 __device__ __forceinline__ float unit_dot(const unsigned char* p0, const unsigned char* p1, const unsigned char* p2,
                                           const unsigned char* p3, long long r, int K, int u,
-                                          const float* xa, const float* xb) {
+                                          const float* xa, const float* xb, float sum_x) {
     if (FMT == FMT_Q8_0) {            // p0 qs int8 [R, K], p1 d f16 [R, K/32]
         const uint4* q = (const uint4*)(p0 + r * K + u * 32);
         const uint4 qa = __ldg(q), qb = __ldg(q + 1);
         const float d = ofl_half_bits(__ldg((const unsigned short*)(p1 + r * (K / 16)) + u));
-        const unsigned int w[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
-        float s = 0.f;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) s += (float)(signed char)(w[i >> 2] >> (8 * (i & 3))) * xa[i];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) s += (float)(signed char)(w[4 + (i >> 2)] >> (8 * (i & 3))) * xb[i];
-        return d * s;
+        // int8 as b ^ 0x80 (0..255), the 128 removed by byte_f's bias
+        const unsigned int ta[4] = {qa.x ^ 0x80808080u, qa.y ^ 0x80808080u, qa.z ^ 0x80808080u, qa.w ^ 0x80808080u};
+        const unsigned int tb[4] = {qb.x ^ 0x80808080u, qb.y ^ 0x80808080u, qb.z ^ 0x80808080u, qb.w ^ 0x80808080u};
+        return d * (byte_dot(ta, xa, 128.f) + byte_dot(tb, xb, 128.f));
     } else if (FMT == FMT_Q4_0 || FMT == FMT_Q4_1) {   // p0 qs [R, K/2]; p1 d [R, K/32] or dm [R, K/32 * 2]
         const uint4 qa = __ldg((const uint4*)(p0 + r * (K / 2) + u * 16));
         const unsigned int w[4] = {qa.x, qa.y, qa.z, qa.w};
         const float s = nib_dot(w, xa, 0) + nib_dot(w, xb, 4);
         if (FMT == FMT_Q4_0) {
             const float d = ofl_half_bits(__ldg((const unsigned short*)(p1 + r * (K / 16)) + u));
-            return d * (s - 8.f * (sum16(xa) + sum16(xb)));
+            return d * (s - 8.f * sum_x);
         }
         const unsigned int dm = __ldg((const unsigned int*)(p1 + r * (K / 8)) + u);
-        return ofl_half_bits((unsigned short)(dm & 0xffffu)) * s
-             + ofl_half_bits((unsigned short)(dm >> 16)) * (sum16(xa) + sum16(xb));
+        return ofl_half_bits((unsigned short)(dm & 0xffffu)) * s + ofl_half_bits((unsigned short)(dm >> 16)) * sum_x;
     } else if (FMT == FMT_Q4_K) {     // p0 qs [R, K/2]; p1 meta [R, K/256 * 16]: d, dmin, 12 scale bytes
         const int sb = u >> 3, c = ((u & 7) * 16) >> 5;
         const uint4 qa = __ldg((const uint4*)(p0 + r * (K / 2) + u * 16));
@@ -126,23 +141,22 @@ __device__ __forceinline__ float unit_dot(const unsigned char* p0, const unsigne
         k_scale_min(mt.y, mt.z, mt.w, 2 * c, sc0, mn0);
         k_scale_min(mt.y, mt.z, mt.w, 2 * c + 1, sc1, mn1);
         const float d = ofl_half_bits((unsigned short)(mt.x & 0xffffu)), dmin = ofl_half_bits((unsigned short)(mt.x >> 16));
-        return d * (sc0 * nib_dot(w, xa, 0) + sc1 * nib_dot(w, xb, 4)) - dmin * (mn0 * sum16(xa) + mn1 * sum16(xb));
+        return d * (sc0 * nib_dot(w, xa, 0) + sc1 * nib_dot(w, xb, 4)) - dmin * (mn0 * xa[16] + mn1 * xb[16]);
     } else {                          // Q6_K: p0 ql [R, K/2], p1 qh [R, K/4], p2 sc int8 [R, K/16], p3 d [R, K/256 * 2]
         const int sb = u >> 3, b = (u & 7) * 16, h = b >> 6, o = b & 63;
         const uint4 la = __ldg((const uint4*)(p0 + r * (K / 2) + u * 16));
         const uint4 ha = __ldg((const uint4*)(p1 + r * (K / 4) + sb * 64 + h * 32 + (o & 31)));
         const unsigned int wl[4] = {la.x, la.y, la.z, la.w}, wh[4] = {ha.x, ha.y, ha.z, ha.w};
         const int sl = 2 * (o >> 5), sh = sl + 4;
-        float s0 = 0.f, s1 = 0.f;
+        unsigned int q0[4], q1[4];    // four 6-bit weights per word, one per byte
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            const unsigned int lb = wl[i >> 2] >> (8 * (i & 3)), hb = wh[i >> 2] >> (8 * (i & 3));
-            s0 += (float)((int)((lb & 15u) | (((hb >> sl) & 3u) << 4)) - 32) * xa[i];
-            s1 += (float)((int)(((lb >> 4) & 15u) | (((hb >> sh) & 3u) << 4)) - 32) * xb[i];
+        for (int j = 0; j < 4; ++j) {
+            q0[j] = (wl[j] & 0x0F0F0F0Fu) | (((wh[j] >> sl) & 0x03030303u) << 4);
+            q1[j] = ((wl[j] >> 4) & 0x0F0F0F0Fu) | (((wh[j] >> sh) & 0x03030303u) << 4);
         }
         const signed char* sc = (const signed char*)(p2 + r * (K / 16) + sb * 16 + h * 8 + (o >> 4));
         const float d = ofl_half_bits(__ldg((const unsigned short*)(p3 + r * (K / 128)) + sb));
-        return d * ((float)__ldg(sc) * s0 + (float)__ldg(sc + 4) * s1);
+        return d * ((float)__ldg(sc) * byte_dot(q0, xa, 32.f) + (float)__ldg(sc + 4) * byte_dot(q1, xb, 32.f));
     }
 }
 
@@ -160,13 +174,15 @@ __global__ void __launch_bounds__(32 * WQ_ROWS) gemv_kernel(
     float acc[WQ_RPW];
 #pragma unroll
     for (int j = 0; j < WQ_RPW; ++j) acc[j] = 0.f;
-#pragma unroll 2
+#pragma unroll wq_unroll
     for (int u = lane; u < units; u += 32) {
-        float xa[16], xb[16];
+        float xa[17], xb[17];          // [16]: the sum of the 16 (offset and min terms), once for all rows
         unit_x<T, FMT>(x, u, xa, xb);
+        xa[16] = sum16(xa);
+        xb[16] = sum16(xb);
 #pragma unroll
         for (int j = 0; j < WQ_RPW; ++j)
-            if (r0 + j < R) acc[j] += unit_dot<FMT>(p0, p1, p2, p3, r0 + j, K, u, xa, xb);
+            if (r0 + j < R) acc[j] += unit_dot<FMT>(p0, p1, p2, p3, r0 + j, K, u, xa, xb, xa[16] + xb[16]);
     }
 #pragma unroll
     for (int j = 0; j < WQ_RPW; ++j) {
