@@ -90,6 +90,17 @@ def test_completions_streamed_or_not(server, client, reference):
     stop = want[4:6]
     cut = client.completions.create(model=_model(server), prompt="once upon a time", max_tokens=10, stop=[stop])
     assert cut.choices[0].text == want[:want.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # every sampling field reaches the sampler: seeded draws equal the API's with the same SamplingParams (each
+    # draw was checked to change when any one of its fields is left out)
+    from offload import SamplingParams
+    for fields in (dict(temperature=8.0, top_k=3, presence_penalty=0.5, repetition_penalty=1.1, seed=7),
+                   dict(temperature=20.0, min_p=0.5, frequency_penalty=2.0, seed=7),
+                   dict(temperature=30.0, top_p=0.3, seed=11)):
+        openai_names = {k: v for k, v in fields.items() if k not in ("top_k", "min_p", "repetition_penalty")}
+        extra = {k: v for k, v in fields.items() if k not in openai_names}
+        drawn = client.completions.create(model=_model(server), prompt="sample me", max_tokens=16, extra_body=extra,
+                                          **openai_names)
+        assert drawn.choices[0].text == reference.generate("sample me", SamplingParams(max_tokens=16, **fields))
 
 
 def test_two_conversations_interleaved_resume_their_kv(server, client, reference):
