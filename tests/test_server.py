@@ -129,6 +129,7 @@ def test_two_conversations_interleaved_resume_their_kv(server, client, reference
     assert cached[:2] == [0, 0] and cached[2] > 0 and cached[3] > 0
     assert after["hits"] - before["hits"] == 2 and after["resumed_from_disk"] - before["resumed_from_disk"] == 2
     # the resumed KV is exactly the conversation: the server's session tokens equal the Chat's
+    _wait_idle(server)                                     # the last answer is kept once the worker is done
     live = [c for c in server[1].store._kept if c.session is not None]
     assert any(c.session.tokens == chats["b"].session.tokens for c in live)
 

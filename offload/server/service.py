@@ -98,13 +98,14 @@ class Service:
         gen.close()
         sess.interrupt = None
         fed = sess.tokens[start:]           # answer ids that went through the model (not the last one sampled)
-        self.store.checkin(req.kind, sess, prompt.text + tok.decode(fed, skip_special_tokens=False))
         self.llm_stats = llm.stats
         usage = {"prompt_tokens": start, "completion_tokens": sess.generated, "cached_tokens": reused}
         self.last = {**usage, "finish_reason": "cancelled" if job.cancelled else sess.finish_reason or "length",
                      "ttft_s": sess.stats().get("ttft_s")}
         if not job.cancelled:           # else nobody listens, and the job counts as cancelled
             job.emit("end", {"finish_reason": sess.finish_reason or "length", "usage": usage})
+        # after the answer is out: keeping it may park another conversation on disk, which the client need not wait for
+        self.store.checkin(req.kind, sess, prompt.text + tok.decode(fed, skip_special_tokens=False))
 
     # ---- reporting, shutdown ------------------------------------------------------------------------
     def stats(self) -> dict:
