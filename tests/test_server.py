@@ -177,6 +177,19 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(server, cli
     assert ok.choices[0].finish_reason == "length"          # the server goes on
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_cancels_it(server, monkeypatch):
+    _slow_steps(monkeypatch)
+    before = _stats(server)["queue"]["cancelled"]
+    body = {"model": _model(server), "messages": [{"role": "user", "content": "a long whole answer"}],
+            "max_tokens": 1500}
+    with pytest.raises(httpx.ReadTimeout):        # the client stops waiting and closes the connection
+        httpx.post(server[0].url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(30, read=1.0))
+    _wait_idle(server)
+    st = _stats(server)
+    assert st["queue"]["cancelled"] == before + 1 and st["last_request"]["completion_tokens"] < 1500
+
+
 def test_a_client_that_disconnects_during_a_long_prefill_stops_it(server, client, monkeypatch):
     from offload.model.llama import LlamaModel
     layer_forward = LlamaModel.layer_forward

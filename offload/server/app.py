@@ -91,16 +91,19 @@ def create_app(service: Service, api_key: str | None = None) -> Starlette:
         return await _whole(request, job, reply)
 
     async def _whole(request: HttpRequest, job: Job, reply: Reply) -> Response:
-        pieces = []
+        pieces, getter = [], None
         try:
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), _POLL_S)
-                except asyncio.TimeoutError:
+                # asyncio.wait leaves the pending get alone on timeout (wait_for would cancel it, and a get that
+                # completes in that instant loses its event)
+                getter = getter or asyncio.ensure_future(job.events.get())
+                done, _ = await asyncio.wait({getter}, timeout=_POLL_S)
+                if not done:
                     if await request.is_disconnected():
-                        job.cancel()
                         return Response(status_code=499)
                     continue
+                kind, value = getter.result()
+                getter = None
                 if kind == "piece":
                     pieces.append(value)
                 elif kind == "error":
@@ -111,7 +114,9 @@ def create_app(service: Service, api_key: str | None = None) -> Starlette:
                                                     Reply.usage(u["prompt_tokens"], u["completion_tokens"],
                                                                 u["cached_tokens"])))
         finally:
-            job.cancel()     # a no-op once the job ended; stops it if this handler is cancelled
+            job.cancel()     # a no-op once the job ended; stops it if the client left or this handler is cancelled
+            if getter is not None:
+                getter.cancel()
 
     async def _stream(job: Job, reply: Reply):
         yield sse(reply.chunk(first=True))
