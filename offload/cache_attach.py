@@ -9,7 +9,8 @@ room for are read eagerly (CRC-checked) and put into the store, which places the
 the partial last block becomes the tail; every other block is adopted by the disk tier where it lies
 (TieredKVStore.adopt -> DiskStore.adopt: offsets and CRCs from the file's table, verified on every read,
 so a corrupt block is a TierIOError at its first read, never wrong KV). A sparse session's chunk index
-needs every key: its blocks are read once (CRC-checked) to build it, and still not written anywhere.
+needs every key: the K halves of the in-place blocks are read once to build it (each checked against the
+file's key CRC table; the V halves stay unread), and still nothing is written anywhere.
 Mechanism lives in KVFileReader (the file) and the store / disk tier (adopt, put).
 
 The attached file must stay intact while the session reads it. Checkpoints of a resumed session only ever
@@ -36,7 +37,7 @@ class Attached:
     tokens: int
     eager_bytes: int         # block bytes read from the cache before the session answers
     in_place_bytes: int      # block bytes left in the cache file, read by the disk tier when attention needs them
-    index_bytes: int         # block bytes read only to build a sparse index (0 for exact attention)
+    index_bytes: int         # K-half bytes of in-place blocks read to build a sparse index (0: exact attention)
 
 
 def attachable(attn, reader) -> str | None:
@@ -63,15 +64,14 @@ def eager_blocks(n_full: int, layers: int, room: int, sink: int, window: int) ->
     return sinks, newest
 
 
-def _groups(pool, reader, layer: int, first: int, count: int):
-    """(start, blocks [m, 2, Hkv, C, D]) of blocks first.. of a layer in order, ~64 MiB each. Each group is read
-    and CRC-checked on a pool thread (zlib releases the GIL), _AHEAD groups in flight: reading and checking
-    1 GB/s-class streams in parallel instead of one after the other on the caller's thread."""
-    per = max(1, _GROUP_BYTES // reader.layout.stride)
-    starts = list(range(first, first + count, per))
+def _groups(pool, read, layer: int, first: int, count: int, unit: int):
+    """(start, read(layer, start, m)) for blocks first.. of a layer in order, ~64 MiB each (`unit` bytes a block).
+    Each group is read and CRC-checked on a pool thread (zlib and preadv release the GIL), _AHEAD in flight:
+    reading and checking run in parallel instead of one after the other on the caller's thread."""
+    per = max(1, _GROUP_BYTES // unit)
     pending = deque()
-    for s in starts:
-        pending.append((s, pool.submit(reader.read_blocks, layer, s, min(per, first + count - s))))
+    for s in range(first, first + count, per):
+        pending.append((s, pool.submit(read, layer, s, min(per, first + count - s))))
         if len(pending) > _AHEAD:
             s0, fut = pending.popleft()
             yield s0, fut.result()
@@ -80,18 +80,18 @@ def _groups(pool, reader, layer: int, first: int, count: int):
         yield s0, fut.result()
 
 
-def _put_blocks(pool, attn, reader, layer: int, first: int, count: int) -> None:
-    for s, blocks in _groups(pool, reader, layer, first, count):
-        attn.store.put(layer, s, blocks.to(attn.device))                       # [m, 2, Hkv, C, D]
+def _put_blocks(pool, attn, reader, layer: int, first: int, count: int, keys) -> None:
+    """Blocks into the store (the store places them); their keys also into `keys` when a sparse index wants them."""
+    for s, blocks in _groups(pool, reader.read_blocks, layer, first, count, reader.layout.stride):
+        attn.store.put(layer, s, blocks.to(attn.device))                       # blocks: [m, 2, Hkv, C, D]
+        if keys is not None:
+            _keys_into(keys, s, blocks[:, 0], attn.C)
 
 
-def _index(pool, attn, reader, layer: int, n_full: int) -> None:
-    """Build a sparse layer's index over all its keys, as a copy-in load does (one build, not extends)."""
-    keys = torch.empty(attn.Hkv, n_full * attn.C, attn.D, device=attn.device, dtype=attn.dtype)  # [Hkv, n*C, D]
-    for s, blocks in _groups(pool, reader, layer, 0, n_full):                  # blocks: [m, 2, Hkv, C, D]
-        m = blocks.shape[0]
-        keys[:, s * attn.C:(s + m) * attn.C] = blocks[:, 0].permute(1, 0, 2, 3).reshape(attn.Hkv, m * attn.C, attn.D)
-    attn.selector.index_chunks(layer, 0, keys)
+def _keys_into(keys: torch.Tensor, first: int, k: torch.Tensor, C: int) -> None:
+    """k: [m, Hkv, C, D] (host) -> keys[:, first*C:(first+m)*C] (keys: [Hkv, n*C, D] on the device)."""
+    m, Hkv, _, D = k.shape
+    keys[:, first * C:(first + m) * C] = k.permute(1, 0, 2, 3).reshape(Hkv, m * C, D)
 
 
 def attach(attn, reader, fix: str) -> Attached:
@@ -103,20 +103,25 @@ def attach(attn, reader, fix: str) -> Attached:
     cold0, cold1 = sinks, n_full - newest
     attn.begin(n)
     attn._token_path = False           # the staged path's bookkeeping, as load_kv uses it
+    sparse = attn.selector.sparse and n_full > 0
     with ThreadPoolExecutor(_THREADS, thread_name_prefix="offload-cache-read") as pool:
         for layer in range(attn.L):
-            if sinks:
-                _put_blocks(pool, attn, reader, layer, 0, sinks)
+            # a sparse index is built once over all keys, as a copy-in load does: [Hkv, n_full*C, D]
+            keys = torch.empty(attn.Hkv, n_full * C, attn.D, device=attn.device, dtype=attn.dtype) if sparse else None
+            _put_blocks(pool, attn, reader, layer, 0, sinks, keys)
             if cold1 > cold0:
                 store.adopt(layer, cold0, reader.extents(layer, cold0, cold1 - cold0, fix))
-            _put_blocks(pool, attn, reader, layer, cold1, newest)
+                if sparse:      # the K halves only; the V halves stay unread until attention wants them
+                    for s, k in _groups(pool, reader.read_keys, layer, cold0, cold1 - cold0, lay.block_bytes // 2):
+                        _keys_into(keys, s, k, C)
+            _put_blocks(pool, attn, reader, layer, cold1, newest, keys)
             if tail:
                 kv = reader.read_blocks(layer, n_full, 1)[0].to(attn.device)    # kv: [2, Hkv, C, D]
                 attn.tail_k[layer, :, :tail], attn.tail_v[layer, :, :tail] = kv[0, :, :tail], kv[1, :, :tail]
-            if attn.selector.sparse and n_full:
-                _index(pool, attn, reader, layer, n_full)
+            if sparse:
+                attn.selector.index_chunks(layer, 0, keys)
     attn._next_tail = (n_full, tail)
     attn.end()
     per_layer = (sinks + newest + (tail > 0)) * lay.stride
     cold = (cold1 - cold0) * lay.stride * attn.L
-    return Attached(n, per_layer * attn.L, cold, cold if attn.selector.sparse else 0)
+    return Attached(n, per_layer * attn.L, cold, (cold1 - cold0) * (lay.block_bytes // 2) * attn.L if sparse else 0)

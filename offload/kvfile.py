@@ -8,11 +8,13 @@ Layout (little-endian; every region starts on a 4096-byte boundary):
     tokens               int32 [capacity]
     logits 0, logits 1   float32 [vocab]: the logits of the last committed position, one slot per record
     crc table            u32 [layers, blocks]: CRC-32 of each block's bytes
+    key crc table        u32 [layers, blocks]: CRC-32 of each block's K half alone (a sparse index is rebuilt
+                         from the keys: a resume reads only the K halves of the blocks it leaves in place)
     blocks               block b of layer l at data + (l * blocks + b) * stride, holding [2, Hkv, C, D] (K then V):
                          the tiers' chunk layout at the disk tier's 4096-aligned stride, so a disk tier could
                          use these bytes as its slots in place instead of copying them.
 A record's JSON: the cache key (model identity, options), the layout, n (tokens committed), the sha256 of
-tokens[:n], the crc of the table's committed entries and of its logits slot.
+tokens[:n], the crcs of the tables' committed entries and of its logits slot.
 
 Committing never rewrites bytes the current record relies on: a checkpoint writes the blocks past the
 committed ones (a block is partial only at the very end of a prompt, and such a file is never extended),
@@ -39,7 +41,7 @@ import torch
 from offload.errors import SessionFileError
 
 MAGIC = b"OFFLDPC1"
-VERSION = 1
+VERSION = 2                  # 2: the key crc table (a version-1 file is refused: prefilled afresh)
 ALIGN = 4096
 RECORD_BYTES = 16384
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -75,8 +77,9 @@ class Layout:
         tokens = 2 * RECORD_BYTES
         logits = tokens + _up(4 * self.capacity)
         table = logits + 2 * _up(4 * self.vocab)
-        data = table + _up(4 * self.layers * self.blocks)
-        return {"tokens": tokens, "logits": logits, "table": table, "data": data,
+        ktable = table + _up(4 * self.layers * self.blocks)
+        data = ktable + _up(4 * self.layers * self.blocks)
+        return {"tokens": tokens, "logits": logits, "table": table, "ktable": ktable, "data": data,
                 "end": data + self.layers * self.blocks * self.stride}
 
     def block_offset(self, layer: int, block: int) -> int:
@@ -121,13 +124,18 @@ class KVFileReader:
 
     def __init__(self, path):
         self.path = Path(path)
-        self._file, self._open_lock = None, threading.Lock()     # read_blocks' descriptor, opened on first use
+        self._files, self._open_lock = [None, None], threading.Lock()   # blocks', keys' descriptors, opened on use
         try:
             with open(self.path, "rb") as f:
-                recs = [_unpack_record(f.read(RECORD_BYTES)) for _ in range(2)]
+                raw = [f.read(RECORD_BYTES) for _ in range(2)]
+                recs = [_unpack_record(r) for r in raw]
                 size = os.fstat(f.fileno()).st_size
                 good = [r for r in recs if r is not None]
                 if not good:
+                    old = [struct.unpack_from("<I", r, len(MAGIC))[0] for r in raw
+                           if r[:len(MAGIC)] == MAGIC and len(r) >= len(MAGIC) + 4]
+                    if old and all(v != VERSION for v in old):
+                        raise SessionFileError(f"it has format version {old[0]}, this offload writes {VERSION}")
                     raise SessionFileError("it is not a prompt cache, or its header is corrupt")
                 body = max(good, key=lambda r: r["seq"])
                 self.layout = Layout(**body["layout"])
@@ -142,6 +150,8 @@ class KVFileReader:
                 f.seek(off["table"])
                 nt = self.layout.layers * self.layout.blocks
                 self.table = np.frombuffer(f.read(4 * nt), dtype=np.uint32).reshape(self.layout.layers, -1).copy()
+                f.seek(off["ktable"])
+                self.ktable = np.frombuffer(f.read(4 * nt), dtype=np.uint32).reshape(self.layout.layers, -1).copy()
                 f.seek(off["logits"] + self.slot * _up(4 * self.layout.vocab))
                 lb = f.read(4 * self.layout.vocab)
                 st = os.fstat(f.fileno())
@@ -152,7 +162,8 @@ class KVFileReader:
             raise SessionFileError(f"its header is corrupt ({type(e).__name__})") from None
         if tokens_digest(self.tokens) != body["tokens_sha"]:
             raise SessionFileError("its token ids are corrupt (checksum mismatch)")
-        if _table_crc(self.table, self.committed_blocks) != body["table_crc"]:
+        if (_table_crc(self.table, self.committed_blocks) != body["table_crc"]
+                or _table_crc(self.ktable, self.committed_blocks) != body["ktable_crc"]):
             raise SessionFileError("its block checksum table is corrupt")
         if zlib.crc32(lb) != body["logits_crc"]:
             raise SessionFileError("its logits are corrupt (checksum mismatch)")
@@ -196,22 +207,50 @@ class KVFileReader:
         t = torch.from_numpy(buf[:, :lay.block_bytes]).contiguous()              # t: [count, block_bytes] u8
         return t.view(DTYPES[lay.dtype]).view(count, 2, lay.kv_heads, lay.block_tokens, lay.head_dim)
 
-    def _fd(self) -> int:
+    def read_keys(self, layer: int, first: int, count: int) -> torch.Tensor:
+        """The K halves of committed blocks first.. of a layer, each CRC-checked: [count, Hkv, C, D]. The V halves
+        are not read (their descriptor has read-ahead off), so rebuilding an index costs half the blocks' bytes."""
+        lay = self.layout
+        if first < 0 or first + count > self.committed_blocks:
+            raise ValueError(f"blocks {first}..{first + count - 1} are not all committed ({self.committed_blocks})")
+        half = lay.block_bytes // 2
+        buf = np.empty((count, half), dtype=np.uint8)                          # buf: [count, K bytes]
+        fd = self._fd(keys=True)
+        try:
+            for i in range(count):
+                mv, got, at = memoryview(buf[i]), 0, lay.block_offset(layer, first + i)
+                while got < half:
+                    r = os.preadv(fd, [mv[got:]], at + got)
+                    if r == 0:
+                        raise SessionFileError(f"it is truncated (layer {layer} block {first + i})")
+                    got += r
+                if zlib.crc32(buf[i]) != int(self.ktable[layer, first + i]):
+                    raise SessionFileError(f"the keys of block {first + i} of layer {layer} are corrupt "
+                                           "(checksum mismatch)")
+        except OSError as e:
+            raise SessionFileError(f"cannot read it ({e.strerror or e})") from None
+        t = torch.from_numpy(buf)                                                # t: [count, K bytes] u8
+        return t.view(DTYPES[lay.dtype]).view(count, lay.kv_heads, lay.block_tokens, lay.head_dim)
+
+    def _fd(self, keys: bool = False) -> int:
         """A descriptor of the checked file (opened once, by path, compared by inode; threads share it)."""
         with self._open_lock:
-            if self._file is None:
+            if self._files[keys] is None:
                 f = open(self.path, "rb")
                 st = os.fstat(f.fileno())
                 if (st.st_dev, st.st_ino) != self.identity:
                     f.close()
                     raise SessionFileError("it was replaced while it was being read")
-                self._file = f
-            return self._file.fileno()
+                if keys and hasattr(os, "posix_fadvise"):   # strided reads: read-ahead would fetch the V halves
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+                self._files[keys] = f
+            return self._files[keys].fileno()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for i, f in enumerate(self._files):
+            if f is not None:
+                f.close()
+                self._files[i] = None
 
     def layers(self):
         """Yields (k, v) per layer, each [Hkv, n, D] in a fresh tensor. Only one layer's blocks are mapped at a
@@ -243,10 +282,11 @@ class KVFileWriter:
     (in place, past its committed blocks). `_pwrite` and `_fsync` are seams for fault-injection tests."""
 
     def __init__(self, path, layout: Layout, key: dict, n: int = 0, seq: int = 0, slot: int = 1,
-                 table: np.ndarray | None = None, tmp: Path | None = None):
+                 table: np.ndarray | None = None, ktable: np.ndarray | None = None, tmp: Path | None = None):
         self.path, self.layout, self.key = Path(path), layout, key
         self.n, self.seq, self.slot, self.tmp = n, seq, slot, tmp
         self.table = table if table is not None else np.zeros((layout.layers, layout.blocks), dtype=np.uint32)
+        self.ktable = ktable if ktable is not None else np.zeros_like(self.table)
         self._pwrite, self._fsync = os.pwrite, os.fsync
         self._fd = os.open(tmp if tmp is not None else self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
 
@@ -270,7 +310,7 @@ class KVFileWriter:
         """Continue the file `reader` read (same prompt, block-aligned n); its committed bytes stay as they are.
         Only ever appends: a session may be reading those committed blocks in place (offload.cache_attach)."""
         w = cls(reader.path, reader.layout, reader.key, n=reader.n, seq=reader.seq, slot=reader.slot,
-                table=reader.table.copy())
+                table=reader.table.copy(), ktable=reader.ktable.copy())
         st = os.fstat(w._fd)
         if (st.st_dev, st.st_ino) != reader.identity:   # renamed over since it was checked: not ours to extend
             w.close()
@@ -297,9 +337,12 @@ class KVFileWriter:
             buf = np.zeros((b1 - b0, lay.stride), dtype=np.uint8)           # buf: [blocks, stride] bytes
             buf[:, :lay.block_bytes] = blocks.view(b1 - b0, -1).view(torch.uint8).numpy()
             for i in range(b1 - b0):
-                self.table[layer, b0 + i] = zlib.crc32(buf[i, :lay.block_bytes])
+                kcrc = zlib.crc32(buf[i, :lay.block_bytes // 2])                 # K half, then on through V
+                self.ktable[layer, b0 + i] = kcrc
+                self.table[layer, b0 + i] = zlib.crc32(buf[i, lay.block_bytes // 2:lay.block_bytes], kcrc)
             self._write(buf, lay.block_offset(layer, b0))
         self._write(self.table[:, b0:b1].copy(), None, rows=(off["table"], b0))
+        self._write(self.ktable[:, b0:b1].copy(), None, rows=(off["ktable"], b0))
         self._write(np.asarray(tokens[self.n:n], dtype=np.int32), off["tokens"] + 4 * self.n)
         slot = 1 - self.slot
         lb = logits.detach().float().cpu().contiguous().numpy()
@@ -307,6 +350,7 @@ class KVFileWriter:
         self._fsync(self._fd)
         body = {"seq": self.seq + 1, "slot": slot, "n": n, "key": self.key, "layout": asdict(lay),
                 "tokens_sha": tokens_digest(tokens[:n]), "table_crc": _table_crc(self.table, b1),
+                "ktable_crc": _table_crc(self.ktable, b1),
                 "logits_crc": zlib.crc32(lb.tobytes())}
         self._write(np.frombuffer(_pack_record(body), dtype=np.uint8), slot * RECORD_BYTES)
         self._fsync(self._fd)

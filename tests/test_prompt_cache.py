@@ -261,7 +261,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_commit(tiny, ids, referenc
         run(tiny, ids, path, every=1000, on_segment=stop)
     # the in-place extension dies part way through its blocks, then (second case) 300 bytes into its record
     lay = KVFileReader(path).layout
-    before_record = lay.layers * (lay.blocks - 2) * lay.stride + 4 * lay.layers * (lay.blocks - 2) + 4 * (N - 64) + 4 * 320
+    before_record = lay.layers * (lay.blocks - 2) * lay.stride + 2 * 4 * lay.layers * (lay.blocks - 2) + 4 * (N - 64) + 4 * 320
     for budget in (50_000, before_record + 300):
         with monkeypatch.context() as m:
             m.setattr(os, "pwrite", DiskFull(budget))
@@ -556,18 +556,30 @@ def test_disk_full_while_a_resumed_session_checkpoints_keeps_the_cache(tiered, t
     assert KVFileReader(path).n == 330
 
 
-def test_sparse_session_resumes_in_place_with_its_index(tiered, tmp_path):
-    """A sparse session's index needs every key: resuming reads the blocks once for it (CRC-checked) and still
-    writes nothing; its selections are the first session's."""
+def test_sparse_session_resumes_in_place_with_its_index(tiered, tmp_path, monkeypatch):
+    """A sparse session's index needs every key: resuming reads the K halves of the blocks it leaves in place
+    (CRC-checked), never their V halves, and writes nothing; its selections are the first session's."""
     t, path = tiered, tmp_path / "sparse.kvc"
     s = t.llm.session(attention="sparse", budget=32)
     prefill_cached(s, t.seq, path)
     want = [s.step(tok) for tok in (11, 12, 13)]
     s.close()
     s = t.llm.session(attention="sparse", budget=32)
+    reads, real = [], os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: reads.append((off, sum(len(b) for b in bufs)))
+                        or real(fd, bufs, off))
     prefill_cached(s, t.seq, path)
+    monkeypatch.undo()
     info, disk = s._prompt_cache_attached, s.attn.store.tiers[2]
-    assert info.in_place_bytes > 0 and info.index_bytes == info.in_place_bytes and disk.bytes_written == 0
+    lay, tiers = KVFileReader(path).layout, s.attn.store._tier
+    assert info.in_place_bytes > 0 and disk.bytes_written == 0
+    assert info.index_bytes * 2 * lay.stride == info.in_place_bytes * lay.block_bytes    # half of each block
+    for layer in range(lay.layers):
+        for b in torch.nonzero(tiers[layer][:330 // 8] == 2).flatten().tolist():     # left in place
+            k0 = lay.block_offset(layer, b)
+            v0, v1 = k0 + lay.block_bytes // 2, k0 + lay.block_bytes
+            assert any(off == k0 for off, _ in reads)                                 # its keys were read
+            assert not any(off < v1 and off + n > v0 for off, n in reads), (layer, b)  # its values were not
     for tok, w in zip((11, 12, 13), want):
         close(s.step(tok), w)
     s.close()
