@@ -136,7 +136,7 @@ def run_gemv(args) -> list[dict]:
     ceiling = 2 * src.numel() * 4 / copy_ms / 1e6     # GB/s: read + write
     del src, dst
     rows = [{"mode": "hbm-copy", "gb_per_s": ceiling}]
-    variants = [tuple(v.split()) for v in args.gemv_variants.split(";")]
+    variants = [() if v.strip() in ("", "default") else tuple(v.split()) for v in args.gemv_variants.split(";")]
     x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in {c for _, c in shapes}}
     for fmt in ("bf16", "Q8_0", "Q4_K", "Q4_0", "Q4_1", "Q6_K"):
         copies = []
