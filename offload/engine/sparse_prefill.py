@@ -36,6 +36,7 @@ class SparsePrefill:
     # sparse-decode index picks `stream_tokens` per KV head for each query block's mean query, and the union over
     # heads and query blocks (plus the sinks) is attended. 0 = streamed history is attended exactly
     stream_tokens: int = 512
+    stream_last: int = 64         # ... and for each of the chunk's last queries alone (a prompt's question is there)
 
     def __post_init__(self):
         if not 0 < self.threshold <= 1 or self.block % self.stride or self.stride < 1 or self.stream_tokens < 0:
@@ -180,12 +181,17 @@ def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
 def streamed_chunks(q: torch.Tensor, index, n: int, chunk_tokens: int, sink_chunks: int,
                     cfg: SparsePrefill) -> torch.Tensor:
     """Chunk ids among the first n stored ones that a chunk's queries attend from streamed history: the union, over
-    KV heads and query blocks, of the index's best `stream_tokens` per head for each query block's mean query,
-    plus the sinks. q: [Hq, T, D] -> int64 [K] sorted, on the CPU (the store looks them up there)."""
+    KV heads and queries, of the index's best `stream_tokens` per head for each query block's mean query and for
+    each of the last `stream_last` queries, plus the sinks. q: [Hq, T, D] -> int64 [K] sorted, on the CPU (the store looks them up there)."""
     per = max(1, -(-cfg.stream_tokens // chunk_tokens))                  # chunks per head and query block
     hit = torch.zeros(n + 1, dtype=torch.int32, device=q.device)         # hit: [n + 1], column n = "not streamed"
-    for a in range(0, q.shape[1], cfg.block):
-        ids = index.select(q[:, a:a + cfg.block].float().mean(1).to(q.dtype), per)  # ids: [Hkv, per] best first
+    T = q.shape[1]
+    # a block's mean query finds what the block as a whole attends; a single token's need (the question at
+    # the end of a prompt asking for a fact far back) is diluted there, so the last queries also ask alone
+    reps = [q[:, a:a + cfg.block].float().mean(1).to(q.dtype) for a in range(0, T, cfg.block)]
+    reps += [q[:, t] for t in range(max(0, T - cfg.stream_last), T)]   # each [Hq, D]
+    for rep in reps:
+        ids = index.select(rep, per)                                     # ids: [Hkv, per] best first
         ids = ids.to(q.device).reshape(-1).clamp(0, n)                   # ids in the window count as column n
         hit.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
     hit[:min(sink_chunks, n)] += 1
