@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -57,6 +58,10 @@ def from_gguf_bytes(fmt: str, raw: torch.Tensor) -> dict[str, torch.Tensor]:
     """raw: uint8 [rows, nblocks * block_bytes] as stored in the file -> planes, each uint8 [rows, nblocks * bytes]."""
     f = FORMATS[fmt]
     rows = raw.shape[0]
+    if raw.device.type == "cpu":   # numpy copies these narrow strided slices ~50x faster than torch on the CPU
+        blocks = raw.numpy().reshape(rows, -1, f.block_bytes)  # blocks: [R, nb, block_bytes]
+        return {name: torch.from_numpy(np.ascontiguousarray(blocks[:, :, off:off + n]).reshape(rows, -1))
+                for name, off, n in f.fields}
     blocks = raw.reshape(rows, -1, f.block_bytes)  # blocks: [R, nb, block_bytes]
     return {name: blocks[:, :, off:off + n].reshape(rows, -1).contiguous() for name, off, n in f.fields}
 
