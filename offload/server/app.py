@@ -92,15 +92,19 @@ def create_app(service: Service, api_key: str | None = None) -> Starlette:
 
     async def _whole(request: HttpRequest, job: Job, reply: Reply) -> Response:
         pieces, getter = [], None
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while True:
                 # asyncio.wait leaves the pending get alone on timeout (wait_for would cancel it, and a get that
                 # completes in that instant loses its event)
                 getter = getter or asyncio.ensure_future(job.events.get())
                 done, _ = await asyncio.wait({getter}, timeout=_POLL_S)
-                if not done:
+                if loop.time() - checked >= _POLL_S:      # also while tokens keep coming
+                    checked = loop.time()
                     if await request.is_disconnected():
                         return Response(status_code=499)
+                if not done:
                     continue
                 kind, value = getter.result()
                 getter = None
