@@ -50,9 +50,12 @@ def ask(url: str, model: str, messages: list, max_tokens: int) -> tuple[float, s
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            choice = chunk["choices"][0] if chunk.get("choices") else {}
+            if choice.get("delta", {}).get("content") or choice.get("finish_reason"):
+                # the first text, or the end: random weights (--load-format dummy) rarely sample a printable
+                # byte, so run them with --max-tokens 1 and the end is the first token
                 first = first or time.perf_counter() - t0
-                text.append(chunk["choices"][0]["delta"]["content"])
+                text.append(choice["delta"].get("content") or "")
             if chunk.get("usage"):
                 u = chunk["usage"]
                 usage = {"prompt_tokens": u["prompt_tokens"], "cached_tokens": u["prompt_tokens_details"]["cached_tokens"]}
