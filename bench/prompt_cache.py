@@ -103,7 +103,7 @@ def resume_rows(a) -> list[dict]:
     work = Path(a.dir or tempfile.mkdtemp(prefix="pcbench-"))
     real = cache_attach.attachable
     for n in _parse_tokens(a.resume_sizes):
-        opts = dict(device=a.device, ctx=n + a.question + 64, attention="full", gpu_mem=a.gpu_mem,
+        opts = dict(device=a.device, ctx=n + a.question + 64, attention=a.attention, gpu_mem=a.gpu_mem,
                     host_mem=a.host_mem, disk_dir=a.disk_dir or str(work / "kv"))
         if a.load_format:
             opts["load_format"] = a.load_format
@@ -131,7 +131,9 @@ def resume_rows(a) -> list[dict]:
             rows.append({"tokens": n, "file_GiB": round(size / 2**30, 3), "mode": mode,
                          "resume_s": round(t1 - t0, 3), "question_s": round(t2 - t1, 3),
                          "first_token_s": round(t2 - t0, 3),
+                         "attention": a.attention,
                          "eager_read_GiB": round((info.eager_bytes if info else size) / 2**30, 3),
+                         "index_keys_read_GiB": round((info.index_bytes if info else 0) / 2**30, 3),
                          "in_place_GiB": round((info.in_place_bytes if info else 0) / 2**30, 3),
                          "spill_written_GiB": round(disk.bytes_written / 2**30, 3), "first_token": tok})
             s.close()
@@ -150,6 +152,7 @@ def main() -> None:
     ap.add_argument("--host-mem", default="64MiB")
     ap.add_argument("--gpu-cap", type=float, default=None)
     ap.add_argument("--disk-dir", default=None, help="the disk tier's folder (default: DIR/kv)")
+    ap.add_argument("--attention", default="full", help="full (exact over tiers) | sparse (the index is rebuilt)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--doc-tokens", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)
