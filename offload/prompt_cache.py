@@ -10,6 +10,9 @@ the new prompt's; then only the rest is prefilled. Anything else (another model 
 document, a truncated or corrupt file) prints one line on stderr, prefills afresh and replaces the file;
 the old file stays intact until the new one's first commit is on disk (offload.kvfile).
 
+A session with a bf16 disk tier resumes without copying the file: its disk tier reads the cache's cold blocks
+where they lie, and only what the GPU and host tiers hold is read at resume (offload/cache_attach.py).
+
 A long prefill runs in segments and commits every `prompt_cache_every` tokens (default 64K once the
 prompt is >= 128K tokens), and once more on Ctrl-C / SIGTERM, so an interrupted prefill resumes where it
 stopped. A checkpoint writes only the blocks added since the last one.
