@@ -309,3 +309,25 @@ def test_quantized_decode_graph_matches_dequantized_twin(weights):
     got, want = torch.stack(out), torch.stack(ref)
     # random weights give near-flat logits, so argmax is no measure here; the values must agree
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+def _assert_same_reader(path):
+    from gguf import GGUFReader
+
+    from offload.model.loaders.gguf_header import GGUFHeader
+    ref, ours = GGUFReader(str(path)), GGUFHeader.read(path)
+    assert set(ref.fields) == set(ours.fields)
+    for key in ref.fields:
+        assert ref.fields[key].contents() == ours.fields[key].contents(), key
+    assert [t.name for t in ref.tensors] == [t.name for t in ours.tensors]
+    for a, b in zip(ref.tensors, ours.tensors):
+        assert (a.tensor_type, list(a.shape), int(a.n_bytes), int(a.data_offset)) == \
+               (b.tensor_type, list(b.shape), b.n_bytes, b.data_offset), a.name
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+
+
+def test_fast_header_reader_matches_ggufreader(quant_gguf, smollm2_gguf):
+    """issue 15: the GGUF is parsed once, by a one-pass reader (0.07 s instead of 2.4 s of CPU for SmolLM2's
+    vocabulary); every field and tensor view equals gguf.GGUFReader's."""
+    _assert_same_reader(quant_gguf)
+    _assert_same_reader(smollm2_gguf)

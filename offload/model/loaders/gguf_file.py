@@ -75,8 +75,10 @@ def forget_reader() -> None:
 def _parse(path: Path):
     from gguf import GGUFReader
 
+    from offload.model.loaders.gguf_header import GGUFHeader
+
     try:
-        reader = GGUFReader(str(path))
+        reader = GGUFHeader.read(path) or GGUFReader(str(path))   # ours: one pass, ~20x faster on a vocabulary
         size = path.stat().st_size
         for tensor in reader.tensors:  # the reader maps lazily: check every tensor lies inside the file
             if int(tensor.data_offset) + int(tensor.n_bytes) > size:
