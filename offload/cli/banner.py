@@ -53,6 +53,7 @@ def banner(llm) -> str:
     dtype = str(llm.dtype).replace("torch.", "")
     kind = getattr(llm.config, "weights", "auto")
     held = dtype if kind in ("auto", "bf16") else f"{kind} blocks"
+    held = getattr(getattr(llm, "model", None), "weight_format", None) or held   # what loaded: Q4_1, Q4_K+Q6_K..
     return (f"offload | model {llm.name} | ctx {_tokens(llm.ctx)} | device {dev} | weights {_size(weight_bytes(llm))} "
             f"({held}) on {dev} | {kv_tiers(llm)} | attention {mode(llm.spec, llm.plan)} | compute {dtype} "
             f"| loaded in {llm.load_s:.1f}s")
