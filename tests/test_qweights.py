@@ -82,6 +82,7 @@ def test_fused_rows_permutation_and_row_reads_match_the_dense_matrix():
     assert fused.formats == ("Q4_K", "Q6_K") and torch.equal(fused.dequantize(), dense)
     idx = torch.tensor([127, 0, 64, 95, 96, 3])
     assert torch.equal(fused[idx], dense[idx]) and torch.equal(fused[5:9], dense[5:9])
+    assert torch.equal(fused[-8:], dense[-8:]) and torch.equal(fused[::7], dense[::7])
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(parts[0].permute_rows(perm).dequantize(), parts[0].dequantize()[perm])
     x = torch.randn(3, 256)

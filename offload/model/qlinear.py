@@ -147,8 +147,8 @@ class QuantWeight:
     def __getitem__(self, idx) -> torch.Tensor:
         """Rows idx (a slice or an index tensor), dequantized: [n, in] in self.dtype (the embedding lookup).
         Long index lists go a run at a time, so a 128K-token prompt needs no float32 copy of all its rows."""
-        if isinstance(idx, slice):
-            idx = torch.arange(self.shape[0], device=self.device)[idx]
+        if isinstance(idx, slice):   # embed[token:token + 1] each eager decode step: no arange over the vocabulary
+            idx = torch.arange(*idx.indices(self.shape[0]), device=self.device)
         idx = torch.as_tensor(idx, device=self.device).reshape(-1)
         if idx.numel() <= _DEQUANT_ROWS:
             return self._rows(idx)
