@@ -39,9 +39,9 @@ def tables(cases: list[dict], teacher: dict | None, context: int) -> str:
     rows_at = {r["method"]: r for r in suite_rows(at, labels)} if at else {}
     same = lambda label: (lambda c: c["methods"][label]["digits"] == c["methods"]["full"]["digits"])  # noqa: E731
     ctxs = sorted({c["context"] for c in cases})
-    out = [f"Cases: {len(cases)} questions ({', '.join(f'{sum(c['context'] == x for c in cases)} at {x // 1024}K' for x in ctxs)}); "
-           f"full attention answers {_count(cases, 'full', lambda c: c['methods']['full']['digits'] == c['answer'])} "
-           "correctly.", ""]
+    per_ctx = ", ".join(f"{sum(c['context'] == x for c in cases)} at {x // 1024}K" for x in ctxs)
+    right = _count(cases, "full", lambda c: c["methods"]["full"]["digits"] == c["answer"])
+    out = [f"Cases: {len(cases)} questions ({per_ctx}); full attention answers {right} correctly.", ""]
     # issue 13
     sparse = [m for m in labels if m != "full" and not m.startswith(("kv:", "prefill:"))]
     teach = {r["method"]: r for r in (teacher or {}).get("rows", [])}
@@ -86,8 +86,10 @@ def main() -> None:
     cases = {}
     for p in args.suite:
         doc = json.loads(Path(p).read_text())
-        for c in doc.get("suite", doc) if isinstance(doc.get("suite", doc), list) else doc["suite"]["cases"]:
-            cases[c["case"]] = c
+        suite = doc["suite"] if isinstance(doc["suite"], list) else doc["suite"]["cases"]
+        for c in suite:        # the same question in several runs: their methods side by side (full is exact)
+            old = cases.get(c["case"], {"methods": {}})
+            cases[c["case"]] = {**c, "methods": {**old["methods"], **c["methods"]}}
     teacher = None
     if args.teacher:
         t = json.loads(Path(args.teacher).read_text())
