@@ -167,7 +167,9 @@ def test_session_with_overrides_is_planned_with_the_weights_already_loaded(monke
     with pytest.raises(CapacityError, match="weights do not fit"):
         backends.plan(spec)                                  # before load: 7 GiB cannot take 15 GiB of weights
     after = backends.plan(spec, weights_loaded=True)
-    assert 4 * GiB <= after.gpu_bytes <= 7 * GiB             # the free memory less the activation reserve
+    # the free memory less the activation and prefill-staging reserve (whole chunks of every layer)
+    room = 7 * GiB - after.gpu_reserve_bytes
+    assert 3 * GiB <= room - after.chunk_bytes * after.num_layers < after.gpu_bytes <= room
     # and the runtime does re-plan that way: a session with overrides on the tiny CPU model
     from fixtures_models import write_tiny_checkpoint
     from offload import LLM
@@ -175,4 +177,4 @@ def test_session_with_overrides_is_planned_with_the_weights_already_loaded(monke
     seen, real = [], backends.plan
     monkeypatch.setattr(backends, "plan", lambda *a, **k: seen.append(k.get("weights_loaded")) or real(*a, **k))
     llm.session(prefill="sparse").close()
-    assert seen == [True]
+    assert seen and all(seen)           # every re-plan of a session (and its room check) counts the weights as in
