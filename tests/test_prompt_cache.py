@@ -590,7 +590,9 @@ def test_sparse_session_resumes_in_place_with_its_index(tiered, tmp_path, monkey
 def test_cuda_tiered_resume_in_place(tiered, tmp_path, attention):
     """On the GPU: the resumed session's KV is the saved KV bit for bit, read through the disk tier from the
     cache file (O_DIRECT where the file system allows it) with nothing written, and decode goes on."""
-    opts = dict(TIERED, device="cuda", attention=attention, budget=32)
+    # bf16 on the GPU halves a chunk against the CPU's float32: half the KiB keeps the tiers' chunk counts, so
+    # the cold blocks still land past GPU + host and are adopted from the file
+    opts = dict(TIERED, device="cuda", attention=attention, budget=32, gpu_mem="30KiB", host_mem="15KiB")
     llm = LLM(str(tiered.llm.config.model), disk_dir=str(tmp_path / "kv"), **opts)
     path, seq = tmp_path / "doc.kvc", tiered.seq
     s = llm.session()
