@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -194,7 +195,10 @@ def test_a_client_that_disconnects_during_a_long_prefill_stops_it(server, client
     from offload.model.llama import LlamaModel
     layer_forward = LlamaModel.layer_forward
 
+    inside = threading.Event()
+
     def slow(self, *a, **k):
+        inside.set()
         time.sleep(0.05)
         return layer_forward(self, *a, **k)
     monkeypatch.setattr(LlamaModel, "layer_forward", slow)      # 1200 tokens: 19 chunks x 2 layers, ~2 s
@@ -204,7 +208,7 @@ def test_a_client_that_disconnects_during_a_long_prefill_stops_it(server, client
     r = c.send(c.build_request("POST", server[0].url + "/v1/chat/completions", json=body,
                                headers={"Authorization": f"Bearer {KEY}"}), stream=True)
     assert next(r.iter_lines()).startswith("data: ")
-    time.sleep(0.5)                       # inside the prefill by now
+    assert inside.wait(60)                # the worker is inside the prefill (a fixed sleep raced a loaded box)
     r.close(), c.close()
     _wait_idle(server)
     st = _stats(server)
