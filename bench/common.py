@@ -42,6 +42,22 @@ def timed(fn, reps: int) -> list[float]:
     return out
 
 
+def event_ms(fn, reps: int) -> float:
+    """Median ms of fn() between CUDA events (GPU time only, no host-side sync cost), after one warm-up call."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return median(times)
+
+
 def median(xs) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 

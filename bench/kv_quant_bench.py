@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from datetime import date
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, print_table  # noqa: E402
+from common import device_name, event_ms, print_table  # noqa: E402
 
 from offload.kernels import _cupy, _cupy_quant  # noqa: E402
 from offload.kernels.quant import PackedFormat, quantize_chunks, reference_gather_attend_q  # noqa: E402
@@ -30,18 +29,7 @@ from offload.kernels.quant import PackedFormat, quantize_chunks, reference_gathe
 HQ, HKV, D, C = 32, 8, 128, 32
 
 
-def _time(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+_time = event_ms
 
 
 def _fill(n: int, fmt: PackedFormat | None, gen_seed: int) -> torch.Tensor:
