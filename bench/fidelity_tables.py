@@ -87,9 +87,10 @@ def main() -> None:
     for p in args.suite:
         doc = json.loads(Path(p).read_text())
         suite = doc["suite"] if isinstance(doc["suite"], list) else doc["suite"]["cases"]
-        for c in suite:        # the same question in several runs: their methods side by side (full is exact)
-            old = cases.get(c["case"], {"methods": {}})
-            cases[c["case"]] = {**c, "methods": {**old["methods"], **c["methods"]}}
+        for c in suite:        # the same question in several runs: their methods side by side, but only
+            old = cases.get(c["case"], {"methods": {}})   # when full attention answered the same (same code)
+            same = old["methods"].get("full", {}).get("text") == c["methods"]["full"]["text"]
+            cases[c["case"]] = {**c, "methods": {**(old["methods"] if same else {}), **c["methods"]}}
     teacher = None
     if args.teacher:
         t = json.loads(Path(args.teacher).read_text())
