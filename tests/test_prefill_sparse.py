@@ -163,3 +163,23 @@ def test_tiered_backend_prefills_sparse_too(tmp_path):
             assert stats["sparse_prefill_chunks"] > 0 and 0 < stats["sparse_prefill_density"] <= 1
         s.close()
     assert torch.nn.functional.cosine_similarity(logits["exact"], logits["sparse"], dim=0) > 0.99
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_dense_backend_decodes_exactly_under_sparse_prefill(T):
+    """prefill="sparse" makes multi-token forwards block-sparse; a decode step (T = 1) stays exact. The CPU dense
+    backend used to run single-token steps block-sparse too (its static GPU branch hid it there)."""
+    from offload.engine.dense import DenseAttention
+    q, k, v = peaked(T=T, S=1500, seed=5)                         # history far past sinks + the local band
+    attn = DenseAttention(1, 2, 16, 2048, "cpu", torch.float32, sparse_prefill=SparsePrefill(threshold=0.3))
+    exact = DenseAttention(1, 2, 16, 2048, "cpu", torch.float32)
+    for backend in (attn, exact):
+        backend.begin(1500 - T)
+        backend.attend(0, q.new_zeros(q.shape[0], 1500 - T, 16), k[:, :1500 - T], v[:, :1500 - T])
+        backend.end()
+        backend.begin(T)
+    got, ref = attn.attend(0, q, k[:, 1500 - T:], v[:, 1500 - T:]), exact.attend(0, q, k[:, 1500 - T:], v[:, 1500 - T:])
+    if T == 1:
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    else:                                                         # a short append is still prefill: sparse
+        assert not torch.equal(got, ref)

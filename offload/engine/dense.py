@@ -68,7 +68,7 @@ class DenseAttention(AttentionBackend, PersistableKV):
         kc[:, off:off + T] = k
         vc[:, off:off + T] = v
         self._off[layer] = off + T
-        if self.sparse_prefill is not None:
+        if self.sparse_prefill is not None and T > 1:   # prefill only: a decode step is always exact
             return sparse_causal_attend(q, kc[:, :off + T], vc[:, :off + T], off, self.sparse_prefill,
                                         self.prefill_stats)  # [Hq, T, D]
         return causal_attend(q, kc[:, :off + T], vc[:, :off + T], off)  # [Hq, T, D]
