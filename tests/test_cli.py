@@ -188,7 +188,9 @@ def test_llama_cpp_flags_are_screened_without_touching_values():
 def test_truncation_notice_banner_and_plain_progress_lines(tiny_chat_model, tmp_path, capsys, monkeypatch):
     import offload.progress as progress
     monkeypatch.delenv("OFFLOAD_NO_PROGRESS", raising=False)
-    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.05)      # stderr is not a terminal here: plain lines
+    # stderr is not a terminal here: plain lines; 0 s prints every update (a 0.05 s period printed nothing when
+    # a quiet machine prefilled the prompt faster than that)
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("prefill_chunk: 32\n")                     # the prompt spans chunks, so prefill reports
     code, out, err = run_main(["-m", tiny_chat_model, "--device", "cpu", "--config", str(cfg), "-n", "3", "-ngl", "9",
