@@ -207,14 +207,22 @@ def test_truncation_notice_banner_and_plain_progress_lines(tiny_chat_model, tmp_
     assert prefill and "tok/s" in prefill[-1] and "eta" in prefill[-1] and "100.0%" in prefill[-1]
 
 
+def _wait_for(cond, timeout: float = 30.0) -> None:
+    """Poll until cond() holds (a fixed sleep races a loaded machine's thread scheduling)."""
+    import time
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
 def test_load_lines_keep_coming_while_one_step_is_long():
     """Reading a big file is one step of the load: a non-terminal stderr still gets a line every few seconds."""
-    import time
     from offload.progress import StepLines
     out = io.StringIO()
     lines = StepLines("loading m", 3, out, every=0.02)
     lines(1)
-    time.sleep(0.2)                                             # one long step, no updates
+    _wait_for(lambda: len(out.getvalue().splitlines()) >= 2)    # one long step, no updates: lines keep coming
     lines.finish()
     got = out.getvalue().splitlines()
     assert len(got) >= 3 and got[0].startswith("loading m: 1/3 steps (33%), ")
@@ -226,7 +234,7 @@ def test_load_lines_keep_coming_while_one_step_is_long():
     assert quiet.getvalue() == ""                               # a quick load prints nothing
     timed = io.StringIO()
     reading = StepLines("reading m", None, timed, every=0.02)   # no steps (the model's metadata): the time only
-    time.sleep(0.1)
+    _wait_for(lambda: timed.getvalue())
     reading.finish()
     reading.finish()                                            # stopping twice is harmless
     assert timed.getvalue().splitlines()[0].startswith("reading m: 0m00s")
