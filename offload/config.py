@@ -163,7 +163,7 @@ class OffloadConfig:
                 raise ConfigError(f"prompt_cache_every must be >= 0 (0: save only at the end), got {self.prompt_cache_every}")
         # sparse selection: a bad budget (mass p outside (0, 1], floor above cap) or index option fails here,
         # before any weight loads, whatever attention mode ends up chosen
-        from offload.indexes import Budget, check_index_options   # lazy: the indexes import torch kernels
+        from offload.indexes import Budget, check_index_options   # no torch unless index options need checking
         Budget.parse(self.budget, self.streaming_heads)
         check_index_options(self.index, self.index_options or {})
 

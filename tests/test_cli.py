@@ -159,7 +159,8 @@ def test_sampling_and_llama_flag_errors_exit_2_in_one_line(capsys, monkeypatch):
 def test_help_and_option_errors_do_not_import_torch():
     """What makes --help and option errors instant: torch (seconds to import) is never loaded for them."""
     code = ("import sys; from offload.cli.main import main\n"
-            "for argv in (['--help'], ['--top-k', '-3'], ['-ngl', '99', '--ctx', '12X'], ['--stop', ''], ['--index', 'x']):\n"
+            "for argv in (['--help'], ['--top-k', '-3'], ['-ngl', '99', '--ctx', '12X'], ['--stop', ''], ['--index', 'x'],\n"
+            "             ['--budget', 'p=2'], ['--budget', 'p=0.5,floor=4K,cap=2K']):\n"
             "    try: main(argv)\n"
             "    except SystemExit as e: assert e.code in (0, 2), e.code\n"
             "print('torch' in sys.modules)")

@@ -16,11 +16,12 @@ from __future__ import annotations
 import inspect
 
 from offload.errors import ConfigError
-from offload.indexes.base import ChunkIndex
-from offload.indexes.budget import Budget
-from offload.indexes.metrics import chunk_attention_mass, mass_recall
-from offload.indexes.shadow import ShadowKeyIndex
-from offload.indexes.summary import ChunkSummaryIndex
+from offload.indexes.budget import Budget   # no torch: config checks (--budget) stay instant
+
+# the indexes and their metrics import torch (seconds); they load on first use, so a bad --budget or index
+# option is refused without it
+_LAZY = {"ChunkIndex": "base", "ChunkSummaryIndex": "summary", "ShadowKeyIndex": "shadow", "FaissANNIndex": "ann",
+         "chunk_attention_mass": "metrics", "mass_recall": "metrics"}
 
 __all__ = ["ChunkIndex", "ChunkSummaryIndex", "ShadowKeyIndex", "FaissANNIndex", "Budget", "make_index",
            "check_index_options",
@@ -30,16 +31,10 @@ METHODS = ("summary", "shadow", "ann")
 
 
 def _index_class(method: str):
-    if method == "summary":
-        cls = ChunkSummaryIndex
-    elif method == "shadow":
-        cls = ShadowKeyIndex
-    elif method == "ann":
-        from offload.indexes.ann import FaissANNIndex   # faiss loads only when asked for
-        cls = FaissANNIndex
-    else:
+    names = {"summary": "ChunkSummaryIndex", "shadow": "ShadowKeyIndex", "ann": "FaissANNIndex"}  # faiss: on ask
+    if method not in names:
         raise ConfigError(f"unknown index method {method!r}; use one of {', '.join(map(repr, METHODS))}")
-    return cls
+    return __getattr__(names[method])
 
 
 _KINDS = {bool: ((bool,), "true or false"), int: ((int,), "a whole number"), float: ((int, float), "a number"),
@@ -50,7 +45,10 @@ def check_index_options(method: str, options: dict) -> None:
     """Unknown names and values of the wrong type -> one-line ConfigError (before any weight loads).
 
     The type is the constructor default's (an option whose default is None is checked by the index itself)."""
-    params = inspect.signature(_index_class(method)).parameters
+    if method not in METHODS or options:     # an unknown method fails here, with or without options
+        params = inspect.signature(_index_class(method)).parameters
+    else:
+        return                               # nothing to check: the index classes (and torch) need not load
     unknown = sorted(set(options) - set(params))
     if unknown:
         raise ConfigError(f"index method {method!r} has no option(s) {', '.join(map(str, unknown))}; "
@@ -77,7 +75,7 @@ def make_index(method: str, **kw) -> ChunkIndex:
 
 
 def __getattr__(name: str):
-    if name == "FaissANNIndex":
-        from offload.indexes.ann import FaissANNIndex
-        return FaissANNIndex
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"offload.indexes.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'offload.indexes' has no attribute {name!r}")
