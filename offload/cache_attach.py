@@ -101,27 +101,25 @@ def attach(attn, reader, fix: str) -> Attached:
     room = sum(t.num_free for t in store.tiers[:2]) - 2 * store.gpu_headroom   # slack: the put's demotion batch
     sinks, newest = eager_blocks(n_full, attn.L, room, store.policy.sink_chunks, store.policy.window_chunks)
     cold0, cold1 = sinks, n_full - newest
-    attn.begin(n)
-    attn._token_path = False           # the staged path's bookkeeping, as load_kv uses it
-    sparse = attn.selector.sparse and n_full > 0
-    with ThreadPoolExecutor(_THREADS, thread_name_prefix="offload-cache-read") as pool:
-        for layer in range(attn.L):
-            # a sparse index is built once over all keys, as a copy-in load does: [Hkv, n_full*C, D]
-            keys = torch.empty(attn.Hkv, n_full * C, attn.D, device=attn.device, dtype=attn.dtype) if sparse else None
-            _put_blocks(pool, attn, reader, layer, 0, sinks, keys)
-            if cold1 > cold0:
-                store.adopt(layer, cold0, reader.extents(layer, cold0, cold1 - cold0, fix))
-                if sparse:      # the K halves only; the V halves stay unread until attention wants them
-                    for s, k in _groups(pool, reader.read_keys, layer, cold0, cold1 - cold0, lay.block_bytes // 2):
-                        _keys_into(keys, s, k, C)
-            _put_blocks(pool, attn, reader, layer, cold1, newest, keys)
-            if tail:
-                kv = reader.read_blocks(layer, n_full, 1)[0].to(attn.device)    # kv: [2, Hkv, C, D]
-                attn.tail_k[layer, :, :tail], attn.tail_v[layer, :, :tail] = kv[0, :, :tail], kv[1, :, :tail]
-            if sparse:
-                attn.selector.index_chunks(layer, 0, keys)
-    attn._next_tail = (n_full, tail)
-    attn.end()
+    with attn.bulk_fill(n):            # the session's length is n once the block ends
+        sparse = attn.selector.sparse and n_full > 0
+        with ThreadPoolExecutor(_THREADS, thread_name_prefix="offload-cache-read") as pool:
+            for layer in range(attn.L):
+                # a sparse index is built once over all keys, as a copy-in load does: [Hkv, n_full*C, D]
+                keys = (torch.empty(attn.Hkv, n_full * C, attn.D, device=attn.device, dtype=attn.dtype)
+                        if sparse else None)
+                _put_blocks(pool, attn, reader, layer, 0, sinks, keys)
+                if cold1 > cold0:
+                    store.adopt(layer, cold0, reader.extents(layer, cold0, cold1 - cold0, fix))
+                    if sparse:      # the K halves only; the V halves stay unread until attention wants them
+                        for s, k in _groups(pool, reader.read_keys, layer, cold0, cold1 - cold0, lay.block_bytes // 2):
+                            _keys_into(keys, s, k, C)
+                _put_blocks(pool, attn, reader, layer, cold1, newest, keys)
+                if tail:
+                    kv = reader.read_blocks(layer, n_full, 1)[0].to(attn.device)    # kv: [2, Hkv, C, D]
+                    attn.tail_k[layer, :, :tail], attn.tail_v[layer, :, :tail] = kv[0, :, :tail], kv[1, :, :tail]
+                if sparse:
+                    attn.selector.index_chunks(layer, 0, keys)
     per_layer = (sinks + newest + (tail > 0)) * lay.stride
     cold = (cold1 - cold0) * lay.stride * attn.L
     return Attached(n, per_layer * attn.L, cold, (cold1 - cold0) * (lay.block_bytes // 2) * attn.L if sparse else 0)

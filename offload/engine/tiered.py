@@ -13,6 +13,7 @@ class keeps the tail and drives the staging.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -149,6 +150,18 @@ class TieredAttention(AttentionBackend, PersistableKV):
         hk, hv = from_chunks(self.store.read(layer, range(self.n_chunks)))      # hk, hv: [Hkv, n*C, D] (host)
         return (torch.cat([hk.to(self.device), self.tail_k[layer, :, :self.tail_len]], 1),
                 torch.cat([hv.to(self.device), self.tail_v[layer, :, :self.tail_len]], 1))  # [Hkv, length, D] each
+
+    @contextlib.contextmanager
+    def bulk_fill(self, n: int):
+        """An empty session takes n tokens written straight to the store and the tail (a resumed cache file):
+        inside, the caller puts chunks 0..n//C-1 of every layer and writes tail rows 0..n%C-1; then the length is n."""
+        if self._len:
+            raise ValueError("bulk_fill needs an empty session")
+        self.begin(n)
+        self._token_path = False       # the staged path's bookkeeping: end() takes the tail from _next_tail
+        yield
+        self._next_tail = (n // self.C, n % self.C)
+        self.end()
 
     def load_kv(self, layers) -> None:
         n = 0
