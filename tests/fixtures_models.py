@@ -45,6 +45,20 @@ def smollm2_gguf() -> Path:
     return smollm2_gguf_path()
 
 
+def smollm2_cpu_llm(path, ctx: int):
+    """Generator body of a module fixture: the SmolLM2 GGUF on the CPU at `ctx`, with torch held to 2 threads (the
+    CI machine's cores) while it lives."""
+    from offload import LLM
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    model = LLM(str(path), device="cpu", ctx=ctx, show_progress=False)
+    try:
+        yield model
+    finally:
+        model.close()
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_transformers(smollm2_gguf):
     """transformers' own reading of the same GGUF: (model float32, tokenizer), the reference."""

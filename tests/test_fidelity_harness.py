@@ -7,23 +7,17 @@ import sys
 import pytest
 import torch
 
-from fixtures_models import smollm2_gguf  # noqa: F401  (session fixture)
+from fixtures_models import smollm2_cpu_llm, smollm2_gguf  # noqa: F401  (session fixture)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from fidelity_sessions import Method, fork, greedy_answer  # noqa: E402
 from fidelity_suite import KINDS, SOURCES, answer_numbers, run_suite, suite_docs, suite_rows  # noqa: E402
 
-from offload import LLM  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf):  # noqa: F811
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
-    model = LLM(str(smollm2_gguf), device="cpu", ctx=8192, show_progress=False)
-    yield model
-    model.close()
-    torch.set_num_threads(threads)
+    yield from smollm2_cpu_llm(smollm2_gguf, 8192)
 
 
 def test_default_suite_has_100_cases_over_three_sources_and_four_tasks(llm):

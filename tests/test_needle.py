@@ -11,25 +11,18 @@ import os
 import sys
 
 import pytest
-import torch
 
-from fixtures_models import smollm2_gguf  # noqa: F401  (session fixture)
+from fixtures_models import smollm2_cpu_llm, smollm2_gguf  # noqa: F401  (session fixture)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from fidelity_data import extract_digits, haystack_ids, needle_cases  # noqa: E402
 from fidelity_sessions import greedy_answer  # noqa: E402
 
-from offload import LLM  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf):  # noqa: F811
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
-    model = LLM(str(smollm2_gguf), device="cpu", ctx=4096, show_progress=False)
-    yield model
-    model.close()
-    torch.set_num_threads(threads)
+    yield from smollm2_cpu_llm(smollm2_gguf, 4096)
 
 
 def test_passkey_mid_depth_sparse_matches_full(llm):
