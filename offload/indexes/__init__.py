@@ -14,9 +14,13 @@ keeps 0.25 GiB on the GPU and 1-2 GiB on the host for Llama-3-8B at 64-token chu
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
 from offload.errors import ConfigError
 from offload.indexes.budget import Budget   # no torch: config checks (--budget) stay instant
+
+if TYPE_CHECKING:
+    from offload.indexes.base import ChunkIndex
 
 # the indexes and their metrics import torch (seconds); they load on first use, so a bad --budget or index
 # option is refused without it
