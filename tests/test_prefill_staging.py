@@ -50,7 +50,7 @@ def test_streamed_prefill_with_a_small_window_is_exact(tiny, ids, dense, tmp_pat
     store mid-layer; prefill (in two calls, so the second has stored history) and decode stay exact."""
     import offload.backends
     from offload.engine.staging import PrefillStage
-    C, Hkv, D = TIERED_OPTS["chunk_tokens"], 2, tiny.model.config.hidden_size // tiny.model.config.num_attention_heads
+    Hkv, D = 2, tiny.model.config.hidden_size // tiny.model.config.num_attention_heads
     window = 64                                            # tokens; the prompt is 250
     monkeypatch.setattr(offload.backends, "prefill_stage_bytes", lambda p: window * 2 * Hkv * D * 4)
     peaks, streamed = [], []
