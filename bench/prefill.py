@@ -69,8 +69,12 @@ def micro(S: int, reps: int) -> dict:
 
 def load_offload(args, n: int):
     from offload import LLM
-    opts = dict(model=args.model, load_format="dummy", ctx=n + 64 + args.decode_steps, attention=args.attention,
-                kv_dtype=args.kv_dtype)
+    ctx = max(n + 64 + args.decode_steps, parse_tokens(args.plan_ctx) if args.plan_ctx else 0)
+    opts = dict(model=args.model, load_format="dummy", ctx=ctx, attention=args.attention,
+                kv_dtype=args.kv_dtype, prefill_chunk=args.prefill_chunk)
+    if args.stream:
+        from offload.tiers.store import TieredKVStore
+        TieredKVStore.stream_copy = args.stream == "copy"
     if args.host_mem:
         opts["host_mem"] = args.host_mem
     if args.disk_dir:
@@ -142,7 +146,8 @@ def run_offload(args, llm, n: int, mode: str) -> dict:
     row = {"bench": "prefill", "mode": label, "ctx": n, "tokens_done": done, "prefill_s": secs, "tok_s": done / secs,
            "tflops": flops / secs / 1e12, "peak_gib": peak_gib(), "backend": type(sess.attn).__name__,
            "finite": bool(torch.isfinite(logits).all()), "kernel": ops.kernel_report(), "stages": stages,
-           "kv_dtype": args.kv_dtype, "streamed_tokens": getattr(getattr(sess.attn, "staging", None), "streamed_tokens", 0)}
+           "kv_dtype": args.kv_dtype, "prefill_chunk": args.prefill_chunk, "stream": args.stream or "default",
+           "streamed_tokens": getattr(getattr(sess.attn, "staging", None), "streamed_tokens", 0)}
     if mode == "sparse":
         row["density"] = st.get("sparse_prefill_density")
     if args.decode_steps and done == n:      # the end-to-end check: decode right after the long prefill
@@ -225,6 +230,11 @@ def main() -> None:
     ap.add_argument("--attention", default="full", help="decode attention of the session (full or sparse)")
     ap.add_argument("--stage", default="", help="prefill in calls of this many tokens (e.g. 128K); '' = one call")
     ap.add_argument("--decode-steps", type=int, default=0, help="greedy decode steps timed after the prefill")
+    ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per forward chunk of a prefill")
+    ap.add_argument("--plan-ctx", default="", help="plan the session for this context (e.g. 1M: its memory layout) "
+                    "while prefilling only --ctx tokens")
+    ap.add_argument("--stream", choices=["", "uva", "copy"], default="",
+                    help="how streamed host history reaches the GPU ('' = the runtime's default)")
     ap.add_argument("--out", default="bench/out/prefill.json")
     args = ap.parse_args()
     rows = []

@@ -230,7 +230,8 @@ class Session:
         # interrupt(): polled between prefill chunks; True cancels the prefill (PrefillCancelled) and closes the
         # session, whose KV is then half-written (a server stops a long prefill whose client went away)
         self.interrupt: Callable[[], bool] | None = None
-        self.engine = Engine(llm.model, attn, prefill_chunk=config.prefill_chunk, use_cuda_graph=config.cuda_graph)
+        self.engine = Engine(llm.model, attn, prefill_chunk=config.prefill_chunk, use_cuda_graph=config.cuda_graph,
+                             stream_chunk=config.stream_chunk)
         self.tokens: list[int] = []
         self._decode_s, self._decoded, self._ttft = 0.0, 0, None
         self.closed = False

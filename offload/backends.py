@@ -99,7 +99,7 @@ def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
             index += token_stage_bytes(mc, cfg, spec.ctx, spec.dtype)
         # its prefill window and streamed blocks (engine/staging.py): a window, three quarter-window blocks
         # in flight, and a put's chunk copies
-        p = budget(index, 2 * prefill_stage_bytes(p) + (128 << 20))
+        p = budget(index, 2 * prefill_stage_bytes(p) + (128 << 20) + long_chunk_bytes(mc, cfg))
     return p
 
 
@@ -133,6 +133,14 @@ def new_index(spec: RuntimeSpec, cfg, device=None):
     return make_index(cfg.index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads, head_dim=mc.head_dim,
                       chunk_tokens=C, device=device or spec.device, dtype=spec.dtype,
                       max_chunks=math.ceil(spec.ctx / C), **(cfg.index_options or {}))
+
+
+def long_chunk_bytes(mc, cfg) -> int:
+    """Extra GPU bytes of a long forward's attention on CUDA (engine/runner.py runs it in stream_chunk tokens, not
+    prefill_chunk): per query token, the float32 running output and its merge temporaries (3 x Hq x D x 4) and
+    the bf16 query and cuDNN output (2 x Hq x D x 2). The MLP keeps its 2K-row pieces (model/llama.py)."""
+    extra = max(0, cfg.stream_chunk - cfg.prefill_chunk)
+    return extra * mc.num_heads * mc.head_dim * 16
 
 
 def prefill_stage_bytes(p) -> int:

@@ -99,6 +99,8 @@ class OffloadConfig:
     weights: str = "auto"                 # auto: a GGUF's blocks stay quantized on a GPU | bf16 (dequantized)
                                           # | q8_0 | q4 (Q4_K): matrices quantized at load (lossy)
     prefill_chunk: int = 2048
+    stream_chunk: int = 8192              # tokens per forward chunk of a long tiered prefill on CUDA (one that streams
+                                          # history): each chunk reads the streamed history once, so larger is faster
     cuda_graph: bool = True               # capture decode steps in CUDA graphs (False: eager, e.g. to compare)
     prefill: str = "exact"                # exact | sparse (block-sparse history, lossy: bench/RESULTS.md, issue 11)
     prompt_cache: str | None = None       # CLI: a file that keeps the document's prefilled KV (offload.prompt_cache)
@@ -154,7 +156,7 @@ class OffloadConfig:
         tc = self.token_candidates
         if isinstance(tc, bool) or not isinstance(tc, (int, float)) or not tc >= 1 or tc == float("inf"):
             raise ConfigError(f"token_candidates must be a number >= 1 (candidate chunks per budget chunk), got {tc!r}")
-        for name in ("chunk_tokens", "prefill_chunk"):
+        for name in ("chunk_tokens", "prefill_chunk", "stream_chunk"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.prompt_cache_every is not None:
@@ -280,7 +282,8 @@ def env_overrides(environ=None) -> dict:
         if name in ("temperature", "top_p", "token_candidates", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty"):
             out[name] = _num(raw, float, name)
-        elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk", "sink_tokens", "window_tokens",
+        elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk", "stream_chunk", "sink_tokens",
+                      "window_tokens",
                       "top_k"):
             out[name] = _num(raw, int, name)
         elif name == "cuda_graph":

@@ -39,7 +39,7 @@ AUTO_EVERY = 64 * 1024            # checkpoint interval once a prompt is long en
 AUTO_MIN_PROMPT = 128 * 1024
 SEGMENT_MAX = 16 * 1024           # an interrupt loses at most one segment of work
 _HEAD_BYTES = 1 << 20             # bytes hashed at the start of each weight file (its header and then some)
-_KV_OPTIONS = ("prefill_chunk", "kv_dtype", "prefill")   # config options that change the KV values
+_KV_OPTIONS = ("prefill_chunk", "stream_chunk", "kv_dtype", "prefill")   # config options that change the KV values
 
 
 def note(message: str) -> None:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fixtures_models import TIERED_OPTS, run_session, write_tiny_checkpoint
+from fixtures_models import TIERED_OPTS, run_session
 from offload import LLM
 from offload.indexes.adaptive import MassBudgetIndex
 
@@ -41,3 +41,19 @@ def test_mass_budget_in_the_captured_cuda_step(tiny, ids, index):
                        ids, 250)
     used = [i.selected_chunks() for i in s.attn.indexes]
     assert all(2 <= u <= 20 for u in used), used
+
+
+@pytest.mark.gpu
+def test_a_closed_session_gives_its_device_memory_back_at_once(tiny, ids):
+    """close() frees the session's indexes (sized for the whole context) and tail while the object is still
+    referenced: the next session of the LLM is planned into that room (a 512K index is 2 GiB)."""
+    llm = LLM(str(tiny.path), attention="sparse", budget="p=0.5,floor=16,cap=160",
+              **dict(OPTS, device="cuda", dtype="float32", ctx=4096))
+    s = llm.session()
+    s.prefill(ids[:200])
+    torch.cuda.synchronize()
+    index_bytes = sum(i.gpu_bytes(4096 // 8) for i in s.attn.indexes)
+    before = torch.cuda.memory_allocated()
+    s.close()
+    torch.cuda.synchronize()
+    assert before - torch.cuda.memory_allocated() >= index_bytes > 0

@@ -45,6 +45,28 @@ def test_chunked_prefill_equals_one_shot(tmp_path):
     torch.testing.assert_close(one.step(5), many.step(5), rtol=0, atol=1e-5)
 
 
+def test_long_chunks_run_their_mlp_in_row_pieces_with_the_same_logits(tmp_path, monkeypatch):
+    """A prefill chunk longer than MLP_ROWS gets its attention whole and its dense part in row pieces (memory):
+    the logits still equal transformers', after a first call and after a second that attends its history."""
+    import offload.model.llama as llama
+    tiny = write_tiny_checkpoint(tmp_path, "llama")
+    ids = torch.randint(0, tiny.model.config.vocab_size, (100,), generator=torch.Generator().manual_seed(3))
+    ref = hf_logits(tiny.model, ids)  # ref: [100, V]
+    monkeypatch.setattr(llama, "MLP_ROWS", 7)
+    pieces = []
+    real = llama.LlamaModel.attn_output_mlp
+
+    def spy(self, i, x, o):
+        pieces.append(x.shape[0])
+        return real(self, i, x, o)
+    monkeypatch.setattr(llama.LlamaModel, "attn_output_mlp", spy)
+    sess = LLM(str(tiny.path), device="cpu", ctx=256, prefill_chunk=4096).session()
+    for start, end in ((0, 50), (50, 100)):     # two calls: the second attends a history
+        got = sess.prefill(ids[start:end].tolist())
+        torch.testing.assert_close(got, ref[end - 1], rtol=0, atol=1e-4)
+    assert max(pieces) == 50 and min(pieces) <= 7    # the whole chunk came in, and was cut into 7-row pieces
+
+
 def test_greedy_generation_matches_transformers(tmp_path):
     tiny = write_tiny_checkpoint(tmp_path, "qwen2")
     prompt = torch.randint(0, tiny.model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3))

@@ -91,8 +91,9 @@ IGNORED = {
     **dict.fromkeys(("-ngl", "--n-gpu-layers", "--gpu-layers"), (1, _GPU_LAYERS)),
     **dict.fromkeys(("-t", "--threads", "-tb", "--threads-batch"), (1, "torch picks the CPU threads "
                                                                         "(set OMP_NUM_THREADS to change it)")),
-    **dict.fromkeys(("-b", "--batch-size", "-ub", "--ubatch-size"), (1, "prefill runs in 2K-token chunks "
-                                                                         "(YAML prefill_chunk)")),
+    **dict.fromkeys(("-b", "--batch-size", "-ub", "--ubatch-size"), (1, "prefill runs in 2K-token chunks, 8K "
+                                                                         "once it streams history (YAML "
+                                                                         "prefill_chunk, stream_chunk)")),
     **dict.fromkeys(("-fa", "--flash-attn"), (0, "attention is fused on the GPU already")),
     **dict.fromkeys(("--mlock", "--no-mmap", "--mmap"), (0, "weights are read into GPU memory, not mapped")),
     **dict.fromkeys(("-cnv", "--conversation", "-i", "--interactive", "--color", "-no-cnv"),

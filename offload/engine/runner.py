@@ -21,9 +21,9 @@ class Engine:
     """
 
     def __init__(self, model: LlamaModel, attn: AttentionBackend, prefill_chunk: int = 2048,
-                 use_cuda_graph: bool = True):
+                 use_cuda_graph: bool = True, stream_chunk: int = 8192):
         self.model, self.attn = model, attn
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.stream_chunk = prefill_chunk, stream_chunk
         self.device = model.device
         graphs = use_cuda_graph and self.device.type == "cuda"
         self.use_graph = graphs and attn.static                        # whole step in one graph
@@ -49,16 +49,26 @@ class Engine:
         x = m.embed[ids_t]  # x: [N, H]
         if x.is_cuda and x.numel() * x.element_size() > HOST_HIDDEN_BYTES:
             # a long prompt's hidden states wait in pinned host memory; one chunk at a time visits the GPU
-            x = x.cpu().pin_memory()  # x: [N, H] (host)
-        chunks = [(s, min(s + self.prefill_chunk, N)) for s in range(0, N, self.prefill_chunk)]
+            # straight into pinned memory: a pageable copy runs at a few GB/s (0.4 s for 64K tokens of an 8B model)
+            x = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)  # x: [N, H] (host)
+        size = self.prefill_chunk
+        long_forward = getattr(self.attn, "long_forward", None)
+        if self.device.type == "cuda" and self.stream_chunk > size and long_forward is not None and long_forward(N):
+            # every forward chunk reads the streamed history once: fewer, larger chunks read it fewer times, and
+            # the GPU's queue grows long enough to hide the host's work (the store's puts, the next block's
+            # lookups) behind it (bench/RESULTS.md, issue 11)
+            size = self.stream_chunk
+        chunks = [(s, min(s + size, N)) for s in range(0, N, size)]
         ropes = [m.rope(pos[s:e]) for s, e in chunks] if len(chunks) <= 64 else None
+        hidden = _HiddenStates(x, self.device)
         for layer in range(m.cfg.num_layers):
             for j, (s, e) in enumerate(chunks):
                 cos, sin = ropes[j] if ropes is not None else m.rope(pos[s:e])  # cos, sin: [T, D]
-                xs = x[s:e].to(self.device, non_blocking=True)  # xs: [T, H]
-                x[s:e].copy_(m.layer_forward(layer, xs, cos, sin, self.attn), non_blocking=True)
+                xs = hidden.get(s, e, chunks[(j + 1) % len(chunks)])  # xs: [T, H]
+                hidden.put(s, e, m.layer_forward(layer, xs, cos, sin, self.attn))
                 if progress:   # token-layer units: layer * N + tokens of this layer done
                     progress(layer * N + e, m.cfg.num_layers * N)
+        hidden.done()
         logits = m.logits(x[-1:].to(self.device))[0]  # logits: [V]
         self.attn.end()
         if self.device.type == "cuda":
@@ -152,3 +162,52 @@ class Engine:
         self._captured_once = True
         self._captures += 1
         self._capture_s += time.perf_counter() - t0
+
+
+class _HiddenStates:
+    """A prefill's hidden states x: [N, H], on the device, or (a long prompt) in pinned host memory with one chunk
+    at a time on the device. Host chunks move on a copy stream, the next one read while this one computes and
+    each written back behind its compute, so the 2 x N x H x 2 bytes per layer cross PCIe off the critical path."""
+
+    def __init__(self, x: torch.Tensor, device: torch.device):
+        self.x, self.device = x, device
+        self.copy = torch.cuda.Stream(device) if device.type == "cuda" and not x.is_cuda else None
+        self.next = None                                                   # (s, e, xs on the device, ready)
+
+    def get(self, s: int, e: int, following: tuple[int, int]) -> torch.Tensor:
+        """Rows s:e on the device; starts the read of `following` (s, e) behind them."""
+        if self.copy is None:
+            return self.x[s:e].to(self.device, non_blocking=True)          # [T, H]
+        compute = torch.cuda.current_stream(self.device)
+        if self.next is None or self.next[:2] != (s, e):
+            self.next = (s, e, *self._read(s, e))
+        xs, ready = self.next[2:]
+        compute.wait_event(ready)
+        xs.record_stream(compute)
+        # one chunk only: its next read must follow this layer's write-back, so it is not started early
+        self.next = (*following, *self._read(*following)) if following != (s, e) else None
+        return xs
+
+    def put(self, s: int, e: int, out: torch.Tensor) -> None:
+        """Rows s:e = out [T, H] (device), written back behind the compute that makes it."""
+        if self.copy is None:
+            self.x[s:e].copy_(out, non_blocking=True)
+            return
+        self.copy.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy):
+            self.x[s:e].copy_(out, non_blocking=True)
+        out.record_stream(self.copy)
+
+    def done(self) -> None:
+        """Every write-back landed (the caller reads x next)."""
+        if self.copy is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy)
+            self.copy.synchronize()
+            self.next = None
+
+    def _read(self, s: int, e: int):
+        with torch.cuda.stream(self.copy):                 # after every write-back queued so far (same stream)
+            xs = self.x[s:e].to(self.device, non_blocking=True)            # xs: [T, H]
+            ready = torch.cuda.Event()
+            ready.record(self.copy)
+        return xs, ready

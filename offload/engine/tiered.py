@@ -104,6 +104,11 @@ class TieredAttention(AttentionBackend, PersistableKV):
         self._tok_s += time.perf_counter() - t if plan is not None and plan.token_k else 0.0
         return o
 
+    def long_forward(self, num_new: int) -> bool:
+        """A forward that streams history past the prefill window or fills a quarter of it: the engine runs it
+        in larger chunks (fewer history reads, and a GPU queue long enough to hide the store's puts)."""
+        return self._len + num_new > self.staging.cap or 4 * num_new >= self.staging.cap
+
     def _attend_staged(self, layer: int, q, k, v) -> torch.Tensor:
         """Long forward: the layer's window on the device, older history streamed (engine/staging.py)."""
         if self.staging.layer != layer:
@@ -192,4 +197,10 @@ class TieredAttention(AttentionBackend, PersistableKV):
         return out
 
     def close(self) -> None:
+        """Free the session's device memory now, not when the object is collected: its indexes are sized for the
+        whole context (GiBs at 512K+), and the next session of the same LLM is planned into that room."""
         self.store.close()
+        self.staging.release()
+        if self.selector.indexes is not None:
+            self.selector.indexes = [None] * len(self.selector.indexes)
+        self.tail_k = self.tail_v = None

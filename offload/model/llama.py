@@ -40,6 +40,11 @@ def _cat_rows(parts: list, dtype: torch.dtype, slot: str):
     return torch.cat([p.dequantize(dtype) if isinstance(p, QuantWeight) else p for p in parts])
 
 
+# rows of the dense part after attention at a time: a long prefill chunk (engine/runner.py's stream_chunk) gets
+# its attention in one piece, where size pays, and its MLP in pieces, where it only costs memory
+MLP_ROWS = 2048
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [T, H] -> [T, H]; statistics in fp32 as in the reference implementation."""
     xf = x.float()  # xf: [T, H]
@@ -189,6 +194,11 @@ class LlamaModel:
         """x: [T, H] layer input, o: [Hq, T, D] attention output -> [T, H]: the dense part after attention."""
         cfg, w = self.cfg, self.layers[i]
         T = x.shape[0]
+        if T > MLP_ROWS:   # a long prefill chunk: its [T, I] temporaries would dominate the GPU's activation memory
+            out = torch.empty_like(x)  # out: [T, H]
+            for a in range(0, T, MLP_ROWS):
+                out[a:a + MLP_ROWS] = self.attn_output_mlp(i, x[a:a + MLP_ROWS], o[:, a:a + MLP_ROWS])
+            return out
         x = x + linear(o.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim), w.wo)  # x: [T, H]
         h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)  # h: [T, H]
         gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)  # gate, up: [T, I]

@@ -17,7 +17,37 @@ from offload.tiers.placement import DISK, GPU, HOST
 from offload.tiers.sync import stream_wait
 
 
+def _runs(slots: torch.Tensor) -> list[tuple[int, int]]:
+    """[(first slot, count)] of the runs of consecutive slots in `slots` (in their order)."""
+    if not slots.numel():
+        return []
+    cut = torch.nonzero(slots[1:] != slots[:-1] + 1).flatten() + 1                # cut: [r-1] run starts
+    starts = [0, *cut.tolist()]
+    ends = [*starts[1:], slots.numel()]
+    first = slots[starts].tolist()
+    return [(f, e - s) for f, s, e in zip(first, starts, ends)]
+
+
+def _copy_runs(slab: torch.Tensor, slots: torch.Tensor, device: torch.device):
+    """Host slots -> a device copy of just those slots, made by the copy engines (no SM time, unlike a UVA read,
+    so it overlaps attention fully), and their new slot numbers 0..m-1. Prefill writes a layer's chunks in
+    order, so its slots come in a few long runs: one DMA each. None when the slots are scattered."""
+    runs = _runs(slots)
+    if len(runs) > max(8, slots.numel() // 16):
+        return None                     # scattered slots (after decode moved chunks): a UVA gather is cheaper
+    out = torch.empty((slots.numel(), *slab.shape[1:]), dtype=slab.dtype, device=device)  # out: [m, ...]
+    at = 0
+    for first, n in runs:
+        out[at:at + n].copy_(slab[first:first + n], non_blocking=True)
+        at += n
+    return out, torch.arange(slots.numel())
+
+
 class StreamMixin:
+    # packed (int8/int4) host chunks reach the device by DMA of their slots' runs (True) or by a UVA gather in
+    # place (False); bench/prefill_stream.py measures both
+    stream_copy: bool = True
+
     def read_device(self, layer: int, chunk_ids, ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Chunks `chunk_ids` of `layer` -> (k, v), each [Hkv, n*C, D] on the compute device, grouped by tier
         (ordered=True: in chunk_ids' order, one more copy when the chunks span tiers).
@@ -25,7 +55,8 @@ class StreamMixin:
         Runs on the current stream (a caller may put it on a side stream to overlap compute); waits only for
         in-flight writes of the slots it reads."""
         self._open_check()
-        ids = torch.as_tensor(list(chunk_ids), dtype=torch.long)                # ids: [n]
+        ids = (chunk_ids.to(torch.long) if isinstance(chunk_ids, torch.Tensor)   # list() of a tensor costs ~1 us an id
+               else torch.as_tensor(list(chunk_ids), dtype=torch.long))         # ids: [n]
         tiers, slots = self._lookup(layer, ids)                                 # [n] each
         stream = torch.cuda.current_stream(self.device) if self._copy is not None else None
         ks, vs, groups = [], [], []
@@ -46,12 +77,18 @@ class StreamMixin:
                 stream_wait(stream, self._state[t].readers_wait(ss))
                 pool = self.tiers[t].pool if t == GPU else self.tiers[t].slab
                 fmt = self.packed if t == HOST else None
+                copied = None
+                # packed slots only: a bf16 copy would double the block's device bytes beyond what the planner holds
+                if t == HOST and stream is not None and self.stream_copy and self.packed is not None:
+                    copied = _copy_runs(pool, sel, self.device)                 # ([m, ...] on the device, 0..m-1)
+                    if copied is not None:
+                        pool, sel = copied
                 st = sel.to(torch.int32).expand(self.shape.num_kv_heads, -1).contiguous()  # st: [Hkv, m]
                 st = to_device(st, self.device)   # pinned, queued: a pageable copy would sync the stream
                 k = gather_rows_q(pool, st, 0, fmt=fmt, dtype=self.shape.dtype)  # k: [Hkv, m*C, D]
                 v = gather_rows_q(pool, st, 1, fmt=fmt, dtype=self.shape.dtype)  # v: [Hkv, m*C, D]
                 if t == HOST:
-                    self._stats["uva_bytes"] += len(ss) * self.cold_shape.nbytes
+                    self._stats["h2d_stream_bytes" if copied is not None else "uva_bytes"] += len(ss) * self.cold_shape.nbytes
             ks.append(k.to(self.device, self.shape.dtype))
             vs.append(v.to(self.device, self.shape.dtype))
             groups.append(torch.nonzero(tiers == t).flatten())                # positions in chunk_ids: [m]
