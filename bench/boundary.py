@@ -104,7 +104,7 @@ def run(args, model: str, ctx: int) -> tuple[dict, list[dict]]:
     cuda = attn.device.type == "cuda"
     probes = {name: Probe(name, cuda) for name in ("end", "put", "index_extend", "feedback", "mirror")}
     probes["end"].wrap(attn, "end")
-    probes["put"].wrap(attn.store, "put")
+    probes["put"].wrap(attn.store, "put_column")     # a boundary's puts: one call for every layer's chunk
     probes["index_extend"].wrap(attn.selector, "index_chunks")
     probes["feedback"].wrap(attn.store, "feedback")
     probes["mirror"].wrap(attn.store, "begin_decode")
@@ -152,32 +152,34 @@ def run(args, model: str, ctx: int) -> tuple[dict, list[dict]]:
 
 def store_only(args) -> list[dict]:
     """The store's share of a boundary alone (no model): 32 layers x `chunks` stored, a host tier of `host_slots`
-    slots; per boundary: feedback, one put per layer, then the mirror (median of 8 boundaries, host ms)."""
+    slots; per boundary: feedback, one put per layer (or one put_column, as the runtime now does: alternating
+    boundaries), then the mirror (median of 8 boundaries each, host ms)."""
     from offload.tiers import ChunkShape, TieredKVStore
     L, N, rows = 32, args.store_chunks, []
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for case, gpu_cap in (("gpu tier has room", L * N + 1024), ("gpu tier full (demotions)", L * N // 4)):
         s = TieredKVStore(ChunkShape(1, 4, 8, torch.float32), L, (gpu_cap, args.host_slots, 0), dev,
                           sink_chunks=1, window_chunks=4)
-        s.open_decode(N + 64)
+        s.open_decode(N + 64)                     # room for 16 boundaries
         for layer in range(L):
             s.put(layer, 0, torch.zeros(N, 2, 1, 4, 8, device=dev))
         s.begin_decode(N)
         m0 = s.stats().get("mirror_bytes")
-        t = {"feedback": [], "put": [], "mirror": []}
-        for b in range(8):
+        t = {"feedback": [], "put": [], "put_column": [], "mirror": []}
+        for b in range(0, 16, 2):                  # boundaries alternate: L puts, then one put_column
             s._chunk_hits[:, :N:5] = 1.0           # a fifth of the chunks were selected since the last boundary
             for name, fn in (("feedback", s.feedback),
                              ("put", lambda: [s.put(layer, N + b, torch.zeros(1, 2, 1, 4, 8, device=dev))
                                               for layer in range(L)]),
-                             ("mirror", lambda: s.begin_decode(N + b + 1))):
+                             ("put_column", lambda: s.put_column(N + b + 1, torch.zeros(L, 2, 1, 4, 8, device=dev))),
+                             ("mirror", lambda: s.begin_decode(N + b + 2))):
                 sync()
                 t0 = time.perf_counter()
                 fn()
                 t[name].append(1000 * (time.perf_counter() - t0))
         rows.append({"case": case, "chunks_per_layer": N, "host_slots": args.host_slots,
                      **{f"{k}_ms": round(sorted(v)[len(v) // 2], 2) for k, v in t.items()},
-                     "mirror_bytes_per_boundary": None if m0 is None else (s.stats()["mirror_bytes"] - m0) // 8})
+                     "mirror_bytes_per_boundary": None if m0 is None else (s.stats()["mirror_bytes"] - m0) // 16})
         s.close()
     return rows
 

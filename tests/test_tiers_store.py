@@ -209,3 +209,46 @@ def test_overflow_demotes_a_batch_so_later_puts_skip_ranking(tmp_path, policy, m
     for layer in range(LAYERS):
         assert bit_equal(store.read(layer, range(60)), truth[layer][:60])
     store.close()
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "int4"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_put_column_stores_what_a_put_per_layer_stores(tmp_path, policy, kv_dtype):
+    """A decode boundary puts chunk n of every layer with one call (put_column): after columns that spill through
+    GPU, host and disk, and one overwrite, every chunk reads back as it was given (bf16 bit-identical; int4 as
+    the same quantization on both routes), and the tiers hold as many chunks as after per-layer puts."""
+    dtype = torch.bfloat16
+    stores = [make_store(tmp_path / name, policy, dtype, kv_dtype=kv_dtype) for name in ("col", "ref")]
+    truth = {layer: random_bits((13, 2, HKV, C, D), dtype, seed=layer) for layer in range(LAYERS)}
+    try:
+        for n in list(range(13)) + [11]:                     # the last one overwrites chunk 11
+            column = torch.stack([truth[layer][n] for layer in range(LAYERS)]).to(DEVICE)  # [L, 2, Hkv, C, D]
+            stores[0].put_column(n, column)
+            for layer in range(LAYERS):
+                stores[1].put(layer, n, column[layer:layer + 1])
+        a, b = (s.stats() for s in stores)
+        assert a["bytes_in_use_disk"] > 0 and a["put_chunks"] == b["put_chunks"] == 14 * LAYERS
+        assert sum(a[f"bytes_in_use_{t}"] for t in ("gpu", "host", "disk")) == \
+            sum(b[f"bytes_in_use_{t}"] for t in ("gpu", "host", "disk"))
+        for layer in range(LAYERS):
+            got, ref = stores[0].read(layer, range(13)), stores[1].read(layer, range(13))
+            assert bit_equal(got, ref)
+            if kv_dtype == "bf16":
+                assert bit_equal(got, truth[layer])
+        with pytest.raises(ValueError, match="kv must be"):
+            stores[0].put_column(13, column[:1])
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_put_column_refuses_when_full_and_changes_nothing(tmp_path):
+    with make_store(tmp_path, caps=(2 * LAYERS, 0, 0)) as store:
+        kv = random_bits((LAYERS, 2, HKV, C, D), torch.float32, seed=5).to(DEVICE)  # [L, 2, Hkv, C, D]
+        store.put_column(0, kv)
+        store.put_column(1, kv)
+        before = store.stats()
+        with pytest.raises(CapacityError, match="KV store is full"):
+            store.put_column(2, kv)
+        assert store.stats() == before
+        assert bit_equal(store.read(0, [0, 1]), kv[[0, 0]].cpu())

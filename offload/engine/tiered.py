@@ -129,9 +129,9 @@ class TieredAttention(AttentionBackend, PersistableKV):
         """The tail's first C tokens become chunk n_chunks of every layer (a chunk boundary of decode)."""
         C, n, rest = self.C, self.n_chunks, self.tail_len - self.C
         kv = torch.stack([self.tail_k[:, :, :C], self.tail_v[:, :, :C]], 1)    # kv: [L, 2, Hkv, C, D] (fresh)
+        # a fresh tensor nobody writes again: the copies overlap the next steps instead of fencing them
+        self.store.put_column(n, kv, wait_kv=False)                         # chunk n of every layer at once
         for layer in range(self.L):
-            # a fresh tensor nobody writes again: the copies overlap the next steps instead of fencing them
-            self.store.put(layer, n, kv[layer:layer + 1], wait_kv=False)    # [1, 2, Hkv, C, D]
             self.selector.index_chunks(layer, n, kv[layer, 0])               # keys [Hkv, C, D]
         self.tail_k[:, :, :rest] = self.tail_k[:, :, C:self.tail_len].clone()   # all layers in one copy
         self.tail_v[:, :, :rest] = self.tail_v[:, :, C:self.tail_len].clone()

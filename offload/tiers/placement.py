@@ -46,10 +46,11 @@ def _pick(policy: EvictionPolicy, layers: torch.Tensor, chunks: torch.Tensor, n:
     return out
 
 
-def plan_put(policy: EvictionPolicy, layer: int, new_ids: torch.Tensor, num_chunks: torch.Tensor,
+def plan_put(policy: EvictionPolicy, layer: int | torch.Tensor, new_ids: torch.Tensor, num_chunks: torch.Tensor,
              gpu, gpu_free: int, host, host_free: int, disk_free: int,
              gpu_headroom: int = 0) -> Moves:
-    """Decide the moves for putting new_ids (int64 [n]) of `layer`; num_chunks: int64 [L] after the put.
+    """Decide the moves for putting new_ids (int64 [n]) of `layer` (or of layers int64 [n], one per new chunk);
+    num_chunks: int64 [L] after the put.
     gpu, host: Residents, or callables returning them (only called when the device tier overflows).
 
     When the device tier overflows, `gpu_headroom` more chunks than needed are demoted in the same
@@ -62,7 +63,7 @@ def plan_put(policy: EvictionPolicy, layer: int, new_ids: torch.Tensor, num_chun
         moves.new_gpu = list(range(n))
         return moves
     gpu = gpu() if callable(gpu) else gpu          # Residents, or a callable that finds them
-    new_layers = torch.full_like(new_ids, layer)                                # new_layers: [n]
+    new_layers = torch.full_like(new_ids, layer) if isinstance(layer, int) else layer   # new_layers: [n]
     # device level: residents first, then the new chunks, as one candidate list
     cand_layers = torch.cat([gpu.layers, new_layers])                           # [r + n]
     cand_chunks = torch.cat([gpu.chunks, new_ids])                              # [r + n]

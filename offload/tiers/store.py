@@ -166,7 +166,39 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin):
         self._drop(layer, ids)
         self._num[layer] = max(int(self._num[layer]), first_chunk_idx + n)
         self.policy.touch(layer, ids, torch.zeros(n))                          # inserted: recency, no mass
+        self._place_new(kv, torch.full((n,), layer, dtype=torch.long), ids, wait_kv)
+
+    def put_column(self, chunk_idx: int, kv: torch.Tensor, wait_kv: bool = True) -> None:
+        """Chunk chunk_idx of every layer at once, kv: [L, 2, Hkv, C, D] (a decode step's chunk boundary): one
+        placement decision and one pass of bookkeeping instead of L puts (the boundary's host time, issue 12).
+        Stores what put(layer, chunk_idx, kv[layer:layer + 1], wait_kv) for each layer would; which of the L
+        chunks land on which tier is decided once for all of them."""
+        self._open_check()
+        L = self.num_layers
+        if tuple(kv.shape) != (L, *self.shape.shape) or kv.dtype != self.shape.dtype:
+            raise ValueError(f"kv must be [{L}, {', '.join(map(str, self.shape.shape))}] {self.shape.dtype}, "
+                             f"got {list(kv.shape)} {kv.dtype}")
+        self._raise_failed_writes()
+        one = torch.tensor([chunk_idx])                                          # one: [1]
+        for layer in range(L):
+            self._grow(layer, chunk_idx + 1)
+        stored = [layer for layer in range(L) if int(self._tier[layer][chunk_idx]) >= 0]
+        room = sum(t.num_free for t in self.tiers if t is not None) + len(stored)
+        if room < L:
+            raise CapacityError(f"KV store is full: {L} new chunks, room for {room} in GPU + host + disk; "
+                                "raise --disk-mem (or --host-mem / --gpu-mem) or lower --ctx")
+        for layer in stored:
+            self._drop(layer, one)
+        self._num.clamp_(min=chunk_idx + 1)
+        for layer in range(L):
+            self.policy.touch(layer, one, torch.zeros(1))                      # in layer order, as L puts would
+        self._place_new(kv, torch.arange(L), one.expand(L).clone(), wait_kv)
+
+    def _place_new(self, kv: torch.Tensor, layer_ids: torch.Tensor, ids: torch.Tensor, wait_kv: bool) -> None:
+        """kv [n, 2, Hkv, C, D] become chunks ids [n] of layers layer_ids [n] (their table rows are free)."""
+        n = kv.shape[0]
         free = [t.num_free if t is not None else 0 for t in self.tiers]
+        layer = int(layer_ids[0]) if bool((layer_ids == layer_ids[0]).all()) else layer_ids
         mv = plan_put(self.policy, layer, ids, self._num, lambda: self._residents(GPU), free[GPU],
                       lambda: self._residents(HOST), free[HOST], free[DISK], self.gpu_headroom)
         fence = None
@@ -179,7 +211,6 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin):
         self._host_to_disk(mv.host_to_disk, fence)
         self._to_disk_staged(self.tiers[GPU].pool, mv.gpu_to_disk, None)
         self._move(GPU, mv.gpu_to_host, HOST)
-        layer_ids = torch.full((n,), layer, dtype=torch.long)                   # layer_ids: [n]
         self._to_disk_staged(kv, mv.new_disk, (layer_ids, ids))
         self._new_into(HOST, kv, mv.new_host, layer_ids, ids)
         self._new_into(GPU, kv, mv.new_gpu, layer_ids, ids)
