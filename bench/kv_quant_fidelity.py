@@ -51,7 +51,8 @@ def log(msg: str) -> None:
 
 
 class RoundTripPuts:
-    """Wraps store.put: chunks outside sinks + window are stored as quantize -> dequantize of themselves."""
+    """Wraps store.put (and put_column): chunks outside sinks + window are stored as quantize -> dequantize of
+    themselves."""
 
     def __init__(self, attn, kv_dtype: str):
         self.store, self.kv_dtype = attn.store, kv_dtype
@@ -63,6 +64,7 @@ class RoundTripPuts:
         self.count = [0] * attn.L
         self._put = self.store.put
         self.store.put = self.put
+        self.store.put_column = self.put_column   # a decode boundary's chunks: through put, layer by layer
         self.lossy_chunks = 0
 
     def _lossy(self, kv: torch.Tensor) -> torch.Tensor:
@@ -86,6 +88,11 @@ class RoundTripPuts:
         if hi > lo:                                 # stored exact earlier, left the window now
             self._put(layer, lo, self._lossy(self.store.read(layer, range(lo, hi)).to(kv.device)))
         self.count[layer] = total
+
+
+    def put_column(self, chunk_idx: int, kv: torch.Tensor, *args, **kwargs) -> None:
+        for layer in range(kv.shape[0]):                                        # kv: [L, 2, Hkv, C, D]
+            self.put(layer, chunk_idx, kv[layer:layer + 1], *args, **kwargs)
 
 
 class DenseRoundTrip:

@@ -136,11 +136,13 @@ def new_index(spec: RuntimeSpec, cfg, device=None):
 
 
 def long_chunk_bytes(mc, cfg) -> int:
-    """Extra GPU bytes of a long forward's attention on CUDA (engine/runner.py runs it in stream_chunk tokens, not
-    prefill_chunk): per query token, the float32 running output and its merge temporaries (3 x Hq x D x 4) and
-    the bf16 query and cuDNN output (2 x Hq x D x 2). The MLP keeps its 2K-row pieces (model/llama.py)."""
+    """Extra GPU bytes of a long forward on CUDA (engine/runner.py runs it in stream_chunk tokens, not
+    prefill_chunk), per extra token: the attention's float32 running output and merge temporaries
+    (3 x Hq x D x 4), its bf16 query and cuDNN output (2 x Hq x D x 2), and the hidden states of the chunk
+    in use, the next one read ahead and the last one being written back, plus the MLP's output (4 x H x 2).
+    The MLP's own temporaries keep their 2K-row pieces (model/llama.py)."""
     extra = max(0, cfg.stream_chunk - cfg.prefill_chunk)
-    return extra * mc.num_heads * mc.head_dim * 16
+    return extra * (mc.num_heads * mc.head_dim * 16 + mc.hidden_size * 8)
 
 
 def prefill_stage_bytes(p) -> int:

@@ -40,6 +40,7 @@ AUTO_MIN_PROMPT = 128 * 1024
 SEGMENT_MAX = 16 * 1024           # an interrupt loses at most one segment of work
 _HEAD_BYTES = 1 << 20             # bytes hashed at the start of each weight file (its header and then some)
 _KV_OPTIONS = ("prefill_chunk", "stream_chunk", "kv_dtype", "prefill")   # config options that change the KV values
+_CUDA_ONLY = ("stream_chunk",)    # engine/runner.py uses it on CUDA only
 
 
 def note(message: str) -> None:
@@ -83,6 +84,8 @@ def cache_key(sess) -> dict:
            "weights": model_fingerprint(llm.model),
            "dtype": str(llm.model.dtype).replace("torch.", ""), "attention": getattr(sess.attn, "mode", "full")}
     for name in _KV_OPTIONS:
+        if name in _CUDA_ONLY and llm.model.device.type != "cuda":
+            continue            # no effect off CUDA: a CPU cache made before the option existed stays valid
         if hasattr(cfg, name):
             key[name] = getattr(cfg, name)
     return json.loads(json.dumps(key, default=str))

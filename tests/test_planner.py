@@ -167,9 +167,10 @@ def test_session_with_overrides_is_planned_with_the_weights_already_loaded(monke
     with pytest.raises(CapacityError, match="weights do not fit"):
         backends.plan(spec)                                  # before load: 7 GiB cannot take 15 GiB of weights
     after = backends.plan(spec, weights_loaded=True)
-    # the free memory less the activation and prefill-staging reserve (whole chunks of every layer)
+    # the free memory less the activation and prefill-staging reserve (whole chunks of every layer); the reserve
+    # holds the window, streamed blocks and 8K-token prefill chunks' activations (backends.long_chunk_bytes)
     room = 7 * GiB - after.gpu_reserve_bytes
-    assert 3 * GiB <= room - after.chunk_bytes * after.num_layers < after.gpu_bytes <= room
+    assert 2.5 * GiB <= room - after.chunk_bytes * after.num_layers < after.gpu_bytes <= room
     # and the runtime does re-plan that way: a session with overrides on the tiny CPU model
     from fixtures_models import write_tiny_checkpoint
     from offload import LLM

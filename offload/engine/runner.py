@@ -10,6 +10,7 @@ from offload.attention import AttentionBackend
 from offload.model.llama import LlamaModel
 
 HOST_HIDDEN_BYTES = 256 << 20
+ROPE_TABLE_TOKENS = 128 << 10
 
 
 class Engine:
@@ -46,11 +47,16 @@ class Engine:
         self.attn.begin(N)
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)  # ids_t: [N]
         pos = torch.arange(start, start + N, device=self.device)  # pos: [N]
-        x = m.embed[ids_t]  # x: [N, H]
-        if x.is_cuda and x.numel() * x.element_size() > HOST_HIDDEN_BYTES:
-            # a long prompt's hidden states wait in pinned host memory; one chunk at a time visits the GPU
-            # straight into pinned memory: a pageable copy runs at a few GB/s (0.4 s for 64K tokens of an 8B model)
-            x = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)  # x: [N, H] (host)
+        H, itemsize = m.cfg.hidden_size, torch.empty((), dtype=m.dtype).element_size()
+        if self.device.type == "cuda" and N * H * itemsize > HOST_HIDDEN_BYTES:
+            # a long prompt's hidden states wait in pinned host memory (1M tokens of an 8B model: 8 GiB, more than
+            # a capped GPU has beside its weights), embedded a slice at a time; one chunk at a time visits the GPU
+            x = torch.empty((N, H), dtype=m.dtype, pin_memory=True)  # x: [N, H] (host)
+            step = max(1, HOST_HIDDEN_BYTES // (H * itemsize))
+            for s in range(0, N, step):
+                x[s:s + step].copy_(m.embed[ids_t[s:s + step]])   # pinned target: a DMA, not a pageable copy
+        else:
+            x = m.embed[ids_t]  # x: [N, H]
         size = self.prefill_chunk
         long_forward = getattr(self.attn, "long_forward", None)
         if self.device.type == "cuda" and self.stream_chunk > size and long_forward is not None and long_forward(N):
@@ -59,7 +65,8 @@ class Engine:
             # lookups) behind it (bench/RESULTS.md, issue 11)
             size = self.stream_chunk
         chunks = [(s, min(s + size, N)) for s in range(0, N, size)]
-        ropes = [m.rope(pos[s:e]) for s, e in chunks] if len(chunks) <= 64 else None
+        # cos/sin of every position kept while short (2 x N x D x 2 bytes); longer prompts compute them per chunk
+        ropes = [m.rope(pos[s:e]) for s, e in chunks] if N <= ROPE_TABLE_TOKENS else None
         hidden = _HiddenStates(x, self.device)
         for layer in range(m.cfg.num_layers):
             for j, (s, e) in enumerate(chunks):
