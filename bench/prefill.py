@@ -71,7 +71,7 @@ def load_offload(args, n: int):
     from offload import LLM
     ctx = max(n + 64 + args.decode_steps, parse_tokens(args.plan_ctx) if args.plan_ctx else 0)
     opts = dict(model=args.model, load_format="dummy", ctx=ctx, attention=args.attention,
-                kv_dtype=args.kv_dtype, prefill_chunk=args.prefill_chunk)
+                kv_dtype=args.kv_dtype, prefill_chunk=args.prefill_chunk, stream_chunk=args.stream_chunk)
     if args.stream:
         from offload.tiers.store import TieredKVStore
         TieredKVStore.stream_copy = args.stream == "copy"
@@ -146,7 +146,8 @@ def run_offload(args, llm, n: int, mode: str) -> dict:
     row = {"bench": "prefill", "mode": label, "ctx": n, "tokens_done": done, "prefill_s": secs, "tok_s": done / secs,
            "tflops": flops / secs / 1e12, "peak_gib": peak_gib(), "backend": type(sess.attn).__name__,
            "finite": bool(torch.isfinite(logits).all()), "kernel": ops.kernel_report(), "stages": stages,
-           "kv_dtype": args.kv_dtype, "prefill_chunk": args.prefill_chunk, "stream": args.stream or "default",
+           "kv_dtype": args.kv_dtype, "prefill_chunk": args.prefill_chunk, "stream_chunk": args.stream_chunk,
+           "stream": args.stream or "default",
            "streamed_tokens": getattr(getattr(sess.attn, "staging", None), "streamed_tokens", 0)}
     if mode == "sparse":
         row["density"] = st.get("sparse_prefill_density")
@@ -231,6 +232,7 @@ def main() -> None:
     ap.add_argument("--stage", default="", help="prefill in calls of this many tokens (e.g. 128K); '' = one call")
     ap.add_argument("--decode-steps", type=int, default=0, help="greedy decode steps timed after the prefill")
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per forward chunk of a prefill")
+    ap.add_argument("--stream-chunk", type=int, default=8192, help="tokens per forward chunk of a long tiered prefill")
     ap.add_argument("--plan-ctx", default="", help="plan the session for this context (e.g. 1M: its memory layout) "
                     "while prefilling only --ctx tokens")
     ap.add_argument("--stream", choices=["", "uva", "copy"], default="",

@@ -39,12 +39,22 @@ def test_read_device_returns_what_read_returns_from_every_tier(tmp_path, policy,
             order = ids[torch.sort(tiers.long(), stable=True).indices]              # order: [19]
             k, v = store.read_device(layer, ids)                                    # k, v: [Hkv, 19*C, D]
             rk, rv = from_chunks(store.read(layer, order))
-            if exact:
-                assert bit_equal(k.cpu(), rk) and bit_equal(v.cpu(), rv)
+            _same(k, rk, exact)
+            _same(v, rv, exact)
             k, v = store.read_device(layer, ids, ordered=True)                      # in id order
             rk, rv = from_chunks(store.read(layer, ids))
-            if exact:
-                assert bit_equal(k.cpu(), rk) and bit_equal(v.cpu(), rv)
+            _same(k, rk, exact)
+            _same(v, rv, exact)
+        # on CUDA the packed host chunks went by DMA exactly when asked to (the CPU has no transport to pick)
+        dma = store.stats().get("h2d_stream_bytes", 0)
+        assert (dma > 0) == (DEVICE == "cuda" and transport == "copy" and kv_dtype != "bf16")
+
+
+def _same(got: torch.Tensor, ref: torch.Tensor, exact: bool) -> None:
+    if exact:
+        assert bit_equal(got.cpu(), ref)
+    else:
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("spill,stream_chunk,device", [(False, 16, "cpu"), (True, 16, "cpu"), (False, 32, "cpu"),
