@@ -6,6 +6,8 @@ Spec strings (bench/fidelity.py --suite-methods mixes them with fidelity_session
                        quantize -> dequantize, as the host tier stores them (bench/kv_quant_fidelity.py)
     kv:sparse:int4     the runtime's default sparse session (summary index, 2K budget, 32-token chunks) on
                        int4 KV; its unquantized reference is the method summary-max@2K/32
+    kv:exact:rank32    exact attention whose keys outside sinks + window are rebuilt from a rank-32 basis fitted
+                       before RoPE (ShadowKV's key rebuild, values exact); rank32post: the basis after RoPE
     prefill:sparse:0.95  the document AND the question prefilled with block-sparse prefill (threshold 0.95,
                        engine/sparse_prefill.py), then the answer prefix and the answer decoded exactly; the
                        reference (full) prefills both exactly. The question is its own prefill chunk here
@@ -14,6 +16,7 @@ Spec strings (bench/fidelity.py --suite-methods mixes them with fidelity_session
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from fidelity_sessions import Method, fork
@@ -72,8 +75,9 @@ def parse_any(spec: str):
     spec = spec.strip()
     if spec.startswith("kv:"):
         _, attention, dtype = spec.split(":")
-        if attention not in ("exact", "sparse") or dtype not in ("int8", "int4", "bf16"):
-            raise SystemExit(f"method {spec!r}: write kv:exact|sparse:int8|int4|bf16")
+        rank = re.fullmatch(r"rank\d+(post|joint)?", dtype) is not None and attention == "exact"
+        if attention not in ("exact", "sparse") or (dtype not in ("int8", "int4", "bf16") and not rank):
+            raise SystemExit(f"method {spec!r}: write kv:exact|sparse:int8|int4|bf16 or kv:exact:rankR[post|joint]")
         return KVQuantMethod(attention, dtype)
     if spec.startswith("prefill:"):
         _, kind, threshold = spec.split(":")

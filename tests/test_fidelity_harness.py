@@ -136,3 +136,33 @@ def test_dense_round_trip_matches_the_tiered_store_simulation(llm):
     assert (a - ref).abs().max() > 1e-3
     for s in (base, dense, tiered, exact):
         s.close()
+
+
+def test_key_rebuild_simulation_is_exact_at_full_rank_and_lossy_below(llm):
+    """kv:exact:rankR (ShadowKV's key rebuild, simulated): at R = head_dim the pre-RoPE projection is the
+    identity, so the logits are full attention's; at a low rank the keys outside sinks + window change (and
+    only those), pre-RoPE, post-RoPE and joint over the heads alike."""
+    from kv_quant_fidelity import DenseKeyRebuild, quant_session
+    ids = list(range(2000, 2600))                       # 600 tokens: 18 chunks, 8 of them outside sinks + window
+    base = llm.session(attention="full")
+    base.prefill(ids)
+    exact = base.fork(attention="full")
+    D = llm.model_config.head_dim
+    full, hook = quant_session(base, "full", f"rank{D}")
+    assert isinstance(hook, DenseKeyRebuild) and hook.lossy_chunks == 30 * 8
+    torch.testing.assert_close(full.attn.k[:, :, :600], exact.attn.k[:, :, :600], rtol=0, atol=2e-4)
+    joint, _ = quant_session(base, "full", f"rank{D * llm.model_config.num_kv_heads}joint")   # full rank, joint
+    torch.testing.assert_close(joint.attn.k[:, :, :600], exact.attn.k[:, :, :600], rtol=0, atol=2e-4)
+    joint.close()
+    for spec in ("rank8", "rank8post", "rank24joint"):
+        low, hook = quant_session(base, "full", spec)
+        sink, lossy_end = hook.n_sink * hook.C, (600 // hook.C - hook.n_window) * hook.C
+        diff = (low.attn.k[:, :, :600] - exact.attn.k[:, :, :600]).abs().amax(dim=(0, 1, 3))   # per position: [600]
+        assert float(diff[:sink].max()) == 0 and float(diff[lossy_end:].max()) == 0    # sinks, window, tail exact
+        assert float(diff[sink:lossy_end].min()) > 0                                    # every rebuilt key moved
+        torch.testing.assert_close(low.attn.v[:, :, :600], exact.attn.v[:, :, :600], rtol=0, atol=0)
+        low.close()
+    for t in (3000, 3001):
+        torch.testing.assert_close(full.step(t), exact.step(t), rtol=0, atol=2e-3)
+    for s in (base, exact, full):
+        s.close()
