@@ -287,7 +287,11 @@ def main() -> None:
                         torch.cuda.empty_cache()
                     row = run_hf(args, n)
                 else:
-                    llm = llm or load_offload(args, n)
+                    t_load = time.perf_counter()
+                    if llm is None:
+                        llm = load_offload(args, n)
+                        print(f"  model loaded in {time.perf_counter() - t_load:.1f} s "
+                              f"({time.perf_counter() - _T0:.1f} s since start)", flush=True)
                     row = run_offload(args, llm, n, mode)
                 row["of_gemm"] = row["tflops"] / ceiling
             except torch.OutOfMemoryError as e:
