@@ -34,6 +34,12 @@ def test_ctx_must_be_positive(ctx):
         OffloadConfig(ctx=ctx)
 
 
+@pytest.mark.parametrize("name", ["chunk_tokens", "prefill_chunk", "stream_chunk"])
+def test_chunk_sizes_must_be_positive(name):
+    with pytest.raises(ConfigError, match=f"{name} must be positive"):
+        OffloadConfig(**{name: 0})
+
+
 def test_config_normalises_sizes_and_validates_choices():
     c = OffloadConfig(ctx="128K", gpu_mem="6GiB", host_mem="48GB")
     assert (c.ctx, c.gpu_mem, c.host_mem) == (131072, 6 * 2**30, 48 * 10**9)
