@@ -142,7 +142,8 @@ def test_key_rebuild_simulation_is_exact_at_full_rank_and_lossy_below(llm):
     """kv:exact:rankR (ShadowKV's key rebuild, simulated): at R = head_dim the pre-RoPE projection is the
     identity, so the logits are full attention's; at a low rank the keys outside sinks + window change (and
     only those), pre-RoPE, post-RoPE and joint over the heads alike."""
-    from kv_quant_fidelity import DenseKeyRebuild, quant_session
+    from key_rebuild import DenseKeyRebuild
+    from kv_quant_fidelity import quant_session
     ids = list(range(2000, 2600))                       # 600 tokens: 18 chunks, 8 of them outside sinks + window
     base = llm.session(attention="full")
     base.prefill(ids)
