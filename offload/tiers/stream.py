@@ -14,33 +14,21 @@ from offload.kernels.quant import dequantize_chunks, gather_rows_q
 from offload.tiers.base import from_chunks
 from offload.tiers.device import to_device
 from offload.tiers.placement import DISK, GPU, HOST
+from offload.tiers.slots import runs
 from offload.tiers.sync import stream_wait
 
 
-def _runs(slots: torch.Tensor) -> list[tuple[int, int]]:
-    """[(first slot, count)] of the runs of consecutive slots in `slots` (in their order)."""
-    if not slots.numel():
-        return []
-    cut = torch.nonzero(slots[1:] != slots[:-1] + 1).flatten() + 1                # cut: [r-1] run starts
-    starts = [0, *cut.tolist()]
-    ends = [*starts[1:], slots.numel()]
-    first = slots[starts].tolist()
-    return [(f, e - s) for f, s, e in zip(first, starts, ends)]
-
-
-def _copy_runs(slab: torch.Tensor, slots: torch.Tensor, device: torch.device):
+def _copy_runs(slab: torch.Tensor, slots: list[int], device: torch.device):
     """Host slots -> a device copy of just those slots, made by the copy engines (no SM time, unlike a UVA read,
     so it overlaps attention fully), and their new slot numbers 0..m-1. Prefill writes a layer's chunks in
     order, so its slots come in a few long runs: one DMA each. None when the slots are scattered."""
-    runs = _runs(slots)
-    if len(runs) > max(8, slots.numel() // 16):
+    spans = runs(slots)                                                        # (position, first slot, count)
+    if len(spans) > max(8, len(slots) // 16):
         return None                     # scattered slots (after decode moved chunks): a UVA gather is cheaper
-    out = torch.empty((slots.numel(), *slab.shape[1:]), dtype=slab.dtype, device=device)  # out: [m, ...]
-    at = 0
-    for first, n in runs:
+    out = torch.empty((len(slots), *slab.shape[1:]), dtype=slab.dtype, device=device)  # out: [m, ...]
+    for at, first, n in spans:
         out[at:at + n].copy_(slab[first:first + n], non_blocking=True)
-        at += n
-    return out, torch.arange(slots.numel())
+    return out, torch.arange(len(slots))
 
 
 class StreamMixin:
@@ -80,7 +68,7 @@ class StreamMixin:
                 copied = None
                 # packed slots only: a bf16 copy would double the block's device bytes beyond what the planner holds
                 if t == HOST and stream is not None and self.stream_copy and self.packed is not None:
-                    copied = _copy_runs(pool, sel, self.device)                 # ([m, ...] on the device, 0..m-1)
+                    copied = _copy_runs(pool, ss, self.device)                  # ([m, ...] on the device, 0..m-1)
                     if copied is not None:
                         pool, sel = copied
                 st = sel.to(torch.int32).expand(self.shape.num_kv_heads, -1).contiguous()  # st: [Hkv, m]
