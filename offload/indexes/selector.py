@@ -120,3 +120,33 @@ class Selector:
             idx.reserve(getattr(idx, "max_chunks", 0) or 2 * idx.num_chunks)
         else:
             idx.extend(k)
+
+    # -- index rows (the prompt cache keeps them: a quantized-KV resume cannot rebuild them from its keys) --
+    def row_bytes(self) -> int:
+        """Bytes of one chunk's index row (every layer the same); 0 when the indexes cannot export rows."""
+        idx = self._row_index(0)
+        return idx.row_bytes if idx is not None else 0
+
+    def export_rows(self, layer: int, first: int, count: int) -> torch.Tensor | None:
+        """The layer index's rows of chunks first.. -> uint8 [count, row_bytes()] on the CPU; None without rows."""
+        idx = self._row_index(layer)
+        return idx.export_rows(first, count) if idx is not None else None
+
+    def import_rows(self, layer: int, first: int, rows: torch.Tensor) -> None:
+        """Append exported rows uint8 [count, row_bytes()] as chunks first.. (in place of index_chunks)."""
+        idx = self._row_index(layer)
+        if idx is None:
+            raise ValueError("this selector's indexes keep no exportable rows; index the chunks' keys instead")
+        empty = idx.num_chunks == 0 and first == 0
+        idx.import_rows(first, rows)
+        if empty:       # as index_chunks after build: room for the whole context
+            idx.reserve(getattr(idx, "max_chunks", 0) or 2 * idx.num_chunks)
+
+    def _row_index(self, layer: int):
+        """The layer's index with export_rows (a mass budget's wrapper looked through), else None."""
+        if not self.sparse:
+            return None
+        from offload.indexes.adaptive import MassBudgetIndex
+        idx = self.indexes[layer]
+        idx = idx.inner if isinstance(idx, MassBudgetIndex) else idx
+        return idx if hasattr(idx, "export_rows") else None

@@ -11,7 +11,10 @@ Memory (Llama-3-8B, 32 layers x 8 KV heads x D=128, 1M tokens, 64-token chunks):
                                           fine bounds in (pinned) host RAM: 2 GiB bf16,
                                           1 GiB with host_bounds="int8"
 int8 bounds are rounded outward (min down, max up) against a per-(head, chunk) scale, so after
-dequantisation (in float32) they still bound every key of the chunk.
+dequantisation (in float32) they still bound every key of the chunk (offload/indexes/bounds.py).
+
+export_rows / import_rows move each chunk's fine row as raw bytes: the prompt cache stores them, since a
+session whose KV is stored quantized cannot rebuild the bounds of the original keys from it.
 
 Two levels: the coarse stage picks ceil(max(budget * candidate_factor, min_candidates) / G) groups of
 G chunks per KV head (the floor matters at small budgets: 8 candidates for a 2-chunk budget lose mass);
@@ -26,83 +29,13 @@ import torch
 
 from offload import kernels
 from offload.errors import ConfigError
-from offload.indexes._common import (ChunkBuffer, check_budget, check_choice, check_shape_args,
-                                     split_chunks)
+from offload.indexes._common import check_budget, check_choice, check_shape_args, split_chunks
+from offload.indexes.bounds import BoundStore, dequantize_bounds, quantize_bounds
+
+__all__ = ["ChunkSummaryIndex", "dequantize_bounds", "quantize_bounds"]   # the bound codec, re-exported
 
 MASS_RADIUS = 0.25     # chunk_log_mass: share of the box's radius counted (1 = Quest upper bound; see there)
-_INT8_LEVELS = 126.0   # one level of slack below 127 so that the outward fix-up step cannot overflow
 _BUILD_SLAB = 1024     # tokens per build() step: bounds the temporaries (scratch_bytes)
-
-
-def quantize_bounds(kmin: torch.Tensor, kmax: torch.Tensor):
-    """kmin/kmax [Hkv, n, D] -> (qmin, qmax int8 [Hkv, n, D], scale f32 [Hkv, n]) with q*scale outside [kmin, kmax]."""
-    lo, hi = kmin.float(), kmax.float()                                          # lo, hi: [Hkv, n, D]
-    amax = torch.maximum(lo.abs().amax(dim=2), hi.abs().amax(dim=2))             # amax: [Hkv, n]
-    scale = torch.where(amax > 0, amax / _INT8_LEVELS, torch.ones_like(amax))    # scale: [Hkv, n]
-    s = scale[..., None]                                                         # s: [Hkv, n, 1]
-    qmin = torch.floor(lo / s)                                                   # qmin: [Hkv, n, D]
-    qmax = torch.ceil(hi / s)                                                    # qmax: [Hkv, n, D]
-    # the division rounds; one more step where the float32 product lands on the wrong side
-    qmin = torch.where(qmin * s > lo, qmin - 1, qmin)                            # qmin: [Hkv, n, D]
-    qmax = torch.where(qmax * s < hi, qmax + 1, qmax)                            # qmax: [Hkv, n, D]
-    return qmin.to(torch.int8), qmax.to(torch.int8), scale
-
-
-def dequantize_bounds(qmin: torch.Tensor, qmax: torch.Tensor, scale: torch.Tensor):
-    """int8 [Hkv, n, D] x f32 [Hkv, n] -> float32 kmin, kmax [Hkv, n, D]."""
-    s = scale[..., None]                                                          # s: [Hkv, n, 1]
-    return qmin.float() * s, qmax.float() * s
-
-
-class _BoundStore:
-    """Min/max bounds of one tier, native dtype or int8, in growable buffers."""
-
-    def __init__(self, hkv: int, d: int, device, dtype, int8: bool, capacity: int, pin: bool = False,
-                 limit: int = 0):
-        self.int8 = int8
-        store_dtype = torch.int8 if int8 else dtype
-        self.lo = ChunkBuffer(hkv, (d,), device, store_dtype, capacity, pin, limit)     # lo: [Hkv, cap, D]
-        self.hi = ChunkBuffer(hkv, (d,), device, store_dtype, capacity, pin, limit)     # hi: [Hkv, cap, D]
-        self.scale = ChunkBuffer(hkv, (), device, torch.float32, capacity if int8 else 0, pin, limit)
-
-    @staticmethod
-    def row_bytes(hkv: int, d: int, dtype: torch.dtype, int8: bool) -> int:
-        """Bytes per stored row (one chunk or group, every KV head)."""
-        return hkv * (2 * d + 4) if int8 else hkv * 2 * d * torch.empty((), dtype=dtype).element_size()
-
-    def append(self, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
-        if self.int8:
-            qmin, qmax, scale = quantize_bounds(kmin, kmax)
-            self.lo.append(qmin), self.hi.append(qmax), self.scale.append(scale)
-        else:
-            self.lo.append(kmin), self.hi.append(kmax)
-
-    def bounds(self, ids: torch.Tensor | None = None, device: torch.device | None = None,
-               allocated: bool = False):
-        """Bounds of all stored rows, or of ids [Hkv, M] -> [Hkv, M, D] on `device` (float32 when int8).
-
-        Rows are gathered where they are stored and dequantised after the copy, so an int8 tier moves
-        1 byte per value. `allocated`: every allocated row, written or not (static shapes for graphs).
-        """
-        lo, hi = (self.lo.data, self.hi.data) if allocated else (self.lo.valid, self.hi.valid)  # [Hkv, n, D]
-        scale = (self.scale.data if allocated else self.scale.valid) if self.int8 else None     # [Hkv, n]
-        if ids is not None:
-            heads = torch.arange(lo.shape[0], device=lo.device)[:, None]         # heads: [Hkv, 1]
-            ids = ids.to(lo.device)                                              # ids: [Hkv, M]
-            lo, hi = lo[heads, ids], hi[heads, ids]                              # lo, hi: [Hkv, M, D]
-            scale = scale[heads, ids] if self.int8 else None                     # scale: [Hkv, M]
-        if device is not None:
-            lo, hi = lo.to(device, non_blocking=True), hi.to(device, non_blocking=True)
-            scale = scale.to(device, non_blocking=True) if self.int8 else None
-        return dequantize_bounds(lo, hi, scale) if self.int8 else (lo, hi)
-
-    @property
-    def size(self) -> int:
-        return self.lo.size
-
-    @property
-    def nbytes(self) -> int:
-        return self.lo.nbytes + self.hi.nbytes + self.scale.nbytes
 
 
 class ChunkSummaryIndex:
@@ -136,15 +69,15 @@ class ChunkSummaryIndex:
     def _reset(self, capacity_chunks: int) -> None:
         hkv, d, g = self.num_kv_heads, self.head_dim, self.coarse_group
         self._count.zero_()
-        self._host_tier: _BoundStore | None = None
+        self._host_tier: BoundStore | None = None
         lim = self.max_chunks
         if g == 1:
-            self._device_tier = _BoundStore(hkv, d, self.device, self.dtype, self.int8, capacity_chunks, limit=lim)
+            self._device_tier = BoundStore(hkv, d, self.device, self.dtype, self.int8, capacity_chunks, limit=lim)
             return
-        self._device_tier = _BoundStore(hkv, d, self.device, self.dtype, self.int8,
-                                        math.ceil(capacity_chunks / g), limit=math.ceil(lim / g))
-        self._host_tier = _BoundStore(hkv, d, "cpu", self.dtype, self.host_int8, capacity_chunks,
-                                      pin=self.device.type == "cuda", limit=lim)
+        self._device_tier = BoundStore(hkv, d, self.device, self.dtype, self.int8,
+                                       math.ceil(capacity_chunks / g), limit=math.ceil(lim / g))
+        self._host_tier = BoundStore(hkv, d, "cpu", self.dtype, self.host_int8, capacity_chunks,
+                                     pin=self.device.type == "cuda", limit=lim)
 
     # -- building --------------------------------------------------------------------------------
     def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
@@ -164,12 +97,49 @@ class ChunkSummaryIndex:
         chunks = split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)  # [Hkv, n, C, D]
         if chunks.shape[1] == 0:
             return
-        kmin, kmax = chunks.amin(dim=2), chunks.amax(dim=2)                    # kmin, kmax: [Hkv, n, D]
+        self._fine.append(chunks.amin(dim=2), chunks.amax(dim=2))             # kmin, kmax: [Hkv, n, D]
+        self._fine_appended()
+
+    def import_rows(self, first: int, rows: torch.Tensor) -> None:
+        """Append fine rows uint8 [count, row_bytes] (from export_rows) as chunks first..; first == num_chunks.
+
+        The result equals extend() over the original keys, bit for bit: the fine rows are stored as they
+        were, the coarse groups derived from them the same way, and an empty index is sized like build().
+        """
+        if first != self.num_chunks:
+            raise ValueError(f"rows start at chunk {first} but the index holds {self.num_chunks} chunks; "
+                             f"import chunks in order, starting at {self.num_chunks}")
+        if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[1] != self.row_bytes:
+            raise ValueError(f"rows {rows.dtype} {tuple(rows.shape)} must be uint8 [count, {self.row_bytes}]; "
+                             "pass what export_rows of an index of the same configuration returned")
+        if first == 0:
+            self._reset(self.max_chunks or rows.shape[0])   # the whole context at once, as build() does
+        if rows.shape[0]:
+            self._fine.append_rows(rows)
+            self._fine_appended()
+
+    def export_rows(self, first: int, count: int) -> torch.Tensor:
+        """Stored fine rows of chunks first..first+count-1 -> uint8 [count, row_bytes] on the CPU, bit-exact."""
+        if first < 0 or count < 0 or first + count > self.num_chunks:
+            raise ValueError(f"chunks {first}..{first + count - 1} are not all indexed ({self.num_chunks} are); "
+                             "export only indexed chunks")
+        return self._fine.export_rows(first, count)                          # rows: [count, R]
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one chunk's fine row (lo + hi, + int8 scales, of every KV head)."""
+        return BoundStore.row_bytes(self.num_kv_heads, self.head_dim, self.dtype, self._fine.int8)
+
+    @property
+    def _fine(self) -> BoundStore:
+        """One row per chunk: the host tier of two levels, else the device tier."""
+        return self._device_tier if self._host_tier is None else self._host_tier
+
+    def _fine_appended(self) -> None:
+        """After fine rows were appended: the device-side count (one level), or the coarse groups completed."""
         if self._host_tier is None:
-            self._device_tier.append(kmin, kmax)
             self._count.fill_(self._device_tier.size)
             return
-        self._host_tier.append(kmin, kmax)
         g = self.coarse_group
         done = self._device_tier.size                                          # coarse groups written
         full = self._host_tier.size // g                                       # groups now complete
@@ -264,7 +234,7 @@ class ChunkSummaryIndex:
     def gpu_bytes(self, num_chunks: int) -> int:
         """Compute-device bytes at num_chunks chunks, at the peak: the bounds plus one build slab's scratch."""
         rows = math.ceil(num_chunks / self.coarse_group)
-        buffers = rows * _BoundStore.row_bytes(self.num_kv_heads, self.head_dim, self.dtype, self.int8)
+        buffers = rows * BoundStore.row_bytes(self.num_kv_heads, self.head_dim, self.dtype, self.int8)
         return buffers + self.scratch_bytes()
 
     def scratch_bytes(self) -> int:
