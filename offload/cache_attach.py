@@ -3,6 +3,7 @@ the disk tier instead of being copied into it (issue 11: a 1M-token cache is 128
 
     why_not = attachable(sess.attn, reader)        # None, or why this session copies the KV in instead
     info = attach(sess.attn, reader, fix)          # -> Attached (what was read eagerly, what stays in place)
+    info = attach_packed(sess.attn, reader)        # a compressed session: packed blocks + index rows, all read
 
 Policy (here): per layer, the sink blocks and as many of the newest blocks as the GPU and host tiers have
 room for are read eagerly (CRC-checked) and put into the store, which places them as it places any put;
@@ -123,3 +124,54 @@ def attach(attn, reader, fix: str) -> Attached:
     per_layer = (sinks + newest + (tail > 0)) * lay.stride
     cold = (cold1 - cold0) * lay.stride * attn.L
     return Attached(n, per_layer * attn.L, cold, (cold1 - cold0) * (lay.block_bytes // 2) * attn.L if sparse else 0)
+
+
+def _put_stored(store, layer: int, first: int, st, device) -> None:
+    """Runs of bf16 blocks go through put (placed like any new chunk), runs of packed ones through put_cold
+    (their bytes, straight into host / disk slots): nothing is quantized twice."""
+    packed = st.packed.tolist()
+    i = 0
+    while i < len(packed):
+        j = i
+        while j < len(packed) and packed[j] == packed[i]:
+            j += 1
+        if packed[i]:
+            store.put_cold(layer, first + i, st.cold[i:j])                      # cold: [m, B] u8
+        else:
+            store.put(layer, first + i, st.raw[i:j].to(device))                # raw: [m, 2, Hkv, C, D]
+        i = j
+
+
+def attach_packed(attn, reader) -> Attached:
+    """Fill an empty compressed (int8 / int4) tiered session from a cache of packed blocks: every block is read
+    once, packed ones go into host / disk slots as they are, and the sparse index takes the rows that were
+    saved with the blocks (built from the unquantized keys). An index that saves no rows (shadow, ann) is
+    rebuilt from the keys the session holds: bf16 where they are, dequantized where they are packed."""
+    from offload.kernels.quant import dequantize_chunks
+    lay, C, n, store = reader.layout, attn.C, reader.n, attn.store
+    n_full, tail = n // C, n % C
+    sparse = attn.selector.sparse and n_full > 0
+    unit = max(lay.packed_bytes, 1) + lay.row_bytes
+    read = 0
+    with attn.bulk_fill(n):
+        with ThreadPoolExecutor(_THREADS, thread_name_prefix="offload-cache-read") as pool:
+            for layer in range(attn.L):
+                keys = (torch.empty(attn.Hkv, n_full * C, attn.D, device=attn.device, dtype=attn.dtype)
+                        if sparse and not lay.row_bytes else None)                 # keys: [Hkv, n_full*C, D]
+                for s, (st, rows) in _groups(pool, reader.read_stored, layer, 0, n_full, unit):
+                    _put_stored(store, layer, s, st, attn.device)
+                    read += int(st.packed.sum()) * lay.packed_bytes + int((~st.packed).sum()) * lay.block_bytes
+                    if sparse and rows is not None:
+                        attn.selector.import_rows(layer, s, rows)
+                    elif keys is not None:
+                        k = st.raw[:, 0].clone()                                    # k: [m, Hkv, C, D]
+                        if bool(st.packed.any()):
+                            k[st.packed] = dequantize_chunks(st.cold[st.packed], store.packed, k.dtype)[:, 0]
+                        _keys_into(keys, s, k, C)
+                if tail:
+                    kv = reader.read_stored(layer, n_full, 1)[0].raw[0].to(attn.device)   # kv: [2, Hkv, C, D]
+                    attn.tail_k[layer, :, :tail], attn.tail_v[layer, :, :tail] = kv[0, :, :tail], kv[1, :, :tail]
+                    read += lay.block_bytes
+                if keys is not None:
+                    attn.selector.index_chunks(layer, 0, keys)
+    return Attached(n, read + n_full * lay.row_bytes * attn.L, 0, 0)

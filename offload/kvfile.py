@@ -10,9 +10,15 @@ Layout (little-endian; every region starts on a 4096-byte boundary):
     crc table            u32 [layers, blocks]: CRC-32 of each block's bytes
     key crc table        u32 [layers, blocks]: CRC-32 of each block's K half alone (a sparse index is rebuilt
                          from the keys: a resume reads only the K halves of the blocks it leaves in place)
+    format table         u8 [layers, blocks]: 0 = the block holds bf16 KV, 1 = packed (int8 / int4) bytes
     blocks               block b of layer l at data + (l * blocks + b) * stride, holding [2, Hkv, C, D] (K then V):
                          the tiers' chunk layout at the disk tier's 4096-aligned stride, so a disk tier could
                          use these bytes as its slots in place instead of copying them.
+                         A compressed session (kv_dtype int8 / int4) saves each chunk as it holds it: packed
+                         bytes (packed_bytes, the host tier's slot) for chunks that left the GPU, bf16 for the
+                         rest, each followed by its sparse index row (row_bytes: the index is built from the
+                         unquantized keys, which a packed block no longer has). The file is sparse: a packed
+                         block takes its own bytes on the drive, not the bf16 stride (int4: ~1/4).
 A record's JSON: the cache key (model identity, options), the layout, n (tokens committed), the sha256 of
 tokens[:n], the crcs of the tables' committed entries and of its logits slot.
 
@@ -41,9 +47,10 @@ import torch
 from offload.errors import SessionFileError
 
 MAGIC = b"OFFLDPC1"
-VERSION = 2                  # 2: the key crc table (a version-1 file is refused: prefilled afresh)
+VERSION = 3                  # 3: packed blocks + index rows; 2: the key crc table (older files: prefilled afresh)
 ALIGN = 4096
 RECORD_BYTES = 16384
+_GROUP_BYTES = 256 << 20     # blocks a commit reads from the session and writes at a time
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -60,6 +67,9 @@ class Layout:
     block_tokens: int      # C: tokens per block (the tiers' chunk_tokens when the file was made)
     capacity: int          # tokens the file has room for
     vocab: int
+    kv_dtype: str = "bf16"  # the session's host / disk KV: int8 / int4 files hold packed blocks too
+    packed_bytes: int = 0   # bytes of one packed block (0: bf16 only)
+    row_bytes: int = 0      # bytes of one block's index row after its KV (0: none; the index is rebuilt from keys)
 
     @property
     def blocks(self) -> int:
@@ -71,15 +81,19 @@ class Layout:
 
     @property
     def stride(self) -> int:
-        return _up(self.block_bytes)
+        return _up(self.block_bytes + self.row_bytes)
+
+    def payload(self, packed: bool) -> int:
+        return self.packed_bytes if packed else self.block_bytes
 
     def offsets(self) -> dict:
         tokens = 2 * RECORD_BYTES
         logits = tokens + _up(4 * self.capacity)
         table = logits + 2 * _up(4 * self.vocab)
         ktable = table + _up(4 * self.layers * self.blocks)
-        data = ktable + _up(4 * self.layers * self.blocks)
-        return {"tokens": tokens, "logits": logits, "table": table, "ktable": ktable, "data": data,
+        fmt = ktable + _up(4 * self.layers * self.blocks)
+        data = fmt + _up(self.layers * self.blocks)
+        return {"tokens": tokens, "logits": logits, "table": table, "ktable": ktable, "fmt": fmt, "data": data,
                 "end": data + self.layers * self.blocks * self.stride}
 
     def block_offset(self, layer: int, block: int) -> int:
@@ -152,6 +166,8 @@ class KVFileReader:
                 self.table = np.frombuffer(f.read(4 * nt), dtype=np.uint32).reshape(self.layout.layers, -1).copy()
                 f.seek(off["ktable"])
                 self.ktable = np.frombuffer(f.read(4 * nt), dtype=np.uint32).reshape(self.layout.layers, -1).copy()
+                f.seek(off["fmt"])
+                self.fmt = np.frombuffer(f.read(nt), dtype=np.uint8).reshape(self.layout.layers, -1).copy()
                 f.seek(off["logits"] + self.slot * _up(4 * self.layout.vocab))
                 lb = f.read(4 * self.layout.vocab)
                 st = os.fstat(f.fileno())
@@ -163,8 +179,11 @@ class KVFileReader:
         if tokens_digest(self.tokens) != body["tokens_sha"]:
             raise SessionFileError("its token ids are corrupt (checksum mismatch)")
         if (_table_crc(self.table, self.committed_blocks) != body["table_crc"]
-                or _table_crc(self.ktable, self.committed_blocks) != body["ktable_crc"]):
+                or _table_crc(self.ktable, self.committed_blocks) != body["ktable_crc"]
+                or _table_crc(self.fmt, self.committed_blocks) != body["fmt_crc"]):
             raise SessionFileError("its block checksum table is corrupt")
+        if self.layout.row_bytes or self.layout.packed_bytes:
+            self._check_packed_layout()
         if zlib.crc32(lb) != body["logits_crc"]:
             raise SessionFileError("its logits are corrupt (checksum mismatch)")
         self.logits = torch.frombuffer(bytearray(lb), dtype=torch.float32)  # logits: [V]
@@ -173,11 +192,53 @@ class KVFileReader:
     def committed_blocks(self) -> int:
         return math.ceil(self.n / self.layout.block_tokens)
 
+    def _check_packed_layout(self) -> None:
+        lay = self.layout
+        if lay.packed_bytes < 0 or lay.row_bytes < 0 or lay.packed_bytes > lay.block_bytes:
+            raise SessionFileError("its header is corrupt (block layout)")
+        if bool((self.fmt[:, :self.committed_blocks] > (1 if lay.packed_bytes else 0)).any()):
+            raise SessionFileError("its block format table is corrupt")
+
+    def _committed(self, first: int, count: int, layer: int | None = None, raw_only: bool = False) -> None:
+        if first < 0 or first + count > self.committed_blocks:
+            raise ValueError(f"blocks {first}..{first + count - 1} are not all committed ({self.committed_blocks})")
+        if raw_only and (self.layout.row_bytes or bool(self.fmt[layer, first:first + count].any())):
+            raise ValueError("packed blocks or index rows: read them with read_stored")
+
+    def read_stored(self, layer: int, first: int, count: int):
+        """Committed blocks first.. of a layer as saved, each CRC-checked (SessionFileError if corrupt):
+        (StoredChunks: bf16 or packed per block, the partial last block bf16; index rows [count, R] u8 or None).
+        One read per block: its bytes and its row lie together, and a packed block's bf16 stride is a hole."""
+        from offload.tiers.cold import StoredChunks
+        lay = self.layout
+        self._committed(first, count)
+        fmts = torch.from_numpy(self.fmt[layer, first:first + count].astype(bool))     # fmts: [count]
+        raw = torch.empty(count, 2, lay.kv_heads, lay.block_tokens, lay.head_dim, dtype=DTYPES[lay.dtype])
+        raw_u8 = raw.view(count, -1).view(torch.uint8).numpy()                         # raw_u8: [count, block_bytes]
+        cold = np.empty((count, lay.packed_bytes), dtype=np.uint8) if lay.packed_bytes else None  # cold: [count, B]
+        rows = np.zeros((count, lay.row_bytes), dtype=np.uint8)                         # rows: [count, R]
+        fd = self._fd()
+        try:
+            for i in range(count):
+                b = first + i
+                bufs = [cold[i] if fmts[i] else raw_u8[i]] + ([rows[i]] if lay.row_bytes else [])
+                want = sum(len(x) for x in bufs)
+                if os.preadv(fd, bufs, lay.block_offset(layer, b)) != want:
+                    raise SessionFileError(f"it is truncated (layer {layer} block {b})")
+                crc = zlib.crc32(bufs[0])
+                if lay.row_bytes:
+                    crc = zlib.crc32(rows[i], crc)
+                if crc != int(self.table[layer, b]):
+                    raise SessionFileError(f"block {b} of layer {layer} is corrupt (checksum mismatch)")
+        except OSError as e:
+            raise SessionFileError(f"cannot read it ({e.strerror or e})") from None
+        st = StoredChunks(fmts, raw, torch.from_numpy(cold) if cold is not None else None)
+        return st, (torch.from_numpy(rows) if lay.row_bytes else None)
+
     def extents(self, layer: int, first: int, count: int, fix: str):
         """Where committed blocks first.. of a layer lie, with their CRCs: for a disk tier to read in place."""
         from offload.tiers.attached import FileExtents
-        if first < 0 or first + count > self.committed_blocks:
-            raise ValueError(f"blocks {first}..{first + count - 1} are not all committed ({self.committed_blocks})")
+        self._committed(first, count, layer, raw_only=True)
         base = self.layout.block_offset(layer, first)
         offsets = base + np.arange(count, dtype=np.int64) * self.layout.stride                  # offsets: [count]
         return FileExtents(str(self.path), self.identity, offsets,
@@ -187,8 +248,7 @@ class KVFileReader:
         """Committed blocks first.. of a layer, CRC-checked: [count, 2, Hkv, C, D] (SessionFileError if corrupt).
         Reads the file these checks were made on (by inode), so a file renamed over it since is never mixed in."""
         lay = self.layout
-        if first < 0 or first + count > self.committed_blocks:
-            raise ValueError(f"blocks {first}..{first + count - 1} are not all committed ({self.committed_blocks})")
+        self._committed(first, count, layer, raw_only=True)
         buf = np.empty((count, lay.stride), dtype=np.uint8)                    # buf: [count, stride] bytes
         try:
             fd = self._fd()
@@ -211,8 +271,7 @@ class KVFileReader:
         """The K halves of committed blocks first.. of a layer, each CRC-checked: [count, Hkv, C, D]. The V halves
         are not read (their descriptor has read-ahead off), so rebuilding an index costs half the blocks' bytes."""
         lay = self.layout
-        if first < 0 or first + count > self.committed_blocks:
-            raise ValueError(f"blocks {first}..{first + count - 1} are not all committed ({self.committed_blocks})")
+        self._committed(first, count, layer, raw_only=True)
         half = lay.block_bytes // 2
         buf = np.empty((count, half), dtype=np.uint8)                          # buf: [count, K bytes]
         fd = self._fd(keys=True)
@@ -256,6 +315,8 @@ class KVFileReader:
         """Yields (k, v) per layer, each [Hkv, n, D] in a fresh tensor. Only one layer's blocks are mapped at a
         time, and every block's CRC is checked before its bytes are used (SessionFileError otherwise)."""
         lay, n, nb = self.layout, self.n, self.committed_blocks
+        for layer in range(lay.layers):
+            self._committed(0, nb, layer, raw_only=True)
         dtype, C, Hkv, D = DTYPES[lay.dtype], lay.block_tokens, lay.kv_heads, lay.head_dim
         with open(self.path, "rb") as f:
             for layer in range(lay.layers):
@@ -282,11 +343,13 @@ class KVFileWriter:
     (in place, past its committed blocks). `_pwrite` and `_fsync` are seams for fault-injection tests."""
 
     def __init__(self, path, layout: Layout, key: dict, n: int = 0, seq: int = 0, slot: int = 1,
-                 table: np.ndarray | None = None, ktable: np.ndarray | None = None, tmp: Path | None = None):
+                 table: np.ndarray | None = None, ktable: np.ndarray | None = None, tmp: Path | None = None,
+                 fmt: np.ndarray | None = None):
         self.path, self.layout, self.key = Path(path), layout, key
         self.n, self.seq, self.slot, self.tmp = n, seq, slot, tmp
         self.table = table if table is not None else np.zeros((layout.layers, layout.blocks), dtype=np.uint32)
         self.ktable = ktable if ktable is not None else np.zeros_like(self.table)
+        self.fmt = fmt if fmt is not None else np.zeros(self.table.shape, dtype=np.uint8)
         self._pwrite, self._fsync = os.pwrite, os.fsync
         self._fd = os.open(tmp if tmp is not None else self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
 
@@ -310,7 +373,7 @@ class KVFileWriter:
         """Continue the file `reader` read (same prompt, block-aligned n); its committed bytes stay as they are.
         Only ever appends: a session may be reading those committed blocks in place (offload.cache_attach)."""
         w = cls(reader.path, reader.layout, reader.key, n=reader.n, seq=reader.seq, slot=reader.slot,
-                table=reader.table.copy(), ktable=reader.ktable.copy())
+                table=reader.table.copy(), ktable=reader.ktable.copy(), fmt=reader.fmt.copy())
         st = os.fstat(w._fd)
         if (st.st_dev, st.st_ino) != reader.identity:   # renamed over since it was checked: not ours to extend
             w.close()
@@ -318,31 +381,25 @@ class KVFileWriter:
         return w
 
     def bytes_to_commit(self, n: int) -> int:
+        """Drive bytes the next commit takes at most (a packed block's hole is not written)."""
         lay = self.layout
-        return (math.ceil(n / lay.block_tokens) - self.n // lay.block_tokens) * lay.layers * lay.stride
+        per = _up(lay.packed_bytes + lay.row_bytes) if lay.packed_bytes else lay.stride
+        return (math.ceil(n / lay.block_tokens) - self.n // lay.block_tokens) * lay.layers * per
 
-    def commit(self, n: int, tokens, logits: torch.Tensor, read_range) -> None:
-        """Make tokens[:n] the file's state. read_range(layer, start, end) -> (k, v) [Hkv, end-start, D]."""
+    def commit(self, n: int, tokens, logits: torch.Tensor, read_blocks) -> None:
+        """Make tokens[:n] the file's state. read_blocks(layer, b0, b1) -> (StoredChunks of blocks b0..b1-1,
+        the last zero-padded when n ends inside it; index rows [b1-b0, R] u8, or None when the layout has none)."""
         lay, off, C = self.layout, self.layout.offsets(), self.layout.block_tokens
         if self.n % C or n > lay.capacity or n <= self.n:
             raise ValueError(f"cannot commit {n} tokens after {self.n} (block {C}, capacity {lay.capacity})")
         b0, b1 = self.n // C, math.ceil(n / C)
-        dtype = DTYPES[lay.dtype]
+        group = max(1, _GROUP_BYTES // lay.stride)          # a 1M-token commit holds one group in memory at a time
         for layer in range(lay.layers):
-            k, v = read_range(layer, b0 * C, n)  # k, v: [Hkv, n - b0*C, D]
-            t = n - b0 * C
-            kv = torch.zeros(2, lay.kv_heads, (b1 - b0) * C, lay.head_dim, dtype=dtype)  # kv: [2, Hkv, T', D]
-            kv[0, :, :t], kv[1, :, :t] = k.to("cpu", dtype), v.to("cpu", dtype)
-            blocks = kv.view(2, lay.kv_heads, b1 - b0, C, lay.head_dim).permute(2, 0, 1, 3, 4).contiguous()
-            buf = np.zeros((b1 - b0, lay.stride), dtype=np.uint8)           # buf: [blocks, stride] bytes
-            buf[:, :lay.block_bytes] = blocks.view(b1 - b0, -1).view(torch.uint8).numpy()
-            for i in range(b1 - b0):
-                kcrc = zlib.crc32(buf[i, :lay.block_bytes // 2])                 # K half, then on through V
-                self.ktable[layer, b0 + i] = kcrc
-                self.table[layer, b0 + i] = zlib.crc32(buf[i, lay.block_bytes // 2:lay.block_bytes], kcrc)
-            self._write(buf, lay.block_offset(layer, b0))
+            for g0 in range(b0, b1, group):
+                self._write_blocks(layer, g0, *read_blocks(layer, g0, min(b1, g0 + group)))
         self._write(self.table[:, b0:b1].copy(), None, rows=(off["table"], b0))
         self._write(self.ktable[:, b0:b1].copy(), None, rows=(off["ktable"], b0))
+        self._write(self.fmt[:, b0:b1].copy(), None, rows=(off["fmt"], b0))
         self._write(np.asarray(tokens[self.n:n], dtype=np.int32), off["tokens"] + 4 * self.n)
         slot = 1 - self.slot
         lb = logits.detach().float().cpu().contiguous().numpy()
@@ -350,7 +407,7 @@ class KVFileWriter:
         self._fsync(self._fd)
         body = {"seq": self.seq + 1, "slot": slot, "n": n, "key": self.key, "layout": asdict(lay),
                 "tokens_sha": tokens_digest(tokens[:n]), "table_crc": _table_crc(self.table, b1),
-                "ktable_crc": _table_crc(self.ktable, b1),
+                "ktable_crc": _table_crc(self.ktable, b1), "fmt_crc": _table_crc(self.fmt, b1),
                 "logits_crc": zlib.crc32(lb.tobytes())}
         self._write(np.frombuffer(_pack_record(body), dtype=np.uint8), slot * RECORD_BYTES)
         self._fsync(self._fd)
@@ -364,11 +421,38 @@ class KVFileWriter:
                 os.close(dfd)
         self.n, self.seq, self.slot = n, self.seq + 1, slot
 
+    def _write_blocks(self, layer: int, b0: int, st, rows) -> None:
+        """Blocks b0.. of a layer (StoredChunks, index rows) into their slots; their table entries updated."""
+        lay, m, half = self.layout, st.packed.numel(), self.layout.block_bytes // 2
+        raw = st.raw.to("cpu", DTYPES[lay.dtype]).contiguous().view(m, -1).view(torch.uint8).numpy()
+        packed = st.packed.tolist() if lay.packed_bytes else [False] * m
+        if not lay.row_bytes and not any(packed):          # bf16 blocks only: one write
+            buf = np.zeros((m, lay.stride), dtype=np.uint8)                 # buf: [blocks, stride] bytes
+            buf[:, :lay.block_bytes] = raw
+            for i in range(m):
+                kcrc = zlib.crc32(buf[i, :half])                             # K half, then on through V
+                self.ktable[layer, b0 + i] = kcrc
+                self.table[layer, b0 + i] = zlib.crc32(buf[i, half:lay.block_bytes], kcrc)
+            self._write(buf, lay.block_offset(layer, b0))
+            return
+        row_np = rows.numpy() if rows is not None else np.zeros((m, lay.row_bytes), dtype=np.uint8)
+        for i in range(m):
+            if packed[i]:
+                payload = st.cold[i].numpy()                                   # payload: [B] u8
+                crc, kcrc = zlib.crc32(payload), 0
+            else:
+                payload = raw[i]                                               # payload: [block_bytes] u8
+                kcrc = zlib.crc32(payload[:half])
+                crc = zlib.crc32(payload[half:], kcrc)
+            self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = kcrc, int(packed[i])
+            self.table[layer, b0 + i] = zlib.crc32(row_np[i], crc) if lay.row_bytes else crc
+            self._write(np.concatenate([payload, row_np[i]]), lay.block_offset(layer, b0 + i))
+
     def _write(self, arr: np.ndarray, offset: int | None, rows: tuple[int, int] | None = None) -> None:
         if rows is not None:   # table columns b0.. of every layer row: one write per row
             base, b0 = rows
             for layer in range(arr.shape[0]):
-                self._write(arr[layer], base + 4 * (layer * self.layout.blocks + b0))
+                self._write(arr[layer], base + arr.itemsize * (layer * self.layout.blocks + b0))
             return
         mv = memoryview(np.ascontiguousarray(arr)).cast("B")
         done = 0

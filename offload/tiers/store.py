@@ -27,6 +27,7 @@ import torch
 from offload.errors import CapacityError, ConfigError
 from offload.kernels.quant import dequantize_chunks, packed_format
 from offload.tiers.base import ChunkShape
+from offload.tiers.cold import ColdMixin, StoredChunks
 from offload.tiers.decode import DecodeMixin, DecodePlan
 from offload.tiers.device import DevicePool
 from offload.tiers.disk import DiskStore
@@ -36,9 +37,9 @@ from offload.tiers.stream import StreamMixin
 from offload.tiers.host import HostPool
 from offload.tiers.placement import DISK, GPU, HOST, TIER_NAMES, Residents, plan_put
 from offload.tiers.policy import make_policy
-from offload.tiers.sync import SlotStates, new_event, stream_wait
+from offload.tiers.sync import SlotStates, new_event
 
-__all__ = ["TieredKVStore", "FetchPlan", "PendingFetch", "DecodePlan"]
+__all__ = ["TieredKVStore", "FetchPlan", "PendingFetch", "DecodePlan", "StoredChunks"]
 
 _STAGE_BYTES = 32 << 20      # one staging buffer of the put -> disk ring
 _STAGE_BUFFERS = 4
@@ -53,7 +54,7 @@ def _capacities(caps) -> tuple[int, int, int]:
     return gpu, host, disk
 
 
-class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin):
+class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin, ColdMixin):
     def __init__(self, shape: ChunkShape, num_layers: int, capacities, device: torch.device | str = "cpu",
                  disk_dir: str | None = None, policy="lru", sink_chunks: int = 1, window_chunks: int = 4,
                  promote: bool = True, io_threads: int = 4, disk_direct: bool = True, kv_dtype: str = "bf16"):
@@ -242,26 +243,13 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin):
     # ---- read, stats, close ---------------------------------------------------------------------
     def read(self, layer: int, chunk_idx_list) -> torch.Tensor:
         """Chunks as stored, from whatever tier: [n, 2, Hkv, C, D] on the host (waits for in-flight writes)."""
-        self._open_check()
         ids = torch.as_tensor(list(chunk_idx_list), dtype=torch.long)           # ids: [n]
-        tiers, slots = self._lookup(layer, ids)
         out = torch.empty((ids.numel(), *self.shape.shape), dtype=self.shape.dtype)  # out: [n, 2, Hkv, C, D]
-        for t in (GPU, HOST, DISK):
-            sel = torch.nonzero(tiers == t).flatten()                           # sel: [m]
-            if not sel.numel():
-                continue
-            ss = slots[sel].tolist()
-            slot_shape = self.shape if t == GPU else self.cold_shape
-            tmp = torch.empty((len(ss), *slot_shape.shape), dtype=slot_shape.dtype)  # tmp: [m, 2, Hkv, C, D] or [m, B]
-            wait = self._state[t].readers_wait(ss)
-            if t == DISK:
-                self.tiers[DISK].read(ss, tmp, after=wait).result()
-            else:
-                stream_wait(None, wait)
-                ev = self.tiers[t].read(ss, tmp, stream=self._copy)
-                if ev is not None:
-                    ev.synchronize()
+
+        def deliver(t, sel, tmp):
             out[sel] = tmp if t == GPU or self.packed is None else dequantize_chunks(tmp, self.packed, self.shape.dtype)
+
+        self._read_slots(layer, ids, deliver)
         return out
 
     def stats(self) -> dict:

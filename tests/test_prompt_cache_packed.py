@@ -1,0 +1,142 @@
+"""Prompt cache of a compressed (int8 / int4) tiered session (issue 11 + 12): packed chunks are saved as the host
+tier holds them (not as 4x larger bf16), with the sparse index's rows, and resumed byte for byte."""
+import os
+
+import pytest
+import torch
+
+from fixtures_models import write_tiny_checkpoint
+from offload import LLM
+from offload.kvfile import KVFileReader
+from offload.prompt_cache import prefill_cached
+
+N = 300
+OPTS = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32, gpu_mem="40KiB",
+            prefill_chunk=32)
+MODES = {"full": dict(attention="full"), "sparse": dict(attention="sparse", budget="64")}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("pcq"), "llama", num_key_value_heads=2)
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(3, 320, (N,), generator=torch.Generator().manual_seed(5)).tolist()
+
+
+def _kv(sess):
+    return [tuple(t.clone() for t in sess.attn.read_kv(layer)) for layer in range(sess.llm.model_config.num_layers)]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_resume_is_the_saved_session(ckpt, ids, tmp_path, capsys, mode, kv_dtype):
+    llm = LLM(str(ckpt.path), kv_dtype=kv_dtype, **OPTS, **MODES[mode])
+    path = tmp_path / "doc.kvc"
+    first = llm.session()
+    logits = prefill_cached(first, ids, path)
+    want_kv = _kv(first)
+    rows = ([first.attn.selector.export_rows(layer, 0, first.attn.n_chunks) for layer in range(first.attn.L)]
+            if mode == "sparse" else None)
+    want_steps = [first.step(t) for t in (11, 12, 13)]
+    st = first.attn.store.read_stored(0, range(first.attn.n_chunks))
+    first.close()
+    r = KVFileReader(path)
+    assert r.layout.kv_dtype == kv_dtype and r.layout.packed_bytes == llm_cold_bytes(llm, first)
+    assert int(r.fmt[0, :len(st.packed)].sum()) == int(st.packed.sum()) > 0     # packed blocks saved packed
+    assert (r.layout.row_bytes > 0) == (mode == "sparse")
+    r.close()
+    capsys.readouterr()
+    again = llm.session()
+    got = prefill_cached(again, ids, path)
+    assert "resumed 300 of 300" in capsys.readouterr().err
+    assert torch.equal(got, logits)
+    for a, b in zip(_kv(again), want_kv):       # every value the saved session held, bit for bit
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    if rows is not None:                        # the index the saved session built from unquantized keys
+        for layer in range(again.attn.L):
+            assert torch.equal(again.attn.selector.export_rows(layer, 0, again.attn.n_chunks), rows[layer])
+    # decode merges tier parts in placement order, which the resumed session lays out differently
+    for a, b in zip([again.step(t) for t in (11, 12, 13)], want_steps):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    again.close()
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(kv_dtype="int4", **OPTS, **MODES["sparse"])], ids=["dense", "int4"])
+def test_a_commit_in_many_groups_writes_the_same_cache(ckpt, ids, tmp_path, monkeypatch, opts):
+    """A long commit reads and writes a layer's blocks a group at a time (bounded memory at 1M tokens)."""
+    from offload import kvfile
+    llm = LLM(str(ckpt.path), **(opts or dict(device="cpu", ctx=512, chunk_tokens=32, prefill_chunk=16)))
+    files = []
+    for group, name in ((1 << 30, "one.kvc"), (1, "many.kvc")):     # one group per layer, one block per group
+        monkeypatch.setattr(kvfile, "_GROUP_BYTES", group)
+        s = llm.session()
+        prefill_cached(s, ids, tmp_path / name)
+        s.close()
+        files.append((tmp_path / name).read_bytes())
+    assert files[0] == files[1]
+
+
+def llm_cold_bytes(llm, sess):
+    return sess.attn.store.cold_shape.nbytes
+
+
+def test_packed_cache_checkpoints_and_resumes_an_interrupted_prefill(ckpt, ids, tmp_path):
+    llm = LLM(str(ckpt.path), kv_dtype="int4", **OPTS, **MODES["sparse"])
+    ref = llm.session()
+    # the same 64-token segments without a cache: a later segment reads the earlier ones' host chunks as int4
+    # (within one prefill call they are still bf16), so segmenting itself moves the logits; the cache must not
+    want = [ref.prefill(ids[i:i + 64]) for i in range(0, N, 64)][-1]
+    ref.close()
+    path = tmp_path / "doc.kvc"
+
+    def stop(done):
+        if done == 128:
+            raise KeyboardInterrupt
+
+    s = llm.session()
+    with pytest.raises(KeyboardInterrupt):
+        prefill_cached(s, ids, path, every=64, on_segment=stop)
+    s.close()
+    assert KVFileReader(path).n == 128
+    s = llm.session()
+    got = prefill_cached(s, ids, path, every=64)          # resumes at 128, prefills and appends the rest
+    # which GPU chunks the policy demotes (and so quantizes) later follows its recency state, which starts
+    # afresh in a resumed session: int4 noise on a few chunks, never a different answer
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2)
+    assert torch.equal(got.argmax(), want.argmax())
+    s.close()
+    s = llm.session()
+    assert torch.equal(prefill_cached(s, ids, path), got)
+    s.close()
+
+
+def test_damaged_packed_block_or_other_kv_dtype_prefills_afresh(ckpt, ids, tmp_path, capsys):
+    llm = LLM(str(ckpt.path), kv_dtype="int4", **OPTS, **MODES["sparse"])
+    path = tmp_path / "doc.kvc"
+    s = llm.session()
+    want = prefill_cached(s, ids, path)
+    s.close()
+    r = KVFileReader(path)
+    layer, b = r.layout.layers - 1, int(r.fmt[r.layout.layers - 1].nonzero()[0][-1])   # the last packed block
+    off = r.layout.block_offset(layer, b) + 5
+    r.close()
+    with open(path, "r+b") as f:
+        f.seek(off)
+        byte = f.read(1)
+        f.seek(off)
+        f.write(bytes([byte[0] ^ 0x20]))
+    capsys.readouterr()
+    s = llm.session()
+    assert torch.equal(prefill_cached(s, ids, path), want)
+    s.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt" in err[0] and "prefilling afresh" in err[0], err
+    other = LLM(str(ckpt.path), kv_dtype="int8", **OPTS, **MODES["sparse"]).session()
+    prefill_cached(other, ids, path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kv_dtype differs" in err[0] and "prefilling afresh" in err[0], err
+    other.close()
+    assert KVFileReader(path).layout.kv_dtype == "int8" and os.path.getsize(path) > 0
