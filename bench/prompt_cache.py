@@ -9,6 +9,12 @@ For one document of --doc-tokens tokens and a short question, in one process on 
 Timings start after the model is loaded; they are medians of --reps runs (the first run once per rep, into a
 fresh file). The page cache is warm for "resumed" (the file was just written), as in a rerun of a session.
 
+    python bench/prompt_cache.py --synthetic 1M --model llama3-8b --device cuda --kv-dtype int4 --attention sparse \
+        --host-mem 48GiB --gpu-cap 24 --dir /tmp/pc --out $OUT/prompt_cache_1m.json
+A session filled to N tokens of synthetic KV (bench/synthetic_fill.py) is saved as a prompt cache (packed blocks
+and index rows for int8 / int4), dropped from the page cache, and resumed in a fresh session; then a question and
+its first token. "first_token_after_start_s" = model load + resume + question. Decode is timed before and after.
+
     python bench/prompt_cache.py --resume-sizes 16K,64K --out bench/results/prompt_cache_resume_cpu.json
     python bench/prompt_cache.py --resume-sizes 256K --model llama3-8b --load-format dummy --device cuda \
         --gpu-mem 2GiB --host-mem 4GiB --dir /tmp/pc --gpu-cap 24 --out $OUT/prompt_cache_resume_h200.json
@@ -63,7 +69,8 @@ def first_token(sess, doc, question, cache=None) -> tuple[float, int]:
 
 
 def _parse_tokens(text: str) -> list[int]:
-    return [int(float(x[:-1]) * 1024) if x[-1] in "kK" else int(x) for x in text.split(",")]
+    from offload.config import parse_tokens
+    return [parse_tokens(x) for x in text.split(",")]
 
 
 def _drop_cached(path: Path) -> None:
@@ -88,13 +95,128 @@ def write_cache(sess, path: Path, n: int, seed: int = 0) -> list[int]:
 
     base = torch.randn(2, mc.num_kv_heads, 4096, mc.head_dim, generator=g).to(dtype)  # base: [2, Hkv, 4096, D]
 
-    def kv(layer, s, e):   # k, v: [Hkv, e - s, D]: the base rolled per layer and tiled (values do not matter)
-        t = base.roll(layer * 97, 2).repeat(1, 1, -(-(e - s) // 4096), 1)[:, :, :e - s]
-        return t[0], t[1]
+    def blocks(layer, b0, b1):   # the base rolled per layer and tiled (values do not matter), in C-token blocks
+        from offload.tiers.base import to_chunks
+        from offload.tiers.cold import StoredChunks
+        t = base.roll(layer * 97, 2).repeat(1, 1, -(-(b1 - b0) * C // 4096), 1)[:, :, :(b1 - b0) * C]
+        t[:, :, max(0, n - b0 * C):] = 0                                  # past the prompt's end: zero padding
+        return StoredChunks(torch.zeros(b1 - b0, dtype=torch.bool), to_chunks(t[0], t[1], C), None), None
 
-    w.commit(n, ids, torch.randn(mc.vocab_size, generator=g), kv)
+    w.commit(n, ids, torch.randn(mc.vocab_size, generator=g), blocks)
     w.close()
     return ids
+
+
+def save_session(sess, path: Path) -> None:
+    """Write the session's whole KV (however it was filled) as a prompt cache of sess.tokens."""
+    from offload.kvfile import KVFileWriter
+    from offload.prompt_cache import _layout, _read_blocks, cache_key
+    ids, C = list(sess.tokens), sess.attn.C
+    w = KVFileWriter.create(path, _layout(sess, C, len(ids)), cache_key(sess))
+    try:
+        w.commit(len(ids), ids, torch.zeros(sess.llm.model_config.vocab_size),
+                 lambda layer, b0, b1: _read_blocks(sess.attn, layer, b0, b1, len(ids), C))
+    finally:
+        w.close()
+
+
+def _steps(sess, n: int) -> dict:
+    """n greedy decode steps: median / mean / p99 / max ms."""
+    tok, ms = 0, []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        tok = int(sess.step(tok).argmax())
+        sync()
+        ms.append(1000 * (time.perf_counter() - t0))
+    ms = sorted(ms[2:])                      # two warm-up steps (graph capture)
+    return {"median": round(ms[len(ms) // 2], 2), "mean": round(sum(ms) / len(ms), 2),
+            "p99": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2), "max": round(ms[-1], 2)}
+
+
+def disk_ceiling(folder: Path, gib: int = 4, threads: int = 8) -> dict:
+    """The drive's own speed in the same run: write `gib` GiB in 64 MiB pieces (fsync), drop it from the page
+    cache, read it back on `threads` threads. The reference a resume's read rate is measured against."""
+    from concurrent.futures import ThreadPoolExecutor
+    path, piece = folder / "ceiling.bin", 64 << 20
+    buf = os.urandom(piece)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        t0 = time.perf_counter()
+        for i in range(gib * 16):
+            os.pwrite(fd, buf, i * piece)
+        os.fsync(fd)
+        w = time.perf_counter() - t0
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda i: os.pread(fd, piece, i * piece), range(gib * 16)))
+        r = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {"disk_write_GBps": round(gib * 2**30 / w / 1e9, 2), "disk_read_GBps": round(gib * 2**30 / r / 1e9, 2)}
+
+
+def synthetic_rows(a) -> list[dict]:
+    """A session filled to N tokens of synthetic KV (bench/synthetic_fill.py), saved as a prompt cache, dropped
+    from the page cache, resumed in a fresh session, then a question and its first token; decode before/after."""
+    import gc
+
+    from synthetic_fill import fill
+    rows = []
+    work = Path(a.dir or tempfile.mkdtemp(prefix="pcbench-"))
+    ceiling = disk_ceiling(work)
+    print(ceiling, file=sys.stderr, flush=True)
+    for n in _parse_tokens(a.synthetic):
+        t0 = time.perf_counter()
+        opts = dict(model=a.model, load_format=a.load_format or "dummy", ctx=n + a.question + 2 * a.steps + 64,
+                    attention=a.attention, budget=a.budget, host_mem=a.host_mem, kv_dtype=a.kv_dtype,
+                    device=a.device, show_progress=False)
+        if a.synthetic_gpu_mem:
+            opts["gpu_mem"] = a.synthetic_gpu_mem
+        llm = LLM(**opts)
+        load_s = time.perf_counter() - t0
+        s = llm.session()
+        filled = fill(s, n)
+        ids, path = list(s.tokens), work / f"synthetic-{n}.kvc"
+        t1 = time.perf_counter()
+        save_session(s, path)
+        save_s = time.perf_counter() - t1
+        st = os.stat(path)
+        before = _steps(s, a.steps)
+        s.close()
+        del s
+        gc.collect()
+        _drop_cached(path)
+        question = torch.randint(3, llm.model_config.vocab_size, (a.question,),
+                                 generator=torch.Generator().manual_seed(1)).tolist()
+        s = llm.session()
+        t2 = time.perf_counter()
+        s.prefill(ids, prompt_cache=path)
+        sync()
+        t3 = time.perf_counter()
+        int(s.prefill(question).argmax())
+        sync()
+        t4 = time.perf_counter()
+        after = _steps(s, a.steps)
+        rows.append({"fill": "synthetic", "tokens": n, "kv_dtype": a.kv_dtype, "attention": a.attention, **ceiling,
+                     "save_GBps": round(st.st_blocks * 512 / save_s / 1e9, 2),
+                     "resume_GBps": round(st.st_blocks * 512 / (t3 - t2) / 1e9, 2),
+                     "load_s": round(load_s, 2), **filled, "save_s": round(save_s, 1),
+                     "file_apparent_GiB": round(st.st_size / 2**30, 2),
+                     "file_on_disk_GiB": round(st.st_blocks * 512 / 2**30, 2),
+                     "resume_s": round(t3 - t2, 2), "question_s": round(t4 - t3, 2),
+                     "first_token_after_start_s": round(load_s + t4 - t2, 2),
+                     **{f"decode_{k}_ms": v for k, v in before.items()},
+                     **{f"resumed_decode_{k}_ms": v for k, v in after.items()}, "plan": llm.plan.summary()})
+        print(rows[-1], file=sys.stderr, flush=True)
+        s.close()
+        path.unlink()
+        llm.close()
+        del s, llm
+        gc.collect()
+    return rows
 
 
 def resume_rows(a) -> list[dict]:
@@ -147,6 +269,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resume-sizes", default=None, help="e.g. 16K,64K: the resume bench (in place vs copy-in)")
     ap.add_argument("--question", type=int, default=16, help="question tokens prefilled after a resume")
+    ap.add_argument("--synthetic", default=None, help="e.g. 1M: save + resume a session filled with synthetic KV")
+    ap.add_argument("--kv-dtype", default="int4")
+    ap.add_argument("--synthetic-gpu-mem", default=None, help="the synthetic session's GPU KV tier (default: planned)")
+    ap.add_argument("--budget", default="2K")
+    ap.add_argument("--steps", type=int, default=34, help="decode steps timed before and after the resume")
     ap.add_argument("--load-format", default=None)
     ap.add_argument("--gpu-mem", default="32MiB")
     ap.add_argument("--host-mem", default="64MiB")
@@ -161,6 +288,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     os.environ.setdefault("OFFLOAD_NO_PROGRESS", "1")
+    if a.synthetic:
+        if a.gpu_cap:
+            cap_gpu(a.gpu_cap)
+        rows = synthetic_rows(a)
+        write_results("prompt_cache_synthetic", rows, a.out, {"model": a.model, "command": " ".join(sys.argv)})
+        return
     if a.resume_sizes:
         if a.gpu_cap:
             cap_gpu(a.gpu_cap)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 _GROUP_BYTES = 64 << 20      # blocks read and put at a time
-_THREADS = min(4, os.cpu_count() or 1)   # groups read + CRC-checked in parallel
+_THREADS = min(8, os.cpu_count() or 1)   # groups read + CRC-checked in parallel
 _AHEAD = 2 * _THREADS        # groups in flight (memory: _AHEAD x 64 MiB)
 
 

@@ -14,11 +14,13 @@ Layout (little-endian; every region starts on a 4096-byte boundary):
     blocks               block b of layer l at data + (l * blocks + b) * stride, holding [2, Hkv, C, D] (K then V):
                          the tiers' chunk layout at the disk tier's 4096-aligned stride, so a disk tier could
                          use these bytes as its slots in place instead of copying them.
-                         A compressed session (kv_dtype int8 / int4) saves each chunk as it holds it: packed
-                         bytes (packed_bytes, the host tier's slot) for chunks that left the GPU, bf16 for the
-                         rest, each followed by its sparse index row (row_bytes: the index is built from the
-                         unquantized keys, which a packed block no longer has). The file is sparse: a packed
-                         block takes its own bytes on the drive, not the bf16 stride (int4: ~1/4).
+    packed blocks        (compressed sessions, kv_dtype int8 / int4) block b of layer l at packed + (l * blocks + b)
+                         * packed_stride: its packed bytes (the host tier's slot) then its index row, no padding,
+                         so a run of packed blocks is one contiguous read.
+A compressed session saves each chunk as it holds it: packed for chunks that left the GPU (in the packed grid),
+bf16 for the rest and the tail (in the bf16 grid); each is followed by its sparse index row (row_bytes: the index
+is built from the unquantized keys, which a packed block no longer has). A block lives in one grid; the file is
+sparse, so the other grid's slot takes no space on the drive (int4 at 1M tokens: ~45 GiB, not 128).
 A record's JSON: the cache key (model identity, options), the layout, n (tokens committed), the sha256 of
 tokens[:n], the crcs of the tables' committed entries and of its logits slot.
 
@@ -38,6 +40,7 @@ import os
 import struct
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +54,8 @@ VERSION = 3                  # 3: packed blocks + index rows; 2: the key crc tab
 ALIGN = 4096
 RECORD_BYTES = 16384
 _GROUP_BYTES = 256 << 20     # blocks a commit reads from the session and writes at a time
+_IOV_BLOCKS = 500            # packed blocks per vectored read (2 buffers each, under IOV_MAX = 1024)
+_IO_THREADS = min(8, os.cpu_count() or 1)   # crc32 and pwrite release the GIL: blocks are written in parallel
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -83,8 +88,9 @@ class Layout:
     def stride(self) -> int:
         return _up(self.block_bytes + self.row_bytes)
 
-    def payload(self, packed: bool) -> int:
-        return self.packed_bytes if packed else self.block_bytes
+    @property
+    def packed_stride(self) -> int:
+        return self.packed_bytes + self.row_bytes if self.packed_bytes else 0
 
     def offsets(self) -> dict:
         tokens = 2 * RECORD_BYTES
@@ -93,11 +99,26 @@ class Layout:
         ktable = table + _up(4 * self.layers * self.blocks)
         fmt = ktable + _up(4 * self.layers * self.blocks)
         data = fmt + _up(self.layers * self.blocks)
+        packed = _up(data + self.layers * self.blocks * self.stride)
         return {"tokens": tokens, "logits": logits, "table": table, "ktable": ktable, "fmt": fmt, "data": data,
-                "end": data + self.layers * self.blocks * self.stride}
+                "packed": packed, "end": packed + self.layers * self.blocks * self.packed_stride}
 
     def block_offset(self, layer: int, block: int) -> int:
         return self.offsets()["data"] + (layer * self.blocks + block) * self.stride
+
+    def packed_offset(self, layer: int, block: int) -> int:
+        return self.offsets()["packed"] + (layer * self.blocks + block) * self.packed_stride
+
+
+def _runs(flags: list):
+    """(start, end, flag) of each run of equal flags."""
+    i = 0
+    while i < len(flags):
+        j = i
+        while j < len(flags) and flags[j] == flags[i]:
+            j += 1
+        yield i, j, flags[i]
+        i = j
 
 
 def tokens_digest(ids) -> str:
@@ -208,32 +229,34 @@ class KVFileReader:
     def read_stored(self, layer: int, first: int, count: int):
         """Committed blocks first.. of a layer as saved, each CRC-checked (SessionFileError if corrupt):
         (StoredChunks: bf16 or packed per block, the partial last block bf16; index rows [count, R] u8 or None).
-        One read per block: its bytes and its row lie together, and a packed block's bf16 stride is a hole."""
+        A run of packed blocks is one vectored read (their bytes are contiguous); a bf16 block is one read."""
         from offload.tiers.cold import StoredChunks
-        lay = self.layout
+        lay, R = self.layout, self.layout.row_bytes
         self._committed(first, count)
-        fmts = torch.from_numpy(self.fmt[layer, first:first + count].astype(bool))     # fmts: [count]
+        fmt = self.fmt[layer, first:first + count].astype(bool)                        # fmt: [count]
         raw = torch.empty(count, 2, lay.kv_heads, lay.block_tokens, lay.head_dim, dtype=DTYPES[lay.dtype])
         raw_u8 = raw.view(count, -1).view(torch.uint8).numpy()                         # raw_u8: [count, block_bytes]
         cold = np.empty((count, lay.packed_bytes), dtype=np.uint8) if lay.packed_bytes else None  # cold: [count, B]
-        rows = np.zeros((count, lay.row_bytes), dtype=np.uint8)                         # rows: [count, R]
-        fd = self._fd()
+        rows = np.zeros((count, R), dtype=np.uint8)                                     # rows: [count, R]
+        crcs, fd, crc32 = self.table[layer, first:first + count].tolist(), self._fd(), zlib.crc32
         try:
-            for i in range(count):
-                b = first + i
-                bufs = [cold[i] if fmts[i] else raw_u8[i]] + ([rows[i]] if lay.row_bytes else [])
-                want = sum(len(x) for x in bufs)
-                if os.preadv(fd, bufs, lay.block_offset(layer, b)) != want:
-                    raise SessionFileError(f"it is truncated (layer {layer} block {b})")
-                crc = zlib.crc32(bufs[0])
-                if lay.row_bytes:
-                    crc = zlib.crc32(rows[i], crc)
-                if crc != int(self.table[layer, b]):
-                    raise SessionFileError(f"block {b} of layer {layer} is corrupt (checksum mismatch)")
+            for i, j, packed in _runs(fmt.tolist()):
+                for a in range(i, j, _IOV_BLOCKS) if packed else range(i, j):
+                    b = min(j, a + _IOV_BLOCKS) if packed else a + 1
+                    pay = cold if packed else raw_u8
+                    bufs = [x for k in range(a, b) for x in ((pay[k], rows[k]) if R else (pay[k],))]
+                    at = lay.packed_offset(layer, first + a) if packed else lay.block_offset(layer, first + a)
+                    if os.preadv(fd, bufs, at) != (b - a) * (pay.shape[1] + R):
+                        raise SessionFileError(f"it is truncated (layer {layer} block {first + a})")
+                    for k in range(a, b):
+                        crc = crc32(pay[k])
+                        if (crc32(rows[k], crc) if R else crc) != crcs[k]:
+                            raise SessionFileError(f"block {first + k} of layer {layer} is corrupt (checksum mismatch)")
         except OSError as e:
             raise SessionFileError(f"cannot read it ({e.strerror or e})") from None
+        fmts = torch.from_numpy(fmt)                                                    # fmts: [count] bool
         st = StoredChunks(fmts, raw, torch.from_numpy(cold) if cold is not None else None)
-        return st, (torch.from_numpy(rows) if lay.row_bytes else None)
+        return st, (torch.from_numpy(rows) if R else None)
 
     def extents(self, layer: int, first: int, count: int, fix: str):
         """Where committed blocks first.. of a layer lie, with their CRCs: for a disk tier to read in place."""
@@ -393,10 +416,17 @@ class KVFileWriter:
         if self.n % C or n > lay.capacity or n <= self.n:
             raise ValueError(f"cannot commit {n} tokens after {self.n} (block {C}, capacity {lay.capacity})")
         b0, b1 = self.n // C, math.ceil(n / C)
-        group = max(1, _GROUP_BYTES // lay.stride)          # a 1M-token commit holds one group in memory at a time
-        for layer in range(lay.layers):
-            for g0 in range(b0, b1, group):
-                self._write_blocks(layer, g0, *read_blocks(layer, g0, min(b1, g0 + group)))
+        group = max(1, _GROUP_BYTES // lay.stride)          # a 1M-token commit holds two groups in memory at a time
+        with ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="offload-cache-write") as pool:
+            pending: list = []
+            for layer in range(lay.layers):
+                for g0 in range(b0, b1, group):
+                    got = read_blocks(layer, g0, min(b1, g0 + group))   # overlaps the previous group's writes
+                    for f in pending:
+                        f.result()
+                    pending = self._write_blocks(pool, layer, g0, *got)
+            for f in pending:
+                f.result()
         self._write(self.table[:, b0:b1].copy(), None, rows=(off["table"], b0))
         self._write(self.ktable[:, b0:b1].copy(), None, rows=(off["ktable"], b0))
         self._write(self.fmt[:, b0:b1].copy(), None, rows=(off["fmt"], b0))
@@ -421,8 +451,9 @@ class KVFileWriter:
                 os.close(dfd)
         self.n, self.seq, self.slot = n, self.seq + 1, slot
 
-    def _write_blocks(self, layer: int, b0: int, st, rows) -> None:
-        """Blocks b0.. of a layer (StoredChunks, index rows) into their slots; their table entries updated."""
+    def _write_blocks(self, pool, layer: int, b0: int, st, rows) -> list:
+        """Blocks b0.. of a layer (StoredChunks, index rows) into their slots and their table entries; packed
+        blocks are checksummed and written on `pool`'s threads (returns their futures)."""
         lay, m, half = self.layout, st.packed.numel(), self.layout.block_bytes // 2
         raw = st.raw.to("cpu", DTYPES[lay.dtype]).contiguous().view(m, -1).view(torch.uint8).numpy()
         packed = st.packed.tolist() if lay.packed_bytes else [False] * m
@@ -434,19 +465,31 @@ class KVFileWriter:
                 self.ktable[layer, b0 + i] = kcrc
                 self.table[layer, b0 + i] = zlib.crc32(buf[i, half:lay.block_bytes], kcrc)
             self._write(buf, lay.block_offset(layer, b0))
-            return
+            return []
         row_np = rows.numpy() if rows is not None else np.zeros((m, lay.row_bytes), dtype=np.uint8)
-        for i in range(m):
-            if packed[i]:
-                payload = st.cold[i].numpy()                                   # payload: [B] u8
-                crc, kcrc = zlib.crc32(payload), 0
-            else:
-                payload = raw[i]                                               # payload: [block_bytes] u8
-                kcrc = zlib.crc32(payload[:half])
-                crc = zlib.crc32(payload[half:], kcrc)
-            self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = kcrc, int(packed[i])
+        cold = st.cold.numpy() if st.cold is not None else None                 # cold: [m, B] u8
+
+        def write_packed(lo: int, hi: int) -> None:     # one contiguous write for blocks lo..hi-1
+            buf = np.concatenate([cold[lo:hi], row_np[lo:hi]], axis=1)           # buf: [n, B + R] u8
+            for i in range(lo, hi):
+                self.table[layer, b0 + i], self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = zlib.crc32(buf[i - lo]), 0, 1
+            self._write(buf, lay.packed_offset(layer, b0 + lo))
+
+        def write_raw(i: int) -> None:
+            kcrc = zlib.crc32(raw[i, :half])                                     # K half, then on through V
+            crc = zlib.crc32(raw[i, half:], kcrc)
             self.table[layer, b0 + i] = zlib.crc32(row_np[i], crc) if lay.row_bytes else crc
-            self._write(np.concatenate([payload, row_np[i]]), lay.block_offset(layer, b0 + i))
+            self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = kcrc, 0
+            self._write(np.concatenate([raw[i], row_np[i]]), lay.block_offset(layer, b0 + i))
+
+        jobs = []
+        for i, j, is_packed in _runs(packed):
+            if not is_packed:
+                jobs += [pool.submit(write_raw, k) for k in range(i, j)]
+                continue
+            step = max(1, -(-(j - i) // _IO_THREADS))
+            jobs += [pool.submit(write_packed, lo, min(j, lo + step)) for lo in range(i, j, step)]
+        return jobs
 
     def _write(self, arr: np.ndarray, offset: int | None, rows: tuple[int, int] | None = None) -> None:
         if rows is not None:   # table columns b0.. of every layer row: one write per row

@@ -30,10 +30,11 @@ def _kv(sess):
     return [tuple(t.clone() for t in sess.attn.read_kv(layer)) for layer in range(sess.llm.model_config.num_layers)]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
-def test_resume_is_the_saved_session(ckpt, ids, tmp_path, capsys, mode, kv_dtype):
-    llm = LLM(str(ckpt.path), kv_dtype=kv_dtype, **OPTS, **MODES[mode])
+def test_resume_is_the_saved_session(ckpt, ids, tmp_path, capsys, mode, kv_dtype, device):
+    llm = LLM(str(ckpt.path), kv_dtype=kv_dtype, **{**OPTS, "device": device}, **MODES[mode])
     path = tmp_path / "doc.kvc"
     first = llm.session()
     logits = prefill_cached(first, ids, path)
@@ -121,7 +122,7 @@ def test_damaged_packed_block_or_other_kv_dtype_prefills_afresh(ckpt, ids, tmp_p
     s.close()
     r = KVFileReader(path)
     layer, b = r.layout.layers - 1, int(r.fmt[r.layout.layers - 1].nonzero()[0][-1])   # the last packed block
-    off = r.layout.block_offset(layer, b) + 5
+    off = r.layout.packed_offset(layer, b) + 5
     r.close()
     with open(path, "r+b") as f:
         f.seek(off)
