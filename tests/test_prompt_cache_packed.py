@@ -141,3 +141,36 @@ def test_damaged_packed_block_or_other_kv_dtype_prefills_afresh(ckpt, ids, tmp_p
     assert len(err) == 1 and "kv_dtype differs" in err[0] and "prefilling afresh" in err[0], err
     other.close()
     assert KVFileReader(path).layout.kv_dtype == "int8" and os.path.getsize(path) > 0
+
+
+def test_disk_full_while_saving_packed_blocks_keeps_the_older_cache(ckpt, ids, tmp_path, capsys, monkeypatch):
+    """The packed grid is written on several threads: a drive that fills part way through still costs nothing
+    but the new file (the answer goes on, the older cache stays byte for byte, no temp file is left)."""
+    import errno
+    llm = LLM(str(ckpt.path), kv_dtype="int4", **OPTS, **MODES["sparse"])
+    path = tmp_path / "doc.kvc"
+    s = llm.session()
+    prefill_cached(s, ids[:200], path)
+    s.close()
+    old = path.read_bytes()
+    other = ids[:50] + [5] * 250
+    s = llm.session()
+    want = s.prefill(other)
+    s.close()
+    real, left = os.pwrite, [60_000]
+
+    def full(fd, b, off):
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = real(fd, b[:left[0]], off)
+        left[0] -= n
+        return n
+
+    monkeypatch.setattr(os, "pwrite", full)
+    capsys.readouterr()
+    s = llm.session()
+    assert torch.equal(prefill_cached(s, other, path), want)
+    s.close()
+    err = capsys.readouterr().err
+    assert "cannot save" in err and "No space left" in err
+    assert path.read_bytes() == old and sorted(os.listdir(tmp_path)) == ["doc.kvc"]
