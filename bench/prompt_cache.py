@@ -110,12 +110,13 @@ def write_cache(sess, path: Path, n: int, seed: int = 0) -> list[int]:
 def save_session(sess, path: Path) -> None:
     """Write the session's whole KV (however it was filled) as a prompt cache of sess.tokens."""
     from offload.kvfile import KVFileWriter
-    from offload.prompt_cache import _layout, _read_blocks, cache_key
+    from offload.cache_blocks import read_session_blocks, session_layout
+    from offload.prompt_cache import cache_key
     ids, C = list(sess.tokens), sess.attn.C
-    w = KVFileWriter.create(path, _layout(sess, C, len(ids)), cache_key(sess))
+    w = KVFileWriter.create(path, session_layout(sess, C, len(ids)), cache_key(sess))
     try:
         w.commit(len(ids), ids, torch.zeros(sess.llm.model_config.vocab_size),
-                 lambda layer, b0, b1: _read_blocks(sess.attn, layer, b0, b1, len(ids), C))
+                 lambda layer, b0, b1: read_session_blocks(sess.attn, layer, b0, b1, len(ids), C))
     finally:
         w.close()
 

@@ -310,7 +310,6 @@ def test_cli_bad_prompt_cache_path_exits_2_before_loading(tmp_path):
 def test_reader_maps_one_layer_at_a_time(tiny, ids, tmp_path, monkeypatch):
     import mmap as mmap_mod
 
-    from offload import kvfile
     path = tmp_path / "doc.kvc"
     run(tiny, ids, path)
     r = KVFileReader(path)
@@ -327,7 +326,7 @@ def test_reader_maps_one_layer_at_a_time(tiny, ids, tmp_path, monkeypatch):
             open_maps.pop()
             super().close()
 
-    monkeypatch.setattr(kvfile.mmap, "mmap", Tracked)
+    monkeypatch.setattr(mmap_mod, "mmap", Tracked)
     n = sum(1 for _ in r.layers())
     assert n == r.layout.layers and sizes == [r.committed_blocks * r.layout.stride] * n and not open_maps
 

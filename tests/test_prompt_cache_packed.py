@@ -68,7 +68,7 @@ def test_resume_is_the_saved_session(ckpt, ids, tmp_path, capsys, mode, kv_dtype
 @pytest.mark.parametrize("opts", [dict(), dict(kv_dtype="int4", **OPTS, **MODES["sparse"])], ids=["dense", "int4"])
 def test_a_commit_in_many_groups_writes_the_same_cache(ckpt, ids, tmp_path, monkeypatch, opts):
     """A long commit reads and writes a layer's blocks a group at a time (bounded memory at 1M tokens)."""
-    from offload import kvfile
+    from offload.kvfile import writer as kvfile
     llm = LLM(str(ckpt.path), **(opts or dict(device="cpu", ctx=512, chunk_tokens=32, prefill_chunk=16)))
     files = []
     for group, name in ((1 << 30, "one.kvc"), (1, "many.kvc")):     # one group per layer, one block per group

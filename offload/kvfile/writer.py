@@ -1,0 +1,172 @@
+"""Writing a prompt-cache file: commits that only append, A/B records, a new file renamed in after its first commit."""
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from typing import TYPE_CHECKING
+
+from offload.kvfile.layout import DTYPES, RECORD_BYTES, Layout, _pack_record, _runs, _table_crc, _up, tokens_digest
+
+if TYPE_CHECKING:
+    from offload.kvfile.reader import KVFileReader
+
+_GROUP_BYTES = 256 << 20     # blocks a commit reads from the session and writes at a time
+_IO_THREADS = min(8, os.cpu_count() or 1)   # crc32 and pwrite release the GIL: blocks are written in parallel
+
+class KVFileWriter:
+    """Writes commits of a growing prompt into a cache file: a new one (temp, then rename) or an existing one
+    (in place, past its committed blocks). `_pwrite` and `_fsync` are seams for fault-injection tests."""
+
+    def __init__(self, path, layout: Layout, key: dict, n: int = 0, seq: int = 0, slot: int = 1,
+                 table: np.ndarray | None = None, ktable: np.ndarray | None = None, tmp: Path | None = None,
+                 fmt: np.ndarray | None = None):
+        self.path, self.layout, self.key = Path(path), layout, key
+        self.n, self.seq, self.slot, self.tmp = n, seq, slot, tmp
+        self.table = table if table is not None else np.zeros((layout.layers, layout.blocks), dtype=np.uint32)
+        self.ktable = ktable if ktable is not None else np.zeros_like(self.table)
+        self.fmt = fmt if fmt is not None else np.zeros(self.table.shape, dtype=np.uint8)
+        self._pwrite, self._fsync = os.pwrite, os.fsync
+        self._fd = os.open(tmp if tmp is not None else self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+
+    @classmethod
+    def create(cls, path, layout: Layout, key: dict) -> "KVFileWriter":
+        path = Path(path)
+        # the session files' temp-name pattern, so offload.persist.sweep_temps removes one a killed run left
+        tmp = path.with_name(f".{path.name}.offload-tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            os.ftruncate(fd, layout.offsets()["end"])   # sparse: blocks take space as they are written
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return cls(path, layout, key, tmp=tmp)
+
+    @classmethod
+    def extend(cls, reader: KVFileReader) -> "KVFileWriter":
+        """Continue the file `reader` read (same prompt, block-aligned n); its committed bytes stay as they are.
+        Only ever appends: a session may be reading those committed blocks in place (offload.cache_attach)."""
+        w = cls(reader.path, reader.layout, reader.key, n=reader.n, seq=reader.seq, slot=reader.slot,
+                table=reader.table.copy(), ktable=reader.ktable.copy(), fmt=reader.fmt.copy())
+        st = os.fstat(w._fd)
+        if (st.st_dev, st.st_ino) != reader.identity:   # renamed over since it was checked: not ours to extend
+            w.close()
+            raise OSError(0, "it was replaced by another run")
+        return w
+
+    def bytes_to_commit(self, n: int) -> int:
+        """Drive bytes the next commit takes at most (a packed block's hole is not written)."""
+        lay = self.layout
+        per = _up(lay.packed_bytes + lay.row_bytes) if lay.packed_bytes else lay.stride
+        return (math.ceil(n / lay.block_tokens) - self.n // lay.block_tokens) * lay.layers * per
+
+    def commit(self, n: int, tokens, logits: torch.Tensor, read_blocks) -> None:
+        """Make tokens[:n] the file's state. read_blocks(layer, b0, b1) -> (StoredChunks of blocks b0..b1-1,
+        the last zero-padded when n ends inside it; index rows [b1-b0, R] u8, or None when the layout has none)."""
+        lay, off, C = self.layout, self.layout.offsets(), self.layout.block_tokens
+        if self.n % C or n > lay.capacity or n <= self.n:
+            raise ValueError(f"cannot commit {n} tokens after {self.n} (block {C}, capacity {lay.capacity})")
+        b0, b1 = self.n // C, math.ceil(n / C)
+        group = max(1, _GROUP_BYTES // lay.stride)          # a 1M-token commit holds two groups in memory at a time
+        with ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="offload-cache-write") as pool:
+            pending: list = []
+            for layer in range(lay.layers):
+                for g0 in range(b0, b1, group):
+                    got = read_blocks(layer, g0, min(b1, g0 + group))   # overlaps the previous group's writes
+                    for f in pending:
+                        f.result()
+                    pending = self._write_blocks(pool, layer, g0, *got)
+            for f in pending:
+                f.result()
+        self._write(self.table[:, b0:b1].copy(), None, rows=(off["table"], b0))
+        self._write(self.ktable[:, b0:b1].copy(), None, rows=(off["ktable"], b0))
+        self._write(self.fmt[:, b0:b1].copy(), None, rows=(off["fmt"], b0))
+        self._write(np.asarray(tokens[self.n:n], dtype=np.int32), off["tokens"] + 4 * self.n)
+        slot = 1 - self.slot
+        lb = logits.detach().float().cpu().contiguous().numpy()
+        self._write(lb, off["logits"] + slot * _up(4 * lay.vocab))
+        self._fsync(self._fd)
+        body = {"seq": self.seq + 1, "slot": slot, "n": n, "key": self.key, "layout": asdict(lay),
+                "tokens_sha": tokens_digest(tokens[:n]), "table_crc": _table_crc(self.table, b1),
+                "ktable_crc": _table_crc(self.ktable, b1), "fmt_crc": _table_crc(self.fmt, b1),
+                "logits_crc": zlib.crc32(lb.tobytes())}
+        self._write(np.frombuffer(_pack_record(body), dtype=np.uint8), slot * RECORD_BYTES)
+        self._fsync(self._fd)
+        if self.tmp is not None:
+            os.replace(self.tmp, self.path)
+            self.tmp = None
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        self.n, self.seq, self.slot = n, self.seq + 1, slot
+
+    def _write_blocks(self, pool, layer: int, b0: int, st, rows) -> list:
+        """Blocks b0.. of a layer (StoredChunks, index rows) into their slots and their table entries; packed
+        blocks are checksummed and written on `pool`'s threads (returns their futures)."""
+        lay, m, half = self.layout, st.packed.numel(), self.layout.block_bytes // 2
+        raw = st.raw.to("cpu", DTYPES[lay.dtype]).contiguous().view(m, -1).view(torch.uint8).numpy()
+        packed = st.packed.tolist() if lay.packed_bytes else [False] * m
+        if not lay.row_bytes and not any(packed):          # bf16 blocks only: one write
+            buf = np.zeros((m, lay.stride), dtype=np.uint8)                 # buf: [blocks, stride] bytes
+            buf[:, :lay.block_bytes] = raw
+            for i in range(m):
+                kcrc = zlib.crc32(buf[i, :half])                             # K half, then on through V
+                self.ktable[layer, b0 + i] = kcrc
+                self.table[layer, b0 + i] = zlib.crc32(buf[i, half:lay.block_bytes], kcrc)
+            self._write(buf, lay.block_offset(layer, b0))
+            return []
+        row_np = rows.numpy() if rows is not None else np.zeros((m, lay.row_bytes), dtype=np.uint8)
+        cold = st.cold.numpy() if st.cold is not None else None                 # cold: [m, B] u8
+
+        def write_packed(lo: int, hi: int) -> None:     # one contiguous write for blocks lo..hi-1
+            buf = np.concatenate([cold[lo:hi], row_np[lo:hi]], axis=1)           # buf: [n, B + R] u8
+            for i in range(lo, hi):
+                self.table[layer, b0 + i], self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = zlib.crc32(buf[i - lo]), 0, 1
+            self._write(buf, lay.packed_offset(layer, b0 + lo))
+
+        def write_raw(i: int) -> None:
+            kcrc = zlib.crc32(raw[i, :half])                                     # K half, then on through V
+            crc = zlib.crc32(raw[i, half:], kcrc)
+            self.table[layer, b0 + i] = zlib.crc32(row_np[i], crc) if lay.row_bytes else crc
+            self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = kcrc, 0
+            self._write(np.concatenate([raw[i], row_np[i]]), lay.block_offset(layer, b0 + i))
+
+        jobs = []
+        for i, j, is_packed in _runs(packed):
+            if not is_packed:
+                jobs += [pool.submit(write_raw, k) for k in range(i, j)]
+                continue
+            step = max(1, -(-(j - i) // _IO_THREADS))
+            jobs += [pool.submit(write_packed, lo, min(j, lo + step)) for lo in range(i, j, step)]
+        return jobs
+
+    def _write(self, arr: np.ndarray, offset: int | None, rows: tuple[int, int] | None = None) -> None:
+        if rows is not None:   # table columns b0.. of every layer row: one write per row
+            base, b0 = rows
+            for layer in range(arr.shape[0]):
+                self._write(arr[layer], base + arr.itemsize * (layer * self.layout.blocks + b0))
+            return
+        mv = memoryview(np.ascontiguousarray(arr)).cast("B")
+        done = 0
+        while done < len(mv):
+            done += self._pwrite(self._fd, mv[done:], offset + done)
+
+    def close(self) -> None:
+        """Stop writing; a file never committed is removed (the older cache, if any, stays)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
