@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.errors import CapacityError, ConfigError
+from offload.errors import ConfigError
 from offload.tiers.placement import DISK, GPU, HOST
 from offload.tiers.sync import stream_wait
 
@@ -82,16 +82,9 @@ class ColdMixin:
         n = cold.shape[0]
         if n == 0:
             return
-        ids = torch.arange(first_chunk_idx, first_chunk_idx + n)                # ids: [n]
-        self._grow(layer, first_chunk_idx + n)
+        ids = self._admit(layer, first_chunk_idx, n, (HOST, DISK), "packed",
+                          "raise --host-mem or --disk-mem, or lower --ctx")
         host, disk = self.tiers[HOST], self.tiers[DISK]
-        room = host.num_free + (disk.num_free if disk is not None else 0) + int((self._tier[layer][ids] >= 0).sum())
-        if room < n:
-            raise CapacityError(f"KV store is full: {n} packed chunks, room for {room} in host + disk; "
-                                "raise --host-mem or --disk-mem, or lower --ctx")
-        self._drop(layer, ids)
-        self._num[layer] = max(int(self._num[layer]), first_chunk_idx + n)
-        self.policy.touch(layer, ids, torch.zeros(n))                          # inserted: recency, no mass
         layers = torch.full((n,), layer, dtype=torch.long)                      # layers: [n]
         nh = min(n, host.num_free)
         if nh:

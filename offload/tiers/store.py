@@ -157,17 +157,25 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin, ColdMixin)
         n = kv.shape[0]
         if n == 0:
             return
+        ids = self._admit(layer, first_chunk_idx, n, (GPU, HOST, DISK), "new",
+                          "raise --disk-mem (or --host-mem / --gpu-mem) or lower --ctx")
+        self._place_new(kv, torch.full((n,), layer, dtype=torch.long), ids, wait_kv)
+
+    def _admit(self, layer: int, first_chunk_idx: int, n: int, tiers: tuple, what: str, fix: str) -> torch.Tensor:
+        """Chunks first_chunk_idx.. (n) of a layer about to go into `tiers`: refused before anything changes when
+        they lack room (past this check placement always succeeds), else the old copies dropped, the chunks
+        counted and touched. Returns their ids [n]."""
         ids = torch.arange(first_chunk_idx, first_chunk_idx + n)                # ids: [n]
         self._grow(layer, first_chunk_idx + n)
-        # refuse before anything changes; past this check the placement always succeeds
-        room = sum(t.num_free for t in self.tiers if t is not None) + int((self._tier[layer][ids] >= 0).sum())
+        room = (sum(self.tiers[t].num_free for t in tiers if self.tiers[t] is not None)
+                + int((self._tier[layer][ids] >= 0).sum()))
         if room < n:
-            raise CapacityError(f"KV store is full: {n} new chunks, room for {room} in GPU + host + disk; "
-                                "raise --disk-mem (or --host-mem / --gpu-mem) or lower --ctx")
+            where = " + ".join("GPU" if t == GPU else TIER_NAMES[t] for t in tiers)
+            raise CapacityError(f"KV store is full: {n} {what} chunks, room for {room} in {where}; {fix}")
         self._drop(layer, ids)
         self._num[layer] = max(int(self._num[layer]), first_chunk_idx + n)
         self.policy.touch(layer, ids, torch.zeros(n))                          # inserted: recency, no mass
-        self._place_new(kv, torch.full((n,), layer, dtype=torch.long), ids, wait_kv)
+        return ids
 
     def put_column(self, chunk_idx: int, kv: torch.Tensor, wait_kv: bool = True) -> None:
         """Chunk chunk_idx of every layer at once, kv: [L, 2, Hkv, C, D] (a decode step's chunk boundary): one
