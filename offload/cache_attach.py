@@ -95,8 +95,9 @@ def _keys_into(keys: torch.Tensor, first: int, k: torch.Tensor, C: int) -> None:
     keys[:, first * C:(first + m) * C] = k.permute(1, 0, 2, 3).reshape(Hkv, m * C, D)
 
 
-def attach(attn, reader, fix: str) -> Attached:
-    """Fill an empty tiered session from `reader`; SessionFileError / TierIOError leave it to be reset."""
+def attach(attn, reader, fix: str, on_layer=None) -> Attached:
+    """Fill an empty tiered session from `reader`; SessionFileError / TierIOError leave it to be reset.
+    on_layer(done): called after each layer (progress)."""
     lay, C, n, store = reader.layout, attn.C, reader.n, attn.store
     n_full, tail = n // C, n % C
     room = sum(t.num_free for t in store.tiers[:2]) - 2 * store.gpu_headroom   # slack: the put's demotion batch
@@ -121,6 +122,8 @@ def attach(attn, reader, fix: str) -> Attached:
                     attn.tail_k[layer, :, :tail], attn.tail_v[layer, :, :tail] = kv[0, :, :tail], kv[1, :, :tail]
                 if sparse:
                     attn.selector.index_chunks(layer, 0, keys)
+                if on_layer is not None:
+                    on_layer(layer + 1)
     per_layer = (sinks + newest + (tail > 0)) * lay.stride
     cold = (cold1 - cold0) * lay.stride * attn.L
     return Attached(n, per_layer * attn.L, cold, (cold1 - cold0) * (lay.block_bytes // 2) * attn.L if sparse else 0)
@@ -142,7 +145,7 @@ def _put_stored(store, layer: int, first: int, st, device) -> None:
         i = j
 
 
-def attach_packed(attn, reader) -> Attached:
+def attach_packed(attn, reader, on_layer=None) -> Attached:
     """Fill an empty compressed (int8 / int4) tiered session from a cache of packed blocks: every block is read
     once, packed ones go into host / disk slots as they are, and the sparse index takes the rows that were
     saved with the blocks (built from the unquantized keys). An index that saves no rows (shadow, ann) is
@@ -174,4 +177,6 @@ def attach_packed(attn, reader) -> Attached:
                     read += lay.block_bytes
                 if keys is not None:
                     attn.selector.index_chunks(layer, 0, keys)
+                if on_layer is not None:
+                    on_layer(layer + 1)
     return Attached(n, read + n_full * lay.row_bytes * attn.L, 0, 0)

@@ -35,9 +35,11 @@ import torch
 from offload.errors import CapacityError, ConfigError, SessionFileError, TierIOError
 from offload.cache_blocks import read_session_blocks, session_layout
 from offload.kvfile import KVFileReader, KVFileWriter
+from offload.progress import progress_bar
 
 AUTO_EVERY = 64 * 1024            # checkpoint interval once a prompt is long enough to be worth it
 AUTO_MIN_PROMPT = 128 * 1024
+PROGRESS_BYTES = 1 << 30          # a save or resume of this many bytes or more shows progress on stderr
 SEGMENT_MAX = 16 * 1024           # an interrupt loses at most one segment of work
 _HEAD_BYTES = 1 << 20             # bytes hashed at the start of each weight file (its header and then some)
 _KV_OPTIONS = ("prefill_chunk", "stream_chunk", "kv_dtype", "prefill")   # config options that change the KV values
@@ -117,16 +119,27 @@ def _load(sess, reader, path: Path) -> str:
     """Put the cache's KV into the empty session: in place when its disk tier can read the file's blocks
     (offload.cache_attach), else copied in layer by layer. Returns how, for the resume note."""
     from offload.cache_attach import attach, attach_packed, attachable
-    if reader.layout.packed_bytes:
-        info = attach_packed(sess.attn, reader)
-        return f" ({_size(info.eager_bytes)} read, packed {reader.layout.kv_dtype} blocks kept as they are)"
-    if attachable(sess.attn, reader) is not None:
-        sess.attn.load_kv(reader.layers())
-        return ""
-    info = attach(sess.attn, reader, _fix(path))
+    lay = reader.layout
+    big = reader.committed_blocks * lay.layers * (lay.packed_stride or lay.stride) >= PROGRESS_BYTES
+    show = sess.llm.show_progress if big else False
+    with progress_bar(f"resuming {path.name} (layers)", lay.layers, show=show) as up:
+        if lay.packed_bytes:
+            info = attach_packed(sess.attn, reader, on_layer=up)
+            return f" ({_size(info.eager_bytes)} read, packed {lay.kv_dtype} blocks kept as they are)"
+        if attachable(sess.attn, reader) is not None:
+            sess.attn.load_kv(_counted(reader.layers(), up))
+            return ""
+        info = attach(sess.attn, reader, _fix(path), on_layer=up)
     sess._prompt_cache_attached = info
     return (f" ({_size(info.eager_bytes)} read, {_size(info.in_place_bytes)} read in place when needed"
             + (", its keys read once for the index" if info.index_bytes else "") + ")")
+
+
+def _counted(layers, update):
+    """The (k, v) of each layer, reporting how many were taken."""
+    for i, kv in enumerate(layers):
+        yield kv
+        update(i + 1)
 
 
 def _size(n: int) -> str:
@@ -199,9 +212,12 @@ class _Saver:
             st = os.statvfs(self.path.parent)
             if st.f_bavail * st.f_frsize < need:
                 raise OSError(28, f"{need / 2**30:.2f} GiB needed, {st.f_bavail * st.f_frsize / 2**30:.2f} GiB free")
-            C = self.writer.layout.block_tokens
-            self.writer.commit(n, self.ids, logits,
-                               lambda layer, b0, b1: read_session_blocks(self.sess.attn, layer, b0, b1, n, C))
+            C, layers = self.writer.layout.block_tokens, self.writer.layout.layers
+            show = self.sess.llm.show_progress if need >= PROGRESS_BYTES else False
+            with progress_bar(f"saving {self.path.name} ({n} tokens, layers)", layers, show=show) as up:
+                self.writer.commit(n, self.ids, logits,
+                                   lambda layer, b0, b1: read_session_blocks(self.sess.attn, layer, b0, b1, n, C),
+                                   on_layer=up)
             return True
         except (OSError, SessionFileError) as e:
             note(f"prompt cache {self.path}: cannot save ({getattr(e, 'strerror', None) or e}); continuing without it "

@@ -174,3 +174,20 @@ def test_disk_full_while_saving_packed_blocks_keeps_the_older_cache(ckpt, ids, t
     err = capsys.readouterr().err
     assert "cannot save" in err and "No space left" in err
     assert path.read_bytes() == old and sorted(os.listdir(tmp_path)) == ["doc.kvc"]
+
+
+def test_long_saves_and_resumes_report_progress_on_stderr(ckpt, ids, tmp_path, capsys, monkeypatch):
+    """A 1M-token cache takes a minute or more to save or resume: both print progress lines (here forced by
+    lowering the size threshold and the line interval) when stderr is not a terminal."""
+    from offload import progress, prompt_cache
+    monkeypatch.delenv("OFFLOAD_NO_PROGRESS", raising=False)
+    monkeypatch.setattr(prompt_cache, "PROGRESS_BYTES", 0)
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.001)
+    llm = LLM(str(ckpt.path), kv_dtype="int4", **OPTS, **MODES["sparse"])
+    path = tmp_path / "doc.kvc"
+    for _ in range(2):
+        s = llm.session()
+        prefill_cached(s, ids, path)
+        s.close()
+    err = capsys.readouterr().err
+    assert "saving doc.kvc (300 tokens, layers): 2/2" in err and "resuming doc.kvc (layers): 2/2" in err, err

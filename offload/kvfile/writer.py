@@ -69,9 +69,10 @@ class KVFileWriter:
         per = _up(lay.packed_bytes + lay.row_bytes) if lay.packed_bytes else lay.stride
         return (math.ceil(n / lay.block_tokens) - self.n // lay.block_tokens) * lay.layers * per
 
-    def commit(self, n: int, tokens, logits: torch.Tensor, read_blocks) -> None:
+    def commit(self, n: int, tokens, logits: torch.Tensor, read_blocks, on_layer=None) -> None:
         """Make tokens[:n] the file's state. read_blocks(layer, b0, b1) -> (StoredChunks of blocks b0..b1-1,
-        the last zero-padded when n ends inside it; index rows [b1-b0, R] u8, or None when the layout has none)."""
+        the last zero-padded when n ends inside it; index rows [b1-b0, R] u8, or None when the layout has none).
+        on_layer(done): called as each layer's blocks are handed to the writers (progress)."""
         lay, off, C = self.layout, self.layout.offsets(), self.layout.block_tokens
         if self.n % C or n > lay.capacity or n <= self.n:
             raise ValueError(f"cannot commit {n} tokens after {self.n} (block {C}, capacity {lay.capacity})")
@@ -85,6 +86,8 @@ class KVFileWriter:
                     for f in pending:
                         f.result()
                     pending = self._write_blocks(pool, layer, g0, *got)
+                if on_layer is not None:
+                    on_layer(layer + 1)
             for f in pending:
                 f.result()
         self._write(self.table[:, b0:b1].copy(), None, rows=(off["table"], b0))
