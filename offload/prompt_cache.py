@@ -40,6 +40,8 @@ from offload.progress import progress_bar
 AUTO_EVERY = 64 * 1024            # checkpoint interval once a prompt is long enough to be worth it
 AUTO_MIN_PROMPT = 128 * 1024
 PROGRESS_BYTES = 1 << 30          # a save or resume of this many bytes or more shows progress on stderr
+BACKGROUND_BYTES = 4 << 30        # a checkpoint up to this size is written while the prefill goes on (held in RAM)
+BACKGROUND_DEVICES = ("cuda",)    # on the CPU the checkpoint's checksums would take the prefill's cores
 SEGMENT_MAX = 16 * 1024           # an interrupt loses at most one segment of work
 _HEAD_BYTES = 1 << 20             # bytes hashed at the start of each weight file (its header and then some)
 _KV_OPTIONS = ("prefill_chunk", "stream_chunk", "kv_dtype", "prefill")   # config options that change the KV values
@@ -202,9 +204,27 @@ class _Saver:
 
     @property
     def n(self) -> int:
+        """Tokens committed (once a background checkpoint in flight has ended)."""
+        self._settle()
         return self.writer.n if self.writer is not None else 0
 
-    def commit(self, n: int, logits: torch.Tensor) -> bool:
+    def _settle(self) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.wait()
+        except (OSError, SessionFileError) as e:
+            self._failed(e)
+
+    def _failed(self, e) -> None:
+        note(f"prompt cache {self.path}: cannot save ({getattr(e, 'strerror', None) or e}); continuing without it "
+             "(any older cache is kept)")
+        self.close()
+
+    def commit(self, n: int, logits: torch.Tensor, background: bool = False) -> bool:
+        """Commit tokens[:n]. background (a checkpoint mid-prefill): the blocks are read now, written while the
+        prefill goes on, when the session is on a GPU (the CPU's cores are the prefill's) and they fit in
+        BACKGROUND_BYTES of memory; the next commit or close waits for it."""
+        self._settle()
         if self.writer is None or n <= self.writer.n:
             return False
         try:
@@ -214,15 +234,15 @@ class _Saver:
                 raise OSError(28, f"{need / 2**30:.2f} GiB needed, {st.f_bavail * st.f_frsize / 2**30:.2f} GiB free")
             C, layers = self.writer.layout.block_tokens, self.writer.layout.layers
             show = self.sess.llm.show_progress if need >= PROGRESS_BYTES else False
+            background = (background and need <= BACKGROUND_BYTES
+                          and self.sess.llm.model.device.type in BACKGROUND_DEVICES)
             with progress_bar(f"saving {self.path.name} ({n} tokens, layers)", layers, show=show) as up:
                 self.writer.commit(n, self.ids, logits,
                                    lambda layer, b0, b1: read_session_blocks(self.sess.attn, layer, b0, b1, n, C),
-                                   on_layer=up)
+                                   on_layer=up, background=background)
             return True
         except (OSError, SessionFileError) as e:
-            note(f"prompt cache {self.path}: cannot save ({getattr(e, 'strerror', None) or e}); continuing without it "
-                 "(any older cache is kept)")
-            self.close()
+            self._failed(e)
             return False
 
     def close(self) -> None:
@@ -327,7 +347,7 @@ def prefill_cached(sess, token_ids, path, every=None, on_segment=None, _corrupt:
                 if on_segment is not None:
                     on_segment(done)
                 if every and done < len(ids) and done - saver.n >= every:
-                    saver.commit(done, logits)
+                    saver.commit(done, logits, background=True)
     except (KeyboardInterrupt, SystemExit):
         if done and (mid_safe or not inside) and saver.commit(done, logits):
             note(f"prompt cache {path}: saved {done} of {len(ids)} tokens; run the same command again to resume")

@@ -191,3 +191,71 @@ def test_long_saves_and_resumes_report_progress_on_stderr(ckpt, ids, tmp_path, c
         s.close()
     err = capsys.readouterr().err
     assert "saving doc.kvc (300 tokens, layers): 2/2" in err and "resuming doc.kvc (layers): 2/2" in err, err
+
+
+@pytest.fixture
+def background_on_cpu(monkeypatch):
+    """Checkpoints written on a thread while the prefill goes on (CUDA sessions do it; here forced on the CPU).
+    Returns the background flag of every commit."""
+    from offload import prompt_cache
+    from offload.kvfile import KVFileWriter
+    monkeypatch.setattr(prompt_cache, "BACKGROUND_DEVICES", ("cpu", "cuda"))
+    flags, real = [], KVFileWriter.commit
+
+    def commit(self, *a, background=False, **kw):
+        flags.append(background)
+        return real(self, *a, background=background, **kw)
+
+    monkeypatch.setattr(KVFileWriter, "commit", commit)
+    return flags
+
+
+def test_background_checkpoints_write_the_file_synchronous_ones_write(ckpt, ids, tmp_path, monkeypatch,
+                                                                      background_on_cpu):
+    """Checkpoints at 64 and 128 go behind the prefill, the one at the interrupt (192) is synchronous; the file is
+    byte for byte the one synchronous checkpoints write (each holds the blocks as they were at its commit)."""
+    from offload import prompt_cache
+    llm = LLM(str(ckpt.path), kv_dtype="int4", **OPTS, **MODES["sparse"])
+
+    def stop(done):
+        if done == 192:
+            raise KeyboardInterrupt
+
+    files = []
+    for devices in (("cpu", "cuda"), ("cuda",)):
+        monkeypatch.setattr(prompt_cache, "BACKGROUND_DEVICES", devices)
+        path = tmp_path / f"doc-{len(devices)}.kvc"
+        s = llm.session()
+        with pytest.raises(KeyboardInterrupt):
+            prefill_cached(s, ids, path, every=64, on_segment=stop)
+        s.close()
+        files.append(path.read_bytes())
+    assert background_on_cpu == [True, True, False] + [False] * 3 and KVFileReader(tmp_path / "doc-2.kvc").n == 192
+    assert files[0] == files[1]
+
+
+def test_a_failed_background_checkpoint_is_reported_once_and_the_answer_goes_on(ckpt, ids, tmp_path, capsys,
+                                                                                  monkeypatch, background_on_cpu):
+    import errno
+    llm = LLM(str(ckpt.path), kv_dtype="int4", **OPTS, **MODES["sparse"])
+    ref = llm.session()
+    want = [ref.prefill(ids[i:i + 64]) for i in range(0, N, 64)][-1]
+    ref.close()
+    real, calls = os.pwrite, []
+
+    def fail_in_thread(fd, b, off):       # the first background commit's writes fail: the drive is full
+        import threading
+        if threading.current_thread().name.startswith("offload-cache"):
+            calls.append(1)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, b, off)
+
+    monkeypatch.setattr(os, "pwrite", fail_in_thread)
+    capsys.readouterr()
+    s = llm.session()
+    got = prefill_cached(s, ids, tmp_path / "doc.kvc", every=64)
+    s.close()
+    assert torch.equal(got, want) and calls
+    err = capsys.readouterr().err
+    assert err.count("cannot save") == 1 and "No space left" in err
+    assert not os.listdir(tmp_path)                       # the never-committed new file is gone, no temp left

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -69,25 +70,61 @@ class KVFileWriter:
         per = _up(lay.packed_bytes + lay.row_bytes) if lay.packed_bytes else lay.stride
         return (math.ceil(n / lay.block_tokens) - self.n // lay.block_tokens) * lay.layers * per
 
-    def commit(self, n: int, tokens, logits: torch.Tensor, read_blocks, on_layer=None) -> None:
+    def commit(self, n: int, tokens, logits: torch.Tensor, read_blocks, on_layer=None,
+               background: bool = False) -> None:
         """Make tokens[:n] the file's state. read_blocks(layer, b0, b1) -> (StoredChunks of blocks b0..b1-1,
         the last zero-padded when n ends inside it; index rows [b1-b0, R] u8, or None when the layout has none).
-        on_layer(done): called as each layer's blocks are handed to the writers (progress)."""
-        lay, off, C = self.layout, self.layout.offsets(), self.layout.block_tokens
+        on_layer(done): called as each layer's blocks are read (progress).
+        background: read every block now, then checksum, write and commit on a thread while the caller goes
+        on (a long prefill's checkpoint); wait() joins it and raises what it raised. A commit waits first."""
+        self.wait()
+        lay, C = self.layout, self.layout.block_tokens
         if self.n % C or n > lay.capacity or n <= self.n:
             raise ValueError(f"cannot commit {n} tokens after {self.n} (block {C}, capacity {lay.capacity})")
         b0, b1 = self.n // C, math.ceil(n / C)
         group = max(1, _GROUP_BYTES // lay.stride)          # a 1M-token commit holds two groups in memory at a time
-        with ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="offload-cache-write") as pool:
-            pending: list = []
+
+        def groups():
             for layer in range(lay.layers):
                 for g0 in range(b0, b1, group):
-                    got = read_blocks(layer, g0, min(b1, g0 + group))   # overlaps the previous group's writes
-                    for f in pending:
-                        f.result()
-                    pending = self._write_blocks(pool, layer, g0, *got)
+                    yield (layer, g0, *read_blocks(layer, g0, min(b1, g0 + group)))
                 if on_layer is not None:
                     on_layer(layer + 1)
+
+        lb = logits.detach().float().cpu().contiguous().numpy()
+        if not background:
+            self._commit(n, tokens, lb, groups())
+            return
+        held = list(groups())                                # the session's state at this point, in memory
+        self._bg_error = None
+
+        def run():
+            try:
+                self._commit(n, tokens, lb, iter(held))
+            except BaseException as e:                       # noqa: BLE001  (raised again by wait())
+                self._bg_error = e
+
+        self._bg = threading.Thread(target=run, name="offload-cache-commit", daemon=True)
+        self._bg.start()
+
+    def wait(self) -> None:
+        """Join a background commit; raise its error, once."""
+        bg, self._bg = getattr(self, "_bg", None), None
+        if bg is not None:
+            bg.join()
+            err, self._bg_error = self._bg_error, None
+            if err is not None:
+                raise err
+
+    def _commit(self, n: int, tokens, lb: np.ndarray, groups) -> None:
+        lay, off, C = self.layout, self.layout.offsets(), self.layout.block_tokens
+        b0, b1 = self.n // C, math.ceil(n / C)
+        with ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="offload-cache-write") as pool:
+            pending: list = []
+            for layer, g0, st, rows in groups:               # reading a group overlaps the previous one's writes
+                for f in pending:
+                    f.result()
+                pending = self._write_blocks(pool, layer, g0, st, rows)
             for f in pending:
                 f.result()
         self._write(self.table[:, b0:b1].copy(), None, rows=(off["table"], b0))
@@ -95,7 +132,6 @@ class KVFileWriter:
         self._write(self.fmt[:, b0:b1].copy(), None, rows=(off["fmt"], b0))
         self._write(np.asarray(tokens[self.n:n], dtype=np.int32), off["tokens"] + 4 * self.n)
         slot = 1 - self.slot
-        lb = logits.detach().float().cpu().contiguous().numpy()
         self._write(lb, off["logits"] + slot * _up(4 * lay.vocab))
         self._fsync(self._fd)
         body = {"seq": self.seq + 1, "slot": slot, "n": n, "key": self.key, "layout": asdict(lay),
@@ -166,7 +202,12 @@ class KVFileWriter:
             done += self._pwrite(self._fd, mv[done:], offset + done)
 
     def close(self) -> None:
-        """Stop writing; a file never committed is removed (the older cache, if any, stays)."""
+        """Stop writing (after a background commit ends); a file never committed is removed (the older cache,
+        if any, stays)."""
+        try:
+            self.wait()
+        except BaseException:   # noqa: BLE001  (the caller reported or is reporting the failure)
+            pass
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
