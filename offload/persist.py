@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def _write_record(f, k: torch.Tensor, v: torch.Tensor) -> None:
     f.write(payload)
 
 
+def _kv_dtype(sess) -> str:
+    """What the session's host / disk tiers hold: bf16 (as computed) or int8 / int4 (packed)."""
+    packed = getattr(getattr(sess.attn, "store", None), "packed", None)
+    return packed.kv_dtype if packed is not None else "bf16"
+
+
 def save_session(sess, path, meta: dict | None = None) -> None:
     """meta: JSON the caller keeps with the KV (a chat's messages); load_session returns it."""
     attn, model = sess.attn, sess.llm.model
@@ -87,7 +94,7 @@ def save_session(sess, path, meta: dict | None = None) -> None:
     sweep_temps(path.parent)
     mc = model.cfg
     header = {"version": VERSION, "fingerprint": model_fingerprint(model), "model": sess.llm.name,
-              "ctx": sess.llm.ctx, "length": sess.length, "tokens": sess.tokens,
+              "ctx": sess.llm.ctx, "length": sess.length, "tokens": sess.tokens, "kv_dtype": _kv_dtype(sess),
               "layout": {"num_layers": mc.num_layers, "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
                          "dtype": str(model.dtype).replace("torch.", ""), "record_tokens": RECORD_TOKENS}}
     if meta is not None:
@@ -169,6 +176,8 @@ def _checked_header(h, path) -> dict:
         raise bad(f"record_tokens {lay['record_tokens']}, this offload writes {RECORD_TOKENS}")
     if lay.get("dtype") not in _DTYPES:
         raise bad(f"dtype {lay.get('dtype')!r}")
+    if h.get("kv_dtype", "bf16") not in ("bf16", "int8", "int4"):
+        raise bad(f"kv_dtype {h.get('kv_dtype')!r}")
     n, tokens = h["length"], h["tokens"]
     if n < 0 or n > h["ctx"] or len(tokens) != n:
         raise bad(f"length {n}, {len(tokens)} token ids, ctx {h['ctx']}")
@@ -239,5 +248,11 @@ def load_session(sess, path) -> dict | None:
             raise SessionFileError(f"session file {path} has trailing bytes; it is corrupt, save it again")
         f.seek(body)
         attn.load_kv(layers(True))
+    saved, now = h.get("kv_dtype", "bf16"), _kv_dtype(sess)
+    if saved != now:
+        # the file holds the values the saving session read (int8 / int4 chunks dequantized): converted, said once
+        print(f"session file {path}: saved with {saved} host KV, loaded into a {now} session "
+              + ("(its packed chunks keep their rounding)" if saved != "bf16" else
+                 f"(chunks are quantized to {now} as they leave the GPU pool)"), file=sys.stderr, flush=True)
     sess.tokens = list(h["tokens"])
     return h.get("meta")

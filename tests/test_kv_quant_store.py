@@ -82,3 +82,28 @@ def test_session_with_int8_host_tier_stays_close_to_bf16(tiny, mode):
     diff = (out["int8"] - out["bf16"]).abs().max()
     assert 0 < float(diff) < 0.05 * float(out["bf16"].abs().max())
     assert torch.equal(out["int8"].argmax(-1), out["bf16"].argmax(-1))
+
+
+def test_session_saved_with_one_kv_dtype_loads_into_another_and_says_so(tiny, tmp_path, capsys):
+    """The file holds the values the saving session read (packed chunks dequantized): another kv_dtype loads
+    them (converted) and one line on stderr says so; the same kv_dtype loads silently."""
+    opts = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32, gpu_mem="40KiB",
+                attention="full")
+    ids = torch.randint(0, tiny.model.config.vocab_size, (260,), generator=torch.Generator().manual_seed(2)).tolist()
+    int4 = LLM(str(tiny.path), kv_dtype="int4", **opts)
+    s = int4.session()
+    s.prefill(ids)
+    saved = [s.attn.read_kv(layer) for layer in range(int4.model_config.num_layers)]
+    s.save(tmp_path / "s.offload")
+    s.close()
+    capsys.readouterr()
+    same = int4.load_session(tmp_path / "s.offload")
+    assert capsys.readouterr().err == ""
+    same.close()
+    plain = LLM(str(tiny.path), kv_dtype="bf16", **opts).load_session(tmp_path / "s.offload")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saved with int4 host KV, loaded into a bf16 session" in err[0]
+    for layer, (k, v) in enumerate(saved):
+        k2, v2 = plain.attn.read_kv(layer)
+        assert torch.equal(k2[:, :260], k[:, :260]) and torch.equal(v2[:, :260], v[:, :260])
+    plain.close()
