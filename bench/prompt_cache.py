@@ -30,6 +30,7 @@ before each resume, so reads come from the drive, as after a restart.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -176,6 +177,12 @@ def synthetic_rows(a) -> list[dict]:
                     device=a.device, show_progress=False)
         if a.synthetic_gpu_mem:
             opts["gpu_mem"] = a.synthetic_gpu_mem
+        if a.disk_dir:
+            opts["disk_dir"] = a.disk_dir
+        if a.no_rows:       # the file without index rows: a sparse resume rebuilds the index from the keys
+            import offload.cache_blocks as cb
+            real_layout = cb.session_layout
+            cb.session_layout = lambda *x, **k: dataclasses.replace(real_layout(*x, **k), row_bytes=0)
         llm = LLM(**opts)
         load_s = time.perf_counter() - t0
         s = llm.session()
@@ -207,7 +214,9 @@ def synthetic_rows(a) -> list[dict]:
                      "load_s": round(load_s, 2), **filled, "save_s": round(save_s, 1),
                      "file_apparent_GiB": round(st.st_size / 2**30, 2),
                      "file_on_disk_GiB": round(st.st_blocks * 512 / 2**30, 2),
-                     "resume_s": round(t3 - t2, 2), "question_s": round(t4 - t3, 2),
+                     "resume_s": round(t3 - t2, 2), "question_s": round(t4 - t3, 2), "index_rows": not a.no_rows,
+                     "index_read_GiB": round(getattr(getattr(s, "_prompt_cache_attached", None), "index_bytes", 0)
+                                             / 2**30, 3),
                      "first_token_after_start_s": round(load_s + t4 - t2, 2),
                      **{f"decode_{k}_ms": v for k, v in before.items()},
                      **{f"resumed_decode_{k}_ms": v for k, v in after.items()}, "plan": llm.plan.summary()})
@@ -273,6 +282,7 @@ def main() -> None:
     ap.add_argument("--synthetic", default=None, help="e.g. 1M: save + resume a session filled with synthetic KV")
     ap.add_argument("--kv-dtype", default="int4")
     ap.add_argument("--synthetic-gpu-mem", default=None, help="the synthetic session's GPU KV tier (default: planned)")
+    ap.add_argument("--no-rows", action="store_true", help="save no index rows (a sparse resume reads the keys)")
     ap.add_argument("--budget", default="2K")
     ap.add_argument("--steps", type=int, default=34, help="decode steps timed before and after the resume")
     ap.add_argument("--load-format", default=None)

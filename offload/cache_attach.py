@@ -38,7 +38,7 @@ class Attached:
     tokens: int
     eager_bytes: int         # block bytes read from the cache before the session answers
     in_place_bytes: int      # block bytes left in the cache file, read by the disk tier when attention needs them
-    index_bytes: int         # K-half bytes of in-place blocks read to build a sparse index (0: exact attention)
+    index_bytes: int         # bytes read for a sparse index: its saved rows, else the K halves of in-place blocks
 
 
 def attachable(attn, reader) -> str | None:
@@ -105,28 +105,33 @@ def attach(attn, reader, fix: str, on_layer=None) -> Attached:
     cold0, cold1 = sinks, n_full - newest
     with attn.bulk_fill(n):            # the session's length is n once the block ends
         sparse = attn.selector.sparse and n_full > 0
+        # the index's rows saved with the blocks: imported, so no key is read for it (else built from the keys)
+        rows = sparse and lay.row_bytes and lay.row_bytes == attn.selector.row_bytes()
         with ThreadPoolExecutor(_THREADS, thread_name_prefix="offload-cache-read") as pool:
             for layer in range(attn.L):
                 # a sparse index is built once over all keys, as a copy-in load does: [Hkv, n_full*C, D]
                 keys = (torch.empty(attn.Hkv, n_full * C, attn.D, device=attn.device, dtype=attn.dtype)
-                        if sparse else None)
+                        if sparse and not rows else None)
                 _put_blocks(pool, attn, reader, layer, 0, sinks, keys)
                 if cold1 > cold0:
                     store.adopt(layer, cold0, reader.extents(layer, cold0, cold1 - cold0, fix))
-                    if sparse:      # the K halves only; the V halves stay unread until attention wants them
+                    if keys is not None:   # the K halves only; the V halves stay unread until attention wants them
                         for s, k in _groups(pool, reader.read_keys, layer, cold0, cold1 - cold0, lay.block_bytes // 2):
                             _keys_into(keys, s, k, C)
                 _put_blocks(pool, attn, reader, layer, cold1, newest, keys)
                 if tail:
                     kv = reader.read_blocks(layer, n_full, 1)[0].to(attn.device)    # kv: [2, Hkv, C, D]
                     attn.tail_k[layer, :, :tail], attn.tail_v[layer, :, :tail] = kv[0, :, :tail], kv[1, :, :tail]
-                if sparse:
+                if rows:
+                    attn.selector.import_rows(layer, 0, reader.read_rows(layer, 0, n_full))
+                elif keys is not None:
                     attn.selector.index_chunks(layer, 0, keys)
                 if on_layer is not None:
                     on_layer(layer + 1)
     per_layer = (sinks + newest + (tail > 0)) * lay.stride
     cold = (cold1 - cold0) * lay.stride * attn.L
-    return Attached(n, per_layer * attn.L, cold, (cold1 - cold0) * (lay.block_bytes // 2) * attn.L if sparse else 0)
+    index = n_full * lay.row_bytes if rows else (cold1 - cold0) * (lay.block_bytes // 2) if sparse else 0
+    return Attached(n, per_layer * attn.L, cold, index * attn.L)
 
 
 def _put_stored(store, layer: int, first: int, st, device) -> None:

@@ -58,13 +58,14 @@ def read_session_blocks(attn, layer: int, b0: int, b1: int, n: int, C: int):
 
 
 def session_layout(sess, C: int, capacity: int) -> Layout:
-    """The file layout of this session's KV: bf16 blocks, plus packed blocks and index rows when compressed."""
+    """The file layout of this session's KV: bf16 blocks, packed blocks when compressed, and the sparse index's
+    rows when its index exports them (a resume then imports the index instead of reading every key)."""
     mc = sess.llm.model_config
-    store = getattr(sess.attn, "store", None)
-    packed = getattr(store, "packed", None)
+    store, attn = getattr(sess.attn, "store", None), sess.attn
     extra = {}
-    if packed is not None and getattr(sess.attn, "C", None) == C:
-        rows = sess.attn.selector.row_bytes() if sess.attn.selector.sparse else 0
-        extra = dict(kv_dtype=packed.kv_dtype, packed_bytes=store.cold_shape.nbytes, row_bytes=rows)
+    if store is not None and hasattr(store, "read_stored") and getattr(attn, "C", None) == C:
+        extra["row_bytes"] = attn.selector.row_bytes() if attn.selector.sparse else 0
+        if store.packed is not None:
+            extra.update(kv_dtype=store.packed.kv_dtype, packed_bytes=store.cold_shape.nbytes)
     return Layout(mc.num_layers, mc.num_kv_heads, mc.head_dim, str(sess.llm.model.dtype).replace("torch.", ""), C,
                   capacity, mc.vocab_size, **extra)

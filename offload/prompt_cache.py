@@ -134,7 +134,7 @@ def _load(sess, reader, path: Path) -> str:
         info = attach(sess.attn, reader, _fix(path), on_layer=up)
     sess._prompt_cache_attached = info
     return (f" ({_size(info.eager_bytes)} read, {_size(info.in_place_bytes)} read in place when needed"
-            + (", its keys read once for the index" if info.index_bytes else "") + ")")
+            + (f", {_size(info.index_bytes)} read for the sparse index" if info.index_bytes else "") + ")")
 
 
 def _counted(layers, update):
@@ -265,7 +265,7 @@ def _open(path: Path, key: dict, ids: list[int], sess) -> tuple[KVFileReader | N
     if why is None and (lay.layers, lay.kv_heads, lay.head_dim, lay.vocab) != (
             mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.vocab_size):
         why = "KV layout differs"
-    if why is None and lay != session_layout(sess, lay.block_tokens, lay.capacity) and (lay.packed_bytes or lay.row_bytes):
+    if why is None and lay.packed_bytes and lay != session_layout(sess, lay.block_tokens, lay.capacity):
         why = "its packed block layout differs from this session's"
     if why is None and r.n > sess.llm.ctx:
         why = f"it holds {r.n} tokens, more than ctx {sess.llm.ctx}"

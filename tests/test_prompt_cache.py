@@ -224,14 +224,16 @@ class DiskFull:
     """os.pwrite of a drive with `budget` bytes left: a short write, then ENOSPC (as a full file system does)."""
 
     def __init__(self, budget):
-        self.left, self.real = budget, os.pwrite
+        import threading
+        self.left, self.real, self.lock = budget, os.pwrite, threading.Lock()
 
     def __call__(self, fd, b, off):
-        if not self.left:
+        with self.lock:                       # writers run on several threads
+            take = max(0, min(self.left, len(b)))
+            self.left -= take
+        if not take:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        n = self.real(fd, b[:self.left], off)
-        self.left -= n
-        return n
+        return self.real(fd, b[:take], off)
 
 
 def test_disk_full_while_replacing_keeps_the_older_cache(tiny, ids, tmp_path, capsys, monkeypatch):
@@ -555,15 +557,19 @@ def test_disk_full_while_a_resumed_session_checkpoints_keeps_the_cache(tiered, t
     assert KVFileReader(path).n == 330
 
 
-def test_sparse_session_resumes_in_place_with_its_index(tiered, tmp_path, monkeypatch):
-    """A sparse session's index needs every key: resuming reads the K halves of the blocks it leaves in place
-    (CRC-checked), never their V halves, and writes nothing; its selections are the first session's."""
+@pytest.mark.parametrize("index", ["summary", "shadow"])
+def test_sparse_session_resumes_in_place_with_its_index(tiered, tmp_path, monkeypatch, index):
+    """A sparse session's index: the summary index's rows are saved with the blocks and imported, so a resume
+    reads none of the bytes of the blocks it leaves in place; an index without rows (shadow) is rebuilt from
+    the K halves of those blocks (CRC-checked), never their V halves. Nothing is written; the selections are
+    the first session's."""
     t, path = tiered, tmp_path / "sparse.kvc"
-    s = t.llm.session(attention="sparse", budget=32)
+    opts = dict(attention="sparse", budget=32, index=index, index_options={"rank": 8} if index == "shadow" else None)
+    s = t.llm.session(**opts)
     prefill_cached(s, t.seq, path)
     want = [s.step(tok) for tok in (11, 12, 13)]
     s.close()
-    s = t.llm.session(attention="sparse", budget=32)
+    s = t.llm.session(**opts)
     reads, real = [], os.preadv
     monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: reads.append((off, sum(len(b) for b in bufs)))
                         or real(fd, bufs, off))
@@ -572,13 +578,17 @@ def test_sparse_session_resumes_in_place_with_its_index(tiered, tmp_path, monkey
     info, disk = s._prompt_cache_attached, s.attn.store.tiers[2]
     lay, tiers = KVFileReader(path).layout, s.attn.store._tier
     assert info.in_place_bytes > 0 and disk.bytes_written == 0
-    assert info.index_bytes * 2 * lay.stride == info.in_place_bytes * lay.block_bytes    # half of each block
+    if index == "summary":
+        assert lay.row_bytes > 0 and info.index_bytes == lay.layers * (330 // 8) * lay.row_bytes
+    else:
+        assert lay.row_bytes == 0
+        assert info.index_bytes * 2 * lay.stride == info.in_place_bytes * lay.block_bytes    # half of each block
     for layer in range(lay.layers):
         for b in torch.nonzero(tiers[layer][:330 // 8] == 2).flatten().tolist():     # left in place
             k0 = lay.block_offset(layer, b)
             v0, v1 = k0 + lay.block_bytes // 2, k0 + lay.block_bytes
-            assert any(off == k0 for off, _ in reads)                                 # its keys were read
-            assert not any(off < v1 and off + n > v0 for off, n in reads), (layer, b)  # its values were not
+            assert any(off == k0 for off, _ in reads) == (index == "shadow")          # its keys: read for shadow
+            assert not any(off < v1 and off + n > v0 for off, n in reads), (layer, b)  # its values: never
     for tok, w in zip((11, 12, 13), want):
         close(s.step(tok), w)
     s.close()

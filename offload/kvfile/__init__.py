@@ -11,16 +11,18 @@ Layout (little-endian; every region starts on a 4096-byte boundary):
     key crc table        u32 [layers, blocks]: CRC-32 of each block's K half alone (a sparse index is rebuilt
                          from the keys: a resume reads only the K halves of the blocks it leaves in place)
     format table         u8 [layers, blocks]: 0 = the block holds bf16 KV, 1 = packed (int8 / int4) bytes
+    row crc table        u32 [layers, blocks]: CRC-32 of each block's index row
+    index rows           [layers, blocks, row_bytes]: the sparse index's row of each block (a summary index's
+                         bounds, built from the unquantized keys), so a resume imports the index instead of
+                         reading every key (or, for packed blocks, instead of rebuilding it from lossy keys)
     blocks               block b of layer l at data + (l * blocks + b) * stride, holding [2, Hkv, C, D] (K then V):
                          the tiers' chunk layout at the disk tier's 4096-aligned stride, so a disk tier could
                          use these bytes as its slots in place instead of copying them.
     packed blocks        (compressed sessions, kv_dtype int8 / int4) block b of layer l at packed + (l * blocks + b)
-                         * packed_stride: its packed bytes (the host tier's slot) then its index row, no padding,
-                         so a run of packed blocks is one contiguous read.
-A compressed session saves each chunk as it holds it: packed for chunks that left the GPU (in the packed grid),
-bf16 for the rest and the tail (in the bf16 grid); each is followed by its sparse index row (row_bytes: the index
-is built from the unquantized keys, which a packed block no longer has). A block lives in one grid; the file is
-sparse, so the other grid's slot takes no space on the drive (int4 at 1M tokens: ~45 GiB, not 128).
+                         * packed_bytes: the host tier's slot bytes, no padding, so a run of them is one read.
+A compressed session saves each chunk as it holds it: packed for chunks that left the GPU (the packed grid), bf16
+for the rest and the tail (the bf16 grid). A block lives in one grid; the file is sparse, so the other grid's
+slot takes no space on the drive (int4 at 1M tokens: ~45 GiB, not 128).
 A record's JSON: the cache key (model identity, options), the layout, n (tokens committed), the sha256 of
 tokens[:n], the crcs of the tables' committed entries and of its logits slot.
 

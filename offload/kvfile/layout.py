@@ -17,7 +17,6 @@ MAGIC = b"OFFLDPC1"
 VERSION = 3                  # 3: packed blocks + index rows; 2: the key crc table (older files: prefilled afresh)
 ALIGN = 4096
 RECORD_BYTES = 16384
-_IOV_BLOCKS = 500            # packed blocks per vectored read (2 buffers each, under IOV_MAX = 1024)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -36,7 +35,7 @@ class Layout:
     vocab: int
     kv_dtype: str = "bf16"  # the session's host / disk KV: int8 / int4 files hold packed blocks too
     packed_bytes: int = 0   # bytes of one packed block (0: bf16 only)
-    row_bytes: int = 0      # bytes of one block's index row after its KV (0: none; the index is rebuilt from keys)
+    row_bytes: int = 0      # bytes of one block's index row (0: none; a resume rebuilds the index from the keys)
 
     @property
     def blocks(self) -> int:
@@ -48,11 +47,11 @@ class Layout:
 
     @property
     def stride(self) -> int:
-        return _up(self.block_bytes + self.row_bytes)
+        return _up(self.block_bytes)
 
     @property
     def packed_stride(self) -> int:
-        return self.packed_bytes + self.row_bytes if self.packed_bytes else 0
+        return self.packed_bytes
 
     def offsets(self) -> dict:
         tokens = 2 * RECORD_BYTES
@@ -60,16 +59,22 @@ class Layout:
         table = logits + 2 * _up(4 * self.vocab)
         ktable = table + _up(4 * self.layers * self.blocks)
         fmt = ktable + _up(4 * self.layers * self.blocks)
-        data = fmt + _up(self.layers * self.blocks)
+        rtable = fmt + _up(self.layers * self.blocks)
+        rows = rtable + _up(4 * self.layers * self.blocks)
+        data = rows + _up(self.layers * self.blocks * self.row_bytes)
         packed = _up(data + self.layers * self.blocks * self.stride)
-        return {"tokens": tokens, "logits": logits, "table": table, "ktable": ktable, "fmt": fmt, "data": data,
-                "packed": packed, "end": packed + self.layers * self.blocks * self.packed_stride}
+        return {"tokens": tokens, "logits": logits, "table": table, "ktable": ktable, "fmt": fmt, "rtable": rtable,
+                "rows": rows, "data": data, "packed": packed,
+                "end": packed + self.layers * self.blocks * self.packed_stride}
 
     def block_offset(self, layer: int, block: int) -> int:
         return self.offsets()["data"] + (layer * self.blocks + block) * self.stride
 
     def packed_offset(self, layer: int, block: int) -> int:
         return self.offsets()["packed"] + (layer * self.blocks + block) * self.packed_stride
+
+    def row_offset(self, layer: int, block: int) -> int:
+        return self.offsets()["rows"] + (layer * self.blocks + block) * self.row_bytes
 
 
 def _runs(flags: list):

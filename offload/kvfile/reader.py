@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from offload.errors import SessionFileError
-from offload.kvfile.layout import (DTYPES, MAGIC, RECORD_BYTES, VERSION, Layout, _IOV_BLOCKS, _runs, _table_crc,
+from offload.kvfile.layout import (DTYPES, MAGIC, RECORD_BYTES, VERSION, Layout, _runs, _table_crc,
                                    _unpack_record, _up, tokens_digest)
 
 class KVFileReader:
@@ -51,6 +51,8 @@ class KVFileReader:
                 self.ktable = np.frombuffer(f.read(4 * nt), dtype=np.uint32).reshape(self.layout.layers, -1).copy()
                 f.seek(off["fmt"])
                 self.fmt = np.frombuffer(f.read(nt), dtype=np.uint8).reshape(self.layout.layers, -1).copy()
+                f.seek(off["rtable"])
+                self.rtable = np.frombuffer(f.read(4 * nt), dtype=np.uint32).reshape(self.layout.layers, -1).copy()
                 f.seek(off["logits"] + self.slot * _up(4 * self.layout.vocab))
                 lb = f.read(4 * self.layout.vocab)
                 st = os.fstat(f.fileno())
@@ -63,7 +65,8 @@ class KVFileReader:
             raise SessionFileError("its token ids are corrupt (checksum mismatch)")
         if (_table_crc(self.table, self.committed_blocks) != body["table_crc"]
                 or _table_crc(self.ktable, self.committed_blocks) != body["ktable_crc"]
-                or _table_crc(self.fmt, self.committed_blocks) != body["fmt_crc"]):
+                or _table_crc(self.fmt, self.committed_blocks) != body["fmt_crc"]
+                or _table_crc(self.rtable, self.committed_blocks) != body["rtable_crc"]):
             raise SessionFileError("its block checksum table is corrupt")
         if self.layout.row_bytes or self.layout.packed_bytes:
             self._check_packed_layout()
@@ -85,40 +88,60 @@ class KVFileReader:
     def _committed(self, first: int, count: int, layer: int | None = None, raw_only: bool = False) -> None:
         if first < 0 or first + count > self.committed_blocks:
             raise ValueError(f"blocks {first}..{first + count - 1} are not all committed ({self.committed_blocks})")
-        if raw_only and (self.layout.row_bytes or bool(self.fmt[layer, first:first + count].any())):
-            raise ValueError("packed blocks or index rows: read them with read_stored")
+        if raw_only and bool(self.fmt[layer, first:first + count].any()):
+            raise ValueError("packed blocks: read them with read_stored")
 
     def read_stored(self, layer: int, first: int, count: int):
         """Committed blocks first.. of a layer as saved, each CRC-checked (SessionFileError if corrupt):
         (StoredChunks: bf16 or packed per block, the partial last block bf16; index rows [count, R] u8 or None).
-        A run of packed blocks is one vectored read (their bytes are contiguous); a bf16 block is one read."""
+        A run of packed blocks is one read (their bytes are contiguous); a bf16 block is one read."""
         from offload.tiers.cold import StoredChunks
-        lay, R = self.layout, self.layout.row_bytes
+        lay = self.layout
         self._committed(first, count)
         fmt = self.fmt[layer, first:first + count].astype(bool)                        # fmt: [count]
         raw = torch.empty(count, 2, lay.kv_heads, lay.block_tokens, lay.head_dim, dtype=DTYPES[lay.dtype])
         raw_u8 = raw.view(count, -1).view(torch.uint8).numpy()                         # raw_u8: [count, block_bytes]
         cold = np.empty((count, lay.packed_bytes), dtype=np.uint8) if lay.packed_bytes else None  # cold: [count, B]
-        rows = np.zeros((count, R), dtype=np.uint8)                                     # rows: [count, R]
-        crcs, fd, crc32 = self.table[layer, first:first + count].tolist(), self._fd(), zlib.crc32
-        try:
-            for i, j, packed in _runs(fmt.tolist()):
-                for a in range(i, j, _IOV_BLOCKS) if packed else range(i, j):
-                    b = min(j, a + _IOV_BLOCKS) if packed else a + 1
-                    pay = cold if packed else raw_u8
-                    bufs = [x for k in range(a, b) for x in ((pay[k], rows[k]) if R else (pay[k],))]
-                    at = lay.packed_offset(layer, first + a) if packed else lay.block_offset(layer, first + a)
-                    if os.preadv(fd, bufs, at) != (b - a) * (pay.shape[1] + R):
-                        raise SessionFileError(f"it is truncated (layer {layer} block {first + a})")
-                    for k in range(a, b):
-                        crc = crc32(pay[k])
-                        if (crc32(rows[k], crc) if R else crc) != crcs[k]:
-                            raise SessionFileError(f"block {first + k} of layer {layer} is corrupt (checksum mismatch)")
-        except OSError as e:
-            raise SessionFileError(f"cannot read it ({e.strerror or e})") from None
+        crcs = self.table[layer, first:first + count].tolist()
+        for i, j, packed in _runs(fmt.tolist()):
+            for a, b in ([(i, j)] if packed else [(k, k + 1) for k in range(i, j)]):
+                pay = cold if packed else raw_u8
+                at = lay.packed_offset(layer, first + a) if packed else lay.block_offset(layer, first + a)
+                self._pread_checked(pay[a:b], at, crcs[a:b], layer, first + a, "block")
         fmts = torch.from_numpy(fmt)                                                    # fmts: [count] bool
         st = StoredChunks(fmts, raw, torch.from_numpy(cold) if cold is not None else None)
-        return st, (torch.from_numpy(rows) if R else None)
+        return st, self.read_rows(layer, first, count)
+
+    def read_rows(self, layer: int, first: int, count: int) -> torch.Tensor | None:
+        """The index rows of committed blocks first.. of a layer, CRC-checked: [count, R] u8 (None: the file has
+        none). One read for the run: rows lie together, apart from the blocks."""
+        lay = self.layout
+        if not lay.row_bytes:
+            return None
+        self._committed(first, count)
+        rows = np.empty((count, lay.row_bytes), dtype=np.uint8)                         # rows: [count, R]
+        self._pread_checked(rows, lay.row_offset(layer, first), self.rtable[layer, first:first + count].tolist(),
+                            layer, first, "the index row of block")
+        return torch.from_numpy(rows)
+
+    def _pread_checked(self, buf: np.ndarray, at: int, crcs: list, layer: int, first: int, what: str) -> None:
+        """Fill buf [m, bytes] from offset `at` (contiguous: blocks first.. of a layer), then check row i against
+        crcs[i]."""
+        want, got = buf.nbytes, 0
+        mv = memoryview(buf).cast("B")
+        try:
+            fd = self._fd()
+            while got < want:
+                r = os.preadv(fd, [mv[got:]], at + got)
+                if r == 0:
+                    raise SessionFileError(f"it is truncated ({what} {first + got // buf.shape[1]} of layer {layer})")
+                got += r
+        except OSError as e:
+            raise SessionFileError(f"cannot read it ({e.strerror or e})") from None
+        crc32 = zlib.crc32
+        for i, want_crc in enumerate(crcs):
+            if crc32(buf[i]) != want_crc:
+                raise SessionFileError(f"{what} {first + i} of layer {layer} is corrupt (checksum mismatch)")
 
     def extents(self, layer: int, first: int, count: int, fix: str):
         """Where committed blocks first.. of a layer lie, with their CRCs: for a disk tier to read in place."""

@@ -1,6 +1,7 @@
 """Writing a prompt-cache file: commits that only append, A/B records, a new file renamed in after its first commit."""
 from __future__ import annotations
 
+import errno
 import math
 import os
 import threading
@@ -28,12 +29,13 @@ class KVFileWriter:
 
     def __init__(self, path, layout: Layout, key: dict, n: int = 0, seq: int = 0, slot: int = 1,
                  table: np.ndarray | None = None, ktable: np.ndarray | None = None, tmp: Path | None = None,
-                 fmt: np.ndarray | None = None):
+                 fmt: np.ndarray | None = None, rtable: np.ndarray | None = None):
         self.path, self.layout, self.key = Path(path), layout, key
         self.n, self.seq, self.slot, self.tmp = n, seq, slot, tmp
         self.table = table if table is not None else np.zeros((layout.layers, layout.blocks), dtype=np.uint32)
         self.ktable = ktable if ktable is not None else np.zeros_like(self.table)
         self.fmt = fmt if fmt is not None else np.zeros(self.table.shape, dtype=np.uint8)
+        self.rtable = rtable if rtable is not None else np.zeros_like(self.table)
         self._pwrite, self._fsync = os.pwrite, os.fsync
         self._fd = os.open(tmp if tmp is not None else self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
 
@@ -57,7 +59,8 @@ class KVFileWriter:
         """Continue the file `reader` read (same prompt, block-aligned n); its committed bytes stay as they are.
         Only ever appends: a session may be reading those committed blocks in place (offload.cache_attach)."""
         w = cls(reader.path, reader.layout, reader.key, n=reader.n, seq=reader.seq, slot=reader.slot,
-                table=reader.table.copy(), ktable=reader.ktable.copy(), fmt=reader.fmt.copy())
+                table=reader.table.copy(), ktable=reader.ktable.copy(), fmt=reader.fmt.copy(),
+                rtable=reader.rtable.copy())
         st = os.fstat(w._fd)
         if (st.st_dev, st.st_ino) != reader.identity:   # renamed over since it was checked: not ours to extend
             w.close()
@@ -67,7 +70,7 @@ class KVFileWriter:
     def bytes_to_commit(self, n: int) -> int:
         """Drive bytes the next commit takes at most (a packed block's hole is not written)."""
         lay = self.layout
-        per = _up(lay.packed_bytes + lay.row_bytes) if lay.packed_bytes else lay.stride
+        per = (lay.packed_bytes or lay.stride) + lay.row_bytes
         return (math.ceil(n / lay.block_tokens) - self.n // lay.block_tokens) * lay.layers * per
 
     def commit(self, n: int, tokens, logits: torch.Tensor, read_blocks, on_layer=None,
@@ -130,6 +133,7 @@ class KVFileWriter:
         self._write(self.table[:, b0:b1].copy(), None, rows=(off["table"], b0))
         self._write(self.ktable[:, b0:b1].copy(), None, rows=(off["ktable"], b0))
         self._write(self.fmt[:, b0:b1].copy(), None, rows=(off["fmt"], b0))
+        self._write(self.rtable[:, b0:b1].copy(), None, rows=(off["rtable"], b0))
         self._write(np.asarray(tokens[self.n:n], dtype=np.int32), off["tokens"] + 4 * self.n)
         slot = 1 - self.slot
         self._write(lb, off["logits"] + slot * _up(4 * lay.vocab))
@@ -137,6 +141,7 @@ class KVFileWriter:
         body = {"seq": self.seq + 1, "slot": slot, "n": n, "key": self.key, "layout": asdict(lay),
                 "tokens_sha": tokens_digest(tokens[:n]), "table_crc": _table_crc(self.table, b1),
                 "ktable_crc": _table_crc(self.ktable, b1), "fmt_crc": _table_crc(self.fmt, b1),
+                "rtable_crc": _table_crc(self.rtable, b1),
                 "logits_crc": zlib.crc32(lb.tobytes())}
         self._write(np.frombuffer(_pack_record(body), dtype=np.uint8), slot * RECORD_BYTES)
         self._fsync(self._fd)
@@ -151,43 +156,41 @@ class KVFileWriter:
         self.n, self.seq, self.slot = n, self.seq + 1, slot
 
     def _write_blocks(self, pool, layer: int, b0: int, st, rows) -> list:
-        """Blocks b0.. of a layer (StoredChunks, index rows) into their slots and their table entries; packed
-        blocks are checksummed and written on `pool`'s threads (returns their futures)."""
+        """Blocks b0.. of a layer (StoredChunks, index rows) into their grids and their table entries; packed
+        runs and the rows are checksummed and written on `pool`'s threads (returns their futures)."""
         lay, m, half = self.layout, st.packed.numel(), self.layout.block_bytes // 2
         raw = st.raw.to("cpu", DTYPES[lay.dtype]).contiguous().view(m, -1).view(torch.uint8).numpy()
         packed = st.packed.tolist() if lay.packed_bytes else [False] * m
-        if not lay.row_bytes and not any(packed):          # bf16 blocks only: one write
-            buf = np.zeros((m, lay.stride), dtype=np.uint8)                 # buf: [blocks, stride] bytes
-            buf[:, :lay.block_bytes] = raw
-            for i in range(m):
-                kcrc = zlib.crc32(buf[i, :half])                             # K half, then on through V
-                self.ktable[layer, b0 + i] = kcrc
-                self.table[layer, b0 + i] = zlib.crc32(buf[i, half:lay.block_bytes], kcrc)
-            self._write(buf, lay.block_offset(layer, b0))
-            return []
-        row_np = rows.numpy() if rows is not None else np.zeros((m, lay.row_bytes), dtype=np.uint8)
         cold = st.cold.numpy() if st.cold is not None else None                 # cold: [m, B] u8
+        jobs = []
+        if lay.row_bytes:
+            row_np = rows.numpy() if rows is not None else np.zeros((m, lay.row_bytes), dtype=np.uint8)  # [m, R]
+
+            def write_rows() -> None:
+                for i in range(m):
+                    self.rtable[layer, b0 + i] = zlib.crc32(row_np[i])
+                self._write(row_np, lay.row_offset(layer, b0))
+
+            jobs.append(pool.submit(write_rows))
 
         def write_packed(lo: int, hi: int) -> None:     # one contiguous write for blocks lo..hi-1
-            buf = np.concatenate([cold[lo:hi], row_np[lo:hi]], axis=1)           # buf: [n, B + R] u8
             for i in range(lo, hi):
-                self.table[layer, b0 + i], self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = zlib.crc32(buf[i - lo]), 0, 1
-            self._write(buf, lay.packed_offset(layer, b0 + lo))
+                self.table[layer, b0 + i], self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = zlib.crc32(cold[i]), 0, 1
+            self._write(cold[lo:hi], lay.packed_offset(layer, b0 + lo))
 
-        def write_raw(i: int) -> None:
-            kcrc = zlib.crc32(raw[i, :half])                                     # K half, then on through V
-            crc = zlib.crc32(raw[i, half:], kcrc)
-            self.table[layer, b0 + i] = zlib.crc32(row_np[i], crc) if lay.row_bytes else crc
-            self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = kcrc, 0
-            self._write(np.concatenate([raw[i], row_np[i]]), lay.block_offset(layer, b0 + i))
+        def write_raw(lo: int, hi: int) -> None:        # bf16 blocks at the disk tier's stride: one write
+            buf = np.zeros((hi - lo, lay.stride), dtype=np.uint8)               # buf: [n, stride] bytes
+            buf[:, :lay.block_bytes] = raw[lo:hi]
+            for i in range(lo, hi):
+                kcrc = zlib.crc32(raw[i, :half])                                 # K half, then on through V
+                self.table[layer, b0 + i] = zlib.crc32(raw[i, half:], kcrc)
+                self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = kcrc, 0
+            self._write(buf, lay.block_offset(layer, b0 + lo))
 
-        jobs = []
         for i, j, is_packed in _runs(packed):
-            if not is_packed:
-                jobs += [pool.submit(write_raw, k) for k in range(i, j)]
-                continue
             step = max(1, -(-(j - i) // _IO_THREADS))
-            jobs += [pool.submit(write_packed, lo, min(j, lo + step)) for lo in range(i, j, step)]
+            jobs += [pool.submit(write_packed if is_packed else write_raw, lo, min(j, lo + step))
+                     for lo in range(i, j, step)]
         return jobs
 
     def _write(self, arr: np.ndarray, offset: int | None, rows: tuple[int, int] | None = None) -> None:
@@ -199,7 +202,10 @@ class KVFileWriter:
         mv = memoryview(np.ascontiguousarray(arr)).cast("B")
         done = 0
         while done < len(mv):
-            done += self._pwrite(self._fd, mv[done:], offset + done)
+            n = self._pwrite(self._fd, mv[done:], offset + done)
+            if n <= 0:     # a drive that accepts nothing more: the same as ENOSPC (never loop on it)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += n
 
     def close(self) -> None:
         """Stop writing (after a background commit ends); a file never committed is removed (the older cache,
