@@ -260,3 +260,18 @@ def test_a_failed_background_checkpoint_is_reported_once_and_the_answer_goes_on(
     err = capsys.readouterr().err
     assert err.count("cannot save") == 1 and "No space left" in err
     assert not os.listdir(tmp_path)                       # the never-committed new file is gone, no temp left
+
+
+def test_a_drive_that_accepts_no_bytes_is_reported_as_full(ckpt, ids, tmp_path, capsys, monkeypatch):
+    """pwrite returning 0 (nothing written, no error): the cache is not saved (one line), the answer stands."""
+    llm = LLM(str(ckpt.path), kv_dtype="int4", **OPTS, **MODES["sparse"])
+    s = llm.session()
+    want = s.prefill(ids)
+    s.close()
+    monkeypatch.setattr(os, "pwrite", lambda fd, b, off: 0)
+    capsys.readouterr()
+    s = llm.session()
+    assert torch.equal(prefill_cached(s, ids, tmp_path / "doc.kvc"), want)
+    s.close()
+    err = capsys.readouterr().err
+    assert "cannot save" in err and "No space left" in err and not os.listdir(tmp_path)

@@ -58,6 +58,18 @@ def test_injected_disk_full_names_file_and_keeps_earlier_chunks(tmp_path):
         store.close()
 
 
+def test_a_drive_that_accepts_no_bytes_is_full_not_a_hang(tmp_path):
+    """pwrite returning 0 (nothing written, no error) must not spin the write loop forever."""
+    store = DiskStore(SHAPE, 4, str(tmp_path), io_threads=1)
+    try:
+        store._pwrite = lambda fd, buf, off: 0
+        slots = store.alloc(1)
+        with pytest.raises(TierIOError, match="disk full"):
+            store.write(slots, chunks(1)).result(timeout=30)
+    finally:
+        store.close()
+
+
 def test_disk_full_through_the_store_surfaces_at_next_put(tmp_path):
     shape = ChunkShape(2, 4, 8, torch.float32)
     store = TieredKVStore(shape, 1, (2, 1, 20), "cpu", str(tmp_path), window_chunks=1)

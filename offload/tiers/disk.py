@@ -276,7 +276,10 @@ class DiskStore:
         try:
             done = 0
             while done < len(buf):           # buffered I/O may write short
-                done += self._pwrite(self._fd, buf[done:], slot * self.stride + done)
+                n = self._pwrite(self._fd, buf[done:], slot * self.stride + done)
+                if n <= 0:                   # nothing accepted: a full drive (never loop on it)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
         except OSError as e:
             err = _io_error(e, self.path, slot, "writing")
             self._bad[slot] = str(err)
