@@ -2,9 +2,24 @@
 the session holds them, with the sparse index's rows, and the file layout that fits them."""
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import torch
 
-from offload.kvfile import Layout
+from offload.errors import SessionFileError
+from offload.kvfile import KVFileWriter, Layout
+from offload.progress import progress_bar
+
+PROGRESS_BYTES = 1 << 30          # a save or resume of this many bytes or more shows progress on stderr
+BACKGROUND_BYTES = 4 << 30        # a checkpoint up to this size is written while the prefill goes on (held in RAM)
+BACKGROUND_DEVICES = ("cuda",)    # on the CPU the checkpoint's checksums would take the prefill's cores
+
+
+def note(message: str) -> None:
+    """One unwrapped line on stderr (rich would wrap it at the terminal width)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def read_range(attn, layer: int, start: int, end: int):
@@ -69,3 +84,58 @@ def session_layout(sess, C: int, capacity: int) -> Layout:
             extra.update(kv_dtype=store.packed.kv_dtype, packed_bytes=store.cold_shape.nbytes)
     return Layout(mc.num_layers, mc.num_kv_heads, mc.head_dim, str(sess.llm.model.dtype).replace("torch.", ""), C,
                   capacity, mc.vocab_size, **extra)
+
+
+class CacheSaver:
+    """Commits of one prompt to its cache file; a failed write turns saving off for the run (one line)."""
+
+    def __init__(self, path: Path, writer: KVFileWriter | None, sess, ids: list[int]):
+        self.path, self.writer, self.sess, self.ids = path, writer, sess, ids
+
+    @property
+    def n(self) -> int:
+        """Tokens committed (once a background checkpoint in flight has ended)."""
+        self._settle()
+        return self.writer.n if self.writer is not None else 0
+
+    def _settle(self) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.wait()
+        except (OSError, SessionFileError) as e:
+            self._failed(e)
+
+    def _failed(self, e) -> None:
+        note(f"prompt cache {self.path}: cannot save ({getattr(e, 'strerror', None) or e}); continuing without it "
+             "(any older cache is kept)")
+        self.close()
+
+    def commit(self, n: int, logits: torch.Tensor, background: bool = False) -> bool:
+        """Commit tokens[:n]. background (a checkpoint mid-prefill): the blocks are read now, written while the
+        prefill goes on, when the session is on a GPU (the CPU's cores are the prefill's) and they fit in
+        BACKGROUND_BYTES of memory; the next commit or close waits for it."""
+        self._settle()
+        if self.writer is None or n <= self.writer.n:
+            return False
+        try:
+            need = self.writer.bytes_to_commit(n) + (1 << 20)
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < need:
+                raise OSError(28, f"{need / 2**30:.2f} GiB needed, {st.f_bavail * st.f_frsize / 2**30:.2f} GiB free")
+            C, layers = self.writer.layout.block_tokens, self.writer.layout.layers
+            show = self.sess.llm.show_progress if need >= PROGRESS_BYTES else False
+            background = (background and need <= BACKGROUND_BYTES
+                          and self.sess.llm.model.device.type in BACKGROUND_DEVICES)
+            with progress_bar(f"saving {self.path.name} ({n} tokens, layers)", layers, show=show) as up:
+                self.writer.commit(n, self.ids, logits,
+                                   lambda layer, b0, b1: read_session_blocks(self.sess.attn, layer, b0, b1, n, C),
+                                   on_layer=up, background=background)
+            return True
+        except (OSError, SessionFileError) as e:
+            self._failed(e)
+            return False
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,24 +32,17 @@ from pathlib import Path
 import torch
 
 from offload.errors import CapacityError, ConfigError, SessionFileError, TierIOError
-from offload.cache_blocks import read_session_blocks, session_layout
+from offload import cache_blocks
+from offload.cache_blocks import CacheSaver, note, session_layout
 from offload.kvfile import KVFileReader, KVFileWriter
 from offload.progress import progress_bar
 
 AUTO_EVERY = 64 * 1024            # checkpoint interval once a prompt is long enough to be worth it
 AUTO_MIN_PROMPT = 128 * 1024
-PROGRESS_BYTES = 1 << 30          # a save or resume of this many bytes or more shows progress on stderr
-BACKGROUND_BYTES = 4 << 30        # a checkpoint up to this size is written while the prefill goes on (held in RAM)
-BACKGROUND_DEVICES = ("cuda",)    # on the CPU the checkpoint's checksums would take the prefill's cores
 SEGMENT_MAX = 16 * 1024           # an interrupt loses at most one segment of work
 _HEAD_BYTES = 1 << 20             # bytes hashed at the start of each weight file (its header and then some)
 _KV_OPTIONS = ("prefill_chunk", "stream_chunk", "kv_dtype", "prefill")   # config options that change the KV values
 _CUDA_ONLY = ("stream_chunk",)    # engine/runner.py uses it on CUDA only
-
-
-def note(message: str) -> None:
-    """One unwrapped line on stderr (rich would wrap it at the terminal width)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def _weight_files(llm) -> list[Path]:
@@ -122,7 +114,7 @@ def _load(sess, reader, path: Path) -> str:
     (offload.cache_attach), else copied in layer by layer. Returns how, for the resume note."""
     from offload.cache_attach import attach, attach_packed, attachable
     lay = reader.layout
-    big = reader.committed_blocks * lay.layers * (lay.packed_stride or lay.stride) >= PROGRESS_BYTES
+    big = reader.committed_blocks * lay.layers * (lay.packed_stride or lay.stride) >= cache_blocks.PROGRESS_BYTES
     show = sess.llm.show_progress if big else False
     with progress_bar(f"resuming {path.name} (layers)", lay.layers, show=show) as up:
         if lay.packed_bytes:
@@ -194,61 +186,6 @@ def _sigterm_interrupts():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
-
-
-class _Saver:
-    """Commits of one prompt to its cache file; a failed write turns saving off for the run (one line)."""
-
-    def __init__(self, path: Path, writer: KVFileWriter | None, sess, ids: list[int]):
-        self.path, self.writer, self.sess, self.ids = path, writer, sess, ids
-
-    @property
-    def n(self) -> int:
-        """Tokens committed (once a background checkpoint in flight has ended)."""
-        self._settle()
-        return self.writer.n if self.writer is not None else 0
-
-    def _settle(self) -> None:
-        try:
-            if self.writer is not None:
-                self.writer.wait()
-        except (OSError, SessionFileError) as e:
-            self._failed(e)
-
-    def _failed(self, e) -> None:
-        note(f"prompt cache {self.path}: cannot save ({getattr(e, 'strerror', None) or e}); continuing without it "
-             "(any older cache is kept)")
-        self.close()
-
-    def commit(self, n: int, logits: torch.Tensor, background: bool = False) -> bool:
-        """Commit tokens[:n]. background (a checkpoint mid-prefill): the blocks are read now, written while the
-        prefill goes on, when the session is on a GPU (the CPU's cores are the prefill's) and they fit in
-        BACKGROUND_BYTES of memory; the next commit or close waits for it."""
-        self._settle()
-        if self.writer is None or n <= self.writer.n:
-            return False
-        try:
-            need = self.writer.bytes_to_commit(n) + (1 << 20)
-            st = os.statvfs(self.path.parent)
-            if st.f_bavail * st.f_frsize < need:
-                raise OSError(28, f"{need / 2**30:.2f} GiB needed, {st.f_bavail * st.f_frsize / 2**30:.2f} GiB free")
-            C, layers = self.writer.layout.block_tokens, self.writer.layout.layers
-            show = self.sess.llm.show_progress if need >= PROGRESS_BYTES else False
-            background = (background and need <= BACKGROUND_BYTES
-                          and self.sess.llm.model.device.type in BACKGROUND_DEVICES)
-            with progress_bar(f"saving {self.path.name} ({n} tokens, layers)", layers, show=show) as up:
-                self.writer.commit(n, self.ids, logits,
-                                   lambda layer, b0, b1: read_session_blocks(self.sess.attn, layer, b0, b1, n, C),
-                                   on_layer=up, background=background)
-            return True
-        except (OSError, SessionFileError) as e:
-            self._failed(e)
-            return False
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 def _open(path: Path, key: dict, ids: list[int], sess) -> tuple[KVFileReader | None, str | None]:
@@ -326,7 +263,7 @@ def prefill_cached(sess, token_ids, path, every=None, on_segment=None, _corrupt:
     except OSError as e:
         note(f"prompt cache {path}: cannot write it ({e.strerror or e}); continuing without it")
         writer = None
-    saver = _Saver(path, writer, sess, ids)
+    saver = CacheSaver(path, writer, sess, ids)
     every = checkpoint_every(getattr(cfg, "prompt_cache_every", None) if every is None else every, len(ids))
     unit = math.lcm(cfg.prefill_chunk, C)   # segment ends on prefill chunks (exact) and on blocks (in place)
     every = -(-every // unit) * unit if every else 0

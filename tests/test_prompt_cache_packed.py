@@ -179,9 +179,9 @@ def test_disk_full_while_saving_packed_blocks_keeps_the_older_cache(ckpt, ids, t
 def test_long_saves_and_resumes_report_progress_on_stderr(ckpt, ids, tmp_path, capsys, monkeypatch):
     """A 1M-token cache takes a minute or more to save or resume: both print progress lines (here forced by
     lowering the size threshold and the line interval) when stderr is not a terminal."""
-    from offload import progress, prompt_cache
+    from offload import cache_blocks, progress
     monkeypatch.delenv("OFFLOAD_NO_PROGRESS", raising=False)
-    monkeypatch.setattr(prompt_cache, "PROGRESS_BYTES", 0)
+    monkeypatch.setattr(cache_blocks, "PROGRESS_BYTES", 0)
     monkeypatch.setattr(progress, "LINE_EVERY_S", 0.001)
     llm = LLM(str(ckpt.path), kv_dtype="int4", **OPTS, **MODES["sparse"])
     path = tmp_path / "doc.kvc"
@@ -197,9 +197,9 @@ def test_long_saves_and_resumes_report_progress_on_stderr(ckpt, ids, tmp_path, c
 def background_on_cpu(monkeypatch):
     """Checkpoints written on a thread while the prefill goes on (CUDA sessions do it; here forced on the CPU).
     Returns the background flag of every commit."""
-    from offload import prompt_cache
+    from offload import cache_blocks
     from offload.kvfile import KVFileWriter
-    monkeypatch.setattr(prompt_cache, "BACKGROUND_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(cache_blocks, "BACKGROUND_DEVICES", ("cpu", "cuda"))
     flags, real = [], KVFileWriter.commit
 
     def commit(self, *a, background=False, **kw):
@@ -215,7 +215,7 @@ def test_background_checkpoints_write_the_file_synchronous_ones_write(ckpt, ids,
                                                                       background_on_cpu, device):
     """Checkpoints at 64 and 128 go behind the prefill, the one at the interrupt (192) is synchronous; the file is
     byte for byte the one synchronous checkpoints write (each holds the blocks as they were at its commit)."""
-    from offload import prompt_cache
+    from offload import cache_blocks
     llm = LLM(str(ckpt.path), kv_dtype="int4", **{**OPTS, "device": device}, **MODES["sparse"])
 
     def stop(done):
@@ -224,7 +224,7 @@ def test_background_checkpoints_write_the_file_synchronous_ones_write(ckpt, ids,
 
     files = []
     for devices in (("cpu", "cuda"), ()):
-        monkeypatch.setattr(prompt_cache, "BACKGROUND_DEVICES", devices)
+        monkeypatch.setattr(cache_blocks, "BACKGROUND_DEVICES", devices)
         path = tmp_path / f"doc-{len(devices)}.kvc"
         s = llm.session()
         with pytest.raises(KeyboardInterrupt):
