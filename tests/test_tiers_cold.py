@@ -20,20 +20,24 @@ def _filled(kv_dtype, tmp_path, caps=(4, 6, 12)):
     return store, kv
 
 
+@pytest.mark.parametrize("order", ["all", "middle", "shuffled"])
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
-def test_read_stored_gives_packed_bytes_where_packed_and_bf16_elsewhere(kv_dtype, tmp_path):
+def test_read_stored_gives_packed_bytes_where_packed_and_bf16_elsewhere(kv_dtype, tmp_path, order):
+    """Runs of rows are read straight into place, others gathered: every order gives the same chunks."""
     store, kv = _filled(kv_dtype, tmp_path)
+    ids = {"all": list(range(20)), "middle": list(range(5, 15)),
+           "shuffled": torch.randperm(20, generator=torch.Generator().manual_seed(3)).tolist()}[order]
     with store:
-        got = store.read_stored(0, range(20))
-        tier = store._tier[0][:20]
+        got = store.read_stored(0, ids)
+        tier = store._tier[0][ids]
         fmt = PackedFormat(kv_dtype, 2, 16, 64, torch.float32)
         packed_ref = quantize_chunks(kv, fmt)                                    # packed_ref: [20, B]
-        assert torch.equal(got.packed, tier > 0) and 0 < int(got.packed.sum()) < 20
-        for i in range(20):
+        assert torch.equal(got.packed, tier > 0) and int(got.packed.sum()) > 0
+        for i, c in enumerate(ids):
             if got.packed[i]:
-                assert torch.equal(got.cold[i], packed_ref[i])
+                assert torch.equal(got.cold[i], packed_ref[c])
             else:
-                assert torch.equal(got.raw[i], kv[i])
+                assert torch.equal(got.raw[i], kv[c])
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])

@@ -26,9 +26,10 @@ class StoredChunks:
 
 
 class ColdMixin:
-    def _read_slots(self, layer: int, ids: torch.Tensor, deliver) -> None:
+    def _read_slots(self, layer: int, ids: torch.Tensor, deliver, into=None) -> None:
         """Read chunks ids [n] of a layer from their tiers; deliver(tier, rows [m], tmp) gets each tier's part
-        as its slots hold it (bf16 chunks from the GPU, cold slots from host and disk)."""
+        as its slots hold it (bf16 chunks from the GPU, cold slots from host and disk). into(tier, rows) may
+        give the contiguous tensor to read that part into (None: a fresh one)."""
         self._open_check()
         tiers, slots = self._lookup(layer, ids)
         for t in (GPU, HOST, DISK):
@@ -37,7 +38,9 @@ class ColdMixin:
                 continue
             ss = slots[sel].tolist()
             slot_shape = self.shape if t == GPU else self.cold_shape
-            tmp = torch.empty((len(ss), *slot_shape.shape), dtype=slot_shape.dtype)  # tmp: [m, 2, Hkv, C, D] or [m, B]
+            tmp = into(t, sel) if into is not None else None
+            if tmp is None:
+                tmp = torch.empty((len(ss), *slot_shape.shape), dtype=slot_shape.dtype)  # tmp: [m, 2, Hkv, C, D] or [m, B]
             wait = self._state[t].readers_wait(ss)
             if t == DISK:
                 self.tiers[DISK].read(ss, tmp, after=wait).result()
@@ -58,13 +61,21 @@ class ColdMixin:
         cold = (None if self.packed is None else
                 torch.empty((n, *self.cold_shape.shape), dtype=self.cold_shape.dtype))  # cold: [n, B]
 
-        def deliver(t, sel, tmp):
-            if t == GPU or cold is None:
-                raw[sel] = tmp
-            else:
-                cold[sel], packed[sel] = tmp, True
+        def dest(t):
+            return raw if t == GPU or cold is None else cold
 
-        self._read_slots(layer, ids, deliver)
+        def into(t, sel):       # a run of rows (a layer's packed middle, its GPU ends): read straight into place
+            a, b = int(sel[0]), int(sel[-1]) + 1
+            return dest(t)[a:b] if b - a == sel.numel() else None
+
+        def deliver(t, sel, tmp):
+            out = dest(t)
+            if tmp.data_ptr() != out[int(sel[0])].data_ptr():
+                out[sel] = tmp
+            if out is cold:
+                packed[sel] = True
+
+        self._read_slots(layer, ids, deliver, into)
         return StoredChunks(packed, raw, cold)
 
     def put_cold(self, layer: int, first_chunk_idx: int, cold: torch.Tensor) -> None:
