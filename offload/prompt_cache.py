@@ -255,7 +255,10 @@ def prefill_cached(sess, token_ids, path, every=None, on_segment=None, _corrupt:
     cfg = sess.config
     C = reader.layout.block_tokens if reader is not None else cfg.chunk_tokens
     try:
-        if reader is not None and reader.layout.capacity >= len(ids) and done % C == 0:
+        # extend only a file laid out as this session saves (a session of other chunks, or whose index keeps no
+        # rows, cannot add the blocks or index rows the file's layout promises): else write a new one
+        if (reader is not None and reader.layout.capacity >= len(ids) and done % C == 0
+                and reader.layout == session_layout(sess, C, reader.layout.capacity)):
             writer = KVFileWriter.extend(reader)
         else:
             _sweep(path.parent)

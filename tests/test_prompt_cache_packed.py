@@ -275,3 +275,37 @@ def test_a_drive_that_accepts_no_bytes_is_reported_as_full(ckpt, ids, tmp_path, 
     s.close()
     err = capsys.readouterr().err
     assert "cannot save" in err and "No space left" in err and not os.listdir(tmp_path)
+
+
+def test_a_session_that_cannot_add_index_rows_writes_a_new_file(ckpt, ids, tmp_path):
+    """A sparse cache made with 8-token chunks carries index rows; a session of 16-token chunks resumes it by
+    copying (its chunks differ) and cannot produce 8-token rows for the rest: it writes a new file instead of
+    extending this one with blank rows, so the next 8-token resume builds a true index."""
+    base = dict(device="cpu", ctx=512, sink_tokens=16, window_tokens=32, gpu_mem="40KiB", prefill_chunk=32,
+                attention="sparse", budget="64", disk_dir=str(tmp_path / "kv"), disk_mem="4MiB", host_mem="30KiB")
+    c8 = LLM(str(ckpt.path), chunk_tokens=8, **base)
+    path = tmp_path / "doc.kvc"
+    def stop(done):
+        if done == 160:
+            raise KeyboardInterrupt
+
+    s = c8.session()
+    with pytest.raises(KeyboardInterrupt):          # a file with room for all 300 tokens, 160 committed
+        prefill_cached(s, ids, path, every=32, on_segment=stop)
+    s.close()
+    r = KVFileReader(path)
+    assert r.layout.row_bytes > 0 and r.n == 160 and r.layout.capacity == N
+    r.close()
+    s = LLM(str(ckpt.path), chunk_tokens=16, **base).session()
+    prefill_cached(s, ids, path)
+    s.close()
+    s = c8.session()
+    prefill_cached(s, ids, path)
+    for layer in range(s.attn.L):    # every chunk's index row holds the min / max of the keys it now holds
+        k = s.attn.read_kv(layer)[0][:, :N // 8 * 8]                            # k: [Hkv, n*8, D]
+        chunks = k.unflatten(1, (-1, 8))                                         # chunks: [Hkv, n, 8, D]
+        want = torch.stack([chunks.amin(2), chunks.amax(2)])                     # want: [2, Hkv, n, D]
+        rows = s.attn.selector.export_rows(layer, 0, N // 8)                     # rows: [n, R] u8
+        got = rows.view(k.dtype).view(N // 8, 2, k.shape[0], -1).permute(1, 2, 0, 3)   # got: [2, Hkv, n, D]
+        assert torch.equal(got, want), layer
+    s.close()
