@@ -309,3 +309,20 @@ def test_a_session_that_cannot_add_index_rows_writes_a_new_file(ckpt, ids, tmp_p
         got = rows.view(k.dtype).view(N // 8, 2, k.shape[0], -1).permute(1, 2, 0, 3)   # got: [2, Hkv, n, D]
         assert torch.equal(got, want), layer
     s.close()
+
+
+def test_cli_int4_prompt_cache_answers_the_same_after_a_resume(smollm2_gguf, tmp_path):
+    """The user's flow with compressed KV: offload-chat -f doc --kv-dtype int4 --prompt-cache FILE, twice; the
+    second run resumes the packed cache and prints the same answer as the first."""
+    from test_cli import run_cli
+    doc, cache = tmp_path / "doc.txt", tmp_path / "doc.kvc"
+    doc.write_text("Harbour log.\n" + "".join(f"Pier {i} moored {i % 5 + 1} boats at dawn.\n" for i in range(60))
+                   + "The red ferry carried exactly 9 bicycles.\n")
+    q = ["-m", str(smollm2_gguf), "-f", str(doc), "-n", "10", "-p", "How many bicycles did the red ferry carry?",
+         "--kv-dtype", "int4", "--attention", "sparse", "--gpu-mem", "16MiB", "--prompt-cache", str(cache)]
+    first, again = run_cli(*q), run_cli(*q)
+    for r in (first, again):
+        assert r.returncode == 0, r.stderr
+    assert "none yet" in first.stderr and "packed int4 blocks kept as they are" in again.stderr, again.stderr
+    r = KVFileReader(cache)
+    assert again.stdout == first.stdout and r.layout.kv_dtype == "int4" and r.fmt.any()   # packed blocks in it
