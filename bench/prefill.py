@@ -137,6 +137,9 @@ def run_offload(args, llm, n: int, mode: str) -> dict:
             stages.append({"tokens": min(n, s + stage), "s": time.perf_counter() - t0, "peak_gib": peak_gib(),
                            "allocated_gib": torch.cuda.memory_allocated() / 2**30})
             print(f"  {mode} {stages[-1]['tokens']} tokens at {stages[-1]['s']:.1f} s", flush=True)
+            # a run cut by its call's time limit still leaves its stages (the 1M run of 2026-11-29 left none)
+            Path(args.out + ".stages").parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out + ".stages").write_text(json.dumps({"mode": mode, "ctx": n, "stages": stages}))
             if time.perf_counter() - _T0 > args.time_budget:
                 break
         secs = time.perf_counter() - t0
