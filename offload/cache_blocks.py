@@ -102,7 +102,7 @@ class CacheSaver:
         try:
             if self.writer is not None:
                 self.writer.wait()
-        except (OSError, SessionFileError) as e:
+        except Exception as e:   # noqa: BLE001  (a background commit's failure, whatever it was: one line)
             self._failed(e)
 
     def _failed(self, e) -> None:
@@ -113,7 +113,7 @@ class CacheSaver:
     def commit(self, n: int, logits: torch.Tensor, background: bool = False) -> bool:
         """Commit tokens[:n]. background (a checkpoint mid-prefill): the blocks are read now, written while the
         prefill goes on, when the session is on a GPU (the CPU's cores are the prefill's) and they fit in
-        BACKGROUND_BYTES of memory; the next commit or close waits for it."""
+        BACKGROUND_BYTES of memory (else written at once); the next commit or close waits for it."""
         self._settle()
         if self.writer is None or n <= self.writer.n:
             return False
@@ -124,14 +124,13 @@ class CacheSaver:
                 raise OSError(28, f"{need / 2**30:.2f} GiB needed, {st.f_bavail * st.f_frsize / 2**30:.2f} GiB free")
             C, layers = self.writer.layout.block_tokens, self.writer.layout.layers
             show = self.sess.llm.show_progress if need >= PROGRESS_BYTES else False
-            background = (background and need <= BACKGROUND_BYTES
-                          and self.sess.llm.model.device.type in BACKGROUND_DEVICES)
+            background = background and self.sess.llm.model.device.type in BACKGROUND_DEVICES
             with progress_bar(f"saving {self.path.name} ({n} tokens, layers)", layers, show=show) as up:
                 self.writer.commit(n, self.ids, logits,
                                    lambda layer, b0, b1: read_session_blocks(self.sess.attn, layer, b0, b1, n, C),
-                                   on_layer=up, background=background)
+                                   on_layer=up, background=background, max_held=BACKGROUND_BYTES)
             return True
-        except (OSError, SessionFileError) as e:
+        except (OSError, SessionFileError, ValueError, MemoryError) as e:
             self._failed(e)
             return False
 

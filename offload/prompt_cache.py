@@ -307,8 +307,10 @@ def prefill_cached(sess, token_ids, path, every=None, on_segment=None, _corrupt:
     except BaseException:
         saver.close()
         raise
-    saver.commit(done, logits)
-    saver.close()
+    try:
+        saver.commit(done, logits)
+    finally:
+        saver.close()
     sess._ttft = time.perf_counter() - t0
     return logits
 

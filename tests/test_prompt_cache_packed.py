@@ -235,8 +235,10 @@ def test_background_checkpoints_write_the_file_synchronous_ones_write(ckpt, ids,
     assert files[0] == files[1]
 
 
+@pytest.mark.parametrize("error", ["ENOSPC", "RuntimeError"])
 def test_a_failed_background_checkpoint_is_reported_once_and_the_answer_goes_on(ckpt, ids, tmp_path, capsys,
-                                                                                  monkeypatch, background_on_cpu):
+                                                                                  monkeypatch, background_on_cpu,
+                                                                                  error):
     import errno
     llm = LLM(str(ckpt.path), kv_dtype="int4", **OPTS, **MODES["sparse"])
     ref = llm.session()
@@ -248,6 +250,8 @@ def test_a_failed_background_checkpoint_is_reported_once_and_the_answer_goes_on(
         import threading
         if threading.current_thread().name.startswith("offload-cache"):
             calls.append(1)
+            if error == "RuntimeError":       # any failure of the thread, not only I/O errors
+                raise RuntimeError("injected")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, b, off)
 
@@ -258,7 +262,7 @@ def test_a_failed_background_checkpoint_is_reported_once_and_the_answer_goes_on(
     s.close()
     assert torch.equal(got, want) and calls
     err = capsys.readouterr().err
-    assert err.count("cannot save") == 1 and "No space left" in err
+    assert err.count("cannot save") == 1 and ("No space left" if error == "ENOSPC" else "injected") in err
     assert not os.listdir(tmp_path)                       # the never-committed new file is gone, no temp left
 
 
@@ -326,3 +330,57 @@ def test_cli_int4_prompt_cache_answers_the_same_after_a_resume(smollm2_gguf, tmp
     assert "none yet" in first.stderr and "packed int4 blocks kept as they are" in again.stderr, again.stderr
     r = KVFileReader(cache)
     assert again.stdout == first.stdout and r.layout.kv_dtype == "int4" and r.fmt.any()   # packed blocks in it
+
+
+def test_an_interrupt_while_waiting_for_a_background_commit_never_lets_two_commits_write(tmp_path):
+    """Ctrl-C during wait() (the main thread joins a background checkpoint) must leave it joinable: the commit
+    that follows waits for it, so the file ends at the later commit, readable (found in review)."""
+    import signal
+    import threading
+
+    from offload.kvfile import KVFileWriter, Layout
+    from offload.tiers.cold import StoredChunks
+    lay = Layout(layers=2, kv_heads=1, head_dim=8, dtype="bfloat16", block_tokens=4, capacity=64, vocab=16)
+    path = tmp_path / "c.kvc"
+    w = KVFileWriter.create(path, lay, {"k": 1})
+    gate, real = threading.Event(), os.pwrite
+
+    def held_back(fd, b, off):                 # the background commit's writes wait for the gate
+        if threading.current_thread().name.startswith("offload-cache-write") and not gate.is_set():
+            gate.wait(10)
+        return real(fd, b, off)
+
+    w._pwrite = held_back
+    gen = torch.Generator().manual_seed(0)
+
+    def blocks(layer, b0, b1):
+        kv = torch.randn(b1 - b0, 2, 1, 4, 8, generator=gen).bfloat16()          # kv: [m, 2, Hkv, C, D]
+        return StoredChunks(torch.zeros(b1 - b0, dtype=torch.bool), kv, None), None
+
+    ids = list(range(64))
+    w.commit(8, ids, torch.zeros(16), blocks, background=True)
+    threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        w.wait()
+    threading.Timer(0.3, gate.set).start()
+    w.commit(16, ids, torch.ones(16), blocks)  # waits for the background commit first
+    w.close()
+    r = KVFileReader(path)
+    assert r.n == 16 and r.seq == 2
+    for layer in range(2):
+        r.read_stored(layer, 0, r.committed_blocks)                              # every block CRC-checks
+
+
+def test_a_background_commit_too_big_to_hold_is_written_at_once(tmp_path):
+    from offload.kvfile import KVFileWriter, Layout
+    from offload.tiers.cold import StoredChunks
+    lay = Layout(layers=2, kv_heads=1, head_dim=8, dtype="bfloat16", block_tokens=4, capacity=64, vocab=16)
+    w = KVFileWriter.create(tmp_path / "c.kvc", lay, {"k": 1})
+
+    def blocks(layer, b0, b1):
+        return StoredChunks(torch.zeros(b1 - b0, dtype=torch.bool), torch.ones(b1 - b0, 2, 1, 4, 8).bfloat16(), None), None
+
+    w.commit(16, list(range(64)), torch.zeros(16), blocks, background=True, max_held=100)
+    assert w._bg is None and w.n == 16              # no thread: more than 100 bytes were read
+    w.close()
+    assert KVFileReader(tmp_path / "c.kvc").n == 16

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import math
 import os
 import threading
@@ -23,6 +24,12 @@ if TYPE_CHECKING:
 _GROUP_BYTES = 256 << 20     # blocks a commit reads from the session and writes at a time
 _IO_THREADS = min(8, os.cpu_count() or 1)   # crc32 and pwrite release the GIL: blocks are written in parallel
 
+def _held_bytes(layer: int, g0: int, st, rows) -> int:
+    """Memory a group of read blocks holds: packed bytes, bf16 bytes of the unpacked ones, index rows."""
+    raw = int((~st.packed).sum()) * st.raw[0].nbytes if st.raw.shape[0] else 0
+    return raw + (st.cold.nbytes if st.cold is not None else 0) + (rows.nbytes if rows is not None else 0)
+
+
 class KVFileWriter:
     """Writes commits of a growing prompt into a cache file: a new one (temp, then rename) or an existing one
     (in place, past its committed blocks). `_pwrite` and `_fsync` are seams for fault-injection tests."""
@@ -36,6 +43,7 @@ class KVFileWriter:
         self.ktable = ktable if ktable is not None else np.zeros_like(self.table)
         self.fmt = fmt if fmt is not None else np.zeros(self.table.shape, dtype=np.uint8)
         self.rtable = rtable if rtable is not None else np.zeros_like(self.table)
+        self._bg, self._bg_error = None, None       # a background commit in flight: (thread, its done event)
         self._pwrite, self._fsync = os.pwrite, os.fsync
         self._fd = os.open(tmp if tmp is not None else self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
 
@@ -74,12 +82,13 @@ class KVFileWriter:
         return (math.ceil(n / lay.block_tokens) - self.n // lay.block_tokens) * lay.layers * per
 
     def commit(self, n: int, tokens, logits: torch.Tensor, read_blocks, on_layer=None,
-               background: bool = False) -> None:
+               background: bool = False, max_held: int = 4 << 30) -> None:
         """Make tokens[:n] the file's state. read_blocks(layer, b0, b1) -> (StoredChunks of blocks b0..b1-1,
         the last zero-padded when n ends inside it; index rows [b1-b0, R] u8, or None when the layout has none).
         on_layer(done): called as each layer's blocks are read (progress).
         background: read every block now, then checksum, write and commit on a thread while the caller goes
-        on (a long prefill's checkpoint); wait() joins it and raises what it raised. A commit waits first."""
+        on (a long prefill's checkpoint); wait() joins it and raises what it raised. A commit waits first.
+        Blocks past max_held bytes in memory (bf16 GPU chunks weigh 4x packed ones) make it a plain commit."""
         self.wait()
         lay, C = self.layout, self.layout.block_tokens
         if self.n % C or n > lay.capacity or n <= self.n:
@@ -98,26 +107,40 @@ class KVFileWriter:
         if not background:
             self._commit(n, tokens, lb, groups())
             return
-        held = list(groups())                                # the session's state at this point, in memory
-        self._bg_error = None
+        held, size, it = [], 0, groups()                     # the session's state at this point, in memory
+        for g in it:
+            held.append(g)
+            size += _held_bytes(*g)
+            if size > max_held:                              # too much to hold: write it now, then the rest
+                self._commit(n, tokens, lb, itertools.chain(held, it))
+                return
+        self._bg_error, done = None, threading.Event()
 
         def run():
             try:
                 self._commit(n, tokens, lb, iter(held))
             except BaseException as e:                       # noqa: BLE001  (raised again by wait())
                 self._bg_error = e
+            finally:
+                done.set()
 
-        self._bg = threading.Thread(target=run, name="offload-cache-commit", daemon=True)
-        self._bg.start()
+        self._bg = (threading.Thread(target=run, name="offload-cache-commit", daemon=True), done)
+        self._bg[0].start()
 
     def wait(self) -> None:
-        """Join a background commit; raise its error, once."""
-        bg, self._bg = getattr(self, "_bg", None), None
-        if bg is not None:
-            bg.join()
-            err, self._bg_error = self._bg_error, None
-            if err is not None:
-                raise err
+        """Join a background commit; raise its error, once. An interrupt during the join leaves it joinable
+        (the next wait joins it again): two commits never write the file at once."""
+        bg = self._bg
+        if bg is None:
+            return
+        # its own event, not join() alone: after an interrupted join, Python 3.11 may report the thread ended
+        while not bg[1].wait(0.5):
+            pass
+        bg[0].join()
+        self._bg = None
+        err, self._bg_error = self._bg_error, None
+        if err is not None:
+            raise err
 
     def _commit(self, n: int, tokens, lb: np.ndarray, groups) -> None:
         lay, off, C = self.layout, self.layout.offsets(), self.layout.block_tokens
@@ -159,12 +182,15 @@ class KVFileWriter:
         """Blocks b0.. of a layer (StoredChunks, index rows) into their grids and their table entries; packed
         runs and the rows are checksummed and written on `pool`'s threads (returns their futures)."""
         lay, m, half = self.layout, st.packed.numel(), self.layout.block_bytes // 2
+        if (lay.row_bytes and rows is None) or (not lay.packed_bytes and bool(st.packed.any())):
+            raise ValueError("the session's blocks do not fit this file's layout (index rows or packed blocks); "
+                             "write a new cache")
         raw = st.raw.to("cpu", DTYPES[lay.dtype]).contiguous().view(m, -1).view(torch.uint8).numpy()
         packed = st.packed.tolist() if lay.packed_bytes else [False] * m
         cold = st.cold.numpy() if st.cold is not None else None                 # cold: [m, B] u8
         jobs = []
         if lay.row_bytes:
-            row_np = rows.numpy() if rows is not None else np.zeros((m, lay.row_bytes), dtype=np.uint8)  # [m, R]
+            row_np = rows.numpy()                                                   # row_np: [m, R]
 
             def write_rows() -> None:
                 for i in range(m):
@@ -211,8 +237,8 @@ class KVFileWriter:
         """Stop writing (after a background commit ends); a file never committed is removed (the older cache,
         if any, stays)."""
         try:
-            self.wait()
-        except BaseException:   # noqa: BLE001  (the caller reported or is reporting the failure)
+            self.wait()         # an interrupt here propagates with the file left open for the running commit
+        except Exception:       # noqa: BLE001  (its failure: the caller reported or is reporting one)
             pass
         if self._fd >= 0:
             os.close(self._fd)
