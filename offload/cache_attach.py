@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from offload.tiers.slots import flag_runs
+
 _GROUP_BYTES = 64 << 20      # blocks read and put at a time
 _THREADS = min(8, os.cpu_count() or 1)   # groups read + CRC-checked in parallel
 _AHEAD = 2 * _THREADS        # groups in flight (memory: _AHEAD x 64 MiB)
@@ -137,17 +139,11 @@ def attach(attn, reader, fix: str, on_layer=None) -> Attached:
 def _put_stored(store, layer: int, first: int, st, device) -> None:
     """Runs of bf16 blocks go through put (placed like any new chunk), runs of packed ones through put_cold
     (their bytes, straight into host / disk slots): nothing is quantized twice."""
-    packed = st.packed.tolist()
-    i = 0
-    while i < len(packed):
-        j = i
-        while j < len(packed) and packed[j] == packed[i]:
-            j += 1
-        if packed[i]:
+    for i, j, packed in flag_runs(st.packed.tolist()):
+        if packed:
             store.put_cold(layer, first + i, st.cold[i:j])                      # cold: [m, B] u8
         else:
             store.put(layer, first + i, st.raw[i:j].to(device))                # raw: [m, 2, Hkv, C, D]
-        i = j
 
 
 def attach_packed(attn, reader, on_layer=None) -> Attached:

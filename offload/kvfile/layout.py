@@ -77,17 +77,6 @@ class Layout:
         return self.offsets()["rows"] + (layer * self.blocks + block) * self.row_bytes
 
 
-def _runs(flags: list):
-    """(start, end, flag) of each run of equal flags."""
-    i = 0
-    while i < len(flags):
-        j = i
-        while j < len(flags) and flags[j] == flags[i]:
-            j += 1
-        yield i, j, flags[i]
-        i = j
-
-
 def tokens_digest(ids) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest()
 

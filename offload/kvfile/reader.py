@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from offload.errors import SessionFileError
-from offload.kvfile.layout import (DTYPES, MAGIC, RECORD_BYTES, VERSION, Layout, _runs, _table_crc,
+from offload.tiers.slots import flag_runs
+from offload.kvfile.layout import (DTYPES, MAGIC, RECORD_BYTES, VERSION, Layout, _table_crc,
                                    _unpack_record, _up, tokens_digest)
 
 class KVFileReader:
@@ -103,7 +104,7 @@ class KVFileReader:
         raw_u8 = raw.view(count, -1).view(torch.uint8).numpy()                         # raw_u8: [count, block_bytes]
         cold = np.empty((count, lay.packed_bytes), dtype=np.uint8) if lay.packed_bytes else None  # cold: [count, B]
         crcs = self.table[layer, first:first + count].tolist()
-        for i, j, packed in _runs(fmt.tolist()):
+        for i, j, packed in flag_runs(fmt.tolist()):
             for a, b in ([(i, j)] if packed else [(k, k + 1) for k in range(i, j)]):
                 pay = cold if packed else raw_u8
                 at = lay.packed_offset(layer, first + a) if packed else lay.block_offset(layer, first + a)

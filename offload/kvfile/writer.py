@@ -10,13 +10,13 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from typing import TYPE_CHECKING
-
-from offload.kvfile.layout import DTYPES, RECORD_BYTES, Layout, _pack_record, _runs, _table_crc, _up, tokens_digest
+from offload.kvfile.layout import DTYPES, RECORD_BYTES, Layout, _pack_record, _table_crc, _up, tokens_digest
+from offload.tiers.slots import flag_runs
 
 if TYPE_CHECKING:
     from offload.kvfile.reader import KVFileReader
@@ -213,7 +213,7 @@ class KVFileWriter:
                 self.ktable[layer, b0 + i], self.fmt[layer, b0 + i] = kcrc, 0
             self._write(buf, lay.block_offset(layer, b0 + lo))
 
-        for i, j, is_packed in _runs(packed):
+        for i, j, is_packed in flag_runs(packed):
             step = max(1, -(-(j - i) // _IO_THREADS))
             jobs += [pool.submit(write_packed if is_packed else write_raw, lo, min(j, lo + step))
                      for lo in range(i, j, step)]

@@ -85,12 +85,7 @@ class ColdMixin:
         self._open_check()
         if self.packed is None:
             raise ConfigError("put_cold stores packed chunks; this store keeps bf16 KV (use put)")
-        want = tuple(self.cold_shape.shape)
-        if cold.dim() != 1 + len(want) or tuple(cold.shape[1:]) != want or cold.dtype != self.cold_shape.dtype:
-            raise ValueError(f"cold must be [n, {', '.join(map(str, want))}] {self.cold_shape.dtype}, "
-                             f"got {list(cold.shape)} {cold.dtype}")
-        self._raise_failed_writes()
-        n = cold.shape[0]
+        n = self._batch("cold", cold, self.cold_shape)
         if n == 0:
             return
         ids = self._admit(layer, first_chunk_idx, n, (HOST, DISK), "packed",

@@ -49,6 +49,18 @@ def runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return paired_runs(range(len(slots)), slots)
 
 
+def flag_runs(flags: Sequence) -> list[tuple[int, int, object]]:
+    """(start, end, flag) per run of equal flags (e.g. packed or not, block by block)."""
+    out, i = [], 0
+    while i < len(flags):
+        j = i
+        while j < len(flags) and flags[j] == flags[i]:
+            j += 1
+        out.append((i, j, flags[i]))
+        i = j
+    return out
+
+
 def paired_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
     """(first src, first dst, length) per run where src and dst both advance by one."""
     a, b = [int(x) for x in src], [int(x) for x in dst]

@@ -149,17 +149,23 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin, ColdMixin)
         wait_kv (CUDA): True = later compute waits until kv is copied, so the caller may overwrite kv at
         once. False = the caller never writes kv again (a fresh tensor); copies then overlap later compute.
         """
-        self._open_check()
-        if tuple(kv.shape[1:]) != self.shape.shape or kv.dtype != self.shape.dtype or kv.dim() != 5:
-            raise ValueError(f"kv must be [n, {', '.join(map(str, self.shape.shape))}] {self.shape.dtype}, "
-                             f"got {list(kv.shape)} {kv.dtype}")
-        self._raise_failed_writes()
-        n = kv.shape[0]
+        n = self._batch("kv", kv, self.shape)
         if n == 0:
             return
         ids = self._admit(layer, first_chunk_idx, n, (GPU, HOST, DISK), "new",
                           "raise --disk-mem (or --host-mem / --gpu-mem) or lower --ctx")
         self._place_new(kv, torch.full((n,), layer, dtype=torch.long), ids, wait_kv)
+
+    def _batch(self, name: str, t: torch.Tensor, shape) -> int:
+        """Rows in t, a batch of chunks [n, *shape.shape] of shape.dtype (else a ValueError naming `name`), once
+        the store is open and no earlier disk write failed."""
+        self._open_check()
+        want = tuple(shape.shape)
+        if t.dim() != 1 + len(want) or tuple(t.shape[1:]) != want or t.dtype != shape.dtype:
+            raise ValueError(f"{name} must be [n, {', '.join(map(str, want))}] {shape.dtype}, "
+                             f"got {list(t.shape)} {t.dtype}")
+        self._raise_failed_writes()
+        return t.shape[0]
 
     def _admit(self, layer: int, first_chunk_idx: int, n: int, tiers: tuple, what: str, fix: str) -> torch.Tensor:
         """Chunks first_chunk_idx.. (n) of a layer about to go into `tiers`: refused before anything changes when
