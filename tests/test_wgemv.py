@@ -65,6 +65,8 @@ def compiled():
     _backend()
     from offload.kernels import _cupy_wquant
     jobs = [(v, _CODES[f], torch.bfloat16) for v in wgemv_table.CANDIDATES for f in FORMATS]
+    jobs += [(wgemv_table.parse(wgemv_table.TABLE[f][c]), _CODES[f], dtype) for f in FORMATS
+             for c in wgemv_table.CLASSES for dtype in (torch.float32, torch.float16)]
     return _cupy_wquant.precompile(jobs, torch.cuda.current_device(), workers=16)
 
 
@@ -84,7 +86,7 @@ def test_every_variant_matches_reference(fmt, variant, compiled, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_table_variants_in_every_x_dtype(fmt, dtype, monkeypatch):
+def test_table_variants_in_every_x_dtype(fmt, dtype, compiled, monkeypatch):
     """The table's picks (what runs in a model) with float32 and float16 activations."""
     from offload.kernels import _cupy_wquant
     for name in sorted(set(wgemv_table.TABLE[fmt].values())):
@@ -96,7 +98,7 @@ def test_table_variants_in_every_x_dtype(fmt, dtype, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K", "Q6_K"])
-def test_long_rows_take_more_than_48k_of_shared_memory(fmt, monkeypatch):
+def test_long_rows_take_more_than_48k_of_shared_memory(fmt, compiled, monkeypatch):
     """K = 14336 (down_proj): x staged in float32 needs 61 KB, over the launch default."""
     from offload.kernels import _cupy_wquant
     monkeypatch.setattr(_cupy_wquant, "forced_variant", wgemv_table.parse("w8r2u4k1sm"))
@@ -105,8 +107,8 @@ def test_long_rows_take_more_than_48k_of_shared_memory(fmt, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["w8r2u4k1smp2", "w8r2u2k4sm"])
-def test_capped_grid_loops_over_more_tiles_than_ctas(variant, monkeypatch):
+@pytest.mark.parametrize("variant", ["w8r2u4k1smp2", "w8r2u2k4smp2"])
+def test_capped_grid_loops_over_more_tiles_than_ctas(variant, compiled, monkeypatch):
     """A grid of 2 CTAs per SM over ~9000 rows: each CTA takes many tiles (and the k-split's barriers repeat)."""
     from offload.kernels import _cupy_wquant
     monkeypatch.setattr(_cupy_wquant, "forced_variant", wgemv_table.parse(variant))
@@ -116,7 +118,7 @@ def test_capped_grid_loops_over_more_tiles_than_ctas(variant, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_default_pick_runs_inside_a_cuda_graph():
+def test_default_pick_runs_inside_a_cuda_graph(compiled):
     """What decode does: the table's launch captured and replayed, same result as eager."""
     from offload.kernels import wquant
     w = _random_blocks("Q4_K", 1024, 4096, 5).to("cuda")

@@ -221,6 +221,20 @@ __device__ __forceinline__ float unit_dot2(const Codes& c, const float* xa, cons
     }
 }
 
+// the codes of units ub, ub + step, ... (GV_UNROLL of them) of rows r0 .. r0 + GV_RPW - 1, all requested before
+// any is used; units past the row's end and rows past R read valid neighbours (their sums are skipped)
+template <int FMT>
+__device__ __forceinline__ void load_batch(Codes (&c)[GV_UNROLL][GV_RPW], const unsigned char* p0,
+                                           const unsigned char* p1, const unsigned char* p2, const unsigned char* p3,
+                                           int r0, int R, int K, int ub, int units) {
+#pragma unroll
+    for (int i = 0; i < GV_UNROLL; ++i) {
+        const int u = slot_unit<FMT>(min(ub + i * 32 * GV_KSPLIT, units - 1), units);
+#pragma unroll
+        for (int j = 0; j < GV_RPW; ++j) c[i][j] = load_codes<FMT>(p0, p1, p2, p3, min(r0 + j, R - 1), K, u);
+    }
+}
+
 // y[r] for rows r < R. tiles = ceil(R / gv_tile_rows); the grid may be smaller (each CTA loops over tiles).
 // Dynamic shared memory: GV_XSMEM ? (K + K/16) floats : 0, then GV_WARPS * GV_RPW floats (the K-split sums).
 template <typename T, int FMT>
@@ -234,7 +248,12 @@ __global__ void __launch_bounds__(32 * GV_WARPS) gemv2_kernel(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int grp = warp / GV_KSPLIT, ks = warp - grp * GV_KSPLIT;
     const int units = K >> 5, step = 32 * GV_KSPLIT;
+    Codes c[GV_UNROLL][GV_RPW];
+    bool loaded = false;
     if (GV_XSMEM) {
+        // the first tile's first codes are requested before x is staged: their latency overlaps the staging
+        load_batch<FMT>(c, p0, p1, p2, p3, (blockIdx.x * gv_groups + grp) * GV_RPW, R, K, ks * 32 + lane, units);
+        loaded = true;
         for (int g = threadIdx.x; g < K / 16; g += blockDim.x) {
             float f[16];
             load_x16<T>(x, (long long)g * 16, f);
@@ -251,13 +270,8 @@ __global__ void __launch_bounds__(32 * GV_WARPS) gemv2_kernel(
 #pragma unroll
         for (int j = 0; j < GV_RPW; ++j) acc[j] = 0.f;
         for (int ub = ks * 32 + lane; ub < units; ub += step * GV_UNROLL) {
-            Codes c[GV_UNROLL][GV_RPW];
-#pragma unroll
-            for (int i = 0; i < GV_UNROLL; ++i) {
-                const int u = slot_unit<FMT>(min(ub + i * step, units - 1), units);   // past the end: valid, not summed
-#pragma unroll
-                for (int j = 0; j < GV_RPW; ++j) c[i][j] = load_codes<FMT>(p0, p1, p2, p3, min(r0 + j, R - 1), K, u);
-            }
+            if (!loaded) load_batch<FMT>(c, p0, p1, p2, p3, r0, R, K, ub, units);
+            loaded = false;
 #pragma unroll
             for (int i = 0; i < GV_UNROLL; ++i) {
                 if (ub + i * step < units) {
@@ -272,6 +286,7 @@ __global__ void __launch_bounds__(32 * GV_WARPS) gemv2_kernel(
                 }
             }
         }
+        loaded = false;               // (a lane with no unit in this tile never used the early batch)
 #pragma unroll
         for (int j = 0; j < GV_RPW; ++j) {
 #pragma unroll
