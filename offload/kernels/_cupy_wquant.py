@@ -68,16 +68,20 @@ def precompile(jobs, device_index: int, workers: int = 8) -> dict:
     run or a test module does not wait for each NVRTC call in turn; returns {job: error text} for failures."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(job):
+    def key(job):   # variants that differ only in their grid share a kernel
         v, code, dtype = job
-        file, kernel = ("wquant.cu", "gemv_kernel") if v.kernel == "v1" else ("wgemv.cu", "gemv2_kernel")
+        kernel = ("wquant.cu", "gemv_kernel") if v.kernel == "v1" else ("wgemv.cu", "gemv2_kernel")
+        return kernel[0], f"{kernel[1]}<{_TAGS[dtype]}, {code}>", v.defines
+
+    def one(k):
         try:
-            _build.function(file, f"{kernel}<{_TAGS[dtype]}, {code}>", device_index, v.defines)
+            _build.function(k[0], k[1], device_index, k[2])
         except Exception as e:   # the caller reports it; the launch would raise the same
             return f"{type(e).__name__}: {str(e)[:300]}"
-    jobs = list(dict.fromkeys(jobs))
+    keys = list(dict.fromkeys(key(j) for j in jobs))
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        return {job: err for job, err in zip(jobs, ex.map(one, jobs)) if err}
+        errs = dict(zip(keys, ex.map(one, keys)))
+    return {j: errs[key(j)] for j in jobs if errs[key(j)]}
 
 
 def _gemv_v1(x, planes, code, y, rows, cols, defines) -> None:
