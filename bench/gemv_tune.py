@@ -91,7 +91,20 @@ def copies_of(w, n: int):
                   for _ in range(n - 1)]
 
 
-def run_shape(fmt, label, rows, cols, variants, x, args, ceiling, compile_errs) -> list[dict]:
+def _sticky(e: Exception) -> bool:
+    """A CUDA error that leaves the context unusable (every later call would fail too)."""
+    text = str(e)
+    return any(k in text for k in ("illegal memory access", "illegal address", "unspecified launch failure",
+                                   "CUDA_ERROR_ILLEGAL", "misaligned address", "device-side assert"))
+
+
+def _record(rec: dict, rows_file: str | None) -> None:
+    if rows_file:
+        with open(rows_file, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+
+def run_shape(fmt, label, rows, cols, variants, x, args, ceiling, compile_errs, done=frozenset()) -> list[dict]:
     from offload.kernels import _cupy_wquant, wgemv_table, wquant
     from offload.model.qlinear import QuantWeight
     torch.manual_seed(0)
@@ -105,8 +118,11 @@ def run_shape(fmt, label, rows, cols, variants, x, args, ceiling, compile_errs) 
     base = {"weights": fmt, "shape": label, "rows": rows, "cols": cols, "class": cls, "copies": n}
     out = []
     for v in variants:
+        if (fmt, label, v.name) in done:
+            continue
         row = {**base, "variant": v.name}
         err = compile_errs.get((v.name, fmt))
+        _record({"start": [fmt, label, v.name]}, args.rows_file)
         try:
             if err:
                 raise RuntimeError(f"compile: {err}")
@@ -120,14 +136,21 @@ def run_shape(fmt, label, rows, cols, variants, x, args, ceiling, compile_errs) 
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             if args.verbose:
                 traceback.print_exc()
+            if _sticky(e):   # the parent reruns this format without the variant
+                _record(row, args.rows_file)
+                _line(row)
+                sys.exit(3)
         finally:
             _cupy_wquant.forced_variant = None
         out.append(row)
+        _record(row, args.rows_file)
         _line(row)
-    if fmt == FORMATS[0] or args.cublas_every:   # dense bf16 on the same shape, once
-        ms = graph_ms(lambda: torch.nn.functional.linear(x, dense), args.reps)
+    cublas = (fmt == args.formats.split(",")[0] or args.cublas_every) and not args.no_cublas
+    if cublas and ("bf16", label, "cublas") not in done:
+        ms = graph_ms(lambda: torch.nn.functional.linear(x, dense), args.reps)   # dense bf16, the same shape
         out.append({**base, "weights": "bf16", "variant": "cublas", "copies": 1, "ms": ms,
                     "gb_per_s": dense.numel() * 2 / ms / 1e6, "x_of_copy": dense.numel() * 2 / ms / 1e6 / ceiling})
+        _record(out[-1], args.rows_file)
         _line(out[-1])
     return out
 
@@ -139,13 +162,15 @@ def _line(r: dict) -> None:
 
 
 def best_table(rows: list[dict], fmts) -> tuple[dict, list[dict]]:
-    """The fastest variant per (format, class): least summed ms over the class's shapes, passing on all."""
+    """The fastest variant per (format, class): least summed ms over the class's shapes. A variant that failed
+    on any shape of the format (wrong, crashed, did not compile) is not picked anywhere: it has a bug."""
     from offload.kernels import wgemv_table
     table, summary = {}, []
     for fmt in fmts:
         table[fmt] = {}
+        bad = {r["variant"] for r in rows if r["weights"] == fmt and "error" in r}
         for cls in wgemv_table.CLASSES:
-            mine = [r for r in rows if r["weights"] == fmt and r["class"] == cls]
+            mine = [r for r in rows if r["weights"] == fmt and r["class"] == cls and r["variant"] not in bad]
             shapes = {r["shape"] for r in mine}
             if not shapes:
                 continue
@@ -196,6 +221,71 @@ def render_table(table: dict, source: str) -> str:
                   source, flags=re.S)
 
 
+def _read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def run_child(args) -> None:
+    """Measure args.formats, appending every row to args.rows_file (skipping what it already holds)."""
+    from offload.kernels import wgemv_table
+    fmts = args.formats.split(",")
+    variants = (wgemv_table.CANDIDATES if args.variants == "all"
+                else tuple(wgemv_table.parse(n) for n in args.variants.split(",")))
+    shapes = [s for s in layer_shapes(args.model) if args.shapes == "all" or s[0] in args.shapes.split(",")]
+    old = _read_rows(args.rows_file) if args.rows_file else []
+    done = frozenset((r["weights"], r["shape"], r["variant"]) for r in old if "variant" in r)
+    ceiling = next((r["ceiling"] for r in old if "ceiling" in r), None) or copy_ceiling()
+    _record({"ceiling": ceiling}, args.rows_file)
+    print(f"copy ceiling {ceiling:.0f} GB/s (read + write)", flush=True)
+    t0 = time.perf_counter()
+    compile_errs = precompile(variants, fmts, torch.bfloat16, args.compile_workers)
+    compile_s = time.perf_counter() - t0
+    _record({"compile_s": compile_s}, args.rows_file)
+    print(f"compiled {len(variants)} variants x {len(fmts)} formats in {compile_s:.1f} s; "
+          f"{len(compile_errs)} failed", flush=True)
+    for k, e in compile_errs.items():
+        print("compile error", k, e, flush=True)
+    x = {c: torch.randn(1, c, device="cuda", dtype=torch.bfloat16) for c in {s[2] for s in shapes}}
+    for fmt in fmts:
+        for label, r, c in shapes:
+            run_shape(fmt, label, r, c, variants, x[c], args, ceiling, compile_errs, done)
+
+
+def run_isolated(args, fmts) -> None:
+    """One child process per format; a child that dies (or exits on a sticky CUDA error) is rerun without the
+    variant it was measuring, which gets an error row."""
+    import subprocess
+    passed = ["--model", args.model, "--shapes", args.shapes, "--variants", args.variants, "--min-mib",
+              str(args.min_mib), "--reps", str(args.reps), "--compile-workers", str(args.compile_workers),
+              "--rows-file", args.rows_file] + (["--cublas-every"] if args.cublas_every else []) + \
+             (["--verbose"] if args.verbose else [])
+    shapes = {s[0]: s for s in layer_shapes(args.model)}
+    for k, fmt in enumerate(fmts):
+        for _ in range(8):
+            cublas = [] if k == 0 or args.cublas_every else ["--no-cublas"]   # cuBLAS bf16 once per shape
+            rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--formats", fmt, *cublas,
+                                 *passed]).returncode
+            if rc == 0:
+                break
+            recs = _read_rows(args.rows_file)
+            finished = {(r["weights"], r["shape"], r["variant"]) for r in recs if "variant" in r}
+            started = [tuple(r["start"]) for r in recs if "start" in r]
+            lost = next((t for t in reversed(started) if t not in finished), None)
+            if lost is None:
+                print(f"{fmt}: the child failed (rc {rc}) outside a variant; giving up on {fmt}", flush=True)
+                break
+            _, label, name = lost
+            from offload.kernels import wgemv_table
+            _, r, c = shapes[label]
+            row = {"weights": fmt, "shape": label, "rows": r, "cols": c, "class": wgemv_table.shape_class(r, c),
+                   "variant": name, "error": f"killed the process (rc {rc})"}
+            _record(row, args.rows_file)
+            _line(row)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3-8b")
@@ -206,36 +296,36 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--cublas-every", action="store_true", help="time cuBLAS bf16 with every format, not once")
+    ap.add_argument("--in-process", action="store_true", help="no child process per format (a crash ends the run)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-cublas", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--out", default="bench/out/gemv_tune.json")
     ap.add_argument("--write-table", default=None, help="write wgemv_table.py with the fastest picks here")
     args = ap.parse_args()
+    if args.child:
+        return run_child(args)
     from offload.kernels import wgemv_table
     fmts = args.formats.split(",")
-    variants = (wgemv_table.CANDIDATES if args.variants == "all"
-                else tuple(wgemv_table.parse(n) for n in args.variants.split(",")))
-    shapes = [s for s in layer_shapes(args.model) if args.shapes == "all" or s[0] in args.shapes.split(",")]
-    ceiling = copy_ceiling()
-    print(f"copy ceiling {ceiling:.0f} GB/s (read + write)", flush=True)
-    t0 = time.perf_counter()
-    compile_errs = precompile(variants, fmts, torch.bfloat16, args.compile_workers)
-    compile_s = time.perf_counter() - t0
-    print(f"compiled {len(variants)} variants x {len(fmts)} formats in {compile_s:.1f} s; "
-          f"{len(compile_errs)} failed", flush=True)
-    for k, e in compile_errs.items():
-        print("compile error", k, e, flush=True)
-    x = {c: torch.randn(1, c, device="cuda", dtype=torch.bfloat16) for c in {s[2] for s in shapes}}
-    rows = []
-    for fmt in fmts:
-        for label, r, c in shapes:
-            rows.extend(run_shape(fmt, label, r, c, variants, x[c], args, ceiling, compile_errs))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    args.rows_file = os.path.abspath(args.out) + ".rows.jsonl"
+    if os.path.exists(args.rows_file):
+        os.remove(args.rows_file)
+    if args.in_process:
+        run_child(args)
+    else:
+        run_isolated(args, fmts)
+    recs = _read_rows(args.rows_file)
+    rows = [r for r in recs if "variant" in r]
+    ceiling = next((r["ceiling"] for r in recs if "ceiling" in r), float("nan"))
+    compile_s = [r["compile_s"] for r in recs if "compile_s" in r]
     table, summary = best_table(rows, fmts)
     layers = layer_rows(rows, table, ceiling)
     failed = sorted({(r["variant"], r["weights"], r["error"][:100]) for r in rows if "error" in r})
     doc = {"bench": "gemv_tune", "date": date.today().isoformat(), "device": device_name(),
            "copy_gb_per_s": ceiling, "compile_s": compile_s, "table": table, "best": summary, "layers": layers,
            "failed": [list(f) for f in failed], "args": vars(args), "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(doc, fh, indent=1)
     if args.write_table:
