@@ -209,14 +209,17 @@ def layer_rows(rows, table, ceiling) -> list[dict]:
     return out
 
 
-def render_table(table: dict, source: str) -> str:
+def render_table(table: dict, source: str, note: str) -> str:
     """wgemv_table.py's source with its TABLE block replaced by `table` (classes it lacks keep their entry)."""
     from offload.kernels import wgemv_table
     merged = {f: {**wgemv_table.TABLE.get(f, {}), **table.get(f, {})} for f in {*wgemv_table.TABLE, *table}}
     q = json.dumps
-    body = "TABLE: dict[str, dict[str, str]] = {\n" + "".join(
-        f"    {q(f)}: {{{', '.join(f'{q(c)}: {q(merged[f][c])}' for c in wgemv_table.CLASSES if c in merged[f])}}},\n"
-        for f in sorted(merged)) + "}\n"
+    lines = []
+    for f in sorted(merged):
+        items = [f"{q(c)}: {q(merged[f][c])}" for c in wgemv_table.CLASSES if c in merged[f]]
+        rows = [", ".join(items[i:i + 3]) for i in range(0, len(items), 3)]   # lines under 120 characters
+        lines.append(f"    {q(f)}: {{" + (",\n" + " " * (len(q(f)) + 7)).join(rows) + "},\n")
+    body = f"# {note}\nTABLE: dict[str, dict[str, str]] = {{\n" + "".join(lines) + "}\n"
     return re.sub(r"(# --- TABLE .*?---\n).*?(# --- end TABLE ---)", lambda m: m.group(1) + body + m.group(2),
                   source, flags=re.S)
 
@@ -331,7 +334,8 @@ def main() -> None:
     if args.write_table:
         import inspect
         with open(args.write_table, "w") as fh:
-            fh.write(render_table(table, inspect.getsource(wgemv_table)))
+            note = f"The fastest per class in bench/gemv_tune.py on {doc['device']}, {doc['date']}."
+            fh.write(render_table(table, inspect.getsource(wgemv_table), note))
     for f in failed[:40]:
         print("FAILED", *f)
     print(f"\ncopy ceiling {ceiling:.0f} GB/s; best per (format, shape class) (ms summed over the class's shapes):")

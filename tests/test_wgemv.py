@@ -42,6 +42,35 @@ def test_every_table_entry_and_candidate_is_a_valid_variant():
         wgemv_table.parse("w8r2u2k3sm")
 
 
+def test_tune_bench_picks_the_fastest_passing_variant_and_renders_the_table():
+    """bench/gemv_tune.py's selection: least summed time over a class's shapes; a variant wrong anywhere in a
+    format is never picked for it; the rendered module keeps the other formats and picks the new entries."""
+    import importlib.util
+    import inspect
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "gemv_tune.py")
+    spec = importlib.util.spec_from_file_location("gemv_tune", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+
+    def row(shape, rows, cols, variant, ms=None, error=None):
+        r = {"weights": "Q4_K", "shape": shape, "rows": rows, "cols": cols, "variant": variant,
+             "class": wgemv_table.shape_class(rows, cols)}
+        return {**r, "ms": ms, "gb_per_s": 1.0, "x_of_copy": 0.5} if error is None else {**r, "error": error}
+    rows = [row("qkv", 6144, 4096, "w8r2u2k1sm", 1.0), row("o", 4096, 4096, "w8r2u2k1sm", 1.0),
+            row("qkv", 6144, 4096, "w8r2u4k1sm", 0.5), row("o", 4096, 4096, "w8r2u4k1sm", 2.0),   # 2.5 > 2.0
+            row("qkv", 6144, 4096, "w4r1u4k1sm", 0.1), row("o", 4096, 4096, "w4r1u4k1sm", 0.1),
+            row("down", 4096, 14336, "w4r1u4k1sm", error="AssertionError: mismatch"),           # wrong elsewhere
+            row("down", 4096, 14336, "w8r2u4k1sm", 3.0)]
+    table, _ = tune.best_table(rows, ["Q4_K"])
+    assert table == {"Q4_K": {"square": "w8r2u2k1sm", "long_k": "w8r2u4k1sm"}}
+    ns: dict = {}
+    exec(compile(tune.render_table(table, inspect.getsource(wgemv_table), "test"), "rendered", "exec"), ns)
+    assert ns["pick"]("Q4_K", 4096, 4096).name == "w8r2u2k1sm"
+    assert ns["TABLE"]["Q8_0"] == wgemv_table.TABLE["Q8_0"]
+    assert ns["TABLE"]["Q4_K"]["few_rows"] == wgemv_table.TABLE["Q4_K"]["few_rows"]
+
+
 def test_kernel_sources_have_their_headers_pasted_in():
     for file in ("wgemv.cu", "wquant.cu"):
         src = _build.source(file)

@@ -85,9 +85,10 @@ def shape_class(rows: int, cols: int) -> str:
 
 CLASSES = ("few_rows", "square", "wide", "many_rows", "long_k")
 
-# TABLE[format][class] = variant name. Until a device run fills it from bench/gemv_tune.py's JSON these are
-# guesses: enough CTAs for 132 SMs (k-split where rows are few), 4 units x 2 rows of loads in flight per lane.
+# TABLE[format][class] = variant name.
 # --- TABLE (bench/gemv_tune.py --write-table rewrites this block) ---
+# Guesses until a device run fills it: enough CTAs for 132 SMs (k-split where rows are few), 4 units x 2 rows
+# of loads in flight per lane.
 TABLE: dict[str, dict[str, str]] = {
     fmt: {"few_rows": "w8r2u2k4sm", "square": "w8r2u4k1sm", "wide": "w8r2u4k1sm", "many_rows": "w8r2u4k1smp2",
           "long_k": "w8r2u4k1sm"}
