@@ -65,7 +65,7 @@ CANDIDATES = tuple(parse(n) for n in (
     "v1r2u2",
     "w4r1u4k1sm", "w4r2u4k1sm", "w8r2u2k1sm", "w8r2u4k1sm", "w8r4u2k1sm", "w16r2u2k1sm",
     "w8r2u4k1smp2", "w8r2u4k1smp3", "w8r2u4k1smp4", "w8r4u2k1smp2", "w16r2u2k1smp1",
-    "w8r2u2k2sm", "w8r2u2k4sm", "w8r2u2k2smp4",
+    "w8r2u2k2sm", "w8r2u2k4sm", "w8r2u2k2smp4", "w8r2u4k2sm", "w8r1u8k1sm",
     "w8r2u4k1sb", "w4r2u2k1gm",
 ))
 
