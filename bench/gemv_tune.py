@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_name, event_ms, median, print_table  # noqa: E402
 
-FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+FORMATS = ("Q4_K", "Q8_0", "Q6_K", "Q4_1", "Q4_0")   # what --weights q4 / q8_0 and Q4_K_M files use first
 
 
 def layer_shapes(model: str) -> list[tuple[str, int, int]]:
@@ -266,11 +266,16 @@ def run_isolated(args, fmts) -> None:
               "--rows-file", args.rows_file] + (["--cublas-every"] if args.cublas_every else []) + \
              (["--verbose"] if args.verbose else [])
     shapes = {s[0]: s for s in layer_shapes(args.model)}
+    deadline = time.monotonic() + (args.time_budget or 1e9)
     for k, fmt in enumerate(fmts):
         for _ in range(8):
             cublas = [] if k == 0 or args.cublas_every else ["--no-cublas"]   # cuBLAS bf16 once per shape
-            rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--formats", fmt, *cublas,
-                                 *passed]).returncode
+            try:
+                rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--formats", fmt, *cublas,
+                                     *passed], timeout=max(1.0, deadline - time.monotonic())).returncode
+            except subprocess.TimeoutExpired:
+                print(f"time budget spent during {fmt}: the table keeps what was measured", flush=True)
+                return
             if rc == 0:
                 break
             recs = _read_rows(args.rows_file)
@@ -299,6 +304,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--cublas-every", action="store_true", help="time cuBLAS bf16 with every format, not once")
+    ap.add_argument("--time-budget", type=float, default=0, help="seconds; stop measuring then, keep the rows so far")
     ap.add_argument("--in-process", action="store_true", help="no child process per format (a crash ends the run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)
