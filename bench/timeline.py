@@ -45,13 +45,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--select-unit", default="chunk", choices=["chunk", "token"])
     ap.add_argument("--token-candidates", type=float, default=4.0)
+    ap.add_argument("--weights", default=None, help="bf16 | q8_0 | q4: weights quantized at load (issue 16)")
     ap.add_argument("--out", default="bench/out/timeline.json")
     args = ap.parse_args()
     cap_gpu(args.gpu_cap)
     ctx = parse_tokens(args.ctx)
     opts = dict(attention=args.attention, budget=args.budget, select_unit=args.select_unit,
                 token_candidates=args.token_candidates)
-    for name in ("gpu_mem", "host_mem"):
+    for name in ("gpu_mem", "host_mem", "weights"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
     llm = LLM(args.model, load_format="dummy", ctx=ctx + 64, show_progress=False, **opts)

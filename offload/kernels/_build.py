@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import re
 
 from ..errors import OffloadError
 
 COMPILE_OPTIONS = ("-std=c++17", "--use_fast_math")
 
 
+_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"$', re.MULTILINE)
+
+
 @functools.cache
 def source(file: str) -> str:
-    """A kernel file with common.cuh pasted in (NVRTC is given no include path)."""
+    """A kernel file with its `#include "x.cuh"` lines replaced by those files (NVRTC is given no include
+    path); an included file may include others."""
     here = importlib.resources.files(__package__)
-    common = here.joinpath("common.cuh").read_text()
-    return here.joinpath(file).read_text().replace('#include "common.cuh"', common)
+    return _INCLUDE.sub(lambda m: source(m.group(1)), here.joinpath(file).read_text())
 
 
 def compile_error(kernel: str, log: str) -> OffloadError:

@@ -4,8 +4,8 @@
     y = gemv_reference(x, w)    # the same product through a float32 dequantized copy (any device)
     dequantize_into(w, out)     # out: [out, in] on the GPU (bf16/f16/f32) = w dequantized; False: not handled
 
-The GEMV kernel reads each weight block once (wquant.cu); it is launched on torch's current stream, so it is
-captured in the decode step's CUDA graph like the other kernels. dequantize_into is the prefill's: one
+The GEMV kernel reads each weight block once (wgemv.cu, its launch shape picked per part by wgemv_table); it
+is launched on torch's current stream, so it is captured in the decode step's CUDA graph like the other kernels. dequantize_into is the prefill's: one
 launch per part writes the dense scratch cuBLAS multiplies (the torch reference: QuantWeight.dequantize).
 """
 from __future__ import annotations
@@ -68,6 +68,6 @@ def gemv(x: torch.Tensor, w) -> torch.Tensor | None:
     r = 0
     for p in w.parts:
         _cupy_wquant.gemv_part(x, [p.planes[n] for n in _PLANES[p.fmt]], _CODES[p.fmt], y[:, r:r + p.rows],
-                               p.rows, w.cols)
+                               p.rows, w.cols, p.fmt)
         r += p.rows
     return y
