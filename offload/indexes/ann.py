@@ -46,6 +46,9 @@ try:
 except ImportError:   # an extra since issue 15: only --index ann needs it (offload.indexes imports us lazily)
     raise ConfigError("--index ann needs faiss-cpu, which is not installed; pip install 'offload[ann]' "
                       "(or use --index summary / shadow)") from None
+from faiss.contrib.ivf_tools import add_preassigned  # noqa: E402
+
+from offload.indexes import kmeans  # noqa: E402
 from offload.indexes._common import check_budget, check_choice, check_shape_args, split_chunks
 
 _BUILDER: ThreadPoolExecutor | None = None     # one background builder per process: layers queue in order
@@ -91,6 +94,7 @@ class FaissANNIndex:
         self._pending: Future | None = None       # the background build of this layer, if running
         self._pool: ThreadPoolExecutor | None = None  # searches heads side by side (select)
         self.min_ivf_tokens, self.seed = int(min_ivf_tokens), seed
+        self.max_chunks = max(0, int(max_chunks))    # the context: what the planner sizes the build scratch for
         self.norm_headroom = max(1.0, float(norm_headroom))
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
         self._reset()
@@ -122,56 +126,95 @@ class FaissANNIndex:
             # heads h*G .. h*G+G-1 are contiguous, so the reshape gathers each KV head's query group
             q_all = queries.detach().cpu().float()                              # q_all: [Hq, Nq, D]
             q_np = q_all.reshape(self.num_kv_heads, -1, self.head_dim).numpy()  # q_np: [Hkv, G*Nq, D]
-        host = keys.detach().to("cpu")                                         # host: [Hkv, N, D] (its dtype)
         self._num_tokens = keys.shape[1]
+        trained = None
+        if keys.is_cuda and self.train_on == "keys":
+            # the IVF lists on the GPU while the keys are there (ms per layer): the host only files the keys
+            trained = [self._train(keys[h]) for h in range(self.num_kv_heads)]
+            trained = [(m, c.cpu().numpy(), a.cpu().numpy()) if c is not None else (m, None, None)
+                       for m, c, a in trained]
+        host = keys.detach().to("cpu")                                         # host: [Hkv, N, D] (its dtype)
         if self.background:
-            self._pending = _builder().submit(self._build_all, host, q_np)
+            self._pending = _builder().submit(self._build_all, host, q_np, trained)
         else:
-            self._build_all(host, q_np)
+            self._build_all(host, q_np, trained)
 
-    def _build_all(self, keys: torch.Tensor, q_np: np.ndarray | None) -> None:
-        """Every head's index over host keys [Hkv, N, D] (runs on the background builder)."""
+    def _build_all(self, keys: torch.Tensor, q_np: np.ndarray | None, trained: list | None = None) -> None:
+        """Every head's index over host keys [Hkv, N, D] (runs on the background builder); trained: per head
+        (M, centroids, lists) from the device, else trained here (torch on the host, sampled)."""
         faiss.omp_set_num_threads(self.threads)
-        means = keys.float().reshape(self.num_kv_heads, -1, self.chunk_tokens, self.head_dim).mean(dim=2)
-        self._means = means.numpy()                                             # means: [Hkv, n, D]
+        # head by head: a float32 copy of a whole 1M-token layer would be 4 GiB of host RAM
+        means = [keys[h].float().reshape(-1, self.chunk_tokens, self.head_dim).mean(dim=1) for h in range(len(keys))]
+        self._means = torch.stack(means).numpy()                                # means: [Hkv, n, D]
         for h in range(self.num_kv_heads):
             self._heads.append(None)
             self._quantizers.append(None)
             self._max_norm.append(0.0)
             # one head at a time: a float32 copy of a whole 1M-token layer would be 4 GiB
             k_h = keys[h].float().numpy()                                      # k_h: [N, D]
-            self._build_head(h, k_h, q_np[h] if q_np is not None else None)
+            self._build_head(h, k_h, q_np[h] if q_np is not None else None,
+                             trained[h] if trained is not None else None)
 
-    def _build_head(self, h: int, k: np.ndarray, q: np.ndarray | None) -> None:
-        """(Re)build head h over keys k [N, D], IVF when there are enough of them, else exact flat."""
-        n, d = k.shape
+    def _nlist(self, n: int, train_len: int) -> int:
         nlist = self.nlist or int(round(2 * math.sqrt(max(n, 1))))
-        train = k if q is None else q
-        nlist = min(nlist, n // 8, len(train) // 8)           # k-means needs a few points per centroid
+        return min(nlist, n // 8, train_len // 8)             # k-means needs a few points per centroid
+
+    def _train(self, k: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+        """One head's keys k [N, D] (any device) -> (M of the l2aug transform, centroids [nlist, D'], list of
+        every key [N]); (0, None, None) when the head gets an exact flat index."""
+        n = k.shape[0]
+        nlist = self._nlist(n, n)
         if n < self.min_ivf_tokens or nlist < 2:
+            return 0.0, None, None
+        norm = self.norm_headroom * kmeans.max_norm(k) if self.space == "l2aug" else 0.0
+        c, lists = kmeans.ivf_lists(k, nlist, max_norm=norm, spherical=self.space == "ip",
+                                    points_per_list=self.train_points, seed=self.seed)
+        return norm, c, lists
+
+    def _build_head(self, h: int, k: np.ndarray, q: np.ndarray | None, trained=None) -> None:
+        """(Re)build head h over keys k [N, D], IVF when there are enough of them, else exact flat.
+
+        Lists from keys: sampled k-means in torch (trained: done on the device already), then faiss only files
+        every key in its list. Lists from queries: faiss k-means over the prefill queries."""
+        n, d = k.shape
+        train = k if q is None else q
+        nlist = self._nlist(n, len(train))
+        if q is None and trained is None:
+            trained = self._train(torch.from_numpy(k))
+        if n < self.min_ivf_tokens or nlist < 2 or (q is None and trained[1] is None):
             # exact search needs no transform: flat inner product
             self._heads[h], self._quantizers[h], self._max_norm[h] = faiss.IndexFlatIP(d), None, 0.0
             self._heads[h].add(np.ascontiguousarray(k, dtype=np.float32))
             return
-        if self.space == "l2aug":
-            # M above the build's largest norm leaves room for the keys extend() brings later
-            self._max_norm[h] = self.norm_headroom * float(np.linalg.norm(k, axis=1).max())
-        k_x, train_x = self._keys_space(h, k), self._queries_space(h, train) if q is not None else None
-        dim = k_x.shape[1]
         ip = self.space == "ip"
-        km = faiss.Kmeans(dim, nlist, niter=12, seed=self.seed, spherical=ip,
-                          max_points_per_centroid=self.train_points, min_points_per_centroid=1, verbose=False)
-        km.train(k_x if train_x is None else train_x)
+        if q is None:
+            self._max_norm[h], centroids, lists = trained[0], np.ascontiguousarray(trained[1]), trained[2]
+            nlist = centroids.shape[0]
+        else:
+            if self.space == "l2aug":
+                # M above the build's largest norm leaves room for the keys extend() brings later
+                self._max_norm[h] = self.norm_headroom * float(np.linalg.norm(k, axis=1).max())
+            qx = self._queries_space(h, q)
+            km = faiss.Kmeans(qx.shape[1], nlist, niter=12, seed=self.seed, spherical=ip,
+                              max_points_per_centroid=self.train_points, min_points_per_centroid=1, verbose=False)
+            km.train(qx)
+            centroids, lists = km.centroids, None
+        k_x = self._keys_space(h, k)                                           # k_x: [N, D']
+        dim = k_x.shape[1]
         quantizer = faiss.IndexFlatIP(dim) if ip else faiss.IndexFlatL2(dim)
-        quantizer.add(km.centroids)                           # trained quantizer: IVF.train skips k-means
+        quantizer.add(centroids)                              # trained quantizer: IVF.train skips k-means
         metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
         if self.codec == "flat":
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
         else:
             index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric)
-        index.train(k_x)                                      # codec only: the 8-bit ranges come from keys
+            sample = k_x[:: max(1, n // (self.train_points * nlist))]
+            index.train(sample)                               # codec only: the 8-bit ranges from a sample of keys
         index.nprobe = self.nprobe or max(1, math.ceil(self.probe_fraction * nlist))
-        index.add(k_x)
+        if lists is None:
+            index.add(k_x)                                    # faiss assigns (queries' lists: inner product)
+        else:
+            add_preassigned(index, k_x, np.ascontiguousarray(lists, dtype=np.int64))
         self._heads[h], self._quantizers[h] = index, quantizer
 
     def _keys_space(self, h: int, k: np.ndarray) -> np.ndarray:
@@ -220,8 +263,18 @@ class FaissANNIndex:
 
     # -- selection -------------------------------------------------------------------------------
     def gpu_bytes(self, num_chunks: int) -> int:
-        """The faiss index and its keys live in host RAM."""
-        return 0
+        """The faiss index and its keys live in host RAM; the compute device holds only the build's k-means
+        temporaries (one head at a time, on the GPU during prefill: scratch_bytes)."""
+        return self.scratch_bytes(num_chunks)
+
+    def scratch_bytes(self, num_chunks: int | None = None) -> int:
+        """Device temporaries of one head's sampled k-means and key assignment at num_chunks (default: the
+        context's max_chunks); 0 when lists come from prefill queries (faiss k-means on the host)."""
+        n = (self.max_chunks if num_chunks is None else num_chunks) * self.chunk_tokens
+        nlist = self._nlist(n, n)
+        if self.train_on != "keys" or n < self.min_ivf_tokens or nlist < 2:
+            return 0
+        return kmeans.scratch_bytes(n, nlist, self.head_dim, self.train_points)
 
     def reserve(self, num_chunks: int) -> None:
         """Nothing to reserve: faiss grows on the host, and a step with this index is never captured."""
