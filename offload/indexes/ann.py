@@ -81,9 +81,10 @@ class FaissANNIndex:
         check_choice("codec", codec, ("flat", "sq8"))
         check_choice("chunk_score", chunk_score, ("count", "expsum"))
         if not 0 < probe_fraction <= 1 or retrieve_factor <= 0 or threads < 0 or train_points < 4:
-            raise ConfigError(f"probe_fraction={probe_fraction}, retrieve_factor={retrieve_factor}, "
-                              f"threads={threads}, train_points={train_points}: use 0 < probe_fraction <= 1, "
-                              "retrieve_factor > 0, threads >= 0 (0 = all cores), train_points >= 4")
+            raise ConfigError(f"ann options out of range (probe_fraction={probe_fraction}, retrieve_factor="
+                              f"{retrieve_factor}, threads={threads}, train_points={train_points}); use "
+                              "0 < probe_fraction <= 1, retrieve_factor > 0, threads >= 0 (0 = all cores), "
+                              "train_points >= 4 in index_options")
         self.num_kv_heads, self.num_q_heads, self.head_dim = num_kv_heads, num_q_heads, head_dim
         self.chunk_tokens = chunk_tokens
         self.device, self.dtype = torch.device(device), dtype
@@ -267,9 +268,10 @@ class FaissANNIndex:
         temporaries (one head at a time, on the GPU during prefill: scratch_bytes)."""
         return self.scratch_bytes(num_chunks)
 
-    def scratch_bytes(self, num_chunks: int | None = None) -> int:
+    def scratch_bytes(self, num_chunks: int | None = None, budget: int = 0) -> int:
         """Device temporaries of one head's sampled k-means and key assignment at num_chunks (default: the
-        context's max_chunks); 0 when lists come from prefill queries (faiss k-means on the host)."""
+        context's max_chunks); 0 when lists come from prefill queries (faiss k-means on the host). Selection
+        runs on the host (budget: unused)."""
         n = (self.max_chunks if num_chunks is None else num_chunks) * self.chunk_tokens
         nlist = self._nlist(n, n)
         if self.train_on != "keys" or n < self.min_ivf_tokens or nlist < 2:
