@@ -48,6 +48,19 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool) -> torch.T
     return out
 
 
+def _sums(x: torch.Tensor, a: torch.Tensor, nlist: int) -> torch.Tensor:
+    """Sum of the rows of x [S, D'] per list a [S] -> [nlist, D']. On the CPU as one-hot matmuls in slabs:
+    torch's multi-threaded index_add_ took ~90 ms where one thread took 0.4 ms (11K rows, 2 threads)."""
+    if x.is_cuda:
+        return torch.zeros(nlist, x.shape[1], device=x.device).index_add_(0, a, x)
+    out = torch.zeros(nlist, x.shape[1])
+    rows = _slab_rows(nlist)
+    for s in range(0, x.shape[0], rows):
+        hot = torch.nn.functional.one_hot(a[s:s + rows], nlist).float()      # hot: [rows, nlist]
+        out += hot.T @ x[s:s + rows]                                         # [nlist, D']
+    return out
+
+
 def ivf_lists(keys: torch.Tensor, nlist: int, *, max_norm: float, spherical: bool, points_per_list: int,
               niter: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One head's keys [N, D] -> (centroids float32 [nlist, D'], list of every key int64 [N]), on keys' device.
@@ -63,7 +76,7 @@ def ivf_lists(keys: torch.Tensor, nlist: int, *, max_norm: float, spherical: boo
     c = x[torch.randperm(x.shape[0], generator=gen, device=dev)[:nlist]].clone()  # c: [nlist, D']
     for _ in range(niter):
         a = assign(x, c, spherical)                                          # a: [S]
-        sums = torch.zeros_like(c).index_add_(0, a, x)                       # sums: [nlist, D']
+        sums = _sums(x, a, nlist)                                            # sums: [nlist, D']
         count = torch.bincount(a, minlength=nlist)[:, None]                  # count: [nlist, 1]
         reseed = x[torch.randint(x.shape[0], (nlist,), generator=gen, device=dev)]  # reseed: [nlist, D']
         c = torch.where(count > 0, sums / count.clamp_min(1), reseed)        # c: [nlist, D']
