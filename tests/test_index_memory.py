@@ -115,19 +115,24 @@ def test_session_indexes_hold_what_the_planner_counts(tiny_8kv, index, options):
 
 
 # ---- the real allocator's peak on a GPU, every index, through the public API ----------------------------
+@pytest.fixture(scope="module")
+def attention_8b(tmp_path_factory):
+    """Llama-3-8B's attention shapes (32 query heads, 8 KV heads of 128 dims) in 4 small layers."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("gpu-mem"), "llama", hidden_size=512, intermediate_size=1024,
+                                 num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                 max_position_embeddings=65536)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("ctx", [8192, 32768])
 @pytest.mark.parametrize("index", ["summary", "shadow", "ann"])
-def test_session_peak_within_the_plan_on_cuda(tmp_path_factory, index, ctx):
+def test_session_peak_within_the_plan_on_cuda(attention_8b, index, ctx):
     """An 8B-shaped attention (32 query heads, 8 KV heads of 128 dims) in 4 layers, KV mostly on the host:
     prefill ctx - 64 tokens + 40 decode steps. The indexes' own peak (what they hold + one call's temporaries,
     from torch.cuda.max_memory_allocated around each call) stays within plan.index_bytes, and the whole session's
     peak above what it held at start within plan.index_bytes + plan.gpu_reserve_bytes (activations, staging)."""
-    ck = write_tiny_checkpoint(tmp_path_factory.mktemp("gpu-mem"), "llama", hidden_size=512, intermediate_size=1024,
-                               num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                               max_position_embeddings=65536)
-    llm = LLM(str(ck.path), device="cuda", dtype="bfloat16", ctx=ctx, attention="sparse", budget="2K", index=index,
+    llm = LLM(str(attention_8b.path), device="cuda", dtype="bfloat16", ctx=ctx, attention="sparse", budget="2K", index=index,
               gpu_mem="64MiB", host_mem="4GiB", show_progress=False)
     plan = llm.plan
     s = llm.session()
