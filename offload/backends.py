@@ -1,6 +1,7 @@
 """Policy: which attention backend a session uses and how its KV is budgeted across tiers."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -93,14 +94,51 @@ def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
         p = budget(0)
     sparse = cfg.attention == "sparse" or (cfg.attention == "auto" and not fits_on_device(p, mc))
     if spec.device.type == "cuda" and (sparse or not fits_on_device(p, mc)):     # a tiered session
-        index = 0
-        if sparse:
-            index = mc.num_layers * new_index(spec, cfg, device="cpu").gpu_bytes(math.ceil(spec.ctx / C))
-            index += token_stage_bytes(mc, cfg, spec.ctx, spec.dtype)
         # its prefill window and streamed blocks (engine/staging.py): a window, three quarter-window blocks
         # in flight, and a put's chunk copies
-        p = budget(index, 2 * prefill_stage_bytes(p) + (128 << 20) + long_chunk_bytes(mc, cfg))
+        stage = 2 * prefill_stage_bytes(p) + (128 << 20) + long_chunk_bytes(mc, cfg)
+        if not sparse:
+            return budget(0, stage)
+        chosen = ()
+        try:
+            p = budget(index_gpu_bytes(spec, cfg), stage)
+        except CapacityError:
+            # an index the GPU cannot hold at this ctx takes its compact layout, unless the user set those options
+            compact = COMPACT_INDEX.get(cfg.index, {})
+            if not compact or set(compact) & set(cfg.index_options or {}):
+                raise
+            chosen = tuple(compact.items())
+            p = budget(index_gpu_bytes(spec, cfg, compact), stage)
+        return dataclasses.replace(p, index_options=chosen)
     return p
+
+
+# Policy: the layout an index takes when its default does not fit the GPU beside the weights (Llama-3-8B at 1M
+# under a 24 GiB cap: device shadows 18 GiB, native summary bounds 4 GiB). Shadows on the host: only the candidates'
+# shadows cross PCIe per step (exact same selection; the step is not captured). Summary: int8 bounds (rounded
+# outward, still bounds) of 4-chunk groups on the GPU, per-chunk int8 bounds on the host (0.55 GiB at 1M).
+COMPACT_INDEX = {"shadow": {"shadows_on": "host"},
+                 "summary": {"bounds": "int8", "coarse_group": 4, "host_bounds": "int8"}}
+
+
+def index_gpu_bytes(spec: RuntimeSpec, cfg, options: dict | None = None) -> int:
+    """GPU bytes of sparse selection at full ctx: every layer's index buffers, plus the largest temporaries of one
+    layer's build or select (layers build and select one at a time, so those count once), plus the token stage's
+    scratch. options: index options the planner chose on top of the user's (shadows_on)."""
+    from offload.indexes import Budget
+    mc = spec.model_config
+    C, n_sink, n_window = _geometry(cfg)
+    n = math.ceil(spec.ctx / C)
+    idx = new_index(spec, cfg, device="cpu", options=options)
+    b = Budget.parse(cfg.budget, cfg.streaming_heads)
+    width = max(b.chunks(spec.ctx, C, layer) for layer in range(mc.num_layers))
+    if cfg.select_unit == "token":
+        width = math.ceil(width * float(cfg.token_candidates))
+    width = min(n, width + n_sink + n_window)                # the index is asked for want + sinks + window
+    scratch = getattr(idx, "scratch_bytes", None)
+    build, peak = (scratch(), scratch(n, width)) if scratch else (0, 0)
+    return (mc.num_layers * (idx.gpu_bytes(n) - build) + max(build, peak)
+            + token_stage_bytes(mc, cfg, spec.ctx, spec.dtype))
 
 
 def token_stage_bytes(mc, cfg, ctx: int, dtype) -> int:
@@ -126,13 +164,14 @@ def token_stage_bytes(mc, cfg, ctx: int, dtype) -> int:
     return keys + scores + rows
 
 
-def new_index(spec: RuntimeSpec, cfg, device=None):
-    """A fresh (empty) index of the configured method for one layer; buffers stop growing at ctx."""
+def new_index(spec: RuntimeSpec, cfg, device=None, options: dict | None = None):
+    """A fresh (empty) index of the configured method for one layer; buffers stop growing at ctx. options: what
+    the planner chose on top of cfg.index_options (BudgetPlan.index_options)."""
     from offload.indexes import make_index
     mc, C = spec.model_config, cfg.chunk_tokens
     return make_index(cfg.index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads, head_dim=mc.head_dim,
                       chunk_tokens=C, device=device or spec.device, dtype=spec.dtype,
-                      max_chunks=math.ceil(spec.ctx / C), **(cfg.index_options or {}))
+                      max_chunks=math.ceil(spec.ctx / C), **{**(cfg.index_options or {}), **(options or {})})
 
 
 def long_chunk_bytes(mc, cfg) -> int:
@@ -183,7 +222,7 @@ def make(spec: RuntimeSpec, plan_=None, cfg=None):
         for layer in range(mc.num_layers):   # refuse heads or per-layer lists that do not fit the model now
             budget.head_chunks(layer, mc.num_kv_heads, spec.ctx, C)
         # built now, so a bad method or option fails before any KV is stored
-        indexes = [new_index(spec, cfg) for _ in range(mc.num_layers)]
+        indexes = [new_index(spec, cfg, options=dict(p.index_options)) for _ in range(mc.num_layers)]
     token = cfg.select_unit == "token" and m == "sparse"
     selector = Selector(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, chunk_tokens=C, n_sink=n_sink,
                         n_window=n_window, device=spec.device, indexes=indexes, budget=budget,

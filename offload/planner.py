@@ -65,6 +65,7 @@ class BudgetPlan:
     index_bytes: int = 0          # GPU bytes of sparse selection at full ctx (index, token-stage scratch)
     kv_dtype: str = "bf16"         # how the host and disk tiers hold KV (int8 / int4: packed chunks)
     cold_chunk_bytes: int = 0     # one host/disk chunk when packed (0: chunk_bytes)
+    index_options: tuple = ()     # index options the planner chose, as (name, value) pairs: (("shadows_on", "host"),)
 
     @property
     def capacities(self) -> tuple[int, int, int]:
@@ -88,7 +89,8 @@ class BudgetPlan:
         return (f"KV {_gib(self.kv_bytes)} GiB for ctx {_tokens(self.ctx)} ({self.chunk_tokens}-token chunks): "
                 f"GPU {_gib(self.gpu_bytes)} + host {_gib(self.host_bytes)} GiB{cold}"
                 + (disk if self.disk_chunks else "")
-                + (f"; sparse index {_size(self.index_bytes)} on the GPU" if self.index_bytes else ""))
+                + (f"; sparse index {_size(self.index_bytes)} on the GPU" if self.index_bytes else "")
+                + "".join(f", {k}={v}" for k, v in self.index_options))
 
 
 def _detect_gpu(device: torch.device) -> int:

@@ -411,7 +411,7 @@ def test_ann_sampled_kmeans_keeps_recall_of_exact_search():
     exact = make_index("ann", background=False, min_ivf_tokens=1 << 40, **shape)
     ivf.build(keys)
     exact.build(keys)
-    assert ivf._heads[0].nlist == round(2 * math.sqrt(16384))
+    assert ivf._centroids.shape[1] == round(2 * math.sqrt(16384)) and ivf._ivf.nlist == HKV * ivf._centroids.shape[1]
     rec_ivf, rec_exact = [], []
     for i in range(decode.shape[1]):
         mass = chunk_attention_mass(decode[:, i], keys, 32)                  # mass: [Hkv, n]
@@ -419,3 +419,20 @@ def test_ann_sampled_kmeans_keeps_recall_of_exact_search():
         rec_exact.append(mass_recall(mass, exact.select(decode[:, i], 26)))
     got, ref = float(torch.cat(rec_ivf).mean()), float(torch.cat(rec_exact).mean())
     assert got >= 0.95 and got >= ref - 0.03, (got, ref)
+
+
+def test_ann_lists_from_torch_kmeans_are_each_keys_nearest_centroid():
+    """The IVF lists come from kmeans.ivf_lists (torch, on the keys' device) and are handed to faiss pre-assigned:
+    every key must sit in the list faiss itself would choose (its nearest centroid in the search space)."""
+    import faiss
+    keys, _, _ = synthetic_layer(8192, HKV, HQ, 64, num_queries=1, seed=7)     # keys: [Hkv, N, D]
+    index = make_index("ann", background=False, num_kv_heads=HKV, num_q_heads=HQ, head_dim=64, chunk_tokens=32)
+    norms, cents, lists = index._train_keys(keys.bfloat16())
+    index._max_norm = norms
+    assert cents.shape == (HKV, round(2 * math.sqrt(8192)), 65) and lists.shape == (HKV, 8192)
+    for h in range(HKV):
+        flat = faiss.IndexFlatL2(cents.shape[2])
+        flat.add(cents[h])
+        _, nearest = flat.search(index._keys_space(h, keys[h].bfloat16().float().numpy()), 1)  # nearest: [N, 1]
+        assert (nearest[:, 0] == lists[h]).mean() > 0.999
+        assert len(set(lists[h].tolist())) > 0.9 * cents.shape[1]               # lists are used, none left empty

@@ -1,34 +1,38 @@
-"""FaissANNIndex: a faiss-cpu index over each KV head's keys in host RAM (after RetrievalAttention).
+"""FaissANNIndex: a faiss-cpu IVF index over a layer's keys in host RAM (after RetrievalAttention).
 
 Decode queries come from another distribution than the keys (different mean and norm), so an index
 laid out by the keys alone sends a query to the wrong neighbourhoods. Two remedies, both options:
-  * train_on="queries" (build() must get prefill queries): the IVF centroids are
-    spherical k-means centroids of the prefill queries of the KV head's query group, and every key
-    is filed under the query centroid with the largest inner product with it. A decode query is
-    near prefill queries, so its nearest centroids are the lists holding the keys it attends to.
-    (On the synthetic keys of bench/index_recall.py it recalled 0.91 against 0.99 for the default;
-    kept to be measured on real queries.)
+  * train_on="queries" (build() must get prefill queries): the IVF centroids are k-means centroids of
+    the prefill queries of the KV head's query group (faiss, spherical for space="ip"), and every key is
+    filed under its nearest query centroid. A decode query is near prefill queries, so its nearest
+    centroids are the lists holding the keys it attends to. (On the synthetic keys of
+    bench/index_recall.py it recalled 0.91 against 0.99 for the default; kept for real queries.)
   * space="l2aug" (default, with train_on="keys"): the standard IP -> L2 reduction: keys become
     [k, sqrt(M^2 - |k|^2)] and queries [q, 0], so that |q' - k'|^2 = |q|^2 + M^2 - 2 q.k and the L2
-    neighbours are the IP maxima (M = norm_headroom x the build keys' largest norm, so that
+    neighbours are the IP maxima (M = norm_headroom x the build keys' largest norm per head, so that
     extended keys usually fit under it). The IVF lists are L2 k-means cells of the augmented keys.
-Plain HNSW with inner product is not offered (it is known to fail on this mismatch).
-A head with fewer than `min_ivf_tokens` build keys gets an exact flat index (IVF needs data to train).
+Plain HNSW with inner product is not offered (it is known to fail on this mismatch). A layer with fewer
+than `min_ivf_tokens` keys gets exact flat indexes (IVF needs data to train).
+
+Layout: ONE faiss IVF per layer; KV head h owns lists h*nlist .. (h+1)*nlist - 1 and the ids are token
+positions. A decode step probes each query head's nearest lists of its own KV head (a small numpy matmul
+against the centroids) and searches all query heads in one `search_preassigned` call (faiss spreads the
+queries over its OpenMP threads): one faiss call per layer instead of one per head (~0.3 ms fixed each).
 
 Chunk score: each retrieved token votes for its chunk, with weight 1 ("count") or its share of the
 softmax mass among the tokens retrieved for that query head ("expsum"); a query group's votes are
 summed, so with every token retrieved "expsum" ranks chunks by their exact attention mass. Chunks
 with no vote are filled in newest-first so that `select` always returns min(budget, N) ids.
 
-Build cost (the 128K problem: k-means over every key with one thread took minutes per layer): k-means
-trains on a sample of `train_points` keys per centroid (faiss subsamples), nlist defaults to 2 sqrt(N),
-and build() only copies the layer's keys to the host and hands the work to one background thread, so
-the GPU prefills the next layers meanwhile; select/extend wait for it (faiss releases the GIL).
-Threads: faiss-cpu and torch each ship their own libgomp, i.e. two OpenMP thread pools. The index
-sets faiss's pool before every faiss call (`threads`, default 0 = every core this process may use: on
-a GPU host torch's CPU pool is idle during prefill and decode). Set OMP_WAIT_POLICY=PASSIVE in the
-environment so that an idle pool does not spin; on a CPU-only run give `threads` what torch leaves.
-Memory: host only; "flat" codes keep float32 keys (D*4 B per head-token) + 8 B ids, "sq8" D B + 8 B.
+Build (the 128K problem: faiss k-means over every key with one thread took minutes per layer): the lists
+come from a sampled k-means in torch on the keys' device (offload/indexes/kmeans.py; on a GPU during prefill,
+milliseconds per layer); build() then copies the keys to the host and a background thread files them into
+the lists (heads converted side by side on a worker pool) while the GPU prefills the next layers;
+select/extend wait for it. Threads: faiss-cpu and torch each ship their own libgomp; the index sets faiss's
+pool (`threads`, default 0 = every core this process may use: on a GPU host torch's CPU pool is idle during
+prefill and decode). Set OMP_WAIT_POLICY=PASSIVE so that an idle pool does not spin.
+Memory: host only, besides the build's k-means temporaries on the device (gpu_bytes); "flat" codes keep
+float32 keys (D'*4 B per head-token) + 8 B ids, "sq8" D' B + 8 B.
 """
 from __future__ import annotations
 
@@ -46,16 +50,17 @@ try:
 except ImportError:   # an extra since issue 15: only --index ann needs it (offload.indexes imports us lazily)
     raise ConfigError("--index ann needs faiss-cpu, which is not installed; pip install 'offload[ann]' "
                       "(or use --index summary / shadow)") from None
-from offload.indexes._common import check_budget, check_choice, check_shape_args, split_chunks
+from offload.indexes import kmeans  # noqa: E402
+from offload.indexes._common import check_budget, check_choice, check_shape_args, split_chunks  # noqa: E402
 
-_BUILDER: ThreadPoolExecutor | None = None     # one background builder per process: layers queue in order
+_POOLS: dict[str, ThreadPoolExecutor] = {}
 
 
-def _builder() -> ThreadPoolExecutor:
-    global _BUILDER
-    if _BUILDER is None:
-        _BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-ann-build")
-    return _BUILDER
+def _pool(name: str, workers: int) -> ThreadPoolExecutor:
+    """"build": one background builder per process (layers queue in order); "heads": per-head host work."""
+    if name not in _POOLS:
+        _POOLS[name] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"offload-ann-{name}")
+    return _POOLS[name]
 
 
 def all_cores() -> int:
@@ -63,7 +68,7 @@ def all_cores() -> int:
 
 
 class FaissANNIndex:
-    """One faiss IVF (or flat) index per KV head over its keys, inner-product search."""
+    """A layer's keys in one faiss IVF (lists per KV head) or exact flat indexes; inner-product search."""
 
     def __init__(self, num_kv_heads: int, num_q_heads: int, head_dim: int, chunk_tokens: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
@@ -78,9 +83,10 @@ class FaissANNIndex:
         check_choice("codec", codec, ("flat", "sq8"))
         check_choice("chunk_score", chunk_score, ("count", "expsum"))
         if not 0 < probe_fraction <= 1 or retrieve_factor <= 0 or threads < 0 or train_points < 4:
-            raise ConfigError(f"probe_fraction={probe_fraction}, retrieve_factor={retrieve_factor}, "
-                              f"threads={threads}, train_points={train_points}: use 0 < probe_fraction <= 1, "
-                              "retrieve_factor > 0, threads >= 0 (0 = all cores), train_points >= 4")
+            raise ConfigError(f"ann options out of range (probe_fraction={probe_fraction}, retrieve_factor="
+                              f"{retrieve_factor}, threads={threads}, train_points={train_points}); use "
+                              "0 < probe_fraction <= 1, retrieve_factor > 0, threads >= 0 (0 = all cores), "
+                              "train_points >= 4 in index_options")
         self.num_kv_heads, self.num_q_heads, self.head_dim = num_kv_heads, num_q_heads, head_dim
         self.chunk_tokens = chunk_tokens
         self.device, self.dtype = torch.device(device), dtype
@@ -88,18 +94,21 @@ class FaissANNIndex:
         self.nlist, self.nprobe, self.probe_fraction = int(nlist), int(nprobe), float(probe_fraction)
         self.retrieve_factor, self.threads = float(retrieve_factor), int(threads) or all_cores()
         self.train_points, self.background = int(train_points), bool(background)
-        self._pending: Future | None = None       # the background build of this layer, if running
-        self._pool: ThreadPoolExecutor | None = None  # searches heads side by side (select)
         self.min_ivf_tokens, self.seed = int(min_ivf_tokens), seed
+        self.max_chunks = max(0, int(max_chunks))    # the context: what the planner sizes the build scratch for
         self.norm_headroom = max(1.0, float(norm_headroom))
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        self._pending: Future | None = None        # the background build of this layer, if running
         self._reset()
 
     def _reset(self) -> None:
-        self._heads: list[faiss.Index] = []       # per KV head: IVF (trained) or exact flat IP
-        self._quantizers: list[faiss.Index] = []  # the IVF indexes borrow them: keep them alive
-        self._max_norm: list[float] = []          # M of the l2aug transform, per head (0: no transform)
-        self._means = np.zeros((self.num_kv_heads, 0, self.head_dim), np.float32)  # chunk mean keys [Hkv, n, D]
+        hkv = self.num_kv_heads
+        self._ivf: faiss.IndexIVF | None = None    # every head's lists; None while flat
+        self._quantizer: faiss.Index | None = None  # the IVF borrows it: keep it alive
+        self._centroids = np.zeros((hkv, 0, 0), np.float32)   # [Hkv, nlist, D'] in the search space
+        self._flat: list[faiss.Index] = []         # per head, exact inner product, while there are few keys
+        self._max_norm = np.zeros(hkv)             # M of the l2aug transform per head (0: none)
+        self._means = np.zeros((hkv, 0, self.head_dim), np.float32)  # chunk mean keys [Hkv, n, D]
         self._num_tokens = 0
 
     def wait(self) -> None:
@@ -107,6 +116,10 @@ class FaissANNIndex:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+
+    def _nlist(self, n: int, train_len: int) -> int:
+        nlist = self.nlist or int(round(2 * math.sqrt(max(n, 1))))
+        return min(nlist, n // 8, train_len // 8)             # k-means needs a few points per centroid
 
     # -- building --------------------------------------------------------------------------------
     def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> None:
@@ -122,57 +135,101 @@ class FaissANNIndex:
             # heads h*G .. h*G+G-1 are contiguous, so the reshape gathers each KV head's query group
             q_all = queries.detach().cpu().float()                              # q_all: [Hq, Nq, D]
             q_np = q_all.reshape(self.num_kv_heads, -1, self.head_dim).numpy()  # q_np: [Hkv, G*Nq, D]
+        self._num_tokens = n = keys.shape[1]
+        trained = None
+        if keys.is_cuda and q_np is None and self._ivf_size(n, n):
+            trained = self._train_keys(keys)     # the lists on the GPU while the keys are there (ms per layer)
         host = keys.detach().to("cpu")                                         # host: [Hkv, N, D] (its dtype)
-        self._num_tokens = keys.shape[1]
         if self.background:
-            self._pending = _builder().submit(self._build_all, host, q_np)
+            self._pending = _pool("build", 1).submit(self._build_all, host, q_np, trained)
         else:
-            self._build_all(host, q_np)
+            self._build_all(host, q_np, trained)
 
-    def _build_all(self, keys: torch.Tensor, q_np: np.ndarray | None) -> None:
-        """Every head's index over host keys [Hkv, N, D] (runs on the background builder)."""
-        faiss.omp_set_num_threads(self.threads)
-        means = keys.float().reshape(self.num_kv_heads, -1, self.chunk_tokens, self.head_dim).mean(dim=2)
-        self._means = means.numpy()                                             # means: [Hkv, n, D]
+    def _ivf_size(self, n: int, train_len: int) -> int:
+        """Lists per head for n keys, 0 when the layer stays exact flat."""
+        nlist = self._nlist(n, train_len)
+        return nlist if n >= self.min_ivf_tokens and nlist >= 2 else 0
+
+    def _train_keys(self, keys: torch.Tensor):
+        """keys [Hkv, N, D] (any device) -> (M [Hkv], centroids [Hkv, nlist, D'], lists [Hkv, N]) in numpy."""
+        nlist = self._ivf_size(keys.shape[1], keys.shape[1])
+        out = []
         for h in range(self.num_kv_heads):
-            self._heads.append(None)
-            self._quantizers.append(None)
-            self._max_norm.append(0.0)
-            # one head at a time: a float32 copy of a whole 1M-token layer would be 4 GiB
-            k_h = keys[h].float().numpy()                                      # k_h: [N, D]
-            self._build_head(h, k_h, q_np[h] if q_np is not None else None)
+            norm = self.norm_headroom * kmeans.max_norm(keys[h]) if self.space == "l2aug" else 0.0
+            c, lists = kmeans.ivf_lists(keys[h], nlist, max_norm=norm, spherical=self.space == "ip",
+                                        points_per_list=self.train_points, seed=self.seed)
+            out.append((norm, c.cpu().numpy(), lists.cpu().numpy()))
+        return np.array([o[0] for o in out]), np.stack([o[1] for o in out]), np.stack([o[2] for o in out])
 
-    def _build_head(self, h: int, k: np.ndarray, q: np.ndarray | None) -> None:
-        """(Re)build head h over keys k [N, D], IVF when there are enough of them, else exact flat."""
-        n, d = k.shape
-        nlist = self.nlist or int(round(2 * math.sqrt(max(n, 1))))
-        train = k if q is None else q
-        nlist = min(nlist, n // 8, len(train) // 8)           # k-means needs a few points per centroid
-        if n < self.min_ivf_tokens or nlist < 2:
-            # exact search needs no transform: flat inner product
-            self._heads[h], self._quantizers[h], self._max_norm[h] = faiss.IndexFlatIP(d), None, 0.0
-            self._heads[h].add(np.ascontiguousarray(k, dtype=np.float32))
+    def _build_all(self, keys: torch.Tensor, q_np: np.ndarray | None, trained=None) -> None:
+        """The layer's index over host keys [Hkv, N, D] (runs on the background builder)."""
+        faiss.omp_set_num_threads(self.threads)
+        n = keys.shape[1]
+        nlist = self._ivf_size(n, n if q_np is None else q_np.shape[1])
+        if not nlist:
+            self._flat = [faiss.IndexFlatIP(self.head_dim) for _ in range(self.num_kv_heads)]
+            self._file(keys, None, 0)
             return
-        if self.space == "l2aug":
-            # M above the build's largest norm leaves room for the keys extend() brings later
-            self._max_norm[h] = self.norm_headroom * float(np.linalg.norm(k, axis=1).max())
-        k_x, train_x = self._keys_space(h, k), self._queries_space(h, train) if q is not None else None
-        dim = k_x.shape[1]
+        if trained is None and q_np is None:
+            trained = self._train_keys(keys)                                   # torch on the host, sampled
+        if trained is None:     # lists of the prefill queries: faiss k-means in the search space
+            self._max_norm = np.array([self.norm_headroom * kmeans.max_norm(keys[h]) if self.space == "l2aug"
+                                       else 0.0 for h in range(self.num_kv_heads)])
+            cents = []
+            for h in range(self.num_kv_heads):
+                qx = self._queries_space(q_np[h][None])[0]                     # qx: [G*Nq, D']
+                km = faiss.Kmeans(qx.shape[1], nlist, niter=12, seed=self.seed, spherical=self.space == "ip",
+                                  max_points_per_centroid=self.train_points, min_points_per_centroid=1)
+                km.train(qx)
+                cents.append(km.centroids)
+            trained = (self._max_norm, np.stack(cents), None)
+        self._max_norm, self._centroids, lists = trained[0], np.ascontiguousarray(trained[1]), trained[2]
+        self._make_ivf(keys)
+        self._file(keys, lists, 0)
+
+    def _make_ivf(self, keys: torch.Tensor) -> None:
+        hkv, nlist, dim = self._centroids.shape
         ip = self.space == "ip"
-        km = faiss.Kmeans(dim, nlist, niter=12, seed=self.seed, spherical=ip,
-                          max_points_per_centroid=self.train_points, min_points_per_centroid=1, verbose=False)
-        km.train(k_x if train_x is None else train_x)
-        quantizer = faiss.IndexFlatIP(dim) if ip else faiss.IndexFlatL2(dim)
-        quantizer.add(km.centroids)                           # trained quantizer: IVF.train skips k-means
+        self._quantizer = faiss.IndexFlatIP(dim) if ip else faiss.IndexFlatL2(dim)
+        self._quantizer.add(self._centroids.reshape(hkv * nlist, dim))          # trained: IVF.train skips k-means
         metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
         if self.codec == "flat":
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+            self._ivf = faiss.IndexIVFFlat(self._quantizer, dim, hkv * nlist, metric)
         else:
-            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric)
-        index.train(k_x)                                      # codec only: the 8-bit ranges come from keys
-        index.nprobe = self.nprobe or max(1, math.ceil(self.probe_fraction * nlist))
-        index.add(k_x)
-        self._heads[h], self._quantizers[h] = index, quantizer
+            self._ivf = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, hkv * nlist,
+                                                      faiss.ScalarQuantizer.QT_8bit, metric)
+            step = max(1, keys.shape[1] // (self.train_points * nlist))
+            self._ivf.train(np.concatenate([self._keys_space(h, keys[h, ::step].float().numpy())
+                                            for h in range(hkv)]))             # the 8-bit ranges from a sample
+
+    def _file(self, keys: torch.Tensor, lists: np.ndarray | None, first: int) -> None:
+        """Append host keys [Hkv, n, D] at positions first..: into their lists (given [Hkv, n], or the nearest
+        centroid), or the flat indexes; heads are converted side by side, added one after another."""
+        def prep(h: int):
+            k = keys[h].float().numpy()                                        # k: [n, D]
+            if self._ivf is None:
+                return k, None, k.reshape(-1, self.chunk_tokens, self.head_dim).mean(axis=1)
+            x = self._keys_space(h, k)                                         # x: [n, D']
+            a = lists[h] if lists is not None else self._nearest(h, x)         # a: [n]
+            return x, a + h * self._centroids.shape[1], k.reshape(-1, self.chunk_tokens, self.head_dim).mean(axis=1)
+        ids = np.arange(first, first + keys.shape[1], dtype=np.int64)           # ids: token positions
+        means = []
+        for h, (x, a, mean) in enumerate(_pool("heads", all_cores()).map(prep, range(self.num_kv_heads))):
+            if a is None:
+                self._flat[h].add(np.ascontiguousarray(x))
+            else:
+                self._ivf.add_core(len(x), faiss.swig_ptr(np.ascontiguousarray(x)), faiss.swig_ptr(ids),
+                                   faiss.swig_ptr(np.ascontiguousarray(a, dtype=np.int64)))
+            means.append(mean)
+        self._means = np.concatenate([self._means, np.stack(means)], axis=1)
+
+    def _nearest(self, h: int, x: np.ndarray) -> np.ndarray:
+        """Head h's nearest list of every row of x [n, D'] -> [n]."""
+        c = self._centroids[h]                                                 # c: [nlist, D']
+        s = x @ c.T                                                            # s: [n, nlist]
+        if self.space != "ip":
+            s -= 0.5 * (c * c).sum(axis=1)
+        return s.argmax(axis=1)
 
     def _keys_space(self, h: int, k: np.ndarray) -> np.ndarray:
         if not self._max_norm[h]:
@@ -181,47 +238,50 @@ class FaissANNIndex:
         extra = np.sqrt(np.maximum(self._max_norm[h] ** 2 - (k * k).sum(axis=1), 0.0))  # extra: [N]
         return np.ascontiguousarray(np.concatenate([k, extra[:, None]], axis=1), dtype=np.float32)
 
-    def _queries_space(self, h: int, q: np.ndarray) -> np.ndarray:
-        if not self._max_norm[h]:
+    def _queries_space(self, q: np.ndarray) -> np.ndarray:
+        """q [Hkv, m, D] -> [Hkv, m, D'] (a zero column for l2aug)."""
+        if self.space != "l2aug":
             return np.ascontiguousarray(q, dtype=np.float32)
-        return np.ascontiguousarray(np.concatenate([q, np.zeros((len(q), 1), q.dtype)], axis=1),
+        return np.ascontiguousarray(np.concatenate([q, np.zeros((*q.shape[:2], 1), q.dtype)], axis=2),
                                     dtype=np.float32)
 
     def extend(self, keys: torch.Tensor) -> None:
-        """Append full chunks keys [Hkv, n*C, D] to every head's index (existing lists, no retraining).
-
-        A head that is still exact-flat is rebuilt as IVF once it reaches `min_ivf_tokens` (from its
-        keys: prefill queries are not kept).
-        """
-        chunks = split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)  # [Hkv, n, C, D]
+        """Append full chunks keys [Hkv, n*C, D] (existing lists, no retraining). A flat layer becomes IVF once
+        it reaches `min_ivf_tokens` (lists from its keys: prefill queries are not kept)."""
+        split_chunks(keys, self.num_kv_heads, self.head_dim, self.chunk_tokens)  # [Hkv, n, C, D] check
         if keys.shape[1] == 0:
             return
         self.wait()
-        if not self._heads:
-            self._reset()
-            self._heads, self._quantizers = [None] * self.num_kv_heads, [None] * self.num_kv_heads
-            self._max_norm = [0.0] * self.num_kv_heads
-            for h in range(self.num_kv_heads):
-                self._build_head(h, np.zeros((0, self.head_dim), np.float32), None)
-        # to the host before widening: a float32 copy on the GPU would be memory the planner never reserved
-        new_means = chunks.detach().cpu().float().mean(dim=2).numpy()            # new_means: [Hkv, n, D]
-        self._means = np.concatenate([self._means, new_means], axis=1)
+        host = keys.detach().cpu()                     # widened on the host: no unreserved GPU float32 copy
         faiss.omp_set_num_threads(self.threads)
-        keys_np = keys.detach().cpu().float().numpy()                           # keys_np: [Hkv, n*C, D]
         total = self._num_tokens + keys.shape[1]
-        for h, index in enumerate(self._heads):
-            if not isinstance(index, faiss.IndexIVF) and total >= self.min_ivf_tokens:
-                old = index.reconstruct_n(0, index.ntotal) if index.ntotal else keys_np[h][:0]  # [N, D]
-                self._build_head(h, np.concatenate([old, keys_np[h]]), None)
-            else:
-                # faiss numbers added vectors ntotal, ntotal+1, ...: the token positions
-                index.add(self._keys_space(h, keys_np[h]))                      # [n*C, D']
+        if self._ivf is None and self._ivf_size(total, total):
+            old = [torch.from_numpy(f.reconstruct_n(0, f.ntotal)) for f in self._flat] if self._flat else None
+            self._reset()
+            self._num_tokens = total
+            every = host if old is None else torch.cat([torch.stack(old), host.float()], dim=1)  # [Hkv, total, D]
+            self._build_all(every, None)
+            return
+        if self._ivf is None and not self._flat:
+            self._flat = [faiss.IndexFlatIP(self.head_dim) for _ in range(self.num_kv_heads)]
+        self._file(host, None, self._num_tokens)
         self._num_tokens = total
 
     # -- selection -------------------------------------------------------------------------------
     def gpu_bytes(self, num_chunks: int) -> int:
-        """The faiss index and its keys live in host RAM."""
-        return 0
+        """The faiss index and its keys live in host RAM; the compute device holds only the build's k-means
+        temporaries (one head at a time, on the GPU during prefill: scratch_bytes)."""
+        return self.scratch_bytes(num_chunks)
+
+    def scratch_bytes(self, num_chunks: int | None = None, budget: int = 0) -> int:
+        """Device temporaries of one head's sampled k-means and key assignment at num_chunks (default: the
+        context's max_chunks); 0 when lists come from prefill queries (faiss k-means on the host). Selection
+        runs on the host (budget: unused)."""
+        n = (self.max_chunks if num_chunks is None else num_chunks) * self.chunk_tokens
+        nlist = self._ivf_size(n, n)
+        if self.train_on != "keys" or not nlist:
+            return 0
+        return kmeans.scratch_bytes(n, nlist, self.head_dim, self.train_points)
 
     def reserve(self, num_chunks: int) -> None:
         """Nothing to reserve: faiss grows on the host, and a step with this index is never captured."""
@@ -234,20 +294,30 @@ class FaissANNIndex:
         """query [Hq, D] -> best-first chunk ids int64 [Hkv, min(budget, num_chunks)] on the device."""
         check_budget(budget)
         self.wait()
-        n = self.num_chunks
+        hkv, n = self.num_kv_heads, self.num_chunks
         k = min(int(budget), n)
-        out = np.empty((self.num_kv_heads, k), dtype=np.int64)                  # out: [Hkv, k]
         if k == 0:
-            return torch.from_numpy(out).to(self.device)
-        q_np = query.detach().cpu().float().reshape(self.num_kv_heads, self.group_size, -1).numpy()  # [Hkv, G, D]
-        k_tok = min(self._num_tokens, max(1, math.ceil(self.retrieve_factor * k * self.chunk_tokens)))
-        recency = -np.arange(n, dtype=np.int64)                                 # newer chunks sort first
-        for h, (dist, tok) in enumerate(self._search(q_np, k_tok)):             # dist, tok: [G, k_tok]
-            votes = self._votes(h, q_np[h], dist, tok)                          # votes: [G, k_tok]
-            hit = tok >= 0
-            chunk_score = np.bincount(tok[hit] // self.chunk_tokens, weights=votes[hit], minlength=n)  # [n]
-            out[h] = np.lexsort((recency, -chunk_score))[:k]
-        return torch.from_numpy(out).to(self.device)                            # ids: [Hkv, k]
+            return torch.empty((hkv, 0), dtype=torch.long, device=self.device)
+        q_np = query.detach().cpu().float().reshape(hkv, self.group_size, -1).numpy()  # q_np: [Hkv, G, D]
+        ip, tok = self._search(q_np, self._tokens_for(k))                      # ip, tok: [Hkv, G, k_tok]
+        hit = tok >= 0
+        if self.chunk_score == "count":
+            votes = hit.astype(np.float64)
+        else:
+            # each query head's share of the softmax mass among its retrieved tokens: with every token
+            # retrieved, the group sum per chunk is exactly the chunk's attention mass
+            logit = np.where(hit, self.scale * ip, -np.inf)                    # logit: [Hkv, G, k_tok]
+            top = logit.max(axis=2, keepdims=True)                             # top: [Hkv, G, 1]
+            votes = np.exp(logit - np.where(np.isfinite(top), top, 0.0))
+            votes /= np.maximum(votes.sum(axis=2, keepdims=True), 1e-300)
+        where = np.arange(hkv)[:, None, None] * n + tok // self.chunk_tokens   # where: [Hkv, G, k_tok]
+        score = np.bincount(where[hit], weights=votes[hit], minlength=hkv * n).reshape(hkv, n)  # score: [Hkv, n]
+        newer = np.broadcast_to(-np.arange(n), (hkv, n))                       # ties: newer chunks first
+        out = np.lexsort((newer, -score), axis=1)[:, :k]                       # out: [Hkv, k]
+        return torch.from_numpy(np.ascontiguousarray(out)).to(self.device)     # ids: [Hkv, k]
+
+    def _tokens_for(self, chunks: int) -> int:
+        return min(self._num_tokens, max(1, math.ceil(self.retrieve_factor * chunks * self.chunk_tokens)))
 
     def chunk_log_mass(self, query: torch.Tensor, cap: int) -> torch.Tensor:
         """Estimated log attention mass per chunk and query head -> float32 [Hkv, G, n] on the device.
@@ -260,53 +330,50 @@ class FaissANNIndex:
         hkv, g, n = self.num_kv_heads, self.group_size, self.num_chunks
         q_np = query.detach().cpu().float().reshape(hkv, g, -1).numpy()          # q_np: [Hkv, G, D]
         lm = np.einsum("hgd,hnd->hgn", q_np, self._means[:, :n]) * self.scale + math.log(self.chunk_tokens)
-        k_tok = min(self._num_tokens, max(1, math.ceil(self.retrieve_factor * int(cap) * self.chunk_tokens)))
-        for h, (dist, tok) in enumerate(self._search(q_np, k_tok)):             # dist, tok: [G, k_tok]
-            logit = self.scale * self._inner_products(h, q_np[h], dist)        # logit: [G, k_tok]
-            for gi in range(g):
-                hit = tok[gi] >= 0
-                chunk = tok[gi][hit] // self.chunk_tokens                       # chunk: [hits]
-                top = np.full(n, -np.inf)
-                np.maximum.at(top, chunk, logit[gi][hit])
-                shifted = np.exp(logit[gi][hit] - top[chunk])                  # stable per-chunk logsumexp
-                lse = top + np.log(np.maximum(np.bincount(chunk, weights=shifted, minlength=n), 1e-300))
-                lm[h, gi] = np.maximum(lm[h, gi], np.where(np.isfinite(top), lse, -np.inf))
+        if n == 0:
+            return torch.from_numpy(lm.astype(np.float32)).to(self.device)
+        ip, tok = self._search(q_np, self._tokens_for(int(cap)))               # ip, tok: [Hkv, G, k_tok]
+        hit = tok >= 0
+        logit = (self.scale * ip)[hit]                                         # logit: [hits]
+        row = (np.arange(hkv * g).reshape(hkv, g, 1) * n + tok // self.chunk_tokens)[hit]  # row: [hits]
+        top = np.full(hkv * g * n, -np.inf)
+        np.maximum.at(top, row, logit)
+        shifted = np.exp(logit - top[row])                                     # a stable per-chunk logsumexp
+        lse = top + np.log(np.maximum(np.bincount(row, weights=shifted, minlength=hkv * g * n), 1e-300))
+        lm = np.maximum(lm, np.where(np.isfinite(top), lse, -np.inf).reshape(hkv, g, n))
         return torch.from_numpy(lm.astype(np.float32)).to(self.device)        # lm: [Hkv, G, n]
 
-    def _search(self, q_np: np.ndarray, k_tok: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Every head's k_tok nearest tokens for its query group q_np [Hkv, G, D] -> [(dist, tok) [G, k_tok]].
-
-        A search is small (G queries), so heads run side by side on a thread pool (faiss releases the GIL),
-        one OpenMP thread each, instead of one head at a time with OpenMP inside (measured 1 ms per head at
-        32K keys, k = 2048, one core: the per-step cost is heads x layers of these)."""
-        def one(h: int):
-            faiss.omp_set_num_threads(1)                                        # per calling thread
-            return self._heads[h].search(self._queries_space(h, q_np[h]), k_tok)
-        workers = min(self.threads, self.num_kv_heads)
-        if workers <= 1:
-            return [one(h) for h in range(self.num_kv_heads)]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="offload-ann-search")
-        return list(self._pool.map(one, range(self.num_kv_heads)))
-
-    def _inner_products(self, h: int, q: np.ndarray, dist: np.ndarray) -> np.ndarray:
-        """faiss distances of q [G, D] -> exact q.k [G, k] (l2aug: |q'-k'|^2 = |q|^2 + M^2 - 2 q.k)."""
-        ip = dist.astype(np.float64)
-        if self._max_norm[h]:
-            ip = ((q.astype(np.float64) ** 2).sum(axis=1, keepdims=True) + self._max_norm[h] ** 2 - ip) / 2
-        return ip
-
-    def _votes(self, h: int, q: np.ndarray, dist: np.ndarray, tok: np.ndarray) -> np.ndarray:
-        if self.chunk_score == "count":
-            return np.ones_like(dist, dtype=np.float64)
-        ip = self._inner_products(h, q, dist)                                   # ip: [G, k_tok]
-        ip = np.where(tok >= 0, ip, -np.inf)
-        top = ip.max(axis=1, keepdims=True)                                     # top: [G, 1]
-        w = np.exp(self.scale * (ip - np.where(np.isfinite(top), top, 0.0)))    # w: [G, k_tok]
-        # each query head's share of the softmax mass among its retrieved tokens: with every token
-        # retrieved, the group sum per chunk is exactly the chunk's attention mass
-        total = w.sum(axis=1, keepdims=True)                                    # total: [G, 1]
-        return w / np.where(total > 0, total, 1.0)
+    def _search(self, q_np: np.ndarray, k_tok: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each query head's k_tok nearest tokens within its KV head: q_np [Hkv, G, D] -> (exact q.k float64,
+        token positions int64, -1 where fewer were found), both [Hkv, G, k_tok]."""
+        hkv, g = q_np.shape[:2]
+        faiss.omp_set_num_threads(self.threads)
+        if self._ivf is None:      # exact flat: a few thousand keys at most per head
+            found = [f.search(np.ascontiguousarray(q_np[h], dtype=np.float32), k_tok) for h, f in enumerate(self._flat)]
+            return (np.stack([d for d, _ in found]).astype(np.float64), np.stack([t for _, t in found]))
+        nlist = self._centroids.shape[1]
+        probe = min(nlist, self.nprobe or max(1, math.ceil(self.probe_fraction * nlist)))
+        xq = self._queries_space(q_np)                                         # xq: [Hkv, G, D']
+        s = np.einsum("hgd,hld->hgl", xq, self._centroids)                     # s: [Hkv, G, nlist]
+        if self.space == "ip":
+            coarse = s
+        else:
+            c2 = (self._centroids ** 2).sum(axis=2)[:, None, :]               # c2: [Hkv, 1, nlist]
+            coarse = (xq ** 2).sum(axis=2, keepdims=True) - 2 * s + c2         # |q' - c|^2
+        order = -coarse if self.space == "ip" else coarse
+        lists = np.argpartition(order, probe - 1, axis=2)[..., :probe]         # lists: [Hkv, G, probe]
+        dis = np.take_along_axis(coarse, lists, axis=2)                        # dis: [Hkv, G, probe]
+        lists = lists + (np.arange(hkv) * nlist)[:, None, None]                # the head's own lists
+        self._ivf.nprobe = probe
+        d, tok = self._ivf.search_preassigned(xq.reshape(hkv * g, -1), k_tok,
+                                              np.ascontiguousarray(lists.reshape(hkv * g, probe), dtype=np.int64),
+                                              np.ascontiguousarray(dis.reshape(hkv * g, probe), dtype=np.float32))
+        d, tok = d.reshape(hkv, g, k_tok).astype(np.float64), tok.reshape(hkv, g, k_tok)
+        if self.space == "ip":
+            return d, tok
+        # l2aug: |q'-k'|^2 = |q|^2 + M^2 - 2 q.k
+        q2 = (q_np.astype(np.float64) ** 2).sum(axis=2, keepdims=True)         # q2: [Hkv, G, 1]
+        return (q2 + self._max_norm[:, None, None] ** 2 - d) / 2, tok
 
     # -- sizes -----------------------------------------------------------------------------------
     @property
@@ -316,10 +383,7 @@ class FaissANNIndex:
     @property
     def nbytes(self) -> dict[str, int]:
         self.wait()
-        host = self._means.nbytes
-        for index in self._heads:
-            if isinstance(index, faiss.IndexIVF):
-                host += index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4
-            else:
-                host += index.ntotal * index.d * 4
+        host = self._means.nbytes + sum(f.ntotal * f.d * 4 for f in self._flat)
+        if self._ivf is not None:
+            host += self._ivf.ntotal * (self._ivf.code_size + 8) + self._centroids.nbytes * 2  # + the quantizer
         return {"gpu": 0, "host": host}

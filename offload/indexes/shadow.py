@@ -209,8 +209,9 @@ class ShadowKeyIndex:
         """Compute-device bytes of the index at num_chunks chunks, at its peak (the planner reserves them).
 
         The buffers at num_chunks, plus scratch_bytes(): the float32 temporaries of one build slab. The planner
-        counts this per layer, so the scratch is over-reserved (layers - 1) times: a few MiB per layer.
-        (Before, only the buffers were counted while build() held ~10x them in 16K-token float64/float32 slabs.)
+        counts the buffers per layer and the largest temporaries once (backends.index_gpu_bytes: layers build
+        and select one at a time). (Before, only the buffers were counted while build() held ~10x them in
+        16K-token float64/float32 slabs.)
         """
         item = torch.empty((), dtype=self.dtype).element_size()
         hkv = self.num_kv_heads
@@ -225,16 +226,31 @@ class ShadowKeyIndex:
         return ChunkSummaryIndex(self.num_kv_heads, self.num_q_heads, self.head_dim, self.chunk_tokens, "cpu",
                                  self.dtype, **{"group_reduce": self.group_reduce, **self.summary_options})
 
-    def scratch_bytes(self) -> int:
+    def scratch_bytes(self, num_chunks: int = 0, budget: int = 0) -> int:
         """Largest temporaries of build()/extend() (one slab): the float32 keys, their float32 shadows and
-        their cast, the float32 means, the gram accumulators and eigh's output (see key_basis)."""
+        their cast, the float32 means, the gram accumulators and eigh's output (see key_basis); with num_chunks
+        and budget (the select width in chunks) also those of one select or mass estimate at that size."""
         item = torch.empty((), dtype=self.dtype).element_size()
         hkv, d, r = self.num_kv_heads, self.head_dim, self.rank
         s = self.chunk_tokens * max(1, BUILD_SLAB // self.chunk_tokens)       # tokens per slab
         extend = s * hkv * (4 * d + (8 + item) * r) + (s // self.chunk_tokens) * hkv * d * (4 + item)
         basis = 2 * s * hkv * d * 4 + hkv * d * d * (8 + 4)                   # slab (+ its transposed copy), gram, bmm out
         inner = self._inner_summary().scratch_bytes() if self.coarse == "summary" else 0  # runs while ours live
-        return max(extend + inner, basis)
+        return max(extend + inner, basis, self._select_bytes(num_chunks, budget))
+
+    def _select_bytes(self, num_chunks: int, budget: int) -> int:
+        """Temporaries of select/chunk_log_mass over num_chunks with a width of budget chunks: the candidates'
+        gathered shadows (+ float32 copy and einsum operand), their per-token scores (3 float32 passes), and
+        the coarse stage's per-chunk scores (4 float32 [Hq, n] passes of the mass estimate)."""
+        if not num_chunks or not budget:
+            return 0
+        item = torch.empty((), dtype=self.dtype).element_size()
+        m = min(num_chunks, math.ceil(max(budget * self.candidate_factor, self.min_candidates)))
+        tokens = m * self.chunk_tokens
+        coarse = 4 * self.num_q_heads * num_chunks * 4 + 2 * self.num_kv_heads * num_chunks * 4
+        if self.coarse == "summary":
+            coarse += self._inner_summary().scratch_bytes(num_chunks, m)
+        return self.num_kv_heads * tokens * self.rank * (item + 8) + 3 * self.num_q_heads * tokens * 4 + coarse
 
     def graph_key(self):
         """What a captured `select` depends on besides the device-side count; None if it syncs the host."""

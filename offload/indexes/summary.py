@@ -237,12 +237,21 @@ class ChunkSummaryIndex:
         buffers = rows * BoundStore.row_bytes(self.num_kv_heads, self.head_dim, self.dtype, self.int8)
         return buffers + self.scratch_bytes()
 
-    def scratch_bytes(self) -> int:
-        """Temporaries of one build slab: its min/max bounds, and float32 copies while int8 rounds them."""
+    def scratch_bytes(self, num_chunks: int = 0, budget: int = 0) -> int:
+        """Temporaries of one build slab: its min/max bounds, and float32 copies while int8 rounds them; with
+        num_chunks and budget (select width) also one select's or mass estimate's: float32 scores of every chunk
+        (4 passes over [Hq, n]) and, for two levels, the candidates' dequantised fine bounds."""
         chunks = max(1, _BUILD_SLAB // self.chunk_tokens)
         item = torch.empty((), dtype=self.dtype).element_size()
         per_value = 2 * (item + 4) + (8 * 4 + 2 if self.int8 else 0)            # (+ float32 reduction results)
-        return chunks * self.num_kv_heads * self.head_dim * per_value + chunks * self.num_kv_heads * 4 * 4
+        build = chunks * self.num_kv_heads * self.head_dim * per_value + chunks * self.num_kv_heads * 4 * 4
+        if not num_chunks or not budget:
+            return build
+        select = 4 * self.num_q_heads * num_chunks * 4 + 2 * self.num_kv_heads * num_chunks * 4
+        if self.coarse_group > 1:
+            cand = min(num_chunks, math.ceil(max(budget * self.candidate_factor, self.min_candidates)) + self.coarse_group)
+            select += 2 * self.num_kv_heads * cand * self.head_dim * (item + 4)
+        return max(build, select)
 
     def graph_key(self):
         """What a captured `select` depends on besides the device-side count; None if it syncs the host."""
