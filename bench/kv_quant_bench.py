@@ -74,7 +74,7 @@ def main() -> None:
                     per_chunk = 2 * C * D * 2
                 else:
                     call = lambda p, s, f=fmt: _cupy_quant.gather_attend_q(q, p, s, scale, f)     # noqa: E731
-                    per_chunk = 2 * fmt.part_bytes
+                    per_chunk = fmt.key_part_bytes + fmt.value_part_bytes   # one head's K and V
                 host_ms = _time(lambda: call(pools[name], slots), args.reps)
                 gpu_ms = _time(lambda: call(gpu_pools[name], gslots), args.reps)
                 moved = HKV * k * per_chunk
