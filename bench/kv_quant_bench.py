@@ -1,6 +1,6 @@
 """Gather-attend over random host chunks through UVA: bf16 (attend.cu) vs int8 / int4 packed (quant.cu).
 
-    python bench/kv_quant_bench.py [--chunks 64,1024,4096] [--host-gib 4] [--reps 20] [--defines "",-DQA_U_SMALL=8]
+    python bench/kv_quant_bench.py [--chunks 64,1024,4096] [--host-gib 4] [--reps 20] [--defines ",-DQA_U_SMALL=8 -DQA_MIN_BLOCKS_SMALL=1"]
         [--out bench/out/kv_quant_bench.json]
 
 Llama-3-8B geometry (Hq 32, Hkv 8, D 128, 32-token chunks). One layer's call: per KV head, K random distinct
@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--chunks", default="64,1024,4096", help="chunks per KV head per call")
     ap.add_argument("--host-gib", type=float, default=4.0, help="bf16 size of each host pool (chunk count)")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--defines", default=",-DQA_U_SMALL=8", help="quant.cu -D variants to time, comma separated")
+    ap.add_argument("--defines", default=",-DQA_U_SMALL=8 -DQA_MIN_BLOCKS_SMALL=1",
+                    help="quant.cu -D variants to time, comma separated (space between a variant's options)")
     ap.add_argument("--out", default="bench/out/kv_quant_bench.json")
     args = ap.parse_args()
     n = int(args.host_gib * 2**30) // (2 * HKV * C * D * 2)

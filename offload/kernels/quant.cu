@@ -27,8 +27,11 @@
 #ifndef QA_U_BIG
 #define QA_U_BIG 2
 #endif
-#ifndef QA_MIN_BLOCKS                        // blocks per SM the compiler must fit (caps registers)
+#ifndef QA_MIN_BLOCKS                        // blocks per SM the compiler must fit (caps registers), G > 4
 #define QA_MIN_BLOCKS 1
+#endif
+#ifndef QA_MIN_BLOCKS_SMALL                  // the same for G <= 4: 3 keeps <= 168 registers without spills,
+#define QA_MIN_BLOCKS_SMALL 3                // as layout 1's kernel had (a group's scales now live across its rows)
 #endif
 #define QA_VGROUP_SHIFT 5                    // int4: 32 channels per value scale
 
@@ -231,7 +234,7 @@ __device__ __forceinline__ void load_raw(const unsigned char* kp, const unsigned
 }
 
 template <typename TQ, typename TR, int D, int G, int BITS, typename IdxT>
-__global__ void __launch_bounds__(QA_THREADS, QA_MIN_BLOCKS) attend_q_kernel(
+__global__ void __launch_bounds__(QA_THREADS, G <= 4 ? QA_MIN_BLOCKS_SMALL : QA_MIN_BLOCKS) attend_q_kernel(
     const void* __restrict__ q,                 // [Hkv*G, D] TQ
     const unsigned char* __restrict__ pool_a,   // slots without the flag
     const unsigned char* __restrict__ pool_b,   // slots flagged OFL_ALT_SLOT (may be null)
