@@ -1,6 +1,7 @@
 """Gather-attend over random host chunks through UVA: bf16 (attend.cu) vs int8 / int4 packed (quant.cu).
 
-    python bench/kv_quant_bench.py [--chunks 64,1024,4096] [--host-gib 4] [--reps 20] [--defines ",-DQA_U_SMALL=8 -DQA_MIN_BLOCKS_SMALL=1"]
+    python bench/kv_quant_bench.py [--chunks 64,1024,4096] [--host-gib 4] [--reps 20]
+        [--defines ",-DQA_U_SMALL=8 -DQA_MIN_BLOCKS_SMALL=1"]
         [--out bench/out/kv_quant_bench.json]
 
 Llama-3-8B geometry (Hq 32, Hkv 8, D 128, 32-token chunks). One layer's call: per KV head, K random distinct
