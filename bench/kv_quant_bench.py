@@ -1,6 +1,7 @@
 """Gather-attend over random host chunks through UVA: bf16 (attend.cu) vs int8 / int4 packed (quant.cu).
 
-    python bench/kv_quant_bench.py [--chunks 64,1024,4096] [--host-gib 4] [--reps 20] [--defines "",-DQA_U_SMALL=8]
+    python bench/kv_quant_bench.py [--chunks 64,1024,4096] [--host-gib 4] [--reps 20]
+        [--defines ",-DQA_U_SMALL=8 -DQA_MIN_BLOCKS_SMALL=1"]
         [--out bench/out/kv_quant_bench.json]
 
 Llama-3-8B geometry (Hq 32, Hkv 8, D 128, 32-token chunks). One layer's call: per KV head, K random distinct
@@ -51,7 +52,8 @@ def main() -> None:
     ap.add_argument("--chunks", default="64,1024,4096", help="chunks per KV head per call")
     ap.add_argument("--host-gib", type=float, default=4.0, help="bf16 size of each host pool (chunk count)")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--defines", default=",-DQA_U_SMALL=8", help="quant.cu -D variants to time, comma separated")
+    ap.add_argument("--defines", default=",-DQA_U_SMALL=8 -DQA_MIN_BLOCKS_SMALL=1",
+                    help="quant.cu -D variants to time, comma separated (space between a variant's options)")
     ap.add_argument("--out", default="bench/out/kv_quant_bench.json")
     args = ap.parse_args()
     n = int(args.host_gib * 2**30) // (2 * HKV * C * D * 2)
@@ -74,7 +76,7 @@ def main() -> None:
                     per_chunk = 2 * C * D * 2
                 else:
                     call = lambda p, s, f=fmt: _cupy_quant.gather_attend_q(q, p, s, scale, f)     # noqa: E731
-                    per_chunk = 2 * fmt.part_bytes
+                    per_chunk = fmt.key_part_bytes + fmt.value_part_bytes   # one head's K and V
                 host_ms = _time(lambda: call(pools[name], slots), args.reps)
                 gpu_ms = _time(lambda: call(gpu_pools[name], gslots), args.reps)
                 moved = HKV * k * per_chunk

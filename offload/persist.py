@@ -83,6 +83,12 @@ def _kv_dtype(sess) -> str:
     return packed.kv_dtype if packed is not None else "bf16"
 
 
+def _kv_layout(sess) -> str:
+    """The packed layout of those tiers ("bf16", "int8.v2", ...): the saved values carry its rounding."""
+    packed = getattr(getattr(sess.attn, "store", None), "packed", None)
+    return packed.layout if packed is not None else "bf16"
+
+
 def save_session(sess, path, meta: dict | None = None) -> None:
     """meta: JSON the caller keeps with the KV (a chat's messages); load_session returns it."""
     attn, model = sess.attn, sess.llm.model
@@ -95,6 +101,7 @@ def save_session(sess, path, meta: dict | None = None) -> None:
     mc = model.cfg
     header = {"version": VERSION, "fingerprint": model_fingerprint(model), "model": sess.llm.name,
               "ctx": sess.llm.ctx, "length": sess.length, "tokens": sess.tokens, "kv_dtype": _kv_dtype(sess),
+              "kv_layout": _kv_layout(sess),
               "layout": {"num_layers": mc.num_layers, "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
                          "dtype": str(model.dtype).replace("torch.", ""), "record_tokens": RECORD_TOKENS}}
     if meta is not None:
@@ -178,6 +185,8 @@ def _checked_header(h, path) -> dict:
         raise bad(f"dtype {lay.get('dtype')!r}")
     if h.get("kv_dtype", "bf16") not in ("bf16", "int8", "int4"):
         raise bad(f"kv_dtype {h.get('kv_dtype')!r}")
+    if not isinstance(h.get("kv_layout", ""), str):
+        raise bad(f"kv_layout {h.get('kv_layout')!r}")
     n, tokens = h["length"], h["tokens"]
     if n < 0 or n > h["ctx"] or len(tokens) != n:
         raise bad(f"length {n}, {len(tokens)} token ids, ctx {h['ctx']}")
@@ -249,7 +258,12 @@ def load_session(sess, path) -> dict | None:
         f.seek(body)
         attn.load_kv(layers(True))
     saved, now = h.get("kv_dtype", "bf16"), _kv_dtype(sess)
-    if saved != now:
+    if saved == now != "bf16" and h.get("kv_layout", f"{saved}.v1") != _kv_layout(sess):
+        # the same dtype in an older packed layout: its values are re-quantized in this one (one more rounding)
+        print(f"session file {path}: saved with {saved} host KV of layout {h.get('kv_layout', f'{saved}.v1')}, "
+              f"loaded into {_kv_layout(sess)} (its chunks are quantized again as they leave the GPU pool)",
+              file=sys.stderr, flush=True)
+    elif saved != now:
         # the file holds the values the saving session read (int8 / int4 chunks dequantized): converted, said once
         print(f"session file {path}: saved with {saved} host KV, loaded into a {now} session "
               + ("(its packed chunks keep their rounding)" if saved != "bf16" else

@@ -85,13 +85,17 @@ def cache_key(sess) -> dict:
             continue            # no effect off CUDA: a CPU cache made before the option existed stays valid
         if hasattr(cfg, name):
             key[name] = getattr(cfg, name)
+    packed = getattr(getattr(sess.attn, "store", None), "packed", None)
+    if packed is not None and not packed.layout.endswith(".v1"):
+        key["kv layout"] = packed.layout    # a packed layout changed since v1: older files of it prefill afresh
     return json.loads(json.dumps(key, default=str))
 
 
 def _mismatch(cached: dict, now: dict) -> str | None:
     for field in now:
         if cached.get(field) != now[field]:
-            a, b = (str(x) if not isinstance(x, list) else ",".join(x) or "-" for x in (cached.get(field), now[field]))
+            a, b = ("-" if x is None else str(x) if not isinstance(x, list) else ",".join(x) or "-"
+                    for x in (cached.get(field), now[field]))
             short = lambda s: s if len(s) <= 40 else s[:37] + "..."  # noqa: E731
             return f"{field} differs (cached {short(a)}, now {short(b)})"
     return None

@@ -50,13 +50,15 @@ def test_round_trip_error_within_half_a_step(kv_dtype, hkv, c, d):
     fmt = PackedFormat(kv_dtype, hkv, c, d, torch.float32)
     back = dequantize_chunks(quantize_chunks(kv, fmt), fmt)              # back: [n, 2, Hkv, C, D]
     levels = (1 << fmt.bits) - 1
-    # keys: groups of Gk tokens per channel; values: groups of Gv channels per token
-    for which, dim, size in ((0, 2, min(32, c)), (1, 3, min(32, d))):
+    # keys: groups of Gk tokens per channel; values: groups of Gv channels per token (int8: the whole head)
+    for which, dim, size in ((0, 2, min(32, c)), (1, 3, d if kv_dtype == "int8" else min(32, d))):
         x = kv[:, which]
         lo, hi = _groups(x, dim, size)
         step = (hi - lo) / levels
+        # int8 keys keep their step in 8 bits (3 mantissa bits), rounded up: up to 1/8 larger (or 2^-17)
+        grow = 1 + 1 / 8 if kv_dtype == "int8" and which == 0 else 1
         # half a step, fp16 rounding of the step (levels x 2^-11 of it) and of the min (2^-11 of |min|)
-        bound = step * (0.5 + levels / 2048) + lo.abs() / 2048 + 1e-6
+        bound = step * (0.5 * grow + levels / 2048) + lo.abs() / 2048 + 2 ** -18 + 1e-6
         err = (back[:, which] - x).abs()
         assert bool((err <= bound).all()), f"worst excess {float((err - bound).max())}"
         assert float(err.mean()) < float(step.mean()) * 0.3              # rounding, not clamping, dominates
@@ -64,9 +66,25 @@ def test_round_trip_error_within_half_a_step(kv_dtype, hkv, c, d):
 
 def test_sizes_and_ratios():
     f8, f4 = PackedFormat("int8", 8, 32, 128), PackedFormat("int4", 8, 32, 128)
-    assert f8.chunk_bytes % 16 == 0 and f4.chunk_bytes % 16 == 0
-    assert f8.chunk_bytes / f8.raw_chunk_bytes == pytest.approx(0.5625)  # codes + (scale, min) per 32 values
-    assert f4.chunk_bytes / f4.raw_chunk_bytes == pytest.approx(0.3125)
+    # int8: codes + K (fp16 min, u8 step) per channel over 32 tokens + V (fp16 step, min) per token
+    assert f8.chunk_bytes / f8.raw_chunk_bytes == pytest.approx((2 * 4096 + 128 * 3 + 32 * 4) / 16384) == 0.53125
+    assert f4.chunk_bytes / f4.raw_chunk_bytes == pytest.approx(0.3125)  # codes + (scale, min) per 32 values
+    for f in (f8, f4, PackedFormat("int8", 3, 32, 64), PackedFormat("int8", 2, 16, 64)):
+        # every part starts on a 32-byte sector (128 bytes at D = 128): UVA reads move whole sectors
+        assert all(f.part_offset(w, h) % (128 if f.head_dim == 128 else 32) == 0 for w in (0, 1)
+                   for h in range(f.num_kv_heads))
+        assert f.chunk_bytes == f.part_offset(1, f.num_kv_heads - 1) + f.value_part_bytes
+    assert (f8.layout, f4.layout, PackedFormat("bf16", 8, 32, 128).layout) == ("int8.v2", "int4.v1", "bf16")
+
+
+def test_int8_key_step_is_the_top_byte_of_its_fp16_rounded_up():
+    from offload.kernels.quant import _step8, _unstep8
+    s16 = torch.tensor([0.0, 1.0, 1.001, 3e-5, 0.3, 6e-8, 500.0], dtype=torch.float16)
+    back = _unstep8(_step8(s16))
+    # up to 1/8 larger; below fp16's normal range (2^-14) the 8-bit grid is 2^-17 apart (absolute)
+    assert bool((back >= s16.float()).all()) and bool((back <= (s16.float() * (1 + 1 / 8)).clamp(min=2 ** -17)).all())
+    assert torch.equal(back[:2], torch.tensor([0.0, 1.0]))               # representable steps stay exact
+    assert torch.equal((_step8(s16).to(torch.int16) << 7) & 0x7F, torch.zeros(7, dtype=torch.int16))
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
@@ -80,13 +98,34 @@ def test_layout_addresses_one_element_per_code(kv_dtype):
     base = dequantize_chunks(packed, fmt)
     for n, w, h, t, j in [(1, 0, 1, 5, 7), (0, 1, 0, 31, 62), (1, 1, 1, 0, 1)]:
         p = packed.clone()
-        off = (w * hkv + h) * fmt.part_bytes + t * d * fmt.bits // 8 + j * fmt.bits // 8
+        off = fmt.part_offset(w, h) + t * d * fmt.bits // 8 + j * fmt.bits // 8
         if fmt.bits == 8:
             p[n, off] ^= 1
         else:
             p[n, off] ^= 1 << (4 * (j % 2))                                 # element 2i: low nibble
         diff = (dequantize_chunks(p, fmt) - base).abs() > 0
         assert diff.sum() == 1 and bool(diff[n, w, h, t, j])
+
+
+def test_int8_layout_addresses_each_scale():
+    """int8 (layout 2): a K min / K step byte of (head h, key group g, channel j) changes channel j of that
+    group's tokens only; a V pair of (head h, token t) changes that token's row only (quant.cu reads these)."""
+    hkv, c, d = 2, 64, 64                                                # two key groups
+    gen = torch.Generator().manual_seed(6)
+    fmt = PackedFormat("int8", hkv, c, d, torch.float32)
+    packed = quantize_chunks(_kv(gen, 1, hkv, c, d).float(), fmt)
+    base = dequantize_chunks(packed, fmt)
+    ng, cb = c // 32, fmt.code_bytes
+    cases = [(0, 1, cb + 2 * (1 * d + 9) + 1, (slice(32, 64), 9)),       # K min (fp16 high byte) of g1, j9
+             (0, 0, cb + 2 * ng * d + 0 * d + 3, (slice(0, 32), 3)),      # K step of g0, j3
+             (1, 1, cb + 4 * 17 + 3, (17, slice(None)))]                  # V pair of token 17 (min's high byte)
+    for w, h, off, (rows, cols) in cases:
+        p = packed.clone()
+        p[0, fmt.part_offset(w, h) + off] ^= 0x04
+        diff = (dequantize_chunks(p, fmt) - base).abs() > 0              # diff: [1, 2, Hkv, C, D]
+        want = torch.zeros_like(diff)
+        want[0, w, h, rows, cols] = True
+        assert torch.equal(diff, diff & want) and bool(diff.any()), (w, h, off)
 
 
 def test_bad_format_and_shapes_are_refused():
@@ -197,7 +236,7 @@ def _nan_out(hq, d):
 @gpu
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 @pytest.mark.parametrize("hq,hkv,d,c", [(32, 8, 128, 32), (9, 3, 64, 32), (8, 8, 128, 16), (64, 8, 128, 64),
-                                        (16, 4, 64, 32)])
+                                        (16, 4, 64, 32), (8, 2, 64, 8)])
 @pytest.mark.parametrize("layout", ["host_alt", "packed_only", "both_packed"])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_gpu_attend_q_matches_reference(poison, kv_dtype, hq, hkv, d, c, layout, num_splits):
@@ -237,7 +276,7 @@ def test_gpu_attend_q_empty_selection_and_public_dispatch(poison):
 
 @gpu
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
-@pytest.mark.parametrize("d,c", [(128, 32), (64, 16)])
+@pytest.mark.parametrize("d,c", [(128, 32), (64, 16), (128, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("which", [0, 1])
 def test_gpu_rows_q_match_reference(poison, kv_dtype, d, c, dtype, which):

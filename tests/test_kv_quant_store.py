@@ -62,7 +62,7 @@ def tiny(tmp_path_factory):
                                   dict(attention="sparse", budget="50%", select_unit="token", token_candidates=2)])
 def test_session_with_int8_host_tier_stays_close_to_bf16(tiny, mode):
     """Exact attention and the sparse token stage through the tiered store: int8 host KV changes the logits a
-    little, not the argmax here."""
+    little, the argmax only at a near tie."""
     opts = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32, gpu_mem="40KiB", **mode)
     ids = torch.randint(0, tiny.model.config.vocab_size, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     out = {}
@@ -81,7 +81,10 @@ def test_session_with_int8_host_tier_stays_close_to_bf16(tiny, mode):
         sess.close()
     diff = (out["int8"] - out["bf16"]).abs().max()
     assert 0 < float(diff) < 0.05 * float(out["bf16"].abs().max())
-    assert torch.equal(out["int8"].argmax(-1), out["bf16"].argmax(-1))
+    # the argmax holds except at near ties of this random model (a top-2 margin under 1 % of the logit scale)
+    top2 = out["bf16"].topk(2, -1).values                              # top2: [41, 2]
+    flips = out["int8"].argmax(-1) != out["bf16"].argmax(-1)
+    assert int(flips.sum()) <= 1 and bool((top2[flips, 0] - top2[flips, 1] < 0.01 * top2[:, 0].abs().max()).all())
 
 
 def test_session_saved_with_one_kv_dtype_loads_into_another_and_says_so(tiny, tmp_path, capsys):
@@ -107,3 +110,26 @@ def test_session_saved_with_one_kv_dtype_loads_into_another_and_says_so(tiny, tm
         k2, v2 = plain.attn.read_kv(layer)
         assert torch.equal(k2[:, :260], k[:, :260]) and torch.equal(v2[:, :260], v[:, :260])
     plain.close()
+
+
+def test_session_saved_with_an_older_int8_layout_loads_and_says_so(tiny, tmp_path, capsys, monkeypatch):
+    """A saved session holds dequantized values, so an older packed layout cannot be misread: it loads, its
+    chunks are quantized again in this layout, and one line on stderr says so (the same layout: silent)."""
+    from offload.kernels import quant
+    opts = dict(device="cpu", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32, gpu_mem="40KiB",
+                attention="full")
+    ids = torch.randint(0, tiny.model.config.vocab_size, (260,), generator=torch.Generator().manual_seed(3)).tolist()
+    llm = LLM(str(tiny.path), kv_dtype="int8", **opts)
+    for version, name in ((1, "old.offload"), (2, "new.offload")):
+        monkeypatch.setitem(quant.LAYOUTS, "int8", version)
+        s = llm.session()
+        s.prefill(ids)
+        s.save(tmp_path / name)
+        s.close()
+    monkeypatch.setitem(quant.LAYOUTS, "int8", 2)
+    capsys.readouterr()
+    llm.load_session(tmp_path / "new.offload").close()
+    assert capsys.readouterr().err == ""
+    llm.load_session(tmp_path / "old.offload").close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int8 host KV of layout int8.v1, loaded into int8.v2" in err[0], err

@@ -65,6 +65,35 @@ def test_resume_is_the_saved_session(ckpt, ids, tmp_path, capsys, mode, kv_dtype
     again.close()
 
 
+def test_an_int8_cache_of_an_older_packed_layout_prefills_afresh(ckpt, ids, tmp_path, capsys, monkeypatch):
+    """int8 blocks of layout 1 (fp16 pairs, 0.5625x) are not layout 2's: a cache whose key records no layout (a
+    writer before layout 2) or another one is prefilled afresh with one line, never read as this layout."""
+    from offload.kernels import quant
+    llm = LLM(str(ckpt.path), kv_dtype="int8", **OPTS, **MODES["sparse"])
+    path = tmp_path / "doc.kvc"
+    monkeypatch.setitem(quant.LAYOUTS, "int8", 1)             # what a writer of layout 1 recorded
+    s = llm.session()
+    want = prefill_cached(s, ids, path)
+    s.close()
+    r = KVFileReader(path)
+    assert "kv layout" not in r.key and r.layout.kv_dtype == "int8"
+    r.close()
+    monkeypatch.setitem(quant.LAYOUTS, "int8", 2)
+    capsys.readouterr()
+    s = llm.session()
+    assert torch.equal(prefill_cached(s, ids, path), want)
+    s.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kv layout differs (cached -, now int8.v2)" in err[0] and "afresh" in err[0], err
+    r = KVFileReader(path)
+    assert r.key["kv layout"] == "int8.v2"                    # replaced: the next run resumes it
+    r.close()
+    s = llm.session()
+    prefill_cached(s, ids, path)
+    s.close()
+    assert "resumed 300 of 300" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("opts", [dict(), dict(kv_dtype="int4", **OPTS, **MODES["sparse"])], ids=["dense", "int4"])
 def test_a_commit_in_many_groups_writes_the_same_cache(ckpt, ids, tmp_path, monkeypatch, opts):
     """A long commit reads and writes a layer's blocks a group at a time (bounded memory at 1M tokens)."""

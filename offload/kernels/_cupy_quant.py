@@ -100,8 +100,9 @@ def gather_attend_q(q, pool, slots, scale, fmt: PackedFormat, alt_pool=None, *, 
     (pa, a_packed), (pb, b_packed) = _pool_args(pool), _pool_args(alt_pool)
     args = (_ptr(q), pa, pb, a_packed, b_packed, _ptr(slots), np.int32(n_chunks), np.int32(per), np.int32(n_splits),
             np.int32(hkv),
-            np.int32(c.bit_length() - 1), np.int32(fmt.key_group.bit_length() - 1), np.int32(fmt.part_bytes),
-            np.float32(scale), _ptr(scratch), np.uint64(scratch.data_ptr() + 4 * n_part * d),
+            np.int32(c.bit_length() - 1), np.int32(fmt.key_group.bit_length() - 1), np.int32(fmt.key_part_bytes),
+            np.int32(fmt.value_part_bytes), np.float32(scale), _ptr(scratch),
+            np.uint64(scratch.data_ptr() + 4 * n_part * d),
             np.uint64(_tickets_for(device, hkv)), _ptr(o), _ptr(lse))
     _launch(fn, device, (n_splits, hkv), args, shared_mem=4 * per, threads=_THREADS)
     return o, lse
@@ -124,6 +125,6 @@ def gather_rows_q(pool, slots, which, rows, alt_pool, fmt: PackedFormat, dtype):
     (pa, a_packed), (pb, b_packed) = _pool_args(pool), _pool_args(alt_pool)
     args = (pa, pb, a_packed, b_packed, _ptr(slots), np.int32(slots.shape[1]), _ptr(rows), np.int32(n_rows),
             np.int32(hkv), np.int32(c.bit_length() - 1), np.int32(fmt.key_group.bit_length() - 1),
-            np.int32(fmt.part_bytes), np.int32(which), _ptr(out))
+            np.int32(fmt.key_part_bytes), np.int32(fmt.value_part_bytes), np.int32(which), _ptr(out))
     _launch(fn, device, (math.ceil(n_rows * (d // 8) / _ROW_THREADS), hkv), args, threads=_ROW_THREADS)
     return out

@@ -1,16 +1,21 @@
 // Attention and row gathers over compressed KV chunks (int8 / int4, layout in quant.py), read in place.
 //
-// A pool is raw ([S, 2, Hkv, C, D] of TR) or packed ([S, 2*Hkv*part_bytes] bytes); a launch reads two
-// pools (the GPU pool and the pinned host slab, slots flagged OFL_ALT_SLOT in the second), each raw or
-// packed. Packed chunks are dequantized in registers: a host chunk crosses PCIe at its compressed size.
-// Packed part (one KV head's K or V): codes [C, D*BITS/8] then (scale, min) fp16 pairs,
-//     K: [C/Gk, D] pairs (per channel over Gk tokens)     V: [C, D/32] pairs (per token over 32 channels)
-//     x = code * scale + min
+// A pool is raw ([S, 2, Hkv, C, D] of TR) or packed ([S, Hkv*(kpart+vpart)] bytes: the Hkv K parts, then the
+// Hkv V parts); a launch reads two pools (the GPU pool and the pinned host slab, slots flagged OFL_ALT_SLOT in
+// the second), each raw or packed. Packed chunks are dequantized in registers: a host chunk crosses PCIe at
+// its compressed size. Packed part (one KV head's K or V): codes [C, D*BITS/8], then (x = code * step + min)
+//     int8 K: min [C/Gk, D] fp16, step [C/Gk, D] u8 (fp16 bits = u8 << 7)    per channel over Gk tokens
+//     int8 V: (step, min) [C] fp16 pairs                                      per token over the whole head
+//     int4 K: (step, min) [C/Gk, D] fp16 pairs      int4 V: (step, min) [C, D/32] fp16 pairs
 //
 // attend_q_kernel: grid = (n_splits, Hkv), 4 warps; a block owns a run of chunks of one KV head and a warp
-// takes one chunk at a time (so the raw/packed branch is uniform in the warp and a K scale load serves
-// the warp's rows). A lane holds 8 channels of a row (LPR = D/8 lanes per row, RPW rows per warp) and keeps
-// U rows in flight. Softmax is online in base 2; rows, warps and splits merge as in attend.cu.
+// takes one chunk at a time (so the raw/packed branch is uniform in the warp). A lane holds 8 channels of a
+// row (LPR = D/8 lanes per row, RPW rows per warp) and keeps U rows in flight. Scales are read once per key
+// group (Gk <= 32 rows): the K scales of the lane's channels and, for int8, the group's V pairs as one
+// coalesced load (lane i: row i's pair), handed to the rows by shuffles; so the scales cross PCIe as whole
+// lines, not as a 16-byte read per row. Code loads: 8 bytes per lane (int8), 16 lanes per 128-byte row,
+// RPW rows per load adjacent: a warp reads whole lines. Softmax is online in base 2; rows, warps and splits
+// merge as in attend.cu.
 #include "common.cuh"
 
 #define QA_WARPS 4
@@ -22,15 +27,66 @@
 #ifndef QA_U_BIG
 #define QA_U_BIG 2
 #endif
-#ifndef QA_MIN_BLOCKS                        // blocks per SM the compiler must fit (caps registers)
+#ifndef QA_MIN_BLOCKS                        // blocks per SM the compiler must fit (caps registers), G > 4
 #define QA_MIN_BLOCKS 1
 #endif
-#define QA_VGROUP_SHIFT 5                    // 32 channels per value scale
+#ifndef QA_MIN_BLOCKS_SMALL                  // the same for G <= 4: 3 keeps <= 168 registers without spills,
+#define QA_MIN_BLOCKS_SMALL 3                // as layout 1's kernel had (a group's scales now live across its rows)
+#endif
+#define QA_VGROUP_SHIFT 5                    // int4: 32 channels per value scale
 
 __device__ __forceinline__ void scale_pair(unsigned int w, float& s, float& m) {
     s = ofl_half_bits((unsigned short)(w & 0xffffu));
     m = ofl_half_bits((unsigned short)(w >> 16));
 }
+
+// 8 channels' K (step, min) of key group gi; sc = the part's scales (after its codes), ng = C/Gk groups
+template <int D, int BITS>
+__device__ __forceinline__ void key_scales(const unsigned char* sc, int gi, int ng, int sub, float* st, float* mn) {
+    if (BITS == 8) {
+        const uint4 m = *(const uint4*)(sc + (((long long)gi * D + sub * 8) << 1));
+        const uint2 s = *(const uint2*)(sc + (long long)ng * D * 2 + (long long)gi * D + sub * 8);
+        const unsigned int mw[4] = {m.x, m.y, m.z, m.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            mn[2 * i] = ofl_half_bits((unsigned short)(mw[i] & 0xffffu));
+            mn[2 * i + 1] = ofl_half_bits((unsigned short)(mw[i] >> 16));
+            st[i] = ofl_half_bits((unsigned short)(((s.x >> (8 * i)) & 0xffu) << 7));
+            st[4 + i] = ofl_half_bits((unsigned short)(((s.y >> (8 * i)) & 0xffu) << 7));
+        }
+    } else {
+        const uint4* p = (const uint4*)(sc + (((long long)gi * D + sub * 8) << 2));
+        const uint4 a = p[0], b = p[1];
+        const unsigned int kw[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) scale_pair(kw[i], st[i], mn[i]);
+    }
+}
+
+// The V (step, min) pair of row t for channels sub*8.. ; sc = the V part's scales
+template <int D, int BITS>
+__device__ __forceinline__ unsigned int value_pair(const unsigned char* sc, long long t, int sub) {
+    return BITS == 8 ? *(const unsigned int*)(sc + (t << 2))
+                     : *(const unsigned int*)(sc + ((t * (D >> QA_VGROUP_SHIFT) + (sub >> 2)) << 2));
+}
+
+// The scales of one key group of a packed chunk, read once for its rows.
+template <int D, int BITS> struct GroupScales {
+    float kst[8], kmn[8];
+    unsigned int vrow;                                      // int8: lane i holds row g0 + i's V pair
+
+    __device__ __forceinline__ void load(const unsigned char* ksc, const unsigned char* vsc, int gi, int ng, int g0,
+                                         int gk, int sub, int lane) {
+        key_scales<D, BITS>(ksc, gi, ng, sub, kst, kmn);
+        if (BITS == 8) vrow = lane < gk ? value_pair<D, 8>(vsc, g0 + lane, 0) : 0u;
+    }
+
+    // row t's V pair (all lanes call it: int8 shuffles); ok = the row exists
+    __device__ __forceinline__ unsigned int vpair(const unsigned char* vsc, int t, int g0, int sub, bool ok) const {
+        if (BITS == 8) return __shfl_sync(0xffffffffu, vrow, (t - g0) & 31);
+        return ok ? value_pair<D, BITS>(vsc, t, sub) : 0u;
+    }
+};
 
 // 8 codes of one lane -> floats; int8: 8 bytes, int4: 4 bytes (element 2i in the low nibble of byte i)
 template <int BITS> struct Codes;
@@ -124,15 +180,13 @@ template <int G> struct LaneState {
     }
 };
 
-// Rows r0 + u*RPW + rw of a packed chunk (K part kp, V part vp); one K scale load per call.
+// Rows r0 + u*RPW + rw of a packed chunk (K part kp, V part vp, codes first), all in key group g0.. (gs).
 template <int D, int BITS, int U, int RPW>
-__device__ __forceinline__ void load_packed(const unsigned char* kp, const unsigned char* vp, int r0, int rw, int sub,
-                                            int c, int gk_shift, float (&k)[U][8], float (&v)[U][8], bool (&ok)[U]) {
+__device__ __forceinline__ void load_packed(const unsigned char* kp, const unsigned char* vp, const unsigned char* vsc,
+                                            const GroupScales<D, BITS>& gs, int r0, int g0, int rw, int sub, int c,
+                                            float (&k)[U][8], float (&v)[U][8], bool (&ok)[U]) {
     typedef typename Codes<BITS>::Word Word;
     constexpr int ROW = D * BITS / 8;                       // code bytes per row
-    const int code_bytes = c * ROW;
-    const uint4* ksp = (const uint4*)(kp + code_bytes + (((long long)(r0 >> gk_shift) * D + sub * 8) << 2));
-    const uint4 ks0 = ksp[0], ks1 = ksp[1];                 // (scale, min) of this lane's 8 channels
     Word kc[U], vc[U];
     unsigned int vs[U];
 #pragma unroll
@@ -142,27 +196,22 @@ __device__ __forceinline__ void load_packed(const unsigned char* kp, const unsig
         if (ok[u]) {
             kc[u] = *(const Word*)(kp + (long long)t * ROW + sub * BITS);
             vc[u] = *(const Word*)(vp + (long long)t * ROW + sub * BITS);
-            vs[u] = *(const unsigned int*)(vp + code_bytes + (((long long)t * (D >> QA_VGROUP_SHIFT) + (sub >> 2)) << 2));
         } else {
             kc[u] = Word();
             vc[u] = Word();
-            vs[u] = 0u;
         }
+        vs[u] = gs.vpair(vsc, t, g0, sub, ok[u]);
     }
-    float ksc[8], kmn[8];
-    const unsigned int kw[8] = {ks0.x, ks0.y, ks0.z, ks0.w, ks1.x, ks1.y, ks1.z, ks1.w};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) scale_pair(kw[i], ksc[i], kmn[i]);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        float f[8], vsc, vmn;
+        float f[8], vst, vmn;
         Codes<BITS>::decode(kc[u], f);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) k[u][i] = fmaf(f[i], ksc[i], kmn[i]);
+        for (int i = 0; i < 8; ++i) k[u][i] = fmaf(f[i], gs.kst[i], gs.kmn[i]);
         Codes<BITS>::decode(vc[u], f);
-        scale_pair(vs[u], vsc, vmn);
+        scale_pair(vs[u], vst, vmn);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[u][i] = fmaf(f[i], vsc, vmn);
+        for (int i = 0; i < 8; ++i) v[u][i] = fmaf(f[i], vst, vmn);
     }
 }
 
@@ -185,14 +234,14 @@ __device__ __forceinline__ void load_raw(const unsigned char* kp, const unsigned
 }
 
 template <typename TQ, typename TR, int D, int G, int BITS, typename IdxT>
-__global__ void __launch_bounds__(QA_THREADS, QA_MIN_BLOCKS) attend_q_kernel(
+__global__ void __launch_bounds__(QA_THREADS, G <= 4 ? QA_MIN_BLOCKS_SMALL : QA_MIN_BLOCKS) attend_q_kernel(
     const void* __restrict__ q,                 // [Hkv*G, D] TQ
     const unsigned char* __restrict__ pool_a,   // slots without the flag
     const unsigned char* __restrict__ pool_b,   // slots flagged OFL_ALT_SLOT (may be null)
     int a_packed, int b_packed,
     const IdxT* __restrict__ slots,             // [Hkv, n_chunks], -1 = skip
-    int n_chunks, int chunks_per_split, int n_splits, int hkv, int c_shift, int gk_shift, int part_bytes,
-    float scale,
+    int n_chunks, int chunks_per_split, int n_splits, int hkv, int c_shift, int gk_shift, int kpart_bytes,
+    int vpart_bytes, float scale,
     float* __restrict__ part_o,                 // [Hkv, n_splits, G, D]
     float* __restrict__ part_lse,               // [Hkv, n_splits, G] (base 2)
     unsigned int* __restrict__ tickets,         // [Hkv], zero between launches
@@ -204,6 +253,7 @@ __global__ void __launch_bounds__(QA_THREADS, QA_MIN_BLOCKS) attend_q_kernel(
     constexpr int U = G <= 4 ? QA_U_SMALL : QA_U_BIG;
     constexpr int NI = (G * D + QA_THREADS - 1) / QA_THREADS;
     static_assert(D % 8 == 0 && 32 % LPR == 0, "head_dim must give a power-of-two lane count <= 32");
+    static_assert(RPW * U <= 32, "a rows step must stay inside one key group (Gk = 32 when C >= 32)");
 
     extern __shared__ int sm_slots[];
     __shared__ float sm_m[QA_WARPS][G], sm_l[QA_WARPS][G];
@@ -231,7 +281,8 @@ __global__ void __launch_bounds__(QA_THREADS, QA_MIN_BLOCKS) attend_q_kernel(
     __syncthreads();
 
     const long long raw_chunk = 2LL * hkv * c * D * RawSize<TR>::B;
-    const long long packed_chunk = 2LL * hkv * part_bytes;
+    const long long packed_chunk = (long long)hkv * (kpart_bytes + vpart_bytes);
+    const int gk = 1 << gk_shift, ng = c >> gk_shift, code_bytes = c * D * BITS / 8;
     for (int j = warp; j < n_local; j += QA_WARPS) {        // warp-uniform: one chunk per warp at a time
         int slot = sm_slots[j];
         if (slot < 0) continue;
@@ -242,11 +293,17 @@ __global__ void __launch_bounds__(QA_THREADS, QA_MIN_BLOCKS) attend_q_kernel(
         float k[U][8], v[U][8];
         bool ok[U];
         if (alt ? b_packed : a_packed) {
-            const unsigned char* kp = pool + (long long)slot * packed_chunk + (long long)h * part_bytes;
-            const unsigned char* vp = kp + (long long)hkv * part_bytes;
-            for (int r0 = 0; r0 < c; r0 += RPW * U) {
-                load_packed<D, BITS, U, RPW>(kp, vp, r0, rw, sub, c, gk_shift, k, v, ok);
-                st.template consume<U, LPR>(qf, k, v, ok);
+            const unsigned char* chunk = pool + (long long)slot * packed_chunk;
+            const unsigned char* kp = chunk + (long long)h * kpart_bytes;
+            const unsigned char* vp = chunk + (long long)hkv * kpart_bytes + (long long)h * vpart_bytes;
+            for (int gi = 0; gi < ng; ++gi) {                 // scales once per key group
+                const int g0 = gi * gk;
+                GroupScales<D, BITS> gs;
+                gs.load(kp + code_bytes, vp + code_bytes, gi, ng, g0, gk, sub, lane);
+                for (int r0 = g0; r0 < g0 + gk; r0 += RPW * U) {
+                    load_packed<D, BITS, U, RPW>(kp, vp, vp + code_bytes, gs, r0, g0, rw, sub, c, k, v, ok);
+                    st.template consume<U, LPR>(qf, k, v, ok);
+                }
             }
         } else {
             const unsigned char* kp = pool + (long long)slot * raw_chunk + (long long)h * c * D * RawSize<TR>::B;
@@ -401,7 +458,7 @@ template <typename TR, typename TO, int D, int BITS>
 __global__ void gather_rows_q_kernel(const unsigned char* __restrict__ pool_a, const unsigned char* __restrict__ pool_b,
                                      int a_packed, int b_packed, const int* __restrict__ slots, int n_slots,
                                      const long long* __restrict__ rows, int n_rows, int hkv, int c_shift, int gk_shift,
-                                     int part_bytes, int which, unsigned char* __restrict__ out) {
+                                     int kpart_bytes, int vpart_bytes, int which, unsigned char* __restrict__ out) {
     constexpr int VPR = D / 8;
     const int h = blockIdx.y;
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -419,23 +476,20 @@ __global__ void gather_rows_q_kernel(const unsigned char* __restrict__ pool_a, c
             if (alt ? b_packed : a_packed) {
                 typedef typename Codes<BITS>::Word Word;
                 constexpr int ROW = D * BITS / 8;
-                const unsigned char* part = pool + ((long long)s * 2 * hkv + (long long)which * hkv + h) * part_bytes;
+                const unsigned char* part = pool + (long long)s * hkv * (kpart_bytes + vpart_bytes)
+                                            + (which == 0 ? (long long)h * kpart_bytes
+                                                          : (long long)hkv * kpart_bytes + (long long)h * vpart_bytes);
                 float code[8];
                 Codes<BITS>::decode(*(const Word*)(part + (long long)off * ROW + sub * BITS), code);
                 const unsigned char* sc = part + (long long)c * ROW;
                 if (which == 0) {
-                    const uint4* ksp = (const uint4*)(sc + (((long long)(off >> gk_shift) * D + sub * 8) << 2));
-                    const uint4 a = ksp[0], b = ksp[1];
-                    const unsigned int kw[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+                    float st[8], mn[8];
+                    key_scales<D, BITS>(sc, off >> gk_shift, c >> gk_shift, sub, st, mn);
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        float sv, mv;
-                        scale_pair(kw[i], sv, mv);
-                        f[i] = fmaf(code[i], sv, mv);
-                    }
+                    for (int i = 0; i < 8; ++i) f[i] = fmaf(code[i], st[i], mn[i]);
                 } else {
                     float sv, mv;
-                    scale_pair(*(const unsigned int*)(sc + (((long long)off * (D >> QA_VGROUP_SHIFT) + (sub >> 2)) << 2)), sv, mv);
+                    scale_pair(value_pair<D, BITS>(sc, off, sub), sv, mv);
 #pragma unroll
                     for (int i = 0; i < 8; ++i) f[i] = fmaf(code[i], sv, mv);
                 }

@@ -3,17 +3,24 @@
 A chunk [2, Hkv, C, D] packs into a fixed number of bytes, so a pool of packed chunks is a [S, B] uint8
 tensor that tiers store, copy and CRC like any other. Layout of one packed chunk:
 
-    [2, Hkv, part]          part = one KV head's K (index 0) or V (index 1), `part_bytes` each
-    K part:  codes [C, D*bits/8] | scales [C/Gk, D, ns] fp16   keys per channel, over groups of Gk tokens
-    V part:  codes [C, D*bits/8] | scales [C, D/Gv, ns] fp16   values per token, over groups of Gv channels
+    [Hkv K parts | Hkv V parts]   part = one KV head's K or V: codes [C, D*bits/8], then its scales
     codes:   int8 one byte per element; int4 two per byte along D (element 2i in the low nibble)
-    scales:  (scale, min) fp16 pairs, x = code * scale + min (asymmetric)
+    int8 (layout 2), x = code * step + min:
+      K part:  codes | min [C/Gk, D] fp16 | step [C/Gk, D] u8     keys per channel over Gk = 32 tokens
+      V part:  codes | (step, min) [C] fp16 pairs                 values per token over the whole head (Gv = D)
+      u8 step = the top byte of the fp16 step rounded up (5 exponent, 3 mantissa bits): fp16 bits = u8 << 7
+    int4 (layout 1, unchanged), x = code * scale + min, both parts padded to the larger of:
+      K part:  codes | (scale, min) [C/Gk, D] fp16 pairs           keys per channel over Gk = 32 tokens
+      V part:  codes | (scale, min) [C, D/Gv] fp16 pairs           values per token over Gv = 32 channels
 Keys per channel and values per token is KIVI's / KVQuant's finding: key outliers sit in fixed channels,
-value errors must stay local to a token. Gk = Gv = 32 (fewer when C or D is smaller); with C = 32,
-D = 128 a chunk is 0.5625x its bf16 size in int8 and 0.3125x in int4. Measured on SmolLM2's real KV
-(4K tokens, attention output error relative to exact, all layers): int8 0.0040 asymmetric vs 0.0097
-symmetric (keys carry per-channel offsets); int4 0.068 asymmetric, 0.169 symmetric, 0.061 with a
-Hadamard rotation of K and V along D (not used: 11 % less error is not worth rotating q and o per pool).
+value errors must stay local to a token. Gk = min(32, C). With C = 32, D = 128 a chunk is 0.53125x its bf16
+size in int8 (was 0.5625x in layout 1) and 0.3125x in int4. Format choice (bench/kv_format_error.py: SmolLM2's
+real KV, 4K tokens, attention output error relative to exact, mean over layers; numbers in bench/RESULTS.md):
+asymmetric (scale and min) keys are needed, symmetric int8 has 2.4x the error (keys carry per-channel offsets);
+int8 values per token over the whole head instead of 32 channels cost +10 % error, the 8-bit key step +17 %
+more, an integer zero point instead of the fp16 min +40 %. Each part starts 32-byte aligned (128 at D = 128),
+so a UVA read of the host slab moves whole sectors. LAYOUTS records each compressed dtype's layout version:
+prompt caches and saved sessions carry it, so a file of another layout is never read as this one.
 
 kv_dtype "bf16" is the uncompressed mode: a chunk's raw bytes (whatever the model's KV dtype is), so the
 round trip is bit-identical; the compressed kernels are only used for int8 / int4.
@@ -32,11 +39,12 @@ import torch
 from . import reference
 from .reference import ALT_SLOT
 
-__all__ = ["KV_DTYPES", "PackedFormat", "PackedStorage", "packed_format", "quantize_chunks", "dequantize_chunks", "is_packed",
+__all__ = ["KV_DTYPES", "LAYOUTS", "PackedFormat", "PackedStorage", "packed_format", "quantize_chunks", "dequantize_chunks", "is_packed",
            "gather_attend_q", "gather_rows_q"]
 
 KV_DTYPES = ("bf16", "int8", "int4")
-_GROUP = 32            # Gk (tokens per key scale) and Gv (channels per value scale), capped by C and D
+_GROUP = 32            # Gk (tokens per key scale), and int4's Gv (channels per value scale), capped by C and D
+LAYOUTS = {"int8": 2, "int4": 1}   # bump when a packed layout changes (prompt caches and saved sessions record it)
 _F16_MAX = 65504.0
 
 
@@ -67,8 +75,9 @@ class PackedFormat:
         return {"int8": 8, "int4": 4}.get(self.kv_dtype, 8 * torch.empty((), dtype=self.raw_dtype).element_size())
 
     @property
-    def scales_per_group(self) -> int:
-        return 2          # (scale, min)
+    def layout(self) -> str:
+        """What identifies the packed bytes: "bf16" (raw), else e.g. "int8.v2"."""
+        return f"{self.kv_dtype}.v{LAYOUTS[self.kv_dtype]}" if self.compressed else "bf16"
 
     @property
     def key_group(self) -> int:
@@ -76,7 +85,7 @@ class PackedFormat:
 
     @property
     def value_group(self) -> int:
-        return min(_GROUP, self.head_dim)
+        return self.head_dim if self.bits == 8 else min(_GROUP, self.head_dim)
 
     @property
     def code_bytes(self) -> int:
@@ -84,21 +93,37 @@ class PackedFormat:
         return self.chunk_tokens * self.head_dim * self.bits // 8
 
     @property
-    def scale_bytes(self) -> int:
-        c, d, ns = self.chunk_tokens, self.head_dim, self.scales_per_group
-        k = (c // self.key_group) * d * ns * 2
-        v = c * (d // self.value_group) * ns * 2
-        return -(-max(k, v) // 16) * 16
+    def key_scale_bytes(self) -> int:
+        """int8: fp16 min + u8 step per (key group, channel); int4: an fp16 (scale, min) pair."""
+        return (self.chunk_tokens // self.key_group) * self.head_dim * (3 if self.bits == 8 else 4)
 
     @property
-    def part_bytes(self) -> int:
+    def value_scale_bytes(self) -> int:
+        return self.chunk_tokens * (self.head_dim // self.value_group) * 4
+
+    def _part(self, scale_bytes: int) -> int:
         if not self.compressed:
             return self.chunk_tokens * self.head_dim * self.bits // 8
-        return self.code_bytes + self.scale_bytes
+        if self.bits == 4:   # layout 1: both parts padded to the larger scales, to 16 bytes
+            return self.code_bytes + -(-max(self.key_scale_bytes, self.value_scale_bytes) // 16) * 16
+        return self.code_bytes + -(-scale_bytes // 32) * 32
+
+    @property
+    def key_part_bytes(self) -> int:
+        return self._part(self.key_scale_bytes)
+
+    @property
+    def value_part_bytes(self) -> int:
+        return self._part(self.value_scale_bytes)
+
+    def part_offset(self, which: int, head: int) -> int:
+        """Byte offset in a chunk of head `head`'s K (which=0) or V (which=1) part."""
+        k, v = self.key_part_bytes, self.value_part_bytes
+        return head * k if which == 0 else self.num_kv_heads * k + head * v
 
     @property
     def chunk_bytes(self) -> int:
-        return 2 * self.num_kv_heads * self.part_bytes
+        return self.num_kv_heads * (self.key_part_bytes + self.value_part_bytes)
 
     @property
     def storage(self) -> PackedStorage:
@@ -140,18 +165,34 @@ def is_packed(pool: torch.Tensor | None) -> bool:
 
 
 # ---- quantize / dequantize ----------------------------------------------------------------------
-def _quantize(x: torch.Tensor, dim: int, fmt: PackedFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (uint8, same shape as x) and fp16 scales (x's shape without `dim`, plus [ns]) over groups along dim."""
+def _step8(step16: torch.Tensor) -> torch.Tensor:
+    """fp16 steps (>= 0) rounded up to 8 bits: their top byte after dropping the sign (5 exponent, 3 mantissa)."""
+    b = step16.view(torch.int16).int()                                     # b: [...] fp16 bits, < 0x7C00
+    return ((b + 0x7F) >> 7).to(torch.uint8)                               # [...] u8: fp16 bits = u8 << 7
+
+
+def _unstep8(u8: torch.Tensor) -> torch.Tensor:
+    """u8 steps -> float32 (exact)."""
+    return (u8.to(torch.int16) << 7).view(torch.float16).float()
+
+
+def _quantize(x: torch.Tensor, dim: int, fmt: PackedFormat, step8: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (uint8, x's shape) and the fp16 min and step (x's shape without `dim`) over groups along dim; with
+    step8 the step is rounded up to 8 bits (returned as u8)."""
     x = x.clamp(-_F16_MAX, _F16_MAX)
     levels = (1 << fmt.bits) - 1
     lo16 = x.amin(dim).half()                                              # lo16: [...] fp16
     lo = lo16.float().unsqueeze(dim)
-    # the step is computed from the rounded min, so codes span [0, levels] after rounding too
-    step16 = ((x.amax(dim, keepdim=True) - lo) / levels).squeeze(dim).half()   # step16: [...] fp16
-    step = step16.float().unsqueeze(dim)
+    # the step is computed from the rounded min (and rounded up when 8-bit), so codes span [0, levels]
+    step16 = ((x.amax(dim, keepdim=True) - lo) / levels).clamp(min=0).squeeze(dim).half()   # step16: [...] fp16
+    if step8:
+        step16 = _step8(step16)
+        step = _unstep8(step16).unsqueeze(dim)
+    else:
+        step = step16.float().unsqueeze(dim)
     codes = torch.round((x - lo) / torch.where(step > 0, step, 1.0)).clamp(0, levels)
-    scales = torch.stack([step16, lo16], dim=-1)                           # scales: [..., 2]
-    return codes.to(torch.uint8), scales
+    return codes.to(torch.uint8), lo16, step16
 
 
 def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -169,6 +210,18 @@ def _unpack_codes(data: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).flatten(-2).float()
 
 
+def _bytes(t: torch.Tensor, n: int, hkv: int) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).reshape(n, hkv, -1)            # [n, Hkv, bytes]
+
+
+def _part(codes: torch.Tensor, scales: list[torch.Tensor], part_bytes: int, fmt: PackedFormat) -> torch.Tensor:
+    """One part of every head: codes [n, Hkv, C, D] and its scale tensors (bytes in order) -> [n, Hkv, part_bytes]."""
+    n, hkv = codes.shape[:2]
+    data = [_pack_codes(codes, fmt.bits).reshape(n, hkv, -1)] + [_bytes(t, n, hkv) for t in scales]
+    used = sum(t.shape[-1] for t in data)
+    return torch.cat(data + [data[0].new_zeros(n, hkv, part_bytes - used)], dim=-1)
+
+
 def quantize_chunks(kv: torch.Tensor, fmt: PackedFormat) -> torch.Tensor:
     """kv [n, 2, Hkv, C, D] -> packed [n, chunk_bytes] uint8 on kv's device (raw bytes for bf16)."""
     n, two, hkv, c, d = kv.shape
@@ -177,17 +230,15 @@ def quantize_chunks(kv: torch.Tensor, fmt: PackedFormat) -> torch.Tensor:
                          f"{fmt.chunk_tokens}, {fmt.head_dim}]")
     if not fmt.compressed:
         return kv.to(fmt.raw_dtype).contiguous().view(torch.uint8).reshape(n, fmt.chunk_bytes)  # [n, B]
-    gk, gv = fmt.key_group, fmt.value_group
+    gk, gv, int8 = fmt.key_group, fmt.value_group, fmt.bits == 8
     x = kv.float()                                                         # x: [n, 2, Hkv, C, D]
-    kc, ks = _quantize(x[:, 0].reshape(n, hkv, c // gk, gk, d), 3, fmt)    # kc: [n, Hkv, C/Gk, Gk, D]
-    vc, vs = _quantize(x[:, 1].reshape(n, hkv, c, d // gv, gv), 4, fmt)    # vc: [n, Hkv, C, D/Gv, Gv]
-    parts = []
-    for codes, scales in ((kc, ks), (vc, vs)):
-        data = _pack_codes(codes.reshape(n, hkv, c, d), fmt.bits).reshape(n, hkv, -1)   # data: [n, Hkv, code_bytes]
-        sb = scales.contiguous().view(torch.uint8).reshape(n, hkv, -1)                  # sb: [n, Hkv, <= scale_bytes]
-        pad = sb.new_zeros(n, hkv, fmt.scale_bytes - sb.shape[-1])
-        parts.append(torch.cat([data, sb, pad], dim=-1))                                # [n, Hkv, part_bytes]
-    return torch.stack(parts, dim=1).reshape(n, fmt.chunk_bytes)                        # [n, B]
+    kc, kmin, kstep = _quantize(x[:, 0].reshape(n, hkv, c // gk, gk, d), 3, fmt, step8=int8)  # [n, Hkv, C/Gk, Gk, D]
+    vc, vmin, vstep = _quantize(x[:, 1].reshape(n, hkv, c, d // gv, gv), 4, fmt)             # vc: [n, Hkv, C, D/Gv, Gv]
+    # int8 K scales: min [C/Gk, D] fp16 then step [C/Gk, D] u8; otherwise (step, min) fp16 pairs
+    kscales = [kmin, kstep] if int8 else [torch.stack([kstep, kmin], dim=-1)]
+    k = _part(kc.reshape(n, hkv, c, d), kscales, fmt.key_part_bytes, fmt)                    # k: [n, Hkv, Kpart]
+    v = _part(vc.reshape(n, hkv, c, d), [torch.stack([vstep, vmin], dim=-1)], fmt.value_part_bytes, fmt)
+    return torch.cat([k.reshape(n, -1), v.reshape(n, -1)], dim=1)                             # [n, B]
 
 
 def dequantize_chunks(packed: torch.Tensor, fmt: PackedFormat, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -196,22 +247,30 @@ def dequantize_chunks(packed: torch.Tensor, fmt: PackedFormat, dtype: torch.dtyp
     n = packed.shape[0]
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != fmt.chunk_bytes:
         raise ValueError(f"packed chunks must be [n, {fmt.chunk_bytes}] uint8, got {list(packed.shape)} {packed.dtype}")
-    hkv, c, d, ns = fmt.num_kv_heads, fmt.chunk_tokens, fmt.head_dim, fmt.scales_per_group
+    hkv, c, d = fmt.num_kv_heads, fmt.chunk_tokens, fmt.head_dim
     if not fmt.compressed:
         raw = packed.contiguous().view(fmt.raw_dtype).reshape(n, 2, hkv, c, d)
         return raw if dtype is None else raw.to(dtype)
-    gk, gv = fmt.key_group, fmt.value_group
-    parts = packed.reshape(n, 2, hkv, fmt.part_bytes)
-    codes = _unpack_codes(parts[..., :fmt.code_bytes].reshape(n, 2, hkv, c, -1), fmt.bits)  # codes: [n, 2, Hkv, C, D]
-    sb = parts[..., fmt.code_bytes:].contiguous()                                       # sb: [n, 2, Hkv, scale_bytes]
-    nk, nv = (c // gk) * d * ns * 2, c * (d // gv) * ns * 2
-    ks = sb[:, 0, :, :nk].contiguous().view(torch.float16).float().reshape(n, hkv, c // gk, 1, d, ns)
-    vs = sb[:, 1, :, :nv].contiguous().view(torch.float16).float().reshape(n, hkv, c, d // gv, 1, ns)
-    kq = codes[:, 0].reshape(n, hkv, c // gk, gk, d)                                    # kq: [n, Hkv, C/Gk, Gk, D]
-    vq = codes[:, 1].reshape(n, hkv, c, d // gv, gv)                                    # vq: [n, Hkv, C, D/Gv, Gv]
-    k = kq * ks[..., 0] + ks[..., 1]
-    v = vq * vs[..., 0] + vs[..., 1]
-    out = torch.stack([k.reshape(n, hkv, c, d), v.reshape(n, hkv, c, d)], dim=1)        # out: [n, 2, Hkv, C, D]
+    gk, gv, cb = fmt.key_group, fmt.value_group, fmt.code_bytes
+    kparts = packed[:, :hkv * fmt.key_part_bytes].reshape(n, hkv, fmt.key_part_bytes)      # [n, Hkv, Kpart]
+    vparts = packed[:, hkv * fmt.key_part_bytes:].reshape(n, hkv, fmt.value_part_bytes)    # [n, Hkv, Vpart]
+
+    def fp16(b: torch.Tensor, shape) -> torch.Tensor:
+        return b.contiguous().view(torch.float16).float().reshape(shape)
+
+    ng = c // gk
+    if fmt.bits == 8:
+        kmin = fp16(kparts[..., cb:cb + ng * d * 2], (n, hkv, ng, 1, d))                     # [n, Hkv, C/Gk, 1, D]
+        kstep = _unstep8(kparts[..., cb + ng * d * 2:cb + ng * d * 3]).reshape(n, hkv, ng, 1, d)
+    else:
+        ks = fp16(kparts[..., cb:cb + ng * d * 4], (n, hkv, ng, 1, d, 2))                    # ks: [..., (step, min)]
+        kstep, kmin = ks[..., 0], ks[..., 1]
+    vs = fp16(vparts[..., cb:cb + c * (d // gv) * 4], (n, hkv, c, d // gv, 1, 2))           # [n, Hkv, C, D/Gv, 1, 2]
+    kq = _unpack_codes(kparts[..., :cb].reshape(n, hkv, c, -1), fmt.bits).reshape(n, hkv, ng, gk, d)
+    vq = _unpack_codes(vparts[..., :cb].reshape(n, hkv, c, -1), fmt.bits).reshape(n, hkv, c, d // gv, gv)
+    k = kq * kstep + kmin                                                                   # k: [n, Hkv, C/Gk, Gk, D]
+    v = vq * vs[..., 0] + vs[..., 1]                                                        # v: [n, Hkv, C, D/Gv, Gv]
+    out = torch.stack([k.reshape(n, hkv, c, d), v.reshape(n, hkv, c, d)], dim=1)          # out: [n, 2, Hkv, C, D]
     return out if dtype is None else out.to(dtype)
 
 
