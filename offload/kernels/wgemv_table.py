@@ -87,12 +87,18 @@ CLASSES = ("few_rows", "square", "wide", "many_rows", "long_k")
 
 # TABLE[format][class] = variant name.
 # --- TABLE (bench/gemv_tune.py --write-table rewrites this block) ---
-# Guesses until a device run fills it: enough CTAs for 132 SMs (k-split where rows are few), 4 units x 2 rows
-# of loads in flight per lane.
+# The fastest per class in bench/gemv_tune.py on NVIDIA H200, 2026-11-30.
 TABLE: dict[str, dict[str, str]] = {
-    fmt: {"few_rows": "w8r2u2k4sm", "square": "w8r2u4k1sm", "wide": "w8r2u4k1sm", "many_rows": "w8r2u4k1smp2",
-          "long_k": "w8r2u4k1sm"}
-    for fmt in ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+    "Q4_0": {"few_rows": "w8r2u2k2smp4", "square": "w8r2u2k1sm", "wide": "w8r4u2k1sm",
+             "many_rows": "w8r4u2k1smp2", "long_k": "w8r2u2k1sm"},
+    "Q4_1": {"few_rows": "w8r2u2k2smp4", "square": "w4r2u2k1gm", "wide": "w4r2u4k1sm",
+             "many_rows": "w8r4u2k1sm", "long_k": "w16r2u2k1sm"},
+    "Q4_K": {"few_rows": "w8r2u2k2sm", "square": "w4r2u2k1gm", "wide": "w4r2u2k1gm",
+             "many_rows": "w8r4u2k1smp2", "long_k": "w16r2u2k1smp1"},
+    "Q6_K": {"few_rows": "w8r2u2k2sm", "square": "w8r2u2k1sm", "wide": "w4r2u2k1gm",
+             "many_rows": "w4r2u2k1gm", "long_k": "w4r2u2k1gm"},
+    "Q8_0": {"few_rows": "w8r2u2k2smp4", "square": "w4r2u2k1gm", "wide": "w8r2u4k1sb",
+             "many_rows": "w8r4u2k1sm", "long_k": "w4r2u2k1gm"},
 }
 # --- end TABLE ---
 
