@@ -93,3 +93,26 @@ def print_table(rows: list[dict]) -> None:
     print("-+-".join("-" * widths[c] for c in cols))
     for r in rows:
         print(" | ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+def graph_ms(fn, reps: int) -> float:
+    """Median ms of fn() replayed in a CUDA graph between CUDA events (how decode launches its kernels)."""
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):     # warm up off the default stream, as capture requires
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    del g
+    return median(times)

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cap_gpu, event_ms, median, peak_gib, reset_peak, sync, write_results  # noqa: E402
+from common import cap_gpu, event_ms, graph_ms, median, peak_gib, reset_peak, sync, write_results  # noqa: E402
 
 from offload.config import parse_tokens  # noqa: E402
 
@@ -164,26 +164,7 @@ def run_gemv(args) -> list[dict]:
 
 def _cuda_ms(fn, reps: int, graph: bool = True) -> float:
     """Median ms of fn() between CUDA events, captured in a CUDA graph (the decode step's launch cost)."""
-    if not graph:
-        return event_ms(fn, reps)
-    fn()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1))
-    return median(times)
+    return graph_ms(fn, reps) if graph else event_ms(fn, reps)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from datetime import date
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, event_ms, median, print_table  # noqa: E402
+from common import device_name, event_ms, graph_ms, print_table  # noqa: E402
 
 FORMATS = ("Q4_K", "Q8_0", "Q6_K", "Q4_1", "Q4_0")   # what --weights q4 / q8_0 and Q4_K_M files use first
 
@@ -48,29 +48,6 @@ def copy_ceiling() -> float:
     dst = torch.empty_like(src)
     ms = event_ms(lambda: dst.copy_(src), 10)
     return 2 * (1 << 30) / ms / 1e6
-
-
-def graph_ms(fn, reps: int) -> float:
-    """Median ms of fn() replayed in a CUDA graph (how decode launches the kernels)."""
-    fn()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1))
-    del g
-    return median(times)
 
 
 def precompile(variants, fmts, dtype, workers: int) -> dict[tuple[str, str], str]:
