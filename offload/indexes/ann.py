@@ -16,8 +16,10 @@ than `min_ivf_tokens` keys gets exact flat indexes (IVF needs data to train).
 
 Layout: ONE faiss IVF per layer; KV head h owns lists h*nlist .. (h+1)*nlist - 1 and the ids are token
 positions. A decode step probes each query head's nearest lists of its own KV head (a small numpy matmul
-against the centroids) and searches all query heads in one `search_preassigned` call (faiss spreads the
-queries over its OpenMP threads): one faiss call per layer instead of one per head (~0.3 ms fixed each).
+against the centroids, nearest lists first) and searches all query heads in one `search_preassigned` call:
+one faiss call per layer instead of one per head (~0.3 ms fixed each). That call is serial in faiss's default
+parallel_mode 0, which kept a 16-core host at 26 ms per layer at 128K (issue 13); mode 3 spreads the query heads
+over faiss's pool.
 
 Chunk score: each retrieved token votes for its chunk, with weight 1 ("count") or its share of the
 softmax mass among the tokens retrieved for that query head ("expsum"); a query group's votes are
@@ -30,7 +32,8 @@ milliseconds per layer); build() then copies the keys to the host and a backgrou
 the lists (heads converted side by side on a worker pool) while the GPU prefills the next layers;
 select/extend wait for it. Threads: faiss-cpu and torch each ship their own libgomp; the index sets faiss's
 pool (`threads`, default 0 = every core this process may use: on a GPU host torch's CPU pool is idle during
-prefill and decode). Set OMP_WAIT_POLICY=PASSIVE so that an idle pool does not spin.
+prefill and decode; `search_threads` sets the decode search's pool apart, default the same). Set
+OMP_WAIT_POLICY=PASSIVE so that an idle pool does not spin.
 Memory: host only, besides the build's k-means temporaries on the device (gpu_bytes); "flat" codes keep
 float32 keys (D'*4 B per head-token) + 8 B ids, "sq8" D' B + 8 B.
 """
