@@ -39,6 +39,7 @@ from offload.indexes import chunk_attention_mass, make_index, mass_recall  # noq
 from offload.indexes.ann import best_first  # noqa: E402
 from offload.indexes.synthetic import synthetic_layer  # noqa: E402
 
+REPS = [3]             # timed calls per query (--reps)
 SHAPE = dict(num_kv_heads=8, num_q_heads=32, head_dim=128, chunk_tokens=32, dtype=torch.bfloat16)
 
 
@@ -64,13 +65,13 @@ def built(cls, keys: torch.Tensor, trained, threads: int, device: torch.device, 
     return index
 
 
-def time_select(index, queries: torch.Tensor, k: int, device: torch.device, reps: int = 3) -> tuple[float, ...]:
+def time_select(index, queries: torch.Tensor, k: int, device: torch.device) -> tuple[float, ...]:
     """(median wall, median CPU, min wall) ms of index.select over queries [Hq, m, D] (on device), each query
-    `reps` times after a warm call. On a shared box the minimum is the figure least inflated by other jobs."""
+    --reps times after a warm call. On a shared box the minimum is the figure least inflated by other jobs."""
     walls, cpus = [], []
     for i in range(queries.shape[1]):
         index.select(queries[:, i], k)
-        for _ in range(reps):
+        for _ in range(REPS[0]):
             sync(device)
             t = clock()
             index.select(queries[:, i], k)
@@ -81,12 +82,12 @@ def time_select(index, queries: torch.Tensor, k: int, device: torch.device, reps
     return round(median(walls), 3), round(median(cpus), 3), round(min(walls), 3)
 
 
-def phases(index, queries: torch.Tensor, k: int, device: torch.device, reps: int = 3) -> dict:
+def phases(index, queries: torch.Tensor, k: int, device: torch.device) -> dict:
     """select's steps timed apart (wall ms, the minimum over queries x reps: on a shared box the figure least
     inflated by other jobs); their sum is one select without its checks."""
     out = {name: [] for name in ("to_host", "probe", "faiss", "votes", "top_k", "to_device")}
     k_tok = index._tokens_for(k)
-    for i in [i for i in range(queries.shape[1]) for _ in range(reps)]:
+    for i in [i for i in range(queries.shape[1]) for _ in range(REPS[0])]:
         sync(device)
         t = [time.perf_counter()]
         q_np = index._host_query(queries[:, i])
@@ -191,12 +192,14 @@ def main() -> None:
     ap.add_argument("--retrieve-factors", default="", help="comma list: also time select + recall at these "
                     "retrieve_factor values (default 0.25)")
     ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3, help="timed selects per query (min and median over all)")
     ap.add_argument("--device", default="cpu", help="where the keys are trained and the queries live (cuda: GPU)")
     ap.add_argument("--baseline", default="", help="an older offload/indexes/ann.py to time in the same process")
     ap.add_argument("--profile", action="store_true", help="cProfile of the selects, to stderr")
     ap.add_argument("--out", default="bench/out/ann_cpu.json")
     args = ap.parse_args()
     args.search_threads = [int(t) for t in args.search_threads.split(",") if t]
+    REPS[0] = max(1, args.reps)
     args.retrieve_factors = [float(f) for f in args.retrieve_factors.split(",") if f]
     device = torch.device(args.device)
     rows = []
@@ -215,7 +218,7 @@ def main() -> None:
                                                "faiss_threads": faiss.omp_get_max_threads(),
                                                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                                                "load_average": os.getloadavg()[0], "budget": args.budget,
-                                               "device": str(device)})
+                                               "reps": REPS[0], "device": str(device)})
 
 
 if __name__ == "__main__":
