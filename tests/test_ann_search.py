@@ -82,3 +82,32 @@ def test_search_threads_option_is_validated():
     from offload.errors import ConfigError
     with pytest.raises(ConfigError, match="search_threads"):
         make_index("ann", search_threads=-1, **SHAPE)
+
+
+@pytest.mark.parametrize("space", ["l2aug", "ip"])
+def test_probes_are_each_query_heads_nearest_lists_of_its_own_kv_head_nearest_first(layer, space):
+    """The coarse step against a brute-force reference: per query head, the probe lists of its own KV head whose
+    centroids are nearest in the search space (L2 to [q, 0] for l2aug, largest inner product for ip), in order."""
+    keys, decode = layer
+    index = make_index("ann", min_ivf_tokens=256, space=space, probe_fraction=0.1, **SHAPE)
+    index.build(keys)
+    cents = torch.from_numpy(index._centroids).double()                       # cents: [Hkv, nlist, D']
+    nlist = cents.shape[1]
+    for i in range(decode.shape[1]):
+        q = decode[:, i].double().reshape(HKV, HQ // HKV, D)                   # q: [Hkv, G, D]
+        lists, _ = index._probe(index._host_query(decode[:, i]))              # lists: [Hq, probe]
+        probe = lists.shape[1]
+        assert probe == math.ceil(0.1 * nlist)
+        if space == "l2aug":
+            qx = torch.cat([q, torch.zeros(*q.shape[:2], 1, dtype=q.dtype)], dim=2)  # qx: [Hkv, G, D+1]
+            key = torch.cdist(qx, cents)                                       # key: [Hkv, G, nlist], smaller first
+        else:
+            key = -torch.einsum("hgd,hld->hgl", q, cents)
+        own = torch.from_numpy(lists).reshape(HKV, HQ // HKV, probe) - (torch.arange(HKV) * nlist)[:, None, None]
+        assert bool(((own >= 0) & (own < nlist)).all())                       # only its own KV head's lists
+        got = key.gather(2, own)                                               # got: [Hkv, G, probe] in our order
+        tol = 1e-4 * key.abs().amax()
+        assert bool((got.diff(dim=2) >= -tol).all())                           # nearest first
+        ranked = key.sort(dim=2).values                                        # ranked: [Hkv, G, nlist]
+        assert bool((got[..., -1] <= ranked[..., probe - 1] + tol).all())      # and they are the nearest ones
+        assert torch.allclose(got.sort(dim=2).values, ranked[..., :probe], atol=float(tol))

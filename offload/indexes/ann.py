@@ -436,7 +436,7 @@ class FaissANNIndex:
         dis = np.take_along_axis(coarse.reshape(hkv * g, nlist), lists, axis=1)  # dis: [Hq, probe]
         # nearest lists first: the result heap fills with good tokens early and later ones rarely enter it (the
         # heap of 592 tokens, not the distances, is most of faiss's time; ~10% less than an arbitrary order)
-        first = np.argsort(dis, axis=1)                                        # first: [Hq, probe]
+        first = np.argsort(np.take_along_axis(order, lists, axis=1), axis=1)   # first: [Hq, probe] (ip: -s)
         dis = np.take_along_axis(dis, first, axis=1)
         lists = np.take_along_axis(lists, first, axis=1) + np.repeat(np.arange(hkv) * nlist, g)[:, None]
         return lists.astype(np.int64), np.ascontiguousarray(dis, dtype=np.float32)
