@@ -1,21 +1,31 @@
-"""The ANN index's build and search on the CPU, split the way a GPU session runs it (issue 13, deliverable 4).
+"""The ANN index's build and decode select, split the way a GPU session runs it (issue 13, deliverable 4).
 
     python bench/ann_cpu.py --tokens 32K,128K --budget 2K --out bench/results/ann_cpu_split.json
+    python bench/ann_cpu.py --tokens 128K --search-threads 1,4,16 --device cuda     # on the GPU host
+    git show f5ef176:offload/indexes/ann.py > /tmp/ann_before.py
+    python bench/ann_cpu.py --tokens 32K,128K --baseline /tmp/ann_before.py          # before/after, same process
 
 One synthetic layer with Llama-3-8B attention shapes (8 KV heads, 32 query heads, D=128, bf16 keys, 32-token
 chunks; offload.indexes.synthetic). Per layer:
-  kmeans_s   sampled k-means + assignment of every key (kmeans.ivf_lists). On a GPU session this runs on the
-             GPU during prefill; here it runs in torch on the CPU, so it is an upper bound of that part.
-  file_s     what the background builder does on the host: keys widened to float32, filed into the IVF lists
-             (add_core with the pre-assigned lists), chunk means.
-  select_ms  one decode select (every KV head, one faiss search_preassigned call), wall and CPU.
+  kmeans_s   sampled k-means + assignment of every key (kmeans.ivf_lists), on --device (a GPU session runs it on
+             the GPU during prefill; on the CPU it is an upper bound of that part).
+  file_s     what the background builder does on the host: keys widened to float32, filed into the IVF lists.
+  select     one decode select (every KV head), wall and CPU ms, median over the decode queries; the query lives
+             on --device, so on a GPU host the copies both ways are in it (the device is synchronised first).
+  phases     the same select's steps timed apart (wall ms, minimum): to_host (query to the host), probe (coarse
+             matmul + partition), faiss (search_preassigned), votes (scores per chunk), top_k (best_first),
+             to_device (ids back).
   recall     attention mass of the selected chunks / mass of the best chunks of the same count.
-Wall times depend on what else the machine runs; CPU seconds are the work. The JSON records the load average.
+Wall times depend on what else the machine runs; CPU ms are the work. The JSON records the load average.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import importlib.util
+import io
 import os
+import pstats
 import sys
 import time
 
@@ -26,7 +36,11 @@ from common import median, write_results  # noqa: E402
 
 from offload.config import parse_tokens  # noqa: E402
 from offload.indexes import chunk_attention_mass, make_index, mass_recall  # noqa: E402
+from offload.indexes.ann import best_first  # noqa: E402
 from offload.indexes.synthetic import synthetic_layer  # noqa: E402
+
+REPS = [3]             # timed calls per query (--reps)
+SHAPE = dict(num_kv_heads=8, num_q_heads=32, head_dim=128, chunk_tokens=32, dtype=torch.bfloat16)
 
 
 def clock():
@@ -37,36 +51,136 @@ def since(t) -> tuple[float, float]:
     return time.perf_counter() - t[0], time.process_time() - t[1]
 
 
-def run(tokens: int, budget_tokens: int, threads: int, queries: int) -> dict:
-    keys, decode, _ = synthetic_layer(tokens, 8, 32, 128, num_queries=queries, seed=5)   # keys: [Hkv, N, D]
-    keys = keys.bfloat16()
-    shape = dict(num_kv_heads=8, num_q_heads=32, head_dim=128, chunk_tokens=32, dtype=torch.bfloat16)
-    index = make_index("ann", background=False, threads=threads, **shape)
-    t = clock()
-    trained = index._train_keys(keys)                  # what build() runs on the GPU when the keys are there
-    kmeans_s = since(t)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def built(cls, keys: torch.Tensor, trained, threads: int, device: torch.device, **options):
+    """An index of class cls over keys [Hkv, N, D] (host), filed from the given lists (no background thread)."""
+    index = cls(device=device, background=False, threads=threads, **SHAPE, **options)
     index._reset()
-    index._num_tokens = tokens
+    index._num_tokens = keys.shape[1]
+    index._build_all(keys, None, trained)
+    return index
+
+
+def time_select(index, queries: torch.Tensor, k: int, device: torch.device) -> tuple[float, ...]:
+    """(median wall, median CPU, min wall) ms of index.select over queries [Hq, m, D] (on device), each query
+    --reps times after a warm call. On a shared box the minimum is the figure least inflated by other jobs."""
+    walls, cpus = [], []
+    for i in range(queries.shape[1]):
+        index.select(queries[:, i], k)
+        for _ in range(REPS[0]):
+            sync(device)
+            t = clock()
+            index.select(queries[:, i], k)
+            sync(device)
+            wall, cpu = since(t)
+            walls.append(1000 * wall)
+            cpus.append(1000 * cpu)
+    return round(median(walls), 3), round(median(cpus), 3), round(min(walls), 3)
+
+
+def phases(index, queries: torch.Tensor, k: int, device: torch.device) -> dict:
+    """select's steps timed apart (wall ms, the minimum over queries x reps: on a shared box the figure least
+    inflated by other jobs); their sum is one select without its checks."""
+    out = {name: [] for name in ("to_host", "probe", "faiss", "votes", "top_k", "to_device")}
+    k_tok = index._tokens_for(k)
+    for i in [i for i in range(queries.shape[1]) for _ in range(REPS[0])]:
+        sync(device)
+        t = [time.perf_counter()]
+        q_np = index._host_query(queries[:, i])
+        t.append(time.perf_counter())
+        lists, dis = index._probe(q_np)
+        t.append(time.perf_counter())
+        ip, tok = index._scan(q_np, lists, dis, k_tok)
+        t.append(time.perf_counter())
+        score = index._chunk_votes(ip, tok)
+        t.append(time.perf_counter())
+        ids = best_first(score, k)
+        t.append(time.perf_counter())
+        torch.from_numpy(ids).to(device)
+        sync(device)
+        t.append(time.perf_counter())
+        for name, a, b in zip(out, t, t[1:]):
+            out[name].append(1000 * (b - a))
+    return {name: round(min(v), 3) for name, v in out.items()}
+
+
+def profile(index, queries: torch.Tensor, k: int, rows: int = 12) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(queries.shape[1]):
+        index.select(queries[:, i], k)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(rows)
+    return text.getvalue()
+
+
+def load_baseline(path: str):
+    """FaissANNIndex from an older copy of offload/indexes/ann.py (its imports resolve to this checkout)."""
+    spec = importlib.util.spec_from_file_location("ann_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FaissANNIndex
+
+
+def run(tokens: int, budget_tokens: int, args, device: torch.device) -> dict:
+    keys, decode, _ = synthetic_layer(tokens, 8, 32, 128, num_queries=args.queries, seed=5)   # keys: [Hkv, N, D]
+    keys = keys.bfloat16()
+    queries = decode.bfloat16().to(device)                                    # queries: [Hq, m, D]
+    from offload.indexes.ann import FaissANNIndex
+    index = make_index("ann", background=False, threads=args.threads, **SHAPE)
+    sync(device)
     t = clock()
-    index._build_all(keys, None, trained)              # what the background builder does on the host
+    trained = index._train_keys(keys.to(device))       # what build() runs on the GPU when the keys are there
+    sync(device)
+    kmeans_s = since(t)
+    t = clock()
+    index = built(FaissANNIndex, keys, trained, args.threads, device)       # what the background builder does
     file_s = since(t)
     k = budget_tokens // 32 + 2 + 8                    # the runtime asks for budget + sinks + window chunks
-    walls, cpus, recalls = [], [], []
-    for i in range(decode.shape[1]):
-        q = decode[:, i]                                                       # q: [Hq, D]
-        index.select(q, k)                                                     # warm
-        t = clock()
-        ids = index.select(q, k)                                               # ids: [Hkv, k]
-        wall, cpu = since(t)
-        walls.append(1000 * wall)
-        cpus.append(1000 * cpu)
-        recalls.append(float(mass_recall(chunk_attention_mass(q, keys.float(), 32), ids).mean()))
-    nlist = index._centroids.shape[1]
-    return {"tokens": tokens, "nlist_per_head": nlist, "probed_lists": max(1, -(-nlist * 5 // 100)),
-            "kmeans_s": round(kmeans_s[0], 3), "kmeans_cpu_s": round(kmeans_s[1], 3),
-            "file_s": round(file_s[0], 3), "file_cpu_s": round(file_s[1], 3),
-            "select_ms": round(median(walls), 2), "select_cpu_ms": round(median(cpus), 2),
-            "recall": round(sum(recalls) / len(recalls), 4), "host_MiB": index.nbytes["host"] / 2**20}
+    row = {"tokens": tokens, "nlist_per_head": index._centroids.shape[1],
+           "probed_lists": index._probe(index._host_query(queries[:, 0]))[0].shape[1],
+           "retrieved_per_query_head": index._tokens_for(k),
+           "kmeans_s": round(kmeans_s[0], 3), "kmeans_cpu_s": round(kmeans_s[1], 3),
+           "file_s": round(file_s[0], 3), "file_cpu_s": round(file_s[1], 3)}
+    row["select_ms"], row["select_cpu_ms"], row["select_min_ms"] = time_select(index, queries, k, device)
+    row["phases_ms"] = phases(index, queries, k, device)
+    recalls = [float(mass_recall(chunk_attention_mass(decode[:, i], keys.float(), 32),
+                                 index.select(queries[:, i], k).cpu()).mean()) for i in range(decode.shape[1])]
+    row["recall"] = round(sum(recalls) / len(recalls), 4)
+    row["by_search_threads"] = {}
+    for threads in args.search_threads:
+        index.search_threads = threads
+        row["by_search_threads"][threads] = time_select(index, queries, k, device)
+    index.search_threads = index.threads
+    row["by_retrieve_factor"], default = {}, index.retrieve_factor
+    for factor in args.retrieve_factors:    # fewer retrieved tokens per query head: a smaller heap in faiss
+        index.retrieve_factor = factor
+        wall, cpu, _ = time_select(index, queries, k, device)
+        got = [float(mass_recall(chunk_attention_mass(decode[:, i], keys.float(), 32),
+                                 index.select(queries[:, i], k).cpu()).mean()) for i in range(decode.shape[1])]
+        row["by_retrieve_factor"][factor] = {"select_ms": wall, "select_cpu_ms": cpu, "faiss_ms":
+                                             phases(index, queries, k, device)["faiss"],
+                                             "recall": round(sum(got) / len(got), 4)}
+    index.retrieve_factor = default
+    if args.baseline:
+        before = built(load_baseline(args.baseline), keys, trained, args.threads, device)
+        after = (row["select_ms"], row["select_cpu_ms"], row["select_min_ms"])
+        row["baseline_select_ms"], row["baseline_select_cpu_ms"], row["baseline_select_min_ms"] = \
+            time_select(before, queries, k, device)
+        row["select_ms"], row["select_cpu_ms"], row["select_min_ms"] = time_select(index, queries, k, device)
+        row["select_ms_first_pass"] = after
+        same = [bool(torch.equal(before.select(queries[:, i], k).cpu(), index.select(queries[:, i], k).cpu()))
+                for i in range(decode.shape[1])]
+        row["baseline_same_ids"] = f"{sum(same)}/{len(same)}"
+    if args.profile:
+        print(profile(index, queries, k), file=sys.stderr)
+    row["host_MiB"] = round(index.nbytes["host"] / 2**20, 1)
+    return row
 
 
 def main() -> None:
@@ -74,15 +188,37 @@ def main() -> None:
     ap.add_argument("--tokens", default="32K")
     ap.add_argument("--budget", default="2K")
     ap.add_argument("--threads", type=int, default=0, help="faiss threads (0: all cores)")
+    ap.add_argument("--search-threads", default="", help="comma list: also time select with these faiss threads")
+    ap.add_argument("--retrieve-factors", default="", help="comma list: also time select + recall at these "
+                    "retrieve_factor values (default 0.25)")
     ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3, help="timed selects per query (min and median over all)")
+    ap.add_argument("--device", default="cpu", help="where the keys are trained and the queries live (cuda: GPU)")
+    ap.add_argument("--baseline", default="", help="an older offload/indexes/ann.py to time in the same process")
+    ap.add_argument("--profile", action="store_true", help="cProfile of the selects, to stderr")
     ap.add_argument("--out", default="bench/out/ann_cpu.json")
     args = ap.parse_args()
+    args.search_threads = [int(t) for t in args.search_threads.split(",") if t]
+    REPS[0] = max(1, args.reps)
+    args.retrieve_factors = [float(f) for f in args.retrieve_factors.split(",") if f]
+    device = torch.device(args.device)
     rows = []
+    print("tokens  select wall ms (cpu, min wall)  to_host probe faiss votes top_k to_device  recall", file=sys.stderr)
     for n in args.tokens.split(","):
-        rows.append(run(parse_tokens(n), parse_tokens(args.budget), args.threads, args.queries))
-        print(rows[-1], flush=True)
-    write_results("ann_cpu", rows, args.out, {"torch_threads": torch.get_num_threads(),
-                                               "load_average": os.getloadavg()[0], "budget": args.budget})
+        rows.append(run(parse_tokens(n), parse_tokens(args.budget), args, device))
+        r, p = rows[-1], rows[-1]["phases_ms"]
+        base = (f"  before {r['baseline_select_ms']} ({r['baseline_select_cpu_ms']}, min {r['baseline_select_min_ms']})"
+                if args.baseline else "")
+        print(f"{r['tokens']:>6}  {r['select_ms']:7.2f} ({r['select_cpu_ms']:6.2f}, min {r['select_min_ms']:.2f})  " +
+              " ".join(f"{p[name]:.2f}" for name in p) + f"  {r['recall']}{base}", file=sys.stderr)
+        print(f"        by search threads {r['by_search_threads']}  by retrieve_factor {r['by_retrieve_factor']}",
+              file=sys.stderr, flush=True)
+    import faiss
+    write_results("ann_cpu", rows, args.out, {"torch_threads": torch.get_num_threads(), "cores": os.cpu_count(),
+                                               "faiss_threads": faiss.omp_get_max_threads(),
+                                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+                                               "load_average": os.getloadavg()[0], "budget": args.budget,
+                                               "reps": REPS[0], "device": str(device)})
 
 
 if __name__ == "__main__":
