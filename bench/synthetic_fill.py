@@ -175,9 +175,9 @@ def main() -> None:
         t_load = time.perf_counter() - t_load
         note = _Progress(args.progress_s, f"{ctx_s} {args.kv_dtype or 'bf16'}")
         note(f"model + tiers ready in {t_load:.1f} s: {llm.plan.summary()}", force=True)
-        store = sess.attn.store
+        store, n_layers = sess.attn.store, sess.attn.L
         t = fill(sess, ctx, sample=args.sample, progress=lambda layer: note(
-            f"fill: layer {layer + 1}/{sess.attn.L}, {_tiers(store)}", force=layer + 1 == sess.attn.L))
+            f"fill: layer {layer + 1}/{n_layers}, {_tiers(store)}", force=layer + 1 == n_layers))
         disk = store.tiers[2]
         t["drive_written_GB"] = round(disk.bytes_written / 1e9, 2) if disk is not None else 0.0
         t["fill_GBps_stored"] = round(sum(store.stats()[f"bytes_in_use_{k}"] for k in ("gpu", "host", "disk"))

@@ -171,7 +171,8 @@ def test_host_headroom_spills_a_batch_so_later_puts_skip_ranking_the_host(tmp_pa
         store.put(0, 0, truth[:128])                         # the host is full from here on
         ranked = []
         real = store._residents
-        monkeypatch.setattr(store, "_residents", lambda tier, real=real, ranked=ranked: ranked.append(tier) or real(tier))
+        monkeypatch.setattr(store, "_residents",
+                            lambda tier, real=real, ranked=ranked: ranked.append(tier) or real(tier))
         for first in range(128, 160):                        # one chunk at a time, as decode boundaries put
             store.put(0, first, truth[first:first + 1])
         rankings[headroom] = ranked.count(1)
