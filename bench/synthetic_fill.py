@@ -2,6 +2,7 @@
 
     python bench/synthetic_fill.py --ctx 256K,512K,1M --attention sparse --budget 2K --host-mem 48GiB \
         [--kv-dtype int4] [--disk-dir /nvme/kv] [--steps 64] [--gpu-cap 24] [--out bench/out/synthetic_decode.json]
+        [--progress-s 10]       # a progress line on stderr (load, fill per layer, decode steps) at most every 10 s
 
 fill(sess, n_tokens) makes a session hold n_tokens of KV with the statistics of the model's own:
   1. prefill `sample` random token ids (default 4K): the model's real post-RoPE K and V at a small context;
@@ -108,6 +109,34 @@ def fill(sess, n_tokens: int, sample: int = 4096, segment: int = 64, noise: floa
     return {"sample_prefill_s": round(t_prefill, 2), "fill_s": round(time.perf_counter() - t1, 2)}
 
 
+# per tier: share of selections served, drive bytes per decode token, and how many drive chunks the reads started a
+# layer ahead (from the previous step's selection) had ready
+_DECODE_STATS = ("hit_rate_gpu", "hit_rate_host", "hit_rate_disk", "disk_read_bytes_per_token", "prefetch_hit_chunks",
+                 "prefetch_miss_chunks", "prefetch_unused_chunks", "h2disk_bytes", "promoted_chunks")
+
+
+class _Progress:
+    """A line on stderr at most every `every` s (and when forced), so a run cut by a time limit says how far it got."""
+
+    def __init__(self, every: float, what: str):
+        self.every, self.what, self.t0 = every, what, time.perf_counter()
+        self.last = self.t0
+
+    def __call__(self, msg: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self.last >= self.every:
+            self.last = now
+            print(f"[{now - self.t0:6.1f} s] {self.what}: {msg}", file=sys.stderr, flush=True)
+
+
+def _tiers(store) -> str:
+    """Chunks and GB per tier so far, and the drive's written GB."""
+    st = store.stats()
+    disk = store.tiers[2]
+    drive = f", drive written {disk.bytes_written / 1e9:.1f} GB" if disk is not None else ""
+    return " ".join(f"{t} {st[f'bytes_in_use_{t}'] / 2**30:.1f} GiB" for t in ("gpu", "host", "disk")) + drive
+
+
 def _pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
@@ -127,6 +156,7 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--progress-s", type=float, default=10.0, help="a progress line on stderr at most this often")
     ap.add_argument("--out", default="bench/out/synthetic_decode.json")
     args = ap.parse_args()
     from offload import LLM
@@ -139,23 +169,35 @@ def main() -> None:
                     attention=args.attention, budget=args.budget, host_mem=args.host_mem, show_progress=False)
         opts.update({k: v for k, v in (("gpu_mem", args.gpu_mem), ("disk_dir", args.disk_dir),
                                         ("kv_dtype", args.kv_dtype)) if v})
+        t_load = time.perf_counter()
         llm = LLM(**opts)
-        sess = llm.session()
-        t = fill(sess, ctx, sample=args.sample)
+        sess = llm.session()       # allocates the tiers: the pinned host slab, the drive file
+        t_load = time.perf_counter() - t_load
+        note = _Progress(args.progress_s, f"{ctx_s} {args.kv_dtype or 'bf16'}")
+        note(f"model + tiers ready in {t_load:.1f} s: {llm.plan.summary()}", force=True)
+        store, n_layers = sess.attn.store, sess.attn.L
+        t = fill(sess, ctx, sample=args.sample, progress=lambda layer: note(
+            f"fill: layer {layer + 1}/{n_layers}, {_tiers(store)}", force=layer + 1 == n_layers))
+        disk = store.tiers[2]
+        t["drive_written_GB"] = round(disk.bytes_written / 1e9, 2) if disk is not None else 0.0
+        t["fill_GBps_stored"] = round(sum(store.stats()[f"bytes_in_use_{k}"] for k in ("gpu", "host", "disk"))
+                                      / 1e9 / max(t["fill_s"], 1e-9), 3)
+        note(f"filled: {json.dumps(t)}", force=True)
         tok, times = 0, []
-        for _ in range(args.warmup + args.steps):
+        for i in range(args.warmup + args.steps):
             sync()
             t0 = time.perf_counter()
             tok = int(sess.step(tok).argmax())
             sync()
             times.append(1000 * (time.perf_counter() - t0))
+            note(f"decode: step {i + 1}/{args.warmup + args.steps}, last {times[-1]:.1f} ms")
         times = times[args.warmup:]
         st = sess.stats()
         row = {"fill": "synthetic", "ctx": ctx, "attention": args.attention, "kv_dtype": args.kv_dtype or "bf16",
                "ms_median": round(_pct(times, 0.5), 2), "ms_mean": round(sum(times) / len(times), 2),
                "ms_p99": round(_pct(times, 0.99), 2), "ms_max": round(max(times), 2), **t,
-               "plan": llm.plan.summary(),
-               **{k: st[k] for k in ("hit_rate_gpu", "hit_rate_host", "hit_rate_disk") if k in st}}
+               "load_s": round(t_load, 2), "plan": llm.plan.summary(),
+               **{k: st[k] for k in _DECODE_STATS if k in st}}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
         sess.close()

@@ -16,6 +16,10 @@
   the given offsets and are CRC-checked against the given checksums like any slot. The file is never
   written, truncated or removed; its descriptor stays open until close(), so a file renamed over it
   later leaves these reads on the old, intact bytes. Writing or freeing an adopted slot returns it to kv.bin.
+* A write of consecutive slots goes to the drive as runs: one pwrite per piece of at most 8 MiB (at least one
+  piece per I/O thread) when slots carry no padding, with a CRC per chunk; a failed piece leaves all its slots
+  unreadable (the error names the drive), earlier pieces intact. Per-chunk pwrites of 68 KiB (int8, 8B) took
+  1.7x the drive time of the same bytes in runs, and a 1M-token spill makes ~260K of them (issue 12).
 * I/O runs on a thread pool; write/read return a Future. `after` handles (CUDA events, futures) are
   waited inside the worker, so a disk write can follow a GPU->host copy without blocking the caller.
   The pool's queue is FIFO, so waiting on a future submitted earlier to the same pool cannot deadlock.
@@ -44,6 +48,7 @@ from offload.tiers.diskdir import KV_FILE as _FILE, make_private_dir, remove_pri
 from offload.tiers.slots import SlotAllocator
 
 ALIGN = 4096
+_PIECE_BYTES = 8 << 20      # at most this much per write call of an I/O thread (runs of consecutive slots)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
@@ -222,7 +227,7 @@ class DiskStore:
             self._crc[s] = None
             self._bad.pop(s, None)
             self._src[s] = -1            # an adopted slot is written to kv.bin, never into the attached file
-        return self._submit(self._write_one, slots, src, list(after))
+        return self._submit(self._write_run, slots, src, list(after), runs=True)
 
     def read(self, slots: Sequence[int], dst: torch.Tensor, stream=None, after: Iterable = ()) -> Future:
         """Fill dst: [n, 2, Hkv, C, D] (host memory, contiguous); the Future fails with TierIOError."""
@@ -241,17 +246,29 @@ class DiskStore:
             self.bytes_read += read
 
     # ---- I/O ------------------------------------------------------------------------------------
-    def _submit(self, one, slots: list[int], t: torch.Tensor, after: list) -> Future:
+    def _submit(self, op, slots: list[int], t: torch.Tensor, after: list, runs: bool = False) -> Future:
+        """Split positions 0..n-1 into pieces for the I/O threads; op(slots, t rows) per piece (runs=True: a
+        piece is consecutive slots of at most _PIECE_BYTES, so a write is one pwrite per piece) or per chunk."""
         n = len(slots)
-        groups = min(self._threads, n)
-        bounds = [n * g // groups for g in range(groups + 1)] if groups else [0]
+        if runs:
+            per = max(1, min(_PIECE_BYTES // self.stride, -(-n // self._threads)))   # >= one piece per thread
+            bounds = [0]
+            for i in range(1, n + 1):
+                if i == n or slots[i] != slots[i - 1] + 1 or i - bounds[-1] == per:
+                    bounds.append(i)
+        else:
+            groups = min(self._threads, n)
+            bounds = [n * g // groups for g in range(groups + 1)] if groups else [0]
 
         def run(lo: int, hi: int) -> None:
             wait_handles(after)
-            for pos in range(lo, hi):
-                one(slots[pos], t[pos])
+            if runs:
+                op(slots[lo:hi], t[lo:hi])
+            else:
+                for pos in range(lo, hi):
+                    op(slots[pos], t[pos])
 
-        return gather([self._pool.submit(run, bounds[g], bounds[g + 1]) for g in range(groups)])
+        return gather([self._pool.submit(run, lo, hi) for lo, hi in zip(bounds, bounds[1:])])
 
     def _bounce(self) -> tuple[memoryview, int]:
         """This thread's page-aligned staging block (O_DIRECT needs aligned memory)."""
@@ -264,6 +281,36 @@ class DiskStore:
     def _direct_ok(self, ptr: int) -> bool:
         return ptr % ALIGN == 0 and self.stride == self.shape.nbytes
 
+    def _write_run(self, slots: list[int], chunks: torch.Tensor) -> None:
+        """Consecutive slots: one pwrite of the whole run when the rows can go to the drive as they lie
+        (O_DIRECT from aligned memory with no slot padding, or buffered I/O without padding); else chunk by chunk.
+        A failure leaves every slot of the run unreadable (named in the error), earlier runs intact."""
+        nb, ptr = self.shape.nbytes, chunks.data_ptr()
+        if len(slots) == 1 or self.stride != nb or (self.direct and ptr % ALIGN):
+            for slot, chunk in zip(slots, chunks):
+                self._write_one(slot, chunk)
+            return
+        buf = _address_view(ptr, nb * len(slots))
+        crcs = [zlib.crc32(buf[i * nb:(i + 1) * nb]) for i in range(len(slots))]
+        try:
+            self._pwrite_all(buf, slots[0] * self.stride)
+        except OSError as e:
+            err = _io_error(e, self.path, slots[0], "writing")
+            for s in slots:
+                self._bad[s] = str(err)
+            raise err from None
+        self._count(written=len(buf))
+        for s, crc in zip(slots, crcs):
+            self._crc[s] = crc
+
+    def _pwrite_all(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buf):               # buffered I/O may write short
+            n = self._pwrite(self._fd, buf[done:], offset + done)
+            if n <= 0:                       # nothing accepted: a full drive (never loop on it)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += n
+
     def _write_one(self, slot: int, chunk: torch.Tensor) -> None:
         nb, ptr = self.shape.nbytes, chunk.data_ptr()
         if self._direct_ok(ptr) or not self.direct:
@@ -274,12 +321,7 @@ class DiskStore:
             buf = view                       # padded to the aligned stride; the tail stays zero
         crc = zlib.crc32(buf[:nb])
         try:
-            done = 0
-            while done < len(buf):           # buffered I/O may write short
-                n = self._pwrite(self._fd, buf[done:], slot * self.stride + done)
-                if n <= 0:                   # nothing accepted: a full drive (never loop on it)
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                done += n
+            self._pwrite_all(buf, slot * self.stride)
         except OSError as e:
             err = _io_error(e, self.path, slot, "writing")
             self._bad[slot] = str(err)

@@ -16,6 +16,8 @@ from offload.tiers.placement import DISK, GPU, HOST
 from offload.tiers.slots import paired_runs, runs
 from offload.tiers.sync import new_event, stream_wait
 
+_DISK_PIECE_BYTES = 8 << 20      # host -> disk demotions: one write (and one completion handle) per piece
+
 
 def _storage(tier) -> torch.Tensor:
     return tier.pool if tier.name == "gpu" else tier.slab
@@ -47,7 +49,12 @@ class MovesMixin:
         disk, slab = self.tiers[DISK], self.tiers[HOST].slab
         order = sorted(host_slots)
         dslots = disk.alloc(len(order))
-        for h0, d0, n in paired_runs(order, dslots):
+        piece = max(1, _DISK_PIECE_BYTES // self.cold_shape.nbytes)
+        # one write per piece, each with its own future: a host slot freed here is reused (by this put or the next)
+        # as soon as ITS piece is on the drive, not when the whole demotion is, so the drive writes behind the puts
+        pieces = [(h0 + i, d0 + i, min(piece, n - i)) for h0, d0, n in paired_runs(order, dslots)
+                  for i in range(0, n, piece)]
+        for h0, d0, n in pieces:
             hs, ds = list(range(h0, h0 + n)), list(range(d0, d0 + n))
             after = self._state[HOST].readers_wait(hs) + self._state[DISK].writers_wait(ds) + [fence]
             fut = disk.write(ds, slab[h0:h0 + n], after=after)                   # slab rows: [n, 2, Hkv, C, D]

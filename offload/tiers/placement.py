@@ -48,14 +48,16 @@ def _pick(policy: EvictionPolicy, layers: torch.Tensor, chunks: torch.Tensor, n:
 
 def plan_put(policy: EvictionPolicy, layer: int | torch.Tensor, new_ids: torch.Tensor, num_chunks: torch.Tensor,
              gpu, gpu_free: int, host, host_free: int, disk_free: int,
-             gpu_headroom: int = 0) -> Moves:
+             gpu_headroom: int = 0, host_headroom: int = 0) -> Moves:
     """Decide the moves for putting new_ids (int64 [n]) of `layer` (or of layers int64 [n], one per new chunk);
     num_chunks: int64 [L] after the put.
     gpu, host: Residents, or callables returning them (only called when the device tier overflows).
 
     When the device tier overflows, `gpu_headroom` more chunks than needed are demoted in the same
     batch, so the next puts (one chunk per layer every C decode tokens) find free slots and skip the
-    O(residents) victim ranking.
+    O(residents) victim ranking. `host_headroom` does the same at the host level, where the ranking is over
+    every host resident (~740K chunks of int8 KV in 48 GiB at 1M tokens): without it every put that spills
+    ranked them all (a synthetic 1M fill spent most of its time there, issue 12).
     """
     n = new_ids.numel()
     moves = Moves()
@@ -92,6 +94,8 @@ def plan_put(policy: EvictionPolicy, layer: int | torch.Tensor, new_ids: torch.T
     h_layers = torch.cat([host.layers, gpu.layers[res_down], new_layers[pushed_new]])  # [h + a + b]
     h_chunks = torch.cat([host.chunks, gpu.chunks[res_down], new_ids[pushed_new]])     # [h + a + b]
     excess_h = h_chunks.numel() - host.slots.numel() - host_free
+    # the slack only where the disk has room for it: it must never make a put fail
+    excess_h = min(excess_h + min(host_headroom, max(0, disk_free - excess_h)), h_chunks.numel())
     to_disk = _pick(policy, h_layers, h_chunks, excess_h)                       # to_disk: [h + a + b]
     hr, a = host.slots.numel(), pushed_slots.numel()
     if int(to_disk.sum()) > disk_free:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import heapq
 from typing import Sequence
 
+import numpy as np
+
 from offload.errors import CapacityError
 
 
@@ -62,14 +64,12 @@ def flag_runs(flags: Sequence) -> list[tuple[int, int, object]]:
 
 
 def paired_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(first src, first dst, length) per run where src and dst both advance by one."""
-    a, b = [int(x) for x in src], [int(x) for x in dst]
-    out: list[tuple[int, int, int]] = []
-    i = 0
-    while i < len(a):
-        j = i + 1
-        while j < len(a) and a[j] == a[j - 1] + 1 and b[j] == b[j - 1] + 1:
-            j += 1
-        out.append((a[i], b[i], j - i))
-        i = j
-    return out
+    """(first src, first dst, length) per run where src and dst both advance by one (a vector pass: puts at 1M
+    tokens split ~1M chunks into runs, a Python loop per element cost ~2 us each)."""
+    a, b = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)   # a, b: [n]
+    if not a.size:
+        return []
+    cut = np.flatnonzero((np.diff(a) != 1) | (np.diff(b) != 1)) + 1            # cut: [r - 1] run starts but the first
+    starts = np.concatenate(([0], cut))                                         # starts: [r]
+    lengths = np.diff(np.concatenate((starts, [a.size])))                       # lengths: [r]
+    return list(zip(a[starts].tolist(), b[starts].tolist(), lengths.tolist()))

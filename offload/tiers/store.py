@@ -68,6 +68,7 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin, ColdMixin)
         self.promote = promote
         self.policy = make_policy(policy, sink_chunks, window_chunks)
         self.gpu_headroom = caps[GPU] // 64     # demotion batch slack: ~1.5% of the device tier
+        self.host_headroom = caps[HOST] // 64 if caps[DISK] else 0   # and of the host tier, when it spills to disk
         pinned = num_layers * (self.policy.sink_chunks + self.policy.window_chunks)
         if caps[GPU] < pinned:
             raise CapacityError(f"GPU tier of {caps[GPU]} chunks is smaller than the pinned sinks + local windows "
@@ -215,7 +216,7 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin, ColdMixin)
         free = [t.num_free if t is not None else 0 for t in self.tiers]
         layer = int(layer_ids[0]) if bool((layer_ids == layer_ids[0]).all()) else layer_ids
         mv = plan_put(self.policy, layer, ids, self._num, lambda: self._residents(GPU), free[GPU],
-                      lambda: self._residents(HOST), free[HOST], free[DISK], self.gpu_headroom)
+                      lambda: self._residents(HOST), free[HOST], free[DISK], self.gpu_headroom, self.host_headroom)
         fence = None
         if self._copy is not None:
             compute = torch.cuda.current_stream(self.device)
