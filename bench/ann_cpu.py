@@ -36,7 +36,7 @@ from common import median, write_results  # noqa: E402
 
 from offload.config import parse_tokens  # noqa: E402
 from offload.indexes import chunk_attention_mass, make_index, mass_recall  # noqa: E402
-from offload.indexes.ann import best_first  # noqa: E402
+from offload.indexes.ann_search import best_first  # noqa: E402
 from offload.indexes.synthetic import synthetic_layer  # noqa: E402
 
 REPS = [3]             # timed calls per query (--reps)

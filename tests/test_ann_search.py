@@ -13,7 +13,7 @@ from offload.indexes.adaptive import true_chunk_log_mass
 from offload.indexes.synthetic import synthetic_layer
 
 pytest.importorskip("faiss")
-from offload.indexes.ann import best_first  # noqa: E402
+from offload.indexes.ann_search import best_first  # noqa: E402
 
 HKV, HQ, D, C = 2, 8, 64, 32
 SHAPE = dict(num_kv_heads=HKV, num_q_heads=HQ, head_dim=D, chunk_tokens=C, background=False)

@@ -19,7 +19,7 @@ positions. A decode step probes each query head's nearest lists of its own KV he
 against the centroids, nearest lists first) and searches all query heads in one `search_preassigned` call:
 one faiss call per layer instead of one per head (~0.3 ms fixed each). That call is serial in faiss's default
 parallel_mode 0, which kept a 16-core host at 26 ms per layer at 128K (issue 13); mode 3 spreads the query heads
-over faiss's pool.
+over faiss's pool. That decode half (probe, scan, chunk votes) is offload/indexes/ann_search.py.
 
 Chunk score: each retrieved token votes for its chunk, with weight 1 ("count") or its share of the
 softmax mass among the tokens retrieved for that query head ("expsum"); a query group's votes are
@@ -54,7 +54,8 @@ except ImportError:   # an extra since issue 15: only --index ann needs it (offl
     raise ConfigError("--index ann needs faiss-cpu, which is not installed; pip install 'offload[ann]' "
                       "(or use --index summary / shadow)") from None
 from offload.indexes import kmeans  # noqa: E402
-from offload.indexes._common import check_budget, check_choice, check_shape_args, split_chunks  # noqa: E402
+from offload.indexes.ann_search import IVFSearch  # noqa: E402
+from offload.indexes._common import check_choice, check_shape_args, split_chunks  # noqa: E402
 
 _POOLS: dict[str, ThreadPoolExecutor] = {}
 
@@ -70,37 +71,7 @@ def all_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def best_first(score: np.ndarray, k: int) -> np.ndarray:
-    """Per row of score [H, n] (>= 0), the columns of the k largest best first, ties newest (largest column) first
-    -> int64 [H, k]; the same as np.lexsort((-col, -score), axis=1)[:, :k]. Only the positive entries (the chunks
-    that got votes: a few hundred of 4K per head at 128K) are sorted, and a row with fewer than k of them is
-    filled with its newest zero columns (a full sort of 8 x 4K chunks took ~1.2 ms, more than the rest of a
-    128K select's host work; np.partition on the mostly-zero rows was slower still)."""
-    h, n = score.shape
-    k = min(int(k), n)
-    flat = np.flatnonzero(score > 0)                                           # flat: [V] = row * n + col
-    row, col = flat // n, flat % n                                             # row, col: [V]
-    order = np.lexsort((-col, -score.ravel()[flat], row))                      # by row, score desc, col desc
-    row, col = row[order], col[order]
-    voted = np.bincount(row, minlength=h)                                      # voted: [H]
-    rank = np.arange(len(row)) - (np.cumsum(voted) - voted)[row]               # rank: [V] within its row
-    if (voted >= k).all():
-        return np.ascontiguousarray(col[rank < k].reshape(h, k), dtype=np.int64)
-    out = np.empty((h, k), np.int64)
-    keep = rank < k
-    out[row[keep], rank[keep]] = col[keep]
-    # rows with fewer than k votes (common: a query group's 4 x 592 tokens often sit in < 74 chunks): the newest
-    # zero columns follow; the last min(n, 2k) columns hold enough of them, since such a row has < k votes
-    took = np.minimum(voted, k)                                                # took: [H]
-    w = min(n, 2 * k)
-    zero = score[:, n - w:][:, ::-1] <= 0                                      # zero: [H, w] newest first
-    nth = np.cumsum(zero, axis=1)                                              # nth: [H, w] 1-based
-    r, c = np.nonzero(zero & (nth <= (k - took)[:, None]))
-    out[r, took[r] + nth[r, c] - 1] = n - 1 - c
-    return out
-
-
-class FaissANNIndex:
+class FaissANNIndex(IVFSearch):
     """A layer's keys in one faiss IVF (lists per KV head) or exact flat indexes; inner-product search."""
 
     def __init__(self, num_kv_heads: int, num_q_heads: int, head_dim: int, chunk_tokens: int,
@@ -336,124 +307,6 @@ class FaissANNIndex:
     def graph_key(self):
         """None: faiss searches on the host, so a decode step with this index cannot be captured whole."""
         return None
-
-    def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
-        """query [Hq, D] -> best-first chunk ids int64 [Hkv, min(budget, num_chunks)] on the device."""
-        check_budget(budget)
-        self.wait()
-        hkv, n = self.num_kv_heads, self.num_chunks
-        k = min(int(budget), n)
-        if k == 0:
-            return torch.empty((hkv, 0), dtype=torch.long, device=self.device)
-        q_np = self._host_query(query)                                         # q_np: [Hkv, G, D]
-        ip, tok = self._search(q_np, self._tokens_for(k))                      # ip, tok: [Hkv, G, k_tok]
-        score = self._chunk_votes(ip, tok)                                     # score: [Hkv, n]
-        return torch.from_numpy(best_first(score, k)).to(self.device)         # ids: [Hkv, k]
-
-    def _host_query(self, query: torch.Tensor) -> np.ndarray:
-        """query [Hq, D] (any device) -> float32 [Hkv, G, D] on the host (heads h*G.. form KV head h's group)."""
-        return query.detach().float().cpu().reshape(self.num_kv_heads, self.group_size, -1).numpy()
-
-    def _chunk_votes(self, ip: np.ndarray, tok: np.ndarray) -> np.ndarray:
-        """Retrieved tokens' q.k and positions [Hkv, G, k_tok] -> float64 chunk scores [Hkv, n] (>= 0)."""
-        hkv, n = self.num_kv_heads, self.num_chunks
-        hit = tok >= 0
-        every = bool(hit.all())          # the usual case: no -1 padding, so no masking copies
-        if self.chunk_score == "count":
-            votes = hit.astype(np.float64)
-        else:
-            # each query head's share of the softmax mass among its retrieved tokens: with every token
-            # retrieved, the group sum per chunk is exactly the chunk's attention mass
-            logit = self.scale * ip if every else np.where(hit, self.scale * ip, -np.inf)  # logit: [Hkv, G, k_tok]
-            top = logit.max(axis=2, keepdims=True)                             # top: [Hkv, G, 1]
-            votes = np.exp(logit - (top if every else np.where(np.isfinite(top), top, 0.0)))
-            votes /= np.maximum(votes.sum(axis=2, keepdims=True), 1e-300)
-        where = np.arange(hkv)[:, None, None] * n + tok // self.chunk_tokens   # where: [Hkv, G, k_tok]
-        if every:
-            return np.bincount(where.ravel(), weights=votes.ravel(), minlength=hkv * n).reshape(hkv, n)
-        return np.bincount(where[hit], weights=votes[hit], minlength=hkv * n).reshape(hkv, n)
-
-    def _tokens_for(self, chunks: int) -> int:
-        return min(self._num_tokens, max(1, math.ceil(self.retrieve_factor * chunks * self.chunk_tokens)))
-
-    def chunk_log_mass(self, query: torch.Tensor, cap: int) -> torch.Tensor:
-        """Estimated log attention mass per chunk and query head -> float32 [Hkv, G, n] on the device.
-
-        The retrieve_factor x cap x C nearest tokens of each query head give their chunks the logsumexp of
-        their exact scaled q.k; every chunk also has log C + scale * q.mean (a lower bound by Jensen), and
-        the larger of the two is kept. Runs on the host (the index syncs anyway).
-        """
-        self.wait()
-        hkv, g, n = self.num_kv_heads, self.group_size, self.num_chunks
-        q_np = self._host_query(query)                                         # q_np: [Hkv, G, D]
-        means_t = self._means[:, :n].transpose(0, 2, 1)                        # means_t: [Hkv, D, n] (a view)
-        lm = np.matmul(q_np, means_t) * self.scale + math.log(self.chunk_tokens)  # lm: [Hkv, G, n] (BLAS)
-        if n == 0:
-            return torch.from_numpy(lm.astype(np.float32)).to(self.device)
-        ip, tok = self._search(q_np, self._tokens_for(int(cap)))               # ip, tok: [Hkv, G, k_tok]
-        hit = tok >= 0
-        # shifted by each query head's best retrieved logit (one max per row, not np.maximum.at per chunk, which
-        # cost milliseconds): a chunk whose tokens all sit > ~700 below it underflows to -inf, i.e. a share
-        # below e^-700, and keeps its Jensen bound from the mean below
-        logit = np.where(hit, self.scale * ip, -np.inf)                        # logit: [Hkv, G, k_tok]
-        top = logit.max(axis=2, keepdims=True)                                 # top: [Hkv, G, 1]
-        top = np.where(np.isfinite(top), top, 0.0)
-        row = (np.arange(hkv * g).reshape(hkv, g, 1) * n + tok // self.chunk_tokens)[hit]  # row: [hits]
-        total = np.bincount(row, weights=np.exp(logit - top)[hit], minlength=hkv * g * n).reshape(hkv, g, n)
-        with np.errstate(divide="ignore"):
-            lse = top + np.log(total)                                          # lse: [Hkv, G, n], -inf: no hit
-        return torch.from_numpy(np.maximum(lm, lse).astype(np.float32)).to(self.device)  # lm: [Hkv, G, n]
-
-    def _search(self, q_np: np.ndarray, k_tok: int) -> tuple[np.ndarray, np.ndarray]:
-        """Each query head's k_tok nearest tokens within its KV head: q_np [Hkv, G, D] -> (exact q.k float64,
-        token positions int64, -1 where fewer were found), both [Hkv, G, k_tok]."""
-        faiss.omp_set_num_threads(self.search_threads)
-        if self._ivf is None:      # exact flat: a few thousand keys at most per head
-            found = [f.search(np.ascontiguousarray(q_np[h], dtype=np.float32), k_tok) for h, f in enumerate(self._flat)]
-            return (np.stack([d for d, _ in found]).astype(np.float64), np.stack([t for _, t in found]))
-        return self._scan(q_np, *self._probe(q_np), k_tok)
-
-    def _probe(self, q_np: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The coarse step: each query head's nearest lists of its own KV head -> (lists int64, their coarse
-        distances float32), both [Hq, probe] as faiss takes them (one batched matmul, one partition)."""
-        hkv, g = q_np.shape[:2]
-        nlist = self._centroids.shape[1]
-        probe = min(nlist, self.nprobe or max(1, math.ceil(self.probe_fraction * nlist)))
-        s = np.matmul(q_np, self._cents_t)                                     # s: [Hkv, G, nlist] (BLAS)
-        if self.space == "ip":
-            coarse = s
-        else:
-            coarse = (q_np * q_np).sum(axis=2, keepdims=True) - 2 * s + self._cents_sq  # |q' - c|^2
-        order = (-coarse if self.space == "ip" else coarse).reshape(hkv * g, nlist)  # order: [Hq, nlist]
-        # the probe-th smallest per row, then every list at or below it: np.partition + a mask took ~0.15 ms where
-        # np.argpartition on the same 32 rows took ~0.45 ms; a tie at the threshold falls back to argpartition
-        kth = np.partition(order, probe - 1, axis=1)[:, probe - 1, None]       # kth: [Hq, 1]
-        near = order <= kth                                                    # near: [Hq, nlist]
-        if near.sum() == hkv * g * probe:
-            lists = np.nonzero(near)[1].reshape(hkv * g, probe)                # lists: [Hq, probe]
-        else:
-            lists = np.argpartition(order, probe - 1, axis=1)[:, :probe]
-        dis = np.take_along_axis(coarse.reshape(hkv * g, nlist), lists, axis=1)  # dis: [Hq, probe]
-        # nearest lists first: the result heap fills with good tokens early and later ones rarely enter it (the
-        # heap of 592 tokens, not the distances, is most of faiss's time; ~10% less than an arbitrary order)
-        first = np.argsort(np.take_along_axis(order, lists, axis=1), axis=1)   # first: [Hq, probe] (ip: -s)
-        dis = np.take_along_axis(dis, first, axis=1)
-        lists = np.take_along_axis(lists, first, axis=1) + np.repeat(np.arange(hkv) * nlist, g)[:, None]
-        return lists.astype(np.int64), np.ascontiguousarray(dis, dtype=np.float32)
-
-    def _scan(self, q_np: np.ndarray, lists: np.ndarray, dis: np.ndarray, k_tok: int) -> tuple[np.ndarray, np.ndarray]:
-        """One faiss search_preassigned over the probed lists of every query head (parallel_mode 3: the query
-        heads spread over faiss's pool) -> (q.k float64, positions int64), both [Hkv, G, k_tok]."""
-        hkv, g = q_np.shape[:2]
-        xq = self._queries_space(q_np)                                         # xq: [Hkv, G, D']
-        self._ivf.nprobe = lists.shape[1]
-        d, tok = self._ivf.search_preassigned(xq.reshape(hkv * g, -1), k_tok, lists, dis)  # d, tok: [Hq, k_tok]
-        d, tok = d.reshape(hkv, g, k_tok).astype(np.float64), tok.reshape(hkv, g, k_tok)
-        if self.space == "ip":
-            return d, tok
-        # l2aug: |q'-k'|^2 = |q|^2 + M^2 - 2 q.k
-        q2 = (q_np.astype(np.float64) ** 2).sum(axis=2, keepdims=True)         # q2: [Hkv, G, 1]
-        return (q2 + self._max_norm[:, None, None] ** 2 - d) / 2, tok
 
     # -- sizes -----------------------------------------------------------------------------------
     @property
