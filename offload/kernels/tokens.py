@@ -61,7 +61,7 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: i
     """
     r = token_scores(q, keys, valid, scale, group_reduce, base_lse)      # r: [Hkv, M]
     # unsorted: attention does not care about order, and the sort costs as much as the selection on the GPU
-    top = torch.topk(r, min(k, r.shape[1]), dim=1, sorted=mass > 0)      # [Hkv, k'] (best first with mass)
+    top = torch.topk(r, min(k, r.shape[1]), dim=1, sorted=False)          # [Hkv, k']
     idx = top.indices                                                     # idx: [Hkv, k']
     ok = valid.gather(1, idx)                                             # ok: [Hkv, k']
     if mass > 0:
@@ -69,7 +69,10 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: i
             raise ValueError("a token mass threshold needs group_reduce 'sum' (softmax shares), not 'max'")
         g = q.shape[0] // keys.shape[0]
         cand = r.masked_fill(~valid, 0.0).sum(1) / g                      # cand: [Hkv] candidates' share
-        ok = ok & mass_keep(top.values.masked_fill(~ok, 0.0) / g, 1.0 - cand, mass, floor)
+        # best first: sorting the k' picks costs far less than a sorted top-k over every candidate
+        share, order = torch.sort(top.values.masked_fill(~ok, 0.0) / g, dim=1, descending=True)  # [Hkv, k']
+        idx, ok = idx.gather(1, order), ok.gather(1, order)               # idx, ok: [Hkv, k'] best first
+        ok = ok & mass_keep(share, 1.0 - cand, mass, floor)
     return idx, ok
 
 
