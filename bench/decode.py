@@ -205,8 +205,8 @@ def main() -> None:
     ap.add_argument("--index-options", default=None, help='JSON, e.g. \'{"rank": 16}\'')
     ap.add_argument("--select-unit", default="chunk", choices=["chunk", "token"], help="sparse: whole chunks or tokens")
     ap.add_argument("--token-candidates", type=float, default=4.0, help="select-unit token: candidate chunks per budget chunk")
-    ap.add_argument("--token-mass", type=float, default=None, help="select-unit token: the budget is a cap; per KV head "
-                    "attend the fewest tokens reaching this softmax mass (issue 13)")
+    ap.add_argument("--token-mass", type=float, default=None, help="select-unit token: the budget is a cap; "
+                    "per KV head attend the fewest tokens reaching this softmax mass (issue 13)")
     ap.add_argument("--token-floor", type=int, default=0, help="--token-mass: tokens a head attends at least")
     ap.add_argument("--weights", default=None, help="bf16,q8_0,q4: run every offload mode with each (issue 16)")
     ap.add_argument("--gemv", action="store_true", help="also time the quantized GEMV kernels against the copy ceiling")

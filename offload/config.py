@@ -285,9 +285,9 @@ def _check_token_mass(cfg) -> None:
     if p is None:
         return
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-        raise ConfigError(f"token_mass must be in (0, 1], got {p!r}; use e.g. 0.95, or leave it unset for a fixed count")
+        raise ConfigError(f"token_mass must be in (0, 1], got {p!r}; use e.g. 0.95, or unset it for a fixed count")
     if cfg.select_unit != "token":
-        raise ConfigError("token_mass needs select_unit 'token' (it thresholds the token stage); add --select-unit token")
+        raise ConfigError("token_mass needs select_unit 'token' (it thresholds the token stage); set select_unit token")
     if cfg.token_reduce != "sum":
         raise ConfigError("token_mass needs token_reduce 'sum' (softmax shares), not 'max'; drop --token-reduce")
     if isinstance(cfg.budget, (int, str)) and not isinstance(cfg.budget, bool):
@@ -308,7 +308,8 @@ def env_overrides(environ=None) -> dict:
         raw = environ.get("OFFLOAD_" + name.upper())
         if raw is None or raw == "":
             continue
-        if name in ("temperature", "top_p", "token_candidates", "token_mass", "min_p", "repetition_penalty", "presence_penalty",
+        if name in ("temperature", "top_p", "token_candidates", "token_mass", "min_p", "repetition_penalty",
+                    "presence_penalty",
                     "frequency_penalty"):
             out[name] = _num(raw, float, name)
         elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk", "stream_chunk", "sink_tokens",

@@ -22,7 +22,8 @@ import torch
 
 from .reference import _attend, _compute_dtype
 
-__all__ = ["token_scores", "select_tokens", "mass_keep", "gather_candidate_keys", "gather_values", "token_attend", "GROUP_REDUCES"]
+__all__ = ["token_scores", "select_tokens", "mass_keep", "gather_candidate_keys", "gather_values", "token_attend",
+           "GROUP_REDUCES"]
 
 GROUP_REDUCES = ("max", "sum")
 
