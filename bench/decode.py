@@ -48,6 +48,8 @@ def run_offload(args, ctx: int, mode: str) -> dict:
         opts["index_options"] = json.loads(args.index_options) if args.index_options else None
     if mode == "sparse" and args.select_unit == "token":
         opts.update(select_unit="token", token_candidates=args.token_candidates)
+        if args.token_mass:
+            opts.update(token_mass=args.token_mass, token_floor=args.token_floor)
     reset_peak()
     llm = LLM(**opts, show_progress=False)
     sess = llm.session()
@@ -66,7 +68,7 @@ def run_offload(args, ctx: int, mode: str) -> dict:
         times.append(1000 * (time.perf_counter() - t1))
     mode_name = f"sparse-{args.index}" if mode == "sparse" and args.index else mode
     if mode == "sparse" and args.select_unit == "token":
-        mode_name += f"+tok{args.token_candidates:g}"
+        mode_name += f"+tok{args.token_candidates:g}" + (f"m{args.token_mass:g}" if args.token_mass else "")
     mode_name += f"@{kv_dtype}" if kv_dtype else ""
     mode_name += f":{weights}" if weights else ""
     row = {"mode": mode_name, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
@@ -184,6 +186,9 @@ def main() -> None:
     ap.add_argument("--index-options", default=None, help='JSON, e.g. \'{"rank": 16}\'')
     ap.add_argument("--select-unit", default="chunk", choices=["chunk", "token"], help="sparse: whole chunks or tokens")
     ap.add_argument("--token-candidates", type=float, default=4.0, help="select-unit token: candidate chunks per budget chunk")
+    ap.add_argument("--token-mass", type=float, default=None, help="select-unit token: the budget is a cap; "
+                    "per KV head attend the fewest tokens reaching this softmax mass (issue 13)")
+    ap.add_argument("--token-floor", type=int, default=0, help="--token-mass: tokens a head attends at least")
     ap.add_argument("--weights", default=None, help="bf16,q8_0,q4: run every offload mode with each (issue 16)")
     ap.add_argument("--gemv", action="store_true", help="also time the quantized GEMV kernels against the copy ceiling")
     ap.add_argument("--gemv-copies", type=int, default=4, help="layer sets cycled by the GEMV timing (beat the L2)")

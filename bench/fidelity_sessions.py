@@ -11,6 +11,9 @@ A suffix +tokF[max|sum] adds the token-level second stage (select_unit="token"):
 budget's chunks, their keys are scored exactly and the budget's number of tokens is attended, ranked by the
 query group's max q.k or summed softmax (default sum); e.g. "summary-max@5%/16+tok4". "oracle@5%/16+tok1000"
 has every chunk as a candidate: the best tokens by exact mass (the ceiling of any token selection).
+A further mP[fFLOOR] (token_mass, issue 13) makes the budget's tokens a cap: per KV head the fewest candidate
+tokens whose softmax mass with sinks + window reaches P, at least FLOOR; e.g. "summary-max@10%/16+tok4m0.95f64"
+(cap 10 %, candidates 40 %). "oracle@50%/16+tok10m0.95" is exact top-p over every token (cap 50 %).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ EXTRA_CONFIGS = {
 }
 ALL_CONFIGS = {**CONFIGS, **EXTRA_CONFIGS}
 _SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%+:]+))?(?:/(?P<chunk>\d+))?$")
-_TOK = re.compile(r"\+tok(?P<factor>\d+(?:\.\d+)?)(?P<reduce>max|sum)?$")
+_TOK = re.compile(r"\+tok(?P<factor>\d+(?:\.\d+)?)(?P<reduce>max|sum)?(?:m(?P<mass>[\d.]+)(?:f(?P<floor>\d+))?)?$")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Method:
     chunk: int = 16
     tok: float = 0.0         # > 0: token stage with this candidate factor
     tok_reduce: str = "sum"
+    tok_mass: float = 0.0    # > 0: token_mass (the budget's tokens are a cap), with tok_floor
+    tok_floor: int = 0
 
     @classmethod
     def parse(cls, spec: str) -> "Method":
@@ -56,6 +61,8 @@ class Method:
             raise SystemExit(f"method {spec!r}: write CONFIG@BUDGET/CHUNK with CONFIG one of full, oracle, "
                              + ", ".join(ALL_CONFIGS))
         tok = dict(tok=float(t["factor"]), tok_reduce=t["reduce"] or "sum") if t else {}
+        if t and t["mass"]:
+            tok.update(tok_mass=float(t["mass"]), tok_floor=int(t["floor"] or 0))
         return cls(m["config"], m["budget"] or "5%", int(m["chunk"] or 16), **tok)
 
     def layer_budgets(self, num_layers: int):
@@ -72,6 +79,7 @@ class Method:
     @property
     def label(self) -> str:
         tok = f"+tok{self.tok:g}{self.tok_reduce}" if self.tok else ""
+        tok += f"m{self.tok_mass:g}f{self.tok_floor}" if self.tok_mass else ""
         return "full" if self.config == "full" else f"{self.config}@{self.budget}/{self.chunk}{tok}"
 
 
@@ -93,6 +101,9 @@ def fork(base, method: Method):
     kw = dict(attention="sparse", index=index, budget=budget, chunk_tokens=method.chunk)
     if method.tok:
         kw.update(select_unit="token", token_candidates=method.tok, token_reduce=method.tok_reduce)
+    if method.tok_mass:
+        kw.update(token_mass=method.tok_mass, token_floor=method.tok_floor)
+        TOKEN_PICKS.reset()
     if not opts:
         return _mass_wrapped(base.fork(**kw), base, budget)
     llm, mc = base.llm, base.llm.model_config
@@ -107,6 +118,32 @@ def fork(base, method: Method):
     sess.attn.load_kv(base.attn.read_kv(layer) for layer in range(mc.num_layers))
     sess.tokens = list(base.tokens)
     return sess
+
+
+class TokenPicks:
+    """Counts the tokens the token stage attends per KV head and step (a token-mass budget's count varies):
+    wraps offload.kernels.tokens.select_tokens, which token_attend looks up at each call."""
+
+    def __init__(self):
+        import offload.kernels.tokens as tokens
+        self.inner, self.picked, self.heads = tokens.select_tokens, 0, 0
+        tokens.select_tokens = self._select
+
+    def _select(self, *args, **kw):
+        idx, ok = self.inner(*args, **kw)
+        self.picked += int(ok.sum())
+        self.heads += ok.shape[0]
+        return idx, ok
+
+    def reset(self) -> None:
+        self.picked = self.heads = 0
+
+    def mean(self) -> float | None:
+        """Tokens per KV head and step since the last reset (None: the stage never ran)."""
+        return round(self.picked / self.heads, 1) if self.heads else None
+
+
+TOKEN_PICKS = TokenPicks()
 
 
 def _mass_wrapped(sess, base, budget):

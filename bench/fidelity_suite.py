@@ -214,6 +214,9 @@ def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_
 
 def selected_tokens(sess, method) -> float | None:
     """Mean tokens a head selected per step (mass budgets: what the threshold really took), else None."""
+    if getattr(method, "tok_mass", 0):
+        from fidelity_sessions import TOKEN_PICKS
+        return TOKEN_PICKS.mean()
     indexes = getattr(sess.attn, "indexes", None) or []
     used = [idx.selected_chunks() for idx in indexes if hasattr(idx, "selected_chunks")]
     # 0: no step selected (the cap covered the context, everything was attended): the caller reports the cap

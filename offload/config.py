@@ -35,7 +35,8 @@ SEED_MAX = 2**64 - 1            # torch.Generator.manual_seed takes 64 bits
 # fields whose default is None: what a set value may be (other fields take the type of their default)
 _OPTIONAL_TYPES = {"ctx": (int, str), "gpu_mem": (int, str), "host_mem": (int, str), "disk_mem": (int, str),
                    "disk_dir": (str,), "streaming_heads": (dict,), "index_options": (dict,), "seed": (int,),
-                   "prompt_cache": (str,), "prompt_cache_every": (int, str), "stop": (str, list, tuple)}
+                   "prompt_cache": (str,), "prompt_cache_every": (int, str), "stop": (str, list, tuple),
+                   "token_mass": (float, int)}
 _ANY_TYPES = {"budget": (str, int, float, list)}
 _TYPE_NAMES = {bool: "true or false", int: "a whole number", str: "a string", float: "a number", dict: "a mapping",
                list: "a list"}
@@ -90,6 +91,10 @@ class OffloadConfig:
     select_unit: str = "chunk"            # sparse: attend whole chunks, or the top tokens of the candidate chunks
     token_candidates: float = 4.0         # select_unit=token: candidate chunks = this x the budget's chunks
     token_reduce: str = "sum"             # select_unit=token: rank a token by the group's summed softmax or max q.k
+    # select_unit=token, lossy, off by default (bench/RESULTS.md, issue 13): the budget's tokens become a cap and
+    # each KV head attends the fewest candidate tokens whose softmax mass (with sinks + window) reaches this p
+    token_mass: float | None = None
+    token_floor: int = 0                  # token_mass: tokens a head attends at least (whatever the mass)
     policy: str = "lru"                   # which chunks stay on faster tiers: lru | attention
     kv_dtype: str = "bf16"                # KV in the host and disk tiers: bf16 (as computed) | int8 | int4
                                           # (compressed, lossy: bench/RESULTS.md, issue 12) | auto
@@ -156,6 +161,7 @@ class OffloadConfig:
         tc = self.token_candidates
         if isinstance(tc, bool) or not isinstance(tc, (int, float)) or not tc >= 1 or tc == float("inf"):
             raise ConfigError(f"token_candidates must be a number >= 1 (candidate chunks per budget chunk), got {tc!r}")
+        _check_token_mass(self)
         for name in ("chunk_tokens", "prefill_chunk", "stream_chunk"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -270,6 +276,29 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return out
 
 
+def _check_token_mass(cfg) -> None:
+    """token_mass in (0, 1] with the token stage's summed-softmax ranking; token_floor an int >= 0 within a
+    token budget (a fraction of the context is checked against the cap when it is known: the floor is clamped)."""
+    p, floor = cfg.token_mass, cfg.token_floor
+    if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+        raise ConfigError(f"token_floor must be an integer >= 0 (tokens per KV head), got {floor!r}")
+    if p is None:
+        return
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        raise ConfigError(f"token_mass must be in (0, 1], got {p!r}; use e.g. 0.95, or unset it for a fixed count")
+    if cfg.select_unit != "token":
+        raise ConfigError("token_mass needs select_unit 'token' (it thresholds the token stage); set select_unit token")
+    if cfg.token_reduce != "sum":
+        raise ConfigError("token_mass needs token_reduce 'sum' (softmax shares), not 'max'; drop --token-reduce")
+    if isinstance(cfg.budget, (int, str)) and not isinstance(cfg.budget, bool):
+        try:
+            cap = parse_tokens(cfg.budget, "budget")
+        except Exception:       # a fraction or a mass budget: not a token count
+            return
+        if floor > cap:
+            raise ConfigError(f"token_floor {floor} is above the cap of {cap} tokens (the budget); lower token_floor")
+
+
 def env_overrides(environ=None) -> dict:
     """OFFLOAD_CTX=1M, OFFLOAD_GPU_MEM=6GiB, ... -> {field: value}."""
     environ = os.environ if environ is None else environ
@@ -279,11 +308,12 @@ def env_overrides(environ=None) -> dict:
         raw = environ.get("OFFLOAD_" + name.upper())
         if raw is None or raw == "":
             continue
-        if name in ("temperature", "top_p", "token_candidates", "min_p", "repetition_penalty", "presence_penalty",
+        if name in ("temperature", "top_p", "token_candidates", "token_mass", "min_p", "repetition_penalty",
+                    "presence_penalty",
                     "frequency_penalty"):
             out[name] = _num(raw, float, name)
         elif name in ("max_new_tokens", "seed", "chunk_tokens", "prefill_chunk", "stream_chunk", "sink_tokens",
-                      "window_tokens",
+                      "window_tokens", "token_floor",
                       "top_k"):
             out[name] = _num(raw, int, name)
         elif name == "cuda_graph":

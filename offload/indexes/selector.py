@@ -23,6 +23,8 @@ class Selection:
     Per head: sinks 0..n_sink-1, the window n-n_window..n-1 (n read on the device), then the first `take`
     ids of `ids` that are neither (none for a streaming head). token_k > 0: those `take` chunks are only
     candidates; the token stage keeps their token_k best tokens per KV head (ranked by token_reduce).
+    token_mass > 0: token_k is a cap; per KV head the fewest best tokens whose softmax mass (with sinks,
+    window and tail) reaches token_mass are attended, at least token_floor (kernels.tokens.select_tokens).
     """
     ids: torch.Tensor            # int64 [Hkv, M] best first, contiguous, on the compute device
     take: int
@@ -31,6 +33,8 @@ class Selection:
     streaming: torch.Tensor      # bool [Hkv]
     token_k: int = 0
     token_reduce: str = "sum"
+    token_mass: float = 0.0
+    token_floor: int = 0
 
     @property
     def whole_columns(self) -> int:
@@ -43,7 +47,7 @@ class Selector:
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, chunk_tokens: int, n_sink: int, n_window: int,
                  device, indexes=None, budget=None, token_candidates: float | None = None,
-                 token_reduce: str = "sum"):
+                 token_reduce: str = "sum", token_mass: float = 0.0, token_floor: int = 0):
         self.L, self.Hkv, self.C = num_layers, num_kv_heads, chunk_tokens
         self.n_sink, self.n_window, self.device = n_sink, n_window, torch.device(device)
         if indexes is not None and budget is not None and budget.adaptive:
@@ -53,6 +57,7 @@ class Selector:
             indexes = wrap_mass_budget(indexes, budget, chunk_tokens, n_sink, n_window)
         self.indexes, self.budget = indexes, budget   # budget: offload.indexes.Budget (chunks beyond sinks + window)
         self.token_candidates, self.token_reduce = token_candidates, token_reduce  # None: whole chunks
+        self.token_mass, self.token_floor = token_mass, token_floor   # 0: the budget's tokens, a fixed count
         streaming = budget.streaming_heads if budget is not None else {}
         self.streaming = torch.tensor([[h in streaming.get(layer, ()) for h in range(num_kv_heads)]
                                        for layer in range(num_layers)], device=device)  # [L, Hkv] bool
@@ -91,7 +96,7 @@ class Selector:
         ids = self.indexes[layer].select(q, want + self.n_sink + self.n_window)  # ids: [Hkv, W + fixed]
         self.select_s += time.perf_counter() - t
         return Selection(ids.to(self.device).contiguous(), want, self.n_sink, self.n_window, self.streaming[layer],
-                         budget * self.C if token else 0, self.token_reduce)
+                         budget * self.C if token else 0, self.token_reduce, self.token_mass, self.token_floor)
 
     def graph_key(self, n_chunks: int, length: int):
         """What a captured step's selection shapes depend on; None when an index syncs with the host."""

@@ -45,6 +45,6 @@ def attend_plan(q: torch.Tensor, tail: Tail, plan, scale: float) -> tuple[torch.
     if plan is not None and plan.token_k:
         # base_lse: what is attended anyway, so "sum" ranks tokens by their share of the whole softmax
         o2, lse2 = kernels.token_attend(q, plan.candidates, plan.token_k, scale, plan.token_reduce, base_lse=lse,
-                                        packed=plan.packed)
+                                        packed=plan.packed, mass=plan.token_mass, floor=plan.token_floor)
         o, lse = kernels.merge_attn(o, lse, o2, lse2)
     return o, lse

@@ -22,7 +22,8 @@ import torch
 
 from .reference import _attend, _compute_dtype
 
-__all__ = ["token_scores", "select_tokens", "gather_candidate_keys", "gather_values", "token_attend", "GROUP_REDUCES"]
+__all__ = ["token_scores", "select_tokens", "mass_keep", "gather_candidate_keys", "gather_values", "token_attend",
+           "GROUP_REDUCES"]
 
 GROUP_REDUCES = ("max", "sum")
 
@@ -51,17 +52,39 @@ def token_scores(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scale
 
 
 def select_tokens(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: int, scale: float,
-                  group_reduce: str = "sum", base_lse: torch.Tensor | None = None):
+                  group_reduce: str = "sum", base_lse: torch.Tensor | None = None, mass: float = 0.0,
+                  floor: int = 0):
     """Top-k candidate tokens per KV head -> (idx int64 [Hkv, k'], ok bool [Hkv, k']), k' = min(k, M).
 
     Static shapes (no host sync): when a head has fewer than k valid candidates, the extra picks are
-    marked not ok.
+    marked not ok. mass > 0 (group reduce "sum" only): k is a cap; per KV head only the fewest best tokens
+    whose mass, with what base_lse covers, reaches `mass` stay ok (at least `floor` of them): `mass_keep`.
     """
     r = token_scores(q, keys, valid, scale, group_reduce, base_lse)      # r: [Hkv, M]
     # unsorted: attention does not care about order, and the sort costs as much as the selection on the GPU
-    idx = torch.topk(r, min(k, r.shape[1]), dim=1, sorted=False).indices  # idx: [Hkv, k']
+    top = torch.topk(r, min(k, r.shape[1]), dim=1, sorted=False)          # [Hkv, k']
+    idx = top.indices                                                     # idx: [Hkv, k']
     ok = valid.gather(1, idx)                                             # ok: [Hkv, k']
+    if mass > 0:
+        if group_reduce != "sum":
+            raise ValueError("a token mass threshold needs group_reduce 'sum' (softmax shares), not 'max'")
+        g = q.shape[0] // keys.shape[0]
+        cand = r.masked_fill(~valid, 0.0).sum(1) / g                      # cand: [Hkv] candidates' share
+        # best first: sorting the k' picks costs far less than a sorted top-k over every candidate
+        share, order = torch.sort(top.values.masked_fill(~ok, 0.0) / g, dim=1, descending=True)  # [Hkv, k']
+        idx, ok = idx.gather(1, order), ok.gather(1, order)               # idx, ok: [Hkv, k'] best first
+        ok = ok & mass_keep(share, 1.0 - cand, mass, floor)
     return idx, ok
+
+
+def mass_keep(share: torch.Tensor, base: torch.Tensor, mass: float, floor: int) -> torch.Tensor:
+    """Which of the best-first tokens to keep: share [Hkv, k] (each token's mean softmax share over the query
+    group), base [Hkv] (the share of what is attended anyway) -> bool [Hkv, k]: the fewest leading tokens with
+    base + their shares >= mass, and at least `floor`. Shares are normalised over base + candidates (the
+    tokens no candidate holds are unknown), so the estimate is an upper bound of the true mass."""
+    before = base[:, None] + torch.cumsum(share, dim=1) - share           # before: [Hkv, k] mass without it
+    rank = torch.arange(share.shape[1], device=share.device)              # rank: [k]
+    return (before < mass) | (rank < floor)[None, :]                      # [Hkv, k]
 
 
 def _rows(pool, slots, which: int, rows, alt, packed):
@@ -101,18 +124,20 @@ def gather_values(parts, idx: torch.Tensor, ok: torch.Tensor, d: int, dtype, pac
 
 
 def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str = "sum",
-                 base_lse: torch.Tensor | None = None, packed=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 base_lse: torch.Tensor | None = None, packed=None, mass: float = 0.0,
+                 floor: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the top-k tokens per KV head of the candidate chunks -> (o [Hq, D], lse [Hq]) f32.
 
     Merge the result with `merge_attn`: the picked tokens are disjoint from what base_lse covers. packed: the
     PackedFormat of parts whose pools hold int8/int4 chunks (their rows are dequantized as they are read).
+    mass > 0: k is a cap and each KV head attends the fewest tokens reaching that mass (select_tokens).
     """
     hq, d = q.shape
     if not parts:
         return q.new_zeros(hq, d, dtype=torch.float32), q.new_full((hq,), float("-inf"), dtype=torch.float32)
     hkv = packed.num_kv_heads if packed is not None else parts[0][0].shape[2]
     keys, valid = gather_candidate_keys(parts, hkv, q.device, packed)     # keys: [Hkv, M, D], valid: [Hkv, M]
-    idx, ok = select_tokens(q, keys, valid, k, scale, group_reduce, base_lse)  # idx, ok: [Hkv, k']
+    idx, ok = select_tokens(q, keys, valid, k, scale, group_reduce, base_lse, mass, floor)  # [Hkv, k'] each
     ksel = keys.gather(1, idx[..., None].expand(-1, -1, d))               # ksel: [Hkv, k', D]
     vsel = gather_values(parts, idx, ok, d, keys.dtype, packed)           # vsel: [Hkv, k', D]
     return _attend(q, ksel, vsel, ok, scale)

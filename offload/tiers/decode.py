@@ -57,6 +57,8 @@ class DecodePlan:
     token_reduce: str = "sum"
     disk_bytes: int = 0          # read from the drive for this plan
     packed: object = None        # PackedFormat of the host slab and drive parts ([S, B] uint8) when int8/int4
+    token_mass: float = 0.0      # > 0: token_k is a cap, each head attends the fewest tokens reaching this mass
+    token_floor: int = 0
 
     def candidate_chunks(self) -> torch.Tensor | None:
         """[Hkv] candidate chunks per KV head, or None without a token stage."""
@@ -184,7 +186,7 @@ class DecodeMixin:
             return DecodePlan(tuple(parts), disk_bytes=disk_bytes, packed=self.packed)
         plan = DecodePlan(tuple(Part(p, s[:, :w], a) for p, s, a in parts),
                           tuple(Part(p, s[:, w:], a) for p, s, a in parts), sel.token_k, sel.token_reduce, disk_bytes,
-                          self.packed)
+                          self.packed, sel.token_mass, sel.token_floor)
         n_cand = plan.candidate_chunks()                                       # n_cand: [Hkv]
         C = self.shape.chunk_tokens
         self._token_rows += torch.stack([n_cand.sum(), (n_cand * C).clamp(max=sel.token_k).sum()])
