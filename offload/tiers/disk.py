@@ -45,7 +45,7 @@ from offload.tiers.attached import AttachedFiles, FileExtents, check_aligned
 from offload.tiers.base import ChunkShape
 from offload.tiers.device import _check
 from offload.tiers.diskdir import KV_FILE as _FILE, make_private_dir, remove_private_dir
-from offload.tiers.slots import SlotAllocator
+from offload.tiers.slots import SlotAllocator, pieces, runs
 
 ALIGN = 4096
 _PIECE_BYTES = 8 << 20      # at most this much per write call of an I/O thread (runs of consecutive slots)
@@ -227,7 +227,7 @@ class DiskStore:
             self._crc[s] = None
             self._bad.pop(s, None)
             self._src[s] = -1            # an adopted slot is written to kv.bin, never into the attached file
-        return self._submit(self._write_run, slots, src, list(after), runs=True)
+        return self._submit(self._write_run, slots, src, list(after), in_runs=True)
 
     def read(self, slots: Sequence[int], dst: torch.Tensor, stream=None, after: Iterable = ()) -> Future:
         """Fill dst: [n, 2, Hkv, C, D] (host memory, contiguous); the Future fails with TierIOError."""
@@ -246,23 +246,20 @@ class DiskStore:
             self.bytes_read += read
 
     # ---- I/O ------------------------------------------------------------------------------------
-    def _submit(self, op, slots: list[int], t: torch.Tensor, after: list, runs: bool = False) -> Future:
-        """Split positions 0..n-1 into pieces for the I/O threads; op(slots, t rows) per piece (runs=True: a
+    def _submit(self, op, slots: list[int], t: torch.Tensor, after: list, in_runs: bool = False) -> Future:
+        """Split positions 0..n-1 into pieces for the I/O threads; op(slots, t rows) per piece (in_runs=True: a
         piece is consecutive slots of at most _PIECE_BYTES, so a write is one pwrite per piece) or per chunk."""
         n = len(slots)
-        if runs:
+        if in_runs:
             per = max(1, min(_PIECE_BYTES // self.stride, -(-n // self._threads)))   # >= one piece per thread
-            bounds = [0]
-            for i in range(1, n + 1):
-                if i == n or slots[i] != slots[i - 1] + 1 or i - bounds[-1] == per:
-                    bounds.append(i)
+            bounds = [pos for pos, _, _ in pieces(runs(slots), per)] + [n]
         else:
             groups = min(self._threads, n)
             bounds = [n * g // groups for g in range(groups + 1)] if groups else [0]
 
         def run(lo: int, hi: int) -> None:
             wait_handles(after)
-            if runs:
+            if in_runs:
                 op(slots[lo:hi], t[lo:hi])
             else:
                 for pos in range(lo, hi):

@@ -13,7 +13,7 @@ import torch
 
 from offload.kernels.quant import quantize_chunks
 from offload.tiers.placement import DISK, GPU, HOST
-from offload.tiers.slots import paired_runs, runs
+from offload.tiers.slots import paired_runs, pieces, runs
 from offload.tiers.sync import new_event, stream_wait
 
 _DISK_PIECE_BYTES = 8 << 20      # host -> disk demotions: one write (and one completion handle) per piece
@@ -52,9 +52,7 @@ class MovesMixin:
         piece = max(1, _DISK_PIECE_BYTES // self.cold_shape.nbytes)
         # one write per piece, each with its own future: a host slot freed here is reused (by this put or the next)
         # as soon as ITS piece is on the drive, not when the whole demotion is, so the drive writes behind the puts
-        pieces = [(h0 + i, d0 + i, min(piece, n - i)) for h0, d0, n in paired_runs(order, dslots)
-                  for i in range(0, n, piece)]
-        for h0, d0, n in pieces:
+        for h0, d0, n in pieces(paired_runs(order, dslots), piece):
             hs, ds = list(range(h0, h0 + n)), list(range(d0, d0 + n))
             after = self._state[HOST].readers_wait(hs) + self._state[DISK].writers_wait(ds) + [fence]
             fut = disk.write(ds, slab[h0:h0 + n], after=after)                   # slab rows: [n, 2, Hkv, C, D]

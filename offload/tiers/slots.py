@@ -51,6 +51,11 @@ def runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return paired_runs(range(len(slots)), slots)
 
 
+def pieces(spans: Sequence[tuple[int, int, int]], most: int) -> list[tuple[int, int, int]]:
+    """Runs (first src, first dst, length) cut into pieces of at most `most` (bounded writes, one handle each)."""
+    return [(a + i, b + i, min(most, n - i)) for a, b, n in spans for i in range(0, n, max(1, most))]
+
+
 def flag_runs(flags: Sequence) -> list[tuple[int, int, object]]:
     """(start, end, flag) per run of equal flags (e.g. packed or not, block by block)."""
     out, i = [], 0
