@@ -2,6 +2,7 @@
 
     python bench/synthetic_fill.py --ctx 256K,512K,1M --attention sparse --budget 2K --host-mem 48GiB \
         [--kv-dtype int4] [--disk-dir /nvme/kv] [--steps 64] [--gpu-cap 24] [--out bench/out/synthetic_decode.json]
+        [--prefetch adaptive]   # drive read-ahead: adaptive | always | off (offload/tiers/prefetch.py)
         [--progress-s 10]       # a progress line on stderr (load, fill per layer, decode steps) at most every 10 s
 
 fill(sess, n_tokens) makes a session hold n_tokens of KV with the statistics of the model's own:
@@ -110,9 +111,10 @@ def fill(sess, n_tokens: int, sample: int = 4096, segment: int = 64, noise: floa
 
 
 # per tier: share of selections served, drive bytes per decode token, and how many drive chunks the reads started a
-# layer ahead (from the previous step's selection) had ready
+# layer ahead (from the previous step's selection) had ready; layers read ahead or skipped by the prefetch rule
 _DECODE_STATS = ("hit_rate_gpu", "hit_rate_host", "hit_rate_disk", "disk_read_bytes_per_token", "prefetch_hit_chunks",
-                 "prefetch_miss_chunks", "prefetch_unused_chunks", "h2disk_bytes", "promoted_chunks")
+                 "prefetch_miss_chunks", "prefetch_unused_chunks", "prefetch_layers", "prefetch_skipped_layers",
+                 "attended_bytes_disk", "h2disk_bytes", "promoted_chunks")
 
 
 class _Progress:
@@ -157,10 +159,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--progress-s", type=float, default=10.0, help="a progress line on stderr at most this often")
+    ap.add_argument("--prefetch", default="adaptive", help="drive read-ahead: adaptive | always | off (tiers/prefetch.py)")
     ap.add_argument("--out", default="bench/out/synthetic_decode.json")
     args = ap.parse_args()
     from offload import LLM
     from offload.config import parse_tokens
+    from offload.tiers.prefetch import PrefetchRule
     cap_gpu(args.gpu_cap)
     rows = []
     for ctx_s in args.ctx.split(","):
@@ -176,6 +180,7 @@ def main() -> None:
         note = _Progress(args.progress_s, f"{ctx_s} {args.kv_dtype or 'bf16'}")
         note(f"model + tiers ready in {t_load:.1f} s: {llm.plan.summary()}", force=True)
         store, n_layers = sess.attn.store, sess.attn.L
+        store.prefetch_rule = PrefetchRule(n_layers, args.prefetch)
         t = fill(sess, ctx, sample=args.sample, progress=lambda layer: note(
             f"fill: layer {layer + 1}/{n_layers}, {_tiers(store)}", force=layer + 1 == n_layers))
         disk = store.tiers[2]
@@ -194,6 +199,7 @@ def main() -> None:
         times = times[args.warmup:]
         st = sess.stats()
         row = {"fill": "synthetic", "ctx": ctx, "attention": args.attention, "kv_dtype": args.kv_dtype or "bf16",
+               "prefetch": args.prefetch,
                "ms_median": round(_pct(times, 0.5), 2), "ms_mean": round(sum(times) / len(times), 2),
                "ms_p99": round(_pct(times, 0.99), 2), "ms_max": round(max(times), 2), **t,
                "load_s": round(t_load, 2), "plan": llm.plan.summary(),

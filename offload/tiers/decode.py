@@ -20,7 +20,9 @@ from typing import NamedTuple
 import torch
 
 from offload import kernels
+from offload.tiers.fetch import PendingFetch
 from offload.tiers.placement import DISK, GPU, HOST
+from offload.tiers.prefetch import PrefetchRule
 from offload.tiers.sync import new_event
 
 
@@ -121,7 +123,9 @@ class DecodeMixin:
         self._token_rows = torch.zeros(2, dtype=torch.long, device=dev)   # token stage: scored (head, chunk)s, rows
         self._host_tier = torch.full((L, max_chunks), -1, dtype=torch.int8)   # the mirror's tiers, on the host
         self._on_disk = [0] * L
-        self._last_disk, self._prefetched = [None] * L, {}   # previous step's drive ids; pending reads
+        self._last_disk, self._prefetched = [None] * L, {}   # previous step's drive chunks [m]; pending reads
+        self._disk_cols = [0] * L      # previous step's selections on the drive: room for the chunks not predicted
+        self.prefetch_rule = PrefetchRule(L)   # which layers read ahead (replace it to change the rule)
         self._mirror = _Mirror(L, max_chunks, dev)
         self._hits_host = _pinned_like(self._chunk_hits)  # [L, max chunks] the last feedback's hits, copied async
         self._hits_ready = None                            # event (CUDA) or True once _hits_host holds hits
@@ -194,27 +198,39 @@ class DecodeMixin:
 
     def _prefetch_next(self, layer: int) -> None:
         """Start the drive reads of the next layer (after the last layer: layer 0 of the next step) from what
-        it selected on the drive last step, so they overlap this layer's plan and attention."""
+        it read from the drive last step, if the prefetch rule wants them, so they overlap this layer's plan
+        and attention."""
         nxt = (layer + 1) % self.num_layers
-        if nxt not in self._prefetched and self._on_disk[nxt] and self._last_disk[nxt] is not None:
-            self._prefetched[nxt] = self.prefetch(nxt, self._last_disk[nxt], teach=False)
+        last = self._last_disk[nxt]
+        if nxt in self._prefetched or not self._on_disk[nxt] or last is None or not last.numel():
+            return
+        if self.prefetch_rule.wanted(nxt):
+            self._prefetched[nxt] = self.prefetch(nxt, last, teach=False, spare=self._disk_cols[nxt])
+            self._stats["prefetch_layers"] += 1
+        else:
+            self._stats["prefetch_skipped_layers"] += 1
 
     def _read_disk_part(self, layer: int, ids: torch.Tensor):
-        """FetchPlan of the chunks of ids [Hkv, K] the mirror shows on the drive (wherever they are by now)."""
+        """FetchPlan of the chunks of ids [Hkv, K] the mirror shows on the drive (wherever they are by now):
+        chunks a prefetch already read are taken from its buffer, only the rest are read now."""
         pending = self._prefetched.pop(layer, None)
         ids = ids.cpu()                                                        # ids: [Hkv, K] (host sync)
         tier = self._host_tier[layer][ids.clamp(min=0)]                        # tier: [Hkv, K]
         on_disk = torch.where((ids >= 0) & (tier == DISK), ids, -1)            # on_disk: [Hkv, K]
-        self._last_disk[layer] = on_disk
+        need = on_disk[on_disk >= 0].unique()                                  # need: [m] sorted
+        if self._last_disk[layer] is not None:
+            self.prefetch_rule.observe(layer, self._last_disk[layer], need)
+        self._last_disk[layer], self._disk_cols[layer] = need, int((on_disk >= 0).sum())
+        staged = None
         if pending is not None:
-            pending.result()          # the predicted chunks are now read (and promoted where host has room)
-            need = on_disk[on_disk >= 0].unique()                              # need: [m]
-            early = pending._staged.chunks if pending._staged is not None else need[:0]   # early: [r]
+            staged = pending._staged if pending._version == self._version else None
+            early = staged.chunks if staged is not None else need[:0]          # early: [r]
             hit = int(torch.isin(need, early).sum())
             self._stats["prefetch_hit_chunks"] += hit
             self._stats["prefetch_miss_chunks"] += need.numel() - hit
             self._stats["prefetch_unused_chunks"] += early.numel() - hit
-        return self.prefetch(layer, on_disk, teach=False).result()
+        # one fetch of this step's drive chunks over the prefetch's buffer: its chunks are not read twice
+        return PendingFetch(self, layer, on_disk, None, staged, self._version, teach=False).result()
 
     def feedback(self, teach: bool = True) -> None:
         """Hand the selection hits counted on the device to the policy, without a host sync: the counters are
@@ -267,8 +283,10 @@ class DecodeMixin:
         # a host slot holds what the cold tiers store: packed int8/int4 codes and scales read in place
         cold_head_bytes = self.cold_shape.nbytes // self.shape.num_kv_heads
         total = max(1, gpu + host + disk)
-        out = dict(attended_gpu_selections=gpu, attended_host_selections=host,
+        # a drive selection uses one head's part of a chunk, but the drive is read in whole chunks
+        out = dict(attended_gpu_selections=gpu, attended_host_selections=host, attended_disk_selections=disk,
                    attended_bytes_gpu=gpu * head_bytes, attended_bytes_host=host * cold_head_bytes,
+                   attended_bytes_disk=disk * cold_head_bytes,
                    selected_hit_rate_gpu=round(gpu / total, 4), selected_hit_rate_host=round(host / total, 4))
         if token_stage:
             scored, rows = self._token_rows.tolist()

@@ -5,7 +5,9 @@ reads it through UVA, zero copy; on the CPU it is just the slab), disk hits are 
 into a host staging buffer, which on CUDA is copied to a device tensor on the copy stream. Disk hits
 are then promoted into free host slots, never by evicting (that would turn a read into a write).
 `prefetch` starts the disk reads and returns at once; `result()` looks every chunk up again, so
-chunks moved by a put() in between are found where they are now.
+chunks moved by a put() in between are found where they are now, and reads the chunks the prefetch did not
+into the spare rows of its buffer: the drive chunks of a plan are one part whatever was read ahead, so the
+attention (its parts and their rounding) never depends on prefetching.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from offload.tiers.device import to_device
+from offload.tiers.disk import gather
 from offload.tiers.placement import DISK, GPU, HOST, TIER_NAMES
 from offload.tiers.sync import new_event, stream_wait
 
@@ -36,9 +39,15 @@ class FetchPlan:
 
 @dataclass
 class _Staged:
-    chunks: torch.Tensor      # int64 [m], sorted
-    buf: torch.Tensor         # [m, 2, Hkv, C, D] host (pinned on CUDA)
+    chunks: torch.Tensor      # int64 [m] distinct, in buffer row order
+    buf: torch.Tensor         # [m + spare, 2, Hkv, C, D] or [m + spare, B] host (pinned on CUDA)
     future: Future
+
+    def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Buffer rows of ids [Hkv, K] (garbage where an id is not staged: the caller masks those)."""
+        order = torch.argsort(self.chunks)                                     # order: [m]
+        pos = torch.searchsorted(self.chunks[order], ids.clamp(min=0)).clamp(max=self.chunks.numel() - 1)
+        return order[pos]                                                      # [Hkv, K]
 
 
 class PendingFetch:
@@ -57,18 +66,19 @@ class PendingFetch:
 
 class FetchMixin:
     def prefetch(self, layer: int, chunk_ids, weights: torch.Tensor | None = None,
-                 teach: bool = True) -> PendingFetch:
+                 teach: bool = True, spare: int = 0) -> PendingFetch:
         """Start fetching chunk_ids (int64 [Hkv, K], -1 = padding, or [K] for all heads) of `layer`.
 
         weights: optional per-selection scores [Hkv, K] (e.g. attention mass) for the eviction policy.
         teach=False: the caller counts these selections itself (the decode plan does, on the device), so
         they neither reach the policy nor the hit counters here.
+        spare: rows of room in the staging buffer for chunks result() finds missing (read there, not apart).
         """
         self._open_check()
         ids = self._as_ids(chunk_ids)                                           # ids: [Hkv, K]
         tiers, _ = self._lookup(layer, ids)
         disk_chunks = ids[tiers == DISK].unique()                               # disk_chunks: [m] sorted
-        staged = self._stage(layer, disk_chunks) if disk_chunks.numel() else None
+        staged = self._stage(layer, disk_chunks, spare) if disk_chunks.numel() else None
         return PendingFetch(self, layer, ids, weights, staged, self._version, teach)
 
     def fetch(self, layer: int, chunk_ids, weights: torch.Tensor | None = None) -> FetchPlan:
@@ -84,27 +94,43 @@ class FetchMixin:
             raise ValueError(f"chunk_ids must be [{hkv}, K] or [K], got {list(ids.shape)}")
         return ids.contiguous()
 
-    def _stage(self, layer: int, chunks: torch.Tensor) -> _Staged:
-        """Start reading chunks (sorted, all on disk) into a fresh host buffer."""
+    def _stage(self, layer: int, chunks: torch.Tensor, spare: int = 0) -> _Staged:
+        """Start reading chunks (distinct, all on disk) into a fresh host buffer with `spare` more rows."""
+        buf = torch.empty((chunks.numel() + spare, *self.cold_shape.shape), dtype=self.cold_shape.dtype,
+                          pin_memory=self._copy is not None)                    # buf: [m + spare, ...]
+        return _Staged(chunks, buf, self._read_rows(layer, chunks, buf[:chunks.numel()]))
+
+    def _stage_more(self, layer: int, s: _Staged, chunks: torch.Tensor) -> _Staged:
+        """s plus chunks (on disk, not in s) as one staged buffer: read into s's spare rows, or, when they do
+        not fit, s's rows and these in a new buffer (a host copy)."""
+        n, m = s.chunks.numel(), chunks.numel()
+        if n + m <= s.buf.shape[0]:
+            fut = self._read_rows(layer, chunks, s.buf[n:n + m])
+            return _Staged(torch.cat([s.chunks, chunks]), s.buf, gather([s.future, fut]))
+        more = self._stage(layer, chunks, spare=n)
+        s.future.result()                                                      # raises TierIOError
+        more.buf[m:].copy_(s.buf[:n])
+        return _Staged(torch.cat([chunks, s.chunks]), more.buf, more.future)
+
+    def _read_rows(self, layer: int, chunks: torch.Tensor, rows: torch.Tensor) -> Future:
         dslots = self._slot[layer][chunks].tolist()
-        buf = torch.empty((len(dslots), *self.cold_shape.shape), dtype=self.cold_shape.dtype,
-                          pin_memory=self._copy is not None)                    # buf: [m, 2, Hkv, C, D] or [m, B]
-        fut = self.tiers[DISK].read(dslots, buf, after=self._state[DISK].readers_wait(dslots))
+        fut = self.tiers[DISK].read(dslots, rows, after=self._state[DISK].readers_wait(dslots))
         self._state[DISK].drained_by(dslots, fut)
         self._stats["disk2h_bytes"] += len(dslots) * self.cold_shape.nbytes
-        return _Staged(chunks, buf, fut)
+        return fut
 
     def _complete(self, pf: PendingFetch) -> FetchPlan:
         self._open_check()
         layer, ids = pf._layer, pf._ids
         tiers, slots = self._lookup(layer, ids)                                 # [Hkv, K] each
-        staged = [pf._staged] if pf._staged is not None and pf._version == self._version else []
+        staged = pf._staged if pf._version == self._version else None
         disk_mask = tiers == DISK                                               # disk_mask: [Hkv, K]
         need = ids[disk_mask].unique()                                          # need: [m]
-        have = torch.cat([s.chunks for s in staged]) if staged else need[:0]  # have: [m']
+        have = staged.chunks if staged is not None else need[:0]               # have: [m']
         missing = need[~torch.isin(need, have)]                                 # missing: [m'']
         if missing.numel():
-            staged.append(self._stage(layer, missing))
+            staged = self._stage(layer, missing) if staged is None else self._stage_more(layer, staged, missing)
+        staged = [staged] if staged is not None else []
         for s in staged:
             s.future.result()                                                   # raises TierIOError
         cuda = self._copy is not None
@@ -124,11 +150,10 @@ class FetchMixin:
             disk_chunks_read += s.chunks.numel()
             if not bool(mine.any()):
                 continue
-            pos = torch.searchsorted(s.chunks, ids.clamp(min=0))                # pos: [Hkv, K]
-            part_slots = self._slot_tensor(torch.where(mine, pos, -1))          # part_slots: [Hkv, K]
-            parts.append((self._to_compute(s.buf, compute), part_slots))
+            part_slots = self._slot_tensor(torch.where(mine, s.rows_of(ids), -1))  # part_slots: [Hkv, K]
+            parts.append((self._to_compute(s.buf[:s.chunks.numel()], compute), part_slots))
         if self.promote:
-            self._promote(layer, staged)
+            self._promote(layer, staged, need)
         valid = ids >= 0
         if pf._teach:
             w = None
@@ -160,11 +185,14 @@ class FetchMixin:
         self._stats["h2d_bytes"] += buf.numel() * buf.element_size()
         return dev
 
-    def _promote(self, layer: int, staged: list) -> None:
-        """Move just-read disk chunks into free host slots (no eviction), so the next fetch skips the drive."""
+    def _promote(self, layer: int, staged: list, need: torch.Tensor) -> None:
+        """Move just-read disk chunks that were asked for (need [m]) into free host slots (no eviction), so the
+        next fetch skips the drive. Chunks read ahead and not asked for stay where they are: where a chunk
+        lives never depends on what was predicted."""
         host = self.tiers[HOST]
         for s in staged:
-            rows = torch.nonzero(self._tier[layer][s.chunks] == DISK).flatten()  # rows: [r]
+            wanted = (self._tier[layer][s.chunks] == DISK) & torch.isin(s.chunks, need)    # wanted: [m]
+            rows = torch.nonzero(wanted).flatten()                             # rows: [r]
             k = min(rows.numel(), host.num_free)
             if k == 0:
                 continue
