@@ -204,6 +204,10 @@ def main() -> None:
                "ms_p99": round(_pct(times, 0.99), 2), "ms_max": round(max(times), 2), **t,
                "load_s": round(t_load, 2), "plan": llm.plan.summary(),
                **{k: st[k] for k in _DECODE_STATS if k in st}}
+        if st.get("attended_bytes_disk") and "disk_read_bytes_per_token" in st:
+            # a drive selection uses one head's part of a chunk; the drive is read in whole chunks
+            row["drive_bytes_per_attended_byte"] = round(
+                st["disk_read_bytes_per_token"] * (args.warmup + args.steps) / st["attended_bytes_disk"], 2)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
         sess.close()
