@@ -7,20 +7,10 @@ full rank the estimates are the exact logits, so the stage must pick and attend 
 import pytest
 import torch
 
-from fixtures_models import TIERED_OPTS, run_session, write_tiny_checkpoint
+from fixtures_models import TIERED_OPTS, run_session
 from offload import LLM, ConfigError, OffloadConfig
 
-HEAD_DIM = 16
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tokshadow"), "llama", num_key_value_heads=2)
-
-
-@pytest.fixture(scope="module")
-def ids(tiny):
-    return torch.randint(0, tiny.model.config.vocab_size, (330,), generator=torch.Generator().manual_seed(3)).tolist()
+HEAD_DIM = 16       # the shared tiny checkpoint's (fixtures_models: tiny, ids, dense)
 
 
 def _opts(device="cpu", rank=HEAD_DIM, **kw):
@@ -46,8 +36,8 @@ def test_full_rank_shadow_ranking_attends_what_exact_keys_do(tiny, ids, host):
     assert (st_shadow["bytes_in_use_host"] > 0) == host, st_shadow
 
 
-def test_low_rank_ranking_is_an_approximation_of_the_exact_stage(tiny, ids):
-    dense, _ = _run(tiny, ids, **dict(TIERED_OPTS, device="cpu", dtype="float32", attention="full"))
+def test_low_rank_ranking_is_an_approximation_of_the_exact_stage(tiny, ids, dense):
+    dense, _ = dense
     keys, _ = _run(tiny, ids, **_opts(token_scores="keys", rank=4))
     shadow, st = _run(tiny, ids, **_opts(token_scores="shadow", rank=4))
     assert st["scored_key_bytes"] == 0 and torch.isfinite(shadow).all()
