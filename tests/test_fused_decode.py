@@ -61,6 +61,10 @@ def test_cpu_dispatch_is_the_torch_reference(on, dtype):
     with fused.fused_decode(on):
         assert fused.rms_norm(x, w, 1e-5) is None and fused.add_rms_norm(x, y, w, 1e-5) is None
         assert fused.rope_qk(qkv, cos, sin, 4, 2) is None and fused.silu_mul(gu) is None
+        cache = torch.zeros(2, 2, 5, 16, dtype=dtype)  # cache: [2, Hkv, S, D]
+        assert not fused.kv_append(cache[0], cache[1], qkv.view(8, 1, 16)[4:6], qkv.view(8, 1, 16)[6:],
+                                   torch.tensor([3]))
+        assert fused.dense_decode(qkv.view(8, 1, 16)[:4], cache[0], cache[1], torch.tensor([3])) is None
         assert torch.equal(llama.norm(x, w, 1e-5), llama.rms_norm(x, w, 1e-5))
         total, h = llama.add_norm(x, y, w, 1e-5)
         assert torch.equal(total, x + y) and torch.equal(h, llama.rms_norm(x + y, w, 1e-5))
@@ -160,6 +164,25 @@ def test_silu_mul_kernel_matches_torch(dtype, rows, inter):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF + [torch.float32])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (9, 3, 64)])
+def test_kv_append_equals_index_copy(dtype, hq, hkv, d):
+    """k (the RoPE kernel's output) and v (a strided view of qkv) into layer 1 of a layered cache at a device-side
+    position; every other row untouched."""
+    g = torch.Generator(device="cuda").manual_seed(d)
+    qkv = torch.randn(1, (hq + 2 * hkv) * d, device="cuda", generator=g).to(dtype)  # qkv: [1, (Hq+2Hkv)*D]
+    k = torch.randn(hkv, 1, d, device="cuda", generator=g).to(dtype)  # k: [Hkv, 1, D]
+    v = qkv.view(1, hq + 2 * hkv, d).transpose(0, 1)[hq + hkv:]  # v: [Hkv, 1, D], strided
+    cache = torch.randn(2, 3, hkv, 300, d, device="cuda", generator=g).to(dtype)  # cache: [K|V, L, Hkv, S, D]
+    want = cache.clone()
+    pos = torch.tensor([217], device="cuda")  # pos: [1]
+    want[0, 1].index_copy_(1, pos, k)
+    want[1, 1].index_copy_(1, pos, v)
+    assert fused.kv_append(cache[0, 1], cache[1, 1], k, v, pos)
+    assert torch.equal(cache, want)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("hq,hkv,d,n_valid", [(32, 8, 128, 700), (9, 3, 64, 1), (8, 8, 128, 1000)])
 def test_dense_decode_matches_masked_attention(dtype, hq, hkv, d, n_valid):
@@ -195,7 +218,7 @@ def test_fused_decode_graph_matches_unfused(dtype, quantize, bias, monkeypatch):
     from offload.kernels import _cupy, _cupy_fused
     calls: dict[str, int] = {}
     for mod, name in ((_cupy_fused, "rms_norm"), (_cupy_fused, "rope_qk"), (_cupy_fused, "silu_mul"),
-                      (_cupy, "dense_attend")):
+                      (_cupy_fused, "kv_append"), (_cupy, "dense_attend")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1}) or _r(*a, **k))
     cfg = _cfg(hq=8, hkv=2, d=128, hidden=256, inter=512, bias=bias)
@@ -209,5 +232,5 @@ def test_fused_decode_graph_matches_unfused(dtype, quantize, bias, monkeypatch):
     assert not calls, "the unfused step must not launch the fused kernels"
     with fused.fused_decode(True):
         got = _decode_logits(m, ids, 40)
-    assert set(calls) == {"rms_norm", "rope_qk", "silu_mul", "dense_attend"}
+    assert set(calls) == {"rms_norm", "rope_qk", "silu_mul", "kv_append", "dense_attend"}
     torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * want.abs().max().item())

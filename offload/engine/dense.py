@@ -64,8 +64,9 @@ class DenseAttention(AttentionBackend, PersistableKV):
         T = q.shape[1]
         kc, vc = self.k[layer], self.v[layer]  # kc, vc: [Hkv, cap, D]
         if self.static and T == 1:
-            kc.index_copy_(1, self.pos_dev, k)  # position read on the device: graph-safe
-            vc.index_copy_(1, self.pos_dev, v)
+            if not fused.kv_append(kc, vc, k, v, self.pos_dev):   # one launch on CUDA
+                kc.index_copy_(1, self.pos_dev, k)  # position read on the device: graph-safe
+                vc.index_copy_(1, self.pos_dev, v)
             o = fused.dense_decode(q, kc, vc, self.count_dev)  # o: [Hq, 1, D]: one launch over the valid keys
             return o if o is not None else decode_attend_masked(q, kc, vc, self.arange <= self.pos_dev)  # [Hq, 1, D]
         off = self._off[layer]

@@ -49,3 +49,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         _launch(fn, gate_up.device, (math.ceil(n / _THREADS),), (_ptr(gate_up), _ptr(out), np.int32(I2 // 2),
                                                                   np.int64(n)), threads=_THREADS)
     return out
+
+
+def kv_append(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+    """kc, vc: [Hkv, S, D] caches; k, v: [Hkv, 1, D] -> kc[:, pos], vc[:, pos] = k, v (pos: int64 [1] on the device)."""
+    hkv, _, d = kc.shape
+    fn = _build.function("fused.cu", f"kv_append_kernel<{_TAGS[kc.dtype]}>", kc.device.index)
+    args = (_ptr(k), _ptr(v), np.int64(k.stride(0)), np.int64(v.stride(0)), _ptr(kc), _ptr(vc),
+            np.int64(kc.stride(0)), np.int64(kc.stride(1)), _ptr(pos), np.int32(hkv), np.int32(d))
+    _launch(fn, kc.device, (math.ceil(2 * hkv * d / _THREADS),), args, threads=_THREADS)

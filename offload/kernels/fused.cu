@@ -89,3 +89,21 @@ __global__ void silu_mul_kernel(const void* __restrict__ gate_up, void* __restri
     const float u = load_scalar<T>(gate_up, 2 * t * I + I + i);
     store1<T>(out, idx, round_to<T>(g / (1.f + expf(-g))) * u);
 }
+
+// One token's k and v [Hkv, D] (head h at h * src_head elements from k / v) into a cache [Hkv, S, D] (head stride
+// c_head, row stride c_row, the same for kc and vc) at the row *pos, read on the device so a captured graph writes
+// each replay's position. One thread per (k or v, head, channel); values are copied, not converted.
+template <typename T>
+__global__ void kv_append_kernel(const void* __restrict__ k, const void* __restrict__ v, long long k_head,
+                                 long long v_head, void* __restrict__ kc, void* __restrict__ vc, long long c_head,
+                                 long long c_row, const long long* __restrict__ pos, int hkv, int D)
+{
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= 2 * hkv * D) return;
+    const int is_v = idx >= hkv * D;
+    const int rest = idx - is_v * hkv * D;
+    const int h = rest / D, d = rest - h * D;
+    const long long dst = (long long)h * c_head + pos[0] * c_row + d;
+    const float x = load_scalar<T>(is_v ? v : k, (long long)h * (is_v ? v_head : k_head) + d);
+    store1<T>(is_v ? vc : kc, dst, x);
+}

@@ -5,6 +5,7 @@
     total, out = add_rms_norm(x, y, w, eps)   # total = x + y, out = rms_norm(total): the residual add fused in
     q, k = rope_qk(qkv, cos, sin, hq, hkv)    # qkv: [T, (Hq + 2Hkv) * D] -> q: [Hq, T, D], k: [Hkv, T, D]
     out = silu_mul(gate_up)                   # gate_up: [T, 2I] -> silu(gate) * up: [T, I]
+    done = kv_append(kc, vc, k, v, pos)       # one token's k, v into a cache at a device-side position (bool)
     o = dense_decode(q, k, v, n_valid)        # one query over a static cache: CuPy split attention (attend.cu)
 
 Each returns None unless the fused path is on, the tensors are CUDA, of one dtype (bf16 / f16 / f32), contiguous,
@@ -42,18 +43,23 @@ def fused_decode(on: bool):
         _enabled = saved
 
 
-def _launcher(*ts: torch.Tensor):
-    """The CuPy launchers when every tensor is a contiguous CUDA tensor of one supported dtype on one device."""
+def _kernels():
+    """The CuPy launchers (_cupy_fused) while the path is on and CuPy loads, else None."""
     from . import KERNELS_AVAILABLE
-    t0 = ts[0]
-    if not (_enabled and KERNELS_AVAILABLE and t0.is_cuda and t0.dtype in _DTYPES):
-        return None
-    if not all(t.device == t0.device and t.dtype == t0.dtype and t.is_contiguous() for t in ts):
-        return None
-    if _backend() is None:
+    if not (_enabled and KERNELS_AVAILABLE) or _backend() is None:
         return None
     from . import _cupy_fused
     return _cupy_fused
+
+
+def _launcher(*ts: torch.Tensor):
+    """_kernels() when every tensor is a contiguous CUDA tensor of one supported dtype on one device."""
+    t0 = ts[0]
+    if not (t0.is_cuda and t0.dtype in _DTYPES):
+        return None
+    if not all(t.device == t0.device and t.dtype == t0.dtype and t.is_contiguous() for t in ts):
+        return None
+    return _kernels()
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -90,6 +96,23 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
         return None
     k = _launcher(gate_up)
     return None if k is None else k.silu_mul(gate_up)
+
+
+def kv_append(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> bool:
+    """kc[:, pos], vc[:, pos] = k, v for caches kc, vc: [Hkv, S, D] and one token's k, v: [Hkv, 1, D] (strided views
+    are fine: v is a view of the fused qkv), pos: int64 [1] on the device: one launch for index_copy_'s two.
+    False (nothing written) when the kernel does not apply."""
+    if not (_enabled and kc.is_cuda and kc.dim() == 3 and vc.shape == kc.shape and vc.stride() == kc.stride()
+            and k.shape == v.shape == (kc.shape[0], 1, kc.shape[2]) and pos.dtype == torch.int64 and pos.numel() == 1):
+        return False
+    if not all(t.stride(-1) == 1 and t.dtype == kc.dtype and t.device == kc.device for t in (vc, k, v)) \
+            or kc.stride(-1) != 1 or kc.dtype not in _DTYPES or pos.device != kc.device:
+        return False
+    launcher = _kernels()
+    if launcher is None:
+        return False
+    launcher.kv_append(kc, vc, k, v, pos)
+    return True
 
 
 def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor | None:

@@ -220,10 +220,13 @@ class LlamaModel:
 
     def attn_inputs(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x: [T, H] -> q: [Hq, T, D], k, v: [Hkv, T, D] (RoPE applied): the dense part before attention."""
-        cfg, w = self.cfg, self.layers[i]
-        h = norm(x, w.attn_norm, cfg.rms_norm_eps)  # h: [T, H]
+        return self._qkv(i, norm(x, self.layers[i].attn_norm, self.cfg.rms_norm_eps), cos, sin)
+
+    def _qkv(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h: [T, H] normed input -> q: [Hq, T, D], k, v: [Hkv, T, D] (RoPE applied)."""
+        w = self.layers[i]
         qkv = linear(h, w.wqkv, w.bqkv)  # qkv: [T, (Hq + 2Hkv) * D]
-        return rope_qkv(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads)  # q: [Hq, T, D], k, v: [Hkv, T, D]
+        return rope_qkv(qkv, cos, sin, self.cfg.num_heads, self.cfg.num_kv_heads)
 
     def attn_output_mlp(self, i: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """x: [T, H] layer input, o: [Hq, T, D] attention output -> [T, H]: the dense part after attention."""
@@ -234,9 +237,17 @@ class LlamaModel:
             for a in range(0, T, MLP_ROWS):
                 out[a:a + MLP_ROWS] = self.attn_output_mlp(i, x[a:a + MLP_ROWS], o[:, a:a + MLP_ROWS])
             return out
+        x, y = self._attn_mlp(i, x, o)  # x, y: [T, H]
+        return x + y  # [T, H]
+
+    def _attn_mlp(self, i: int, x: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H], o: [Hq, T, D] -> (x plus the attention's projection, the MLP's output): the layer's output is
+        their sum, which a decode step leaves to the next norm's kernel (_decode)."""
+        cfg, w = self.cfg, self.layers[i]
+        T = x.shape[0]
         a = linear(o.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim), w.wo)  # a: [T, H]
         x, h = add_norm(x, a, w.mlp_norm, cfg.rms_norm_eps)  # x, h: [T, H]
-        return x + linear(silu_mul(linear(h, w.w_gate_up)), w.w_down)  # [T, H]
+        return x, linear(silu_mul(linear(h, w.w_gate_up)), w.w_down)  # [T, H] each
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> float32 logits [T, V]."""
@@ -246,6 +257,19 @@ class LlamaModel:
         """Token-major forward of a few tokens (decode, short chunks). ids, pos: [T] -> logits of the last: [V]."""
         cos, sin = self.rope(pos)  # cos, sin: [T, D]
         x = self.embed[ids]  # x: [T, H]
+        if x.shape[0] == 1:
+            return self._decode(x, cos, sin, attn)
         for i in range(self.cfg.num_layers):
             x = self.layer_forward(i, x, cos, sin, attn)
         return self.logits(x[-1:])[0]  # [V]
+
+    def _decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """layer_forward over every layer for one token x: [1, H], with each layer's last residual add done by the
+        next norm (add_norm: one kernel on CUDA, the same ops as layer_forward elsewhere) -> logits [V]."""
+        eps, y = self.cfg.rms_norm_eps, None  # y: [1, H] the last layer's MLP output, not yet added to x
+        for i, w in enumerate(self.layers):
+            x, h = (x, norm(x, w.attn_norm, eps)) if y is None else add_norm(x, y, w.attn_norm, eps)  # x, h: [1, H]
+            q, k, v = self._qkv(i, h, cos, sin)  # q: [Hq, 1, D], k, v: [Hkv, 1, D]
+            x, y = self._attn_mlp(i, x, attn.attend(i, q, k, v))  # x, y: [1, H]
+        h = norm(x, self.norm, eps) if y is None else add_norm(x, y, self.norm, eps)[1]  # h: [1, H]
+        return linear(h, self.lm_head).float()[0]  # [V]
