@@ -70,7 +70,8 @@ def test_cpu_dispatch_is_the_torch_reference(on, dtype):
         assert torch.equal(total, x + y) and torch.equal(h, llama.rms_norm(x + y, w, 1e-5))
         q, k, v = llama.rope_qkv(qkv, cos, sin, 4, 2)
         ref = qkv.view(1, 8, 16).transpose(0, 1)  # ref: [Hq + 2Hkv, 1, D]
-        assert torch.equal(q, llama.apply_rope(ref[:4], cos, sin)) and torch.equal(k, llama.apply_rope(ref[4:6], cos, sin))
+        assert torch.equal(q, llama.apply_rope(ref[:4], cos, sin))
+        assert torch.equal(k, llama.apply_rope(ref[4:6], cos, sin))
         assert torch.equal(v, ref[6:])
         assert torch.equal(llama.silu_mul(gu), F.silu(gu[:, :48]) * gu[:, 48:])
 
@@ -217,10 +218,14 @@ def test_fused_decode_graph_matches_unfused(dtype, quantize, bias, monkeypatch):
     _backend()
     from offload.kernels import _cupy, _cupy_fused
     calls: dict[str, int] = {}
+    def counted(name, real):
+        def run(*a, **kw):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*a, **kw)
+        return run
     for mod, name in ((_cupy_fused, "rms_norm"), (_cupy_fused, "rope_qk"), (_cupy_fused, "silu_mul"),
                       (_cupy_fused, "kv_append"), (_cupy, "dense_attend")):
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1}) or _r(*a, **k))
+        monkeypatch.setattr(mod, name, counted(name, getattr(mod, name)))
     cfg = _cfg(hq=8, hkv=2, d=128, hidden=256, inter=512, bias=bias)
     m = llama.LlamaModel.random(cfg, "cuda", dtype, seed=3, quantize=quantize)
     for lw in m.layers:

@@ -54,12 +54,12 @@ __global__ void rms_norm_kernel(const void* x, const void* __restrict__ res, voi
     }
 }
 
-// RoPE (rotate-half) of the q and k heads of qkv [R, (Hq + 2 Hkv) * D] -> q [Hq, R, D], k [Hkv, R, D]; cos, sin
-// [R, D]. With a = x[j], b = x[j + D/2]:  out[j] = a cos[j] - b sin[j],  out[j + D/2] = b cos[j + D/2] + a sin[j + D/2],
-// every product rounded to T as torch's x * cos + rot * sin stores it. grid = (ceil((Hq + Hkv) * D/2 / threads), R):
-// one thread per (head, pair).
+// RoPE (rotate-half) of the q and k heads of qkv [R, (Hq + 2 Hkv) * D] -> q [Hq, R, D], k [Hkv, R, D]; cos_t,
+// sin_t [R, D]. With a = x[j], b = x[j + D/2]:  out[j] = a cos[j] - b sin[j],  out[j + D/2] = b cos[j + D/2] +
+// a sin[j + D/2], every product rounded to T as torch's x * cos + rot * sin stores it.
+// grid = (ceil((Hq + Hkv) * D/2 / threads), R): one thread per (head, pair).
 template <typename T>
-__global__ void rope_qk_kernel(const void* __restrict__ qkv, const void* __restrict__ cos, const void* __restrict__ sin,
+__global__ void rope_qk_kernel(const void* __restrict__ qkv, const void* __restrict__ cos_t, const void* __restrict__ sin_t,
                                void* __restrict__ q, void* __restrict__ k, int hq, int hkv, int D)
 {
     const int half = D >> 1;
@@ -70,8 +70,10 @@ __global__ void rope_qk_kernel(const void* __restrict__ qkv, const void* __restr
     const long long src = (long long)t * (hq + 2 * hkv) * D + (long long)h * D;   // q heads, then k heads
     const long long cs = (long long)t * D;
     const float a = load_scalar<T>(qkv, src + j), b = load_scalar<T>(qkv, src + j + half);
-    const float lo = round_to<T>(a * load_scalar<T>(cos, cs + j)) + round_to<T>(-b * load_scalar<T>(sin, cs + j));
-    const float hi = round_to<T>(b * load_scalar<T>(cos, cs + j + half)) + round_to<T>(a * load_scalar<T>(sin, cs + j + half));
+    const float c0 = load_scalar<T>(cos_t, cs + j), c1 = load_scalar<T>(cos_t, cs + j + half);
+    const float s0 = load_scalar<T>(sin_t, cs + j), s1 = load_scalar<T>(sin_t, cs + j + half);
+    const float lo = round_to<T>(a * c0) + round_to<T>(-b * s0);
+    const float hi = round_to<T>(b * c1) + round_to<T>(a * s1);
     void* dst = h < hq ? q : k;
     const long long o = ((long long)(h < hq ? h : h - hq) * rows + t) * D;
     store1<T>(dst, o + j, lo);

@@ -230,7 +230,6 @@ class LlamaModel:
 
     def attn_output_mlp(self, i: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """x: [T, H] layer input, o: [Hq, T, D] attention output -> [T, H]: the dense part after attention."""
-        cfg, w = self.cfg, self.layers[i]
         T = x.shape[0]
         if T > MLP_ROWS:   # a long prefill chunk: its [T, I] temporaries would dominate the GPU's activation memory
             out = torch.empty_like(x)  # out: [T, H]
