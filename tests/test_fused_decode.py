@@ -117,6 +117,19 @@ def test_env_var_turns_the_fused_path_off():
 
 
 # ---- GPU: each kernel against the torch form it replaces --------------------------------------------------------
+@pytest.fixture(scope="module")
+def compiled():
+    """Every fused.cu kernel in every dtype compiled at once (NVRTC calls in parallel), so the cases run fast."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from offload.kernels import _backend, _build
+    assert _backend() is not None, "CuPy failed to load"
+    names = [f"{k}<{t}>" for k in ("rms_norm_kernel", "rope_qk_kernel", "silu_mul_kernel", "kv_append_kernel")
+             for t in ("BF16", "F16", "F32")]
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda n: _build.function("fused.cu", n, torch.cuda.current_device()), names))
+
+
 def _tol(dtype):
     """A few units in the last place: the kernels round where torch does, but sum in another order and take
     fast-math exp / rsqrt, so a value near a rounding boundary may land one step away (and a product of two)."""
@@ -127,7 +140,7 @@ def _tol(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF + [torch.float32])
 @pytest.mark.parametrize("rows,hidden", [(1, 4096), (1, 576), (3, 64), (2, 1000)])
-def test_rms_norm_kernels_match_torch(dtype, rows, hidden):
+def test_rms_norm_kernels_match_torch(dtype, rows, hidden, compiled):
     g = torch.Generator(device="cuda").manual_seed(hidden)
     x = torch.randn(rows, hidden, device="cuda", generator=g).to(dtype) * 3  # x: [T, H]
     y = torch.randn(rows, hidden, device="cuda", generator=g).to(dtype)  # y: [T, H]
@@ -141,7 +154,7 @@ def test_rms_norm_kernels_match_torch(dtype, rows, hidden):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF + [torch.float32])
 @pytest.mark.parametrize("rows,hq,hkv,d", [(1, 32, 8, 128), (1, 9, 3, 64), (5, 4, 2, 16)])
-def test_rope_kernel_matches_apply_rope(dtype, rows, hq, hkv, d):
+def test_rope_kernel_matches_apply_rope(dtype, rows, hq, hkv, d, compiled):
     g = torch.Generator(device="cuda").manual_seed(d)
     qkv = torch.randn(rows, (hq + 2 * hkv) * d, device="cuda", generator=g).to(dtype)  # qkv: [T, (Hq+2Hkv)*D]
     cos, sin = _cos_sin(torch.arange(70000, 70000 + rows), d, dtype, "cuda")  # cos, sin: [T, D]
@@ -158,7 +171,7 @@ def test_rope_kernel_matches_apply_rope(dtype, rows, hq, hkv, d):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF + [torch.float32])
 @pytest.mark.parametrize("rows,inter", [(1, 14336), (1, 1536), (3, 56)])
-def test_silu_mul_kernel_matches_torch(dtype, rows, inter):
+def test_silu_mul_kernel_matches_torch(dtype, rows, inter, compiled):
     g = torch.Generator(device="cuda").manual_seed(inter)
     gu = (torch.randn(rows, 2 * inter, device="cuda", generator=g) * 4).to(dtype)  # gu: [T, 2I]
     torch.testing.assert_close(fused.silu_mul(gu), F.silu(gu[:, :inter]) * gu[:, inter:], **_tol(dtype))
@@ -167,7 +180,7 @@ def test_silu_mul_kernel_matches_torch(dtype, rows, inter):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF + [torch.float32])
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (9, 3, 64)])
-def test_kv_append_equals_index_copy(dtype, hq, hkv, d):
+def test_kv_append_equals_index_copy(dtype, hq, hkv, d, compiled):
     """k (the RoPE kernel's output) and v (a strided view of qkv) into layer 1 of a layered cache at a device-side
     position; every other row untouched."""
     g = torch.Generator(device="cuda").manual_seed(d)
@@ -213,7 +226,7 @@ def _decode_logits(m: llama.LlamaModel, ids: list[int], prompt: int) -> torch.Te
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,quantize,bias", [(torch.bfloat16, None, False), (torch.float16, None, True),
                                                  (torch.bfloat16, "Q8_0", False), (torch.bfloat16, "Q4_K", False)])
-def test_fused_decode_graph_matches_unfused(dtype, quantize, bias, monkeypatch):
+def test_fused_decode_graph_matches_unfused(dtype, quantize, bias, monkeypatch, compiled):
     from offload.kernels import _backend
     _backend()
     from offload.kernels import _cupy, _cupy_fused
