@@ -7,7 +7,7 @@ full rank the estimates are the exact logits, so the stage must pick and attend 
 import pytest
 import torch
 
-from fixtures_models import TIERED_OPTS, run_session
+from fixtures_models import TIERED_OPTS, run_session, write_tiny_checkpoint
 from offload import LLM, ConfigError, OffloadConfig
 
 HEAD_DIM = 16       # the shared tiny checkpoint's (fixtures_models: tiny, ids, dense)
@@ -58,11 +58,19 @@ def test_bad_token_scores_is_one_line(bad, msg):
     assert "\n" not in str(e.value)
 
 
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    # head_dim 64: the shapes the CuPy kernels take (head_dim 16 runs the torch references, whose host-tier reads
+    # copy through the host and cannot be captured)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tokshadow64"), "llama", hidden_size=256,
+                                 num_attention_heads=4, num_key_value_heads=2)
+
+
 @pytest.mark.gpu
-def test_gpu_shadow_ranked_step_is_one_cuda_graph_equal_to_exact_keys(tiny, ids):
-    opts = _opts(device="cuda", gpu_mem="64KiB", host_mem="4MiB")
-    keys, _ = _run(tiny, ids, **dict(opts, token_scores="keys", cuda_graph=False))
-    shadow, st = _run(tiny, ids, **dict(opts, token_scores="shadow"))
+def test_gpu_shadow_ranked_step_is_one_cuda_graph_equal_to_exact_keys(tiny64, ids):
+    opts = _opts(device="cuda", rank=64, gpu_mem="128KiB", host_mem="4MiB")
+    keys, _ = _run(tiny64, ids, **dict(opts, token_scores="keys", cuda_graph=False))
+    shadow, st = _run(tiny64, ids, **dict(opts, token_scores="shadow"))
     assert st["decode_mode"] == "graph" and "graph_error" not in st, {k: st.get(k) for k in (
         "decode_mode", "graph_captures", "graph_error")}
     assert st["scored_key_bytes"] == 0 and st["bytes_in_use_host"] > 0, st

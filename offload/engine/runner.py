@@ -12,7 +12,6 @@ from offload.model.llama import LlamaModel
 
 HOST_HIDDEN_BYTES = 256 << 20
 ROPE_TABLE_TOKENS = 128 << 10
-MAX_CAPTURE_FAILURES = 3        # captures of a tiered step that fail before it is left to piecewise graphs
 
 
 class Engine:
@@ -33,7 +32,6 @@ class Engine:
         self.use_piecewise = graphs and not self.use_graph             # dense parts in graphs, attention eager
         self._graph = self._piecewise = None
         self._graph_key, self._graph_failed, self._captured_once = None, False, False
-        self._capture_failures = 0
         self._captures, self._graph_error, self._capture_s = 0, None, 0.0
         self.last_prefill_s = 0.0
 
@@ -131,16 +129,13 @@ class Engine:
             self._graph_key = key
             try:
                 self._capture()
-            except RuntimeError as e:   # a sync inside the step, or no memory: piecewise graphs for this step
-                self._graph, self._graph_key = None, None
+            except RuntimeError as e:   # a sync inside the step, or no memory: piecewise graphs from now on
+                # never retried: a capture that CUDA invalidated leaves torch's RNG mid-capture for the process
+                # (every later random op fails; seen on the H200 2026-11-30), so one failure is the last
+                self._graph, self._graph_failed = None, True
                 self._graph_error = str(e).splitlines()[0][:200]
-                self._capture_failures += 1
-                # a failure can be transient (memory held by a fetch in flight): the next step tries again,
-                # until it has failed often enough to be the step itself (a host sync): then never again
-                self._graph_failed = self._capture_failures >= MAX_CAPTURE_FAILURES
                 torch.cuda.synchronize()
                 return False
-            self._graph_error = None
         return True
 
     def _graph_step(self, token: int) -> torch.Tensor:
