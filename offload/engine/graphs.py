@@ -14,6 +14,27 @@ from offload.model.llama import LlamaModel
 CAPTURE_MODE = "thread_local"
 
 
+def heal_rng_after_failed_capture(device: torch.device) -> None:
+    """A capture that CUDA invalidated ends before torch closes its RNG bookkeeping (the generator's count of captures
+    under way stays raised), so every later random op of the process fails ("Offset increment outside graph capture
+    encountered unexpectedly": 110 GPU tests after one failed capture, H200 2026-11-30). A later capture that ends
+    properly does not lower it again. The generator gets a fresh state object instead (same seed and, where readable, offset)."""
+    try:
+        torch.randn(1, device=device)      # the usual case: nothing left open
+        return
+    except RuntimeError:
+        pass
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    gen = torch.cuda.default_generators[idx]
+    fresh = torch.Generator(device=torch.device("cuda", idx))
+    fresh.manual_seed(gen.initial_seed())
+    try:
+        fresh.set_offset(gen.get_offset())
+    except RuntimeError:
+        pass
+    gen.graphsafe_set_state(fresh)
+
+
 class PiecewiseDecode:
     def __init__(self, model: LlamaModel, attn: AttentionBackend):
         self.model, self.attn = model, attn

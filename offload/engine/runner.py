@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from offload.attention import AttentionBackend
-from offload.engine.graphs import CAPTURE_MODE, PiecewiseDecode
+from offload.engine.graphs import CAPTURE_MODE, PiecewiseDecode, heal_rng_after_failed_capture
 from offload.model.llama import LlamaModel
 
 HOST_HIDDEN_BYTES = 256 << 20
@@ -130,11 +130,11 @@ class Engine:
             try:
                 self._capture()
             except RuntimeError as e:   # a sync inside the step, or no memory: piecewise graphs from now on
-                # never retried: a capture that CUDA invalidated leaves torch's RNG mid-capture for the process
-                # (every later random op fails; seen on the H200 2026-11-30), so one failure is the last
+                # never retried, and torch's RNG, left mid-capture by an invalidated capture, is closed again
                 self._graph, self._graph_failed = None, True
                 self._graph_error = str(e).splitlines()[0][:200]
                 torch.cuda.synchronize()
+                heal_rng_after_failed_capture(self.device)
                 return False
         return True
 
