@@ -36,6 +36,9 @@ EXTRA_CONFIGS = {
     "shadow-r32-mass-qcoarse": ("shadow", {"rank": 32, "fine_reduce": "mass", "coarse": "summary"}),
     "shadow-r64-mass-cand16": ("shadow", {"rank": 64, "fine_reduce": "mass", "candidate_factor": 16.0,
                                           "min_candidates": 64}),
+    # the token stage ranks the candidates' tokens from the shadows anyway (token_scores "shadow"): the index's
+    # own fine pass over 4x as many chunks is then a second ranking; candidate_factor 1 keeps the coarse picks
+    "shadow-r32-mass-cf1": ("shadow", {"rank": 32, "fine_reduce": "mass", "candidate_factor": 1.0}),
 }
 ALL_CONFIGS = {**CONFIGS, **EXTRA_CONFIGS}
 _SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%+:]+))?(?:/(?P<chunk>\d+))?$")
