@@ -1,8 +1,9 @@
 """The decode half of FaissANNIndex (offload/indexes/ann.py): probe, scan and chunk votes on the host.
 
-A decode query goes to the host, each query head probes the nearest IVF lists of its own KV head, one faiss
-`search_preassigned` call scans them for every query head (parallel_mode 3 spreads the heads over faiss's pool),
-and the retrieved tokens vote for their chunks. The build half (k-means, filing, extend) stays in ann.py; this
+Each query head probes the nearest IVF lists of its own KV head (on the GPU when the query is there: the centroids
+are a few MiB, and only the query and the probed list ids cross to the host, through reused pinned buffers), one
+faiss `search_preassigned` call scans them for every query head (parallel_mode 3 spreads the heads over faiss's
+pool), and the retrieved tokens vote for their chunks on the host; the ids go back without a host sync. The build half (k-means, filing, extend) stays in ann.py; this
 mixin reads the attributes it sets (_ivf, _flat, _centroids, _cents_t, _cents_sq, _means, _max_norm,
 _num_tokens) and its options (scale, chunk_score, retrieve_factor, nprobe, probe_fraction, space,
 search_threads).
@@ -59,10 +60,72 @@ class IVFSearch:
         k = min(int(budget), n)
         if k == 0:
             return torch.empty((hkv, 0), dtype=torch.long, device=self.device)
-        q_np = self._host_query(query)                                         # q_np: [Hkv, G, D]
-        ip, tok = self._search(q_np, self._tokens_for(k))                      # ip, tok: [Hkv, G, k_tok]
+        if self._ivf is not None and query.is_cuda:
+            # the coarse step where the query already is: only the probed lists cross to the host, and no numpy
+            # BLAS call (whose spinning pool competed with faiss's) runs on the host per layer
+            q_np, lists, dis = self._probe_on_device(query)                    # [Hkv, G, D], [Hq, probe] x2
+            ip, tok = self._scan(q_np, lists, dis, self._tokens_for(k))        # ip, tok: [Hkv, G, k_tok]
+        else:
+            ip, tok = self._search(self._host_query(query), self._tokens_for(k))
         score = self._chunk_votes(ip, tok)                                     # score: [Hkv, n]
-        return torch.from_numpy(best_first(score, k)).to(self.device)         # ids: [Hkv, k]
+        return self._ids_to_device(best_first(score, k))                      # ids: [Hkv, k]
+
+    def _ids_to_device(self, ids: np.ndarray) -> torch.Tensor:
+        """ids [Hkv, k] -> the compute device; on a GPU through a reused pinned buffer, without a host sync."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(ids).to(self.device)
+        buf = self._pinned("ids", ids.shape, torch.int64)
+        if self._ids_copied is not None:
+            self._ids_copied.synchronize()          # the previous copy out of buf is done (it always is by now)
+        buf.numpy()[...] = ids
+        out = buf.to(self.device, non_blocking=True)
+        self._ids_copied = torch.cuda.Event()
+        self._ids_copied.record()
+        return out
+
+    def _pinned(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A page-locked host buffer of this index, reused across steps (reallocated when its shape changes)."""
+        bufs = self._host_bufs
+        if name not in bufs or tuple(bufs[name].shape) != tuple(shape):
+            bufs[name] = torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
+        return bufs[name]
+
+    def _device_centroids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """_cents_t [Hkv, D, nlist] and _cents_sq [Hkv, 1, nlist] on the device (float32; copied once per build)."""
+        if self._dev_cents is None or self._dev_cents[0].device != device:
+            self._dev_cents = (torch.from_numpy(self._cents_t).to(device), torch.from_numpy(self._cents_sq).to(device))
+        return self._dev_cents
+
+    def _probe_count(self, nlist: int) -> int:
+        return min(nlist, self.nprobe or max(1, math.ceil(self.probe_fraction * nlist)))
+
+    def _probe_torch(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """_probe in torch on the query's device: query [Hq, D] -> (lists int64, coarse distances float32), both
+        [Hq, probe], nearest first. The same float32 arithmetic as _probe (BLAS vs cuBLAS may round the last bit
+        of a distance differently: a list tied with the probe-th to that bit may swap)."""
+        hkv, g = self.num_kv_heads, self.group_size
+        nlist = self._centroids.shape[1]
+        cents_t, cents_sq = self._device_centroids(query.device)               # [Hkv, D, nlist], [Hkv, 1, nlist]
+        q = query.detach().float().reshape(hkv, g, -1)                         # q: [Hkv, G, D]
+        s = torch.bmm(q, cents_t)                                              # s: [Hkv, G, nlist]
+        ip = self.space == "ip"
+        order = -s if ip else (q * q).sum(dim=2, keepdim=True) - 2 * s + cents_sq  # order: [Hkv, G, nlist]
+        near, lists = torch.topk(order.reshape(hkv * g, nlist), self._probe_count(nlist), dim=1, largest=False)
+        lists = lists + (torch.arange(hkv, device=query.device) * nlist).repeat_interleave(g)[:, None]
+        return lists, (-near if ip else near)                                  # [Hq, probe] each
+
+    def _probe_on_device(self, query: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """query [Hq, D] on a GPU -> host (query float32 [Hkv, G, D], lists int64 [Hq, probe], distances float32
+        [Hq, probe]): the probe on the GPU, three small copies into pinned buffers, one wait."""
+        lists, dis = self._probe_torch(query)                                  # lists, dis: [Hq, probe]
+        q = self._pinned("q", query.shape, torch.float32)                      # q: [Hq, D]
+        host_lists = self._pinned("lists", lists.shape, torch.int64)
+        host_dis = self._pinned("dis", dis.shape, torch.float32)
+        q.copy_(query.detach().float(), non_blocking=True)      # widened on the GPU, as _host_query
+        host_lists.copy_(lists, non_blocking=True)
+        host_dis.copy_(dis, non_blocking=True)
+        torch.cuda.current_stream(query.device).synchronize()
+        return q.numpy().reshape(self.num_kv_heads, self.group_size, -1), host_lists.numpy(), host_dis.numpy()
 
     def _host_query(self, query: torch.Tensor) -> np.ndarray:
         """query [Hq, D] (any device) -> float32 [Hkv, G, D] on the host (heads h*G.. form KV head h's group)."""
@@ -132,7 +195,7 @@ class IVFSearch:
         distances float32), both [Hq, probe] as faiss takes them (one batched matmul, one partition)."""
         hkv, g = q_np.shape[:2]
         nlist = self._centroids.shape[1]
-        probe = min(nlist, self.nprobe or max(1, math.ceil(self.probe_fraction * nlist)))
+        probe = self._probe_count(nlist)
         s = np.matmul(q_np, self._cents_t)                                     # s: [Hkv, G, nlist] (BLAS)
         if self.space == "ip":
             coarse = s
@@ -159,6 +222,7 @@ class IVFSearch:
         """One faiss search_preassigned over the probed lists of every query head (parallel_mode 3: the query
         heads spread over faiss's pool) -> (q.k float64, positions int64), both [Hkv, G, k_tok]."""
         hkv, g = q_np.shape[:2]
+        faiss.omp_set_num_threads(self.search_threads)
         xq = self._queries_space(q_np)                                         # xq: [Hkv, G, D']
         self._ivf.nprobe = lists.shape[1]
         d, tok = self._ivf.search_preassigned(xq.reshape(hkv * g, -1), k_tok, lists, dis)  # d, tok: [Hq, k_tok]
