@@ -108,6 +108,7 @@ class FaissANNIndex(IVFSearch):
         self._pending: Future | None = None        # the background build of this layer, if running
         self._host_bufs: dict[str, torch.Tensor] = {}  # pinned buffers of a GPU select, reused (ann_search.py)
         self._ids_copied = None                    # the CUDA event of the last ids copy out of _host_bufs["ids"]
+        self.select_split = {"to_host": 0.0, "search": 0.0, "rank": 0.0}   # select's wall seconds by part (stats)
         self._reset()
 
     def _reset(self) -> None:

@@ -11,6 +11,7 @@ search_threads).
 from __future__ import annotations
 
 import math
+import time
 
 import faiss
 import numpy as np
@@ -60,15 +61,25 @@ class IVFSearch:
         k = min(int(budget), n)
         if k == 0:
             return torch.empty((hkv, 0), dtype=torch.long, device=self.device)
+        t0 = time.perf_counter()
         if self._ivf is not None and query.is_cuda:
             # the coarse step where the query already is: only the probed lists cross to the host, and no numpy
             # BLAS call (whose spinning pool competed with faiss's) runs on the host per layer
             q_np, lists, dis = self._probe_on_device(query)                    # [Hkv, G, D], [Hq, probe] x2
+            t1 = time.perf_counter()
             ip, tok = self._scan(q_np, lists, dis, self._tokens_for(k))        # ip, tok: [Hkv, G, k_tok]
         else:
-            ip, tok = self._search(self._host_query(query), self._tokens_for(k))
+            q_np = self._host_query(query)                                     # q_np: [Hkv, G, D]
+            t1 = time.perf_counter()
+            ip, tok = self._search(q_np, self._tokens_for(k))
+        t2 = time.perf_counter()
         score = self._chunk_votes(ip, tok)                                     # score: [Hkv, n]
-        return self._ids_to_device(best_first(score, k))                      # ids: [Hkv, k]
+        ids = self._ids_to_device(best_first(score, k))                       # ids: [Hkv, k]
+        split = self.select_split       # wall seconds: to_host (GPU probe, copies and the wait for the GPU's
+        split["to_host"] += t1 - t0     # queue, or the query's copy), search (faiss; + the numpy probe on the
+        split["search"] += t2 - t1      # host path), rank (votes, best_first, ids queued to the device)
+        split["rank"] += time.perf_counter() - t2
+        return ids
 
     def _ids_to_device(self, ids: np.ndarray) -> torch.Tensor:
         """ids [Hkv, k] -> the compute device; on a GPU through a reused pinned buffer, without a host sync."""
