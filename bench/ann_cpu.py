@@ -176,7 +176,7 @@ def run(tokens: int, budget_tokens: int, args, device: torch.device) -> dict:
     sync(device)
     kmeans_s = since(t)
     t = clock()
-    index = built(FaissANNIndex, keys, trained, args.threads, device)       # what the background builder does
+    index = built(FaissANNIndex, keys, trained, args.threads, device, codec=args.codec)  # the background builder's part
     file_s = since(t)
     k = budget_tokens // 32 + 2 + 8                    # the runtime asks for budget + sinks + window chunks
     row = {"tokens": tokens, "nlist_per_head": index._centroids.shape[1],
@@ -193,7 +193,8 @@ def run(tokens: int, budget_tokens: int, args, device: torch.device) -> dict:
                 for i in range(queries.shape[1])]
         row["host_probe_same_ids"] = f"{sum(same)}/{len(same)}"
     if args.layers > 1:          # a decode step's access pattern: each of --layers indexes once per query
-        layers = [index] + [built(FaissANNIndex, keys, trained, args.threads, device) for _ in range(args.layers - 1)]
+        layers = [index] + [built(FaissANNIndex, keys, trained, args.threads, device, codec=args.codec)
+                            for _ in range(args.layers - 1)]
         row["rotating_layers"] = args.layers
         row["rotating_select_ms"], row["rotating_select_cpu_ms"], row["rotating_select_min_ms"] = \
             time_rotating(layers, queries, k, device)
@@ -245,6 +246,8 @@ def main() -> None:
                     "retrieve_factor values (default 0.25)")
     ap.add_argument("--layers", type=int, default=1, help="also time selects rotating over this many copies of the "
                     "layer index, as a decode step visits its layers (cold host caches; ~0.55 GB of host RAM each at 128K)")
+    ap.add_argument("--codec", default="flat", choices=("flat", "sq8"), help="the IVF lists' codes (sq8: a quarter of "
+                    "the bytes a cold select reads, lossy: see recall)")
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3, help="timed selects per query (min and median over all)")
     ap.add_argument("--device", default="cpu", help="where the keys are trained and the queries live (cuda: GPU)")
@@ -280,7 +283,8 @@ def main() -> None:
                                                "faiss_threads": faiss.omp_get_max_threads(),
                                                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                                                "load_average": os.getloadavg()[0], "budget": args.budget,
-                                               "reps": REPS[0], "device": str(device)})
+                                               "reps": REPS[0], "device": str(device),
+                                               "codec": args.codec})
 
 
 if __name__ == "__main__":
