@@ -295,7 +295,9 @@ class FaissANNIndex(IVFSearch):
         (one head at a time, on the GPU during prefill: scratch_bytes) and, from the first decode select on a GPU,
         the float32 centroids of the coarse step (Hkv x nlist x (D + 1) x 4 B: 3 MiB per layer at 128K)."""
         n = num_chunks * self.chunk_tokens
-        return self.scratch_bytes(num_chunks) + self.num_kv_heads * self._ivf_size(n, n) * (self.head_dim + 1) * 4
+        nlist = self._ivf_size(n, n)
+        cents = self.num_kv_heads * nlist * (self.head_dim + 1) * 4 + self.num_q_heads * 8 if nlist else 0
+        return self.scratch_bytes(num_chunks) + cents
 
     def scratch_bytes(self, num_chunks: int | None = None, budget: int = 0) -> int:
         """Device temporaries of one head's sampled k-means and key assignment at num_chunks (default: the

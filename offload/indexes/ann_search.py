@@ -101,10 +101,14 @@ class IVFSearch:
             bufs[name] = torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
         return bufs[name]
 
-    def _device_centroids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """_cents_t [Hkv, D, nlist] and _cents_sq [Hkv, 1, nlist] on the device (float32; copied once per build)."""
+    def _device_centroids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """_cents_t [Hkv, D, nlist], _cents_sq [Hkv, 1, nlist] (float32) and each query head's first list id
+        [Hq, 1] on the device, made once per build."""
         if self._dev_cents is None or self._dev_cents[0].device != device:
-            self._dev_cents = (torch.from_numpy(self._cents_t).to(device), torch.from_numpy(self._cents_sq).to(device))
+            hkv, nlist = self._cents_t.shape[0], self._cents_t.shape[2]
+            first = (torch.arange(hkv, device=device) * nlist).repeat_interleave(self.group_size)[:, None]  # [Hq, 1]
+            self._dev_cents = (torch.from_numpy(self._cents_t).to(device), torch.from_numpy(self._cents_sq).to(device),
+                               first)
         return self._dev_cents
 
     def _probe_count(self, nlist: int) -> int:
@@ -116,14 +120,13 @@ class IVFSearch:
         of a distance differently: a list tied with the probe-th to that bit may swap)."""
         hkv, g = self.num_kv_heads, self.group_size
         nlist = self._centroids.shape[1]
-        cents_t, cents_sq = self._device_centroids(query.device)               # [Hkv, D, nlist], [Hkv, 1, nlist]
+        cents_t, cents_sq, first = self._device_centroids(query.device)        # [Hkv, D, nlist], [Hkv, 1, nlist], [Hq, 1]
         q = query.detach().float().reshape(hkv, g, -1)                         # q: [Hkv, G, D]
         s = torch.bmm(q, cents_t)                                              # s: [Hkv, G, nlist]
         ip = self.space == "ip"
         order = -s if ip else (q * q).sum(dim=2, keepdim=True) - 2 * s + cents_sq  # order: [Hkv, G, nlist]
         near, lists = torch.topk(order.reshape(hkv * g, nlist), self._probe_count(nlist), dim=1, largest=False)
-        lists = lists + (torch.arange(hkv, device=query.device) * nlist).repeat_interleave(g)[:, None]
-        return lists, (-near if ip else near)                                  # [Hq, probe] each
+        return lists + first, (-near if ip else near)                          # [Hq, probe] each
 
     def _probe_on_device(self, query: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """query [Hq, D] on a GPU -> host (query float32 [Hkv, G, D], lists int64 [Hq, probe], distances float32
