@@ -236,6 +236,15 @@ def run(tokens: int, budget_tokens: int, args, device: torch.device) -> dict:
     return row
 
 
+def thp() -> str:
+    """The kernel's transparent huge page mode: a cold select's page walks over GBs of lists depend on it."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="32K")
@@ -284,7 +293,7 @@ def main() -> None:
                                                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                                                "load_average": os.getloadavg()[0], "budget": args.budget,
                                                "reps": REPS[0], "device": str(device),
-                                               "codec": args.codec})
+                                               "codec": args.codec, "transparent_hugepages": thp()})
 
 
 if __name__ == "__main__":
