@@ -10,6 +10,9 @@ import torch
 from offload.attention import AttentionBackend
 from offload.model.llama import LlamaModel
 
+# only this thread's unsafe CUDA calls break a capture: the runtime's background threads may use CUDA meanwhile
+CAPTURE_MODE = "thread_local"
+
 
 class PiecewiseDecode:
     def __init__(self, model: LlamaModel, attn: AttentionBackend):
@@ -31,16 +34,16 @@ class PiecewiseDecode:
         torch.cuda.current_stream().wait_stream(s)
         for i in range(cfg.num_layers):
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=CAPTURE_MODE):
                 qkv = model.attn_inputs(i, self.x, self.cos, self.sin)  # q: [Hq, 1, D], k, v: [Hkv, 1, D]
             self.pre.append(g)
             self.qkv.append(qkv)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=CAPTURE_MODE):
                 self.x.copy_(model.attn_output_mlp(i, self.x, self.o))
             self.post.append(g)
         self.head = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.head, pool=self.pool):
+        with torch.cuda.graph(self.head, pool=self.pool, capture_error_mode=CAPTURE_MODE):
             self.logits = model.logits(self.x)[0]  # logits: [V]
 
     def step(self, token: int, position: int) -> torch.Tensor:

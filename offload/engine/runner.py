@@ -7,10 +7,12 @@ from typing import Callable
 import torch
 
 from offload.attention import AttentionBackend
+from offload.engine.graphs import CAPTURE_MODE, PiecewiseDecode
 from offload.model.llama import LlamaModel
 
 HOST_HIDDEN_BYTES = 256 << 20
 ROPE_TABLE_TOKENS = 128 << 10
+MAX_CAPTURE_FAILURES = 3        # captures of a tiered step that fail before it is left to piecewise graphs
 
 
 class Engine:
@@ -31,6 +33,7 @@ class Engine:
         self.use_piecewise = graphs and not self.use_graph             # dense parts in graphs, attention eager
         self._graph = self._piecewise = None
         self._graph_key, self._graph_failed, self._captured_once = None, False, False
+        self._capture_failures = 0
         self._captures, self._graph_error, self._capture_s = 0, None, 0.0
         self.last_prefill_s = 0.0
 
@@ -97,7 +100,6 @@ class Engine:
             logits = self._graph_step(token)
         elif self.use_piecewise:
             if self._piecewise is None:
-                from offload.engine.graphs import PiecewiseDecode
                 self._piecewise = PiecewiseDecode(self.model, self.attn)
             logits = self._piecewise.step(token, self.attn.length)
         else:
@@ -129,11 +131,16 @@ class Engine:
             self._graph_key = key
             try:
                 self._capture()
-            except RuntimeError as e:   # a sync inside the step, or no memory: piecewise graphs from now on
-                self._graph, self._graph_failed = None, True
+            except RuntimeError as e:   # a sync inside the step, or no memory: piecewise graphs for this step
+                self._graph, self._graph_key = None, None
                 self._graph_error = str(e).splitlines()[0][:200]
+                self._capture_failures += 1
+                # a failure can be transient (memory held by a fetch in flight): the next step tries again,
+                # until it has failed often enough to be the step itself (a host sync): then never again
+                self._graph_failed = self._capture_failures >= MAX_CAPTURE_FAILURES
                 torch.cuda.synchronize()
                 return False
+            self._graph_error = None
         return True
 
     def _graph_step(self, token: int) -> torch.Tensor:
@@ -163,7 +170,9 @@ class Engine:
         g = torch.cuda.CUDAGraph()
         # a private pool per capture: sharing one handle across recaptures trips the caching allocator's
         # use_count assert (torch 2.11) once the previous graph is gone but its outputs are not
-        with torch.cuda.graph(g):
+        # thread_local: the runtime's own background threads (ANN builds, drive writes waiting on events,
+        # checkpoint commits) may call CUDA during a capture; "global" mode failed the capture for them
+        with torch.cuda.graph(g, capture_error_mode=CAPTURE_MODE):
             self._logits = self.model.forward(self._ids, self._pos, self.attn)  # _logits: [V]
         self._graph = g
         self._captured_once = True
