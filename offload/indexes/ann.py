@@ -34,8 +34,8 @@ select/extend wait for it. Threads: faiss-cpu and torch each ship their own libg
 pool (`threads`, default 0 = every core this process may use: on a GPU host torch's CPU pool is idle during
 prefill and decode; `search_threads` sets the decode search's pool apart, default the same). Set
 OMP_WAIT_POLICY=PASSIVE so that an idle pool does not spin.
-Memory: host only, besides the build's k-means temporaries on the device (gpu_bytes); "flat" codes keep
-float32 keys (D'*4 B per head-token) + 8 B ids, "sq8" D' B + 8 B.
+Memory: host, besides the build's k-means temporaries and the coarse step's centroids on the device (gpu_bytes);
+"flat" codes keep float32 keys (D'*4 B per head-token) + 8 B ids, "sq8" D' B + 8 B.
 """
 from __future__ import annotations
 

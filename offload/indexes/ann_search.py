@@ -1,12 +1,12 @@
-"""The decode half of FaissANNIndex (offload/indexes/ann.py): probe, scan and chunk votes on the host.
+"""The decode half of FaissANNIndex (offload/indexes/ann.py): probe, scan and chunk votes.
 
 Each query head probes the nearest IVF lists of its own KV head (on the GPU when the query is there: the centroids
 are a few MiB, and only the query and the probed list ids cross to the host, through reused pinned buffers), one
 faiss `search_preassigned` call scans them for every query head (parallel_mode 3 spreads the heads over faiss's
-pool), and the retrieved tokens vote for their chunks on the host; the ids go back without a host sync. The build half (k-means, filing, extend) stays in ann.py; this
-mixin reads the attributes it sets (_ivf, _flat, _centroids, _cents_t, _cents_sq, _means, _max_norm,
-_num_tokens) and its options (scale, chunk_score, retrieve_factor, nprobe, probe_fraction, space,
-search_threads).
+pool), and the retrieved tokens vote for their chunks on the host; the ids go back without a host sync. The build
+half (k-means, filing, extend) stays in ann.py; this mixin reads the attributes it sets (_ivf, _flat, _centroids,
+_cents_t, _cents_sq, _dev_cents, _host_bufs, _ids_copied, select_split, _means, _max_norm, _num_tokens) and its
+options (scale, chunk_score, retrieve_factor, nprobe, probe_fraction, space, search_threads).
 """
 from __future__ import annotations
 
