@@ -90,7 +90,7 @@ class IVFSearch:
             self._ids_copied.synchronize()          # the previous copy out of buf is done (it always is by now)
         buf.numpy()[...] = ids
         out = buf.to(self.device, non_blocking=True)
-        self._ids_copied = torch.cuda.Event()
+        self._ids_copied = self._ids_copied or torch.cuda.Event()             # one event, recorded again each step
         self._ids_copied.record()
         return out
 
