@@ -15,7 +15,8 @@ chunks; offload.indexes.synthetic). Per layer:
              on --device, so on a GPU host the copies both ways are in it (the device is synchronised first).
   phases     the same select's steps timed apart (wall ms, minimum): to_host (query to the host), probe (coarse
              matmul + partition), faiss (search_preassigned), votes (scores per chunk), top_k (best_first),
-             to_device (ids back).
+             to_device (ids back). With --device cuda, select's GPU path: probe = the GPU probe + its copies to the
+             host (to_host 0), votes = the retrieved tokens' upload + votes + ranking on the GPU (top_k, to_device 0).
   recall     attention mass of the selected chunks / mass of the best chunks of the same count.
   host_probe (--device cuda) select as before the probe moved to the GPU (select_on_host), same index, same ids.
   rotating   (--layers N) one select in each of N copies of the layer index in turn, per query, as a decode step
@@ -133,13 +134,17 @@ def phases(index, queries: torch.Tensor, k: int, device: torch.device) -> dict:
         t.append(time.perf_counter())
         ip, tok = index._scan(q_np, lists, dis, k_tok)
         t.append(time.perf_counter())
-        score = index._chunk_votes(ip, tok)
-        t.append(time.perf_counter())
-        ids = best_first(score, k)
-        t.append(time.perf_counter())
-        index._ids_to_device(ids)
-        sync(device)
-        t.append(time.perf_counter())
+        if device.type == "cuda":    # what select runs: votes and ranking on the GPU (all in votes, synchronised)
+            index._rank_torch(*index._upload(ip=ip, tok=tok), k)
+            sync(device)
+            t += [time.perf_counter()] * 3
+        else:
+            score = index._chunk_votes(ip, tok)
+            t.append(time.perf_counter())
+            ids = best_first(score, k)
+            t.append(time.perf_counter())
+            index._upload(ids=ids)
+            t.append(time.perf_counter())
         for name, a, b in zip(out, t, t[1:]):
             out[name].append(1000 * (b - a))
     return {name: round(min(v), 3) for name, v in out.items()}

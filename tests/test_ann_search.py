@@ -139,3 +139,21 @@ def test_gpu_select_returns_the_ids_of_the_host_select(layer, space):
         for i in range(decode.shape[1]):
             got = index.select(decode[:, i].cuda(), 20)
             assert got.is_cuda and torch.equal(got, index.select(decode[:, i], 20))
+
+
+@pytest.mark.parametrize("chunk_score", ["expsum", "count"])
+def test_torch_ranking_returns_the_ids_of_votes_and_best_first(layer, chunk_score):
+    """The votes + ranking a GPU select runs (_rank_torch), here on the CPU, against _chunk_votes + best_first on
+    the same retrieved tokens: the same ids, also with -1 padding (fewer tokens found than asked) and with k past
+    the voted chunks (the unvoted ones follow newest first)."""
+    keys, decode = layer
+    index = make_index("ann", min_ivf_tokens=256, chunk_score=chunk_score, **SHAPE)
+    index.build(keys)
+    for i in range(decode.shape[1]):
+        ip, tok = index._search(index._host_query(decode[:, i]), index._tokens_for(20))  # [Hkv, G, k_tok] each
+        tok = tok.copy()
+        tok[:, 1, -50:] = -1                                                   # one query head found fewer tokens
+        for k in (20, index.num_chunks):
+            want = best_first(index._chunk_votes(ip, tok), k)
+            got = index._rank_torch(torch.from_numpy(ip), torch.from_numpy(tok), k)
+            assert np.array_equal(got.numpy(), want), (i, k)

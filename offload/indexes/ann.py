@@ -107,7 +107,7 @@ class FaissANNIndex(IVFSearch):
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
         self._pending: Future | None = None        # the background build of this layer, if running
         self._host_bufs: dict[str, torch.Tensor] = {}  # pinned buffers of a GPU select, reused (ann_search.py)
-        self._ids_copied = None                    # the CUDA event of the last ids copy out of _host_bufs["ids"]
+        self._copied = None                        # the CUDA event after the last select's copies out of _host_bufs
         self.select_split = {"to_host": 0.0, "search": 0.0, "rank": 0.0}   # select's wall seconds by part (stats)
         self._reset()
 

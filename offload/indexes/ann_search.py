@@ -5,7 +5,7 @@ are a few MiB, and only the query and the probed list ids cross to the host, thr
 faiss `search_preassigned` call scans them for every query head (parallel_mode 3 spreads the heads over faiss's
 pool), and the retrieved tokens vote for their chunks on the host; the ids go back without a host sync. The build
 half (k-means, filing, extend) stays in ann.py; this mixin reads the attributes it sets (_ivf, _flat, _centroids,
-_cents_t, _cents_sq, _dev_cents, _host_bufs, _ids_copied, select_split, _means, _max_norm, _num_tokens) and its
+_cents_t, _cents_sq, _dev_cents, _host_bufs, _copied, select_split, _means, _max_norm, _num_tokens) and its
 options (scale, chunk_score, retrieve_factor, nprobe, probe_fraction, space, search_threads).
 """
 from __future__ import annotations
@@ -68,31 +68,58 @@ class IVFSearch:
             q_np, lists, dis = self._probe_on_device(query)                    # [Hkv, G, D], [Hq, probe] x2
             t1 = time.perf_counter()
             ip, tok = self._scan(q_np, lists, dis, self._tokens_for(k))        # ip, tok: [Hkv, G, k_tok]
+            t2 = time.perf_counter()
+            # votes and ranking on the GPU too: the retrieved tokens go back (no host sync), not a ranking done here
+            ids = self._rank_torch(*self._upload(ip=ip, tok=tok), k)           # ids: [Hkv, k]
         else:
             q_np = self._host_query(query)                                     # q_np: [Hkv, G, D]
             t1 = time.perf_counter()
             ip, tok = self._search(q_np, self._tokens_for(k))
-        t2 = time.perf_counter()
-        score = self._chunk_votes(ip, tok)                                     # score: [Hkv, n]
-        ids = self._ids_to_device(best_first(score, k))                       # ids: [Hkv, k]
+            t2 = time.perf_counter()
+            score = self._chunk_votes(ip, tok)                                 # score: [Hkv, n]
+            ids = self._upload(ids=best_first(score, k))[0]                   # ids: [Hkv, k]
         split = self.select_split       # wall seconds: to_host (GPU probe, copies and the wait for the GPU's
         split["to_host"] += t1 - t0     # queue, or the query's copy), search (faiss; + the numpy probe on the
         split["search"] += t2 - t1      # host path), rank (votes, best_first, ids queued to the device)
         split["rank"] += time.perf_counter() - t2
         return ids
 
-    def _ids_to_device(self, ids: np.ndarray) -> torch.Tensor:
-        """ids [Hkv, k] -> the compute device; on a GPU through a reused pinned buffer, without a host sync."""
+    def _upload(self, **arrays: np.ndarray) -> list[torch.Tensor]:
+        """Host arrays -> fresh tensors on the compute device; on a GPU through pinned buffers reused across steps,
+        queued without a host sync (the buffers are rewritten once the previous call's copies are done)."""
         if self.device.type != "cuda":
-            return torch.from_numpy(ids).to(self.device)
-        buf = self._pinned("ids", ids.shape, torch.int64)
-        if self._ids_copied is not None:
-            self._ids_copied.synchronize()          # the previous copy out of buf is done (it always is by now)
-        buf.numpy()[...] = ids
-        out = buf.to(self.device, non_blocking=True)
-        self._ids_copied = self._ids_copied or torch.cuda.Event()             # one event, recorded again each step
-        self._ids_copied.record()
+            return [torch.from_numpy(a).to(self.device) for a in arrays.values()]
+        if self._copied is not None:
+            self._copied.synchronize()              # the previous call's copies out of the buffers (long done)
+        out = []
+        for name, a in arrays.items():
+            buf = self._pinned(name, a.shape, torch.from_numpy(np.empty(0, a.dtype)).dtype)
+            buf.numpy()[...] = a
+            out.append(buf.to(self.device, non_blocking=True))
+        self._copied = self._copied or torch.cuda.Event()                     # one event, recorded again each call
+        self._copied.record()
         return out
+
+    def _rank_torch(self, ip: torch.Tensor, tok: torch.Tensor, k: int) -> torch.Tensor:
+        """_chunk_votes + best_first in torch on ip's device: retrieved q.k float64 and positions int64 [Hkv, G,
+        k_tok] -> chunk ids int64 [Hkv, k], score descending, ties and unvoted chunks newest first. The same float64
+        arithmetic as the numpy path (exp and sums may round the last bit differently: only chunks whose scores tie
+        to that bit could swap)."""
+        hkv, n = self.num_kv_heads, self.num_chunks
+        hit = tok >= 0
+        if self.chunk_score == "count":
+            votes = hit.double()                                               # votes: [Hkv, G, k_tok]
+        else:
+            logit = torch.where(hit, self.scale * ip, float("-inf"))           # logit: [Hkv, G, k_tok]
+            top = logit.amax(dim=2, keepdim=True)                              # top: [Hkv, G, 1]
+            votes = torch.exp(logit - torch.where(torch.isfinite(top), top, 0.0))
+            votes = votes / votes.sum(dim=2, keepdim=True).clamp(min=1e-300)
+        where = torch.arange(hkv, device=ip.device)[:, None, None] * n + tok.clamp(min=0) // self.chunk_tokens
+        score = torch.zeros(hkv * n, dtype=torch.float64, device=ip.device)
+        score.index_add_(0, where.reshape(-1), torch.where(hit, votes, 0.0).reshape(-1))   # score: [Hkv * n]
+        # newest first among equals: a stable descending sort of the columns reversed (unvoted chunks score 0, last)
+        order = torch.sort(score.reshape(hkv, n).flip(1), dim=1, descending=True, stable=True).indices[:, :k]
+        return n - 1 - order                                                   # ids: [Hkv, k]
 
     def _pinned(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """A page-locked host buffer of this index, reused across steps (reallocated when its shape changes)."""
