@@ -69,7 +69,7 @@ class IVFSearch:
             t1 = time.perf_counter()
             ip, tok = self._scan(q_np, lists, dis, self._tokens_for(k))        # ip, tok: [Hkv, G, k_tok]
             t2 = time.perf_counter()
-            # votes and ranking on the GPU too: the retrieved tokens go back (no host sync), not a ranking done here
+            # votes and ranking on the GPU too: the retrieved tokens go up (no host sync), the host ranks nothing
             ids = self._rank_torch(*self._upload(ip=ip, tok=tok), k)           # ids: [Hkv, k]
         else:
             q_np = self._host_query(query)                                     # q_np: [Hkv, G, D]
@@ -80,7 +80,7 @@ class IVFSearch:
             ids = self._upload(ids=best_first(score, k))[0]                   # ids: [Hkv, k]
         split = self.select_split       # wall seconds: to_host (GPU probe, copies and the wait for the GPU's
         split["to_host"] += t1 - t0     # queue, or the query's copy), search (faiss; + the numpy probe on the
-        split["search"] += t2 - t1      # host path), rank (votes, best_first, ids queued to the device)
+        split["search"] += t2 - t1      # host path), rank (votes + ranking queued on the GPU, or run here)
         split["rank"] += time.perf_counter() - t2
         return ids
 
