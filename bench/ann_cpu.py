@@ -2,6 +2,7 @@
 
     python bench/ann_cpu.py --tokens 32K,128K --budget 2K --out bench/results/ann_cpu_split.json
     python bench/ann_cpu.py --tokens 128K --search-threads 1,4,16 --device cuda     # on the GPU host
+    python bench/ann_cpu.py --tokens 128K --device cuda --layers 8 --queries 6      # + cold caches, host probe
     git show f5ef176:offload/indexes/ann.py > /tmp/ann_before.py
     python bench/ann_cpu.py --tokens 32K,128K --baseline /tmp/ann_before.py          # before/after, same process
 
@@ -14,8 +15,12 @@ chunks; offload.indexes.synthetic). Per layer:
              on --device, so on a GPU host the copies both ways are in it (the device is synchronised first).
   phases     the same select's steps timed apart (wall ms, minimum): to_host (query to the host), probe (coarse
              matmul + partition), faiss (search_preassigned), votes (scores per chunk), top_k (best_first),
-             to_device (ids back).
+             to_device (ids back). With --device cuda, select's GPU path: probe = the GPU probe + its copies to the
+             host (to_host 0), votes = the retrieved tokens' upload + votes + ranking on the GPU (top_k, to_device 0).
   recall     attention mass of the selected chunks / mass of the best chunks of the same count.
+  host_probe (--device cuda) select as before the probe moved to the GPU (select_on_host), same index, same ids.
+  rotating   (--layers N) one select in each of N copies of the layer index in turn, per query, as a decode step
+             visits its layers: the per-layer figure with cold host caches (select_ms repeats one warm query).
 Wall times depend on what else the machine runs; CPU ms are the work. The JSON records the load average.
 """
 from __future__ import annotations
@@ -65,20 +70,49 @@ def built(cls, keys: torch.Tensor, trained, threads: int, device: torch.device, 
     return index
 
 
-def time_select(index, queries: torch.Tensor, k: int, device: torch.device) -> tuple[float, ...]:
-    """(median wall, median CPU, min wall) ms of index.select over queries [Hq, m, D] (on device), each query
-    --reps times after a warm call. On a shared box the minimum is the figure least inflated by other jobs."""
+def select_on_host(index, query: torch.Tensor, k: int) -> torch.Tensor:
+    """select as it ran before the coarse step moved to the query's GPU: the query to the host (a pageable copy),
+    the numpy probe, faiss, votes, best_first, the ids back by a pageable copy. The same ids as index.select."""
+    ip, tok = index._search(index._host_query(query), index._tokens_for(k))
+    return torch.from_numpy(best_first(index._chunk_votes(ip, tok), k)).to(query.device)
+
+
+def time_select(index, queries: torch.Tensor, k: int, device: torch.device, fn=None) -> tuple[float, ...]:
+    """(median wall, median CPU, min wall) ms of index.select (or fn(index, q, k)) over queries [Hq, m, D] (on
+    device), each query --reps times after a warm call: the probed lists are then in the host's caches, which a
+    decode step, visiting 32 layers' indexes in turn, does not find (see time_rotating). On a shared box the
+    minimum is the figure least inflated by other jobs."""
+    fn = fn or (lambda index, q, k: index.select(q, k))
     walls, cpus = [], []
     for i in range(queries.shape[1]):
-        index.select(queries[:, i], k)
+        fn(index, queries[:, i], k)
         for _ in range(REPS[0]):
             sync(device)
             t = clock()
-            index.select(queries[:, i], k)
+            fn(index, queries[:, i], k)
             sync(device)
             wall, cpu = since(t)
             walls.append(1000 * wall)
             cpus.append(1000 * cpu)
+    return round(median(walls), 3), round(median(cpus), 3), round(min(walls), 3)
+
+
+def time_rotating(layers: list, queries: torch.Tensor, k: int, device: torch.device, fn=None) -> tuple[float, ...]:
+    """(median wall, median CPU, min wall) ms per layer of one select in each of the layer indexes in turn, per
+    query, as a decode step runs them: a layer's lists were last read len(layers) - 1 selects ago (cold caches
+    once the layers' probed bytes exceed the last-level cache). The first query only warms up (first-call costs)."""
+    fn = fn or (lambda index, q, k: index.select(q, k))
+    walls, cpus = [], []
+    for i in range(queries.shape[1]):
+        sync(device)
+        t = clock()
+        for index in layers:
+            fn(index, queries[:, i], k)
+        sync(device)
+        wall, cpu = since(t)
+        if i:
+            walls.append(1000 * wall / len(layers))
+            cpus.append(1000 * cpu / len(layers))
     return round(median(walls), 3), round(median(cpus), 3), round(min(walls), 3)
 
 
@@ -90,19 +124,27 @@ def phases(index, queries: torch.Tensor, k: int, device: torch.device) -> dict:
     for i in [i for i in range(queries.shape[1]) for _ in range(REPS[0])]:
         sync(device)
         t = [time.perf_counter()]
-        q_np = index._host_query(queries[:, i])
-        t.append(time.perf_counter())
-        lists, dis = index._probe(q_np)
+        if device.type == "cuda":    # what select runs: the probe on the GPU; its copies to the host are in probe
+            t.append(t[0])
+            q_np, lists, dis = index._probe_on_device(queries[:, i])
+        else:
+            q_np = index._host_query(queries[:, i])
+            t.append(time.perf_counter())
+            lists, dis = index._probe(q_np)
         t.append(time.perf_counter())
         ip, tok = index._scan(q_np, lists, dis, k_tok)
         t.append(time.perf_counter())
-        score = index._chunk_votes(ip, tok)
-        t.append(time.perf_counter())
-        ids = best_first(score, k)
-        t.append(time.perf_counter())
-        torch.from_numpy(ids).to(device)
-        sync(device)
-        t.append(time.perf_counter())
+        if device.type == "cuda":    # what select runs: votes and ranking on the GPU (all in votes, synchronised)
+            index._rank_torch(*index._upload(ip=ip, tok=tok), k)
+            sync(device)
+            t += [time.perf_counter()] * 3
+        else:
+            score = index._chunk_votes(ip, tok)
+            t.append(time.perf_counter())
+            ids = best_first(score, k)
+            t.append(time.perf_counter())
+            index._upload(ids=ids)
+            t.append(time.perf_counter())
         for name, a, b in zip(out, t, t[1:]):
             out[name].append(1000 * (b - a))
     return {name: round(min(v), 3) for name, v in out.items()}
@@ -139,7 +181,7 @@ def run(tokens: int, budget_tokens: int, args, device: torch.device) -> dict:
     sync(device)
     kmeans_s = since(t)
     t = clock()
-    index = built(FaissANNIndex, keys, trained, args.threads, device)       # what the background builder does
+    index = built(FaissANNIndex, keys, trained, args.threads, device, codec=args.codec)  # the background builder's part
     file_s = since(t)
     k = budget_tokens // 32 + 2 + 8                    # the runtime asks for budget + sinks + window chunks
     row = {"tokens": tokens, "nlist_per_head": index._centroids.shape[1],
@@ -149,6 +191,22 @@ def run(tokens: int, budget_tokens: int, args, device: torch.device) -> dict:
            "file_s": round(file_s[0], 3), "file_cpu_s": round(file_s[1], 3)}
     row["select_ms"], row["select_cpu_ms"], row["select_min_ms"] = time_select(index, queries, k, device)
     row["phases_ms"] = phases(index, queries, k, device)
+    if device.type == "cuda":    # the same index, the probe on the host as before (the same ids, checked)
+        row["host_probe_select_ms"], row["host_probe_select_cpu_ms"], row["host_probe_select_min_ms"] = \
+            time_select(index, queries, k, device, select_on_host)
+        same = [bool(torch.equal(select_on_host(index, queries[:, i], k), index.select(queries[:, i], k)))
+                for i in range(queries.shape[1])]
+        row["host_probe_same_ids"] = f"{sum(same)}/{len(same)}"
+    if args.layers > 1:          # a decode step's access pattern: each of --layers indexes once per query
+        layers = [index] + [built(FaissANNIndex, keys, trained, args.threads, device, codec=args.codec)
+                            for _ in range(args.layers - 1)]
+        row["rotating_layers"] = args.layers
+        row["rotating_select_ms"], row["rotating_select_cpu_ms"], row["rotating_select_min_ms"] = \
+            time_rotating(layers, queries, k, device)
+        if device.type == "cuda":
+            row["rotating_host_probe_select_ms"], _, row["rotating_host_probe_select_min_ms"] = \
+                time_rotating(layers, queries, k, device, select_on_host)
+        del layers
     recalls = [float(mass_recall(chunk_attention_mass(decode[:, i], keys.float(), 32),
                                  index.select(queries[:, i], k).cpu()).mean()) for i in range(decode.shape[1])]
     row["recall"] = round(sum(recalls) / len(recalls), 4)
@@ -183,6 +241,15 @@ def run(tokens: int, budget_tokens: int, args, device: torch.device) -> dict:
     return row
 
 
+def thp() -> str:
+    """The kernel's transparent huge page mode: a cold select's page walks over GBs of lists depend on it."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="32K")
@@ -191,6 +258,10 @@ def main() -> None:
     ap.add_argument("--search-threads", default="", help="comma list: also time select with these faiss threads")
     ap.add_argument("--retrieve-factors", default="", help="comma list: also time select + recall at these "
                     "retrieve_factor values (default 0.25)")
+    ap.add_argument("--layers", type=int, default=1, help="also time selects rotating over this many copies of the "
+                    "layer index, as a decode step visits its layers (cold host caches; ~0.55 GB of host RAM each at 128K)")
+    ap.add_argument("--codec", default="flat", choices=("flat", "sq8"), help="the IVF lists' codes (sq8: a quarter of "
+                    "the bytes a cold select reads, lossy: see recall)")
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3, help="timed selects per query (min and median over all)")
     ap.add_argument("--device", default="cpu", help="where the keys are trained and the queries live (cuda: GPU)")
@@ -211,6 +282,14 @@ def main() -> None:
                 if args.baseline else "")
         print(f"{r['tokens']:>6}  {r['select_ms']:7.2f} ({r['select_cpu_ms']:6.2f}, min {r['select_min_ms']:.2f})  " +
               " ".join(f"{p[name]:.2f}" for name in p) + f"  {r['recall']}{base}", file=sys.stderr)
+        if "host_probe_select_ms" in r:
+            print(f"        probe on the host (before): {r['host_probe_select_ms']} ms (min {r['host_probe_select_min_ms']}),"
+                  f" same ids {r['host_probe_same_ids']}", file=sys.stderr)
+        if "rotating_select_ms" in r:
+            print(f"        rotating over {r['rotating_layers']} layers: {r['rotating_select_ms']} ms per layer (cpu "
+                  f"{r['rotating_select_cpu_ms']}, min {r['rotating_select_min_ms']})"
+                  + (f"; probe on the host {r['rotating_host_probe_select_ms']}" if "rotating_host_probe_select_ms" in r
+                     else ""), file=sys.stderr)
         print(f"        by search threads {r['by_search_threads']}  by retrieve_factor {r['by_retrieve_factor']}",
               file=sys.stderr, flush=True)
     import faiss
@@ -218,7 +297,8 @@ def main() -> None:
                                                "faiss_threads": faiss.omp_get_max_threads(),
                                                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                                                "load_average": os.getloadavg()[0], "budget": args.budget,
-                                               "reps": REPS[0], "device": str(device)})
+                                               "reps": REPS[0], "device": str(device),
+                                               "codec": args.codec, "transparent_hugepages": thp()})
 
 
 if __name__ == "__main__":

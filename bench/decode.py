@@ -50,6 +50,7 @@ def run_offload(args, ctx: int, mode: str) -> dict:
         opts.update(select_unit="token", token_candidates=args.token_candidates)
         if args.token_mass:
             opts.update(token_mass=args.token_mass, token_floor=args.token_floor)
+        opts["token_scores"] = args.token_scores
     reset_peak()
     llm = LLM(**opts, show_progress=False)
     sess = llm.session()
@@ -69,6 +70,7 @@ def run_offload(args, ctx: int, mode: str) -> dict:
     mode_name = f"sparse-{args.index}" if mode == "sparse" and args.index else mode
     if mode == "sparse" and args.select_unit == "token":
         mode_name += f"+tok{args.token_candidates:g}" + (f"m{args.token_mass:g}" if args.token_mass else "")
+        mode_name += "sh" if args.token_scores == "shadow" else ""
     mode_name += f"@{kv_dtype}" if kv_dtype else ""
     mode_name += f":{weights}" if weights else ""
     row = {"mode": mode_name, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),
@@ -189,6 +191,8 @@ def main() -> None:
     ap.add_argument("--token-mass", type=float, default=None, help="select-unit token: the budget is a cap; "
                     "per KV head attend the fewest tokens reaching this softmax mass (issue 13)")
     ap.add_argument("--token-floor", type=int, default=0, help="--token-mass: tokens a head attends at least")
+    ap.add_argument("--token-scores", default="keys", choices=["keys", "shadow"], help="select-unit token: rank "
+                    "candidates by their keys, or (--index shadow) by the shadows, reading only the picks' K/V")
     ap.add_argument("--weights", default=None, help="bf16,q8_0,q4: run every offload mode with each (issue 16)")
     ap.add_argument("--gemv", action="store_true", help="also time the quantized GEMV kernels against the copy ceiling")
     ap.add_argument("--gemv-copies", type=int, default=4, help="layer sets cycled by the GEMV timing (beat the L2)")

@@ -14,6 +14,8 @@ has every chunk as a candidate: the best tokens by exact mass (the ceiling of an
 A further mP[fFLOOR] (token_mass, issue 13) makes the budget's tokens a cap: per KV head the fewest candidate
 tokens whose softmax mass with sinks + window reaches P, at least FLOOR; e.g. "summary-max@10%/16+tok4m0.95f64"
 (cap 10 %, candidates 40 %). "oracle@50%/16+tok10m0.95" is exact top-p over every token (cap 50 %).
+"sh" after the reduce (token_scores "shadow", a shadow CONFIG only) ranks the candidates from the index's low-rank
+key shadows instead of their keys, e.g. "shadow-r32-mass@5%/16+tok4sumsh".
 """
 from __future__ import annotations
 
@@ -34,10 +36,14 @@ EXTRA_CONFIGS = {
     "shadow-r32-mass-qcoarse": ("shadow", {"rank": 32, "fine_reduce": "mass", "coarse": "summary"}),
     "shadow-r64-mass-cand16": ("shadow", {"rank": 64, "fine_reduce": "mass", "candidate_factor": 16.0,
                                           "min_candidates": 64}),
+    # the token stage ranks the candidates' tokens from the shadows anyway (token_scores "shadow"): the index's
+    # own fine pass over 4x as many chunks is then a second ranking; candidate_factor 1 keeps the coarse picks
+    "shadow-r32-mass-cf1": ("shadow", {"rank": 32, "fine_reduce": "mass", "candidate_factor": 1.0}),
 }
 ALL_CONFIGS = {**CONFIGS, **EXTRA_CONFIGS}
 _SPEC = re.compile(r"^(?P<config>[\w.-]+)(?:@(?P<budget>[\w.%+:]+))?(?:/(?P<chunk>\d+))?$")
-_TOK = re.compile(r"\+tok(?P<factor>\d+(?:\.\d+)?)(?P<reduce>max|sum)?(?:m(?P<mass>[\d.]+)(?:f(?P<floor>\d+))?)?$")
+_TOK = re.compile(r"\+tok(?P<factor>\d+(?:\.\d+)?)(?P<reduce>max|sum)?(?P<shadow>sh)?"
+                  r"(?:m(?P<mass>[\d.]+)(?:f(?P<floor>\d+))?)?$")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class Method:
     tok_reduce: str = "sum"
     tok_mass: float = 0.0    # > 0: token_mass (the budget's tokens are a cap), with tok_floor
     tok_floor: int = 0
+    tok_shadow: bool = False  # token_scores "shadow": candidates ranked from the shadow index's low-rank keys
 
     @classmethod
     def parse(cls, spec: str) -> "Method":
@@ -60,7 +67,7 @@ class Method:
         if not m or (m["config"] not in ("full", "oracle") and m["config"] not in ALL_CONFIGS):
             raise SystemExit(f"method {spec!r}: write CONFIG@BUDGET/CHUNK with CONFIG one of full, oracle, "
                              + ", ".join(ALL_CONFIGS))
-        tok = dict(tok=float(t["factor"]), tok_reduce=t["reduce"] or "sum") if t else {}
+        tok = dict(tok=float(t["factor"]), tok_reduce=t["reduce"] or "sum", tok_shadow=bool(t["shadow"])) if t else {}
         if t and t["mass"]:
             tok.update(tok_mass=float(t["mass"]), tok_floor=int(t["floor"] or 0))
         return cls(m["config"], m["budget"] or "5%", int(m["chunk"] or 16), **tok)
@@ -78,7 +85,7 @@ class Method:
 
     @property
     def label(self) -> str:
-        tok = f"+tok{self.tok:g}{self.tok_reduce}" if self.tok else ""
+        tok = f"+tok{self.tok:g}{self.tok_reduce}" + ("sh" if self.tok_shadow else "") if self.tok else ""
         tok += f"m{self.tok_mass:g}f{self.tok_floor}" if self.tok_mass else ""
         return "full" if self.config == "full" else f"{self.config}@{self.budget}/{self.chunk}{tok}"
 
@@ -100,7 +107,8 @@ def fork(base, method: Method):
     budget = method.layer_budgets(base.llm.model_config.num_layers)
     kw = dict(attention="sparse", index=index, budget=budget, chunk_tokens=method.chunk)
     if method.tok:
-        kw.update(select_unit="token", token_candidates=method.tok, token_reduce=method.tok_reduce)
+        kw.update(select_unit="token", token_candidates=method.tok, token_reduce=method.tok_reduce,
+                  token_scores="shadow" if method.tok_shadow else "keys")
     if method.tok_mass:
         kw.update(token_mass=method.tok_mass, token_floor=method.tok_floor)
         TOKEN_PICKS.reset()

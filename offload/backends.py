@@ -227,7 +227,8 @@ def make(spec: RuntimeSpec, plan_=None, cfg=None):
     selector = Selector(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, chunk_tokens=C, n_sink=n_sink,
                         n_window=n_window, device=spec.device, indexes=indexes, budget=budget,
                         token_candidates=float(cfg.token_candidates) if token else None, token_reduce=cfg.token_reduce,
-                        token_mass=float(cfg.token_mass or 0.0), token_floor=int(cfg.token_floor))
+                        token_mass=float(cfg.token_mass or 0.0), token_floor=int(cfg.token_floor),
+                        token_scores=cfg.token_scores)
     backend = TieredAttention(num_q_heads=mc.num_heads, head_dim=mc.head_dim, ctx=spec.ctx, store=store,
                               selector=selector, stage_bytes=prefill_stage_bytes(p))
     if cfg.prefill == "sparse":              # long prompts at 1M prefill on this backend: sparse applies here too

@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SELECT_UNITS = ("chunk", "token")
 PREFILL_MODES = ("exact", "sparse")
 TOKEN_REDUCES = ("max", "sum")
+TOKEN_SCORES = ("keys", "shadow")   # how the token stage ranks its candidates
 KV_DTYPES = ("auto", "bf16", "int8", "int4")
 WEIGHTS = ("auto", "bf16", "q8_0", "q4")   # offload.model.loaders.build: how weights sit on the device
 CONFIG_MAX_BYTES = 1 << 20      # an options file is a few hundred bytes; anything near this is not one
@@ -95,6 +96,10 @@ class OffloadConfig:
     # each KV head attends the fewest candidate tokens whose softmax mass (with sinks + window) reaches this p
     token_mass: float | None = None
     token_floor: int = 0                  # token_mass: tokens a head attends at least (whatever the mass)
+    # select_unit=token: how candidates are ranked. keys: their keys are read (over PCIe from the host) and scored
+    # exactly. shadow (index shadow, lossy, off by default; bench/RESULTS.md, issue 13): ranked from the index's
+    # low-rank key shadows on the GPU, and only the picked tokens' exact K and V rows are read (ShadowKV's idea)
+    token_scores: str = "keys"
     policy: str = "lru"                   # which chunks stay on faster tiers: lru | attention
     kv_dtype: str = "bf16"                # KV in the host and disk tiers: bf16 (as computed) | int8 | int4
                                           # (compressed, lossy: bench/RESULTS.md, issue 12) | auto
@@ -162,6 +167,11 @@ class OffloadConfig:
         if isinstance(tc, bool) or not isinstance(tc, (int, float)) or not tc >= 1 or tc == float("inf"):
             raise ConfigError(f"token_candidates must be a number >= 1 (candidate chunks per budget chunk), got {tc!r}")
         _check_token_mass(self)
+        if self.token_scores not in TOKEN_SCORES:
+            raise ConfigError(f"token_scores {self.token_scores!r} is not one of {', '.join(TOKEN_SCORES)}")
+        if self.token_scores == "shadow" and (self.select_unit != "token" or self.index != "shadow"):
+            raise ConfigError("token_scores 'shadow' ranks the token stage's candidates from the shadow index: "
+                              "set select_unit token and index shadow, or use token_scores keys")
         for name in ("chunk_tokens", "prefill_chunk", "stream_chunk"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -111,3 +111,49 @@ def test_probes_are_each_query_heads_nearest_lists_of_its_own_kv_head_nearest_fi
         ranked = key.sort(dim=2).values                                        # ranked: [Hkv, G, nlist]
         assert bool((got[..., -1] <= ranked[..., probe - 1] + tol).all())      # and they are the nearest ones
         assert torch.allclose(got.sort(dim=2).values, ranked[..., :probe], atol=float(tol))
+
+
+@pytest.mark.parametrize("space", ["l2aug", "ip"])
+def test_torch_probe_picks_the_lists_the_numpy_probe_does_in_the_same_order(layer, space):
+    """The coarse step a GPU select runs where the query is (_probe_torch) against the host's numpy _probe, here
+    both on the CPU: the same lists per query head, nearest first, and the same coarse distances."""
+    keys, decode = layer
+    index = make_index("ann", min_ivf_tokens=256, space=space, probe_fraction=0.1, **SHAPE)
+    index.build(keys)
+    for i in range(decode.shape[1]):
+        want_lists, want_dis = index._probe(index._host_query(decode[:, i]))   # [Hq, probe] each
+        lists, dis = index._probe_torch(decode[:, i])
+        assert np.array_equal(lists.numpy(), want_lists)
+        np.testing.assert_allclose(dis.numpy(), want_dis, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("space", ["l2aug", "ip"])
+def test_gpu_select_returns_the_ids_of_the_host_select(layer, space):
+    """A select whose query is on the GPU (probe on the GPU, faiss on the host, ids back through a pinned buffer)
+    returns the ids the same index gives the query on the host (numpy probe), step after step (buffers reused)."""
+    keys, decode = layer
+    index = make_index("ann", min_ivf_tokens=256, space=space, device="cuda", **SHAPE)
+    index.build(keys)                                  # host keys: the lists from the same k-means as on the CPU
+    for _ in range(2):
+        for i in range(decode.shape[1]):
+            got = index.select(decode[:, i].cuda(), 20)
+            assert got.is_cuda and torch.equal(got, index.select(decode[:, i], 20))
+
+
+@pytest.mark.parametrize("chunk_score", ["expsum", "count"])
+def test_torch_ranking_returns_the_ids_of_votes_and_best_first(layer, chunk_score):
+    """The votes + ranking a GPU select runs (_rank_torch), here on the CPU, against _chunk_votes + best_first on
+    the same retrieved tokens: the same ids, also with -1 padding (fewer tokens found than asked) and with k past
+    the voted chunks (the unvoted ones follow newest first)."""
+    keys, decode = layer
+    index = make_index("ann", min_ivf_tokens=256, chunk_score=chunk_score, **SHAPE)
+    index.build(keys)
+    for i in range(decode.shape[1]):
+        ip, tok = index._search(index._host_query(decode[:, i]), index._tokens_for(20))  # [Hkv, G, k_tok] each
+        tok = tok.copy()
+        tok[:, 1, -50:] = -1                                                   # one query head found fewer tokens
+        for k in (20, index.num_chunks):
+            want = best_first(index._chunk_votes(ip, tok), k)
+            got = index._rank_torch(torch.from_numpy(ip), torch.from_numpy(tok), k)
+            assert np.array_equal(got.numpy(), want), (i, k)

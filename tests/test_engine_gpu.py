@@ -51,6 +51,61 @@ def test_sparse_graph_step_equals_eager(tiny, ids, monkeypatch, budget):
     torch.testing.assert_close(graph, eager, rtol=0, atol=1e-4)
 
 
+def _busy_cuda_thread(stop):
+    """What the runtime's background threads do while a decode step is captured: raw device allocations, copies
+    on their own stream and waits for them (ANN builds, drive writes waiting on copy events, checkpoints)."""
+    import cupy
+    side = torch.cuda.Stream()
+    while not stop.is_set():
+        ptr = cupy.cuda.runtime.malloc(1 << 20)
+        cupy.cuda.runtime.free(ptr)
+        with torch.cuda.stream(side):
+            torch.ones(1024, device="cuda").sum().item()
+
+
+def test_sparse_graph_is_captured_while_other_threads_use_cuda(tiny, ids):
+    # a capture in CUDA's "global" error mode is broken by another thread's unsafe call; the suite's full run
+    # once left the token stage's step in piecewise graphs this way (2026-11-30), now captures are thread-local
+    import threading
+    opts = dict(device="cuda", dtype="float32", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32,
+                attention="sparse", budget="40")
+    eager, _ = run_session(LLM(str(tiny.path), cuda_graph=False, **opts), ids, 300)
+    stop = threading.Event()
+    busy = threading.Thread(target=_busy_cuda_thread, args=(stop,), daemon=True)
+    busy.start()
+    try:
+        graph, s = run_session(LLM(str(tiny.path), **opts), ids, 300)
+    finally:
+        stop.set()
+        busy.join()
+    st = s.stats()
+    assert st["decode_mode"] == "graph" and st["graph_captures"] >= 1, {k: st.get(k) for k in
+                                                                         ("decode_mode", "graph_captures",
+                                                                          "graph_error")}
+    torch.testing.assert_close(graph, eager, rtol=0, atol=1e-4)
+
+
+def test_a_failed_capture_falls_back_and_leaves_the_process_usable(tiny, ids, monkeypatch):
+    # a host sync inside the step invalidates its capture: the session must decode on (piecewise graphs, same
+    # logits) and the process's CUDA RNG must still work afterwards (sampling, other sessions, other tests)
+    import offload.kernels as kernels
+    opts = dict(device="cuda", dtype="float32", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32,
+                attention="sparse", budget="40")
+    eager, _ = run_session(LLM(str(tiny.path), cuda_graph=False, **opts), ids, 300)
+    inner = kernels.attend_plan
+
+    def syncing(*args, **kw):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()        # not allowed while capturing: the capture fails
+        return inner(*args, **kw)
+    monkeypatch.setattr(kernels, "attend_plan", syncing)
+    out, s = run_session(LLM(str(tiny.path), **opts), ids, 300)
+    st = s.stats()
+    assert st["decode_mode"] == "piecewise-graphs" and st.get("graph_error"), st
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-4)
+    assert torch.isfinite(torch.randn(8, device="cuda")).all()
+
+
 @pytest.mark.parametrize("dtype,atol", [("float32", 2e-3), ("bfloat16", 0.15)])
 def test_tiered_full_through_host_and_disk_equals_dense(tiny, ids, tmp_path, dtype, atol):
     opts = dict(device="cuda", dtype=dtype, ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32)

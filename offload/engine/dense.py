@@ -7,6 +7,7 @@ from offload.attention import AttentionBackend, PersistableKV
 from offload.engine.ops import causal_attend, decode_attend_masked
 from offload.engine.sparse_prefill import PrefillStats, SparsePrefill, sparse_causal_attend
 from offload.errors import CapacityError
+from offload.kernels import fused
 
 
 class DenseAttention(AttentionBackend, PersistableKV):
@@ -27,6 +28,7 @@ class DenseAttention(AttentionBackend, PersistableKV):
         self.k = torch.zeros(num_layers, num_kv_heads, cap, head_dim, device=device, dtype=dtype)  # k: [L, Hkv, cap, D]
         self.v = torch.zeros_like(self.k)  # v: [L, Hkv, cap, D]
         self.pos_dev = torch.zeros(1, dtype=torch.long, device=device)  # pos_dev: [1]
+        self.count_dev = torch.zeros(1, dtype=torch.long, device=device)  # count_dev: [1] = pos_dev + new tokens
         self.arange = torch.arange(cap, device=device)  # arange: [cap]
         self._len, self._new = 0, 0
         self._off = [0] * num_layers
@@ -56,14 +58,17 @@ class DenseAttention(AttentionBackend, PersistableKV):
         self._new = num_new
         self._off = [self._len] * len(self._off)
         self.pos_dev.fill_(self._len)
+        self.count_dev.fill_(self._len + num_new)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         T = q.shape[1]
         kc, vc = self.k[layer], self.v[layer]  # kc, vc: [Hkv, cap, D]
         if self.static and T == 1:
-            kc.index_copy_(1, self.pos_dev, k)  # position read on the device: graph-safe
-            vc.index_copy_(1, self.pos_dev, v)
-            return decode_attend_masked(q, kc, vc, self.arange <= self.pos_dev)  # [Hq, 1, D]
+            if not fused.kv_append(kc, vc, k, v, self.pos_dev):   # one launch on CUDA
+                kc.index_copy_(1, self.pos_dev, k)  # position read on the device: graph-safe
+                vc.index_copy_(1, self.pos_dev, v)
+            o = fused.dense_decode(q, kc, vc, self.count_dev)  # o: [Hq, 1, D]: one launch over the valid keys
+            return o if o is not None else decode_attend_masked(q, kc, vc, self.arange <= self.pos_dev)  # [Hq, 1, D]
         off = self._off[layer]
         kc[:, off:off + T] = k
         vc[:, off:off + T] = v

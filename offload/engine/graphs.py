@@ -10,6 +10,30 @@ import torch
 from offload.attention import AttentionBackend
 from offload.model.llama import LlamaModel
 
+# only this thread's unsafe CUDA calls break a capture: the runtime's background threads may use CUDA meanwhile
+CAPTURE_MODE = "thread_local"
+
+
+def heal_rng_after_failed_capture(device: torch.device) -> None:
+    """A capture that CUDA invalidated ends before torch closes its RNG bookkeeping (the generator's count of captures
+    under way stays raised), so every later random op of the process fails ("Offset increment outside graph capture
+    encountered unexpectedly": 110 GPU tests after one failed capture, H200 2026-11-30). A later capture that ends
+    properly does not lower it again. The generator gets a fresh state object instead (same seed and, where readable, offset)."""
+    try:
+        torch.randn(1, device=device)      # the usual case: nothing left open
+        return
+    except RuntimeError:
+        pass
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    gen = torch.cuda.default_generators[idx]
+    fresh = torch.Generator(device=torch.device("cuda", idx))
+    fresh.manual_seed(gen.initial_seed())
+    try:
+        fresh.set_offset(gen.get_offset())
+    except RuntimeError:
+        pass
+    gen.graphsafe_set_state(fresh)
+
 
 class PiecewiseDecode:
     def __init__(self, model: LlamaModel, attn: AttentionBackend):
@@ -31,16 +55,16 @@ class PiecewiseDecode:
         torch.cuda.current_stream().wait_stream(s)
         for i in range(cfg.num_layers):
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=CAPTURE_MODE):
                 qkv = model.attn_inputs(i, self.x, self.cos, self.sin)  # q: [Hq, 1, D], k, v: [Hkv, 1, D]
             self.pre.append(g)
             self.qkv.append(qkv)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=CAPTURE_MODE):
                 self.x.copy_(model.attn_output_mlp(i, self.x, self.o))
             self.post.append(g)
         self.head = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.head, pool=self.pool):
+        with torch.cuda.graph(self.head, pool=self.pool, capture_error_mode=CAPTURE_MODE):
             self.logits = model.logits(self.x)[0]  # logits: [V]
 
     def step(self, token: int, position: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from offload.attention import AttentionBackend
+from offload.engine.graphs import CAPTURE_MODE, PiecewiseDecode, heal_rng_after_failed_capture
 from offload.model.llama import LlamaModel
 
 HOST_HIDDEN_BYTES = 256 << 20
@@ -97,7 +98,6 @@ class Engine:
             logits = self._graph_step(token)
         elif self.use_piecewise:
             if self._piecewise is None:
-                from offload.engine.graphs import PiecewiseDecode
                 self._piecewise = PiecewiseDecode(self.model, self.attn)
             logits = self._piecewise.step(token, self.attn.length)
         else:
@@ -130,9 +130,11 @@ class Engine:
             try:
                 self._capture()
             except RuntimeError as e:   # a sync inside the step, or no memory: piecewise graphs from now on
+                # never retried, and torch's RNG, left mid-capture by an invalidated capture, is closed again
                 self._graph, self._graph_failed = None, True
                 self._graph_error = str(e).splitlines()[0][:200]
                 torch.cuda.synchronize()
+                heal_rng_after_failed_capture(self.device)
                 return False
         return True
 
@@ -163,7 +165,9 @@ class Engine:
         g = torch.cuda.CUDAGraph()
         # a private pool per capture: sharing one handle across recaptures trips the caching allocator's
         # use_count assert (torch 2.11) once the previous graph is gone but its outputs are not
-        with torch.cuda.graph(g):
+        # thread_local: the runtime's own background threads (ANN builds, drive writes waiting on events,
+        # checkpoint commits) may call CUDA during a capture; "global" mode failed the capture for them
+        with torch.cuda.graph(g, capture_error_mode=CAPTURE_MODE):
             self._logits = self.model.forward(self._ids, self._pos, self.attn)  # _logits: [V]
         self._graph = g
         self._captured_once = True

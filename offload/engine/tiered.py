@@ -192,6 +192,10 @@ class TieredAttention(AttentionBackend, PersistableKV):
             out.update(self.prefill_stats.as_dict())
         if self._steps:      # every drive read of decode (prefetched or not) per token
             out["disk_read_bytes_per_token"] = round((out["disk2h_bytes"] - self._disk0) / self._steps)
+        splits = [getattr(i, "select_split", None) for i in self.selector.indexes or ()]
+        if splits and all(splits):      # the ANN index: where the selection's host time goes (to_host, search, rank)
+            out["selection_split_ms_per_step"] = {part: round(1000 * sum(s[part] for s in splits) / max(self._steps, 1), 3)
+                                                  for part in splits[0]}
         if token:
             out["token_stage_ms_per_step"] = round(1000 * self._tok_s / max(self._steps, 1), 3)
         return out

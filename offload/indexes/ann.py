@@ -15,8 +15,8 @@ Plain HNSW with inner product is not offered (it is known to fail on this mismat
 than `min_ivf_tokens` keys gets exact flat indexes (IVF needs data to train).
 
 Layout: ONE faiss IVF per layer; KV head h owns lists h*nlist .. (h+1)*nlist - 1 and the ids are token
-positions. A decode step probes each query head's nearest lists of its own KV head (a small numpy matmul
-against the centroids, nearest lists first) and searches all query heads in one `search_preassigned` call:
+positions. A decode step probes each query head's nearest lists of its own KV head (one small matmul against the
+centroids, on the query's GPU or in numpy, nearest lists first) and searches all query heads in one `search_preassigned` call:
 one faiss call per layer instead of one per head (~0.3 ms fixed each). That call is serial in faiss's default
 parallel_mode 0, which kept a 16-core host at 26 ms per layer at 128K (issue 13); mode 3 spreads the query heads
 over faiss's pool. That decode half (probe, scan, chunk votes) is offload/indexes/ann_search.py.
@@ -34,8 +34,8 @@ select/extend wait for it. Threads: faiss-cpu and torch each ship their own libg
 pool (`threads`, default 0 = every core this process may use: on a GPU host torch's CPU pool is idle during
 prefill and decode; `search_threads` sets the decode search's pool apart, default the same). Set
 OMP_WAIT_POLICY=PASSIVE so that an idle pool does not spin.
-Memory: host only, besides the build's k-means temporaries on the device (gpu_bytes); "flat" codes keep
-float32 keys (D'*4 B per head-token) + 8 B ids, "sq8" D' B + 8 B.
+Memory: host, besides the build's k-means temporaries and the coarse step's centroids on the device (gpu_bytes);
+"flat" codes keep float32 keys (D'*4 B per head-token) + 8 B ids, "sq8" D' B + 8 B.
 """
 from __future__ import annotations
 
@@ -106,6 +106,9 @@ class FaissANNIndex(IVFSearch):
         self.norm_headroom = max(1.0, float(norm_headroom))
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
         self._pending: Future | None = None        # the background build of this layer, if running
+        self._host_bufs: dict[str, torch.Tensor] = {}  # pinned buffers of a GPU select, reused (ann_search.py)
+        self._copied = None                        # the CUDA event after the last select's copies out of _host_bufs
+        self.select_split = {"to_host": 0.0, "search": 0.0, "rank": 0.0}   # select's wall seconds by part (stats)
         self._reset()
 
     def _reset(self) -> None:
@@ -199,6 +202,7 @@ class FaissANNIndex(IVFSearch):
         """Centroids [Hkv, nlist, D'] plus what each search's coarse step needs, computed once: their first D
         dims transposed for one batched BLAS matmul (an l2aug query's extra coordinate is 0) and |c|^2."""
         self._centroids = cents
+        self._dev_cents = None       # their copy on the compute device, made by the first GPU select
         self._cents_t = np.ascontiguousarray(cents[:, :, :self.head_dim].transpose(0, 2, 1))  # [Hkv, D, nlist]
         self._cents_sq = (cents.astype(np.float32) ** 2).sum(axis=2)[:, None, :]              # [Hkv, 1, nlist]
 
@@ -287,9 +291,13 @@ class FaissANNIndex(IVFSearch):
 
     # -- selection -------------------------------------------------------------------------------
     def gpu_bytes(self, num_chunks: int) -> int:
-        """The faiss index and its keys live in host RAM; the compute device holds only the build's k-means
-        temporaries (one head at a time, on the GPU during prefill: scratch_bytes)."""
-        return self.scratch_bytes(num_chunks)
+        """The faiss index and its keys live in host RAM; the compute device holds the build's k-means temporaries
+        (one head at a time, on the GPU during prefill: scratch_bytes) and, from the first decode select on a GPU,
+        the float32 centroids of the coarse step (Hkv x nlist x (D + 1) x 4 B: 3 MiB per layer at 128K)."""
+        n = num_chunks * self.chunk_tokens
+        nlist = self._ivf_size(n, n)
+        cents = self.num_kv_heads * nlist * (self.head_dim + 1) * 4 + self.num_q_heads * 8 if nlist else 0
+        return self.scratch_bytes(num_chunks) + cents
 
     def scratch_bytes(self, num_chunks: int | None = None, budget: int = 0) -> int:
         """Device temporaries of one head's sampled k-means and key assignment at num_chunks (default: the
@@ -319,4 +327,7 @@ class FaissANNIndex(IVFSearch):
         host = self._means.nbytes + sum(f.ntotal * f.d * 4 for f in self._flat)
         if self._ivf is not None:
             host += self._ivf.ntotal * (self._ivf.code_size + 8) + self._centroids.nbytes * 2  # + the quantizer
-        return {"gpu": 0, "host": host}
+        # what gpu_bytes reserves at this size for the coarse step's centroids, which a GPU select keeps on the
+        # device from its first call on (lists of prefill queries may be fewer: then less is used)
+        gpu = self.gpu_bytes(self.num_chunks) - self.scratch_bytes(self.num_chunks) if self._ivf is not None else 0
+        return {"gpu": gpu, "host": host}

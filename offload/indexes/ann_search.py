@@ -1,15 +1,17 @@
-"""The decode half of FaissANNIndex (offload/indexes/ann.py): probe, scan and chunk votes on the host.
+"""The decode half of FaissANNIndex (offload/indexes/ann.py): probe, scan and chunk votes.
 
-A decode query goes to the host, each query head probes the nearest IVF lists of its own KV head, one faiss
-`search_preassigned` call scans them for every query head (parallel_mode 3 spreads the heads over faiss's pool),
-and the retrieved tokens vote for their chunks. The build half (k-means, filing, extend) stays in ann.py; this
-mixin reads the attributes it sets (_ivf, _flat, _centroids, _cents_t, _cents_sq, _means, _max_norm,
-_num_tokens) and its options (scale, chunk_score, retrieve_factor, nprobe, probe_fraction, space,
-search_threads).
+Each query head probes the nearest IVF lists of its own KV head (on the GPU when the query is there: the centroids
+are a few MiB, and only the query and the probed list ids cross to the host, through reused pinned buffers), one
+faiss `search_preassigned` call scans them for every query head (parallel_mode 3 spreads the heads over faiss's
+pool), and the retrieved tokens vote for their chunks on the host; the ids go back without a host sync. The build
+half (k-means, filing, extend) stays in ann.py; this mixin reads the attributes it sets (_ivf, _flat, _centroids,
+_cents_t, _cents_sq, _dev_cents, _host_bufs, _copied, select_split, _means, _max_norm, _num_tokens) and its
+options (scale, chunk_score, retrieve_factor, nprobe, probe_fraction, space, search_threads).
 """
 from __future__ import annotations
 
 import math
+import time
 
 import faiss
 import numpy as np
@@ -59,10 +61,112 @@ class IVFSearch:
         k = min(int(budget), n)
         if k == 0:
             return torch.empty((hkv, 0), dtype=torch.long, device=self.device)
-        q_np = self._host_query(query)                                         # q_np: [Hkv, G, D]
-        ip, tok = self._search(q_np, self._tokens_for(k))                      # ip, tok: [Hkv, G, k_tok]
-        score = self._chunk_votes(ip, tok)                                     # score: [Hkv, n]
-        return torch.from_numpy(best_first(score, k)).to(self.device)         # ids: [Hkv, k]
+        t0 = time.perf_counter()
+        if self._ivf is not None and query.is_cuda:
+            # the coarse step where the query already is: only the probed lists cross to the host, and no numpy
+            # BLAS call (whose spinning pool competed with faiss's) runs on the host per layer
+            q_np, lists, dis = self._probe_on_device(query)                    # [Hkv, G, D], [Hq, probe] x2
+            t1 = time.perf_counter()
+            ip, tok = self._scan(q_np, lists, dis, self._tokens_for(k))        # ip, tok: [Hkv, G, k_tok]
+            t2 = time.perf_counter()
+            # votes and ranking on the GPU too: the retrieved tokens go up (no host sync), the host ranks nothing
+            ids = self._rank_torch(*self._upload(ip=ip, tok=tok), k)           # ids: [Hkv, k]
+        else:
+            q_np = self._host_query(query)                                     # q_np: [Hkv, G, D]
+            t1 = time.perf_counter()
+            ip, tok = self._search(q_np, self._tokens_for(k))
+            t2 = time.perf_counter()
+            score = self._chunk_votes(ip, tok)                                 # score: [Hkv, n]
+            ids = self._upload(ids=best_first(score, k))[0]                   # ids: [Hkv, k]
+        split = self.select_split       # wall seconds: to_host (GPU probe, copies and the wait for the GPU's
+        split["to_host"] += t1 - t0     # queue, or the query's copy), search (faiss; + the numpy probe on the
+        split["search"] += t2 - t1      # host path), rank (votes + ranking queued on the GPU, or run here)
+        split["rank"] += time.perf_counter() - t2
+        return ids
+
+    def _upload(self, **arrays: np.ndarray) -> list[torch.Tensor]:
+        """Host arrays -> fresh tensors on the compute device; on a GPU through pinned buffers reused across steps,
+        queued without a host sync (the buffers are rewritten once the previous call's copies are done)."""
+        if self.device.type != "cuda":
+            return [torch.from_numpy(a).to(self.device) for a in arrays.values()]
+        if self._copied is not None:
+            self._copied.synchronize()              # the previous call's copies out of the buffers (long done)
+        out = []
+        for name, a in arrays.items():
+            buf = self._pinned(name, a.shape, torch.from_numpy(np.empty(0, a.dtype)).dtype)
+            buf.numpy()[...] = a
+            out.append(buf.to(self.device, non_blocking=True))
+        self._copied = self._copied or torch.cuda.Event()                     # one event, recorded again each call
+        self._copied.record()
+        return out
+
+    def _rank_torch(self, ip: torch.Tensor, tok: torch.Tensor, k: int) -> torch.Tensor:
+        """_chunk_votes + best_first in torch on ip's device: retrieved q.k float64 and positions int64 [Hkv, G,
+        k_tok] -> chunk ids int64 [Hkv, k], score descending, ties and unvoted chunks newest first. The same float64
+        arithmetic as the numpy path (exp and sums may round the last bit differently: only chunks whose scores tie
+        to that bit could swap)."""
+        hkv, n = self.num_kv_heads, self.num_chunks
+        hit = tok >= 0
+        if self.chunk_score == "count":
+            votes = hit.double()                                               # votes: [Hkv, G, k_tok]
+        else:
+            logit = torch.where(hit, self.scale * ip, float("-inf"))           # logit: [Hkv, G, k_tok]
+            top = logit.amax(dim=2, keepdim=True)                              # top: [Hkv, G, 1]
+            votes = torch.exp(logit - torch.where(torch.isfinite(top), top, 0.0))
+            votes = votes / votes.sum(dim=2, keepdim=True).clamp(min=1e-300)
+        where = torch.arange(hkv, device=ip.device)[:, None, None] * n + tok.clamp(min=0) // self.chunk_tokens
+        score = torch.zeros(hkv * n, dtype=torch.float64, device=ip.device)
+        score.index_add_(0, where.reshape(-1), torch.where(hit, votes, 0.0).reshape(-1))   # score: [Hkv * n]
+        # newest first among equals: a stable descending sort of the columns reversed (unvoted chunks score 0, last)
+        order = torch.sort(score.reshape(hkv, n).flip(1), dim=1, descending=True, stable=True).indices[:, :k]
+        return n - 1 - order                                                   # ids: [Hkv, k]
+
+    def _pinned(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A page-locked host buffer of this index, reused across steps (reallocated when its shape changes)."""
+        bufs = self._host_bufs
+        if name not in bufs or tuple(bufs[name].shape) != tuple(shape):
+            bufs[name] = torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
+        return bufs[name]
+
+    def _device_centroids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """_cents_t [Hkv, D, nlist], _cents_sq [Hkv, 1, nlist] (float32) and each query head's first list id
+        [Hq, 1] on the device, made once per build."""
+        if self._dev_cents is None or self._dev_cents[0].device != device:
+            hkv, nlist = self._cents_t.shape[0], self._cents_t.shape[2]
+            first = (torch.arange(hkv, device=device) * nlist).repeat_interleave(self.group_size)[:, None]  # [Hq, 1]
+            self._dev_cents = (torch.from_numpy(self._cents_t).to(device), torch.from_numpy(self._cents_sq).to(device),
+                               first)
+        return self._dev_cents
+
+    def _probe_count(self, nlist: int) -> int:
+        return min(nlist, self.nprobe or max(1, math.ceil(self.probe_fraction * nlist)))
+
+    def _probe_torch(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """_probe in torch on the query's device: query [Hq, D] -> (lists int64, coarse distances float32), both
+        [Hq, probe], nearest first. The same float32 arithmetic as _probe (BLAS vs cuBLAS may round the last bit
+        of a distance differently: a list tied with the probe-th to that bit may swap)."""
+        hkv, g = self.num_kv_heads, self.group_size
+        nlist = self._centroids.shape[1]
+        cents_t, cents_sq, first = self._device_centroids(query.device)        # [Hkv, D, nlist], [Hkv, 1, nlist], [Hq, 1]
+        q = query.detach().float().reshape(hkv, g, -1)                         # q: [Hkv, G, D]
+        s = torch.bmm(q, cents_t)                                              # s: [Hkv, G, nlist]
+        ip = self.space == "ip"
+        order = -s if ip else (q * q).sum(dim=2, keepdim=True) - 2 * s + cents_sq  # order: [Hkv, G, nlist]
+        near, lists = torch.topk(order.reshape(hkv * g, nlist), self._probe_count(nlist), dim=1, largest=False)
+        return lists + first, (-near if ip else near)                          # [Hq, probe] each
+
+    def _probe_on_device(self, query: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """query [Hq, D] on a GPU -> host (query float32 [Hkv, G, D], lists int64 [Hq, probe], distances float32
+        [Hq, probe]): the probe on the GPU, three small copies into pinned buffers, one wait."""
+        lists, dis = self._probe_torch(query)                                  # lists, dis: [Hq, probe]
+        q = self._pinned("q", query.shape, torch.float32)                      # q: [Hq, D]
+        host_lists = self._pinned("lists", lists.shape, torch.int64)
+        host_dis = self._pinned("dis", dis.shape, torch.float32)
+        q.copy_(query.detach().float(), non_blocking=True)      # widened on the GPU, as _host_query
+        host_lists.copy_(lists, non_blocking=True)
+        host_dis.copy_(dis, non_blocking=True)
+        torch.cuda.current_stream(query.device).synchronize()
+        return q.numpy().reshape(self.num_kv_heads, self.group_size, -1), host_lists.numpy(), host_dis.numpy()
 
     def _host_query(self, query: torch.Tensor) -> np.ndarray:
         """query [Hq, D] (any device) -> float32 [Hkv, G, D] on the host (heads h*G.. form KV head h's group)."""
@@ -132,7 +236,7 @@ class IVFSearch:
         distances float32), both [Hq, probe] as faiss takes them (one batched matmul, one partition)."""
         hkv, g = q_np.shape[:2]
         nlist = self._centroids.shape[1]
-        probe = min(nlist, self.nprobe or max(1, math.ceil(self.probe_fraction * nlist)))
+        probe = self._probe_count(nlist)
         s = np.matmul(q_np, self._cents_t)                                     # s: [Hkv, G, nlist] (BLAS)
         if self.space == "ip":
             coarse = s
@@ -159,6 +263,7 @@ class IVFSearch:
         """One faiss search_preassigned over the probed lists of every query head (parallel_mode 3: the query
         heads spread over faiss's pool) -> (q.k float64, positions int64), both [Hkv, G, k_tok]."""
         hkv, g = q_np.shape[:2]
+        faiss.omp_set_num_threads(self.search_threads)
         xq = self._queries_space(q_np)                                         # xq: [Hkv, G, D']
         self._ivf.nprobe = lists.shape[1]
         d, tok = self._ivf.search_preassigned(xq.reshape(hkv * g, -1), k_tok, lists, dis)  # d, tok: [Hq, k_tok]

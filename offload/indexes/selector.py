@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,6 +36,9 @@ class Selection:
     token_reduce: str = "sum"
     token_mass: float = 0.0
     token_floor: int = 0
+    # token_scores "shadow": (q [Hq, D], candidate chunk ids [Hkv, m]) -> estimated logits [Hkv, G, m*C], so
+    # candidates are ranked without reading their keys; None: the candidates' keys are read and scored exactly
+    rank_tokens: Callable | None = None
 
     @property
     def whole_columns(self) -> int:
@@ -47,7 +51,8 @@ class Selector:
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, chunk_tokens: int, n_sink: int, n_window: int,
                  device, indexes=None, budget=None, token_candidates: float | None = None,
-                 token_reduce: str = "sum", token_mass: float = 0.0, token_floor: int = 0):
+                 token_reduce: str = "sum", token_mass: float = 0.0, token_floor: int = 0,
+                 token_scores: str = "keys"):
         self.L, self.Hkv, self.C = num_layers, num_kv_heads, chunk_tokens
         self.n_sink, self.n_window, self.device = n_sink, n_window, torch.device(device)
         if indexes is not None and budget is not None and budget.adaptive:
@@ -58,6 +63,7 @@ class Selector:
         self.indexes, self.budget = indexes, budget   # budget: offload.indexes.Budget (chunks beyond sinks + window)
         self.token_candidates, self.token_reduce = token_candidates, token_reduce  # None: whole chunks
         self.token_mass, self.token_floor = token_mass, token_floor   # 0: the budget's tokens, a fixed count
+        self.token_scores = token_scores   # "shadow": the layer's index estimates the candidates' logits
         streaming = budget.streaming_heads if budget is not None else {}
         self.streaming = torch.tensor([[h in streaming.get(layer, ()) for h in range(num_kv_heads)]
                                        for layer in range(num_layers)], device=device)  # [L, Hkv] bool
@@ -96,7 +102,15 @@ class Selector:
         ids = self.indexes[layer].select(q, want + self.n_sink + self.n_window)  # ids: [Hkv, W + fixed]
         self.select_s += time.perf_counter() - t
         return Selection(ids.to(self.device).contiguous(), want, self.n_sink, self.n_window, self.streaming[layer],
-                         budget * self.C if token else 0, self.token_reduce, self.token_mass, self.token_floor)
+                         budget * self.C if token else 0, self.token_reduce, self.token_mass, self.token_floor,
+                         self._ranker(layer) if token else None)
+
+    def _ranker(self, layer: int):
+        """The layer's estimate of the candidates' logits (its index's low-rank key shadows), or None: exact keys."""
+        if self.token_scores != "shadow":
+            return None
+        idx = self.indexes[layer]
+        return getattr(idx, "inner", idx).token_logits
 
     def graph_key(self, n_chunks: int, length: int):
         """What a captured step's selection shapes depend on; None when an index syncs with the host."""

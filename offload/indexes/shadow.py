@@ -196,6 +196,13 @@ class ShadowKeyIndex:
         sh = sh.to(self.device, non_blocking=True)                             # sh: [Hkv, m, C, r]
         return torch.einsum("hgr,hmcr->hgmc", qp, sh.float()) * self.scale     # s: [Hkv, G, m, C]
 
+    def token_logits(self, query: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Estimated scale * q.k of every token of the chunks cand [Hkv, m] (-1: none; masked by the caller) from
+        their shadows -> float32 [Hkv, G, m*C]. The token stage ranks its candidates with these when
+        token_scores is "shadow": only the picked tokens' exact K and V rows are then read."""
+        s = self._token_scores(query.to(self.device), cand.clamp(min=0))       # s: [Hkv, G, m, C]
+        return s.flatten(2)                                                    # [Hkv, G, m*C]
+
     def reserve(self, num_chunks: int) -> None:
         """Room for num_chunks without regrowth (buffers keep their address, so captured steps stay valid)."""
         num_chunks = min(num_chunks, self.max_chunks) if self.max_chunks else num_chunks

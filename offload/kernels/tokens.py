@@ -22,8 +22,8 @@ import torch
 
 from .reference import _attend, _compute_dtype
 
-__all__ = ["token_scores", "select_tokens", "mass_keep", "gather_candidate_keys", "gather_values", "token_attend",
-           "GROUP_REDUCES"]
+__all__ = ["token_scores", "rank_logits", "select_tokens", "mass_keep", "gather_candidate_keys", "gather_values",
+           "candidate_valid", "token_attend", "GROUP_REDUCES"]
 
 GROUP_REDUCES = ("max", "sum")
 
@@ -38,29 +38,44 @@ def token_scores(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scale
     dt = _compute_dtype(q, keys)
     qg = q.to(dt).reshape(hkv, hq // hkv, d)                              # qg: [Hkv, G, D]
     s = torch.einsum("hgd,hmd->hgm", qg, keys.to(dt)) * scale             # s: [Hkv, G, M]
+    return rank_logits(s, valid, group_reduce, base_lse)
+
+
+def rank_logits(s: torch.Tensor, valid: torch.Tensor, group_reduce: str = "sum",
+                base_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """token_scores from the logits s = scale * q.k [Hkv, G, M] (exact, or estimated from low-rank key shadows)
+    -> [Hkv, M] (-inf invalid)."""
+    if group_reduce not in GROUP_REDUCES:
+        raise ValueError(f"group_reduce must be one of {GROUP_REDUCES}, not {group_reduce!r}")
+    hkv, g, _ = s.shape
+    dt = s.dtype
     s = s.masked_fill(~valid[:, None, :], float("-inf"))                  # s: [Hkv, G, M]
     if group_reduce == "max":
         r = s.amax(dim=1)                                                 # r: [Hkv, M]
     else:
         norm = torch.logsumexp(s, dim=-1)                                 # norm: [Hkv, G]
         if base_lse is not None:
-            norm = torch.logaddexp(norm, base_lse.to(dt).reshape(hkv, hq // hkv))  # norm: [Hkv, G]
+            norm = torch.logaddexp(norm, base_lse.to(dt).reshape(hkv, g))   # norm: [Hkv, G]
         # a group with nothing valid has norm = -inf; subtracting 0 keeps its p = 0 instead of NaN
         p = torch.exp(s - torch.where(torch.isinf(norm), 0.0, norm)[..., None])  # p: [Hkv, G, M]
         r = p.sum(dim=1)                                                  # r: [Hkv, M]
     return r.masked_fill(~valid, float("-inf"))                           # r: [Hkv, M]
 
 
-def select_tokens(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: int, scale: float,
+def select_tokens(q: torch.Tensor, keys: torch.Tensor | None, valid: torch.Tensor, k: int, scale: float,
                   group_reduce: str = "sum", base_lse: torch.Tensor | None = None, mass: float = 0.0,
-                  floor: int = 0):
+                  floor: int = 0, logits: torch.Tensor | None = None):
     """Top-k candidate tokens per KV head -> (idx int64 [Hkv, k'], ok bool [Hkv, k']), k' = min(k, M).
 
     Static shapes (no host sync): when a head has fewer than k valid candidates, the extra picks are
     marked not ok. mass > 0 (group reduce "sum" only): k is a cap; per KV head only the fewest best tokens
     whose mass, with what base_lse covers, reaches `mass` stay ok (at least `floor` of them): `mass_keep`.
+    logits [Hkv, G, M]: rank by these (scale * q.k estimated without the keys) instead of keys [Hkv, M, D].
     """
-    r = token_scores(q, keys, valid, scale, group_reduce, base_lse)      # r: [Hkv, M]
+    if logits is None:
+        r = token_scores(q, keys, valid, scale, group_reduce, base_lse)  # r: [Hkv, M]
+    else:
+        r = rank_logits(logits, valid, group_reduce, base_lse)           # r: [Hkv, M]
     # unsorted: attention does not care about order, and the sort costs as much as the selection on the GPU
     top = torch.topk(r, min(k, r.shape[1]), dim=1, sorted=False)          # [Hkv, k']
     idx = top.indices                                                     # idx: [Hkv, k']
@@ -68,7 +83,7 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: i
     if mass > 0:
         if group_reduce != "sum":
             raise ValueError("a token mass threshold needs group_reduce 'sum' (softmax shares), not 'max'")
-        g = q.shape[0] // keys.shape[0]
+        g = q.shape[0] // valid.shape[0]
         cand = r.masked_fill(~valid, 0.0).sum(1) / g                      # cand: [Hkv] candidates' share
         # best first: sorting the k' picks costs far less than a sorted top-k over every candidate
         share, order = torch.sort(top.values.masked_fill(~ok, 0.0) / g, dim=1, descending=True)  # [Hkv, k']
@@ -113,29 +128,49 @@ def gather_candidate_keys(parts, hkv: int, device, packed=None) -> tuple[torch.T
     return keys, valid
 
 
-def gather_values(parts, idx: torch.Tensor, ok: torch.Tensor, d: int, dtype, packed=None) -> torch.Tensor:
-    """V rows of the picked candidates idx [Hkv, k] (positions in the parts' shared column layout) -> [Hkv, k, D]."""
+def gather_values(parts, idx: torch.Tensor, ok: torch.Tensor, d: int, dtype, packed=None,
+                  which: int = 1) -> torch.Tensor:
+    """V (which=1) or K (which=0) rows of the picked candidates idx [Hkv, k] (positions in the parts' shared column
+    layout) -> [Hkv, k, D]."""
     rows = torch.where(ok, idx, -1)                                       # rows: [Hkv, k]
     v = None
     for pool, slots, alt in parts:
-        got = _rows(pool, slots.to(idx.device), 1, rows, alt, packed)     # got: [Hkv, k, D], zeros elsewhere
+        got = _rows(pool, slots.to(idx.device), which, rows, alt, packed)  # got: [Hkv, k, D], zeros elsewhere
         v = got if v is None else v.add_(got)
-    return v.to(dtype)                                                    # [Hkv, k, D]
+    return v if dtype is None else v.to(dtype)                           # [Hkv, k, D]
+
+
+def candidate_valid(parts, chunk_tokens: int, device) -> torch.Tensor:
+    """Which candidate token columns hold a chunk in some part -> bool [Hkv, K*C] (no key is read)."""
+    held = None
+    for _, slots, _ in parts:
+        s = slots.to(device) >= 0                                         # s: [Hkv, K]
+        held = s if held is None else held | s
+    return held.repeat_interleave(chunk_tokens, dim=1)                    # [Hkv, K*C]
 
 
 def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str = "sum",
                  base_lse: torch.Tensor | None = None, packed=None, mass: float = 0.0,
-                 floor: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 floor: int = 0, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the top-k tokens per KV head of the candidate chunks -> (o [Hq, D], lse [Hq]) f32.
 
     Merge the result with `merge_attn`: the picked tokens are disjoint from what base_lse covers. packed: the
     PackedFormat of parts whose pools hold int8/int4 chunks (their rows are dequantized as they are read).
     mass > 0: k is a cap and each KV head attends the fewest tokens reaching that mass (select_tokens).
+    logits [Hkv, G, K*C]: the candidates ranked by these estimates (low-rank key shadows on the GPU) instead of
+    their keys: only the picked tokens' K and V rows are read, so candidate keys never cross PCIe.
     """
     hq, d = q.shape
     if not parts:
         return q.new_zeros(hq, d, dtype=torch.float32), q.new_full((hq,), float("-inf"), dtype=torch.float32)
     hkv = packed.num_kv_heads if packed is not None else parts[0][0].shape[2]
+    if logits is not None:
+        c = packed.chunk_tokens if packed is not None else parts[0][0].shape[3]
+        valid = candidate_valid(parts, c, q.device)                       # valid: [Hkv, M]
+        idx, ok = select_tokens(q, None, valid, k, scale, group_reduce, base_lse, mass, floor, logits)  # [Hkv, k']
+        ksel = gather_values(parts, idx, ok, d, None, packed, which=0)    # ksel: [Hkv, k', D]
+        vsel = gather_values(parts, idx, ok, d, ksel.dtype, packed)       # vsel: [Hkv, k', D]
+        return _attend(q, ksel, vsel, ok, scale)
     keys, valid = gather_candidate_keys(parts, hkv, q.device, packed)     # keys: [Hkv, M, D], valid: [Hkv, M]
     idx, ok = select_tokens(q, keys, valid, k, scale, group_reduce, base_lse, mass, floor)  # [Hkv, k'] each
     ksel = keys.gather(1, idx[..., None].expand(-1, -1, d))               # ksel: [Hkv, k', D]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from offload.attention import AttentionBackend
 from offload.errors import ModelLoadError
+from offload.kernels import fused
 from offload.model.config import ModelConfig
 from offload.model.qlinear import QuantWeight, Scratch, linear
 from offload.model.rope import rope_inv_freq
@@ -57,6 +58,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rot: [H, T, D]
     return x * cos + rot * sin
+
+
+# A decode row (T == 1) on CUDA takes one fused kernel (offload/kernels/fused.py) for each of these instead of
+# the 2-8 launches of the torch form, which stays the reference and the path of prefill and the CPU.
+def norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm(x, w, eps): x: [T, H] -> [T, H]."""
+    out = fused.rms_norm(x, w, eps) if x.shape[0] == 1 else None
+    return rms_norm(x, w, eps) if out is None else out
+
+
+def add_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: x, y: [T, H] -> (x + y, rms_norm(x + y, w, eps))."""
+    both = fused.add_rms_norm(x, y, w, eps) if x.shape[0] == 1 else None
+    if both is None:
+        x = x + y  # x: [T, H]
+        return x, rms_norm(x, w, eps)
+    return both
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hkv: int):
+    """qkv: [T, (Hq + 2Hkv) * D], cos/sin: [T, D] -> q: [Hq, T, D], k, v: [Hkv, T, D], RoPE on q and k."""
+    T, D = cos.shape
+    q, k, v = qkv.split([hq * D, hkv * D, hkv * D], dim=-1)
+    v = v.view(T, hkv, D).transpose(0, 1)  # v: [Hkv, T, D]
+    qk = fused.rope_qk(qkv, cos, sin, hq, hkv) if T == 1 else None
+    if qk is not None:
+        return (*qk, v)
+    q = apply_rope(q.view(T, hq, D).transpose(0, 1), cos, sin)  # q: [Hq, T, D]
+    k = apply_rope(k.view(T, hkv, D).transpose(0, 1), cos, sin)  # k: [Hkv, T, D]
+    return q, k, v
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] -> F.silu(gate) * up: [T, I]."""
+    out = fused.silu_mul(gate_up) if gate_up.shape[0] == 1 else None
+    if out is None:
+        gate, up = gate_up.chunk(2, dim=-1)  # gate, up: [T, I]
+        out = F.silu(gate) * up  # out: [T, I]
+    return out
 
 
 class LlamaModel:
@@ -180,38 +220,55 @@ class LlamaModel:
 
     def attn_inputs(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x: [T, H] -> q: [Hq, T, D], k, v: [Hkv, T, D] (RoPE applied): the dense part before attention."""
-        cfg, w = self.cfg, self.layers[i]
-        T, Hq, Hkv, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)  # h: [T, H]
+        return self._qkv(i, norm(x, self.layers[i].attn_norm, self.cfg.rms_norm_eps), cos, sin)
+
+    def _qkv(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h: [T, H] normed input -> q: [Hq, T, D], k, v: [Hkv, T, D] (RoPE applied)."""
+        w = self.layers[i]
         qkv = linear(h, w.wqkv, w.bqkv)  # qkv: [T, (Hq + 2Hkv) * D]
-        q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rope(q.view(T, Hq, D).transpose(0, 1), cos, sin)  # q: [Hq, T, D]
-        k = apply_rope(k.view(T, Hkv, D).transpose(0, 1), cos, sin)  # k: [Hkv, T, D]
-        v = v.view(T, Hkv, D).transpose(0, 1)  # v: [Hkv, T, D]
-        return q, k, v
+        return rope_qkv(qkv, cos, sin, self.cfg.num_heads, self.cfg.num_kv_heads)
 
     def attn_output_mlp(self, i: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """x: [T, H] layer input, o: [Hq, T, D] attention output -> [T, H]: the dense part after attention."""
-        cfg, w = self.cfg, self.layers[i]
         T = x.shape[0]
         if T > MLP_ROWS:   # a long prefill chunk: its [T, I] temporaries would dominate the GPU's activation memory
             out = torch.empty_like(x)  # out: [T, H]
             for a in range(0, T, MLP_ROWS):
                 out[a:a + MLP_ROWS] = self.attn_output_mlp(i, x[a:a + MLP_ROWS], o[:, a:a + MLP_ROWS])
             return out
-        x = x + linear(o.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim), w.wo)  # x: [T, H]
-        h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)  # h: [T, H]
-        gate, up = linear(h, w.w_gate_up).chunk(2, dim=-1)  # gate, up: [T, I]
-        return x + linear(F.silu(gate) * up, w.w_down)  # [T, H]
+        x, y = self._attn_mlp(i, x, o)  # x, y: [T, H]
+        return x + y  # [T, H]
+
+    def _attn_mlp(self, i: int, x: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H], o: [Hq, T, D] -> (x plus the attention's projection, the MLP's output): the layer's output is
+        their sum, which a decode step leaves to the next norm's kernel (_decode)."""
+        cfg, w = self.cfg, self.layers[i]
+        T = x.shape[0]
+        a = linear(o.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim), w.wo)  # a: [T, H]
+        x, h = add_norm(x, a, w.mlp_norm, cfg.rms_norm_eps)  # x, h: [T, H]
+        return x, linear(silu_mul(linear(h, w.w_gate_up)), w.w_down)  # [T, H] each
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> float32 logits [T, V]."""
-        return linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+        return linear(norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """Token-major forward of a few tokens (decode, short chunks). ids, pos: [T] -> logits of the last: [V]."""
         cos, sin = self.rope(pos)  # cos, sin: [T, D]
         x = self.embed[ids]  # x: [T, H]
+        if x.shape[0] == 1:
+            return self._decode(x, cos, sin, attn)
         for i in range(self.cfg.num_layers):
             x = self.layer_forward(i, x, cos, sin, attn)
         return self.logits(x[-1:])[0]  # [V]
+
+    def _decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """layer_forward over every layer for one token x: [1, H], with each layer's last residual add done by the
+        next norm (add_norm: one kernel on CUDA, the same ops as layer_forward elsewhere) -> logits [V]."""
+        eps, y = self.cfg.rms_norm_eps, None  # y: [1, H] the last layer's MLP output, not yet added to x
+        for i, w in enumerate(self.layers):
+            x, h = (x, norm(x, w.attn_norm, eps)) if y is None else add_norm(x, y, w.attn_norm, eps)  # x, h: [1, H]
+            q, k, v = self._qkv(i, h, cos, sin)  # q: [Hq, 1, D], k, v: [Hkv, 1, D]
+            x, y = self._attn_mlp(i, x, attn.attend(i, q, k, v))  # x, y: [1, H]
+        h = norm(x, self.norm, eps) if y is None else add_norm(x, y, self.norm, eps)[1]  # h: [1, H]
+        return linear(h, self.lm_head).float()[0]  # [V]

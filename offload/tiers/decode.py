@@ -61,6 +61,8 @@ class DecodePlan:
     packed: object = None        # PackedFormat of the host slab and drive parts ([S, B] uint8) when int8/int4
     token_mass: float = 0.0      # > 0: token_k is a cap, each head attends the fewest tokens reaching this mass
     token_floor: int = 0
+    rank_tokens: object = None   # Selection.rank_tokens: candidates ranked from estimates, their keys not read
+    candidate_ids: torch.Tensor | None = None   # int64 [Hkv, K] chunk id of each candidate column (-1: none)
 
     def candidate_chunks(self) -> torch.Tensor | None:
         """[Hkv] candidate chunks per KV head, or None without a token stage."""
@@ -175,7 +177,8 @@ class DecodeMixin:
         merged = gpu_pool.shape[0] > 0 and host_pool.shape[0] > 0   # one list, host slots flagged: one launch
         disk = self._on_disk[layer] > 0
         self._prefetch_next(layer)      # before this layer's lookup and attention are queued
-        lists = kernels.plan_slots(sel, self.table(layer), merged, with_ids=disk)  # [Hkv, F + M] each
+        ranked = sel.token_k and sel.rank_tokens is not None
+        lists = kernels.plan_slots(sel, self.table(layer), merged, with_ids=disk or ranked)  # [Hkv, F + M] each
         if lists.host is None:
             parts = [Part(gpu_pool, lists.gpu, host_pool)]
         else:
@@ -190,10 +193,13 @@ class DecodeMixin:
             return DecodePlan(tuple(parts), disk_bytes=disk_bytes, packed=self.packed)
         plan = DecodePlan(tuple(Part(p, s[:, :w], a) for p, s, a in parts),
                           tuple(Part(p, s[:, w:], a) for p, s, a in parts), sel.token_k, sel.token_reduce, disk_bytes,
-                          self.packed, sel.token_mass, sel.token_floor)
+                          self.packed, sel.token_mass, sel.token_floor, sel.rank_tokens if ranked else None,
+                          lists.ids[:, w:] if ranked else None)
         n_cand = plan.candidate_chunks()                                       # n_cand: [Hkv]
         C = self.shape.chunk_tokens
-        self._token_rows += torch.stack([n_cand.sum(), (n_cand * C).clamp(max=sel.token_k).sum()])
+        # candidates' keys read and scored (none when ranked from estimates), token rows attended
+        scored = n_cand.sum() * (0 if ranked else 1)
+        self._token_rows += torch.stack([scored, (n_cand * C).clamp(max=sel.token_k).sum()])
         return plan
 
     def _prefetch_next(self, layer: int) -> None:
