@@ -5,6 +5,9 @@ graphs; the backend's attention runs eagerly in between, so it may select, fetch
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import torch
 
 from offload.attention import AttentionBackend
@@ -12,6 +15,24 @@ from offload.model.llama import LlamaModel
 
 # only this thread's unsafe CUDA calls break a capture: the runtime's background threads may use CUDA meanwhile
 CAPTURE_MODE = "thread_local"
+
+
+@contextlib.contextmanager
+def capture(graph: torch.cuda.CUDAGraph, **kw):
+    """torch.cuda.graph with the runtime's rules: errors of this thread only (CAPTURE_MODE); no cyclic garbage
+    collection during the capture, since a collected session's finalizers would call CUDA inside it (a host
+    slab's cudaHostUnregister invalidated token-stage captures in the GPU suite); slabs dropped meanwhile anyway
+    (by reference count) are unpinned once it has ended."""
+    from offload.tiers.host import unregister_deferred
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE, **kw):
+            yield
+    finally:
+        if was:
+            gc.enable()
+        unregister_deferred()
 
 
 def heal_rng_after_failed_capture(device: torch.device) -> None:
@@ -55,16 +76,16 @@ class PiecewiseDecode:
         torch.cuda.current_stream().wait_stream(s)
         for i in range(cfg.num_layers):
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=CAPTURE_MODE):
+            with capture(g, pool=self.pool):
                 qkv = model.attn_inputs(i, self.x, self.cos, self.sin)  # q: [Hq, 1, D], k, v: [Hkv, 1, D]
             self.pre.append(g)
             self.qkv.append(qkv)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool, capture_error_mode=CAPTURE_MODE):
+            with capture(g, pool=self.pool):
                 self.x.copy_(model.attn_output_mlp(i, self.x, self.o))
             self.post.append(g)
         self.head = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.head, pool=self.pool, capture_error_mode=CAPTURE_MODE):
+        with capture(self.head, pool=self.pool):
             self.logits = model.logits(self.x)[0]  # logits: [V]
 
     def step(self, token: int, position: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from offload.attention import AttentionBackend
-from offload.engine.graphs import CAPTURE_MODE, PiecewiseDecode, heal_rng_after_failed_capture
+from offload.engine.graphs import PiecewiseDecode, capture, heal_rng_after_failed_capture
 from offload.model.llama import LlamaModel
 
 HOST_HIDDEN_BYTES = 256 << 20
@@ -167,7 +167,7 @@ class Engine:
         # use_count assert (torch 2.11) once the previous graph is gone but its outputs are not
         # thread_local: the runtime's own background threads (ANN builds, drive writes waiting on events,
         # checkpoint commits) may call CUDA during a capture; "global" mode failed the capture for them
-        with torch.cuda.graph(g, capture_error_mode=CAPTURE_MODE):
+        with capture(g):
             self._logits = self.model.forward(self._ids, self._pos, self.attn)  # _logits: [V]
         self._graph = g
         self._captured_once = True

@@ -23,11 +23,38 @@ from offload.tiers.device import TensorTier
 _CUDA_HOST_REGISTER_PORTABLE_MAPPED = 1 | 2   # cudaHostRegisterPortable | cudaHostRegisterMapped
 
 
-def _unregister(ptr: int) -> None:
+# Slabs whose unpinning waits for a CUDA graph capture to end: (address, the mmap kept mapped until then)
+_DEFERRED: list[tuple[int, object]] = []
+
+
+def _capturing() -> bool:
+    try:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except Exception:  # noqa: BLE001  (interpreter shutdown)
+        return False
+
+
+def _unregister(ptr: int, buf: object = None) -> None:
+    """Unpin a slab. A pool dropped by the garbage collector in the middle of a decode step's capture (a closed
+    session's, collected at any allocation) must not call cudaHostUnregister there: that call invalidates the
+    capture, the step falls back to piecewise graphs. It waits in _DEFERRED, its mmap still mapped."""
+    if _capturing():
+        _DEFERRED.append((ptr, buf))
+        return
     try:
         torch.cuda.cudart().cudaHostUnregister(ptr)
     except Exception:  # noqa: BLE001  (interpreter shutdown: the driver may already be gone)
         pass
+
+
+def unregister_deferred() -> int:
+    """Unpin the slabs dropped during a capture (call when it has ended) -> how many."""
+    n = 0
+    while _DEFERRED and not _capturing():
+        ptr, _ = _DEFERRED.pop()
+        _unregister(ptr)
+        n += 1
+    return n
 
 
 def _mmap_slab(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
@@ -62,7 +89,7 @@ class HostPool(TensorTier):
             res = int(torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), nbytes, _CUDA_HOST_REGISTER_PORTABLE_MAPPED))
             if res == 0:
                 self.pin_method = "cudaHostRegister"
-                self._finalizer = weakref.finalize(self, _unregister, raw.data_ptr())
+                self._finalizer = weakref.finalize(self, _unregister, raw.data_ptr(), self._buf)
             else:
                 # fallback: torch's pinned allocator (rounds up to a power of two, still correct)
                 del raw

@@ -1,0 +1,54 @@
+"""A decode step's CUDA graph capture and the runtime's other CUDA users: a host slab dropped during a capture
+(a closed session collected by the garbage collector at any allocation) must not unpin inside it, since
+cudaHostUnregister there invalidates the capture and the step falls back to piecewise graphs."""
+import gc
+
+import pytest
+import torch
+
+import offload.tiers.host as host
+from offload.tiers.base import ChunkShape
+
+
+class _FakeCudart:
+    def __init__(self):
+        self.unregistered = []
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_unpinning_waits_for_the_capture_to_end(monkeypatch):
+    rt, capturing = _FakeCudart(), [True]
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: rt)
+    monkeypatch.setattr(host, "_capturing", lambda: capturing[0])
+    monkeypatch.setattr(host, "_DEFERRED", [])
+    buf = bytearray(16)
+    host._unregister(1234, buf)                       # dropped mid-capture: nothing is called, the buffer is kept
+    assert rt.unregistered == [] and host._DEFERRED == [(1234, buf)]
+    assert host.unregister_deferred() == 0 and rt.unregistered == []   # still capturing
+    capturing[0] = False
+    assert host.unregister_deferred() == 1
+    assert rt.unregistered == [1234] and host._DEFERRED == []
+    host._unregister(99)                              # outside a capture: at once
+    assert rt.unregistered == [1234, 99]
+
+
+@pytest.mark.gpu
+def test_a_pinned_slab_dropped_during_a_capture_does_not_break_it():
+    from offload.engine.graphs import capture
+    from offload.tiers.host import HostPool
+    pool = HostPool(ChunkShape(2, 8, 64, torch.bfloat16), capacity=4)
+    assert pool.pin_method == "cudaHostRegister", pool.pin_method
+    cycle = [pool]
+    cycle.append(cycle)                               # only the cyclic collector frees it, as a closed session
+    del pool, cycle
+    x = torch.zeros(1, device="cuda")                 # x: [1]
+    g = torch.cuda.CUDAGraph()
+    with capture(g):
+        x.add_(1)
+        gc.collect()                                  # whatever collects it inside the capture (here: forced)
+    g.replay()
+    torch.cuda.synchronize()
+    assert x.item() == 1.0 and host._DEFERRED == []
