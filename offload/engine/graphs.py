@@ -12,6 +12,7 @@ import torch
 
 from offload.attention import AttentionBackend
 from offload.model.llama import LlamaModel
+from offload.tiers.host import unregister_deferred
 
 # only this thread's unsafe CUDA calls break a capture: the runtime's background threads may use CUDA meanwhile
 CAPTURE_MODE = "thread_local"
@@ -23,7 +24,6 @@ def capture(graph: torch.cuda.CUDAGraph, **kw):
     collection during the capture, since a collected session's finalizers would call CUDA inside it (a host
     slab's cudaHostUnregister invalidated token-stage captures in the GPU suite); slabs dropped meanwhile anyway
     (by reference count) are unpinned once it has ended."""
-    from offload.tiers.host import unregister_deferred
     was = gc.isenabled()
     gc.disable()
     try:

@@ -22,7 +22,7 @@ import torch
 
 from .reference import _attend, _compute_dtype
 
-__all__ = ["token_scores", "rank_logits", "select_tokens", "mass_keep", "gather_candidate_keys", "gather_values",
+__all__ = ["token_scores", "rank_logits", "select_tokens", "mass_keep", "gather_candidate_keys", "gather_picked_rows",
            "candidate_valid", "token_attend", "GROUP_REDUCES"]
 
 GROUP_REDUCES = ("max", "sum")
@@ -112,32 +112,8 @@ def _rows(pool, slots, which: int, rows, alt, packed):
     return gather_rows(pool, slots, which, rows, alt)
 
 
-def gather_candidate_keys(parts, hkv: int, device, packed=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys (only) of every candidate chunk -> (keys [Hkv, K*C, D], valid [Hkv, K*C]).
-
-    The parts share one column layout (a chunk's slot is >= 0 in exactly one part), and gather_rows writes
-    zeros where a part's slot is -1, so the parts add up: one buffer of K*C rows however many parts there are.
-    """
-    keys = valid = None
-    for pool, slots, alt in parts:
-        s = slots.to(device)                                              # s: [Hkv, K]
-        k = _rows(pool, s, 0, None, alt, packed)                          # k: [Hkv, K*C, D] (V is not read)
-        c = packed.chunk_tokens if packed is not None else pool.shape[3]
-        v = (s >= 0).repeat_interleave(c, dim=1)                          # v: [Hkv, K*C]
-        keys, valid = (k, v) if keys is None else (keys.add_(k), valid | v)
-    return keys, valid
-
-
-def gather_values(parts, idx: torch.Tensor, ok: torch.Tensor, d: int, dtype, packed=None,
-                  which: int = 1) -> torch.Tensor:
-    """V (which=1) or K (which=0) rows of the picked candidates idx [Hkv, k] (positions in the parts' shared column
-    layout) -> [Hkv, k, D]."""
-    rows = torch.where(ok, idx, -1)                                       # rows: [Hkv, k]
-    v = None
-    for pool, slots, alt in parts:
-        got = _rows(pool, slots.to(idx.device), which, rows, alt, packed)  # got: [Hkv, k, D], zeros elsewhere
-        v = got if v is None else v.add_(got)
-    return v if dtype is None else v.to(dtype)                           # [Hkv, k, D]
+def _chunk_tokens(parts, packed) -> int:
+    return packed.chunk_tokens if packed is not None else parts[0][0].shape[3]
 
 
 def candidate_valid(parts, chunk_tokens: int, device) -> torch.Tensor:
@@ -147,6 +123,31 @@ def candidate_valid(parts, chunk_tokens: int, device) -> torch.Tensor:
         s = slots.to(device) >= 0                                         # s: [Hkv, K]
         held = s if held is None else held | s
     return held.repeat_interleave(chunk_tokens, dim=1)                    # [Hkv, K*C]
+
+
+def gather_candidate_keys(parts, hkv: int, device, packed=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (only) of every candidate chunk -> (keys [Hkv, K*C, D], valid [Hkv, K*C]).
+
+    The parts share one column layout (a chunk's slot is >= 0 in exactly one part), and gather_rows writes
+    zeros where a part's slot is -1, so the parts add up: one buffer of K*C rows however many parts there are.
+    """
+    keys = None
+    for pool, slots, alt in parts:
+        k = _rows(pool, slots.to(device), 0, None, alt, packed)           # k: [Hkv, K*C, D] (V is not read)
+        keys = k if keys is None else keys.add_(k)
+    return keys, candidate_valid(parts, _chunk_tokens(parts, packed), device)
+
+
+def gather_picked_rows(parts, idx: torch.Tensor, ok: torch.Tensor, which: int, dtype=None,
+                       packed=None) -> torch.Tensor:
+    """K (which=0) or V (which=1) rows of the picked candidates idx [Hkv, k] (positions in the parts' shared
+    column layout; not ok: zeros) -> [Hkv, k, D], in `dtype` when given."""
+    rows = torch.where(ok, idx, -1)                                       # rows: [Hkv, k]
+    out = None
+    for pool, slots, alt in parts:
+        got = _rows(pool, slots.to(idx.device), which, rows, alt, packed)  # got: [Hkv, k, D], zeros elsewhere
+        out = got if out is None else out.add_(got)
+    return out if dtype is None else out.to(dtype)                       # [Hkv, k, D]
 
 
 def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str = "sum",
@@ -164,15 +165,14 @@ def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str
     if not parts:
         return q.new_zeros(hq, d, dtype=torch.float32), q.new_full((hq,), float("-inf"), dtype=torch.float32)
     hkv = packed.num_kv_heads if packed is not None else parts[0][0].shape[2]
-    if logits is not None:
-        c = packed.chunk_tokens if packed is not None else parts[0][0].shape[3]
-        valid = candidate_valid(parts, c, q.device)                       # valid: [Hkv, M]
-        idx, ok = select_tokens(q, None, valid, k, scale, group_reduce, base_lse, mass, floor, logits)  # [Hkv, k']
-        ksel = gather_values(parts, idx, ok, d, None, packed, which=0)    # ksel: [Hkv, k', D]
-        vsel = gather_values(parts, idx, ok, d, ksel.dtype, packed)       # vsel: [Hkv, k', D]
-        return _attend(q, ksel, vsel, ok, scale)
-    keys, valid = gather_candidate_keys(parts, hkv, q.device, packed)     # keys: [Hkv, M, D], valid: [Hkv, M]
-    idx, ok = select_tokens(q, keys, valid, k, scale, group_reduce, base_lse, mass, floor)  # [Hkv, k'] each
-    ksel = keys.gather(1, idx[..., None].expand(-1, -1, d))               # ksel: [Hkv, k', D]
-    vsel = gather_values(parts, idx, ok, d, keys.dtype, packed)           # vsel: [Hkv, k', D]
+    if logits is None:
+        keys, valid = gather_candidate_keys(parts, hkv, q.device, packed)  # keys: [Hkv, M, D], valid: [Hkv, M]
+    else:
+        keys, valid = None, candidate_valid(parts, _chunk_tokens(parts, packed), q.device)   # valid: [Hkv, M]
+    idx, ok = select_tokens(q, keys, valid, k, scale, group_reduce, base_lse, mass, floor, logits)  # [Hkv, k'] each
+    if keys is None:
+        ksel = gather_picked_rows(parts, idx, ok, 0, None, packed)       # ksel: [Hkv, k', D]
+    else:
+        ksel = keys.gather(1, idx[..., None].expand(-1, -1, d))           # ksel: [Hkv, k', D]
+    vsel = gather_picked_rows(parts, idx, ok, 1, ksel.dtype, packed)      # vsel: [Hkv, k', D]
     return _attend(q, ksel, vsel, ok, scale)
