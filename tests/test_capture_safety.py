@@ -35,20 +35,35 @@ def test_unpinning_waits_for_the_capture_to_end(monkeypatch):
     assert rt.unregistered == [1234, 99]
 
 
+def test_a_failed_capture_reports_the_first_error_and_where():
+    from offload.engine.graphs import first_error
+    from offload.tiers.slots import pieces
+
+    def capture_end():
+        try:
+            pieces(None, 1)                           # raises inside offload's code: the original failure
+        except Exception:
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    with pytest.raises(RuntimeError) as info:
+        capture_end()
+    msg = first_error(info.value)
+    assert "previous error" not in msg and msg.split(":")[0] in ("TypeError", "AttributeError"), msg
+    assert "tiers/slots.py:" in msg, msg
+
+
 @pytest.mark.gpu
 def test_a_pinned_slab_dropped_during_a_capture_does_not_break_it():
     from offload.engine.graphs import capture
     from offload.tiers.host import HostPool
+    gc.collect()                                      # other tests' graphs: destroying one inside a capture breaks it
     pool = HostPool(ChunkShape(2, 8, 64, torch.bfloat16), capacity=4)
     assert pool.pin_method == "cudaHostRegister", pool.pin_method
-    cycle = [pool]
-    cycle.append(cycle)                               # only the cyclic collector frees it, as a closed session
-    del pool, cycle
     x = torch.zeros(1, device="cuda")                 # x: [1]
     g = torch.cuda.CUDAGraph()
     with capture(g):
         x.add_(1)
-        gc.collect()                                  # whatever collects it inside the capture (here: forced)
+        del pool                                      # the last reference goes inside the capture: unpinned after it
     g.replay()
     torch.cuda.synchronize()
     assert x.item() == 1.0 and host._DEFERRED == []

@@ -35,6 +35,20 @@ def capture(graph: torch.cuda.CUDAGraph, **kw):
         unregister_deferred()
 
 
+def first_error(e: BaseException) -> str:
+    """The error that broke a capture, with where it was raised. Leaving torch.cuda.graph after an error raises
+    "operation failed due to a previous error during capture", which hides the first one in its context chain."""
+    while e.__context__ is not None and e.__context__ is not e:
+        e = e.__context__
+    tb, where = e.__traceback__, ""
+    while tb is not None:             # the deepest frame of our own code: the call that torch or CuPy refused
+        path = tb.tb_frame.f_code.co_filename
+        if "/offload/" in path:
+            where = f" ({path.rsplit('/offload/', 1)[1]}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}{where}"
+
+
 def heal_rng_after_failed_capture(device: torch.device) -> None:
     """A capture that CUDA invalidated ends before torch closes its RNG bookkeeping (the generator's count of captures
     under way stays raised), so every later random op of the process fails ("Offset increment outside graph capture

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from offload.attention import AttentionBackend
-from offload.engine.graphs import PiecewiseDecode, capture, heal_rng_after_failed_capture
+from offload.engine.graphs import PiecewiseDecode, capture, first_error, heal_rng_after_failed_capture
 from offload.model.llama import LlamaModel
 
 HOST_HIDDEN_BYTES = 256 << 20
@@ -132,7 +132,7 @@ class Engine:
             except RuntimeError as e:   # a sync inside the step, or no memory: piecewise graphs from now on
                 # never retried, and torch's RNG, left mid-capture by an invalidated capture, is closed again
                 self._graph, self._graph_failed = None, True
-                self._graph_error = str(e).splitlines()[0][:200]
+                self._graph_error = first_error(e)
                 torch.cuda.synchronize()
                 heal_rng_after_failed_capture(self.device)
                 return False
