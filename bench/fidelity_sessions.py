@@ -130,20 +130,25 @@ def fork(base, method: Method):
 
 class TokenPicks:
     """Counts the tokens the token stage attends per KV head and step (a token-mass budget's count varies):
-    wraps offload.kernels.tokens.select_tokens, which token_attend looks up at each call."""
+    wraps offload.kernels.tokens.select_tokens, which token_attend looks up at each call. Installed by the
+    first reset(), not at import: importing this module (tests do) must not change the runtime. Its count
+    reads the picks back to the host, so it skips steps being captured in a CUDA graph (a sync there breaks
+    the capture: the GPU suite's token-stage graph tests failed after the fidelity tests ran, 2026-11-30)."""
 
     def __init__(self):
-        import offload.kernels.tokens as tokens
-        self.inner, self.picked, self.heads = tokens.select_tokens, 0, 0
-        tokens.select_tokens = self._select
+        self.inner, self.picked, self.heads = None, 0, 0
 
     def _select(self, *args, **kw):
         idx, ok = self.inner(*args, **kw)
-        self.picked += int(ok.sum())
-        self.heads += ok.shape[0]
+        if not (ok.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.picked += int(ok.sum())
+            self.heads += ok.shape[0]
         return idx, ok
 
     def reset(self) -> None:
+        if self.inner is None:
+            import offload.kernels.tokens as tokens
+            self.inner, tokens.select_tokens = tokens.select_tokens, self._select
         self.picked = self.heads = 0
 
     def mean(self) -> float | None:

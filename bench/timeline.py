@@ -8,6 +8,7 @@ per step: wall time, GPU busy time per bucket, and the gap (wall - GPU busy: lau
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -46,15 +47,20 @@ def main() -> None:
     ap.add_argument("--select-unit", default="chunk", choices=["chunk", "token"])
     ap.add_argument("--token-candidates", type=float, default=4.0)
     ap.add_argument("--weights", default=None, help="bf16 | q8_0 | q4: weights quantized at load (issue 16)")
+    ap.add_argument("--index", default=None, help="summary | shadow | ann")
+    ap.add_argument("--index-options", default=None, help='JSON, e.g. \'{"candidate_factor": 1}\'')
+    ap.add_argument("--token-scores", default=None, choices=["keys", "shadow"])
     ap.add_argument("--out", default="bench/out/timeline.json")
     args = ap.parse_args()
     cap_gpu(args.gpu_cap)
     ctx = parse_tokens(args.ctx)
     opts = dict(attention=args.attention, budget=args.budget, select_unit=args.select_unit,
                 token_candidates=args.token_candidates)
-    for name in ("gpu_mem", "host_mem", "weights"):
+    for name in ("gpu_mem", "host_mem", "weights", "index", "token_scores"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
+    if args.index_options:
+        opts["index_options"] = json.loads(args.index_options)
     llm = LLM(args.model, load_format="dummy", ctx=ctx + 64, show_progress=False, **opts)
     sess = llm.session()
     ids = torch.randint(0, llm.model_config.vocab_size, (ctx,), generator=torch.Generator().manual_seed(0)).tolist()

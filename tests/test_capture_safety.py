@@ -67,3 +67,22 @@ def test_a_pinned_slab_dropped_during_a_capture_does_not_break_it():
     g.replay()
     torch.cuda.synchronize()
     assert x.item() == 1.0 and host._DEFERRED == []
+
+
+def test_importing_the_bench_harness_patches_no_runtime_function():
+    """The fidelity harness counted token picks by replacing kernels.tokens.select_tokens at import, with a host
+    read per call: every later session of the process (the GPU suite's graph tests) synced inside its capture."""
+    import importlib
+    import os
+    import sys
+
+    import offload.kernels.tokens as tokens
+    before = {k: v for k, v in vars(tokens).items() if callable(v)}
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    try:
+        for name in ("fidelity_sessions", "fidelity_suite", "fidelity"):
+            importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+    after = {k: v for k, v in vars(tokens).items() if callable(v)}
+    assert after == before, sorted(k for k in before if after.get(k) is not before[k])

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import sys
+import traceback
 
 import torch
 
@@ -21,9 +24,9 @@ CAPTURE_MODE = "thread_local"
 @contextlib.contextmanager
 def capture(graph: torch.cuda.CUDAGraph, **kw):
     """torch.cuda.graph with the runtime's rules: errors of this thread only (CAPTURE_MODE); no cyclic garbage
-    collection during the capture, since a collected session's finalizers would call CUDA inside it (a host
-    slab's cudaHostUnregister invalidated token-stage captures in the GPU suite); slabs dropped meanwhile anyway
-    (by reference count) are unpinned once it has ended."""
+    collection during the capture, since a collected session's finalizers call CUDA inside it (a forced collection
+    there destroyed earlier sessions' graphs, cuGraphExecDestroy, and invalidated the capture: H200 2026-11-30);
+    host slabs dropped meanwhile (by reference count) are unpinned once it has ended."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -37,9 +40,12 @@ def capture(graph: torch.cuda.CUDAGraph, **kw):
 
 def first_error(e: BaseException) -> str:
     """The error that broke a capture, with where it was raised. Leaving torch.cuda.graph after an error raises
-    "operation failed due to a previous error during capture", which hides the first one in its context chain."""
+    "operation failed due to a previous error during capture", which hides the first one in its context chain.
+    OFFLOAD_DEBUG_CAPTURE=1 prints its whole traceback on stderr."""
     while e.__context__ is not None and e.__context__ is not e:
         e = e.__context__
+    if os.environ.get("OFFLOAD_DEBUG_CAPTURE") == "1":
+        traceback.print_exception(e, file=sys.stderr)
     tb, where = e.__traceback__, ""
     while tb is not None:             # the deepest frame of our own code: the call that torch or CuPy refused
         path = tb.tb_frame.f_code.co_filename
