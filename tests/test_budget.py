@@ -106,6 +106,9 @@ def test_group_shares_match_the_exact_softmax():
     ({"budget": "p=0.9,floor=2K,cap=1K"}, "above cap"),
     ({"index": "shadow", "index_options": {"rank": "sixteen"}}, "rank='sixteen' must be a whole number"),
     ({"index": "summary", "index_options": {"candidate_factor": "4"}}, "must be a number"),
+    ({"index": "shadow", "index_options": {"rank": 0}}, "rank=0 must be positive"),
+    ({"index": "ann", "index_options": {"nprobe": -1}}, "nprobe=-1 must be >= 0"),
+    ({"index": "ann", "index_options": {"probe_fraction": 0.0}}, "probe_fraction=0.0 must be positive"),
 ])
 def test_api_refuses_bad_sparse_options_before_resolving_the_model(tmp_path, options, words):
     """The model path does not exist: the sparse option is what gets reported, so it is checked first."""

@@ -45,6 +45,10 @@ _KINDS = {bool: ((bool,), "true or false"), int: ((int,), "a whole number"), flo
           str: ((str,), "a string"), dict: ((dict,), "a mapping")}
 
 
+# numeric options for which 0 is a meaningful setting although their default is positive
+_ZERO_OK = frozenset({"min_candidates", "mass_radius", "min_ivf_tokens"})
+
+
 def check_index_options(method: str, options: dict) -> None:
     """Unknown names and values of the wrong type -> one-line ConfigError (before any weight loads).
 
@@ -65,6 +69,10 @@ def check_index_options(method: str, options: dict) -> None:
         if (isinstance(value, bool) and bool not in want) or not isinstance(value, want):
             raise ConfigError(f"index option {name}={value!r} must be {words} (default {default!r}); "
                               f"fix index_options")
+        if type(default) in (int, float) and (value < 0 or (value == 0 and default > 0 and name not in _ZERO_OK)):
+            # counts, factors and fractions: 0 where the default is positive would select nothing
+            raise ConfigError(f"index option {name}={value!r} must be {'positive' if default > 0 else '>= 0'} "
+                              f"(default {default!r}); fix index_options")
 
 
 _GEOMETRY = frozenset({"num_kv_heads", "num_q_heads", "head_dim", "chunk_tokens", "device", "dtype", "max_chunks"})
