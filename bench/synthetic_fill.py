@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--progress-s", type=float, default=10.0, help="a progress line on stderr at most this often")
+    ap.add_argument("--index", default=None, help="sparse index: summary | shadow | ann (issue 13: shadow at 1M)")
+    ap.add_argument("--index-options", default=None, help='JSON, e.g. \'{"candidate_factor": 1}\'')
     ap.add_argument("--prefetch", default="adaptive", help="drive read-ahead: adaptive | always | off (tiers/prefetch.py)")
     ap.add_argument("--out", default="bench/out/synthetic_decode.json")
     args = ap.parse_args()
@@ -172,7 +174,11 @@ def main() -> None:
         opts = dict(model=args.model, load_format="dummy", ctx=ctx + args.steps + args.warmup + 64,
                     attention=args.attention, budget=args.budget, host_mem=args.host_mem, show_progress=False)
         opts.update({k: v for k, v in (("gpu_mem", args.gpu_mem), ("disk_dir", args.disk_dir),
-                                        ("kv_dtype", args.kv_dtype)) if v})
+                                        ("kv_dtype", args.kv_dtype), ("index", args.index)) if v})
+        if args.index_options:
+            opts["index_options"] = json.loads(args.index_options)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         t_load = time.perf_counter()
         llm = LLM(**opts)
         sess = llm.session()       # allocates the tiers: the pinned host slab, the drive file
@@ -199,6 +205,8 @@ def main() -> None:
         times = times[args.warmup:]
         st = sess.stats()
         row = {"fill": "synthetic", "ctx": ctx, "attention": args.attention, "kv_dtype": args.kv_dtype or "bf16",
+               "index": args.index or "summary", "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+               if torch.cuda.is_available() else None,
                "prefetch": args.prefetch,
                "ms_median": round(_pct(times, 0.5), 2), "ms_mean": round(sum(times) / len(times), 2),
                "ms_p99": round(_pct(times, 0.99), 2), "ms_max": round(max(times), 2), **t,
