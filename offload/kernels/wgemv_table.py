@@ -88,7 +88,8 @@ CANDIDATES = tuple(parse(n) for n in (
     "w8r2u4k1sb", "w4r2u2k1gm",
     # tensor-core kernel (wgemv_tc.cu): the 4-bit formats with bf16 x; elsewhere the fallback runs
     "t4m1k1x", "t8m1k1x", "t8m1k2x", "t8m1k4x", "t8m1k8x", "t16m1k8x", "t16m1k16x", "t8m2k2x", "t8m2k4x",
-    "t8m2k8x", "t8m1k2xd", "t8m1k4xd", "t8m1k8xd", "t8m1k4o", "t8m1k1xp4", "t8m1k2xp2",
+    "t8m2k8x", "t8m1k2xd", "t8m1k4xd", "t8m1k8xd", "t8m1k4o", "t8m1k1xp4", "t8m1k2xp2", "t4m1k4x", "t16m1k4x",
+    "t16m2k8x", "t8m1k1xd",
 ))
 
 # the 4-bit formats wgemv_tc.cu reads (it needs bf16 x and rows of whole 64-weight units)
