@@ -119,12 +119,12 @@ CLASSES = ("few_rows", "square", "wide", "many_rows", "long_k")
 # --- TABLE (bench/gemv_tune.py --write-table rewrites this block) ---
 # The fastest per class in bench/gemv_tune.py on NVIDIA H200, 2026-11-30.
 TABLE: dict[str, dict[str, str]] = {
-    "Q4_0": {"few_rows": "w8r2u2k2smp4", "square": "w8r2u2k1sm", "wide": "w8r4u2k1sm",
-             "many_rows": "w8r4u2k1smp2", "long_k": "w8r2u2k1sm"},
-    "Q4_1": {"few_rows": "w8r2u2k2smp4", "square": "w4r2u2k1gm", "wide": "w4r2u4k1sm",
-             "many_rows": "w8r4u2k1sm", "long_k": "w16r2u2k1sm"},
-    "Q4_K": {"few_rows": "w8r2u2k2sm", "square": "w4r2u2k1gm", "wide": "w4r2u2k1gm",
-             "many_rows": "w8r4u2k1smp2", "long_k": "w16r2u2k1smp1"},
+    "Q4_0": {"few_rows": "w8r2u2k2smp4", "square": "t8m1k8x", "wide": "t4m1k4x",
+             "many_rows": "t4m1k4x", "long_k": "t8m1k8xd"},
+    "Q4_1": {"few_rows": "w8r2u2k2smp4", "square": "t8m1k8x", "wide": "t8m1k8x",
+             "many_rows": "t4m1k4x", "long_k": "t8m1k8xd"},
+    "Q4_K": {"few_rows": "w8r2u2k2sm", "square": "t8m1k8x", "wide": "t8m1k8x",
+             "many_rows": "t8m2k2x", "long_k": "t8m1k8xd"},
     "Q6_K": {"few_rows": "w8r2u2k2sm", "square": "w8r2u2k1sm", "wide": "w4r2u2k1gm",
              "many_rows": "w4r2u2k1gm", "long_k": "w4r2u2k1gm"},
     "Q8_0": {"few_rows": "w8r2u2k2smp4", "square": "w4r2u2k1gm", "wide": "w8r2u4k1sb",
