@@ -49,9 +49,6 @@ def test_tensor_core_variants_apply_to_bf16_x_and_4_bit_formats_only():
     assert (v.kernel, v.warps, v.mt, v.ksplit, v.sub, v.pipe, v.ctas_per_sm, v.tile_rows) == \
         ("tc", 16, 2, 8, 1, 1, 2, 64)
     assert "-DTC_MT=2" in v.defines and "-DTC_PIPE=1" in v.defines
-    assert wgemv_table.parse("t8m1k4xs3p2").stages == 3 and "-DTC_STAGES=3" in wgemv_table.parse("t8m1k4xs3").defines
-    with pytest.raises(ValueError, match="ring"):
-        wgemv_table.parse("t8m1k4xds3")
     for fmt in FORMATS:
         assert wgemv_table.tc_applies(fmt, 4096, True) == (fmt in ("Q4_K", "Q4_0", "Q4_1"))
         assert not wgemv_table.tc_applies(fmt, 4096, False)
@@ -154,7 +151,7 @@ def test_long_rows_take_more_than_48k_of_shared_memory(fmt, compiled, monkeypatc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["w8r2u4k1smp2", "w8r2u2k4smp2", "t8m1k2xp2", "t8m2k4xp2", "t8m1k2xs3p2"])
+@pytest.mark.parametrize("variant", ["w8r2u4k1smp2", "w8r2u2k4smp2", "t8m1k2xp2", "t8m2k4xp2"])
 def test_capped_grid_loops_over_more_tiles_than_ctas(variant, compiled, monkeypatch):
     """A grid of 2 CTAs per SM over ~9000 rows: each CTA takes many tiles (and the k-split's barriers repeat)."""
     from offload.kernels import _cupy_wquant
@@ -166,7 +163,7 @@ def test_capped_grid_loops_over_more_tiles_than_ctas(variant, compiled, monkeypa
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", list(wgemv_table.TC_FORMATS))
-@pytest.mark.parametrize("variant", ["t8m1k8x", "t8m2k4xd", "t8m1k4o", "t8m1k4xs3", "t8m2k2xs2"])
+@pytest.mark.parametrize("variant", ["t8m1k8x", "t8m2k4xd", "t8m1k4o"])
 @pytest.mark.parametrize("cols", [320, 14336])
 def test_tensor_core_kernel_long_rows_partial_groups_and_outliers(fmt, variant, cols, compiled, monkeypatch):
     """wgemv_tc.cu: K = 14336 (56 super-blocks over the K split), K = 320 (5 units: a group of 4 lanes with one

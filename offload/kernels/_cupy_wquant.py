@@ -54,17 +54,13 @@ def gemv_part(x: torch.Tensor, planes: list[torch.Tensor], code: int, y: torch.T
 
 
 def _gemv_tc(x, planes, code, y, rows, cols, v) -> None:
-    """wgemv_tc.cu: bf16 x: [1, cols], y: [1, rows]; dynamic shared memory: the cp.async ring, if any."""
-    smem = v.warps * v.stages * v.mt * 6 * 32 * 16
+    """wgemv_tc.cu: bf16 x: [1, cols], y: [1, rows]; static shared memory only."""
     fn = _build.function("wgemv_tc.cu", f"tc_gemv_kernel<BF16, {code}>", x.device.index, v.defines)
-    if smem > _SMEM_DEFAULT and (smem > _SMEM_MAX - 4096 or not _allow_smem(fn, smem)):   # no ring then
-        v, smem = dataclasses.replace(v, stages=0), 0
-        fn = _build.function("wgemv_tc.cu", f"tc_gemv_kernel<BF16, {code}>", x.device.index, v.defines)
     tiles = math.ceil(rows / v.tile_rows)
     grid = tiles if not v.ctas_per_sm else min(tiles, v.ctas_per_sm * _sm_count(x.device))
     ptrs = [_ptr(p) for p in planes] + [_ptr(None)] * (4 - len(planes))
     args = (*ptrs, _ptr(x), _ptr(y), np.int32(rows), np.int32(cols), np.int32(tiles))
-    _launch(fn, x.device, (grid,), args, shared_mem=smem, threads=32 * v.warps)
+    _launch(fn, x.device, (grid,), args, threads=32 * v.warps)
 
 
 def _allow_smem(fn, nbytes: int) -> bool:

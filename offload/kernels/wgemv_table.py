@@ -17,8 +17,7 @@ from dataclasses import dataclass
 class Variant:
     """wgemv.cu's knobs (see its header); ctas_per_sm = 0: one CTA per row tile, n: a grid of at most n CTAs per
     SM, each looping over tiles (x staged once per CTA). kernel "v1": wquant.cu's gemv_kernel, rpw = WQ_RPW.
-    kernel "tc": wgemv_tc.cu's TC_WARPS, TC_KSPLIT (warps, ksplit), TC_MT (mt), TC_SUB (sub), TC_PIPE (pipe),
-    TC_STAGES (stages)."""
+    kernel "tc": wgemv_tc.cu's TC_WARPS, TC_KSPLIT (warps, ksplit), TC_MT (mt), TC_SUB (sub), TC_PIPE (pipe)."""
     kernel: str = "v2"
     warps: int = 8
     rpw: int = 2
@@ -30,7 +29,6 @@ class Variant:
     mt: int = 1
     sub: int = 1
     pipe: int = 0
-    stages: int = 0
 
     @property
     def name(self) -> str:
@@ -38,9 +36,7 @@ class Variant:
             return f"v1r{self.rpw}u{self.unroll}"
         grid = f"p{self.ctas_per_sm}" if self.ctas_per_sm else ""
         if self.kernel == "tc":
-            ring = f"s{self.stages}" if self.stages else ""
-            return (f"t{self.warps}m{self.mt}k{self.ksplit}{'x' if self.sub else 'o'}{'d' if self.pipe else ''}"
-                    f"{ring}{grid}")
+            return f"t{self.warps}m{self.mt}k{self.ksplit}{'x' if self.sub else 'o'}{'d' if self.pipe else ''}{grid}"
         return (f"w{self.warps}r{self.rpw}u{self.unroll}k{self.ksplit}{'s' if self.xsmem else 'g'}"
                 f"{'m' if self.dec else 'b'}{grid}")
 
@@ -50,7 +46,7 @@ class Variant:
             return (f"-DWQ_RPW={self.rpw}", f"-DWQ_UNROLL={self.unroll}")
         if self.kernel == "tc":
             return (f"-DTC_WARPS={self.warps}", f"-DTC_MT={self.mt}", f"-DTC_KSPLIT={self.ksplit}",
-                    f"-DTC_SUB={self.sub}", f"-DTC_PIPE={self.pipe}", f"-DTC_STAGES={self.stages}")
+                    f"-DTC_SUB={self.sub}", f"-DTC_PIPE={self.pipe}")
         return (f"-DGV_WARPS={self.warps}", f"-DGV_RPW={self.rpw}", f"-DGV_UNROLL={self.unroll}",
                 f"-DGV_KSPLIT={self.ksplit}", f"-DGV_XSMEM={self.xsmem}", f"-DGV_DEC={self.dec}")
 
@@ -66,14 +62,12 @@ def parse(name: str) -> Variant:
     m = re.fullmatch(r"v1r(\d+)u(\d+)", name)
     if m:
         return Variant("v1", 4, int(m[1]), int(m[2]))
-    m = re.fullmatch(r"t(\d+)m(\d+)k(\d+)([xo])(d?)(?:s(\d+))?(?:p(\d+))?", name)
+    m = re.fullmatch(r"t(\d+)m(\d+)k(\d+)([xo])(d?)(?:p(\d+))?", name)
     if m:
-        v = Variant("tc", int(m[1]), ksplit=int(m[3]), xsmem=0, ctas_per_sm=int(m[7] or 0), mt=int(m[2]),
-                    sub=int(m[4] == "x"), pipe=int(m[5] == "d"), stages=int(m[6] or 0))
+        v = Variant("tc", int(m[1]), ksplit=int(m[3]), xsmem=0, ctas_per_sm=int(m[6] or 0), mt=int(m[2]),
+                    sub=int(m[4] == "x"), pipe=int(m[5] == "d"))
         if v.warps % v.ksplit or v.warps * 32 > 1024 or v.mt < 1:
             raise ValueError(f"GEMV variant {name!r}: ksplit must divide warps, and warps <= 32")
-        if v.stages == 1 or (v.stages and v.pipe):
-            raise ValueError(f"GEMV variant {name!r}: a ring has 2 or more stages and replaces 'd'")
         return v
     m = re.fullmatch(r"w(\d+)r(\d+)u(\d+)k(\d+)([sg])([mb])(?:p(\d+))?", name)
     if not m:
@@ -96,9 +90,6 @@ CANDIDATES = tuple(parse(n) for n in (
     "t4m1k1x", "t8m1k1x", "t8m1k2x", "t8m1k4x", "t8m1k8x", "t16m1k8x", "t16m1k16x", "t8m2k2x", "t8m2k4x",
     "t8m2k8x", "t8m1k2xd", "t8m1k4xd", "t8m1k8xd", "t8m1k4o", "t8m1k1xp4", "t8m1k2xp2", "t4m1k4x", "t16m1k4x",
     "t16m2k8x", "t8m1k1xd",
-    # codes through a cp.async ring in shared memory (s: stages)
-    "t8m1k8xs2", "t8m1k8xs3", "t8m1k4xs3", "t8m1k2xs3", "t4m1k4xs3", "t4m1k1xs4", "t8m1k1xs3", "t16m1k16xs2",
-    "t16m1k8xs2", "t8m2k4xs2", "t8m2k2xs2", "t4m1k2xs4",
 ))
 
 # the 4-bit formats wgemv_tc.cu reads (it needs bf16 x and rows of whole 64-weight units)
@@ -130,7 +121,7 @@ CLASSES = ("few_rows", "square", "wide", "many_rows", "long_k")
 TABLE: dict[str, dict[str, str]] = {
     "Q4_0": {"few_rows": "w8r2u2k2smp4", "square": "t8m1k8x", "wide": "t4m1k4x",
              "many_rows": "t4m1k4x", "long_k": "t8m1k8xd"},
-    "Q4_1": {"few_rows": "w8r2u2k2smp4", "square": "t8m1k8x", "wide": "t8m1k8x",
+    "Q4_1": {"few_rows": "w8r2u2k2smp4", "square": "t8m1k8x", "wide": "w8r4u2k1sm",
              "many_rows": "t4m1k4x", "long_k": "t8m1k8xd"},
     "Q4_K": {"few_rows": "w8r2u2k2sm", "square": "t8m1k8x", "wide": "t8m1k8x",
              "many_rows": "t8m2k2x", "long_k": "t8m1k8xd"},

@@ -38,9 +38,6 @@
 #ifndef TC_PIPE
 #define TC_PIPE 0      // 1: load the next unit's codes before computing this one (two sets of registers)
 #endif
-#ifndef TC_STAGES
-#define TC_STAGES 0    // >= 2: codes come through a ring of TC_STAGES units per lane in shared memory (cp.async),
-#endif                 // TC_STAGES - 1 units ahead of the one computed, without holding registers for them
 
 static constexpr int tc_groups = TC_WARPS / TC_KSPLIT;
 static constexpr int tc_tile_rows = tc_groups * TC_MT * 16;
@@ -119,56 +116,6 @@ __device__ __forceinline__ void tc_load(TcCodes& c, const unsigned char* p0, con
     }
 }
 
-// cp.async: bytes from global to shared memory without registers (the 16-byte form bypasses L1)
-__device__ __forceinline__ unsigned tc_smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-template <int N> __device__ __forceinline__ void tc_copy(void* dst, const void* src) {
-    if (N == 16)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(tc_smem_addr(dst)), "l"(src) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(tc_smem_addr(dst)), "l"(src), "n"(N) : "memory");
-}
-__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void tc_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-
-// The ring: chunk j (16 bytes) of stage s of a lane at ring[(s * TC_NCH + j) * 32] (lane-interleaved: no bank
-// conflicts); chunks (2 m + h) * 3 + 0, 1: the quant bytes of row 16 m + 8 h + g, + 2: its scale fields.
-static constexpr int TC_NCH = TC_MT * 6;
-
-template <int FMT>
-__device__ __forceinline__ void tc_issue(uint4* ring, const unsigned char* p0, const unsigned char* p1, int r0, int g,
-                                         int R, int K, int u) {
-#pragma unroll
-    for (int m = 0; m < TC_MT; ++m) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const long long r = min(r0 + 16 * m + 8 * h + g, R - 1);
-            uint4* d = ring + (2 * m + h) * 3 * 32;
-            tc_copy<16>(d, p0 + r * (K / 2) + 32 * u);
-            tc_copy<16>(d + 32, p0 + r * (K / 2) + 32 * u + 16);
-            if (FMT == FMT_Q4_K) tc_copy<16>(d + 64, p1 + r * (K / 16) + 16 * (u >> 2));
-            else if (FMT == FMT_Q4_0) tc_copy<4>(d + 64, p1 + r * (K / 16) + 4 * u);
-            else tc_copy<8>(d + 64, p1 + r * (K / 8) + 8 * u);
-        }
-    }
-}
-
-__device__ __forceinline__ void tc_read(TcCodes& c, const uint4* ring) {
-#pragma unroll
-    for (int m = 0; m < TC_MT; ++m) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const uint4* d = ring + (2 * m + h) * 3 * 32;
-            c.q[m][h][0] = d[0];
-            c.q[m][h][1] = d[32];
-            c.s[m][h] = d[64];
-        }
-    }
-}
-
 // y[r] for rows r < R (bf16 x and y). tiles = ceil(R / tc_tile_rows); the grid may be smaller (CTAs loop).
 template <typename T, int FMT>
 __global__ void __launch_bounds__(32 * TC_WARPS) tc_gemv_kernel(
@@ -177,7 +124,6 @@ __global__ void __launch_bounds__(32 * TC_WARPS) tc_gemv_kernel(
         const void* __restrict__ x, void* __restrict__ y, int R, int K, int tiles) {
     constexpr bool need_sx = FMT != FMT_Q4_0 || !TC_SUB;
     __shared__ float red[TC_WARPS][TC_MT][16];
-    extern __shared__ uint4 tc_ring[];     // TC_STAGES >= 2: [TC_WARPS][TC_STAGES][TC_NCH][32 lanes]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int grp = warp / TC_KSPLIT, ks = warp - grp * TC_KSPLIT;
     const int units = K >> 6, groups = (units + 3) >> 2;
@@ -189,7 +135,6 @@ __global__ void __launch_bounds__(32 * TC_WARPS) tc_gemv_kernel(
     const unsigned sel = j0 | (j1 << 4) | ((4 + j0) << 8) | ((4 + j1) << 12);
     const unsigned sh = t < 2 ? 0 : 2, m_hi = t < 2 ? 0x3F3F3F3Fu : 0x30303030u, m_lo = t < 2 ? 0u : 0x0F0F0F0Fu;
     const uint4* xv = (const uint4*)x;     // x as 8-value vectors
-    uint4* ring = tc_ring + warp * TC_STAGES * TC_NCH * 32 + lane;
     unsigned X[32];                        // the unit's 64 x values as bf16 pairs (zeros on lanes that feed none)
 #pragma unroll
     for (int i = 0; i < 32; ++i) X[i] = 0u;
@@ -201,30 +146,10 @@ __global__ void __launch_bounds__(32 * TC_WARPS) tc_gemv_kernel(
         for (int m = 0; m < TC_MT; ++m) acc[m][0] = acc[m][1] = 0.f;
         TcCodes cur;
         if (TC_PIPE && ks < groups) tc_load<FMT>(cur, p0, p1, r0, g, R, K, min(4 * ks + t, units - 1));
-        if (TC_STAGES >= 2) {              // the ring's first TC_STAGES - 1 units
-#pragma unroll
-            for (int s = 0; s < TC_STAGES - 1; ++s) {
-                const int cs = ks + s * TC_KSPLIT;
-                if (cs < groups) tc_issue<FMT>(ring + s * TC_NCH * 32, p0, p1, r0, g, R, K, min(4 * cs + t, units - 1));
-                tc_commit();
-            }
-        }
-        int it = 0;
-        for (int c = ks; c < groups; c += TC_KSPLIT, ++it) {
+        for (int c = ks; c < groups; c += TC_KSPLIT) {
             const int u = min(4 * c + t, units - 1);
             const bool valid = 4 * c + t < units;
-            if (TC_STAGES >= 2) {          // request unit it + TC_STAGES - 1 into the slot read last time, take unit it
-                __syncwarp();
-                const int cn = c + (TC_STAGES - 1) * TC_KSPLIT;
-                if (cn < groups)
-                    tc_issue<FMT>(ring + ((it + TC_STAGES - 1) % TC_STAGES) * TC_NCH * 32, p0, p1, r0, g, R, K,
-                                  min(4 * cn + t, units - 1));
-                tc_commit();
-                tc_wait<(TC_STAGES >= 2 ? TC_STAGES - 1 : 0)>();
-                tc_read(cur, ring + (it % TC_STAGES) * TC_NCH * 32);
-            } else if (!TC_PIPE) {
-                tc_load<FMT>(cur, p0, p1, r0, g, R, K, u);
-            }
+            if (!TC_PIPE) tc_load<FMT>(cur, p0, p1, r0, g, R, K, u);
             TcCodes nxt;
             if (TC_PIPE && c + TC_KSPLIT < groups)
                 tc_load<FMT>(nxt, p0, p1, r0, g, R, K, min(4 * (c + TC_KSPLIT) + t, units - 1));
