@@ -167,14 +167,17 @@ def best_table(rows: list[dict], fmts) -> tuple[dict, list[dict]]:
 
 
 def layer_rows(rows, table, ceiling) -> list[dict]:
-    """One decoder layer (qkv, o, gate_up, down) and lm_head per format: the table's picks against v1."""
+    """One decoder layer (qkv, o, gate_up, down) and lm_head per format: the table's picks against wgemv.cu's own
+    table (v2_table: what runs where the tensor-core kernel does not apply) and against v1."""
+    from offload.kernels import wgemv_table
     out = []
     for fmt, picks in table.items():
-        for name in ("table", "v1r2u2"):
+        for name in ("table", "v2_table", "v1r2u2"):
+            chosen = {"table": picks, "v2_table": wgemv_table.V2_TABLE.get(fmt, {})}.get(name)
             got = []
             for label in LAYER + ("lm_head",):
                 r = next((r for r in rows if r["weights"] == fmt and r["shape"] == label and "ms" in r and
-                          r["variant"] == (picks.get(r["class"]) if name == "table" else name)), None)
+                          r["variant"] == (chosen.get(r["class"]) if chosen is not None else name)), None)
                 got.append(r)
             if any(r is None for r in got[:4]):
                 continue
@@ -323,7 +326,7 @@ def main() -> None:
         print("FAILED", *f)
     print(f"\ncopy ceiling {ceiling:.0f} GB/s; best per (format, shape class) (ms summed over the class's shapes):")
     print_table(summary)
-    print("\none layer (qkv + o + gate_up + down): the table's picks against v1r2u2 (the kernel before):")
+    print("\none layer (qkv + o + gate_up + down): the table's picks against wgemv.cu's table and v1r2u2:")
     print_table(layers)
     print(f"\nwrote {args.out}" + (f" and {args.write_table}" if args.write_table else "") + f" ({doc['device']})")
 

@@ -40,6 +40,21 @@ def test_every_table_entry_and_candidate_is_a_valid_variant():
         wgemv_table.parse("w8r2")
     with pytest.raises(ValueError, match="ksplit must divide"):
         wgemv_table.parse("w8r2u2k3sm")
+    with pytest.raises(ValueError, match="ksplit must divide"):
+        wgemv_table.parse("t8m1k3x")
+
+
+def test_tensor_core_variants_apply_to_bf16_x_and_4_bit_formats_only():
+    v = wgemv_table.parse("t16m2k8xdp2")
+    assert (v.kernel, v.warps, v.mt, v.ksplit, v.sub, v.pipe, v.ctas_per_sm, v.tile_rows) == \
+        ("tc", 16, 2, 8, 1, 1, 2, 64)
+    assert "-DTC_MT=2" in v.defines and "-DTC_PIPE=1" in v.defines
+    for fmt in FORMATS:
+        assert wgemv_table.tc_applies(fmt, 4096, True) == (fmt in ("Q4_K", "Q4_0", "Q4_1"))
+        assert not wgemv_table.tc_applies(fmt, 4096, False)
+    assert not wgemv_table.tc_applies("Q4_0", 4096 + 32, True)   # rows of whole 64-weight units only
+    for fmt in wgemv_table.TC_FORMATS:
+        assert wgemv_table.fallback(fmt, 4096, 4096).kernel == "v2"
 
 
 def test_tune_bench_picks_the_fastest_passing_variant_and_renders_the_table():
@@ -72,7 +87,7 @@ def test_tune_bench_picks_the_fastest_passing_variant_and_renders_the_table():
 
 
 def test_kernel_sources_have_their_headers_pasted_in():
-    for file in ("wgemv.cu", "wquant.cu"):
+    for file in ("wgemv.cu", "wquant.cu", "wgemv_tc.cu"):
         src = _build.source(file)
         assert "#include" not in src and "__device__ __forceinline__ float byte_f" in src
 
@@ -136,7 +151,7 @@ def test_long_rows_take_more_than_48k_of_shared_memory(fmt, compiled, monkeypatc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["w8r2u4k1smp2", "w8r2u2k4smp2"])
+@pytest.mark.parametrize("variant", ["w8r2u4k1smp2", "w8r2u2k4smp2", "t8m1k2xp2", "t8m2k4xp2"])
 def test_capped_grid_loops_over_more_tiles_than_ctas(variant, compiled, monkeypatch):
     """A grid of 2 CTAs per SM over ~9000 rows: each CTA takes many tiles (and the k-split's barriers repeat)."""
     from offload.kernels import _cupy_wquant
@@ -144,6 +159,33 @@ def test_capped_grid_loops_over_more_tiles_than_ctas(variant, compiled, monkeypa
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     w = _random_blocks("Q4_K", 2 * sms * 32 + 37, 256, 4).to("cuda")
     _check(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), w, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", list(wgemv_table.TC_FORMATS))
+@pytest.mark.parametrize("variant", ["t8m1k8x", "t8m2k4xd", "t8m1k4o"])
+@pytest.mark.parametrize("cols", [320, 14336])
+def test_tensor_core_kernel_long_rows_partial_groups_and_outliers(fmt, variant, cols, compiled, monkeypatch):
+    """wgemv_tc.cu: K = 14336 (56 super-blocks over the K split), K = 320 (5 units: a group of 4 lanes with one
+    unit, Q4_0/Q4_1 only), 45 rows (a partial tile), activations with outliers of 1e3 (the products stay exact)."""
+    from offload.kernels import _cupy_wquant
+    if cols % qformats.FORMATS[fmt].block:
+        pytest.skip(f"{fmt} needs whole {qformats.FORMATS[fmt].block}-weight blocks")
+    monkeypatch.setattr(_cupy_wquant, "forced_variant", wgemv_table.parse(variant))
+    w = _random_blocks(fmt, 45, cols, 6).to("cuda")
+    x = torch.randn(1, cols, device="cuda", dtype=torch.bfloat16)
+    x[0, ::97] = 1e3
+    _check(x, w, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tensor_core_pick_falls_back_for_other_activations(dtype, compiled, monkeypatch):
+    """A "tc" variant with float32 / float16 x runs the wgemv.cu fallback (wgemv_tc.cu reads bf16 only)."""
+    from offload.kernels import _cupy_wquant
+    monkeypatch.setattr(_cupy_wquant, "forced_variant", wgemv_table.parse("t8m1k4x"))
+    w = _random_blocks("Q4_K", 96, 1024, 7).to("cuda")
+    _check(torch.randn(1, 1024, device="cuda", dtype=dtype), w, 1e-4 if dtype == torch.float32 else 2e-3)
 
 
 @pytest.mark.gpu

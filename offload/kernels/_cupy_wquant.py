@@ -1,5 +1,5 @@
-"""CuPy launchers of wquant.cu (the prefill's dequantize, the first GEMV) and wgemv.cu (the tuned GEMV);
-imported by `wquant` once CuPy has loaded."""
+"""CuPy launchers of wquant.cu (the prefill's dequantize, the first GEMV), wgemv.cu (the tuned GEMV) and
+wgemv_tc.cu (the tensor-core GEMV of the 4-bit formats); imported by `wquant` once CuPy has loaded."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +31,10 @@ def gemv_part(x: torch.Tensor, planes: list[torch.Tensor], code: int, y: torch.T
     if wquant_defines:
         return _gemv_v1(x, planes, code, y, rows, cols, wquant_defines)
     v = forced_variant or wgemv_table.pick(fmt, rows, cols)
+    if v.kernel == "tc":
+        if wgemv_table.tc_applies(fmt, cols, x.dtype == torch.bfloat16):
+            return _gemv_tc(x, planes, code, y, rows, cols, v)
+        v = wgemv_table.fallback(fmt, rows, cols)
     if v.kernel == "v1":
         return _gemv_v1(x, planes, code, y, rows, cols, v.defines)
     smem = 4 * ((cols + cols // 16 if v.xsmem else 0) + v.warps * v.rpw)
@@ -47,6 +51,16 @@ def gemv_part(x: torch.Tensor, planes: list[torch.Tensor], code: int, y: torch.T
     ptrs = [_ptr(p) for p in planes] + [_ptr(None)] * (4 - len(planes))
     args = (*ptrs, _ptr(x), _ptr(y), np.int32(rows), np.int32(cols), np.int32(tiles))
     _launch(fn, x.device, (grid,), args, shared_mem=smem, threads=32 * v.warps)
+
+
+def _gemv_tc(x, planes, code, y, rows, cols, v) -> None:
+    """wgemv_tc.cu: bf16 x: [1, cols], y: [1, rows]; static shared memory only."""
+    fn = _build.function("wgemv_tc.cu", f"tc_gemv_kernel<BF16, {code}>", x.device.index, v.defines)
+    tiles = math.ceil(rows / v.tile_rows)
+    grid = tiles if not v.ctas_per_sm else min(tiles, v.ctas_per_sm * _sm_count(x.device))
+    ptrs = [_ptr(p) for p in planes] + [_ptr(None)] * (4 - len(planes))
+    args = (*ptrs, _ptr(x), _ptr(y), np.int32(rows), np.int32(cols), np.int32(tiles))
+    _launch(fn, x.device, (grid,), args, threads=32 * v.warps)
 
 
 def _allow_smem(fn, nbytes: int) -> bool:
@@ -68,8 +82,14 @@ def precompile(jobs, device_index: int, workers: int = 8) -> dict:
     run or a test module does not wait for each NVRTC call in turn; returns {job: error text} for failures."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from .wquant import _CODES
+    codes = {c: f for f, c in _CODES.items()}
+
     def key(job):   # variants that differ only in their grid share a kernel
         v, code, dtype = job
+        if v.kernel == "tc":   # (a tc job that does not apply compiles its fallback when first launched)
+            ok = wgemv_table.tc_applies(codes[code], 64, dtype == torch.bfloat16)
+            return ("wgemv_tc.cu", f"tc_gemv_kernel<BF16, {code}>", v.defines) if ok else None
         kernel = ("wquant.cu", "gemv_kernel") if v.kernel == "v1" else ("wgemv.cu", "gemv2_kernel")
         return kernel[0], f"{kernel[1]}<{_TAGS[dtype]}, {code}>", v.defines
 
@@ -78,10 +98,10 @@ def precompile(jobs, device_index: int, workers: int = 8) -> dict:
             _build.function(k[0], k[1], device_index, k[2])
         except Exception as e:   # the caller reports it; the launch would raise the same
             return f"{type(e).__name__}: {str(e)[:300]}"
-    keys = list(dict.fromkeys(key(j) for j in jobs))
+    keys = [k for k in dict.fromkeys(key(j) for j in jobs) if k is not None]
     with ThreadPoolExecutor(max(1, workers)) as ex:
         errs = dict(zip(keys, ex.map(one, keys)))
-    return {j: errs[key(j)] for j in jobs if errs[key(j)]}
+    return {j: errs[key(j)] for j in jobs if key(j) is not None and errs[key(j)]}
 
 
 def _gemv_v1(x, planes, code, y, rows, cols, defines) -> None:
