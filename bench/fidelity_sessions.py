@@ -111,7 +111,7 @@ def fork(base, method: Method):
                   token_scores="shadow" if method.tok_shadow else "keys")
     if method.tok_mass:
         kw.update(token_mass=method.tok_mass, token_floor=method.tok_floor)
-        TOKEN_PICKS.reset()
+        TOKEN_PICKS.reset(base.llm.device)
     if not opts:
         return _mass_wrapped(base.fork(**kw), base, budget)
     llm, mc = base.llm, base.llm.model_config
@@ -119,9 +119,11 @@ def fork(base, method: Method):
     if method.config == "oracle":
         sess.attn.indexes = [OracleIndex(method.chunk) for _ in range(mc.num_layers)]
     else:
+        # sized for the whole context, as the runtime's own indexes (backends.new_index): no regrowth mid-session
         sess.attn.indexes = [make_index(index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads,
                                         head_dim=mc.head_dim, chunk_tokens=method.chunk, device=llm.device,
-                                        dtype=llm.dtype, **opts) for _ in range(mc.num_layers)]
+                                        dtype=llm.dtype, max_chunks=-(-llm.ctx // method.chunk), **opts)
+                             for _ in range(mc.num_layers)]
     _mass_wrapped(sess, base, budget)
     sess.attn.load_kv(base.attn.read_kv(layer) for layer in range(mc.num_layers))
     sess.tokens = list(base.tokens)
@@ -131,29 +133,33 @@ def fork(base, method: Method):
 class TokenPicks:
     """Counts the tokens the token stage attends per KV head and step (a token-mass budget's count varies):
     wraps offload.kernels.tokens.select_tokens, which token_attend looks up at each call. Installed by the
-    first reset(), not at import: importing this module (tests do) must not change the runtime. Its count
-    reads the picks back to the host, so it skips steps being captured in a CUDA graph (a sync there breaks
-    the capture: the GPU suite's token-stage graph tests failed after the fidelity tests ran, 2026-11-30)."""
+    first reset(), not at import: importing this module (tests do) must not change the runtime. The counts stay on
+    the selection's device and are added to in place, without a host sync: a decode step captured in a CUDA graph
+    records the additions and every replay counts (a host read there broke the GPU suite's token-stage captures
+    after the fidelity tests had imported this module, 2026-11-30)."""
 
     def __init__(self):
-        self.inner, self.picked, self.heads = None, 0, 0
+        self.inner, self.counts = None, None                       # counts: [2] int64 = (picked, heads)
 
     def _select(self, *args, **kw):
         idx, ok = self.inner(*args, **kw)
-        if not (ok.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self.picked += int(ok.sum())
-            self.heads += ok.shape[0]
+        if self.counts is None or self.counts.device != ok.device:
+            self.counts = torch.zeros(2, dtype=torch.long, device=ok.device)
+        self.counts[0].add_(ok.sum())
+        self.counts[1].add_(ok.shape[0])
         return idx, ok
 
-    def reset(self) -> None:
+    def reset(self, device=None) -> None:
+        """Zero the counts; device: where the next selections run (allocated now, not inside a capture)."""
         if self.inner is None:
             import offload.kernels.tokens as tokens
             self.inner, tokens.select_tokens = tokens.select_tokens, self._select
-        self.picked = self.heads = 0
+        self.counts = None if device is None else torch.zeros(2, dtype=torch.long, device=device)
 
     def mean(self) -> float | None:
         """Tokens per KV head and step since the last reset (None: the stage never ran)."""
-        return round(self.picked / self.heads, 1) if self.heads else None
+        picked, heads = (0, 0) if self.counts is None else (int(x) for x in self.counts.tolist())
+        return round(picked / heads, 1) if heads else None
 
 
 TOKEN_PICKS = TokenPicks()

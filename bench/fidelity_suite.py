@@ -4,32 +4,32 @@ Sources (all shipped with Python, no download): "pydoc" (pydoc_data.topics), "do
 and function docstrings of the stdlib's Lib/*.py), "lists" (generated inventory records, full of numbers that
 look like answers). Each document carries every task's needles, and every question about it is one case,
 so one exact prefill serves six cases:
-    multikey    passkeys of three labelled doors; ask one (the other two are distractors)       x3
+    multikey    passkeys of three labelled places; ask one (the other two are distractors)      x3
     single      "the secret passkey"; ask it                                                     x1
     multivalue  two "special magic numbers" for one word at two depths; ask for both            x1
-    vartrack    a variable chain VAR A = n ... VAR B = A ... VAR C = B (RULER); ask C's value    x1
-As in the runtime, the prompt (document and question) is prefilled exactly; the answer prefix ("The passkey of
-the red door is") and the greedy answer go through the method under test, so every digit of the answer is
-decided by sparse decode steps. A case scores as equal to full attention when the numbers in its answer are
-the full session's. (The older `needle` part routes the whole question through the method: stricter, slower.)
+    vartrack    a variable chain A = n ... B copies A ... C copies B (after RULER); ask C's value x1
+(wordings: bench/fidelity_needles.py). As in the runtime, the prompt (document and question) is prefilled
+exactly; the answer prefix ("The passkey of Lima is Lima-") and the greedy answer go through the method under
+test, so every digit of the answer is decided by sparse decode steps. A case is correct when its numbers are
+the needles' (multi-value: both, either order); it is kept when full attention's answer is correct and the
+method's too (the headline, `suite_rows`); equal to full attention when its numbers are the full session's.
+(The older `needle` part routes the whole question through the method: stricter, slower.)
 """
 from __future__ import annotations
 
 import ast
 import random
 import re
-import string
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fidelity_data import _line_starts, _nearest, split_template
+from fidelity_needles import needles as make_needles
 from fidelity_variants import fixed_budget_tokens
 
 SOURCES = ("pydoc", "docstrings", "lists")
 KINDS = ("multikey", "single", "multivalue", "vartrack")
-DOORS = ("red", "green", "blue")
-WORDS = ("lantern", "harbor", "meadow", "quartz", "falcon", "cedar", "comet", "violet", "ember", "glacier")
 _ADJ = ("blue", "heavy", "small", "antique", "green", "polished", "rusty", "spare", "wooden", "sealed")
 _NOUN = ("valve", "crate", "lamp", "gear", "barrel", "cable", "anchor", "kettle", "spindle", "ledger")
 _CITY = ("Oslo", "Lyon", "Porto", "Graz", "Turku", "Bergen", "Leeds", "Aarhus", "Trieste", "Cork")
@@ -74,45 +74,11 @@ def source_text(source: str) -> str:
     raise ValueError(f"haystack source {source!r}: use one of {', '.join(SOURCES)}")
 
 
-def _var_names(rng: random.Random, n: int) -> list[str]:
-    names = set()
-    while len(names) < n:
-        names.add("".join(rng.choice(string.ascii_uppercase) for _ in range(4)))
-    return sorted(names, key=lambda _: rng.random())
-
-
-def _needles(rng: random.Random) -> tuple[list[tuple[float, str]], list[tuple[str, str, str, str, int]]]:
-    """(needles [(depth, text)], questions [(kind, question, answer prefix, answer digits, numbers)])."""
-    keys = [str(rng.randrange(10000, 100000)) for _ in range(6)]
-    needles, questions = [], []
-    for door, key in zip(DOORS, keys):
-        needles.append((rng.uniform(0.05, 0.95), f"The passkey of the {door} door is {key}. Remember it."))
-        questions.append(("multikey", f"What is the passkey of the {door} door in the text above? Answer with "
-                          "the number only.", f"The passkey of the {door} door is", key, 1))
-    needles.append((rng.uniform(0.05, 0.95), f"The secret passkey is {keys[3]}. Remember it."))
-    questions.append(("single", "What is the secret passkey in the text above? Answer with the number only.",
-                      "The secret passkey is", keys[3], 1))
-    word = rng.choice(WORDS)
-    d1, d2 = sorted(rng.uniform(0.05, 0.95) for _ in range(2))
-    needles += [(d1, f"One of the special magic numbers for {word} is: {keys[4]}."),
-                (d2, f"One of the special magic numbers for {word} is: {keys[5]}.")]
-    questions.append(("multivalue", f"What are the two special magic numbers for {word} in the text above? "
-                      "Answer with the two numbers only.", f"The special magic numbers for {word} are",
-                      f"{keys[4]},{keys[5]}", 2))
-    a, b, c = _var_names(rng, 3)
-    value = str(rng.randrange(10000, 100000))
-    hops = sorted(rng.uniform(0.05, 0.95) for _ in range(3))
-    needles += [(hops[0], f"VAR {a} = {value}."), (hops[1], f"VAR {b} = {a}."), (hops[2], f"VAR {c} = {b}.")]
-    questions.append(("vartrack", f"In the text above, VAR {c} is assigned through a chain of variables. What "
-                      f"number is the value of VAR {c}? Answer with the number only.",
-                      f"The value of VAR {c} is", value, 1))
-    return needles, questions
-
-
 def suite_docs(tokenizer, contexts: list[int], sources: list[str], docs_per: int, seed: int = 0,
-               reserve: int = 24, first_index: int = 0) -> list[SuiteDoc]:
+               reserve: int = 24, first_index: int = 0, wording: str = "v2") -> list[SuiteDoc]:
     """docs_per documents per (context, source); every document holds all tasks (6 questions).
-    first_index numbers the documents (names stay unique when a plan asks for one context twice)."""
+    first_index numbers the documents (names stay unique when a plan asks for one context twice);
+    wording: the needles' and questions' words (bench/fidelity_needles.py; v1 = the runs before 2026-11-30)."""
     rng = random.Random(seed)
     hays = {s: tokenizer.encode(source_text(s), add_special_tokens=False) for s in sources}
     out = []
@@ -120,7 +86,7 @@ def suite_docs(tokenizer, contexts: list[int], sources: list[str], docs_per: int
         for source in sources:
             hay = hays[source]
             for i in range(docs_per):
-                needles, questions = _needles(rng)
+                needles, questions = make_needles(rng, wording)
                 head, _ = split_template(tokenizer, "", "")
                 tails = [split_template(tokenizer, q, prefix)[1] for _, q, prefix, _, _ in questions]
                 asks = [split_template(tokenizer, q, "")[1] for _, q, _, _, _ in questions]
@@ -150,17 +116,23 @@ def answer_numbers(text: str, numbers: int) -> str:
 
 # ---- running it ----------------------------------------------------------------------------------
 def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_new: int = 10,
-              partial: str | None = None, cache_dir: str | None = None) -> list[dict]:
+              partial: str | None = None, cache_dir: str | None = None, stop_at: float | None = None,
+              errors: dict | None = None) -> list[dict]:
     """Every question of every document through full attention and each method -> one row per case.
 
     cache_dir: exact document prefills are saved there (Session.save) and loaded by a later run of the same
     documents, so a re-run with other methods skips the prefill (minutes per 8K document on 2 CPU cores).
+    stop_at: a time.perf_counter() value after which no further document is started (a bounded device call).
+    errors: filled with {method label: first error}; a method that raises is dropped from the rest of the run.
     """
     import hashlib
     import json
     import time
-    rows = []
-    for d in docs:
+    rows, errors = [], ({} if errors is None else errors)
+    for n_done, d in enumerate(docs):
+        if stop_at is not None and time.perf_counter() > stop_at:
+            log(f"suite: deadline reached after {n_done} of {len(docs)} documents")
+            break
         t0 = time.perf_counter()
         ids = d.head + d.doc
         path = None
@@ -183,20 +155,16 @@ def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_
             asked = base.fork(attention="full")
             asked.prefill(ask)                       # the question, exactly (it is part of the prompt)
             for m in methods:
-                extra = {}
-                if m.label in doc_bases:
-                    sess, extra["prefill_density"] = m.ask(doc_bases[m.label], ask)
-                else:
-                    sess = fork(asked, m)
-                text, _, secs = greedy_answer(sess, prefix, llm.tokenizer, max_new * numbers, numbers=numbers)
-                used = selected_tokens(sess, m)
-                if used is None:     # a fixed budget: what it selects at this length (None: exact attention)
-                    used = fixed_budget_tokens(m, row["tokens"], llm.config.sink_tokens, llm.config.window_tokens)
-                sess.close()
-                if used is not None:
-                    extra["tokens_per_head"] = used
-                row["methods"][m.label] = {"text": text, "digits": answer_numbers(text, numbers), "s": round(secs, 2),
-                                           **extra}
+                if m.label in errors:
+                    continue
+                try:
+                    row["methods"][m.label] = _answer(llm, m, asked, doc_bases, fork, greedy_answer, ask, prefix,
+                                                      max_new, numbers, row["tokens"])
+                except Exception as e:   # noqa: BLE001  one method failing (on a device, say) drops it, not the run
+                    if m.label == "full":
+                        raise
+                    errors[m.label] = f"{name}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                    log(f"  {m.label} dropped from the run: {errors[m.label]}")
             full = row["methods"]["full"]["digits"]
             short = " ".join(f"{k.split('@')[0][:7]}={'=' if v['digits'] == full else v['digits'] or '-'}"
                              for k, v in row["methods"].items() if k != "full")
@@ -212,6 +180,25 @@ def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_
     return rows
 
 
+def _answer(llm, m, asked, doc_bases, fork, greedy_answer, ask, prefix, max_new, numbers, tokens) -> dict:
+    """One method's answer to one question: {text, digits, s, tokens_per_head?, prefill_density?}."""
+    extra = {}
+    if m.label in doc_bases:
+        sess, extra["prefill_density"] = m.ask(doc_bases[m.label], ask)
+    else:
+        sess = fork(asked, m)
+    try:
+        text, _, secs = greedy_answer(sess, prefix, llm.tokenizer, max_new * numbers, numbers=numbers)
+        used = selected_tokens(sess, m)
+    finally:
+        sess.close()
+    if used is None:     # a fixed budget: what it selects at this length (None: exact attention)
+        used = fixed_budget_tokens(m, tokens, llm.config.sink_tokens, llm.config.window_tokens)
+    if used is not None:
+        extra["tokens_per_head"] = used
+    return {"text": text, "digits": answer_numbers(text, numbers), "s": round(secs, 2), **extra}
+
+
 def selected_tokens(sess, method) -> float | None:
     """Mean tokens a head selected per step (mass budgets: what the threshold really took), else None."""
     if getattr(method, "tok_mass", 0):
@@ -223,16 +210,29 @@ def selected_tokens(sess, method) -> float | None:
     return round(sum(used) / len(used) * method.chunk, 1) if used and sum(used) > 0 else None
 
 
+def is_correct(case: dict, label: str) -> bool:
+    """The method's numbers are the needles' (multi-value: both, in either order)."""
+    got = case["methods"][label]["digits"]
+    return sorted(got.split(",")) == sorted(case["answer"].split(",")) if got else False
+
+
 def suite_rows(cases: list[dict], labels: list[str]) -> list[dict]:
-    """Per method: answers equal to full attention (all, per task, per source), correct answers, budget used."""
+    """Per method: retrieval kept (the headline: of the questions full attention answers correctly, the share the
+    method answers correctly; n_full_ok of them), answers equal to full attention (all, per task, per source),
+    correct answers (all), budget used."""
     out = []
     for label in labels:
         group = [c for c in cases if label in c["methods"]]
         if not group:
             continue
         eq = lambda c: c["methods"][label]["digits"] == c["methods"]["full"]["digits"]  # noqa: E731
-        row = {"method": label, "n": len(group), "eq_full": _share(group, eq),
-               "correct": _share(group, lambda c: c["methods"][label]["digits"] == c["answer"])}
+        known = [c for c in group if is_correct(c, "full")]      # full attention retrieved the needle(s)
+        kept = sum(1 for c in known if is_correct(c, label))
+        row = {"method": label, "n": len(group), "kept": _share(known, lambda c: is_correct(c, label)),
+               "kept_n": kept, "n_full_ok": len(known), "eq_full": _share(group, eq),
+               "correct": _share(group, lambda c: is_correct(c, label))}
+        for ctx in sorted({c["context"] for c in known}):
+            row[f"kept_{ctx // 1024}K"] = _share([c for c in known if c["context"] == ctx], lambda c: is_correct(c, label))
         for key, values in (("kind", KINDS), ("source", SOURCES)):
             for v in values:
                 sub = [c for c in group if c[key] == v]

@@ -167,3 +167,96 @@ def test_key_rebuild_simulation_is_exact_at_full_rank_and_lossy_below(llm):
         torch.testing.assert_close(full.step(t), exact.step(t), rtol=0, atol=2e-3)
     for s in (base, exact, full):
         s.close()
+
+
+def _case(name, answer, kind="single", context=2048, **digits):
+    return {"case": name, "context": context, "source": "lists", "kind": kind, "answer": answer, "tokens": 2000,
+            "methods": {k: {"digits": v} for k, v in digits.items()}}
+
+
+def test_retrieval_kept_counts_only_questions_full_attention_answers_correctly():
+    """The issue-13 headline: a question full attention gets wrong counts neither for nor against a method, even
+    when the method's answer equals full attention's (agreement on a wrong answer is not retrieval kept)."""
+    from fidelity_report import suite_goal_rows
+    cases = [_case("a", "1111", full="1111", m="1111"),            # kept
+             _case("b", "2222", full="2222", m="9999"),            # lost
+             _case("c", "3333", full="7777", m="7777"),            # full wrong, m agrees: not in retrieval kept
+             _case("d", "4444", full="8888", m="4444"),            # full wrong, m right: correct, not kept
+             _case("e", "5,6", kind="multivalue", context=8192, full="6,5", m="5,6")]   # either order is correct
+    rows = {r["method"]: r for r in suite_rows(cases, ["full", "m"])}
+    m = rows["m"]
+    assert (m["n_full_ok"], m["kept_n"]) == (3, 2) and m["kept"] == pytest.approx(2 / 3, abs=1e-4)
+    assert m["eq_full"] == pytest.approx(2 / 5, abs=1e-4)              # a, c (e differs in order from full)
+    assert m["correct"] == pytest.approx(3 / 5, abs=1e-4)              # a, d, e; not b, c
+    assert m["kept_2K"] == 0.5 and m["kept_8K"] == 1.0
+    assert rows["full"]["kept"] == 1.0 and rows["full"]["kept_n"] == 3
+    goal = suite_goal_rows({"suite": {"rows": list(rows.values())}})
+    assert [g["method"] for g in goal] == ["m"] and goal[0]["meets"].startswith("no")
+
+
+def test_suite_goal_needs_97_percent_of_60_kept_and_the_teacher_goal():
+    from fidelity_report import suite_goal_rows
+    row = {"method": "x", "n": 100, "kept": 0.98, "kept_n": 59, "n_full_ok": 60, "eq_full": 0.9, "correct": 0.6,
+           "budget_pct": 4.5}
+    doc = {"suite": {"rows": [row]}, "teacher": {"rows": [{"method": "x", "top1_agree": 0.985, "budget_pct": 4.2}]}}
+    assert suite_goal_rows(doc)[0]["meets"] == "yes"
+    doc["suite"]["rows"] = [{**row, "n_full_ok": 59}]                     # too few questions full attention knows
+    assert suite_goal_rows(doc)[0]["meets"] == "no"
+    doc["suite"]["rows"] = [row]
+    doc["teacher"]["rows"][0]["top1_agree"] = 0.97
+    assert suite_goal_rows(doc)[0]["meets"] == "no"
+
+
+def test_v1_wording_still_makes_the_earlier_runs_needles():
+    """--suite-wording v1 reproduces the documents of the runs in bench/RESULTS.md before the v2 wording."""
+    import random
+
+    from fidelity_needles import needles
+    old, q_old = needles(random.Random(0), "v1")
+    new, q_new = needles(random.Random(0), "v2")
+    assert old[0][1].startswith("The passkey of the red door is ") and len(q_old[0][3]) == 5
+    assert [q[0] for q in q_old] == [q[0] for q in q_new] == ["multikey"] * 3 + ["single", "multivalue", "vartrack"]
+    assert all(q[1].endswith("?") for q in q_new)
+    with pytest.raises(ValueError):
+        needles(random.Random(0), "v3")
+
+
+class _Broken:
+    label = "broken"
+
+    def fork(self, base):
+        raise RuntimeError("no such kernel on this device")
+
+
+def test_run_suite_drops_a_failing_method_and_stops_at_the_deadline(llm):
+    """One method that raises is reported and dropped, full attention's answers still come back; a deadline
+    already past starts no document."""
+    import time
+
+    from fidelity_variants import fork_any
+    docs = suite_docs(llm.tokenizer, [1024], ["lists"], 1, seed=3)
+    errors, notes = {}, []
+    cases = run_suite(llm, docs, [Method("full"), _Broken()], fork_any, greedy_answer, notes.append, max_new=8,
+                      errors=errors)
+    assert len(cases) == 6 and all(list(c["methods"]) == ["full"] for c in cases)
+    assert list(errors) == ["broken"] and "no such kernel" in errors["broken"]
+    assert run_suite(llm, docs, [Method("full")], fork_any, greedy_answer, notes.append,
+                     stop_at=time.perf_counter()) == []
+    assert "deadline" in notes[-1]
+
+
+def test_token_picks_counts_on_the_selection_device_without_syncing():
+    """The token-mass counter adds on the device (a captured step replays the additions); mean = kept / heads."""
+    import offload.kernels.tokens as tokens
+    from fidelity_sessions import TOKEN_PICKS
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(6, 8, generator=g), torch.randn(2, 40, 8, generator=g)      # q: [Hq, D], keys: [Hkv, M, D]
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    TOKEN_PICKS.reset(torch.device("cpu"))
+    _, ok = tokens.select_tokens(q, keys, valid, 16, 8 ** -0.5, "sum", None, 0.5, 2)     # the wrapped function
+    _, ok2 = tokens.select_tokens(q, keys, valid, 16, 8 ** -0.5, "sum", None, 0.9, 2)
+    assert TOKEN_PICKS.counts.device.type == "cpu"
+    assert TOKEN_PICKS.mean() == round(float(ok.sum() + ok2.sum()) / 4, 1)
+    assert int(ok.sum()) < int(ok2.sum()) <= 32                           # a higher mass keeps more tokens
+    TOKEN_PICKS.reset()
+    assert TOKEN_PICKS.mean() is None
