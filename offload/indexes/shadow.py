@@ -157,7 +157,11 @@ class ShadowKeyIndex:
         else:
             cand = self._summary.select(q, m)                                  # cand: [Hkv, m]
         scores = self._fine_scores(q, cand)                                    # scores: [Hkv, m]
-        local = torch.topk(scores, k, dim=1).indices                           # local: [Hkv, k]
+        if scores.is_cuda and kernels.KERNELS_AVAILABLE:
+            # every row is a candidate: the chunk count (>= m) only bounds the rows; one launch, best first
+            local = kernels.topk_rows(scores, self._count, k)                  # local: [Hkv, k]
+        else:
+            local = torch.topk(scores, k, dim=1).indices                       # local: [Hkv, k]
         return cand.gather(1, local)                                           # ids: [Hkv, k]
 
     def chunk_log_mass(self, query: torch.Tensor, cap: int) -> torch.Tensor:
@@ -202,6 +206,14 @@ class ShadowKeyIndex:
         token_scores is "shadow": only the picked tokens' exact K and V rows are then read."""
         s = self._token_scores(query.to(self.device), cand.clamp(min=0))       # s: [Hkv, G, m, C]
         return s.flatten(2)                                                    # [Hkv, G, m*C]
+
+    def shadow_operands(self):
+        """(basis float32 [Hkv, D, r], shadows [Hkv, cap, C, r], scale) for the token stage's fused GPU ranking
+        (kernels.tokens.ranked_token_attend, the same estimate as token_logits); None when the shadows are not
+        on a CUDA device or no chunk is indexed yet."""
+        if self.shadows_on != "device" or self.device.type != "cuda" or self.basis is None:
+            return None
+        return self.basis, self._shadows.data, self.scale
 
     def reserve(self, num_chunks: int) -> None:
         """Room for num_chunks without regrowth (buffers keep their address, so captured steps stay valid)."""
@@ -275,19 +287,22 @@ class ShadowKeyIndex:
         (m * C * r values per head), so the scoring itself runs on the compute device.
         """
         hkv, g = self.num_kv_heads, self.group_size
-        store = self.shadow_device
-        qg = q.float().reshape(hkv, g, self.head_dim)                          # qg: [Hkv, G, D]
-        qp = torch.einsum("hgd,hdr->hgr", qg, self.basis)                      # qp: [Hkv, G, r]
-        heads = torch.arange(hkv, device=store)[:, None]                       # heads: [Hkv, 1]
-        # allocated rows, not the valid prefix: a captured step must not bake in the count's bounds check
-        sh = self._shadows.data[heads, cand.to(store)]                         # sh: [Hkv, m, C, r]
-        sh = sh.to(self.device, non_blocking=True)                             # sh: [Hkv, m, C, r]
-        s = torch.einsum("hgr,hmcr->hgmc", qp, sh.float()) * self.scale        # s: [Hkv, G, m, C]
+        chunk = _chunk_scores_kernel(q, self.shadow_operands(), cand, self.fine_reduce)  # [Hkv, G, m] or None
+        if chunk is None:
+            store = self.shadow_device
+            qg = q.float().reshape(hkv, g, self.head_dim)                      # qg: [Hkv, G, D]
+            qp = torch.einsum("hgd,hdr->hgr", qg, self.basis)                  # qp: [Hkv, G, r]
+            heads = torch.arange(hkv, device=store)[:, None]                   # heads: [Hkv, 1]
+            # allocated rows, not the valid prefix: a captured step must not bake in the count's bounds check
+            sh = self._shadows.data[heads, cand.to(store)]                     # sh: [Hkv, m, C, r]
+            sh = sh.to(self.device, non_blocking=True)                         # sh: [Hkv, m, C, r]
+            s = torch.einsum("hgr,hmcr->hgmc", qp, sh.float()) * self.scale    # s: [Hkv, G, m, C]
+            chunk = s.amax(dim=3) if self.fine_reduce == "max" else torch.logsumexp(s, dim=3)  # [Hkv, G, m]
         if self.fine_reduce == "max":
-            per_chunk = s.amax(dim=3)                                          # per_chunk: [Hkv, G, m]
+            per_chunk = chunk                                                  # per_chunk: [Hkv, G, m]
         else:
             # softmax mass of each candidate chunk among all candidate tokens, per query head
-            lse_chunk = torch.logsumexp(s, dim=3)                              # lse_chunk: [Hkv, G, m]
+            lse_chunk = chunk                                                  # lse_chunk: [Hkv, G, m]
             lse_all = torch.logsumexp(lse_chunk, dim=2, keepdim=True)          # lse_all: [Hkv, G, 1]
             per_chunk = torch.exp(lse_chunk - lse_all)                         # per_chunk: [Hkv, G, m]
         return group_reduce(per_chunk, self.group_reduce)                      # scores: [Hkv, m]
@@ -304,3 +319,18 @@ class ShadowKeyIndex:
         if self.shadows_on == "host":
             return {"gpu": gpu, "host": host + self._shadows.nbytes}
         return {"gpu": gpu + self._shadows.nbytes, "host": host}
+
+
+def _chunk_scores_kernel(q: torch.Tensor, operands, cand: torch.Tensor, fine_reduce: str):
+    """Per candidate chunk and query head, the log-sum-exp (fine_reduce "mass") or max of its tokens' low-rank
+    logits in one launch (tokens.cu) -> float32 [Hkv, G, m]; None where the kernel does not apply (the torch path
+    in _fine_scores is its reference)."""
+    if operands is None or not q.is_cuda or not kernels.KERNELS_AVAILABLE or kernels._backend() is None:
+        return None
+    from offload.kernels import _cupy_tokens as cp
+    basis, shadows, scale = operands
+    mode = cp.CHUNK_MAX if fine_reduce == "max" else cp.CHUNK_LSE
+    cand = cand.contiguous()                                                   # cand: [Hkv, m]
+    if not cp.supports_shadow_logits(q, basis, shadows, cand, mode):
+        return None
+    return cp.shadow_logits(q, basis, shadows, cand, None, scale, mode)[0]     # [Hkv, G, m]
