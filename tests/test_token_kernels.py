@@ -89,10 +89,13 @@ def test_gpu_ranked_token_attend_equals_the_torch_path(reduce, dtype):
     def refuse(*a):
         raise AssertionError("the fused path must not compute the logits in torch")
     ranker = SimpleNamespace(shadow_operands=lambda: (basis, shadows, index_scale), token_logits=refuse)
-    o, lse = ranked_token_attend(q, parts, cand, ranker, k, scale, reduce, base)
+    rows = torch.zeros(1, dtype=torch.long, device="cuda")                            # rows: [1] statistics
+    o, lse = ranked_token_attend(q, parts, cand, ranker, k, scale, reduce, base, rows_out=rows)
     logits = _ref_logits(q, basis, shadows, cand, index_scale)                        # logits: [Hkv, G, M]
     want_o, want_lse = token_attend(q, parts, k, scale, reduce, base, logits=logits)
-    assert torch.equal(candidate_valid(parts, C, "cuda"), _valid(cand, slots))
+    held = candidate_valid(parts, C, "cuda")                                           # held: [Hkv, M]
+    assert torch.equal(held, _valid(cand, slots))
+    assert int(rows) == int(held.sum(1).clamp(max=k).sum()), "the select kernel counts the held picks"
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(o, want_o, rtol=1e-4, atol=1e-4)
 
@@ -129,3 +132,39 @@ def test_gpu_shadow_index_select_matches_its_torch_path(fine_reduce, monkeypatch
     torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-6)   # the same chunks' scores, in order
     overlap = (got[..., None] == want[:, None, :]).any(-1).float().mean()
     assert overlap > 0.98, overlap                                           # equal sets, up to near-ties
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mass", [True, False])
+@pytest.mark.parametrize("how", ["sum", "max"])
+def test_gpu_chunk_reduce_matches_torch(mass, how):
+    """Softmax share among the candidates (or the value itself), the group's sum or max, -inf past the count."""
+    from offload.kernels import _cupy_tokens as cp
+    gen = torch.Generator().manual_seed(4)
+    x = (4 * torch.randn(HKV, G, 700, generator=gen)).cuda()                          # x: [Hkv, G, m]
+    cand = torch.randint(0, 900, (HKV, 700), generator=gen).cuda()                     # cand: [Hkv, m]
+    count = torch.tensor([800], device="cuda")
+    past = cand >= count                                                               # past: [Hkv, m]
+    xm = x.masked_fill(past[:, None], float("-inf"))
+    per = torch.exp(xm - torch.logsumexp(xm, 2, keepdim=True)) if mass else xm
+    want = (per.sum(1) if how == "sum" else per.amax(1)).masked_fill(past, float("-inf"))
+    torch.testing.assert_close(cp.chunk_reduce(x, cand, count, mass, how == "sum"), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_shadow_index_candidates_past_the_count_are_never_picked():
+    """The GPU select's width follows the allocated rows (a captured step keeps working as chunks are appended):
+    with fewer chunks than candidates, it picks what the CPU index (width = the count) picks."""
+    from offload.indexes.shadow import ShadowKeyIndex
+    gen = torch.Generator().manual_seed(6)
+    keys = torch.randn(HKV, 40 * C, D, generator=gen)                                 # keys: [Hkv, 40 chunks]
+    q = torch.randn(HKV * G, D, generator=gen)                                         # q: [Hq, D]
+    got, want = [], []
+    for dev, out in (("cuda", got), ("cpu", want)):
+        idx = ShadowKeyIndex(HKV, HKV * G, D, C, dev, torch.float32, rank=R, group_reduce="sum")
+        idx.build(keys.to(dev))
+        idx.reserve(80)                               # as the selector does: room past the count
+        out.append(idx.select(q.to(dev), 15).cpu())   # width min(80, 4 * 15) = 60 on the GPU: 20 rows hold no chunk
+    assert got[0].shape == want[0].shape == (HKV, 15) and (got[0] < 40).all()
+    overlap = (got[0][..., None] == want[0][:, None, :]).any(-1).float().mean()
+    assert overlap > 0.98, overlap

@@ -13,7 +13,7 @@ from . import _build
 from ._cupy import _TAGS, _VEC, _attend, _launch, _ptr, _sm_count, supports_gather
 from .reference import ALT_SLOT
 
-_SL_THREADS, _TS_THREADS = 256, 1024       # SL_THREADS / TS_THREADS in tokens.cu
+_SL_THREADS, _TS_THREADS, _CR_THREADS = 256, 1024, 256   # SL_THREADS / TS_THREADS / CR_THREADS in tokens.cu
 _SMEM_DEFAULT = 48 * 1024                  # dynamic shared memory a launch gets without raising the limit
 _SMEM_MAX = 160 * 1024                     # the select keeps 4 bytes per candidate token in shared memory
 _raised: dict[int, int] = {}
@@ -82,6 +82,17 @@ def shadow_logits(q, basis, shadows, cand, held, scale: float, mode: int = LOGIT
     return out, parts
 
 
+def chunk_reduce(x, cand, count, mass: bool, group_sum: bool):
+    """The shadow index's chunk scores from shadow_logits' per-chunk x f32 [Hkv, G, m] -> f32 [Hkv, m]: softmax share
+    among the candidates (mass) or x itself, reduced over the group (sum or max); -inf where cand >= count."""
+    hkv, g, m = x.shape
+    out = torch.empty((hkv, m), dtype=torch.float32, device=x.device)          # out: [Hkv, m]
+    fn = _build.function("tokens.cu", f"chunk_reduce_kernel<{g}>", x.device.index)
+    args = (_ptr(x), _ptr(cand), _ptr(count), np.int32(m), np.int32(mass), np.int32(group_sum), _ptr(out))
+    _launch(fn, x.device, (hkv,), args, threads=_CR_THREADS)
+    return out
+
+
 def supports_shadow_logits(q, basis, shadows, cand, mode: int = LOGITS) -> bool:
     """The shapes shadow_logits takes (chunk modes: chunks of at most one warp)."""
     hkv = cand.shape[0]
@@ -94,9 +105,10 @@ def supports_shadow_logits(q, basis, shadows, cand, mode: int = LOGITS) -> bool:
             and cand.dtype == torch.int64 and cand.stride(1) == 1 and (mode in (LOGITS, GROUP_MAX) or c <= 32))
 
 
-def token_select(logits, parts, base_lse, cand, held, c: int, k: int, rows: bool):
+def token_select(logits, parts, base_lse, cand, held, c: int, k: int, rows: bool, rows_out=None):
     """Top-k candidate tokens per KV head -> (idx int64, rank f32, ok bool, pool row int32 or None), each
-    [Hkv, k] in position order. logits/parts: shadow_logits' (parts None: logits are the group max ranks)."""
+    [Hkv, k] in position order. logits/parts: shadow_logits' (parts None: logits are the group max ranks).
+    rows_out: int64 [1] that the held picks are counted into, or None."""
     hkv, kc = cand.shape
     m = kc * c
     g = 1 if parts is None else logits.shape[1]
@@ -112,27 +124,28 @@ def token_select(logits, parts, base_lse, cand, held, c: int, k: int, rows: bool
     args = (_ptr(logits), _ptr(parts), np.int32(0 if parts is None else parts.shape[1]), _ptr(base),
             _ptr(cand), np.int64(cand.stride(0)), _ptr(held), np.int64(0 if held is None else held.stride(0)),
             np.int32(m), np.int32(c.bit_length() - 1), np.int32(k), np.int32(hkv),
-            _ptr(idx), _ptr(val), _ptr(ok), _ptr(row))
+            _ptr(idx), _ptr(val), _ptr(ok), _ptr(row), _ptr(rows_out))
     _launch(fn, dev, (hkv,), args, shared_mem=4 * m, threads=_TS_THREADS)
     return idx, val, ok, row
 
 
 def ranked_select(q, basis, shadows, cand, held, k: int, index_scale: float, group_reduce: str,
-                  base_lse=None, c: int | None = None, rows: bool = False):
+                  base_lse=None, c: int | None = None, rows: bool = False, rows_out=None):
     """Two launches: shadow logits, then the top-k per KV head (token_select's outputs)."""
     c = shadows.shape[2] if c is None else c
     max_out = group_reduce == "max"
     logits, parts = shadow_logits(q, basis, shadows, cand, held, index_scale, GROUP_MAX if max_out else LOGITS,
                                   not max_out)
-    return token_select(logits, parts, base_lse if not max_out else None, cand, held, c, k, rows)
+    return token_select(logits, parts, base_lse if not max_out else None, cand, held, c, k, rows, rows_out)
 
 
 def ranked_token_attend(q, pool, slots, alt, cand, basis, shadows, k: int, index_scale: float, scale: float,
-                        group_reduce: str, base_lse=None):
+                        group_reduce: str, base_lse=None, rows_out=None):
     """Attention of q over the top-k candidate tokens per KV head ranked from their shadows, read from pool (alt:
     ALT_SLOT-flagged slots) -> (o [Hq, D], lse [Hq]) f32: three launches, no host sync."""
     _, _, hkv, c, d = pool.shape
-    _, _, _, row = ranked_select(q, basis, shadows, cand, slots, k, index_scale, group_reduce, base_lse, c, True)
+    _, _, _, row = ranked_select(q, basis, shadows, cand, slots, k, index_scale, group_reduce, base_lse, c, True,
+                                 rows_out)
     half = hkv * c * d * pool.element_size()                                   # bytes from a slot's K to its V
     alt_ptrs = (0, 0) if alt is None or alt.shape[0] == 0 else (alt.data_ptr(), alt.data_ptr() + half)
     # a picked token is a chunk of one row: row(j) = base + row[h, j] * D + h * C * D (elements)

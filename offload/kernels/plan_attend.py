@@ -48,7 +48,8 @@ def attend_plan(q: torch.Tensor, tail: Tail, plan, scale: float) -> tuple[torch.
         if plan.rank_tokens is not None:
             o2, lse2 = kernels.tokens.ranked_token_attend(
                 q, plan.candidates, plan.candidate_ids, plan.rank_tokens, plan.token_k, scale, plan.token_reduce,
-                base_lse=lse, packed=plan.packed, mass=plan.token_mass, floor=plan.token_floor)
+                base_lse=lse, packed=plan.packed, mass=plan.token_mass, floor=plan.token_floor,
+                rows_out=plan.token_rows)
         else:
             o2, lse2 = kernels.token_attend(q, plan.candidates, plan.token_k, scale, plan.token_reduce, base_lse=lse,
                                             packed=plan.packed, mass=plan.token_mass, floor=plan.token_floor)

@@ -165,12 +165,14 @@ __global__ void __launch_bounds__(TS_THREADS) token_select_kernel(
     long long* __restrict__ out_idx,         // [Hkv, k] candidate positions, ascending
     float* __restrict__ out_val,             // [Hkv, k] their ranks
     bool* __restrict__ out_ok,               // [Hkv, k] held
-    int* __restrict__ out_row)               // [Hkv, k] pool row of the token (flagged), -1 not held; or nullptr
+    int* __restrict__ out_row,               // [Hkv, k] pool row of the token (flagged), -1 not held; or nullptr
+    long long* __restrict__ rows_out)        // [1] += the held picks (statistics), or nullptr
 {
     extern __shared__ unsigned int keys[];   // [M]
     __shared__ unsigned int hist[256];
     __shared__ float norm[G];
     __shared__ unsigned int s_digit, s_above, s_wa[TS_THREADS / 32], s_wt[TS_THREADS / 32];
+    __shared__ unsigned int s_pa[TS_THREADS / 32], s_pt[TS_THREADS / 32], s_tot[2];
     const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const bool sum = part != nullptr;
     if (sum && tid < G) {
@@ -189,6 +191,7 @@ __global__ void __launch_bounds__(TS_THREADS) token_select_kernel(
         norm[tid] = fabsf(lse) == -OFL_NEG_INF ? 0.f : lse;   // nothing valid: p = exp(-inf) = 0, not NaN
     }
     __syncthreads();
+#pragma unroll 4
     for (int p = tid; p < M; p += TS_THREADS) {
         float r = OFL_NEG_INF;
         if (ts_held(cand, cand_stride, held, held_stride, h, p >> c_shift)) {
@@ -212,8 +215,10 @@ __global__ void __launch_bounds__(TS_THREADS) token_select_kernel(
             const unsigned int u = i < M ? keys[i] : 0u;
             const bool take = i < M && (u & mask) == prefix;
             const unsigned int digit = (u >> shift) & 255u;
-            const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
-            if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
+            if (__any_sync(0xffffffffu, take)) {     // later passes: most warps hold no key of the prefix
+                const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
+                if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
+            }
         }
         __syncthreads();
         if (warp == 0) ofl_find_digit(hist, remaining, lane, &s_digit, &s_above);
@@ -224,7 +229,7 @@ __global__ void __launch_bounds__(TS_THREADS) token_select_kernel(
         __syncthreads();                     // s_digit / s_above are rewritten by the next pass
     }
     // ordered compaction: keys above prefix, and the first `remaining` ties by position, in position order
-    unsigned int above_run = 0, ties_run = 0;
+    unsigned int above_run = 0, ties_run = 0, n_ok = 0;
     const unsigned int lt = (1u << lane) - 1u;
     for (int base = 0; base < M; base += TS_THREADS) {
         const int i = base + tid;
@@ -236,21 +241,34 @@ __global__ void __launch_bounds__(TS_THREADS) token_select_kernel(
             s_wt[warp] = __popc(bt);
         }
         __syncthreads();
-        unsigned int a_w = above_run, t_w = ties_run, a_all = 0, t_all = 0;
-        for (int w = 0; w < TS_THREADS / 32; ++w) {
-            if (w < warp) {
-                a_w += s_wa[w];
-                t_w += s_wt[w];
+        if (warp == 0) {                      // exclusive prefix of the warps' counts, and the tile's totals
+            const unsigned int a = s_wa[lane], t = s_wt[lane];
+            unsigned int ia = a, it = t;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const unsigned int oa = __shfl_up_sync(0xffffffffu, ia, off), ot = __shfl_up_sync(0xffffffffu, it, off);
+                if (lane >= off) {
+                    ia += oa;
+                    it += ot;
+                }
             }
-            a_all += s_wa[w];
-            t_all += s_wt[w];
+            s_pa[lane] = ia - a;
+            s_pt[lane] = it - t;
+            if (lane == 31) {
+                s_tot[0] = ia;
+                s_tot[1] = it;
+            }
         }
+        __syncthreads();
+        const unsigned int a_w = above_run + s_pa[warp], t_w = ties_run + s_pt[warp];
+        const unsigned int a_all = s_tot[0], t_all = s_tot[1];
         const unsigned int t_me = t_w + __popc(bt & lt);
-        if (up || (tie && t_me < remaining)) {
+        const bool pick = up || (tie && t_me < remaining);
+        const bool ok = pick && ts_held(cand, cand_stride, held, held_stride, h, i >> c_shift);
+        if (pick) {
             const unsigned int pos = a_w + __popc(ba & lt) + min(t_me, remaining);
             const long long o = (long long)h * k + pos;
             const int j = i >> c_shift;
-            const bool ok = ts_held(cand, cand_stride, held, held_stride, h, j);
             out_idx[o] = i;
             out_val[o] = ts_unkey(u);
             out_ok[o] = ok;
@@ -266,6 +284,75 @@ __global__ void __launch_bounds__(TS_THREADS) token_select_kernel(
         }
         above_run += a_all;
         ties_run += t_all;
-        __syncthreads();                     // s_wa / s_wt are rewritten by the next tile
+        n_ok += __syncthreads_count(ok);     // also the barrier: s_wa / s_pa are rewritten by the next tile
+    }
+    if (rows_out != nullptr && tid == 0) atomicAdd((unsigned long long*)rows_out, (unsigned long long)n_ok);
+}
+
+// The shadow index's chunk scores from shadow_logits' per-chunk values x [Hkv, G, m] (SL_CHUNK_LSE or SL_CHUNK_MAX):
+// mass: each chunk's softmax share among the candidates per query head, exp(x - logsumexp_m x), else x itself;
+// then the group's max or sum; -inf for candidates past the chunk count (their rows hold no chunk).
+// grid = (Hkv), block = CR_THREADS. Replaces ~8 torch launches per layer (ShadowKeyIndex._fine_scores).
+#define CR_THREADS 256
+
+template <int G>
+__global__ void __launch_bounds__(CR_THREADS) chunk_reduce_kernel(
+    const float* __restrict__ x, const long long* __restrict__ cand, const long long* __restrict__ count,
+    int m, int mass, int group_sum, float* __restrict__ out)    // out: [Hkv, m]
+{
+    __shared__ float red[CR_THREADS / 32][G][2];
+    __shared__ float lse[G];
+    const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const long long n = *count;
+    if (mass) {
+        float mx[G], sm[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            mx[g] = OFL_NEG_INF;
+            sm[g] = 0.f;
+        }
+        for (int j = tid; j < m; j += CR_THREADS) {
+            if (cand[(long long)h * m + j] >= n) continue;
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float v = x[((long long)h * G + g) * m + j], m2 = fmaxf(mx[g], v);
+                sm[g] = m2 == OFL_NEG_INF ? 0.f : sm[g] * __expf(mx[g] - m2) + __expf(v - m2);
+                mx[g] = m2;
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            for (int off = 16; off > 0; off >>= 1) {
+                const float m2 = __shfl_xor_sync(0xffffffffu, mx[g], off), s2 = __shfl_xor_sync(0xffffffffu, sm[g], off);
+                const float mm = fmaxf(mx[g], m2);
+                sm[g] = mm == OFL_NEG_INF ? 0.f : sm[g] * __expf(mx[g] - mm) + s2 * __expf(m2 - mm);
+                mx[g] = mm;
+            }
+            if (lane == 0) {
+                red[warp][g][0] = mx[g];
+                red[warp][g][1] = sm[g];
+            }
+        }
+        __syncthreads();
+        if (tid < G) {
+            float mm = OFL_NEG_INF, ss = 0.f;
+            for (int w = 0; w < CR_THREADS / 32; ++w) {
+                const float m2 = fmaxf(mm, red[w][tid][0]);
+                ss = m2 == OFL_NEG_INF ? 0.f : ss * __expf(mm - m2) + red[w][tid][1] * __expf(red[w][tid][0] - m2);
+                mm = m2;
+            }
+            lse[tid] = mm == OFL_NEG_INF ? 0.f : mm + __logf(ss);
+        }
+        __syncthreads();
+    }
+    for (int j = tid; j < m; j += CR_THREADS) {
+        float r = group_sum ? 0.f : OFL_NEG_INF;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            float v = x[((long long)h * G + g) * m + j];
+            if (mass) v = __expf(v - lse[g]);
+            r = group_sum ? r + v : fmaxf(r, v);
+        }
+        out[(long long)h * m + j] = cand[(long long)h * m + j] < n ? r : OFL_NEG_INF;
     }
 }

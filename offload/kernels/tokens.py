@@ -180,9 +180,12 @@ def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str
 
 def ranked_token_attend(q: torch.Tensor, parts, cand_ids: torch.Tensor, ranker, k: int, scale: float,
                         group_reduce: str = "sum", base_lse: torch.Tensor | None = None, packed=None,
-                        mass: float = 0.0, floor: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                        mass: float = 0.0, floor: int = 0,
+                        rows_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """token_attend with the candidates ranked by `ranker` (the layer's ShadowKeyIndex) from estimates of their
     logits instead of their keys; cand_ids int64 [Hkv, K]: the chunk id of each candidate column (-1: none).
+    rows_out (int64 [1], optional): the token rows attended, min(held candidate tokens, k) summed over KV heads,
+    are added to it on the device (a decode step's statistics, no extra launches on the fused path).
 
     On the GPU, with one candidate part, shadows on the GPU and no mass threshold, three launches (tokens.cu:
     shadow logits, top-k select, attention over the picked rows where they lie); otherwise the torch path:
@@ -192,7 +195,10 @@ def ranked_token_attend(q: torch.Tensor, parts, cand_ids: torch.Tensor, ranker, 
         cp, (pool, slots, alt), (basis, shadows, index_scale) = fused
         m = slots.shape[1] * pool.shape[3]
         return cp.ranked_token_attend(q, pool, slots, alt, cand_ids, basis, shadows, min(k, m), index_scale, scale,
-                                      group_reduce, base_lse)
+                                      group_reduce, base_lse, rows_out)
+    if rows_out is not None and parts:
+        held = candidate_valid(parts, _chunk_tokens(parts, packed), rows_out.device)  # held: [Hkv, K*C]
+        rows_out += held.sum(1).clamp(max=k).sum()
     logits = ranker.token_logits(q, cand_ids)                             # logits: [Hkv, G, K*C]
     return token_attend(q, parts, k, scale, group_reduce, base_lse, packed, mass, floor, logits)
 

@@ -38,9 +38,12 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
             const unsigned int u = i < N ? key_at(i) : 0u;
             const bool take = i < N && (u & mask) == prefix;
             const unsigned int digit = (u >> shift) & 255u;
-            // scores cluster in a few top digits: one atomic per distinct digit in the warp, not per lane
-            const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
-            if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
+            // scores cluster in a few top digits: one atomic per distinct digit in the warp, not per lane; later
+            // passes skip the (slow) match in warps that hold no key of the prefix
+            if (__any_sync(0xffffffffu, take)) {
+                const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
+                if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
+            }
         }
         __syncthreads();
         if (warp == 0) ofl_find_digit(hist, remaining, lane, &s_digit, &s_above);
