@@ -168,3 +168,17 @@ def test_gpu_shadow_index_candidates_past_the_count_are_never_picked():
     assert got[0].shape == want[0].shape == (HKV, 15) and (got[0] < 40).all()
     overlap = (got[0][..., None] == want[0][:, None, :]).any(-1).float().mean()
     assert overlap > 0.98, overlap
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,count,k", [(4100, 4097, 520), (600, 300, 520), (64, 64, 64)])
+def test_gpu_select_rows_is_topk_rows_without_the_sort(n, count, k):
+    """The shadow index's coarse candidates: the same rows as topk_rows (ties: lower row), in row order."""
+    from offload.kernels import _cupy_tokens as cp
+    from offload.kernels import topk_rows
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randn(HKV, n, generator=gen).round(decimals=1).cuda()              # scores: [Hkv, N], many ties
+    cnt = torch.tensor([count], device="cuda")
+    got = cp.select_rows(scores, cnt, k)                                              # got: [Hkv, k]
+    assert (got.diff(dim=1) > 0).all()
+    assert torch.equal(got, topk_rows(scores, cnt, k).sort(1).values)

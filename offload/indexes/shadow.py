@@ -154,7 +154,7 @@ class ShadowKeyIndex:
             # was captured at while chunks are appended; rows past the count rank last and are masked below
             m = min(means.shape[1], math.ceil(max(k * self.candidate_factor, self.min_candidates)))
             b = kernels.chunk_bounds(q, means, means, means.shape[1], self.group_reduce)  # b: [Hkv, cap]
-            cand = kernels.topk_rows(b, self._count, m)                        # cand: [Hkv, m]
+            cand = _coarse_rows(b, self._count, m)                             # cand: [Hkv, m]
             past_count = True
         elif self._summary is None:
             means = self._means.valid                                          # means: [Hkv, n, D]
@@ -347,3 +347,14 @@ def _chunk_scores_kernel(q: torch.Tensor, operands, cand: torch.Tensor, fine_red
         return None
     chunk = cp.shadow_logits(q, basis, shadows, cand, None, scale, mode)[0]    # chunk: [Hkv, G, m]
     return cp.chunk_reduce(chunk, cand, count, fine_reduce == "mass", how == "sum")   # [Hkv, m]
+
+
+def _coarse_rows(bounds: torch.Tensor, count: torch.Tensor, m: int) -> torch.Tensor:
+    """The m best rows of bounds [Hkv, cap] among the first `count` -> int64 [Hkv, m]: the fine stage re-ranks them,
+    so their order does not matter and the sort of topk_rows is skipped where the CuPy select applies (the same
+    set: ties go to the lower row in both)."""
+    if kernels._backend() is not None:
+        from offload.kernels import _cupy_tokens as cp
+        if cp.supports_select_rows(bounds, count, m):
+            return cp.select_rows(bounds, count, m)                            # [Hkv, m] in row order
+    return kernels.topk_rows(bounds, count, m)                                 # [Hkv, m] best first

@@ -124,9 +124,33 @@ def token_select(logits, parts, base_lse, cand, held, c: int, k: int, rows: bool
     args = (_ptr(logits), _ptr(parts), np.int32(0 if parts is None else parts.shape[1]), _ptr(base),
             _ptr(cand), np.int64(cand.stride(0)), _ptr(held), np.int64(0 if held is None else held.stride(0)),
             np.int32(m), np.int32(c.bit_length() - 1), np.int32(k), np.int32(hkv),
-            _ptr(idx), _ptr(val), _ptr(ok), _ptr(row), _ptr(rows_out))
+            _ptr(idx), _ptr(val), _ptr(ok), _ptr(row), _ptr(rows_out), _ptr(None))
     _launch(fn, dev, (hkv,), args, shared_mem=4 * m, threads=_TS_THREADS)
     return idx, val, ok, row
+
+
+def supports_select_rows(scores, count, k: int) -> bool:
+    return (scores.is_cuda and scores.dtype == torch.float32 and scores.dim() == 2 and scores.is_contiguous()
+            and count.is_cuda and count.dtype == torch.int64 and 0 < k <= scores.shape[1]
+            and 4 * scores.shape[1] <= _SMEM_MAX)
+
+
+def select_rows(scores, count, k: int):
+    """Top-k row ids per head of scores f32 [Hkv, N] among the first `count` (int64 [1] on the device) -> int64
+    [Hkv, k] in row order (not best first; ties: lower row), one launch: topk_rows without its sort."""
+    hkv, n = scores.shape
+    dev = scores.device
+    idx = torch.empty((hkv, k), dtype=torch.int64, device=dev)                 # idx: [Hkv, k]
+    val = torch.empty((hkv, k), dtype=torch.float32, device=dev)               # val: [Hkv, k]
+    ok = torch.empty((hkv, k), dtype=torch.bool, device=dev)                   # ok: [Hkv, k]
+    fn = _build.function("tokens.cu", "token_select_kernel<1>", dev.index)
+    if not _allow_smem(fn, 4 * n):
+        raise RuntimeError(f"select_rows needs {4 * n} bytes of shared memory; this CuPy cannot raise the limit")
+    args = (_ptr(scores), _ptr(None), np.int32(0), _ptr(None), _ptr(None), np.int64(0), _ptr(None), np.int64(0),
+            np.int32(n), np.int32(0), np.int32(k), np.int32(hkv), _ptr(idx), _ptr(val), _ptr(ok), _ptr(None),
+            _ptr(None), _ptr(count))
+    _launch(fn, dev, (hkv,), args, shared_mem=4 * n, threads=_TS_THREADS)
+    return idx
 
 
 def ranked_select(q, basis, shadows, cand, held, k: int, index_scale: float, group_reduce: str,

@@ -13,6 +13,8 @@
 //   position order (deterministic, no atomics on the output). Per pick: position, rank, held, and the token's
 //   row in the pool (its chunk's slot * 2 * Hkv * C + token, flagged OFL_ALT_SLOT like the slot), which
 //   attend_kernel reads as a chunk of one token, so picked K and V rows are read once, where they lie.
+//   Plain rows (cand == nullptr): the top k of scores [Hkv, M] among the first *count (the shadow index's coarse
+//   candidates, whose order does not matter: a sort-free topk_rows).
 // Replaces ~40 torch launches per layer (kernels.tokens: token_logits, rank_logits, topk, gathers, _attend).
 #include "common.cuh"
 
@@ -166,7 +168,8 @@ __global__ void __launch_bounds__(TS_THREADS) token_select_kernel(
     float* __restrict__ out_val,             // [Hkv, k] their ranks
     bool* __restrict__ out_ok,               // [Hkv, k] held
     int* __restrict__ out_row,               // [Hkv, k] pool row of the token (flagged), -1 not held; or nullptr
-    long long* __restrict__ rows_out)        // [1] += the held picks (statistics), or nullptr
+    long long* __restrict__ rows_out,        // [1] += the held picks (statistics), or nullptr
+    const long long* __restrict__ count)     // plain rows (cand == nullptr): only the first *count are held
 {
     extern __shared__ unsigned int keys[];   // [M]
     __shared__ unsigned int hist[256];
@@ -175,6 +178,10 @@ __global__ void __launch_bounds__(TS_THREADS) token_select_kernel(
     __shared__ unsigned int s_pa[TS_THREADS / 32], s_pt[TS_THREADS / 32], s_tot[2];
     const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const bool sum = part != nullptr;
+    const long long n_rows = cand == nullptr ? min(*count, (long long)M) : 0;
+    auto held_at = [&](int p) {
+        return cand == nullptr ? p < n_rows : ts_held(cand, cand_stride, held, held_stride, h, p >> c_shift);
+    };
     if (sum && tid < G) {
         float m = OFL_NEG_INF, s = 0.f;
         for (int b = 0; b < n_parts; ++b) {
@@ -194,7 +201,7 @@ __global__ void __launch_bounds__(TS_THREADS) token_select_kernel(
 #pragma unroll 4
     for (int p = tid; p < M; p += TS_THREADS) {
         float r = OFL_NEG_INF;
-        if (ts_held(cand, cand_stride, held, held_stride, h, p >> c_shift)) {
+        if (held_at(p)) {
             if (sum) {
                 r = 0.f;
 #pragma unroll
@@ -264,7 +271,7 @@ __global__ void __launch_bounds__(TS_THREADS) token_select_kernel(
         const unsigned int a_all = s_tot[0], t_all = s_tot[1];
         const unsigned int t_me = t_w + __popc(bt & lt);
         const bool pick = up || (tie && t_me < remaining);
-        const bool ok = pick && ts_held(cand, cand_stride, held, held_stride, h, i >> c_shift);
+        const bool ok = pick && held_at(i);
         if (pick) {
             const unsigned int pos = a_w + __popc(ba & lt) + min(t_me, remaining);
             const long long o = (long long)h * k + pos;
