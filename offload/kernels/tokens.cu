@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(SL_THREADS) shadow_logits_kernel(
         const float* b = basis + (long long)h * D * R + r;
         const long long q0 = (long long)(h * G + g) * D;
         float a = 0.f;
-#pragma unroll 8
+#pragma unroll 16                            // loads in flight: this runs once per block, before any token
         for (int d = 0; d < D; ++d) a = fmaf(load_scalar<TQ>(q, q0 + d), b[(long long)d * R], a);
         qp[g][r] = a;
     }
