@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -36,9 +35,10 @@ class Selection:
     token_reduce: str = "sum"
     token_mass: float = 0.0
     token_floor: int = 0
-    # token_scores "shadow": (q [Hq, D], candidate chunk ids [Hkv, m]) -> estimated logits [Hkv, G, m*C], so
-    # candidates are ranked without reading their keys; None: the candidates' keys are read and scored exactly
-    rank_tokens: Callable | None = None
+    # token_scores "shadow": the layer's index, whose token_logits(q [Hq, D], candidate chunk ids [Hkv, m]) estimates
+    # the logits [Hkv, G, m*C] (and shadow_operands() feeds the fused GPU ranking), so candidates are ranked
+    # without reading their keys; None: the candidates' keys are read and scored exactly
+    rank_tokens: object | None = None
 
     @property
     def whole_columns(self) -> int:
@@ -106,11 +106,11 @@ class Selector:
                          self._ranker(layer) if token else None)
 
     def _ranker(self, layer: int):
-        """The layer's estimate of the candidates' logits (its index's low-rank key shadows), or None: exact keys."""
+        """The layer's index that estimates the candidates' logits (low-rank key shadows), or None: exact keys."""
         if self.token_scores != "shadow":
             return None
         idx = self.indexes[layer]
-        return getattr(idx, "inner", idx).token_logits
+        return getattr(idx, "inner", idx)
 
     def graph_key(self, n_chunks: int, length: int):
         """What a captured step's selection shapes depend on; None when an index syncs with the host."""

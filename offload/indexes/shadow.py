@@ -85,6 +85,7 @@ class ShadowKeyIndex:
         self.max_chunks = max(0, int(max_chunks))     # buffers never grow past the context's chunk count
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
         self._count = torch.zeros(1, dtype=torch.long, device=self.device)    # _count: [1] chunks, on the device
+        self._every_row = torch.full((1,), 2 ** 62, dtype=torch.long, device=self.device)  # topk_rows over all rows
         self._reset(capacity_chunks)
 
     def _reset(self, capacity_chunks: int) -> None:
@@ -146,18 +147,26 @@ class ShadowKeyIndex:
         q = query.to(self.device)                                              # q: [Hq, D]
         k = min(int(budget), n)
         m = min(n, math.ceil(max(k * self.candidate_factor, self.min_candidates)))
+        past_count = False
         if self._summary is None and q.is_cuda:
             means = self._means.data                                           # means: [Hkv, cap, D] (static shape)
+            # the width follows the allocated rows, not the count, so a captured step does not keep the count it
+            # was captured at while chunks are appended; rows past the count rank last and are masked below
+            m = min(means.shape[1], math.ceil(max(k * self.candidate_factor, self.min_candidates)))
             b = kernels.chunk_bounds(q, means, means, means.shape[1], self.group_reduce)  # b: [Hkv, cap]
-            cand = kernels.topk_rows(b, self._count, m)                        # cand: [Hkv, m]
+            cand = _coarse_rows(b, self._count, m)                             # cand: [Hkv, m]
+            past_count = True
         elif self._summary is None:
             means = self._means.valid                                          # means: [Hkv, n, D]
             # with kmin = kmax = mean the Quest bound is exactly q.mean, so one kernel serves both
             cand = kernels.score_chunks(q, means, means, n, m, self.group_reduce)  # cand: [Hkv, m]
         else:
             cand = self._summary.select(q, m)                                  # cand: [Hkv, m]
-        scores = self._fine_scores(q, cand)                                    # scores: [Hkv, m]
-        local = torch.topk(scores, k, dim=1).indices                           # local: [Hkv, k]
+        scores = self._fine_scores(q, cand, past_count)                        # scores: [Hkv, m]
+        if scores.is_cuda and kernels.KERNELS_AVAILABLE:
+            local = kernels.topk_rows(scores, self._every_row, k)              # local: [Hkv, k] one launch, best first
+        else:
+            local = torch.topk(scores, k, dim=1).indices                       # local: [Hkv, k]
         return cand.gather(1, local)                                           # ids: [Hkv, k]
 
     def chunk_log_mass(self, query: torch.Tensor, cap: int) -> torch.Tensor:
@@ -202,6 +211,14 @@ class ShadowKeyIndex:
         token_scores is "shadow": only the picked tokens' exact K and V rows are then read."""
         s = self._token_scores(query.to(self.device), cand.clamp(min=0))       # s: [Hkv, G, m, C]
         return s.flatten(2)                                                    # [Hkv, G, m*C]
+
+    def shadow_operands(self):
+        """(basis float32 [Hkv, D, r], shadows [Hkv, cap, C, r], scale) for the token stage's fused GPU ranking
+        (kernels.tokens.ranked_token_attend, the same estimate as token_logits); None when the shadows are not
+        on a CUDA device or no chunk is indexed yet."""
+        if self.shadows_on != "device" or self.device.type != "cuda" or self.basis is None:
+            return None
+        return self.basis, self._shadows.data, self.scale
 
     def reserve(self, num_chunks: int) -> None:
         """Room for num_chunks without regrowth (buffers keep their address, so captured steps stay valid)."""
@@ -268,13 +285,17 @@ class ShadowKeyIndex:
             return None
         return (self._shadows.data.data_ptr(), self._shadows.data.shape[1], coarse)
 
-    def _fine_scores(self, q: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """Chunk scores of the candidates from their shadows -> [Hkv, m] float32 on the device.
+    def _fine_scores(self, q: torch.Tensor, cand: torch.Tensor, past_count: bool = False) -> torch.Tensor:
+        """Chunk scores of the candidates from their shadows -> [Hkv, m] float32 on the device (past_count: some
+        candidates may lie past the chunk count, rows that hold no chunk; they score -inf).
 
         Host shadows are gathered on the host and only the candidates' rows are copied
         (m * C * r values per head), so the scoring itself runs on the compute device.
         """
         hkv, g = self.num_kv_heads, self.group_size
+        fused = _chunk_scores_kernel(q, self.shadow_operands(), cand, self.fine_reduce, self.group_reduce, self._count)
+        if fused is not None:
+            return fused                                                       # scores: [Hkv, m], -inf past the count
         store = self.shadow_device
         qg = q.float().reshape(hkv, g, self.head_dim)                          # qg: [Hkv, G, D]
         qp = torch.einsum("hgd,hdr->hgr", qg, self.basis)                      # qp: [Hkv, G, r]
@@ -283,14 +304,19 @@ class ShadowKeyIndex:
         sh = self._shadows.data[heads, cand.to(store)]                         # sh: [Hkv, m, C, r]
         sh = sh.to(self.device, non_blocking=True)                             # sh: [Hkv, m, C, r]
         s = torch.einsum("hgr,hmcr->hgmc", qp, sh.float()) * self.scale        # s: [Hkv, G, m, C]
+        chunk = s.amax(dim=3) if self.fine_reduce == "max" else torch.logsumexp(s, dim=3)  # chunk: [Hkv, G, m]
+        unwritten = cand >= self._count if past_count else None                # unwritten: [Hkv, m]
+        if unwritten is not None:
+            chunk = chunk.masked_fill(unwritten[:, None], -math.inf)           # chunk: [Hkv, G, m]
         if self.fine_reduce == "max":
-            per_chunk = s.amax(dim=3)                                          # per_chunk: [Hkv, G, m]
+            per_chunk = chunk                                                  # per_chunk: [Hkv, G, m]
         else:
             # softmax mass of each candidate chunk among all candidate tokens, per query head
-            lse_chunk = torch.logsumexp(s, dim=3)                              # lse_chunk: [Hkv, G, m]
+            lse_chunk = chunk                                                  # lse_chunk: [Hkv, G, m]
             lse_all = torch.logsumexp(lse_chunk, dim=2, keepdim=True)          # lse_all: [Hkv, G, 1]
             per_chunk = torch.exp(lse_chunk - lse_all)                         # per_chunk: [Hkv, G, m]
-        return group_reduce(per_chunk, self.group_reduce)                      # scores: [Hkv, m]
+        scores = group_reduce(per_chunk, self.group_reduce)                    # scores: [Hkv, m]
+        return scores if unwritten is None else scores.masked_fill(unwritten, -math.inf)
 
     @property
     def num_chunks(self) -> int:
@@ -304,3 +330,31 @@ class ShadowKeyIndex:
         if self.shadows_on == "host":
             return {"gpu": gpu, "host": host + self._shadows.nbytes}
         return {"gpu": gpu + self._shadows.nbytes, "host": host}
+
+
+def _chunk_scores_kernel(q: torch.Tensor, operands, cand: torch.Tensor, fine_reduce: str, how: str,
+                         count: torch.Tensor):
+    """ShadowKeyIndex._fine_scores in two launches (tokens.cu: per-chunk log-sum-exp or max of the tokens' low-rank
+    logits, then the softmax share and the group reduce; -inf past the count) -> float32 [Hkv, m]; None where the
+    kernels do not apply (the torch path in _fine_scores is their reference)."""
+    if operands is None or not q.is_cuda or not kernels.KERNELS_AVAILABLE or kernels._backend() is None:
+        return None
+    from offload.kernels import _cupy_tokens as cp
+    basis, shadows, scale = operands
+    mode = cp.CHUNK_MAX if fine_reduce == "max" else cp.CHUNK_LSE
+    cand = cand.contiguous()                                                   # cand: [Hkv, m]
+    if not cp.supports_shadow_logits(q, basis, shadows, cand, mode):
+        return None
+    chunk = cp.shadow_logits(q, basis, shadows, cand, None, scale, mode)[0]    # chunk: [Hkv, G, m]
+    return cp.chunk_reduce(chunk, cand, count, fine_reduce == "mass", how == "sum")   # [Hkv, m]
+
+
+def _coarse_rows(bounds: torch.Tensor, count: torch.Tensor, m: int) -> torch.Tensor:
+    """The m best rows of bounds [Hkv, cap] among the first `count` -> int64 [Hkv, m]: the fine stage re-ranks them,
+    so their order does not matter and the sort of topk_rows is skipped where the CuPy select applies (the same
+    set: ties go to the lower row in both)."""
+    if kernels._backend() is not None:
+        from offload.kernels import _cupy_tokens as cp
+        if cp.supports_select_rows(bounds, count, m):
+            return cp.select_rows(bounds, count, m)                            # [Hkv, m] in row order
+    return kernels.topk_rows(bounds, count, m)                                 # [Hkv, m] best first

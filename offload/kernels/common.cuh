@@ -64,3 +64,30 @@ template <> __device__ __forceinline__ float load_scalar<F32>(const void* p, lon
 __device__ __forceinline__ float ofl_shfl_xor(float x, int mask) {
     return __shfl_xor_sync(0xffffffffu, x, mask);
 }
+
+// Radix select step, run by one whole warp: the digit d of a 256-bin histogram that holds the `remaining`-th
+// largest key, and how many keys lie in the digits above d (a warp scan instead of a serial walk of 256 bins).
+__device__ __forceinline__ void ofl_find_digit(const unsigned int* hist, unsigned int remaining, int lane,
+                                              unsigned int* s_digit, unsigned int* s_above) {
+    unsigned int own = 0;                       // lane l owns digits 255 - 8l .. 248 - 8l (lane 0: the top)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) own += hist[255 - 8 * lane - i];
+    unsigned int incl = own;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const unsigned int o = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += o;
+    }
+    const unsigned int hit = __ballot_sync(0xffffffffu, incl >= remaining);
+    const int first = hit ? __ffs(hit) - 1 : 31;
+    if (lane == first) {
+        unsigned int above = incl - own;
+        int d = 255 - 8 * lane;
+        for (int i = 0; i < 7; ++i, --d) {
+            if (above + hist[d] >= remaining) break;
+            above += hist[d];
+        }
+        *s_digit = (unsigned int)d;
+        *s_above = above;
+    }
+}

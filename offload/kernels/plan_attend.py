@@ -45,9 +45,13 @@ def attend_plan(q: torch.Tensor, tail: Tail, plan, scale: float) -> tuple[torch.
     if plan is not None and plan.token_k:
         # base_lse: what is attended anyway, so "sum" ranks tokens by their share of the whole softmax
         # ranked from estimates (low-rank key shadows on the GPU): the candidates' keys are never read
-        logits = plan.rank_tokens(q, plan.candidate_ids) if plan.rank_tokens is not None else None  # [Hkv, G, M]
-        o2, lse2 = kernels.token_attend(q, plan.candidates, plan.token_k, scale, plan.token_reduce, base_lse=lse,
-                                        packed=plan.packed, mass=plan.token_mass, floor=plan.token_floor,
-                                        logits=logits)
+        if plan.rank_tokens is not None:
+            o2, lse2 = kernels.tokens.ranked_token_attend(
+                q, plan.candidates, plan.candidate_ids, plan.rank_tokens, plan.token_k, scale, plan.token_reduce,
+                base_lse=lse, packed=plan.packed, mass=plan.token_mass, floor=plan.token_floor,
+                rows_out=plan.token_rows)
+        else:
+            o2, lse2 = kernels.token_attend(q, plan.candidates, plan.token_k, scale, plan.token_reduce, base_lse=lse,
+                                            packed=plan.packed, mass=plan.token_mass, floor=plan.token_floor)
         o, lse = kernels.merge_attn(o, lse, o2, lse2)
     return o, lse

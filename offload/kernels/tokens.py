@@ -23,7 +23,7 @@ import torch
 from .reference import _attend, _compute_dtype
 
 __all__ = ["token_scores", "rank_logits", "select_tokens", "mass_keep", "gather_candidate_keys", "gather_picked_rows",
-           "candidate_valid", "token_attend", "GROUP_REDUCES"]
+           "candidate_valid", "token_attend", "ranked_token_attend", "GROUP_REDUCES"]
 
 GROUP_REDUCES = ("max", "sum")
 
@@ -176,3 +176,44 @@ def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str
         ksel = keys.gather(1, idx[..., None].expand(-1, -1, d))           # ksel: [Hkv, k', D]
     vsel = gather_picked_rows(parts, idx, ok, 1, ksel.dtype, packed)      # vsel: [Hkv, k', D]
     return _attend(q, ksel, vsel, ok, scale)
+
+
+def ranked_token_attend(q: torch.Tensor, parts, cand_ids: torch.Tensor, ranker, k: int, scale: float,
+                        group_reduce: str = "sum", base_lse: torch.Tensor | None = None, packed=None,
+                        mass: float = 0.0, floor: int = 0,
+                        rows_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_attend with the candidates ranked by `ranker` (the layer's ShadowKeyIndex) from estimates of their
+    logits instead of their keys; cand_ids int64 [Hkv, K]: the chunk id of each candidate column (-1: none).
+    rows_out (int64 [1], optional): the token rows attended, min(held candidate tokens, k) summed over KV heads,
+    are added to it on the device (a decode step's statistics, no extra launches on the fused path).
+
+    On the GPU, with one candidate part, shadows on the GPU and no mass threshold, three launches (tokens.cu:
+    shadow logits, top-k select, attention over the picked rows where they lie); otherwise the torch path:
+    ranker.token_logits [Hkv, G, K*C] float32, then token_attend (the reference of the fused path)."""
+    fused = _fused_ranked(q, parts, cand_ids, ranker, k, packed, mass)
+    if fused is not None:
+        cp, (pool, slots, alt), (basis, shadows, index_scale) = fused
+        m = slots.shape[1] * pool.shape[3]
+        return cp.ranked_token_attend(q, pool, slots, alt, cand_ids, basis, shadows, min(k, m), index_scale, scale,
+                                      group_reduce, base_lse, rows_out)
+    if rows_out is not None and parts:
+        held = candidate_valid(parts, _chunk_tokens(parts, packed), rows_out.device)  # held: [Hkv, K*C]
+        rows_out += held.sum(1).clamp(max=k).sum()
+    logits = ranker.token_logits(q, cand_ids)                             # logits: [Hkv, G, K*C]
+    return token_attend(q, parts, k, scale, group_reduce, base_lse, packed, mass, floor, logits)
+
+
+def _fused_ranked(q, parts, cand_ids, ranker, k, packed, mass):
+    """(the CuPy launchers, the one part, the shadow operands) when the fused path takes these inputs, else None."""
+    from . import KERNELS_AVAILABLE, _backend
+    if not (KERNELS_AVAILABLE and q.is_cuda and len(parts) == 1 and packed is None and mass == 0 and k > 0):
+        return None
+    operands = ranker.shadow_operands() if hasattr(ranker, "shadow_operands") else None
+    if operands is None or _backend() is None:
+        return None
+    from . import _cupy_tokens as cp
+    pool, slots, alt = parts[0]
+    m = slots.shape[1] * pool.shape[3]
+    if m == 0 or not cp.supports_ranked(q, pool, slots, alt, cand_ids, operands[0], operands[1], min(k, m)):
+        return None
+    return cp, parts[0], operands

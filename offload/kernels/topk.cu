@@ -21,7 +21,7 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
 {
     __shared__ unsigned int hist[256];
     __shared__ unsigned long long picked[TK_MAX_K];
-    __shared__ unsigned int s_prefix, s_remaining, s_taken, s_warp[TK_THREADS / 32];
+    __shared__ unsigned int s_digit, s_above, s_taken, s_warp[TK_THREADS / 32];
     const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const float* row = scores + (long long)h * N;
     const long long n = min(*count, N);
@@ -38,25 +38,20 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
             const unsigned int u = i < N ? key_at(i) : 0u;
             const bool take = i < N && (u & mask) == prefix;
             const unsigned int digit = (u >> shift) & 255u;
-            // scores cluster in a few top digits: one atomic per distinct digit in the warp, not per lane
-            const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
-            if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
-        }
-        __syncthreads();
-        if (tid == 0) {
-            unsigned int above = 0;
-            int d = 255;
-            for (; d > 0; --d) {
-                if (above + hist[d] >= remaining) break;
-                above += hist[d];
+            // scores cluster in a few top digits: one atomic per distinct digit in the warp, not per lane; later
+            // passes skip the (slow) match in warps that hold no key of the prefix
+            if (__any_sync(0xffffffffu, take)) {
+                const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
+                if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
             }
-            s_prefix = prefix | ((unsigned int)d << shift);
-            s_remaining = remaining - above;
         }
         __syncthreads();
-        prefix = s_prefix;
-        remaining = s_remaining;
+        if (warp == 0) ofl_find_digit(hist, remaining, lane, &s_digit, &s_above);
+        __syncthreads();
+        prefix |= s_digit << shift;
+        remaining -= s_above;
         mask |= 255u << shift;
+        __syncthreads();                        // s_digit / s_above are rewritten by the next pass
     }
     // 2. gather: every key above the threshold (any order), then the first `remaining` ties in row order
     if (tid == 0) s_taken = 0;

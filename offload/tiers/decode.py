@@ -63,6 +63,7 @@ class DecodePlan:
     token_floor: int = 0
     rank_tokens: object = None   # Selection.rank_tokens: candidates ranked from estimates, their keys not read
     candidate_ids: torch.Tensor | None = None   # int64 [Hkv, K] chunk id of each candidate column (-1: none)
+    token_rows: torch.Tensor | None = None      # int64 [1]: the ranked stage adds the token rows it attends here
 
     def candidate_chunks(self) -> torch.Tensor | None:
         """[Hkv] candidate chunks per KV head, or None without a token stage."""
@@ -194,12 +195,13 @@ class DecodeMixin:
         plan = DecodePlan(tuple(Part(p, s[:, :w], a) for p, s, a in parts),
                           tuple(Part(p, s[:, w:], a) for p, s, a in parts), sel.token_k, sel.token_reduce, disk_bytes,
                           self.packed, sel.token_mass, sel.token_floor, sel.rank_tokens if ranked else None,
-                          lists.ids[:, w:] if ranked else None)
+                          lists.ids[:, w:] if ranked else None, self._token_rows[1:] if ranked else None)
+        if ranked:      # no candidate key is read; the stage counts its rows itself (in its select kernel on the GPU)
+            return plan
         n_cand = plan.candidate_chunks()                                       # n_cand: [Hkv]
         C = self.shape.chunk_tokens
-        # candidates' keys read and scored (none when ranked from estimates), token rows attended
-        scored = n_cand.sum() * (0 if ranked else 1)
-        self._token_rows += torch.stack([scored, (n_cand * C).clamp(max=sel.token_k).sum()])
+        # candidates' keys read and scored, token rows attended
+        self._token_rows += torch.stack([n_cand.sum(), (n_cand * C).clamp(max=sel.token_k).sum()])
         return plan
 
     def _prefetch_next(self, layer: int) -> None:
