@@ -86,3 +86,32 @@ def test_importing_the_bench_harness_patches_no_runtime_function():
         sys.path.pop(0)
     after = {k: v for k, v in vars(tokens).items() if callable(v)}
     assert after == before, sorted(k for k in before if after.get(k) is not before[k])
+
+
+def test_a_failed_capture_warns_once_and_records_the_first_error(monkeypatch):
+    """No GPU needed: the step's capture is made to fail as a sync inside it does, and the engine is asked twice."""
+    from offload.engine import runner as runner_mod
+    from offload.tiers.slots import pieces
+
+    class _Attn:
+        def graph_key(self):
+            return ("k", 1)
+
+    eng = runner_mod.Engine.__new__(runner_mod.Engine)
+    eng.attn, eng.device = _Attn(), torch.device("cpu")
+    eng._graph_failed, eng._graph_key, eng._graph, eng._logits, eng._graph_error = False, None, None, None, None
+
+    def failing_capture():
+        try:
+            pieces(None, 1)                           # the original failure, inside offload's code
+        except TypeError:
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    eng._capture = failing_capture
+    monkeypatch.setattr(runner_mod.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(runner_mod, "heal_rng_after_failed_capture", lambda device: None)
+    with pytest.warns(RuntimeWarning, match="piecewise graphs") as rec:
+        assert eng._tiered_graph_ok() is False
+        assert eng._tiered_graph_ok() is False        # never retried, no second warning
+    assert len(rec) == 1 and "tiers/slots.py:" in str(rec[0].message)
+    assert eng._graph_failed and eng._graph_error.startswith("TypeError")

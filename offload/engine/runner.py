@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -135,6 +136,10 @@ class Engine:
                 self._graph_error = first_error(e)
                 torch.cuda.synchronize()
                 heal_rng_after_failed_capture(self.device)
+                # the user sees slower decode, not wrong output: say why once (the session's stats keep it)
+                warnings.warn(f"decode step not captured as one CUDA graph ({self._graph_error}); decoding goes "
+                              "on with piecewise graphs, slower; OFFLOAD_DEBUG_CAPTURE=1 prints the traceback",
+                              RuntimeWarning, stacklevel=3)
                 return False
         return True
 
