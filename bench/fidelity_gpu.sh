@@ -13,7 +13,7 @@
 # source, default 3), METHODS (comma list, default below), DEVICE (default cuda), THREADS (torch CPU threads,
 # default 8), EXTRA (more fidelity.py flags).
 # A CPU smoke of the same path: DEVICE=cpu THREADS=1 DEADLINE_S=0 CONTEXTS=1K DOCS=1 EXTRA="--suite-sources lists
-#   --teacher-context 1024 --continuation 8" bash bench/fidelity_gpu.sh /tmp/fid
+#   --teacher-context 1024 --continuation 8" bash bench/fidelity_gpu.sh /tmp/fidelity_smoke
 set -uo pipefail
 OUT=${1:?usage: bash bench/fidelity_gpu.sh OUT_DIR}
 mkdir -p "$OUT"
