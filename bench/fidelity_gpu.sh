@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 13's fidelity harness on one GPU in one process: the needle suite (108 questions, 2K/4K/8K x 3 sources x
-# 2 documents) and teacher forcing (7,936 + 256 tokens) for every index and unit, with the oracle, against full
+# Issue 13's fidelity harness on one GPU in one process: the needle suite (162 questions, 2K/4K/8K x 3 sources x
+# 3 documents) and teacher forcing (7,936 + 256 tokens) for every index and unit, with the oracle, against full
 # attention on SmolLM2-135M (real GGUF). Writes OUT/fidelity_gpu.{json,md,log} and OUT/fidelity_tables.md.
 # The headline of the tables is "retrieval kept" (bench/fidelity.py's docstring says why).
 #
@@ -8,9 +8,12 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; export PYTHONUNBUFFERED=1 OFFLOAD_NO_PROGRESS=1 OFFLOAD_OFFLINE=1; bash bench/fidelity_gpu.sh $OUT
 #
 # Time: teacher forcing first (11 x 256 steps), then the suite's documents round-robin over 8K/4K/2K until
-# DEADLINE_S (default 330 s after start; the document under way finishes): the JSON's row counts say how much ran.
+# DEADLINE_S (default 300 s after start; the document under way finishes): the JSON's row counts say how much ran.
 # Env: DTYPE (float32 | bfloat16, default float32), DEADLINE_S, CONTEXTS (default 2K,4K,8K), DOCS (per context and
-# source, default 2), METHODS (comma list, default below).
+# source, default 3), METHODS (comma list, default below), DEVICE (default cuda), THREADS (torch CPU threads,
+# default 8), EXTRA (more fidelity.py flags).
+# A CPU smoke of the same path: DEVICE=cpu THREADS=1 DEADLINE_S=0 CONTEXTS=1K DOCS=1 EXTRA="--suite-sources lists
+#   --teacher-context 1024 --continuation 8" bash bench/fidelity_gpu.sh /tmp/fidelity_smoke
 set -uo pipefail
 OUT=${1:?usage: bash bench/fidelity_gpu.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -26,11 +29,12 @@ export OFFLOAD_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERE
 METHODS=${METHODS:-summary-max@2K/32,oracle@5%/16,summary-max@5%/16,shadow-r32-mass@5%/16,ann-l2aug@5%/16,\
 summary-max@10%/16+tok8m0.97f64,shadow-r32-mass@10%/16+tok4m0.97f64,shadow-r32-mass@5%/16+tok4sumsh,\
 shadow-r32-mass-cf1@5%/16+tok8sumsh}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 echo "=== fidelity $(date +%T)"
-python bench/fidelity.py --device cuda --dtype "${DTYPE:-float32}" --model "$GGUF" --parts teacher,suite \
-  --suite-contexts "${CONTEXTS:-2K,4K,8K}" --suite-docs "${DOCS:-2}" --suite-methods "$METHODS" \
-  --teacher-methods "$METHODS" --deadline-s "${DEADLINE_S:-330}" --threads 8 \
+# shellcheck disable=SC2086  # EXTRA: several flags
+python bench/fidelity.py --device "${DEVICE:-cuda}" --dtype "${DTYPE:-float32}" --model "$GGUF" --parts teacher,suite \
+  --suite-contexts "${CONTEXTS:-2K,4K,8K}" --suite-docs "${DOCS:-3}" --suite-methods "$METHODS" \
+  --teacher-methods "$METHODS" --deadline-s "${DEADLINE_S:-300}" --threads "${THREADS:-8}" ${EXTRA:-} \
   --out "$OUT/fidelity_gpu.json" --markdown "$OUT/fidelity_gpu.md" > "$OUT/fidelity_gpu.log" 2>&1
 rc=$?
 grep -v "^\[ *[0-9]*s\]   " "$OUT/fidelity_gpu.log" | tail -60      # progress lines of single questions left out

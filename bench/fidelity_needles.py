@@ -1,20 +1,24 @@
 """The needles and questions of the needle suite (bench/fidelity_suite.py), in two wordings.
 
-v2 (the default) is worded so that SmolLM2-135M with full attention answers most questions at 2K-8K: a needle
-suite scores sparse decode by the questions full attention gets right ("retrieval kept", bench/fidelity.py), so
-those must be many. What a 135M model does with full attention, measured on the CPU at 2K (36 questions, six
-documents; bench/RESULTS.md has the figures):
-  - it copies a number that follows the same words as the answer prefix (an induction copy), but with three
-    doors the words before each number were identical ("... door is") and it copied the first door's key;
-    v2 puts the label right before the number ("The passkey of Lima is Lima-4350.", answer prefix "The
-    passkey of Lima is Lima-"), so only the asked needle continues the prefix;
-  - shorter numbers (4 digits) are copied more often than 5 (still 1 in 9,000 to guess);
-  - asked for a list ("The special magic numbers for X are"), it writes a markdown list of anything; v2's
-    answer prefix is the needle sentence itself, and both numbers must follow (either order);
-  - it cannot follow a variable chain in one step; v2's answer prefix walks the chain (the asked variable, the
-    one it copies, the one that holds the number), so the answer needs the first hop's needle-free prefix and
-    the last hop's needle: a two-label lookup through the chain's wording, not RULER's multi-hop tracking.
+v2 (the default) is worded so that SmolLM2-135M with full attention answers most questions: the suite scores
+sparse decode by the questions full attention gets right ("retrieval kept", bench/fidelity.py), so those must be
+many. Full attention on the CPU at 2K (36 questions: 2 documents x 3 sources, seed 0, 2026-11-30) answers v1 11 of
+36 (multi-key 6/18, single 4/6, multi-value 1/6, variable tracking 0/6) and v2 27 of 36 (14/18, 5/6, 3/6, 5/6).
+What the 135M model does, and what v2 changes for it:
+  - it copies the number that follows the words of the answer prefix (an induction copy); with three doors the
+    words before each key were the same ("... door is") and it copied one door's key for all three; v2 puts the
+    label right before the number ("The passkey of Lima is Lima-4350."; prefix "The passkey of Lima is Lima-");
+  - 4-digit numbers instead of 5 (still 1 in 9,000 to guess), questions without "in the text above? Answer
+    with the number only.";
+  - asked for a list ("The special magic numbers for X are") it writes a markdown list of anything; v2 answers in
+    two stages: the first needle's words ("One special magic number for X is"), then, after that number, the
+    second's (". Another special magic number for X is"); both numbers must be the needles' (either order);
+  - it cannot follow a variable chain on its own; v2's prefix states the chain ("C is a copy of B, which is a
+    copy of A. The value of A is"), so the answer needs the needle holding A's value among two chain needles
+    naming A: a lookup through the chain's words, not RULER's multi-hop tracking (kept as a task kind because
+    the chain's needles are distractors that share its names).
 v1 is the wording of the runs in bench/RESULTS.md before 2026-11-30 (--suite-wording v1 reproduces them).
+A question is (kind, question, answer prefix, answer digits, numbers[, later prefixes]).
 """
 from __future__ import annotations
 
@@ -54,9 +58,10 @@ def _v2(rng: random.Random):
     word = rng.choice(WORDS)
     d1, d2 = sorted(rng.uniform(0.05, 0.95) for _ in range(2))
     out += [(d1, f"One special magic number for {word} is {keys[4]}."),
-            (d2, f"One special magic number for {word} is {keys[5]}.")]
+            (d2, f"Another special magic number for {word} is {keys[5]}.")]
     questions.append(("multivalue", f"What are the two special magic numbers for {word}?",
-                      f"One special magic number for {word} is", f"{keys[4]},{keys[5]}", 2))
+                      f"One special magic number for {word} is", f"{keys[4]},{keys[5]}", 2,
+                      (f". Another special magic number for {word} is",)))
     a, b, c = var_names(rng, 3)
     value = str(rng.randrange(1000, 10000))
     hops = sorted(rng.uniform(0.05, 0.95) for _ in range(3))

@@ -115,7 +115,13 @@ def _suite_section(doc: dict) -> list[str]:
              *[_pct(r.get(f"kept_{c // 1024}K")) for c in ctxs], _pct(r["eq_full"]), _pct(r["correct"]),
              _num(r["budget_pct"], "{}"), _pct(r["top1"]), _num(r["kl"], "{:.4f}"), _num(r["teacher_budget_pct"], "{}"),
              r["meets"]] for r in rows]
-    return out + _table(head, body) + [""]
+    out += _table(head, body) + [""]
+    ran = len({c["case"].rsplit("-", 1)[0] for c in doc["suite"]["cases"]})
+    if doc["suite"].get("documents_planned", ran) > ran:
+        out += [f"Stopped at the deadline: {ran} of {doc['suite']['documents_planned']} documents ran.", ""]
+    for label, err in {**doc["suite"].get("errors", {}), **doc.get("teacher", {}).get("errors", {})}.items():
+        out += [f"- `{label}` failed and was dropped: {err}"]
+    return out + [""]
 
 
 # ---- markdown --------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ _CITY = ("Oslo", "Lyon", "Porto", "Graz", "Turku", "Bergen", "Leeds", "Aarhus", 
 @dataclass(frozen=True)
 class SuiteDoc:
     """One document with all tasks' needles; `questions` = [(case name, kind, answer digits, question ids,
-    answer-prefix ids, numbers)]: the question ids continue the document, the answer prefix continues them."""
+    answer-prefix ids, numbers, later prefixes)]: the question ids continue the document, the answer prefix
+    continues them; later prefixes (ids; one per number after the first, or none) are fed after each number."""
 
     name: str
     context: int
@@ -88,8 +89,8 @@ def suite_docs(tokenizer, contexts: list[int], sources: list[str], docs_per: int
             for i in range(docs_per):
                 needles, questions = make_needles(rng, wording)
                 head, _ = split_template(tokenizer, "", "")
-                tails = [split_template(tokenizer, q, prefix)[1] for _, q, prefix, _, _ in questions]
-                asks = [split_template(tokenizer, q, "")[1] for _, q, _, _, _ in questions]
+                tails = [split_template(tokenizer, q[1], q[2])[1] for q in questions]
+                asks = [split_template(tokenizer, q[1], "")[1] for q in questions]
                 assert all(t[:len(a)] == a for t, a in zip(tails, asks)), "answer prefix must start a new token"
                 needle_ids = [(d, tokenizer.encode(t + "\n", add_special_tokens=False)) for d, t in needles]
                 room = ctx - reserve - len(head) - max(map(len, tails)) - sum(len(n) for _, n in needle_ids)
@@ -103,8 +104,10 @@ def suite_docs(tokenizer, contexts: list[int], sources: list[str], docs_per: int
                     last = pos
                 doc += base[last:]
                 name = f"{ctx // 1024}K-{source}-{i + first_index}"
-                qs = tuple((f"{name}-{kind}{k if kind == 'multikey' else ''}", kind, answer, asks[k],
-                            tails[k][len(asks[k]):], numbers) for k, (kind, _, _, answer, numbers) in enumerate(questions))
+                qs = tuple((f"{name}-{q[0]}{k if q[0] == 'multikey' else ''}", q[0], q[3], asks[k],
+                            tails[k][len(asks[k]):], q[4],
+                            tuple(tokenizer.encode(t, add_special_tokens=False) for t in (q[5] if len(q) > 5 else ())))
+                           for k, q in enumerate(questions))
                 out.append(SuiteDoc(name, ctx, source, head, doc, qs))
     return out
 
@@ -149,7 +152,7 @@ def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_
         # document-level variants (sparse prefill): their own prefill of the same document
         doc_bases = {m.label: m.prefill_document(llm, ids) for m in methods if hasattr(m, "prefill_document")}
         prefill_s = time.perf_counter() - t0
-        for name, kind, answer, ask, prefix, numbers in d.questions:
+        for name, kind, answer, ask, prefix, numbers, later in d.questions:
             row = {"case": name, "context": d.context, "source": d.source, "kind": kind, "answer": answer,
                    "tokens": len(d.head) + len(d.doc) + len(ask) + len(prefix), "methods": {}}
             asked = base.fork(attention="full")
@@ -158,8 +161,8 @@ def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_
                 if m.label in errors:
                     continue
                 try:
-                    row["methods"][m.label] = _answer(llm, m, asked, doc_bases, fork, greedy_answer, ask, prefix,
-                                                      max_new, numbers, row["tokens"])
+                    row["methods"][m.label] = _answer(llm, m, asked, doc_bases, fork, greedy_answer, ask,
+                                                      (prefix, *later), max_new, numbers, row["tokens"])
                 except Exception as e:   # noqa: BLE001  one method failing (on a device, say) drops it, not the run
                     if m.label == "full":
                         raise
@@ -180,15 +183,20 @@ def run_suite(llm, docs: list[SuiteDoc], methods, fork, greedy_answer, log, max_
     return rows
 
 
-def _answer(llm, m, asked, doc_bases, fork, greedy_answer, ask, prefix, max_new, numbers, tokens) -> dict:
-    """One method's answer to one question: {text, digits, s, tokens_per_head?, prefill_density?}."""
+def _answer(llm, m, asked, doc_bases, fork, greedy_answer, ask, prefixes, max_new, numbers, tokens) -> dict:
+    """One method's answer to one question: {text, digits, s, tokens_per_head?, prefill_density?}. prefixes: the
+    answer prefix, then (staged answers) one prefix per further number, fed after the previous number's digits."""
     extra = {}
     if m.label in doc_bases:
         sess, extra["prefill_density"] = m.ask(doc_bases[m.label], ask)
     else:
         sess = fork(asked, m)
     try:
-        text, _, secs = greedy_answer(sess, prefix, llm.tokenizer, max_new * numbers, numbers=numbers)
+        each = 1 if len(prefixes) > 1 else numbers
+        text, secs = "", 0.0
+        for prefix in prefixes:
+            part, _, s = greedy_answer(sess, list(prefix), llm.tokenizer, max_new * each, numbers=each)
+            text, secs = text + (" | " if text else "") + part, secs + s
         used = selected_tokens(sess, m)
     finally:
         sess.close()

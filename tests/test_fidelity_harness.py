@@ -30,10 +30,10 @@ def test_default_suite_has_100_cases_over_three_sources_and_four_tasks(llm):
         size = len(d.head) + len(d.doc) + max(len(q[3]) + len(q[4]) for q in d.questions)
         assert d.context - 64 <= size <= d.context, (d.name, size)          # fills its context, never past it
         text = tok.decode(d.doc)
-        for name, kind, answer, ask, prefix, numbers in d.questions:
+        for name, kind, answer, ask, prefix, numbers, later in d.questions:
             for key in answer.split(","):
                 assert key in text, (name, key)                              # every answer is in the document
-            assert len(answer.split(",")) == numbers
+            assert len(answer.split(",")) == numbers and len(later) in (0, numbers - 1)
             assert tok.decode(prefix).strip() and tok.decode(ask).strip().endswith("assistant")
     # the three sources really differ (not one text three times)
     starts = {d.source: tok.decode(d.doc[:200]) for d in docs if d.context == 2048}
@@ -260,3 +260,22 @@ def test_token_picks_counts_on_the_selection_device_without_syncing():
     assert int(ok.sum()) < int(ok2.sum()) <= 32                           # a higher mass keeps more tokens
     TOKEN_PICKS.reset()
     assert TOKEN_PICKS.mean() is None
+
+
+def test_gpu_script_methods_parse_and_include_the_default_and_the_oracle():
+    """bench/fidelity_gpu.sh is pasted into one device call: a typo in its method list would cost the call."""
+    import re
+    import subprocess
+
+    from fidelity_variants import parse_all
+    from offload.config import OffloadConfig
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "fidelity_gpu.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = open(script).read()
+    methods = parse_all(re.search(r"METHODS=\$\{METHODS:-(.*?)\}\n", text, re.S)[1].replace("\\\n", ""))
+    labels = {m.label for m in methods}
+    cfg = OffloadConfig()     # what LLM(attention="sparse") selects today
+    assert f"summary-max@{cfg.budget}/{cfg.chunk_tokens}" in labels and (cfg.index, cfg.select_unit) == ("summary", "chunk")
+    assert "oracle@5%/16" in labels and len(methods) >= 9
+    assert {m.config.split("-")[0] for m in methods} >= {"summary", "shadow", "ann", "oracle"}
+    assert any(m.tok_shadow for m in methods) and any(m.tok_mass for m in methods)
