@@ -143,10 +143,11 @@ class TokenPicks:
 
     def _select(self, *args, **kw):
         idx, ok = self.inner(*args, **kw)
-        if self.counts is None or self.counts.device != ok.device:
-            self.counts = torch.zeros(2, dtype=torch.long, device=ok.device)
-        self.counts[0].add_(ok.sum())
-        self.counts[1].add_(ok.shape[0])
+        with torch.inference_mode():   # the counts may be inference tensors (made in a session): update them as such
+            if self.counts is None or self.counts.device != ok.device:
+                self.counts = torch.zeros(2, dtype=torch.long, device=ok.device)
+            self.counts[0].add_(ok.sum())
+            self.counts[1].add_(ok.shape[0])
         return idx, ok
 
     def reset(self, device=None) -> None:
@@ -154,7 +155,8 @@ class TokenPicks:
         if self.inner is None:
             import offload.kernels.tokens as tokens
             self.inner, tokens.select_tokens = tokens.select_tokens, self._select
-        self.counts = None if device is None else torch.zeros(2, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            self.counts = None if device is None else torch.zeros(2, dtype=torch.long, device=device)
 
     def mean(self) -> float | None:
         """Tokens per KV head and step since the last reset (None: the stage never ran)."""
