@@ -7,6 +7,12 @@
 # The device command (one `run` call; the GGUF at $OFFLOAD_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf, carry [".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; export PYTHONUNBUFFERED=1 OFFLOAD_NO_PROGRESS=1 OFFLOAD_OFFLINE=1; bash bench/fidelity_gpu.sh $OUT
 #
+# Getting the GGUF there (98 MB, over one call's 64 MiB): split it here into two git-ignored folders (`head -c 40000000
+# GGUF > .gga/part`, `tail -c +40000001 GGUF > .ggb/part`); call 1 carries .gga and copies it to /tmp/oc/partA (a
+# folder of the repo that the next call does not carry is removed there; /tmp stays while the machine is warm, 30 s);
+# call 2, issued at once, carries .ggb, concatenates both into /tmp/oc and runs this with OFFLOAD_CACHE=/tmp/oc
+# (2026-11-30: ~65 s a document for 10 methods, so 162 questions need DEADLINE_S of ~1,700: two or three calls).
+#
 # Time: teacher forcing first (11 x 256 steps), then the suite's documents round-robin over 8K/4K/2K until
 # DEADLINE_S (default 300 s after start; the document under way finishes): the JSON's row counts say how much ran.
 # Env: DTYPE (float32 | bfloat16, default float32), DEADLINE_S, CONTEXTS (default 2K,4K,8K), DOCS (per context and
