@@ -7,6 +7,7 @@ host tensor's pointer is valid on the device under UVA, so a host pool is read i
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -15,6 +16,24 @@ import numpy as np
 import torch
 
 from . import _build
+
+SMEM_DEFAULT = 48 * 1024   # dynamic shared memory a launch gets without raising the function's limit
+_smem_raised: dict[int, int] = {}
+
+
+def allow_smem(fn, nbytes: int) -> bool:
+    """Raise fn's dynamic shared memory limit to nbytes (once per size); False when CuPy offers no way to."""
+    if nbytes <= SMEM_DEFAULT or _smem_raised.get(id(fn), 0) >= nbytes:
+        return True
+    try:
+        with warnings.catch_warnings():   # some CuPy versions deprecate the RawKernel attribute
+            warnings.simplefilter("ignore")
+            fn.max_dynamic_shared_size_bytes = nbytes
+    except AttributeError:
+        return False
+    _smem_raised[id(fn)] = nbytes
+    return True
+
 
 _TAGS = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 _IDX = {torch.int32: "int", torch.int64: "long long"}

@@ -4,19 +4,16 @@ CuPy has loaded; `supports_ranked` says which inputs they cover, the torch path 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 
 from . import _build
-from ._cupy import _TAGS, _VEC, _attend, _launch, _ptr, _sm_count, supports_gather
+from ._cupy import allow_smem, _TAGS, _VEC, _attend, _launch, _ptr, _sm_count, supports_gather
 from .reference import ALT_SLOT
 
 _SL_THREADS, _TS_THREADS, _CR_THREADS = 256, 1024, 256   # SL_THREADS / TS_THREADS / CR_THREADS in tokens.cu
-_SMEM_DEFAULT = 48 * 1024                  # dynamic shared memory a launch gets without raising the limit
 _SMEM_MAX = 160 * 1024                     # the select keeps 4 bytes per candidate token in shared memory
-_raised: dict[int, int] = {}
 
 
 def supports_ranked(q, pool, slots, alt, cand, basis, shadows, k: int) -> bool:
@@ -35,20 +32,6 @@ def supports_ranked(q, pool, slots, alt, cand, basis, shadows, k: int) -> bool:
     rows = max(pool.shape[0], 0 if alt is None else alt.shape[0]) * 2 * hkv * c
     return (supports_shadow_logits(q, basis, shadows, cand) and shadows.shape[2] == c and phkv == hkv
             and 0 < k <= m and 4 * m <= _SMEM_MAX and rows < ALT_SLOT and slots.dtype == torch.int32)
-
-
-def _allow_smem(fn, nbytes: int) -> bool:
-    """Raise fn's dynamic shared memory limit to nbytes (once per size); False when CuPy offers no way to."""
-    if nbytes <= _SMEM_DEFAULT or _raised.get(id(fn), 0) >= nbytes:
-        return True
-    try:
-        with warnings.catch_warnings():   # some CuPy versions deprecate the RawKernel attribute
-            warnings.simplefilter("ignore")
-            fn.max_dynamic_shared_size_bytes = nbytes
-    except AttributeError:
-        return False
-    _raised[id(fn)] = nbytes
-    return True
 
 
 LOGITS, GROUP_MAX, CHUNK_LSE, CHUNK_MAX = 0, 1, 2, 3   # SL_* output modes of shadow_logits_kernel
@@ -118,7 +101,7 @@ def token_select(logits, parts, base_lse, cand, held, c: int, k: int, rows: bool
     ok = torch.empty((hkv, k), dtype=torch.bool, device=dev)                   # ok: [Hkv, k]
     row = torch.empty((hkv, k), dtype=torch.int32, device=dev) if rows else None   # row: [Hkv, k]
     fn = _build.function("tokens.cu", f"token_select_kernel<{g}>", dev.index)
-    if not _allow_smem(fn, 4 * m):
+    if not allow_smem(fn, 4 * m):
         raise RuntimeError(f"token_select needs {4 * m} bytes of shared memory; this CuPy cannot raise the limit")
     base = None if base_lse is None else base_lse.float().contiguous()        # base: [Hq]
     args = (_ptr(logits), _ptr(parts), np.int32(0 if parts is None else parts.shape[1]), _ptr(base),
@@ -144,7 +127,7 @@ def select_rows(scores, count, k: int):
     val = torch.empty((hkv, k), dtype=torch.float32, device=dev)               # val: [Hkv, k]
     ok = torch.empty((hkv, k), dtype=torch.bool, device=dev)                   # ok: [Hkv, k]
     fn = _build.function("tokens.cu", "token_select_kernel<1>", dev.index)
-    if not _allow_smem(fn, 4 * n):
+    if not allow_smem(fn, 4 * n):
         raise RuntimeError(f"select_rows needs {4 * n} bytes of shared memory; this CuPy cannot raise the limit")
     args = (_ptr(scores), _ptr(None), np.int32(0), _ptr(None), _ptr(None), np.int64(0), _ptr(None), np.int64(0),
             np.int32(n), np.int32(0), np.int32(k), np.int32(hkv), _ptr(idx), _ptr(val), _ptr(ok), _ptr(None),

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
 import numpy as np
 import torch
 
 from . import _build, wgemv_table
-from ._cupy import _TAGS, _launch, _ptr, _sm_count
+from ._cupy import SMEM_DEFAULT, allow_smem, _TAGS, _launch, _ptr, _sm_count
 
 WARPS = 4                  # WQ_ROWS in wquant.cu
 ROWS_PER_WARP = 2          # WQ_RPW (a -DWQ_RPW=n in the defines overrides it)
-_SMEM_DEFAULT = 48 * 1024  # dynamic shared memory a launch gets without raising the function's limit
 _SMEM_MAX = 227 * 1024     # what Hopper and Ampere allow a block after raising it
 
 # benchmarks and tests set -D tuning options of wquant.cu's gemv_kernel here (e.g. "-DWQ_RPW=4"); when set,
@@ -22,7 +20,6 @@ _SMEM_MAX = 227 * 1024     # what Hopper and Ampere allow a block after raising 
 wquant_defines: tuple[str, ...] = ()
 # benchmarks and tests: run this variant (a wgemv_table.Variant) for every part instead of the table's pick
 forced_variant: wgemv_table.Variant | None = None
-_raised: dict[int, int] = {}
 
 
 def gemv_part(x: torch.Tensor, planes: list[torch.Tensor], code: int, y: torch.Tensor, rows: int, cols: int,
@@ -42,7 +39,7 @@ def gemv_part(x: torch.Tensor, planes: list[torch.Tensor], code: int, y: torch.T
         v = dataclasses.replace(v, xsmem=0)
         smem = 4 * v.warps * v.rpw
     fn = _build.function("wgemv.cu", f"gemv2_kernel<{_TAGS[x.dtype]}, {code}>", x.device.index, v.defines)
-    if smem > _SMEM_DEFAULT and not _allow_smem(fn, smem):   # this CuPy cannot raise the limit: x through L1
+    if smem > SMEM_DEFAULT and not allow_smem(fn, smem):   # this CuPy cannot raise the limit: x through L1
         v = dataclasses.replace(v, xsmem=0)
         smem = 4 * v.warps * v.rpw
         fn = _build.function("wgemv.cu", f"gemv2_kernel<{_TAGS[x.dtype]}, {code}>", x.device.index, v.defines)
@@ -61,20 +58,6 @@ def _gemv_tc(x, planes, code, y, rows, cols, v) -> None:
     ptrs = [_ptr(p) for p in planes] + [_ptr(None)] * (4 - len(planes))
     args = (*ptrs, _ptr(x), _ptr(y), np.int32(rows), np.int32(cols), np.int32(tiles))
     _launch(fn, x.device, (grid,), args, threads=32 * v.warps)
-
-
-def _allow_smem(fn, nbytes: int) -> bool:
-    """Raise fn's dynamic shared memory limit to nbytes (once per size); False when CuPy offers no way to."""
-    if _raised.get(id(fn), 0) >= nbytes:
-        return True
-    try:
-        with warnings.catch_warnings():   # some CuPy versions deprecate the RawKernel attribute
-            warnings.simplefilter("ignore")
-            fn.max_dynamic_shared_size_bytes = nbytes
-    except AttributeError:
-        return False
-    _raised[id(fn)] = nbytes
-    return True
 
 
 def precompile(jobs, device_index: int, workers: int = 8) -> dict:
