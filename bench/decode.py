@@ -5,7 +5,8 @@
 Modes: exact (offload, whole KV on the device, CUDA graph), offload-full (offload, tiered exact attention),
 MODE@KVDTYPE (e.g. offload-full@int8: host and disk KV compressed, issue 12), MODE:WEIGHTS (e.g. exact:q4:
 weights quantized at load, issue 16; `--weights bf16,q8_0,q4` runs every offload mode with each),
-sparse (offload, sparse retrieval), hf (transformers, whole KV on the GPU), hf-offload
+sparse (offload, sparse retrieval), MODE+hot (promote_hot: hot host chunks trade places with cold GPU ones,
+issue 13), hf (transformers, whole KV on the GPU), hf-offload
 (transformers DynamicCache(offloading=True)). Writes JSON (bench/out/decode.json) and prints a table.
 `--gemv` adds the quantized-weight GEMV kernels alone on the model's layer shapes (GB/s of weight bytes read)
 beside the device's copy ceiling (a 2 GiB device-to-device copy, read + write bytes) in the same process.
@@ -31,12 +32,15 @@ def run_offload(args, ctx: int, mode: str) -> dict:
     from offload import LLM
     mode, _, weights = mode.partition(":")      # e.g. exact:q4: weights quantized at load (issue 16)
     mode, _, kv_dtype = mode.partition("@")     # e.g. offload-full@int8: host/disk KV in int8 (issue 12)
+    mode, hot = mode.removesuffix("+hot"), mode.endswith("+hot")   # sparse+hot: promote_hot (tiers/hot.py)
     attention = {"exact": "full", "offload-full": "full", "sparse": "sparse"}[mode]
     opts = dict(model=args.model, load_format="dummy", ctx=ctx + args.steps + 8, attention=attention)
     if mode == "offload-full":
         opts["gpu_mem"] = args.kv_gpu_mem   # forces most of the KV to the host tier
     if kv_dtype:
         opts["kv_dtype"] = kv_dtype
+    if hot:
+        opts["promote_hot"] = True
     if weights:
         opts["weights"] = weights
     if mode != "exact" and args.host_mem:
@@ -71,6 +75,7 @@ def run_offload(args, ctx: int, mode: str) -> dict:
     if mode == "sparse" and args.select_unit == "token":
         mode_name += f"+tok{args.token_candidates:g}" + (f"m{args.token_mass:g}" if args.token_mass else "")
         mode_name += "sh" if args.token_scores == "shadow" else ""
+    mode_name += "+hot" if hot else ""
     mode_name += f"@{kv_dtype}" if kv_dtype else ""
     mode_name += f":{weights}" if weights else ""
     row = {"mode": mode_name, "ctx": ctx, "ms_per_token": median(times[args.warmup:]),

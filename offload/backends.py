@@ -215,7 +215,7 @@ def make(spec: RuntimeSpec, plan_=None, cfg=None):
     C, n_sink, n_window = _geometry(cfg)
     store = TieredKVStore(ChunkShape(mc.num_kv_heads, C, mc.head_dim, spec.dtype), mc.num_layers, p.capacities,
                           spec.device, disk_dir=cfg.disk_dir, policy=cfg.policy, sink_chunks=n_sink,
-                          window_chunks=n_window, kv_dtype=p.kv_dtype)
+                          window_chunks=n_window, kv_dtype=p.kv_dtype, promote_hot=cfg.promote_hot)
     indexes, budget = None, None
     if m == "sparse":
         budget = Budget.parse(cfg.budget, cfg.streaming_heads)

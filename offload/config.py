@@ -101,6 +101,9 @@ class OffloadConfig:
     # low-rank key shadows on the GPU, and only the picked tokens' exact K and V rows are read (ShadowKV's idea)
     token_scores: str = "keys"
     policy: str = "lru"                   # which chunks stay on faster tiers: lru | attention
+    # decode with a bf16 host tier: once per chunk of tokens, host chunks the steps kept selecting trade places
+    # with GPU-pool chunks the policy ranks below them (exact: bytes are copied as they are; tiers/hot.py)
+    promote_hot: bool = False
     kv_dtype: str = "bf16"                # KV in the host and disk tiers: bf16 (as computed) | int8 | int4
                                           # (compressed, lossy: bench/RESULTS.md, issue 12) | auto
     sink_tokens: int = 64                 # always attended and kept on the GPU (attention sinks)

@@ -3,7 +3,8 @@
     store.open_decode(max_chunks)                # once: the chunk table mirrored on the device at full size
     store.begin_decode(n_chunks)                 # per forward: re-mirror if chunks moved, set the count
     plan = store.plan(layer, selection)          # per layer: one plan_slots launch (+ drive reads if needed)
-    store.feedback(teach)                        # once per chunk of tokens: selection hits -> eviction policy
+    store.feedback(teach)                        # once per chunk of tokens: selection hits -> eviction policy,
+                                                 # and hot host chunks up to the GPU pool (tiers/hot.py)
 
 The device mirror is rewritten in place, so a captured step reads where chunks are now and chunk moves or
 appends need no recapture. Every selected chunk is looked up by the same kernel (`kernels.plan_slots`),
@@ -245,6 +246,7 @@ class DecodeMixin:
         copied to pinned memory on the compute stream and reach the policy once the copy is done (at the
         next put or feedback that finds it finished); teach=False drops them."""
         self._apply_hits(wait=True)      # the previous feedback's copy: long finished (a chunk of tokens ago)
+        self._promote_hot()              # what those steps kept selecting on the host trades places (tiers/hot.py)
         if teach:
             self._hits_host.copy_(self._chunk_hits, non_blocking=True)      # [L, max chunks]
             self._hits_ready = self._copy_done()
@@ -271,6 +273,7 @@ class DecodeMixin:
             ids = hits[layer].nonzero().flatten()                              # ids: [m]
             if ids.numel():
                 self.learn(layer, ids, hits[layer, ids])
+                self._note_hot(layer, ids)
             self._hits_next = layer + 1
         if self._hits_next == self.num_layers:
             self._hits_ready, self._hits_next = None, 0

@@ -107,3 +107,32 @@ def plan_put(policy: EvictionPolicy, layer: int | torch.Tensor, new_ids: torch.T
     moves.new_disk = pushed_new[to_disk[hr + a:]].tolist()
     moves.new_host = pushed_new[~to_disk[hr + a:]].tolist()
     return moves
+
+
+@dataclass
+class Swaps:
+    """A promotion decision: GPU residents (their slots) that make room, and hot host chunks (positions into the
+    hot list) that take it; equally many of each, the hottest first and the coldest first."""
+    down: list[int] = field(default_factory=list)
+    up: list[int] = field(default_factory=list)
+
+
+def plan_swaps(policy: EvictionPolicy, gpu: Residents, hot_layers: torch.Tensor, hot_chunks: torch.Tensor,
+               num_chunks: torch.Tensor, limit: int) -> Swaps:
+    """Which host chunks the decode steps just selected (hot_layers, hot_chunks: int64 [h]) should trade places
+    with which unpinned GPU residents, by the policy's own ranking: rank both together; whatever lands in the
+    |hot| lowest ranks belongs below the GPU, so each GPU resident among them trades with a hot chunk above them.
+    At most `limit` pairs (the copies of one promotion round)."""
+    movable = ~policy.pinned(gpu.chunks, num_chunks[gpu.layers])                # movable: [r] bool
+    slots = gpu.slots[movable]                                                  # slots: [r']
+    r, h = slots.numel(), hot_chunks.numel()
+    if not r or not h or limit <= 0:
+        return Swaps()
+    cand_layers = torch.cat([gpu.layers[movable], hot_layers])                  # [r' + h]
+    cand_chunks = torch.cat([gpu.chunks[movable], hot_chunks])                  # [r' + h]
+    order = policy.victims(cand_layers, cand_chunks, r + h)                     # order: [r' + h] coldest first
+    low, high = order[:h], order[h:]                                            # [h], [r']
+    down = low[low < r][:limit]                                                 # GPU residents, coldest first
+    up = high.flip(0)                                                           # hottest first
+    up = up[up >= r][:down.numel()] - r                                         # positions into the hot list
+    return Swaps(slots[down[:up.numel()]].tolist(), up.tolist())

@@ -35,6 +35,7 @@ from offload.tiers.fetch import FetchMixin, FetchPlan, PendingFetch
 from offload.tiers.moves import MovesMixin
 from offload.tiers.stream import StreamMixin
 from offload.tiers.host import HostPool
+from offload.tiers.hot import HotMixin
 from offload.tiers.placement import DISK, GPU, HOST, TIER_NAMES, Residents, plan_put
 from offload.tiers.policy import make_policy
 from offload.tiers.sync import SlotStates, new_event
@@ -54,10 +55,11 @@ def _capacities(caps) -> tuple[int, int, int]:
     return gpu, host, disk
 
 
-class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin, ColdMixin):
+class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin, ColdMixin, HotMixin):
     def __init__(self, shape: ChunkShape, num_layers: int, capacities, device: torch.device | str = "cpu",
                  disk_dir: str | None = None, policy="lru", sink_chunks: int = 1, window_chunks: int = 4,
-                 promote: bool = True, io_threads: int = 4, disk_direct: bool = True, kv_dtype: str = "bf16"):
+                 promote: bool = True, io_threads: int = 4, disk_direct: bool = True, kv_dtype: str = "bf16",
+                 promote_hot: bool = False):
         caps = _capacities(capacities)
         # int8 / int4: the host and disk tiers hold packed chunks (quantized when a chunk leaves the GPU pool)
         self.packed = None if kv_dtype == "bf16" else packed_format(kv_dtype, shape)
@@ -66,6 +68,7 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin, ColdMixin)
         self.shape, self.num_layers, self.capacities = shape, num_layers, caps
         self.device = torch.device(device)
         self.promote = promote
+        self.promote_hot = promote_hot      # decode: host chunks selected often trade places with cold GPU ones
         self.policy = make_policy(policy, sink_chunks, window_chunks)
         self.gpu_headroom = caps[GPU] // 64     # demotion batch slack: ~1.5% of the device tier
         self.host_headroom = caps[HOST] // 64 if caps[DISK] else 0   # and of the host tier, when it spills to disk
@@ -280,7 +283,8 @@ class TieredKVStore(MovesMixin, FetchMixin, DecodeMixin, StreamMixin, ColdMixin)
             s[f"bytes_in_use_{name}"] = used * nb
             s[f"capacity_bytes_{name}"] = self.capacities[t] * nb
             s[f"kv_dtype_{name}"] = "bf16" if t == GPU or self.packed is None else self.packed.kv_dtype
-        for k in ("d2h_bytes", "h2d_bytes", "h2disk_bytes", "disk2h_bytes", "promoted_chunks", "fetches", "put_chunks"):
+        for k in ("d2h_bytes", "h2d_bytes", "h2disk_bytes", "disk2h_bytes", "promoted_chunks", "promoted_hot_chunks",
+                  "fetches", "put_chunks"):
             s.setdefault(k, 0)
         return s
 
