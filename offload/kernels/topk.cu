@@ -10,11 +10,6 @@
 #define TK_THREADS 1024
 #define TK_MAX_K 4096                       // shared memory: 8 bytes per slot
 
-__device__ __forceinline__ unsigned int tk_key(float f) {
-    const unsigned int b = __float_as_uint(f);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);   // larger float -> larger key
-}
-
 extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
     const float* __restrict__ scores, long long N, const long long* __restrict__ count, int k,
     long long* __restrict__ out)               // [Hkv, k]
@@ -25,34 +20,13 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
     const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const float* row = scores + (long long)h * N;
     const long long n = min(*count, N);
-    const unsigned int neg_inf_key = tk_key(OFL_NEG_INF);
-    auto key_at = [&](long long i) { return i < n ? tk_key(row[i]) : neg_inf_key; };
+    const unsigned int neg_inf_key = ofl_key(OFL_NEG_INF);
+    auto key_at = [&](long long i) { return i < n ? ofl_key(row[i]) : neg_inf_key; };
 
     // 1. radix select: the k-th largest key, and how many of the keys equal to it to take
     unsigned int prefix = 0, mask = 0, remaining = (unsigned int)k;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid; i < 256; i += TK_THREADS) hist[i] = 0;
-        __syncthreads();
-        for (long long base = 0; base < N; base += TK_THREADS) {        // uniform: the warp stays converged
-            const long long i = base + tid;
-            const unsigned int u = i < N ? key_at(i) : 0u;
-            const bool take = i < N && (u & mask) == prefix;
-            const unsigned int digit = (u >> shift) & 255u;
-            // scores cluster in a few top digits: one atomic per distinct digit in the warp, not per lane; later
-            // passes skip the (slow) match in warps that hold no key of the prefix
-            if (__any_sync(0xffffffffu, take)) {
-                const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
-                if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
-            }
-        }
-        __syncthreads();
-        if (warp == 0) ofl_find_digit(hist, remaining, lane, &s_digit, &s_above);
-        __syncthreads();
-        prefix |= s_digit << shift;
-        remaining -= s_above;
-        mask |= 255u << shift;
-        __syncthreads();                        // s_digit / s_above are rewritten by the next pass
-    }
+    for (int shift = 24; shift >= 0; shift -= 8)
+        ofl_radix_pass(key_at, N, shift, prefix, mask, remaining, hist, &s_digit, &s_above);
     // 2. gather: every key above the threshold (any order), then the first `remaining` ties in row order
     if (tid == 0) s_taken = 0;
     __syncthreads();
