@@ -263,6 +263,9 @@ def chunk_bounds(q, kmin, kmax, n_valid, group_reduce="max", *, out=None):
     return bounds
 
 
+_PLAN_THREADS = 256   # PLAN_THREADS in plan.cu
+
+
 def supports_plan(ids, streaming, count, tier, slot, attended, candidates, chunk_hits) -> bool:
     return (ids.dtype == torch.int64 and ids.dim() == 2 and ids.is_contiguous() and count.dtype == torch.int64
             and streaming.dtype == torch.bool and streaming.is_contiguous() and tier.dtype == torch.int8
@@ -286,7 +289,7 @@ def plan_slots(sel, table, merged=False, with_ids=False):
     args = (_ptr(ids), np.int32(m), _ptr(table.count), np.int32(sel.n_sink), np.int32(sel.n_window),
             np.int32(sel.take), _ptr(sel.streaming), _ptr(table.tier), _ptr(table.slot), _ptr(table.attended),
             _ptr(sel_hits), _ptr(table.chunk_hits), _ptr(gpu_out), _ptr(host_out), _ptr(ids_out), np.int32(merged))
-    _launch(fn, ids.device, (hkv,), args)
+    _launch(fn, ids.device, (hkv,), args, threads=_PLAN_THREADS)
     return SlotLists(gpu_out, None if merged else host_out, ids_out)
 
 
