@@ -193,13 +193,17 @@ def test_reference_select_top_takes_ties_at_the_lower_position():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,k,heads_empty", [(16640, 2048, False), (16640, 2048, True), (1000, 999, False),
-                                            (5000, 1, False), (40000, 4000, False)])
-def test_gpu_token_select_over_many_blocks_picks_the_stable_sort_top_k(m, k, heads_empty):
+@pytest.mark.parametrize("m,k,heads_empty,bucket", [(16640, 2048, False, None), (16640, 2048, True, None),
+                                                   (1024, 1000, False, None), (5000, 1, False, None),
+                                                   (40000, 4000, False, None), (16640, 2048, False, 64)])
+def test_gpu_token_select_over_many_blocks_picks_the_stable_sort_top_k(m, k, heads_empty, bucket, monkeypatch):
     """select.cu's three launches: the same positions as a stable descending sort (ties to the lower position), over
-    several slices per head, with many ties (ranks rounded), padding columns, and a head with no held token."""
-    from offload.kernels import _cupy_tokens as cp
+    several slices per head, with many ties (ranks rounded), padding columns, and a head with no held token. bucket:
+    ST_BUCKET lowered so the threshold kernel reads the first digit's keys from global memory (its other path)."""
+    from offload.kernels import _cupy_select, _cupy_tokens as cp
     from offload.kernels.reference import select_top
+    if bucket is not None:
+        monkeypatch.setattr(_cupy_select, "THRESHOLD_DEFINES", (f"-DST_BUCKET={bucket}",))
     gen = torch.Generator().manual_seed(m + k)
     kc = m // C
     m = kc * C
@@ -236,3 +240,28 @@ def test_gpu_select_rows_picks_the_stable_sort_top_k(n, count, k):
     masked = scores.masked_fill(torch.arange(n) >= count, float("-inf"))             # masked: [Hkv, N]
     got = cp.select_rows(scores.cuda(), torch.tensor([count], device="cuda"), k)      # got: [Hkv, k]
     assert torch.equal(got.cpu(), select_top(masked, k))
+
+
+def test_reference_topk_rows_maps_rows_to_ids():
+    from offload.kernels import reference
+    scores = torch.tensor([[0.1, 0.9, 0.5, 7.0], [3.0, -1.0, 2.0, 9.0]])
+    ids = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23]])
+    assert reference.topk_rows(scores, torch.tensor([3]), 2, ids).tolist() == [[11, 12], [20, 22]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(520, 520), (4100, 74), (3000, 2000)])
+def test_gpu_topk_rows_with_ids_is_the_gather_of_its_rows(n, k):
+    """The shadow index's fine stage: topk_rows best first (k = n with candidate_factor 1: a sort) with the candidates'
+    gather folded in; the same rows as torch, ties to the lower row."""
+    from offload.kernels import _cupy, reference
+    gen = torch.Generator().manual_seed(n)
+    scores = (torch.randn(HKV, n, generator=gen).round(decimals=1) + 0.0).cuda()      # scores: [Hkv, N], ties
+    ids = torch.randint(0, 10 ** 6, (HKV, n), generator=gen).cuda()                    # ids: [Hkv, N]
+    every = torch.tensor([2 ** 62], device="cuda")
+    rows = _cupy.topk_rows(scores, every, k)                                           # rows: [Hkv, k]
+    want = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]      # want: [Hkv, k]
+    assert torch.equal(rows, want)
+    assert torch.equal(_cupy.topk_rows(scores, every, k, ids), ids.gather(1, want))
+    if k == n:                                  # torch.topk orders ties as it likes: compare sets only when all are picked
+        assert torch.equal(reference.topk_rows(scores, every, k, ids).sort(1).values, ids.sort(1).values)

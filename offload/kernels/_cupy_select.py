@@ -14,6 +14,8 @@ from ._cupy import _launch, _ptr
 
 _SEL_THREADS, _SEL_SLICE, _SEL_MAX_SLICES, _ST_THREADS = 256, 1024, 64, 1024   # the #defines of select.cu
 SELECT_MAX = _SEL_SLICE * _SEL_MAX_SLICES   # most keys per head (the threshold kernel counts per slice in shared memory)
+THRESHOLD_DEFINES: tuple[str, ...] = ()   # -D options of the threshold kernel (tests shrink ST_BUCKET to reach its
+                                          # other path, where the first digit's keys are read where they lie)
 
 
 def select_top(scores, m: int, k: int, *, parts=None, base_lse=None, cand=None, held=None, c: int = 1,
@@ -47,7 +49,7 @@ def select_top(scores, m: int, k: int, *, parts=None, base_lse=None, cand=None, 
     _launch(rank, dev, (nb, hkv), (_ptr(scores), _ptr(parts), np.int32(0 if parts is None else parts.shape[1]),
                                    _ptr(base_lse), *cand_args, _ptr(count), np.int32(m), c_shift, _ptr(keys),
                                    _ptr(hist)), threads=_SEL_THREADS)
-    threshold = _build.function("select.cu", "select_threshold_kernel", dev.index)
+    threshold = _build.function("select.cu", "select_threshold_kernel", dev.index, THRESHOLD_DEFINES)
     _launch(threshold, dev, (hkv,), (_ptr(keys), _ptr(hist), np.int32(m), np.int32(nb), np.int32(k), _ptr(thresh),
                                      _ptr(offsets)), threads=_ST_THREADS)
     compact = _build.function("select.cu", "select_compact_kernel", dev.index)
