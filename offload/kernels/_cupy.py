@@ -296,17 +296,20 @@ def plan_slots(sel, table, merged=False, with_ids=False):
 _TOPK_THREADS, _TOPK_MAX_K = 1024, 4096   # TK_THREADS / TK_MAX_K in topk.cu
 
 
-def supports_topk(scores, count, k) -> bool:
+def supports_topk(scores, count, k, ids=None) -> bool:
     return (scores.dtype == torch.float32 and scores.dim() == 2 and scores.is_contiguous()
-            and count.dtype == torch.int64 and count.is_cuda and 1 <= k <= min(_TOPK_MAX_K, scores.shape[1]))
+            and count.dtype == torch.int64 and count.is_cuda and 1 <= k <= min(_TOPK_MAX_K, scores.shape[1])
+            and (ids is None or (ids.is_cuda and ids.dtype == torch.int64 and ids.shape == scores.shape
+                                 and ids.is_contiguous())))
 
 
-def topk_rows(scores, count, k):
-    """One launch: top-k row ids per head among the first `count` rows, best first -> int64 [Hkv, k]."""
+def topk_rows(scores, count, k, ids=None):
+    """One launch: top-k row ids per head among the first `count` rows, best first -> int64 [Hkv, k] (with ids
+    [Hkv, N]: ids[h, row] instead of the row)."""
     hkv, n = scores.shape
     out = torch.empty((hkv, k), dtype=torch.int64, device=scores.device)       # out: [Hkv, k]
     fn = _build.function("topk.cu", "topk_rows_kernel", scores.device.index)
-    args = (_ptr(scores), np.int64(n), _ptr(count), np.int32(k), _ptr(out))
+    args = (_ptr(scores), np.int64(n), _ptr(count), np.int32(k), _ptr(out), _ptr(ids))
     _launch(fn, scores.device, (hkv,), args, threads=_TOPK_THREADS)
     return out
 

@@ -197,13 +197,14 @@ def merge_slot_lists(gpu: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
     return torch.where(host >= 0, host | ALT_SLOT, gpu)                       # [Hkv, K]
 
 
-def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
+def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k row ids per head of scores [Hkv, N] among the first `count` rows (int64 [1], may live on the
-    device), best first -> int64 [Hkv, k]. Scoring every allocated row and masking the rest keeps shapes
-    static, so a captured decode step stays valid while chunks are appended."""
+    device), best first -> int64 [Hkv, k]; with ids [Hkv, N], ids of those rows. Scoring every allocated row and
+    masking the rest keeps shapes static, so a captured decode step stays valid while chunks are appended."""
     rows = torch.arange(scores.shape[1], device=scores.device)                # rows: [N]
     masked = scores.float().masked_fill(rows >= count.to(scores.device), float("-inf"))  # masked: [Hkv, N]
-    return torch.topk(masked, k, dim=1).indices                               # [Hkv, k]
+    top = torch.topk(masked, k, dim=1).indices                                # top: [Hkv, k]
+    return top if ids is None else ids.gather(1, top)                         # [Hkv, k]
 
 
 def select_top(r: torch.Tensor, k: int) -> torch.Tensor:

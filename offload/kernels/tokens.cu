@@ -86,11 +86,14 @@ __global__ void __launch_bounds__(SL_THREADS) shadow_logits_kernel(
                     for (int i = 0; i < VEC; ++i) s[g] = fmaf(qp[g][v * VEC + i], f[i], s[g]);
             }
 #pragma unroll
-            for (int g = 0; g < G; ++g) {
-                s[g] *= scale;
-                const float m2 = fmaxf(mx[g], s[g]);
-                sm[g] = sm[g] * __expf(mx[g] - m2) + __expf(s[g] - m2);
-                mx[g] = m2;
+            for (int g = 0; g < G; ++g) s[g] *= scale;
+            if (part != nullptr) {           // the running softmax norm only where it is asked for
+#pragma unroll
+                for (int g = 0; g < G; ++g) {
+                    const float m2 = fmaxf(mx[g], s[g]);
+                    sm[g] = sm[g] * __expf(mx[g] - m2) + __expf(s[g] - m2);
+                    mx[g] = m2;
+                }
             }
         }
         if (mode == SL_LOGITS) {
