@@ -15,15 +15,15 @@ from offload.kernels.tokens import candidate_valid, rank_logits, ranked_token_at
 HKV, G, D, C, R, CAP, K = 8, 4, 128, 32, 32, 300, 48
 
 
-def _inputs(seed=0, dtype=torch.bfloat16, few_valid=True):
+def _inputs(seed=0, dtype=torch.bfloat16, few_valid=True, kc=K, cap=CAP):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(HKV * G, D, generator=gen).to(dtype).cuda()                      # q: [Hq, D]
     basis = torch.linalg.qr(torch.randn(HKV, D, R, generator=gen))[0].contiguous().cuda()  # basis: [Hkv, D, r]
-    shadows = (3 * torch.randn(HKV, CAP, C, R, generator=gen)).to(dtype).cuda()       # shadows: [Hkv, cap, C, r]
-    cand = torch.stack([torch.randperm(CAP, generator=gen)[:K] for _ in range(HKV)])  # cand: [Hkv, K] chunk ids
+    shadows = (3 * torch.randn(HKV, cap, C, R, generator=gen)).to(dtype).cuda()       # shadows: [Hkv, cap, C, r]
+    cand = torch.stack([torch.randperm(cap, generator=gen)[:kc] for _ in range(HKV)])  # cand: [Hkv, K] chunk ids
     cand[1, -5:] = -1                                                                   # padding columns
-    slots = torch.stack([torch.randperm(CAP, generator=gen)[:K] for _ in range(HKV)]).int()  # slots: [Hkv, K]
-    slots = torch.where(torch.rand(HKV, K, generator=gen) < 0.5, slots | ALT_SLOT, slots)
+    slots = torch.stack([torch.randperm(cap, generator=gen)[:kc] for _ in range(HKV)]).int()  # slots: [Hkv, K]
+    slots = torch.where(torch.rand(HKV, kc, generator=gen) < 0.5, slots | ALT_SLOT, slots)
     slots[cand < 0] = -1
     if few_valid:
         slots[0, 2:] = -1                    # head 0: 64 held tokens, fewer than k: invalid picks must follow
@@ -42,11 +42,13 @@ def _valid(cand, slots):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("reduce,with_base", [("sum", False), ("sum", True), ("max", False)])
-def test_gpu_shadow_select_matches_torch(reduce, with_base):
+@pytest.mark.parametrize("reduce,with_base,kc,k", [("sum", False, K, 512), ("sum", True, K, 512), ("max", False, K, 512),
+                                                 ("sum", True, 520, 2048)])
+def test_gpu_shadow_select_matches_torch(reduce, with_base, kc, k):
+    """The last case is the 128K shape of x8 candidates at a 2K budget: 16,640 tokens, 17 select slices per head."""
     from offload.kernels import _cupy_tokens as cp
-    q, basis, shadows, cand, slots = _inputs()
-    scale, k = D ** -0.5, 512
+    q, basis, shadows, cand, slots = _inputs(kc=kc, cap=max(CAP, kc))
+    scale = D ** -0.5
     base = torch.randn(HKV * G, device="cuda") + 4 if with_base else None               # base: [Hq]
     ref = _ref_logits(q, basis, shadows, cand, scale)                                  # ref: [Hkv, G, M]
     valid = _valid(cand, slots)                                                        # valid: [Hkv, M]
@@ -182,3 +184,84 @@ def test_gpu_select_rows_is_topk_rows_without_the_sort(n, count, k):
     got = cp.select_rows(scores, cnt, k)                                              # got: [Hkv, k]
     assert (got.diff(dim=1) > 0).all()
     assert torch.equal(got, topk_rows(scores, cnt, k).sort(1).values)
+
+
+def test_reference_select_top_takes_ties_at_the_lower_position():
+    from offload.kernels.reference import select_top
+    r = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0], [float("-inf")] * 3 + [0.5, float("-inf"), 0.0]])
+    assert select_top(r, 4).tolist() == [[1, 2, 3, 4], [0, 1, 3, 5]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,heads_empty,bucket", [(16640, 2048, False, None), (16640, 2048, True, None),
+                                                   (1024, 1000, False, None), (5000, 1, False, None),
+                                                   (40000, 4000, False, None), (16640, 2048, False, 64)])
+def test_gpu_token_select_over_many_blocks_picks_the_stable_sort_top_k(m, k, heads_empty, bucket, monkeypatch):
+    """select.cu's three launches: the same positions as a stable descending sort (ties to the lower position), over
+    several slices per head, with many ties (ranks rounded), padding columns, and a head with no held token. bucket:
+    ST_BUCKET lowered so the threshold kernel reads the first digit's keys from global memory (its other path)."""
+    from offload.kernels import _cupy_select, _cupy_tokens as cp
+    from offload.kernels.reference import select_top
+    if bucket is not None:
+        monkeypatch.setattr(_cupy_select, "THRESHOLD_DEFINES", (f"-DST_BUCKET={bucket}",))
+    gen = torch.Generator().manual_seed(m + k)
+    kc = m // C
+    m = kc * C
+    cand = torch.randint(0, 10 ** 6, (HKV, kc), generator=gen)                      # cand: [Hkv, K] chunk ids
+    slots = torch.randint(0, 1000, (HKV, kc), generator=gen).int()                   # slots: [Hkv, K]
+    cand[2, ::3] = -1
+    slots[3, 1::4] = -1
+    if heads_empty:
+        cand[5] = -1
+    # group-max ranks ("max"), rounded: many exact ties across slices; +0.0 folds -0.0 into 0.0 (the kernel orders
+    # -0.0 below 0.0, the sort does not)
+    ranks = (torch.randn(HKV, m, generator=gen) * 3).round(decimals=1) + 0.0          # ranks: [Hkv, M]
+    valid = _valid(cand, slots)                                                        # valid: [Hkv, M]
+    want = select_top(ranks.masked_fill(~valid, float("-inf")), k)                     # want: [Hkv, k]
+    rows = torch.zeros(1, dtype=torch.long, device="cuda")
+    idx, val, ok, row = cp.token_select(ranks.cuda(), None, None, cand.cuda(), slots.cuda(), C, k, True, rows)
+    assert torch.equal(idx.cpu(), want)
+    assert torch.equal(ok.cpu(), valid.gather(1, want))
+    assert torch.equal(val.cpu(), ranks.masked_fill(~valid, float("-inf")).gather(1, want))
+    assert int(rows) == int(valid.gather(1, want).sum())
+    s = slots.long().gather(1, want // C)                                             # s: [Hkv, k]
+    assert torch.equal(row.cpu().long(), torch.where(ok.cpu(), s * 2 * HKV * C + want % C, -1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,count,k", [(4100, 4097, 520), (40000, 39000, 3000), (2048, 10, 64)])
+def test_gpu_select_rows_picks_the_stable_sort_top_k(n, count, k):
+    """Plain score rows (the shadow index's coarse candidates): rows past the count are never picked before the
+    rows under it; ties to the lower row."""
+    from offload.kernels import _cupy_tokens as cp
+    from offload.kernels.reference import select_top
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randn(HKV, n, generator=gen).round(decimals=1) + 0.0              # scores: [Hkv, N], many ties
+    masked = scores.masked_fill(torch.arange(n) >= count, float("-inf"))             # masked: [Hkv, N]
+    got = cp.select_rows(scores.cuda(), torch.tensor([count], device="cuda"), k)      # got: [Hkv, k]
+    assert torch.equal(got.cpu(), select_top(masked, k))
+
+
+def test_reference_topk_rows_maps_rows_to_ids():
+    from offload.kernels import reference
+    scores = torch.tensor([[0.1, 0.9, 0.5, 7.0], [3.0, -1.0, 2.0, 9.0]])
+    ids = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23]])
+    assert reference.topk_rows(scores, torch.tensor([3]), 2, ids).tolist() == [[11, 12], [20, 22]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(520, 520), (4100, 74), (3000, 2000)])
+def test_gpu_topk_rows_with_ids_is_the_gather_of_its_rows(n, k):
+    """The shadow index's fine stage: topk_rows best first (k = n with candidate_factor 1: a sort) with the candidates'
+    gather folded in; the same rows as torch, ties to the lower row."""
+    from offload.kernels import _cupy, reference
+    gen = torch.Generator().manual_seed(n)
+    scores = (torch.randn(HKV, n, generator=gen).round(decimals=1) + 0.0).cuda()      # scores: [Hkv, N], ties
+    ids = torch.randint(0, 10 ** 6, (HKV, n), generator=gen).cuda()                    # ids: [Hkv, N]
+    every = torch.tensor([2 ** 62], device="cuda")
+    rows = _cupy.topk_rows(scores, every, k)                                           # rows: [Hkv, k]
+    want = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]      # want: [Hkv, k]
+    assert torch.equal(rows, want)
+    assert torch.equal(_cupy.topk_rows(scores, every, k, ids), ids.gather(1, want))
+    if k == n:                                  # torch.topk orders ties as it likes: compare sets only when all are picked
+        assert torch.equal(reference.topk_rows(scores, every, k, ids).sort(1).values, ids.sort(1).values)

@@ -163,10 +163,9 @@ class ShadowKeyIndex:
         else:
             cand = self._summary.select(q, m)                                  # cand: [Hkv, m]
         scores = self._fine_scores(q, cand, past_count)                        # scores: [Hkv, m]
-        if scores.is_cuda and kernels.KERNELS_AVAILABLE:
-            local = kernels.topk_rows(scores, self._every_row, k)              # local: [Hkv, k] one launch, best first
-        else:
-            local = torch.topk(scores, k, dim=1).indices                       # local: [Hkv, k]
+        if scores.is_cuda and kernels.KERNELS_AVAILABLE:      # one launch, best first, the gather folded in
+            return kernels.topk_rows(scores, self._every_row, k, cand.contiguous())   # ids: [Hkv, k]
+        local = torch.topk(scores, k, dim=1).indices                           # local: [Hkv, k]
         return cand.gather(1, local)                                           # ids: [Hkv, k]
 
     def chunk_log_mass(self, query: torch.Tensor, cap: int) -> torch.Tensor:

@@ -137,10 +137,11 @@ def plan_slots(sel, table, merged: bool = False, with_ids: bool = False) -> Slot
     with host slots flagged; with_ids: the attended chunk ids too (reference.plan_slots)."""
 
 
-@_kernel(lambda scores, count, k: scores.is_cuda and count.is_cuda,
-         lambda cp, scores, count, k: cp.supports_topk(scores, count, k))
-def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k row ids per head of scores [Hkv, N] among the first `count` (int64 [1]) rows, best first -> [Hkv, k]."""
+@_kernel(lambda scores, count, k, ids=None: scores.is_cuda and count.is_cuda,
+         lambda cp, scores, count, k, ids=None: cp.supports_topk(scores, count, k, ids))
+def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k row ids per head of scores [Hkv, N] among the first `count` (int64 [1]) rows, best first -> [Hkv, k];
+    with ids int64 [Hkv, N], the picked rows' ids (ids.gather(1, rows), in the same launch on the GPU)."""
 
 
 @_kernel(lambda pool, slots, which, rows=None, alt_pool=None: slots.is_cuda and _reachable(pool) and _reachable(alt_pool),

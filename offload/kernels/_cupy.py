@@ -263,6 +263,9 @@ def chunk_bounds(q, kmin, kmax, n_valid, group_reduce="max", *, out=None):
     return bounds
 
 
+_PLAN_THREADS = 256   # PLAN_THREADS in plan.cu
+
+
 def supports_plan(ids, streaming, count, tier, slot, attended, candidates, chunk_hits) -> bool:
     return (ids.dtype == torch.int64 and ids.dim() == 2 and ids.is_contiguous() and count.dtype == torch.int64
             and streaming.dtype == torch.bool and streaming.is_contiguous() and tier.dtype == torch.int8
@@ -286,24 +289,27 @@ def plan_slots(sel, table, merged=False, with_ids=False):
     args = (_ptr(ids), np.int32(m), _ptr(table.count), np.int32(sel.n_sink), np.int32(sel.n_window),
             np.int32(sel.take), _ptr(sel.streaming), _ptr(table.tier), _ptr(table.slot), _ptr(table.attended),
             _ptr(sel_hits), _ptr(table.chunk_hits), _ptr(gpu_out), _ptr(host_out), _ptr(ids_out), np.int32(merged))
-    _launch(fn, ids.device, (hkv,), args)
+    _launch(fn, ids.device, (hkv,), args, threads=_PLAN_THREADS)
     return SlotLists(gpu_out, None if merged else host_out, ids_out)
 
 
 _TOPK_THREADS, _TOPK_MAX_K = 1024, 4096   # TK_THREADS / TK_MAX_K in topk.cu
 
 
-def supports_topk(scores, count, k) -> bool:
+def supports_topk(scores, count, k, ids=None) -> bool:
     return (scores.dtype == torch.float32 and scores.dim() == 2 and scores.is_contiguous()
-            and count.dtype == torch.int64 and count.is_cuda and 1 <= k <= min(_TOPK_MAX_K, scores.shape[1]))
+            and count.dtype == torch.int64 and count.is_cuda and 1 <= k <= min(_TOPK_MAX_K, scores.shape[1])
+            and (ids is None or (ids.is_cuda and ids.dtype == torch.int64 and ids.shape == scores.shape
+                                 and ids.is_contiguous())))
 
 
-def topk_rows(scores, count, k):
-    """One launch: top-k row ids per head among the first `count` rows, best first -> int64 [Hkv, k]."""
+def topk_rows(scores, count, k, ids=None):
+    """One launch: top-k row ids per head among the first `count` rows, best first -> int64 [Hkv, k] (with ids
+    [Hkv, N]: ids[h, row] instead of the row)."""
     hkv, n = scores.shape
     out = torch.empty((hkv, k), dtype=torch.int64, device=scores.device)       # out: [Hkv, k]
     fn = _build.function("topk.cu", "topk_rows_kernel", scores.device.index)
-    args = (_ptr(scores), np.int64(n), _ptr(count), np.int32(k), _ptr(out))
+    args = (_ptr(scores), np.int64(n), _ptr(count), np.int32(k), _ptr(out), _ptr(ids))
     _launch(fn, scores.device, (hkv,), args, threads=_TOPK_THREADS)
     return out
 

@@ -1,5 +1,5 @@
-"""CuPy launchers of tokens.cu: the token stage ranked from low-rank key shadows in three launches per layer
-(shadow logits, top-k select, attend over the picked rows where they lie). Imported by kernels.tokens once
+"""CuPy launchers of tokens.cu: the token stage ranked from low-rank key shadows in five launches per layer
+(shadow logits, the three of select.cu's top k, attend over the picked rows where they lie). Imported by kernels.tokens once
 CuPy has loaded; `supports_ranked` says which inputs they cover, the torch path takes the rest."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from . import _build
-from ._cupy import allow_smem, _TAGS, _VEC, _attend, _launch, _ptr, _sm_count, supports_gather
+from ._cupy import _TAGS, _VEC, _attend, _launch, _ptr, _sm_count, supports_gather
+from ._cupy_select import SELECT_MAX, select_top
 from .reference import ALT_SLOT
 
-_SL_THREADS, _TS_THREADS, _CR_THREADS = 256, 1024, 256   # SL_THREADS / TS_THREADS / CR_THREADS in tokens.cu
-_SMEM_MAX = 160 * 1024                     # the select keeps 4 bytes per candidate token in shared memory
+_SL_THREADS, _CR_THREADS = 256, 256        # SL_THREADS / CR_THREADS in tokens.cu
 
 
 def supports_ranked(q, pool, slots, alt, cand, basis, shadows, k: int) -> bool:
@@ -31,7 +31,7 @@ def supports_ranked(q, pool, slots, alt, cand, basis, shadows, k: int) -> bool:
     m = m_chunks * c
     rows = max(pool.shape[0], 0 if alt is None else alt.shape[0]) * 2 * hkv * c
     return (supports_shadow_logits(q, basis, shadows, cand) and shadows.shape[2] == c and phkv == hkv
-            and 0 < k <= m and 4 * m <= _SMEM_MAX and rows < ALT_SLOT and slots.dtype == torch.int32)
+            and 0 < k <= m <= SELECT_MAX and rows < ALT_SLOT and slots.dtype == torch.int32)
 
 
 LOGITS, GROUP_MAX, CHUNK_LSE, CHUNK_MAX = 0, 1, 2, 3   # SL_* output modes of shadow_logits_kernel
@@ -92,53 +92,25 @@ def token_select(logits, parts, base_lse, cand, held, c: int, k: int, rows: bool
     """Top-k candidate tokens per KV head -> (idx int64, rank f32, ok bool, pool row int32 or None), each
     [Hkv, k] in position order. logits/parts: shadow_logits' (parts None: logits are the group max ranks).
     rows_out: int64 [1] that the held picks are counted into, or None."""
-    hkv, kc = cand.shape
-    m = kc * c
-    g = 1 if parts is None else logits.shape[1]
-    dev = logits.device
-    idx = torch.empty((hkv, k), dtype=torch.int64, device=dev)                 # idx: [Hkv, k]
-    val = torch.empty((hkv, k), dtype=torch.float32, device=dev)               # val: [Hkv, k]
-    ok = torch.empty((hkv, k), dtype=torch.bool, device=dev)                   # ok: [Hkv, k]
-    row = torch.empty((hkv, k), dtype=torch.int32, device=dev) if rows else None   # row: [Hkv, k]
-    fn = _build.function("tokens.cu", f"token_select_kernel<{g}>", dev.index)
-    if not allow_smem(fn, 4 * m):
-        raise RuntimeError(f"token_select needs {4 * m} bytes of shared memory; this CuPy cannot raise the limit")
     base = None if base_lse is None else base_lse.float().contiguous()        # base: [Hq]
-    args = (_ptr(logits), _ptr(parts), np.int32(0 if parts is None else parts.shape[1]), _ptr(base),
-            _ptr(cand), np.int64(cand.stride(0)), _ptr(held), np.int64(0 if held is None else held.stride(0)),
-            np.int32(m), np.int32(c.bit_length() - 1), np.int32(k), np.int32(hkv),
-            _ptr(idx), _ptr(val), _ptr(ok), _ptr(row), _ptr(rows_out), _ptr(None))
-    _launch(fn, dev, (hkv,), args, shared_mem=4 * m, threads=_TS_THREADS)
-    return idx, val, ok, row
+    return select_top(logits, cand.shape[1] * c, k, parts=parts, base_lse=base, cand=cand, held=held, c=c,
+                      rows=rows, rows_out=rows_out)
 
 
 def supports_select_rows(scores, count, k: int) -> bool:
     return (scores.is_cuda and scores.dtype == torch.float32 and scores.dim() == 2 and scores.is_contiguous()
-            and count.is_cuda and count.dtype == torch.int64 and 0 < k <= scores.shape[1]
-            and 4 * scores.shape[1] <= _SMEM_MAX)
+            and count.is_cuda and count.dtype == torch.int64 and 0 < k <= scores.shape[1] <= SELECT_MAX)
 
 
 def select_rows(scores, count, k: int):
     """Top-k row ids per head of scores f32 [Hkv, N] among the first `count` (int64 [1] on the device) -> int64
-    [Hkv, k] in row order (not best first; ties: lower row), one launch: topk_rows without its sort."""
-    hkv, n = scores.shape
-    dev = scores.device
-    idx = torch.empty((hkv, k), dtype=torch.int64, device=dev)                 # idx: [Hkv, k]
-    val = torch.empty((hkv, k), dtype=torch.float32, device=dev)               # val: [Hkv, k]
-    ok = torch.empty((hkv, k), dtype=torch.bool, device=dev)                   # ok: [Hkv, k]
-    fn = _build.function("tokens.cu", "token_select_kernel<1>", dev.index)
-    if not allow_smem(fn, 4 * n):
-        raise RuntimeError(f"select_rows needs {4 * n} bytes of shared memory; this CuPy cannot raise the limit")
-    args = (_ptr(scores), _ptr(None), np.int32(0), _ptr(None), _ptr(None), np.int64(0), _ptr(None), np.int64(0),
-            np.int32(n), np.int32(0), np.int32(k), np.int32(hkv), _ptr(idx), _ptr(val), _ptr(ok), _ptr(None),
-            _ptr(None), _ptr(count))
-    _launch(fn, dev, (hkv,), args, shared_mem=4 * n, threads=_TS_THREADS)
-    return idx
+    [Hkv, k] in row order (not best first; ties: lower row): topk_rows without its sort."""
+    return select_top(scores, scores.shape[1], k, count=count)[0]
 
 
 def ranked_select(q, basis, shadows, cand, held, k: int, index_scale: float, group_reduce: str,
                   base_lse=None, c: int | None = None, rows: bool = False, rows_out=None):
-    """Two launches: shadow logits, then the top-k per KV head (token_select's outputs)."""
+    """Four launches: shadow logits, then the top-k per KV head (token_select's outputs)."""
     c = shadows.shape[2] if c is None else c
     max_out = group_reduce == "max"
     logits, parts = shadow_logits(q, basis, shadows, cand, held, index_scale, GROUP_MAX if max_out else LOGITS,
@@ -149,7 +121,7 @@ def ranked_select(q, basis, shadows, cand, held, k: int, index_scale: float, gro
 def ranked_token_attend(q, pool, slots, alt, cand, basis, shadows, k: int, index_scale: float, scale: float,
                         group_reduce: str, base_lse=None, rows_out=None):
     """Attention of q over the top-k candidate tokens per KV head ranked from their shadows, read from pool (alt:
-    ALT_SLOT-flagged slots) -> (o [Hq, D], lse [Hq]) f32: three launches, no host sync."""
+    ALT_SLOT-flagged slots) -> (o [Hq, D], lse [Hq]) f32: five launches, no host sync."""
     _, _, hkv, c, d = pool.shape
     _, _, _, row = ranked_select(q, basis, shadows, cand, slots, k, index_scale, group_reduce, base_lse, c, True,
                                  rows_out)

@@ -65,6 +65,32 @@ __device__ __forceinline__ float ofl_shfl_xor(float x, int mask) {
     return __shfl_xor_sync(0xffffffffu, x, mask);
 }
 
+// The order-preserving unsigned image of a float (larger float -> larger key) and back.
+__device__ __forceinline__ unsigned int ofl_key(float f) {
+    const unsigned int b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float ofl_unkey(unsigned int u) {
+    return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
+// Whether candidate column j of head h holds a chunk (the token stage): its chunk id and, when given, the part's
+// slot are >= 0.
+__device__ __forceinline__ bool ofl_cand_held(const long long* cand, long long cand_stride, const int* held,
+                                              long long held_stride, int h, int j) {
+    return cand[h * cand_stride + j] >= 0 && (held == nullptr || held[h * held_stride + j] >= 0);
+}
+
+// Adds the warp's `take` lanes to a shared 256-bin histogram, called by the whole (converged) warp: keys cluster
+// in a few digits, so one atomic per distinct digit in the warp, not per lane; a warp with no key skips the match.
+__device__ __forceinline__ void ofl_hist_add(unsigned int* hist, bool take, unsigned int digit, int lane) {
+    if (__any_sync(0xffffffffu, take)) {
+        const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
+        if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
+    }
+}
+
 // Radix select step, run by one whole warp: the digit d of a 256-bin histogram that holds the `remaining`-th
 // largest key, and how many keys lie in the digits above d (a warp scan instead of a serial walk of 256 bins).
 __device__ __forceinline__ void ofl_find_digit(const unsigned int* hist, unsigned int remaining, int lane,
@@ -90,4 +116,29 @@ __device__ __forceinline__ void ofl_find_digit(const unsigned int* hist, unsigne
         *s_digit = (unsigned int)d;
         *s_above = above;
     }
+}
+
+// One radix-select pass, run by the whole block: the 256-bin histogram of digit (key >> shift) & 255 over the keys
+// key_at(i), i < n, whose bits under `mask` equal `prefix`, then the digit that holds the `remaining`-th largest:
+// prefix, mask and remaining narrow to it. hist: 256 shared bins; s_digit / s_above: shared scratch.
+template <typename KeyAt>
+__device__ __forceinline__ void ofl_radix_pass(KeyAt key_at, long long n, int shift, unsigned int& prefix,
+                                               unsigned int& mask, unsigned int& remaining, unsigned int* hist,
+                                               unsigned int* s_digit, unsigned int* s_above) {
+    const int tid = threadIdx.x, lane = tid & 31;
+    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+#pragma unroll 4
+    for (long long base = 0; base < n; base += blockDim.x) {        // uniform: the warp stays converged
+        const long long i = base + tid;
+        const unsigned int u = i < n ? key_at(i) : 0u;
+        ofl_hist_add(hist, i < n && (u & mask) == prefix, (u >> shift) & 255u, lane);
+    }
+    __syncthreads();
+    if (tid < 32) ofl_find_digit(hist, remaining, lane, s_digit, s_above);
+    __syncthreads();
+    prefix |= *s_digit << shift;
+    remaining -= *s_above;
+    mask |= 255u << shift;
+    __syncthreads();                             // s_digit / s_above are rewritten by the next pass
 }

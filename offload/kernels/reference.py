@@ -16,7 +16,7 @@ import torch
 ALT_SLOT = 1 << 30   # a slot flagged with this bit lives in gather_attend's alt_pool (OFL_ALT_SLOT in the .cu)
 
 __all__ = ["ALT_SLOT", "gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "combine_selection",
-           "slot_lookup", "plan_slots", "SlotLists", "merge_slot_lists", "topk_rows", "gather_rows"]
+           "slot_lookup", "plan_slots", "SlotLists", "merge_slot_lists", "topk_rows", "select_top", "gather_rows"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -197,13 +197,21 @@ def merge_slot_lists(gpu: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
     return torch.where(host >= 0, host | ALT_SLOT, gpu)                       # [Hkv, K]
 
 
-def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
+def topk_rows(scores: torch.Tensor, count: torch.Tensor, k: int, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k row ids per head of scores [Hkv, N] among the first `count` rows (int64 [1], may live on the
-    device), best first -> int64 [Hkv, k]. Scoring every allocated row and masking the rest keeps shapes
-    static, so a captured decode step stays valid while chunks are appended."""
+    device), best first -> int64 [Hkv, k]; with ids [Hkv, N], ids of those rows. Scoring every allocated row and
+    masking the rest keeps shapes static, so a captured decode step stays valid while chunks are appended."""
     rows = torch.arange(scores.shape[1], device=scores.device)                # rows: [N]
     masked = scores.float().masked_fill(rows >= count.to(scores.device), float("-inf"))  # masked: [Hkv, N]
-    return torch.topk(masked, k, dim=1).indices                               # [Hkv, k]
+    top = torch.topk(masked, k, dim=1).indices                                # top: [Hkv, k]
+    return top if ids is None else ids.gather(1, top)                         # [Hkv, k]
+
+
+def select_top(r: torch.Tensor, k: int) -> torch.Tensor:
+    """The top k of r [Hkv, M] per row, ties to the lower position, in position order -> int64 [Hkv, k]: the set the
+    select kernels (select.cu) pick, position for position. A stable descending sort keeps tied positions in order."""
+    order = torch.sort(r.float(), dim=1, descending=True, stable=True).indices   # order: [Hkv, M]
+    return order[:, :k].sort(dim=1).values                                     # [Hkv, k]
 
 
 def gather_rows(pool: torch.Tensor, slots: torch.Tensor, which: int, rows: torch.Tensor | None = None,

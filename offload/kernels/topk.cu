@@ -4,20 +4,17 @@
 // (a device-side count: a captured graph keeps working as chunks are appended). Radix select on the
 // order-preserving integer image of each float finds the k-th largest key in four 8-bit passes; the
 // keys above it and the first ties (lowest row first) are gathered into shared memory and sorted
-// (bitonic, key descending, row ascending). torch.topk took ~30 us per layer for this; see reference.topk_rows.
+// (bitonic, key descending, row ascending). With ids, the output is each row's id (the shadow index's candidates:
+// their gather folded in). torch.topk took ~30 us per layer for this; see reference.topk_rows.
 #include "common.cuh"
 
 #define TK_THREADS 1024
 #define TK_MAX_K 4096                       // shared memory: 8 bytes per slot
 
-__device__ __forceinline__ unsigned int tk_key(float f) {
-    const unsigned int b = __float_as_uint(f);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);   // larger float -> larger key
-}
-
 extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
     const float* __restrict__ scores, long long N, const long long* __restrict__ count, int k,
-    long long* __restrict__ out)               // [Hkv, k]
+    long long* __restrict__ out,               // [Hkv, k]
+    const long long* __restrict__ ids)         // [Hkv, N]: out holds ids[h, row] instead of the row; or nullptr
 {
     __shared__ unsigned int hist[256];
     __shared__ unsigned long long picked[TK_MAX_K];
@@ -25,34 +22,13 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
     const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const float* row = scores + (long long)h * N;
     const long long n = min(*count, N);
-    const unsigned int neg_inf_key = tk_key(OFL_NEG_INF);
-    auto key_at = [&](long long i) { return i < n ? tk_key(row[i]) : neg_inf_key; };
+    const unsigned int neg_inf_key = ofl_key(OFL_NEG_INF);
+    auto key_at = [&](long long i) { return i < n ? ofl_key(row[i]) : neg_inf_key; };
 
     // 1. radix select: the k-th largest key, and how many of the keys equal to it to take
     unsigned int prefix = 0, mask = 0, remaining = (unsigned int)k;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid; i < 256; i += TK_THREADS) hist[i] = 0;
-        __syncthreads();
-        for (long long base = 0; base < N; base += TK_THREADS) {        // uniform: the warp stays converged
-            const long long i = base + tid;
-            const unsigned int u = i < N ? key_at(i) : 0u;
-            const bool take = i < N && (u & mask) == prefix;
-            const unsigned int digit = (u >> shift) & 255u;
-            // scores cluster in a few top digits: one atomic per distinct digit in the warp, not per lane; later
-            // passes skip the (slow) match in warps that hold no key of the prefix
-            if (__any_sync(0xffffffffu, take)) {
-                const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
-                if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
-            }
-        }
-        __syncthreads();
-        if (warp == 0) ofl_find_digit(hist, remaining, lane, &s_digit, &s_above);
-        __syncthreads();
-        prefix |= s_digit << shift;
-        remaining -= s_above;
-        mask |= 255u << shift;
-        __syncthreads();                        // s_digit / s_above are rewritten by the next pass
-    }
+    for (int shift = 24; shift >= 0; shift -= 8)
+        ofl_radix_pass(key_at, N, shift, prefix, mask, remaining, hist, &s_digit, &s_above);
     // 2. gather: every key above the threshold (any order), then the first `remaining` ties in row order
     if (tid == 0) s_taken = 0;
     __syncthreads();
@@ -89,6 +65,33 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
     // 3. bitonic sort of the k picks, descending (key, then lower row first)
     int P = 1;
     while (P < k) P <<= 1;
+    __syncthreads();
+    auto row_of = [&](unsigned long long x) {
+        const long long r = (long long)(0xffffffffu - (unsigned int)(x & 0xffffffffull));
+        return ids == nullptr ? r : ids[(long long)h * N + r];
+    };
+    if (P <= TK_THREADS) {
+        // one pick per thread in registers: strides under a warp exchange by shuffles, wider ones through shared
+        // memory (a barrier per stage only for those: 15 of the 55 stages at P = 1024)
+        unsigned long long a = tid < k ? picked[tid] : 0ull;    // threads >= P sort zeros among themselves
+        for (int size = 2; size <= P; size <<= 1) {
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                unsigned long long c;
+                if (stride >= 32) {
+                    __syncthreads();             // the last stage's reads are done
+                    picked[tid] = a;
+                    __syncthreads();
+                    c = picked[tid ^ stride];
+                } else {
+                    c = __shfl_xor_sync(0xffffffffu, a, stride);
+                }
+                // the lower of the pair keeps the larger when this run sorts descending, the smaller otherwise
+                a = (((tid & size) == 0) == ((tid & stride) == 0)) ? (a > c ? a : c) : (a < c ? a : c);
+            }
+        }
+        if (tid < k) out[(long long)h * k + tid] = row_of(a);
+        return;
+    }
     for (int i = k + tid; i < P; i += TK_THREADS) picked[i] = 0ull;
     __syncthreads();
     for (int size = 2; size <= P; size <<= 1) {
@@ -107,6 +110,5 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS) topk_rows_kernel(
             __syncthreads();
         }
     }
-    for (int i = tid; i < k; i += TK_THREADS)
-        out[(long long)h * k + i] = (long long)(0xffffffffu - (unsigned int)(picked[i] & 0xffffffffull));
+    for (int i = tid; i < k; i += TK_THREADS) out[(long long)h * k + i] = row_of(picked[i]);
 }
