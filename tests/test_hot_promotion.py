@@ -44,9 +44,9 @@ def _steady_choice(sess, chunks: list[int]) -> None:
     """Every step of every layer selects the same old chunks (a hot set that real attention approximates)."""
     from offload.indexes.selector import Selection
     sel = sess.attn.selector
+    ids = torch.tensor(chunks, device=sel.device).expand(sel.Hkv, -1).contiguous()      # ids: [Hkv, m]
 
-    def propose(layer, q, budget, n):
-        ids = torch.tensor(chunks, device=sel.device).expand(sel.Hkv, -1).contiguous()   # ids: [Hkv, m]
+    def propose(layer, q, budget, n):       # no host-to-device copy inside a captured step
         return Selection(ids, len(chunks), sel.n_sink, sel.n_window, sel.streaming[layer])
     sel.propose = propose
 
@@ -58,12 +58,15 @@ def _decode(llm, ids, chunks):
     return torch.stack(out), s
 
 
-def test_promotion_moves_hot_chunks_up_and_leaves_the_logits_unchanged(tiny, ids):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_promotion_moves_hot_chunks_up_and_leaves_the_logits_unchanged(tiny, ids, device):
     """A steady hot set that prefill left on the host: with promotion it is read from the GPU pool after the first
     chunk of tokens, without it from the host to the end. The logits agree (copies move bytes as they are; only
     the order in which one gather reads a head's chunks changes, hence float rounding), and every prefilled chunk
     reads back from its new tier bit-identical to the session without promotion."""
-    opts = dict(attention="sparse", budget="40", gpu_mem="60KiB", host_mem="1MiB", **OPTS)
+    opts = dict(OPTS, attention="sparse", budget="40", gpu_mem="60KiB", host_mem="1MiB", device=device,
+                dtype="float32")     # on CUDA the copies run on the store's copy stream, fenced both ways
     hot = [3, 4, 5, 6]                                   # past the 2 sink chunks; LRU put them on the host
     off, s_off = _decode(LLM(str(tiny.path), **opts), ids, hot)
     on, s_on = _decode(LLM(str(tiny.path), promote_hot=True, **opts), ids, hot)
