@@ -34,7 +34,6 @@ import threading
 import weakref
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -46,6 +45,7 @@ from offload.tiers.base import ChunkShape
 from offload.tiers.device import _check
 from offload.tiers.diskdir import KV_FILE as _FILE, make_private_dir, remove_private_dir
 from offload.tiers.slots import SlotAllocator, pieces, runs
+from offload.tiers.sync import gather, wait_handles
 
 ALIGN = 4096
 _PIECE_BYTES = 8 << 20      # at most this much per write call of an I/O thread (runs of consecutive slots)
@@ -73,38 +73,6 @@ def _io_error(e: OSError, path: str, slot: int, op: str) -> TierIOError:
         return TierIOError(_eio_msg(path, slot, op))
     return TierIOError(f"{os.strerror(e.errno or 0) or e} {op} {path} slot {slot} (disk tier): "
                        "check --disk-dir (permissions, file system)")
-
-
-def wait_handles(handles: Iterable) -> None:
-    """Block until every CUDA event / Future in handles is done (failures are the reader's to report)."""
-    for h in handles:
-        if h is None:
-            continue
-        if isinstance(h, Future):
-            wait_futures([h])
-        else:
-            h.synchronize()
-
-
-def gather(futures: list[Future]) -> Future:
-    """One Future done when all are; it carries the first failure, set only after every part finished."""
-    out: Future = Future()
-    left = [len(futures)]
-    lock = threading.Lock()
-
-    def one_done(_):
-        with lock:
-            left[0] -= 1
-            if left[0]:
-                return
-        failed = [f.exception() for f in futures if f.exception() is not None]
-        out.set_exception(failed[0]) if failed else out.set_result(None)
-
-    if not futures:
-        out.set_result(None)
-    for f in futures:
-        f.add_done_callback(one_done)
-    return out
 
 
 def _address_view(ptr: int, n: int) -> memoryview:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from offload.tiers.device import to_device
-from offload.tiers.disk import gather
+from offload.tiers.sync import gather
 from offload.tiers.placement import DISK, GPU, HOST, TIER_NAMES
 from offload.tiers.sync import new_event, stream_wait
 

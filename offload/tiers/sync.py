@@ -9,12 +9,44 @@ worker waits inside its thread (`after=`), and only a GPU copy that must follow 
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from typing import Iterable, Sequence
 
 import torch
 
-from offload.tiers.disk import wait_handles
+
+def wait_handles(handles: Iterable) -> None:
+    """Block until every CUDA event / Future in handles is done (failures are the reader's to report)."""
+    for h in handles:
+        if h is None:
+            continue
+        if isinstance(h, Future):
+            wait_futures([h])
+        else:
+            h.synchronize()
+
+
+def gather(futures: list[Future]) -> Future:
+    """One Future done when all are; it carries the first failure, set only after every part finished."""
+    out: Future = Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_):
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        out.set_exception(failed[0]) if failed else out.set_result(None)
+
+    if not futures:
+        out.set_result(None)
+    for f in futures:
+        f.add_done_callback(one_done)
+    return out
 
 
 def is_done(h) -> bool:
