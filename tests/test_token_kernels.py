@@ -193,13 +193,16 @@ def test_reference_select_top_takes_ties_at_the_lower_position():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,k,heads_empty,bucket", [(16640, 2048, False, None), (16640, 2048, True, None),
-                                                   (1024, 1000, False, None), (5000, 1, False, None),
-                                                   (40000, 4000, False, None), (16640, 2048, False, 64)])
-def test_gpu_token_select_over_many_blocks_picks_the_stable_sort_top_k(m, k, heads_empty, bucket, monkeypatch):
+@pytest.mark.parametrize("m,k,heads_empty,bucket,crowded", [
+    (16640, 2048, False, None, False), (16640, 2048, True, None, False), (1024, 1000, False, None, False),
+    (5000, 1, False, None, False), (40000, 4000, False, None, False), (16640, 2048, False, 64, False),
+    (16640, 2048, True, None, True), (40000, 4000, False, 64, True)])
+def test_gpu_token_select_over_many_blocks_picks_the_stable_sort_top_k(m, k, heads_empty, bucket, crowded, monkeypatch):
     """select.cu's three launches: the same positions as a stable descending sort (ties to the lower position), over
     several slices per head, with many ties (ranks rounded), padding columns, and a head with no held token. bucket:
-    ST_BUCKET lowered so the threshold kernel reads the first digit's keys from global memory (its other path)."""
+    ST_BUCKET lowered so the threshold kernel reads the 16-bit bucket's keys from global memory (its other path).
+    crowded: every rank within 25% of 1e-4, as on dummy weights: one first 8-bit digit holds them all, only the
+    16-bit histogram tells them apart."""
     from offload.kernels import _cupy_select, _cupy_tokens as cp
     from offload.kernels.reference import select_top
     if bucket is not None:
@@ -216,6 +219,8 @@ def test_gpu_token_select_over_many_blocks_picks_the_stable_sort_top_k(m, k, hea
     # group-max ranks ("max"), rounded: many exact ties across slices; +0.0 folds -0.0 into 0.0 (the kernel orders
     # -0.0 below 0.0, the sort does not)
     ranks = (torch.randn(HKV, m, generator=gen) * 3).round(decimals=1) + 0.0          # ranks: [Hkv, M]
+    if crowded:                # rounded before the product: equal ranks stay exactly equal
+        ranks = (1 + 0.05 * ranks).clamp(0.75, 1.25) * 1e-4
     valid = _valid(cand, slots)                                                        # valid: [Hkv, M]
     want = select_top(ranks.masked_fill(~valid, float("-inf")), k)                     # want: [Hkv, k]
     rows = torch.zeros(1, dtype=torch.long, device="cuda")

@@ -15,7 +15,7 @@ from ._cupy import _launch, _ptr
 _SEL_THREADS, _SEL_SLICE, _SEL_MAX_SLICES, _ST_THREADS = 256, 1024, 64, 1024   # the #defines of select.cu
 SELECT_MAX = _SEL_SLICE * _SEL_MAX_SLICES   # most keys per head (the threshold kernel counts per slice in shared memory)
 THRESHOLD_DEFINES: tuple[str, ...] = ()   # -D options of the threshold kernel (tests shrink ST_BUCKET to reach its
-                                          # other path, where the first digit's keys are read where they lie)
+                                          # other path, where the 16-bit bucket's keys are read where they lie)
 
 
 def select_top(scores, m: int, k: int, *, parts=None, base_lse=None, cand=None, held=None, c: int = 1,
@@ -40,6 +40,7 @@ def select_top(scores, m: int, k: int, *, parts=None, base_lse=None, cand=None, 
     row = torch.empty((hkv, k), dtype=torch.int32, device=dev) if rows else None   # row: [Hkv, k]
     keys = torch.empty((hkv, m), dtype=torch.int32, device=dev)                # keys: [Hkv, m] (uint32 bits)
     hist = torch.empty((hkv, nb, 256), dtype=torch.int32, device=dev)          # hist: [Hkv, nb, 256]
+    hist16 = torch.zeros((hkv, 1 << 16), dtype=torch.int32, device=dev)        # hist16: [Hkv, 65536], atomics add
     thresh = torch.empty((hkv, 2), dtype=torch.int32, device=dev)              # thresh: [Hkv, 2]
     offsets = torch.empty((hkv, nb, 2), dtype=torch.int32, device=dev)         # offsets: [Hkv, nb, 2]
     c_shift = np.int32(c.bit_length() - 1)
@@ -48,10 +49,10 @@ def select_top(scores, m: int, k: int, *, parts=None, base_lse=None, cand=None, 
     rank = _build.function("select.cu", f"select_rank_kernel<{g}>", dev.index)
     _launch(rank, dev, (nb, hkv), (_ptr(scores), _ptr(parts), np.int32(0 if parts is None else parts.shape[1]),
                                    _ptr(base_lse), *cand_args, _ptr(count), np.int32(m), c_shift, _ptr(keys),
-                                   _ptr(hist)), threads=_SEL_THREADS)
+                                   _ptr(hist), _ptr(hist16)), threads=_SEL_THREADS)
     threshold = _build.function("select.cu", "select_threshold_kernel", dev.index, THRESHOLD_DEFINES)
-    _launch(threshold, dev, (hkv,), (_ptr(keys), _ptr(hist), np.int32(m), np.int32(nb), np.int32(k), _ptr(thresh),
-                                     _ptr(offsets)), threads=_ST_THREADS)
+    _launch(threshold, dev, (hkv,), (_ptr(keys), _ptr(hist), _ptr(hist16), np.int32(m), np.int32(nb), np.int32(k),
+                                     _ptr(thresh), _ptr(offsets)), threads=_ST_THREADS)
     compact = _build.function("select.cu", "select_compact_kernel", dev.index)
     _launch(compact, dev, (nb, hkv), (_ptr(keys), _ptr(thresh), _ptr(offsets), *cand_args, _ptr(count), np.int32(m),
                                       c_shift, np.int32(k), np.int32(hkv), _ptr(idx), _ptr(val), _ptr(ok), _ptr(row),

@@ -82,11 +82,12 @@ __device__ __forceinline__ bool ofl_cand_held(const long long* cand, long long c
     return cand[h * cand_stride + j] >= 0 && (held == nullptr || held[h * held_stride + j] >= 0);
 }
 
-// Adds the warp's `take` lanes to a shared 256-bin histogram, called by the whole (converged) warp: keys cluster
-// in a few digits, so one atomic per distinct digit in the warp, not per lane; a warp with no key skips the match.
+// Adds the warp's `take` lanes to a histogram (shared, or global: the select's 16-bit one), called by the whole
+// (converged) warp: keys cluster in a few digits, so one atomic per distinct digit in the warp, not per lane; a warp
+// with no key skips the match.
 __device__ __forceinline__ void ofl_hist_add(unsigned int* hist, bool take, unsigned int digit, int lane) {
     if (__any_sync(0xffffffffu, take)) {
-        const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 256u);
+        const unsigned int peers = __match_any_sync(0xffffffffu, take ? digit : 0xffffffffu);
         if (take && (__ffs(peers) - 1) == lane) atomicAdd(&hist[digit], __popc(peers));
     }
 }

@@ -1,18 +1,23 @@
 // Top-k of M keys per KV head over many blocks, in three launches: the token stage's select (and the shadow index's
 // coarse candidates). One block per KV head walked 16K candidate tokens alone (73 us a layer at 128K); here the
 // per-token work (ranks, the first radix digit, the ordered compaction) is spread over M / SEL_SLICE blocks per head
-// and only the narrowing of the threshold, which reads keys of one first digit, stays in one block per head.
+// and only the narrowing of the threshold stays in one block per head. On dummy weights the ~16K ranks share one
+// first 8-bit digit (sign and 7 exponent bits), so narrowing from it read every key three times on one SM (27 us a
+// layer); the rank kernel's global histogram of the keys' top 16 bits pins the k-th largest to a bucket of tens to
+// hundreds of keys in one step, and only those are narrowed.
 //
 // select_rank_kernel<G>   grid = (nb, Hkv), block = SEL_THREADS: the rank of each candidate of the block's slice of
 //   SEL_SLICE positions -- sum: the group's summed softmax shares, normalised by the log-sum-exp of shadow_logits'
 //   per-block (max, sum of exp) parts and base_lse; max: the logits' group max; plain rows (cand == nullptr): the
-//   score itself among the first *count -- as an order-preserving key [Hkv, M], and the slice's histogram of the
-//   keys' top 8 bits [Hkv, nb, 256].
-// select_threshold_kernel grid = (Hkv), block = ST_THREADS: sums the slices' histograms, finds the first digit of
-//   the k-th largest key, gathers the keys of that digit into shared memory (at most ST_BUCKET; else they are read
-//   where they lie), narrows the threshold by three radix passes over them (one per 8 bits), counts per slice the
-//   keys above it (the slices' histograms give those of higher digits) and the ties, and writes each slice's
-//   exclusive offsets.
+//   score itself among the first *count -- as an order-preserving key [Hkv, M], the slice's histogram of the
+//   keys' top 8 bits [Hkv, nb, 256], and (atomics, all blocks; zeroed by the caller) the head's histogram of the
+//   keys' top 16 bits [Hkv, 65536].
+// select_threshold_kernel grid = (Hkv), block = ST_THREADS: sums the slices' histograms and finds the first digit d1
+//   of the k-th largest key, then its second digit d2 from the 256 bins of the 16-bit histogram under d1; gathers the
+//   keys of the bucket d1.d2 into shared memory in one pass over the head's keys (at most ST_BUCKET of them; else
+//   they are read where they lie), counting per slice the keys of d1 above d2 on the way; narrows the threshold by
+//   two radix passes over the bucket (8 bits each), counts per slice the bucket's keys above it and the ties (the
+//   slices' histograms give the keys of higher first digits), and writes each slice's exclusive offsets.
 // select_compact_kernel   grid = (nb, Hkv), block = SEL_THREADS: ordered compaction of the slice from its offsets:
 //   keys above the threshold, then the first `remaining` ties of the head by position; output in position order
 //   (deterministic: the same picks, position for position, as the one-block select it replaces). Per pick: position,
@@ -24,7 +29,8 @@
 #define SEL_SLICE 1024                      // positions per block of the rank and compact kernels
 #define SEL_MAX_SLICES 64                   // so M <= 65536 (the launchers check)
 #define ST_THREADS 1024
-#ifndef ST_BUCKET                           // keys of the first digit narrowed in shared memory (tests lower it)
+#define ST_LOADS 4                          // keys per thread in flight in the threshold kernel's gather pass
+#ifndef ST_BUCKET                           // keys of the 16-bit bucket narrowed in shared memory (tests lower it)
 #define ST_BUCKET 8192
 #endif
 
@@ -38,7 +44,8 @@ __global__ void __launch_bounds__(SEL_THREADS) select_rank_kernel(
     const long long* __restrict__ count,     // plain rows: only the first *count are candidates
     int M, int c_shift,
     unsigned int* __restrict__ keys,         // [Hkv, M]
-    unsigned int* __restrict__ slice_hist)   // [Hkv, nb, 256]
+    unsigned int* __restrict__ slice_hist,   // [Hkv, nb, 256]
+    unsigned int* __restrict__ hist16)       // [Hkv, 65536], zeroed by the caller
 {
     __shared__ unsigned int hist[256];
     __shared__ float norm[G];
@@ -101,6 +108,7 @@ __global__ void __launch_bounds__(SEL_THREADS) select_rank_kernel(
         const unsigned int u = ofl_key(r);
         if (p < M) keys[(long long)h * M + p] = u;
         ofl_hist_add(hist, p < M, u >> 24, lane);
+        ofl_hist_add(hist16 + ((long long)h << 16), p < M, u >> 16, lane);   // red.add: nothing waits on it
     }
     __syncthreads();
     unsigned int* out = slice_hist + ((long long)h * gridDim.x + b) * 256;
@@ -110,13 +118,14 @@ __global__ void __launch_bounds__(SEL_THREADS) select_rank_kernel(
 extern "C" __global__ void __launch_bounds__(ST_THREADS) select_threshold_kernel(
     const unsigned int* __restrict__ keys,   // [Hkv, M]
     const unsigned int* __restrict__ slice_hist,   // [Hkv, nb, 256]
+    const unsigned int* __restrict__ hist16, // [Hkv, 65536]
     int M, int nb, int k,
     unsigned int* __restrict__ thresh,       // [Hkv, 2]: the k-th largest key, how many of its ties to take
     unsigned int* __restrict__ offsets)      // [Hkv, nb, 2]: keys above it / ties in the slices before each
 {
     __shared__ unsigned int hist[256];
     __shared__ unsigned int cnt[SEL_MAX_SLICES * 2];     // per slice: keys above the threshold, ties
-    __shared__ unsigned int bkey[ST_BUCKET];             // the keys of the first digit (any order) ...
+    __shared__ unsigned int bkey[ST_BUCKET];             // the keys of the 16-bit bucket (any order) ...
     __shared__ unsigned char bslice[ST_BUCKET];          // ... and their slices
     __shared__ unsigned int s_digit, s_above, s_n;
     const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -134,9 +143,10 @@ extern "C" __global__ void __launch_bounds__(ST_THREADS) select_threshold_kernel
     }
     __syncthreads();
     if (warp == 0) ofl_find_digit(hist, (unsigned int)k, lane, &s_digit, &s_above);
-    __syncthreads();
-    const unsigned int d1 = s_digit, n1 = hist[d1];
-    unsigned int prefix = d1 << 24, mask = 0xff000000u, remaining = (unsigned int)k - s_above;
+    __syncthreads();                          // warp 0 is done with hist: the second digit's bins replace it
+    const unsigned int d1 = s_digit;
+    unsigned int remaining = (unsigned int)k - s_above;
+    if (tid < 256) hist[tid] = hist16[((long long)h << 16) + (d1 << 8) + tid];
     // per slice, the keys whose first digit is above d1 (from the slices' histograms); ties start at 0
     for (int b = warp; b < nb; b += ST_THREADS / 32) {
         unsigned int a = 0;
@@ -149,36 +159,51 @@ extern "C" __global__ void __launch_bounds__(ST_THREADS) select_threshold_kernel
             cnt[2 * b + 1] = 0;
         }
     }
-    __syncthreads();                          // hist is rewritten by the passes below
-    if (n1 <= ST_BUCKET) {                    // usual: gather the first digit's keys, narrow in shared memory
+    __syncthreads();
+    if (warp == 0) ofl_find_digit(hist, remaining, lane, &s_digit, &s_above);
+    __syncthreads();
+    const unsigned int d12 = (d1 << 8) | s_digit, n2 = hist[s_digit];
+    unsigned int prefix = d12 << 16, mask = 0xffff0000u;
+    remaining -= s_above;
+    __syncthreads();                          // hist, s_digit and s_above are rewritten below
+    if (n2 <= ST_BUCKET) {                    // usual: gather the bucket's keys, narrow in shared memory
         const unsigned int lt = (1u << lane) - 1u;
-#pragma unroll 4
-        for (int base = 0; base < M; base += ST_THREADS) {
-            const int i = base + tid;
-            const unsigned int u = i < M ? row[i] : 0u;
-            const bool in = i < M && (u >> 24) == d1;
-            const unsigned int bal = __ballot_sync(0xffffffffu, in);
-            unsigned int first = 0;
-            if (lane == 0 && bal) first = atomicAdd(&s_n, __popc(bal));
-            first = __shfl_sync(0xffffffffu, first, 0);
-            if (in) {
-                bkey[first + __popc(bal & lt)] = u;
-                bslice[first + __popc(bal & lt)] = (unsigned char)(i / SEL_SLICE);
+        for (int base = 0; base < M; base += ST_THREADS * ST_LOADS) {
+            unsigned int u[ST_LOADS];         // the loads first: none waits on another
+#pragma unroll
+            for (int j = 0; j < ST_LOADS; ++j) {
+                const int i = base + j * ST_THREADS + tid;
+                u[j] = i < M ? row[i] : 0u;
+            }
+#pragma unroll
+            for (int j = 0; j < ST_LOADS; ++j) {   // uniform; a warp's 32 positions lie in one slice
+                const int i = base + j * ST_THREADS + tid;
+                const bool in = i < M && (u[j] >> 16) == d12;
+                const bool up = i < M && (u[j] >> 24) == d1 && (u[j] >> 16) > d12;
+                const unsigned int bal = __ballot_sync(0xffffffffu, in), ba = __ballot_sync(0xffffffffu, up);
+                unsigned int first = 0;
+                if (lane == 0 && bal) first = atomicAdd(&s_n, __popc(bal));
+                if (lane == 0 && ba) atomicAdd(&cnt[2 * (i / SEL_SLICE)], __popc(ba));
+                first = __shfl_sync(0xffffffffu, first, 0);
+                if (in) {
+                    bkey[first + __popc(bal & lt)] = u[j];
+                    bslice[first + __popc(bal & lt)] = (unsigned char)(i / SEL_SLICE);
+                }
             }
         }
         __syncthreads();
         auto bucket_at = [&](long long i) { return bkey[i]; };
-        for (int shift = 16; shift >= 0; shift -= 8)
-            ofl_radix_pass(bucket_at, n1, shift, prefix, mask, remaining, hist, &s_digit, &s_above);
-        for (int base = 0; base < (int)n1; base += ST_THREADS) {   // uniform: the adds are warp-wide
+        for (int shift = 8; shift >= 0; shift -= 8)
+            ofl_radix_pass(bucket_at, n2, shift, prefix, mask, remaining, hist, &s_digit, &s_above);
+        for (int base = 0; base < (int)n2; base += ST_THREADS) {   // uniform: the adds are warp-wide
             const int i = base + tid;
-            const unsigned int u = i < (int)n1 ? bkey[i] : 0u;
-            const unsigned int sl = i < (int)n1 ? bslice[i] : 0u;
-            ofl_hist_add(cnt, i < (int)n1 && u >= prefix, 2 * sl + (u == prefix), lane);
+            const unsigned int u = i < (int)n2 ? bkey[i] : 0u;
+            const unsigned int sl = i < (int)n2 ? bslice[i] : 0u;
+            ofl_hist_add(cnt, i < (int)n2 && u >= prefix, 2 * sl + (u == prefix), lane);
         }
-    } else {                                  // a crowded first digit: the passes read the keys where they lie
+    } else {                                  // a crowded bucket (many equal keys): the passes read the keys where they lie
         auto key_at = [&](long long i) { return row[i]; };
-        for (int shift = 16; shift >= 0; shift -= 8)
+        for (int shift = 8; shift >= 0; shift -= 8)
             ofl_radix_pass(key_at, M, shift, prefix, mask, remaining, hist, &s_digit, &s_above);
 #pragma unroll 4
         for (int base = 0; base < M; base += ST_THREADS) {   // a warp's 32 positions lie in one slice
