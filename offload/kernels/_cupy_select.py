@@ -19,9 +19,10 @@ THRESHOLD_DEFINES: tuple[str, ...] = ()   # -D options of the threshold kernel (
 
 
 def select_top(scores, m: int, k: int, *, parts=None, base_lse=None, cand=None, held=None, c: int = 1,
-               rows: bool = False, rows_out=None, count=None):
+               rows: bool = False, rows_out=None, count=None, total: bool = False):
     """Top k of m keys per KV head -> (idx int64, rank f32, ok bool, pool row int32 or None), each [Hkv, k] in
-    position order.
+    position order; with total, also int64 [Hkv]: mass_fixed of the held candidates' ranks summed (the token mass
+    threshold's base, reference.mass_keep).
 
     Ranked tokens (cand int64 [Hkv, K] chunk ids, held int32 [Hkv, K] part slots or None, m = K * c): scores are
     shadow_logits' [Hkv, G, m] logits with parts [Hkv, B, G, 2] (the group's summed softmax shares, normalised with
@@ -40,16 +41,18 @@ def select_top(scores, m: int, k: int, *, parts=None, base_lse=None, cand=None, 
     row = torch.empty((hkv, k), dtype=torch.int32, device=dev) if rows else None   # row: [Hkv, k]
     keys = torch.empty((hkv, m), dtype=torch.int32, device=dev)                # keys: [Hkv, m] (uint32 bits)
     hist = torch.empty((hkv, nb, 256), dtype=torch.int32, device=dev)          # hist: [Hkv, nb, 256]
-    hist16 = torch.zeros((hkv, 1 << 16), dtype=torch.int32, device=dev)        # hist16: [Hkv, 65536], atomics add
+    zeroed = torch.zeros((hkv << 16) + 2 * hkv, dtype=torch.int32, device=dev)   # one fill for both atomics' outputs
+    hist16 = zeroed[:hkv << 16].view(hkv, 1 << 16)                             # hist16: [Hkv, 65536]
+    mass_total = zeroed[hkv << 16:].view(torch.int64) if total else None       # mass_total: [Hkv]
     thresh = torch.empty((hkv, 2), dtype=torch.int32, device=dev)              # thresh: [Hkv, 2]
     offsets = torch.empty((hkv, nb, 2), dtype=torch.int32, device=dev)         # offsets: [Hkv, nb, 2]
     c_shift = np.int32(c.bit_length() - 1)
     cand_args = (_ptr(cand), np.int64(0 if cand is None else cand.stride(0)),
                  _ptr(held), np.int64(0 if held is None else held.stride(0)))
-    rank = _build.function("select.cu", f"select_rank_kernel<{g}>", dev.index)
+    rank = _build.function("select.cu", f"select_rank_kernel<{g}, {'true' if total else 'false'}>", dev.index)
     _launch(rank, dev, (nb, hkv), (_ptr(scores), _ptr(parts), np.int32(0 if parts is None else parts.shape[1]),
                                    _ptr(base_lse), *cand_args, _ptr(count), np.int32(m), c_shift, _ptr(keys),
-                                   _ptr(hist), _ptr(hist16)), threads=_SEL_THREADS)
+                                   _ptr(hist), _ptr(hist16), _ptr(mass_total)), threads=_SEL_THREADS)
     threshold = _build.function("select.cu", "select_threshold_kernel", dev.index, THRESHOLD_DEFINES)
     _launch(threshold, dev, (hkv,), (_ptr(keys), _ptr(hist), _ptr(hist16), np.int32(m), np.int32(nb), np.int32(k),
                                      _ptr(thresh), _ptr(offsets)), threads=_ST_THREADS)
@@ -57,4 +60,4 @@ def select_top(scores, m: int, k: int, *, parts=None, base_lse=None, cand=None, 
     _launch(compact, dev, (nb, hkv), (_ptr(keys), _ptr(thresh), _ptr(offsets), *cand_args, _ptr(count), np.int32(m),
                                       c_shift, np.int32(k), np.int32(hkv), _ptr(idx), _ptr(val), _ptr(ok), _ptr(row),
                                       _ptr(rows_out)), threads=_SEL_THREADS)
-    return idx, val, ok, row
+    return (idx, val, ok, row, mass_total) if total else (idx, val, ok, row)

@@ -1,6 +1,7 @@
 """CuPy launchers of tokens.cu: the token stage ranked from low-rank key shadows in five launches per layer
-(shadow logits, the three of select.cu's top k, attend over the picked rows where they lie). Imported by kernels.tokens once
-CuPy has loaded; `supports_ranked` says which inputs they cover, the torch path takes the rest."""
+(shadow logits, the three of select.cu's top k, attend over the picked rows where they lie), six with a token mass
+threshold (mass.cu before the attention). Imported by kernels.tokens once CuPy has loaded; `supports_ranked` says
+which inputs they cover, the torch path takes the rest."""
 from __future__ import annotations
 
 import math
@@ -11,9 +12,10 @@ import torch
 from . import _build
 from ._cupy import _TAGS, _VEC, _attend, _launch, _ptr, _sm_count, supports_gather
 from ._cupy_select import SELECT_MAX, select_top
-from .reference import ALT_SLOT
+from .reference import ALT_SLOT, mass_need
 
 _SL_THREADS, _CR_THREADS = 256, 256        # SL_THREADS / CR_THREADS in tokens.cu
+_MK_THREADS, MASS_MAX = 1024, 4096         # MK_THREADS / MK_MAX in mass.cu: the most picks per head it thresholds
 
 
 def supports_ranked(q, pool, slots, alt, cand, basis, shadows, k: int) -> bool:
@@ -88,13 +90,28 @@ def supports_shadow_logits(q, basis, shadows, cand, mode: int = LOGITS) -> bool:
             and cand.dtype == torch.int64 and cand.stride(1) == 1 and (mode in (LOGITS, GROUP_MAX) or c <= 32))
 
 
-def token_select(logits, parts, base_lse, cand, held, c: int, k: int, rows: bool, rows_out=None):
+def token_select(logits, parts, base_lse, cand, held, c: int, k: int, rows: bool, rows_out=None, total: bool = False):
     """Top-k candidate tokens per KV head -> (idx int64, rank f32, ok bool, pool row int32 or None), each
-    [Hkv, k] in position order. logits/parts: shadow_logits' (parts None: logits are the group max ranks).
-    rows_out: int64 [1] that the held picks are counted into, or None."""
+    [Hkv, k] in position order (with total, also select_top's int64 [Hkv] mass total). logits/parts:
+    shadow_logits' (parts None: logits are the group max ranks). rows_out: int64 [1] that the held picks are
+    counted into, or None."""
     base = None if base_lse is None else base_lse.float().contiguous()        # base: [Hq]
     return select_top(logits, cand.shape[1] * c, k, parts=parts, base_lse=base, cand=cand, held=held, c=c,
-                      rows=rows, rows_out=rows_out)
+                      rows=rows, rows_out=rows_out, total=total)
+
+
+def mass_keep(val, ok, row, total, g: int, mass: float, floor: int, rows_out=None) -> None:
+    """The token mass threshold over select_top's picks, in place (reference.mass_keep): the held picks after the
+    fewest best whose shares with the base reach `mass` (at least `floor`) get ok false and row -1. val f32, ok
+    bool, row int32 or None: [Hkv, k], k <= MASS_MAX; total int64 [Hkv] (select_top's); rows_out int64 [1] += the
+    kept held picks."""
+    hkv, k = val.shape
+    if not 0 < k <= MASS_MAX:
+        raise ValueError(f"mass_keep takes 0 < k <= {MASS_MAX} picks per head, not {k}")
+    fn = _build.function("mass.cu", "mass_keep_kernel", val.device.index)
+    _launch(fn, val.device, (hkv,), (_ptr(val), _ptr(total), np.int32(k), np.int32(g), np.int64(mass_need(mass, g)),
+                                     np.int32(min(floor, k)), _ptr(ok), _ptr(row), _ptr(rows_out)),
+            threads=_MK_THREADS)
 
 
 def supports_select_rows(scores, count, k: int) -> bool:
@@ -109,22 +126,28 @@ def select_rows(scores, count, k: int):
 
 
 def ranked_select(q, basis, shadows, cand, held, k: int, index_scale: float, group_reduce: str,
-                  base_lse=None, c: int | None = None, rows: bool = False, rows_out=None):
-    """Four launches: shadow logits, then the top-k per KV head (token_select's outputs)."""
+                  base_lse=None, c: int | None = None, rows: bool = False, rows_out=None, total: bool = False):
+    """Four launches: shadow logits, then the top-k per KV head (token_select's outputs; total: "sum" only)."""
     c = shadows.shape[2] if c is None else c
     max_out = group_reduce == "max"
     logits, parts = shadow_logits(q, basis, shadows, cand, held, index_scale, GROUP_MAX if max_out else LOGITS,
                                   not max_out)
-    return token_select(logits, parts, base_lse if not max_out else None, cand, held, c, k, rows, rows_out)
+    return token_select(logits, parts, base_lse if not max_out else None, cand, held, c, k, rows, rows_out, total)
 
 
 def ranked_token_attend(q, pool, slots, alt, cand, basis, shadows, k: int, index_scale: float, scale: float,
-                        group_reduce: str, base_lse=None, rows_out=None):
+                        group_reduce: str, base_lse=None, rows_out=None, mass: float = 0.0, floor: int = 0):
     """Attention of q over the top-k candidate tokens per KV head ranked from their shadows, read from pool (alt:
-    ALT_SLOT-flagged slots) -> (o [Hq, D], lse [Hq]) f32: five launches, no host sync."""
+    ALT_SLOT-flagged slots) -> (o [Hq, D], lse [Hq]) f32: five launches, no host sync. mass > 0 ("sum" only, k <=
+    MASS_MAX): k is a cap, each head attends the fewest best picks reaching that mass, at least `floor` (a sixth)."""
     _, _, hkv, c, d = pool.shape
-    _, _, _, row = ranked_select(q, basis, shadows, cand, slots, k, index_scale, group_reduce, base_lse, c, True,
-                                 rows_out)
+    if mass > 0:
+        _, val, ok, row, total = ranked_select(q, basis, shadows, cand, slots, k, index_scale, group_reduce, base_lse,
+                                               c, True, None, True)
+        mass_keep(val, ok, row, total, q.shape[0] // hkv, mass, floor, rows_out)
+    else:
+        _, _, _, row = ranked_select(q, basis, shadows, cand, slots, k, index_scale, group_reduce, base_lse, c, True,
+                                     rows_out)
     half = hkv * c * d * pool.element_size()                                   # bytes from a slot's K to its V
     alt_ptrs = (0, 0) if alt is None or alt.shape[0] == 0 else (alt.data_ptr(), alt.data_ptr() + half)
     # a picked token is a chunk of one row: row(j) = base + row[h, j] * D + h * C * D (elements)

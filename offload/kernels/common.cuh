@@ -75,6 +75,13 @@ __device__ __forceinline__ float ofl_unkey(unsigned int u) {
     return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
 }
 
+// A softmax share as an integer multiple of 2^-40 (reference.mass_fixed; the double product is exact, the rounding
+// to nearest even): the token mass threshold adds these, exact in any order, so it keeps what torch keeps.
+#define OFL_MASS_SHIFT 40
+__device__ __forceinline__ long long ofl_mass_fixed(float r) {
+    return __double2ll_rn((double)r * (double)(1ll << OFL_MASS_SHIFT));
+}
+
 // Whether candidate column j of head h holds a chunk (the token stage): its chunk id and, when given, the part's
 // slot are >= 0.
 __device__ __forceinline__ bool ofl_cand_held(const long long* cand, long long cand_stride, const int* held,

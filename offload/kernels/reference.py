@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 ALT_SLOT = 1 << 30   # a slot flagged with this bit lives in gather_attend's alt_pool (OFL_ALT_SLOT in the .cu)
+MASS_UNIT = 1 << 40  # token mass in fixed point (OFL_MASS_SHIFT in common.cuh): integer sums are exact in any order
 
 __all__ = ["ALT_SLOT", "gather_attend", "merge_attn", "dense_attend", "score_chunks", "chunk_bounds", "combine_selection",
-           "slot_lookup", "plan_slots", "SlotLists", "merge_slot_lists", "topk_rows", "select_top", "gather_rows"]
+           "slot_lookup", "plan_slots", "SlotLists", "merge_slot_lists", "topk_rows", "select_top",
+           "mass_fixed", "mass_need", "mass_keep", "gather_rows"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -212,6 +214,37 @@ def select_top(r: torch.Tensor, k: int) -> torch.Tensor:
     select kernels (select.cu) pick, position for position. A stable descending sort keeps tied positions in order."""
     order = torch.sort(r.float(), dim=1, descending=True, stable=True).indices   # order: [Hkv, M]
     return order[:, :k].sort(dim=1).values                                     # [Hkv, k]
+
+
+def mass_fixed(r: torch.Tensor) -> torch.Tensor:
+    """Softmax shares as int64 multiples of 2^-40 (round half to even, as __double2ll_rn): sums of these are exact in
+    any order, so the kernels (which add in a tree) and torch (cumsum) keep the same tokens."""
+    return torch.round(r.double() * MASS_UNIT).long()
+
+
+def mass_need(mass: float, g: int) -> int:
+    """The token mass p in mass_fixed units of a group-summed share (a query group of g heads sums to g)."""
+    return round(mass * g * MASS_UNIT)
+
+
+def mass_keep(idx: torch.Tensor, r: torch.Tensor, ok: torch.Tensor, total: torch.Tensor, g: int, mass: float,
+              floor: int) -> torch.Tensor:
+    """Which top-k picks a token mass threshold keeps -> bool [Hkv, k] in the picks' order (mass.cu's reference).
+
+    idx [Hkv, k]: the picks' candidate positions (distinct per head, any order); r [Hkv, k]: their group-summed
+    softmax shares (normalised with what is attended anyway); ok [Hkv, k]: held; total int64 [Hkv]: mass_fixed(r)
+    summed over every held candidate of the head. Best first = r descending, ties to the lower position, not held
+    last. Kept: held picks among the fewest leading ones whose shares plus the base share (g - total: sinks, window,
+    tail) reach g * mass, and at least `floor` leading ones; in mass_fixed units."""
+    pos = idx.argsort(dim=1)                                                  # pos: [Hkv, k] position order
+    key = r.masked_fill(~ok, float("-inf")).gather(1, pos)                    # key: [Hkv, k]
+    best = pos.gather(1, torch.sort(key, dim=1, descending=True, stable=True).indices)   # best: [Hkv, k] columns
+    fx = mass_fixed(r.masked_fill(~ok, 0.0)).gather(1, best)                   # fx: [Hkv, k] best first
+    before = torch.cumsum(fx, dim=1) - fx                                     # before: [Hkv, k] mass ahead of it
+    base = g * MASS_UNIT - total.to(fx.device)[:, None]                       # base: [Hkv, 1]
+    rank = torch.arange(fx.shape[1], device=fx.device)                        # rank: [k]
+    keep = (base + before < mass_need(mass, g)) | (rank < floor)[None, :]     # keep: [Hkv, k] best first
+    return torch.empty_like(keep).scatter_(1, best, keep) & ok                # [Hkv, k] the picks' order
 
 
 def gather_rows(pool: torch.Tensor, slots: torch.Tensor, which: int, rows: torch.Tensor | None = None,

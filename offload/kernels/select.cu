@@ -6,12 +6,13 @@
 // layer); the rank kernel's global histogram of the keys' top 16 bits pins the k-th largest to a bucket of tens to
 // hundreds of keys in one step, and only those are narrowed.
 //
-// select_rank_kernel<G>   grid = (nb, Hkv), block = SEL_THREADS: the rank of each candidate of the block's slice of
+// select_rank_kernel<G, TOTAL> grid = (nb, Hkv), block = SEL_THREADS: the rank of each candidate of the block's slice of
 //   SEL_SLICE positions -- sum: the group's summed softmax shares, normalised by the log-sum-exp of shadow_logits'
 //   per-block (max, sum of exp) parts and base_lse; max: the logits' group max; plain rows (cand == nullptr): the
 //   score itself among the first *count -- as an order-preserving key [Hkv, M], the slice's histogram of the
 //   keys' top 8 bits [Hkv, nb, 256], and (atomics, all blocks; zeroed by the caller) the head's histogram of the
-//   keys' top 16 bits [Hkv, 65536].
+//   keys' top 16 bits [Hkv, 65536] and, for the token mass threshold (mass.cu), the sum of the held ranks in fixed
+//   point [Hkv].
 // select_threshold_kernel grid = (Hkv), block = ST_THREADS: sums the slices' histograms and finds the first digit d1
 //   of the k-th largest key, then its second digit d2 from the 256 bins of the 16-bit histogram under d1; gathers the
 //   keys of the bucket d1.d2 into shared memory in one pass over the head's keys (at most ST_BUCKET of them; else
@@ -34,7 +35,7 @@
 #define ST_BUCKET 8192
 #endif
 
-template <int G>
+template <int G, bool TOTAL>                  // TOTAL: the mass total (its own instantiation: no spill without it)
 __global__ void __launch_bounds__(SEL_THREADS) select_rank_kernel(
     const float* __restrict__ logits,        // [Hkv, G, M] (sum) or [Hkv, M] ranks (max, plain rows)
     const float* __restrict__ part, int n_parts,   // [Hkv, n_parts, G, 2] (sum) or nullptr
@@ -45,7 +46,8 @@ __global__ void __launch_bounds__(SEL_THREADS) select_rank_kernel(
     int M, int c_shift,
     unsigned int* __restrict__ keys,         // [Hkv, M]
     unsigned int* __restrict__ slice_hist,   // [Hkv, nb, 256]
-    unsigned int* __restrict__ hist16)       // [Hkv, 65536], zeroed by the caller
+    unsigned int* __restrict__ hist16,       // [Hkv, 65536], zeroed by the caller
+    unsigned long long* __restrict__ total)  // TOTAL: [Hkv] += ofl_mass_fixed of the held ranks (zeroed)
 {
     __shared__ unsigned int hist[256];
     __shared__ float norm[G];
@@ -92,6 +94,7 @@ __global__ void __launch_bounds__(SEL_THREADS) select_rank_kernel(
             x[t][g] = p < M ? logits[((long long)h * (sum ? G : 1) + (sum ? g : 0)) * M + p] : OFL_NEG_INF;
     }
     __syncthreads();                          // norm
+    long long fx = 0;                         // the slice's held ranks in fixed point (the token mass threshold)
 #pragma unroll
     for (int t = 0; t < T; ++t) {             // uniform: the histogram adds are warp-wide
         const int p = p0 + t * SEL_THREADS;
@@ -104,11 +107,17 @@ __global__ void __launch_bounds__(SEL_THREADS) select_rank_kernel(
             } else {
                 r = x[t][0];
             }
+            if (TOTAL) fx += ofl_mass_fixed(r);
         }
         const unsigned int u = ofl_key(r);
         if (p < M) keys[(long long)h * M + p] = u;
         ofl_hist_add(hist, p < M, u >> 24, lane);
         ofl_hist_add(hist16 + ((long long)h << 16), p < M, u >> 16, lane);   // red.add: nothing waits on it
+    }
+    if (TOTAL) {                              // integer adds: the head's sum is the same in any order
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) fx += __shfl_xor_sync(0xffffffffu, fx, off);
+        if (lane == 0 && fx) atomicAdd(total + h, (unsigned long long)fx);
     }
     __syncthreads();
     unsigned int* out = slice_hist + ((long long)h * gridDim.x + b) * 256;

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import _attend, _compute_dtype
+from .reference import _attend, _compute_dtype, mass_fixed, mass_keep
 
 __all__ = ["token_scores", "rank_logits", "select_tokens", "mass_keep", "gather_candidate_keys", "gather_picked_rows",
            "candidate_valid", "token_attend", "ranked_token_attend", "GROUP_REDUCES"]
@@ -69,7 +69,9 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor | None, valid: torch.Tenso
 
     Static shapes (no host sync): when a head has fewer than k valid candidates, the extra picks are
     marked not ok. mass > 0 (group reduce "sum" only): k is a cap; per KV head only the fewest best tokens
-    whose mass, with what base_lse covers, reaches `mass` stay ok (at least `floor` of them): `mass_keep`.
+    whose mass, with what base_lse covers, reaches `mass` stay ok (at least `floor` of them): reference.mass_keep
+    (shares in fixed point, ties to the lower position). Shares are normalised over base + candidates (the tokens
+    no candidate holds are unknown), so the estimate is an upper bound of the true mass.
     logits [Hkv, G, M]: rank by these (scale * q.k estimated without the keys) instead of keys [Hkv, M, D].
     """
     if logits is None:
@@ -83,23 +85,9 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor | None, valid: torch.Tenso
     if mass > 0:
         if group_reduce != "sum":
             raise ValueError("a token mass threshold needs group_reduce 'sum' (softmax shares), not 'max'")
-        g = q.shape[0] // valid.shape[0]
-        cand = r.masked_fill(~valid, 0.0).sum(1) / g                      # cand: [Hkv] candidates' share
-        # best first: sorting the k' picks costs far less than a sorted top-k over every candidate
-        share, order = torch.sort(top.values.masked_fill(~ok, 0.0) / g, dim=1, descending=True)  # [Hkv, k']
-        idx, ok = idx.gather(1, order), ok.gather(1, order)               # idx, ok: [Hkv, k'] best first
-        ok = ok & mass_keep(share, 1.0 - cand, mass, floor)
+        total = mass_fixed(r.masked_fill(~valid, 0.0)).sum(1)             # total: [Hkv] candidates' share
+        ok = mass_keep(idx, top.values, ok, total, q.shape[0] // valid.shape[0], mass, floor)   # ok: [Hkv, k']
     return idx, ok
-
-
-def mass_keep(share: torch.Tensor, base: torch.Tensor, mass: float, floor: int) -> torch.Tensor:
-    """Which of the best-first tokens to keep: share [Hkv, k] (each token's mean softmax share over the query
-    group), base [Hkv] (the share of what is attended anyway) -> bool [Hkv, k]: the fewest leading tokens with
-    base + their shares >= mass, and at least `floor`. Shares are normalised over base + candidates (the
-    tokens no candidate holds are unknown), so the estimate is an upper bound of the true mass."""
-    before = base[:, None] + torch.cumsum(share, dim=1) - share           # before: [Hkv, k] mass without it
-    rank = torch.arange(share.shape[1], device=share.device)              # rank: [k]
-    return (before < mass) | (rank < floor)[None, :]                      # [Hkv, k]
 
 
 def _rows(pool, slots, which: int, rows, alt, packed):
@@ -152,7 +140,8 @@ def gather_picked_rows(parts, idx: torch.Tensor, ok: torch.Tensor, which: int, d
 
 def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str = "sum",
                  base_lse: torch.Tensor | None = None, packed=None, mass: float = 0.0,
-                 floor: int = 0, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 floor: int = 0, logits: torch.Tensor | None = None,
+                 rows_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the top-k tokens per KV head of the candidate chunks -> (o [Hq, D], lse [Hq]) f32.
 
     Merge the result with `merge_attn`: the picked tokens are disjoint from what base_lse covers. packed: the
@@ -160,6 +149,7 @@ def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str
     mass > 0: k is a cap and each KV head attends the fewest tokens reaching that mass (select_tokens).
     logits [Hkv, G, K*C]: the candidates ranked by these estimates (low-rank key shadows on the GPU) instead of
     their keys: only the picked tokens' K and V rows are read, so candidate keys never cross PCIe.
+    rows_out (int64 [1], optional): += the token rows attended (summed over KV heads), on the device.
     """
     hq, d = q.shape
     if not parts:
@@ -170,6 +160,8 @@ def token_attend(q: torch.Tensor, parts, k: int, scale: float, group_reduce: str
     else:
         keys, valid = None, candidate_valid(parts, _chunk_tokens(parts, packed), q.device)   # valid: [Hkv, M]
     idx, ok = select_tokens(q, keys, valid, k, scale, group_reduce, base_lse, mass, floor, logits)  # [Hkv, k'] each
+    if rows_out is not None:
+        rows_out += ok.sum()
     if keys is None:
         ksel = gather_picked_rows(parts, idx, ok, 0, None, packed)       # ksel: [Hkv, k', D]
     else:
@@ -184,29 +176,29 @@ def ranked_token_attend(q: torch.Tensor, parts, cand_ids: torch.Tensor, ranker, 
                         rows_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """token_attend with the candidates ranked by `ranker` (the layer's ShadowKeyIndex) from estimates of their
     logits instead of their keys; cand_ids int64 [Hkv, K]: the chunk id of each candidate column (-1: none).
-    rows_out (int64 [1], optional): the token rows attended, min(held candidate tokens, k) summed over KV heads,
-    are added to it on the device (a decode step's statistics, no extra launches on the fused path).
+    rows_out (int64 [1], optional): the token rows attended (min(held candidate tokens, k), or what the mass
+    threshold keeps) summed over KV heads are added to it on the device (a decode step's statistics, no extra
+    launches on the fused path).
 
-    On the GPU, with one candidate part, shadows on the GPU and no mass threshold, three launches (tokens.cu:
-    shadow logits, top-k select, attention over the picked rows where they lie); otherwise the torch path:
-    ranker.token_logits [Hkv, G, K*C] float32, then token_attend (the reference of the fused path)."""
-    fused = _fused_ranked(q, parts, cand_ids, ranker, k, packed, mass)
+    On the GPU, with one candidate part and shadows on the GPU, three launches (tokens.cu: shadow logits, top-k
+    select, attention over the picked rows where they lie), four with a mass threshold (mass.cu between the last
+    two); otherwise the torch path: ranker.token_logits [Hkv, G, K*C] float32, then token_attend (the reference of
+    the fused path)."""
+    fused = _fused_ranked(q, parts, cand_ids, ranker, k, packed, mass, group_reduce)
     if fused is not None:
         cp, (pool, slots, alt), (basis, shadows, index_scale) = fused
         m = slots.shape[1] * pool.shape[3]
         return cp.ranked_token_attend(q, pool, slots, alt, cand_ids, basis, shadows, min(k, m), index_scale, scale,
-                                      group_reduce, base_lse, rows_out)
-    if rows_out is not None and parts:
-        held = candidate_valid(parts, _chunk_tokens(parts, packed), rows_out.device)  # held: [Hkv, K*C]
-        rows_out += held.sum(1).clamp(max=k).sum()
+                                      group_reduce, base_lse, rows_out, mass, floor)
     logits = ranker.token_logits(q, cand_ids)                             # logits: [Hkv, G, K*C]
-    return token_attend(q, parts, k, scale, group_reduce, base_lse, packed, mass, floor, logits)
+    return token_attend(q, parts, k, scale, group_reduce, base_lse, packed, mass, floor, logits, rows_out)
 
 
-def _fused_ranked(q, parts, cand_ids, ranker, k, packed, mass):
+def _fused_ranked(q, parts, cand_ids, ranker, k, packed, mass, group_reduce):
     """(the CuPy launchers, the one part, the shadow operands) when the fused path takes these inputs, else None."""
     from . import KERNELS_AVAILABLE, _backend
-    if not (KERNELS_AVAILABLE and q.is_cuda and len(parts) == 1 and packed is None and mass == 0 and k > 0):
+    if not (KERNELS_AVAILABLE and q.is_cuda and len(parts) == 1 and packed is None and k > 0
+            and (mass == 0 or group_reduce == "sum")):
         return None
     operands = ranker.shadow_operands() if hasattr(ranker, "shadow_operands") else None
     if operands is None or _backend() is None:
@@ -215,5 +207,7 @@ def _fused_ranked(q, parts, cand_ids, ranker, k, packed, mass):
     pool, slots, alt = parts[0]
     m = slots.shape[1] * pool.shape[3]
     if m == 0 or not cp.supports_ranked(q, pool, slots, alt, cand_ids, operands[0], operands[1], min(k, m)):
+        return None
+    if mass > 0 and min(k, m) > cp.MASS_MAX:
         return None
     return cp, parts[0], operands
