@@ -279,3 +279,15 @@ def test_gpu_script_methods_parse_and_include_the_default_and_the_oracle():
     assert "oracle@5%/16" in labels and len(methods) >= 9
     assert {m.config.split("-")[0] for m in methods} >= {"summary", "shadow", "ann", "oracle"}
     assert any(m.tok_shadow for m in methods) and any(m.tok_mass for m in methods)
+
+
+def test_suite_needles_do_not_depend_on_the_hash_seed():
+    """Every process must build the same documents: the variable names were a set of strings shuffled in the
+    set's iteration order (PYTHONHASHSEED), so each run asked other questions of other documents."""
+    import subprocess
+    code = ("import random, sys; sys.path.insert(0, 'bench'); from fidelity_needles import needles; "
+            "r = random.Random(0); print([needles(r) for _ in range(3)])")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(outs) == 1
