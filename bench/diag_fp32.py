@@ -1,5 +1,5 @@
 """Diagnostic: fp32 decode on CUDA, step by step, against transformers (CPU and CUDA) and our CPU path."""
-import os, sys, tempfile, torch
+import sys, tempfile, torch
 sys.path.insert(0, "tests")
 from fixtures_models import write_tiny_checkpoint, run_session
 from offload import LLM

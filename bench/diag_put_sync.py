@@ -1,5 +1,5 @@
 """Diagnostic: does TieredKVStore.put block the host on the copy stream? (sync debug mode shows where)."""
-import sys, time, traceback, warnings
+import time, traceback, warnings
 import torch
 from offload.tiers import ChunkShape, TieredKVStore
 

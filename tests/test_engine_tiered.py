@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fixtures_models import TIERED_OPTS, run_session, write_tiny_checkpoint
+from fixtures_models import TIERED_OPTS, run_session
 from offload import LLM, CapacityError, ConfigError
 
 OPTS = TIERED_OPTS    # tiny, ids and dense: the shared fixtures in fixtures_models.py

@@ -2,7 +2,6 @@
 of quant.cu against the torch references (GPU, `-m gpu`)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
