@@ -66,6 +66,16 @@ __device__ __forceinline__ float ofl_shfl_xor(float x, int mask) {
 }
 
 // The order-preserving unsigned image of a float (larger float -> larger key) and back.
+// Online-softmax state (running max mx, sum of exp(x - mx)) of one warp's lanes merged into every lane.
+__device__ __forceinline__ void ofl_warp_merge_max_sum(float& mx, float& sm) {
+    for (int off = 16; off > 0; off >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, mx, off), s2 = __shfl_xor_sync(0xffffffffu, sm, off);
+        const float m = fmaxf(mx, m2);
+        sm = m == OFL_NEG_INF ? 0.f : sm * __expf(mx - m) + s2 * __expf(m2 - m);
+        mx = m;
+    }
+}
+
 __device__ __forceinline__ unsigned int ofl_key(float f) {
     const unsigned int b = __float_as_uint(f);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);

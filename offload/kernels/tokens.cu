@@ -123,12 +123,7 @@ __global__ void __launch_bounds__(SL_THREADS) shadow_logits_kernel(
     // block reduce of the (max, sum) pairs per query head: shuffles, then one pair per warp
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-        for (int off = 16; off > 0; off >>= 1) {
-            const float m2 = __shfl_xor_sync(0xffffffffu, mx[g], off), s2 = __shfl_xor_sync(0xffffffffu, sm[g], off);
-            const float m = fmaxf(mx[g], m2);
-            sm[g] = m == OFL_NEG_INF ? 0.f : sm[g] * __expf(mx[g] - m) + s2 * __expf(m2 - m);
-            mx[g] = m;
-        }
+        ofl_warp_merge_max_sum(mx[g], sm[g]);
         if (lane == 0) {
             red[warp][g][0] = mx[g];
             red[warp][g][1] = sm[g];
@@ -181,12 +176,7 @@ __global__ void __launch_bounds__(CR_THREADS) chunk_reduce_kernel(
         }
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-            for (int off = 16; off > 0; off >>= 1) {
-                const float m2 = __shfl_xor_sync(0xffffffffu, mx[g], off), s2 = __shfl_xor_sync(0xffffffffu, sm[g], off);
-                const float mm = fmaxf(mx[g], m2);
-                sm[g] = mm == OFL_NEG_INF ? 0.f : sm[g] * __expf(mx[g] - mm) + s2 * __expf(m2 - mm);
-                mx[g] = mm;
-            }
+            ofl_warp_merge_max_sum(mx[g], sm[g]);
             if (lane == 0) {
                 red[warp][g][0] = mx[g];
                 red[warp][g][1] = sm[g];
