@@ -39,8 +39,8 @@ class HotMixin:
         slot = torch.empty_like(chunks)                                        # slot: [h]
         for layer in layers.unique().tolist():
             sel = layers == layer                                              # sel: [h] bool
-            tier[sel] = self._tier[layer][chunks[sel]].long()
-            slot[sel] = self._slot[layer][chunks[sel]]
+            t, s = self._lookup(layer, chunks[sel])                            # [h'] each
+            tier[sel], slot[sel] = t.long(), s
         return tier, slot
 
     def _promote_hot(self) -> None:
