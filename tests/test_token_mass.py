@@ -135,6 +135,46 @@ def test_gpu_mass_keep_kernel_keeps_the_reference_set(k, floor, p):
         assert bool((want.sum(1) < ok.sum(1)).any()) and bool((want.sum(1) > floor).any())
 
 
+def _tied_picks(seed, hkv, g, k, p):
+    """Picks whose shares take five values (long runs of equal keys, one of them zero) and whose base leaves half of
+    the held picks' mass to reach p, so the threshold falls inside a run of ties -> (val, ok, row, total)."""
+    from offload.kernels.reference import MASS_UNIT, mass_fixed, mass_need
+    gen = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([1e-3, 2e-3, 2e-3 * (1 + 2 ** -20), 5e-4, 0.0]) * g   # two keys one float step apart
+    val = levels[torch.randint(0, len(levels), (hkv, k), generator=gen)]         # val: [Hkv, k]
+    ok = torch.rand(hkv, k, generator=gen) > 0.2                                 # ok: [Hkv, k]
+    val = val.masked_fill(~ok, float("-inf"))
+    picked = mass_fixed(val.masked_fill(~ok, 0.0)).sum(1)                        # picked: [Hkv]
+    total = g * MASS_UNIT - mass_need(p, g) + picked // 2                        # base = need - half of it
+    row = torch.where(ok, torch.randint(0, 10 ** 6, (hkv, k), generator=gen), -1).int()   # row: [Hkv, k]
+    return val, ok, row, total
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,floor,p", [(2048, 0, 0.9), (2048, 700, 0.9), (4096, 64, 0.5), (4096, 4096, 0.5),
+                                       (1, 0, 0.5), (1, 1, 0.5), (333, 100, 1.0), (1000, 0, 1e-9)])
+def test_gpu_mass_keep_kernel_splits_runs_of_equal_shares_like_the_reference(k, floor, p):
+    """The radix select's hard cases: the share that reaches p lies inside a run of equal keys (kept in position
+    order up to the one that reaches it), a floor inside a run, a base that already reaches p (only the floor
+    stays), p = 1, k = 1 and the largest k."""
+    from offload.kernels import _cupy_tokens as cp
+    from offload.kernels.reference import mass_keep
+    hkv, g = 8, 4
+    val, ok, row, total = _tied_picks(k + floor, hkv, g, k, p)
+    if p < 1e-6:
+        total = total * 0                                                      # base g: p is reached without picks
+    idx = torch.arange(k).expand(hkv, k)                                       # idx: [Hkv, k] position order
+    want = mass_keep(idx, val, ok, total, g, p, floor)                        # want: [Hkv, k]
+    got_ok, got_row = ok.cuda(), row.cuda()
+    rows = torch.zeros(1, dtype=torch.long, device="cuda")
+    cp.mass_keep(val.cuda(), got_ok, got_row, total.cuda(), g, p, floor, rows)
+    assert torch.equal(got_ok.cpu(), want)
+    assert torch.equal(got_row.cpu(), torch.where(want, row, -1))
+    assert int(rows) == int(want.sum())
+    if k >= 2048 and floor < k:               # the cut falls inside the held picks, not at their end
+        assert bool((want.sum(1) < ok.sum(1)).all()) and bool((want.sum(1) >= min(floor, k)).all())
+
+
 @pytest.mark.gpu
 def test_gpu_select_mass_total_sums_every_held_rank():
     """select.cu's rank kernel adds each held candidate's rank in fixed point: with k = every candidate it is the

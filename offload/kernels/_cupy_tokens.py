@@ -15,7 +15,7 @@ from ._cupy_select import SELECT_MAX, select_top
 from .reference import ALT_SLOT, mass_need
 
 _SL_THREADS, _CR_THREADS = 256, 256        # SL_THREADS / CR_THREADS in tokens.cu
-_MK_THREADS, MASS_MAX = 1024, 4096         # MK_THREADS / MK_MAX in mass.cu: the most picks per head it thresholds
+_MK_THREADS, MASS_MAX = 512, 4096          # MK_THREADS / MK_MAX in mass.cu: the most picks per head it thresholds
 
 
 def supports_ranked(q, pool, slots, alt, cand, basis, shadows, k: int) -> bool:
