@@ -35,32 +35,44 @@ __device__ __forceinline__ T mk_block_sum(T x, T* scratch) {
     return s;
 }
 
-// One radix pass's bins: each taking pick adds its share and one count to bin `d`. A warp whose picks all share one
-// bin (the usual case on crowded ranks) adds once; otherwise each pick adds its share itself.
-__device__ __forceinline__ void mk_bin_add(unsigned long long* bsum, unsigned int* bcnt, bool take, unsigned int d,
-                                           long long f, int lane) {
+// One radix pass's bins: each taking pick adds its share and one count to bin `d`. Shares are added as two 32-bit
+// halves (f >> MK_LO_BITS, f & MK_LO_MASK) with native shared atomics: a 64-bit shared atomicAdd is a compare-and-swap
+// loop that serialised picks of one warp sharing a bin (41 us a layer at 128K on spread ranks against 23.5 for the
+// sort). The halves cannot overflow: at most MK_MAX low halves below 2^MK_LO_BITS each, and the high halves sum to
+// the picks' total / 2^MK_LO_BITS (softmax shares: <= G * 2^40; any total under 2^52, shares summing below 4,096,
+// fits). A warp whose picks all share one bin (the usual case on crowded ranks) adds once.
+#define MK_LO_BITS 20
+#define MK_LO_MASK ((1ll << MK_LO_BITS) - 1)
+__device__ __forceinline__ void mk_bin_add(unsigned int* bhi, unsigned int* blo, unsigned int* bcnt, bool take,
+                                           unsigned int d, long long f, int lane) {
     if (!__any_sync(0xffffffffu, take)) return;
     const unsigned int peers = __match_any_sync(0xffffffffu, take ? d : 0xffffffffu);
     if (peers == 0xffffffffu) {              // every lane takes, all in bin d: one add of the warp's sum
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) f += __shfl_xor_sync(0xffffffffu, f, off);
         if (lane == 0) {
-            atomicAdd(bsum + d, (unsigned long long)f);
+            atomicAdd(bhi + d, (unsigned int)(f >> MK_LO_BITS));
+            atomicAdd(blo + d, (unsigned int)(f & MK_LO_MASK));
             atomicAdd(bcnt + d, 32u);
         }
     } else if (take) {
-        atomicAdd(bsum + d, (unsigned long long)f);
+        atomicAdd(bhi + d, (unsigned int)(f >> MK_LO_BITS));
+        atomicAdd(blo + d, (unsigned int)(f & MK_LO_MASK));
         if (__ffs(peers) - 1 == lane) atomicAdd(bcnt + d, (unsigned int)__popc(peers));
     }
 }
 
+__device__ __forceinline__ long long mk_bin_sum(const unsigned int (*bins)[256], int d) {
+    return ((long long)bins[0][d] << MK_LO_BITS) + (long long)bins[1][d];
+}
+
 // Radix select over the held picks' keys (u != 0), run by the whole block: the key of the best-first pick at which
 // the running total first reaches `target` (weighted: of shares, else of counts), and the share sum and count of the
-// keys above that key (above_s, above_c, in every thread). bsum / bcnt: two zeroed buffers of 256 bins, zeroed again
-// on return; res: 3 shared slots.
-__device__ __forceinline__ unsigned int mk_select(const unsigned int (&u)[MK_PER], const long long (&f)[MK_PER], long long target,
-                                  bool weighted, unsigned long long (*bsum)[256], unsigned int (*bcnt)[256],
-                                  long long* res, long long& above_s, long long& above_c) {
+// keys above that key (above_s, above_c, in every thread). bins: two zeroed buffers of 256 bins (high halves, low
+// halves, counts), zeroed again on return; res: 3 shared slots.
+__device__ __forceinline__ unsigned int mk_select(const unsigned int (&u)[MK_PER], const long long (&f)[MK_PER],
+                                                  long long target, bool weighted, unsigned int (*bins)[3][256],
+                                                  long long* res, long long& above_s, long long& above_c) {
     const int tid = threadIdx.x, lane = tid & 31;
     unsigned int prefix = 0u, mask = 0u;
     above_s = 0;
@@ -70,15 +82,15 @@ __device__ __forceinline__ unsigned int mk_select(const unsigned int (&u)[MK_PER
         const int shift = 24 - 8 * pass, buf = pass & 1;
 #pragma unroll
         for (int e = 0; e < MK_PER; ++e)
-            mk_bin_add(bsum[buf], bcnt[buf], u[e] != 0u && (u[e] & mask) == prefix, (u[e] >> shift) & 255u, f[e],
-                       lane);
+            mk_bin_add(bins[buf][0], bins[buf][1], bins[buf][2], u[e] != 0u && (u[e] & mask) == prefix,
+                       (u[e] >> shift) & 255u, f[e], lane);
         __syncthreads();
         if (tid < 32) {                      // lane l owns bins 255 - 8l .. 248 - 8l (lane 0: the best)
             long long own_s = 0, own_c = 0;
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-                own_s += (long long)bsum[buf][255 - 8 * lane - i];
-                own_c += bcnt[buf][255 - 8 * lane - i];
+                own_s += mk_bin_sum(bins[buf], 255 - 8 * lane - i);
+                own_c += bins[buf][2][255 - 8 * lane - i];
             }
             long long inc_s = own_s, inc_c = own_c;
 #pragma unroll
@@ -97,7 +109,7 @@ __device__ __forceinline__ unsigned int mk_select(const unsigned int (&u)[MK_PER
                 long long s = above_s + inc_s - own_s, c = above_c + inc_c - own_c;
                 int d = 255 - 8 * lane;
                 for (int i = 0; i < 7; ++i, --d) {
-                    const long long bs = (long long)bsum[buf][d], bc = bcnt[buf][d];
+                    const long long bs = mk_bin_sum(bins[buf], d), bc = bins[buf][2][d];
                     if (weighted ? s + bs >= target : c + bc >= target) break;
                     s += bs;
                     c += bc;
@@ -107,10 +119,8 @@ __device__ __forceinline__ unsigned int mk_select(const unsigned int (&u)[MK_PER
                 res[2] = c;
             }
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {    // this buffer's next use is two passes on
-                bsum[buf][255 - 8 * lane - i] = 0ull;
-                bcnt[buf][255 - 8 * lane - i] = 0u;
-            }
+            for (int i = 0; i < 8; ++i)      // this buffer's next use is two passes on
+                for (int part = 0; part < 3; ++part) bins[buf][part][255 - 8 * lane - i] = 0u;
         }
         __syncthreads();
         prefix |= (unsigned int)res[0] << shift;
@@ -130,16 +140,12 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS) mass_keep_kernel(
     int* __restrict__ row,                   // [Hkv, k] pool rows; -1 where dropped (or nullptr)
     long long* __restrict__ rows_out)        // [1] += the kept held picks (statistics), or nullptr
 {
-    __shared__ unsigned long long s_bsum[2][256];
-    __shared__ unsigned int s_bcnt[2][256];
+    __shared__ unsigned int s_bins[2][3][256];   // two passes' bins: high halves, low halves, counts
     __shared__ long long s_sum[MK_WARPS], s_cnt[MK_WARPS], s_tie[MK_WARPS], s_res[3];
     const int h = blockIdx.x, tid = threadIdx.x;
     bool* okh = ok + (long long)h * k;
     const float* vh = val + (long long)h * k;
-    if (tid < 256) {
-        s_bsum[0][tid] = s_bsum[1][tid] = 0ull;
-        s_bcnt[0][tid] = s_bcnt[1][tid] = 0u;
-    }
+    for (int i = tid; i < 2 * 3 * 256; i += MK_THREADS) (&s_bins[0][0][0])[i] = 0u;
     unsigned int u[MK_PER];                  // the pick's key, 0: not held (below every held pick)
     long long f[MK_PER], my_s = 0, my_c = 0;
 #pragma unroll
@@ -163,21 +169,22 @@ extern "C" __global__ void __launch_bounds__(MK_THREADS) mass_keep_kernel(
     } else if (s_all < want) {
         t_mass = k;
     } else {
-        last = mk_select(u, f, want, true, s_bsum, s_bcnt, s_res, above_s, above_c);
+        last = mk_select(u, f, want, true, s_bins, s_res, above_s, above_c);
         const long long fv = ofl_mass_fixed(ofl_unkey(last));   // > 0: the bin that reaches `want` adds shares
         tie_keep = (want - above_s + fv - 1) / fv;               // ties up to and with the one that reaches it
         t_mass = above_c + tie_keep;
     }
     const long long kept = max(t_mass, (long long)floor);
     if (kept >= n_held) {                    // every held pick stays
-        if (rows_out != nullptr && tid == 0 && n_held) atomicAdd((unsigned long long*)rows_out, (unsigned long long)n_held);
+        if (rows_out != nullptr && tid == 0 && n_held)
+            atomicAdd((unsigned long long*)rows_out, (unsigned long long)n_held);
         return;
     }
     if (kept == 0) {
         last = 0xffffffffu;                  // no held key is above it, none of its ties kept
         tie_keep = 0;
     } else if (t_mass < floor) {             // the floor decides: the floor-th best pick
-        last = mk_select(u, f, kept, false, s_bsum, s_bcnt, s_res, above_s, above_c);
+        last = mk_select(u, f, kept, false, s_bins, s_res, above_s, above_c);
         tie_keep = kept - above_c;
     }
     // equal keys in position order: the ties in columns before this thread's
