@@ -72,6 +72,9 @@ def run_offload(args, ctx: int, mode: str) -> dict:
         tok = int(sess.step(tok).argmax())
         times.append(1000 * (time.perf_counter() - t1))
     mode_name = f"sparse-{args.index}" if mode == "sparse" and args.index else mode
+    chosen = dict(llm.plan.selection)     # index "auto" (the default): the preset the planner chose
+    if mode == "sparse" and chosen:
+        mode_name += "-auto:" + ("tokens" if chosen.get("select_unit") == "token" else "chunks")
     if mode == "sparse" and args.select_unit == "token":
         mode_name += f"+tok{args.token_candidates:g}" + (f"m{args.token_mass:g}" if args.token_mass else "")
         mode_name += "sh" if args.token_scores == "shadow" else ""
@@ -82,7 +85,7 @@ def run_offload(args, ctx: int, mode: str) -> dict:
            "mean_ms": sum(times[args.warmup:]) / max(1, args.steps), "ttft_s": ttft,
            "peak_gib": peak_gib(), "weights": llm.model.weight_format, "weight_gib": llm.model.weight_bytes / 2**30,
            "gpu_kv_room_gib": llm.plan.available[0] / 2**30, "gpu_kv_gib": llm.plan.gpu_bytes / 2**30,
-           "stats": llm.stats}
+           "selection": chosen, "plan": llm.plan.summary(), "stats": llm.stats}
     llm.close()
     del sess, llm
     gc.collect()

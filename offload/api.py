@@ -107,7 +107,8 @@ class LLM:
             raise CapacityError(f"a new session's KV does not fit beside the {live} open session(s) "
                                 f"({str(e).splitlines()[0][:80]}); close one (sess.close() / chat.close()) "
                                 "or lower ctx") from None
-        self._last = Session(self, attn, cfg, need)
+        from offload import selection
+        self._last = Session(self, attn, selection.apply(cfg, p), need)   # index "auto": what the planner chose
         self._sessions.add(self._last)
         return self._last
 

@@ -57,6 +57,26 @@ def _weight_bytes(spec) -> int:
 
 
 def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
+    """The BudgetPlan of cfg (default spec.config). index "auto": the first of offload.selection's presets that
+    fits in its index's default layout (the accurate one, else whole chunks), recorded in BudgetPlan.selection;
+    selection.apply(cfg, plan) gives the concrete config a session runs."""
+    from offload import selection
+    from offload.errors import CapacityError
+    cfg = cfg or spec.config
+    tries = selection.choices(cfg, spec.model_config.head_dim)
+    for i, (_, concrete) in enumerate(tries):
+        last = i == len(tries) - 1
+        try:
+            p = _plan(spec, concrete, weights_loaded, compact=last)
+        except CapacityError:
+            if last:
+                raise
+            continue
+        return dataclasses.replace(p, selection=selection.chosen_fields(cfg, concrete))
+    raise AssertionError("unreachable")
+
+
+def _plan(spec: RuntimeSpec, cfg, weights_loaded: bool, compact: bool = True):
     """Split the KV of spec.ctx tokens over GPU / host / disk, or raise CapacityError with the fix.
 
     weights_loaded: the weights already sit in the memory the planner measures (a session planned after
@@ -68,7 +88,6 @@ def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
     from offload.errors import CapacityError
     from offload.kernels.quant import packed_format
     from offload.planner import plan_budget
-    cfg = cfg or spec.config
     mc = spec.model_config
     C, n_sink, n_window = _geometry(cfg)
 
@@ -104,11 +123,11 @@ def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
             p = budget(index_gpu_bytes(spec, cfg), stage)
         except CapacityError:
             # an index the GPU cannot hold at this ctx takes its compact layout, unless the user set those options
-            compact = COMPACT_INDEX.get(cfg.index, {})
-            if not compact or set(compact) & set(cfg.index_options or {}):
+            layout = COMPACT_INDEX.get(cfg.index, {}) if compact else {}
+            if not layout or set(layout) & set(cfg.index_options or {}):
                 raise
-            chosen = tuple(compact.items())
-            p = budget(index_gpu_bytes(spec, cfg, compact), stage)
+            chosen = tuple(layout.items())
+            p = budget(index_gpu_bytes(spec, cfg, layout), stage)
         return dataclasses.replace(p, index_options=chosen)
     return p
 
@@ -197,10 +216,12 @@ def fits_on_device(p, mc) -> bool:
 
 def make(spec: RuntimeSpec, plan_=None, cfg=None):
     """The attention backend for a new session; plan_: the BudgetPlan of spec.config (re-planned for another cfg)."""
+    from offload import selection
     cfg = cfg or spec.config
     mc = spec.model_config
     # a session with overrides is planned now, with the weights already loaded (and counted as used)
     p = plan_ if plan_ is not None and cfg is spec.config else plan(spec, cfg, weights_loaded=True)
+    cfg = selection.apply(cfg, p)       # index "auto": the preset the planner chose
     m = mode(spec, plan_, cfg)    # 'auto' asks whether the session's KV fits as the LLM was planned
     if m == "full" and fits_on_device(p, mc):
         from offload.engine.sparse_prefill import SparsePrefill

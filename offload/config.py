@@ -86,7 +86,9 @@ class OffloadConfig:
     # time at 128K, not yet shown more accurate at the same average: bench/RESULTS.md), a fraction, or a list
     budget: str | int | float | list = "2K"
     streaming_heads: dict | None = None   # sparse: {layer: [kv heads]} that attend to sinks + window only
-    index: str = "summary"                # sparse chunk selection: summary | shadow | ann
+    # sparse selection: auto (the accurate shadow-ranked token preset where its shadows fit on the GPU, else the
+    # summary index over whole chunks: offload/selection.py) | summary | shadow | ann
+    index: str = "auto"
     index_options: dict | None = None     # passed to the index, e.g. {"bounds": "int8"} or {"rank": 16}
     chunk_tokens: int = 32
     select_unit: str = "chunk"            # sparse: attend whole chunks, or the top tokens of the candidate chunks
@@ -172,7 +174,7 @@ class OffloadConfig:
         _check_token_mass(self)
         if self.token_scores not in TOKEN_SCORES:
             raise ConfigError(f"token_scores {self.token_scores!r} is not one of {', '.join(TOKEN_SCORES)}")
-        if self.token_scores == "shadow" and (self.select_unit != "token" or self.index != "shadow"):
+        if self.token_scores == "shadow" and (self.select_unit != "token" or self.index not in ("shadow", "auto")):
             raise ConfigError("token_scores 'shadow' ranks the token stage's candidates from the shadow index: "
                               "set select_unit token and index shadow, or use token_scores keys")
         for name in ("chunk_tokens", "prefill_chunk", "stream_chunk"):
@@ -186,6 +188,9 @@ class OffloadConfig:
         # before any weight loads, whatever attention mode ends up chosen
         from offload.indexes import Budget, check_index_options   # no torch unless index options need checking
         Budget.parse(self.budget, self.streaming_heads)
+        if self.index == "auto" and self.index_options:
+            raise ConfigError(f"index_options {_show(self.index_options)} need a named index; set --index summary, "
+                              "shadow or ann")
         check_index_options(self.index, self.index_options or {})
 
     def replace(self, **kw) -> "OffloadConfig":

@@ -66,6 +66,7 @@ class BudgetPlan:
     kv_dtype: str = "bf16"         # how the host and disk tiers hold KV (int8 / int4: packed chunks)
     cold_chunk_bytes: int = 0     # one host/disk chunk when packed (0: chunk_bytes)
     index_options: tuple = ()     # index options the planner chose, as (name, value) pairs: (("shadows_on", "host"),)
+    selection: tuple = ()         # index "auto": the selection options the planner chose (offload/selection.py)
 
     @property
     def capacities(self) -> tuple[int, int, int]:
@@ -90,7 +91,13 @@ class BudgetPlan:
                 f"GPU {_gib(self.gpu_bytes)} + host {_gib(self.host_bytes)} GiB{cold}"
                 + (disk if self.disk_chunks else "")
                 + (f"; sparse index {_size(self.index_bytes)} on the GPU" if self.index_bytes else "")
-                + "".join(f", {k}={v}" for k, v in self.index_options))
+                + "".join(f", {k}={v}" for k, v in self.index_options)
+                + (f"; selection: {_describe(self.selection)}" if self.selection else ""))
+
+
+def _describe(selection: tuple) -> str:
+    from offload.selection import describe
+    return describe(selection)
 
 
 def _detect_gpu(device: torch.device) -> int:

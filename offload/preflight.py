@@ -19,7 +19,7 @@ def check_options(cfg, mc, ctx: int, dtype) -> None:
         sweep_stale(cfg.disk_dir)
     if cfg.attention == "full":
         return                      # budget and index are unused by exact attention
-    from offload.indexes import Budget, make_index
+    from offload.indexes import Budget
     try:
         budget = Budget.parse(cfg.budget, cfg.streaming_heads)
     except (TypeError, ValueError, AttributeError) as e:
@@ -33,6 +33,13 @@ def check_options(cfg, mc, ctx: int, dtype) -> None:
                           f"use layers 0..{mc.num_layers - 1}")
     for layer in range(mc.num_layers):      # per-layer lists and streaming heads must fit this model
         budget.head_chunks(layer, mc.num_kv_heads, ctx, cfg.chunk_tokens)
+    from offload.selection import choices
+    for _, concrete in choices(cfg, mc.head_dim):        # index "auto": every preset the planner may choose
+        _check_index(concrete, mc, dtype)
+
+
+def _check_index(cfg, mc, dtype) -> None:
+    from offload.indexes import make_index
     try:
         make_index(cfg.index, num_kv_heads=mc.num_kv_heads, num_q_heads=mc.num_heads, head_dim=mc.head_dim,
                    chunk_tokens=cfg.chunk_tokens, device="cpu", dtype=dtype, max_chunks=4,

@@ -173,7 +173,7 @@ def test_index_choices_are_the_index_methods():
     from offload.cli.main import chat_command
     from offload.indexes import METHODS
     index = next(p for p in chat_command.params if p.name == "index")
-    assert tuple(index.type.choices) == METHODS
+    assert tuple(index.type.choices) == ("auto",) + METHODS
 
 
 def test_llama_cpp_flags_are_screened_without_touching_values():

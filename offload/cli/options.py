@@ -30,9 +30,11 @@ MODEL_OPTIONS = [
          help="Exact (full) or sparse retrieval attention."),
     _opt("--budget", help="Sparse attention budget per step and KV head: tokens (2K, the default), a mass "
          "threshold (p=0.75,floor=128,cap=2K) or a fraction (5%)."),
-    # offload.indexes.METHODS, spelled out: importing that package loads torch, and a typo must fail at once
-    _opt("--index", type=click.Choice(["summary", "shadow", "ann"]),
-         help="Sparse chunk selection method (ann needs pip install offload[ann])."),
+    # "auto" + offload.indexes.METHODS, spelled out: importing that package loads torch, and a typo must fail at once
+    _opt("--index", type=click.Choice(["auto", "summary", "shadow", "ann"]),
+         help="Sparse selection. auto (default): tokens ranked from low-rank key shadows with a 0.97 attention-mass "
+         "cut where the shadows fit on the GPU (to ~128K on a 24 GB card), else whole chunks by summary bounds. "
+         "summary / shadow / ann name the index (ann needs pip install offload[ann])."),
     _opt("--kv-dtype", type=click.Choice(["auto", "bf16", "int8", "int4"]),
          help="KV in host RAM and on disk: bf16 (default), int8 or int4 (compressed, lossy; fewer bytes over "
          "PCIe), auto (int8 once KV leaves the GPU)."),

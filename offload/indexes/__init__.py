@@ -37,7 +37,8 @@ METHODS = ("summary", "shadow", "ann")
 def _index_class(method: str):
     names = {"summary": "ChunkSummaryIndex", "shadow": "ShadowKeyIndex", "ann": "FaissANNIndex"}  # faiss: on ask
     if method not in names:
-        raise ConfigError(f"unknown index method {method!r}; use one of {', '.join(map(repr, METHODS))}")
+        raise ConfigError(f"unknown index method {method!r}; use one of {', '.join(map(repr, METHODS))} "
+                          "(or 'auto', the default)")
     return __getattr__(names[method])
 
 
@@ -52,7 +53,10 @@ _ZERO_OK = frozenset({"min_candidates", "mass_radius", "min_ivf_tokens"})
 def check_index_options(method: str, options: dict) -> None:
     """Unknown names and values of the wrong type -> one-line ConfigError (before any weight loads).
 
-    The type is the constructor default's (an option whose default is None is checked by the index itself)."""
+    The type is the constructor default's (an option whose default is None is checked by the index itself).
+    "auto" (offload/selection.py) takes no options: the config refuses them before this is reached."""
+    if method == "auto" and not options:
+        return
     if method not in METHODS or options:     # an unknown method fails here, with or without options
         params = inspect.signature(_index_class(method)).parameters
     else:
