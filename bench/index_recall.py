@@ -47,6 +47,8 @@ CONFIGS = {
     "ann-ip-queries": ("ann", {"space": "ip", "train_on": "queries"}),
     "ann-l2aug-sq8": ("ann", {"codec": "sq8"}),
     "ann-exact-flat": ("ann", {"min_ivf_tokens": 1 << 62}),
+    "ann-gpu": ("ann", {"search": "gpu"}),                      # list ids scored on the device (ann_gpu.py)
+    "ann-gpu-gauss": ("ann", {"search": "gpu", "residual": "gauss"}),
 }
 LLAMA8B = {"layers": 32, "num_kv_heads": 8, "num_q_heads": 32, "head_dim": 128}
 
