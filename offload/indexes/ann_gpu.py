@@ -39,7 +39,7 @@ class DeviceANNIndex:
     def __init__(self, num_kv_heads: int, num_q_heads: int, head_dim: int, chunk_tokens: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
                  search: str = "gpu", space: str = "l2", nlist: int = 0, residual: str = "none",
-                 min_ivf_tokens: int = 2048, train_points: int = 32, norm_headroom: float = 1.2,
+                 min_ivf_tokens: int = 512, train_points: int = 32, norm_headroom: float = 1.2,
                  scale: float | None = None, seed: int = 0, max_chunks: int = 0):
         self.group_size = check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
         check_choice("search", search, ("host", "gpu"))
