@@ -30,27 +30,21 @@ def reference_scores(index: DeviceANNIndex, keys: torch.Tensor, query: torch.Ten
     lists = index._lists[:, :n_tok].long()                                      # lists: [Hkv, N]
     cents = torch.stack([index._cents[h, lists[h], :D] for h in range(HKV)]).double()  # cents: [Hkv, N, D]
     logit = torch.einsum("hgd,hnd->hgn", query.double().reshape(HKV, G, D), cents) * index.scale  # [Hkv, G, N]
-    if index.residual == "gauss":
-        r = index._resid[:, :n_tok].double()                                    # r: [Hkv, N] (float16 stored)
-        torch.testing.assert_close(r, (keys.double() - cents).norm(dim=2), rtol=1e-3, atol=1e-3)
-        qn = query.double().reshape(HKV, G, D).norm(dim=2) * index.scale        # qn: [Hkv, G]
-        logit = logit + (r * r)[:, None] * (qn * qn)[..., None] / (2 * D)
     share = torch.softmax(logit, dim=2)                                         # share: [Hkv, G, N]
     return share.reshape(HKV, G, -1, C).sum(dim=(1, 3))                         # [Hkv, n]
 
 
-@pytest.mark.parametrize("residual", ["none", "gauss"])
 @pytest.mark.parametrize("space", ["l2", "l2aug"])
-def test_chunk_scores_match_a_torch_reference(space, residual):
+def test_chunk_scores_match_a_torch_reference(space):
     keys, dec, _ = synthetic_layer(1024, HKV, HQ, D, num_queries=3, seed=4)
-    index = gpu_index(space=space, residual=residual, min_ivf_tokens=256, max_chunks=80)
+    index = gpu_index(space=space, min_ivf_tokens=256, max_chunks=80)
     index.build(keys)
     assert index._nl == min(round(2 * math.sqrt(1024)), 1024 // 8)             # IVF, not exact
     for i in range(3):
-        got = index.chunk_scores(dec[:, i])                                     # got: [Hkv, cap]
+        got = index.chunk_scores(dec[:, i])                                     # got: [Hkv, cap] (log)
         ref = reference_scores(index, keys, dec[:, i])
-        assert got.shape == (HKV, 80) and (got[:, 64:] == 0).all()              # rows past the count: nothing
-        torch.testing.assert_close(got[:, :64].double(), ref, rtol=1e-4, atol=1e-6)
+        assert got.shape == (HKV, 80) and torch.isneginf(got[:, 64:]).all()     # rows past the count: nothing
+        torch.testing.assert_close(got[:, :64].double().exp(), ref, rtol=1e-4, atol=1e-6)
         ids = index.select(dec[:, i], 7)
         assert torch.equal(ids, torch.topk(got[:, :64], 7, dim=1).indices)
         lm = index.chunk_log_mass(dec[:, i])                                    # lm: [Hkv, G, cap]
@@ -83,12 +77,12 @@ def test_exact_below_min_ivf_tokens_and_lists_trained_once_extend_crosses_it():
     index.build(keys[:, :256])
     assert index._nl == 0                                                       # every key its own centroid
     mass = chunk_attention_mass(query, keys[:, :256], C)                        # mass: [Hkv, 16]
-    torch.testing.assert_close(index.chunk_scores(query)[:, :16].double(), mass.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(index.chunk_scores(query)[:, :16].double().exp(), mass.double(), rtol=1e-4, atol=1e-6)
     assert index.select(query, 5).tolist() == torch.topk(mass, 5, dim=1).indices.tolist()
     for a in range(256, 1024, 4 * C):
         index.extend(keys[:, a:a + 4 * C])
     assert index._nl == min(round(2 * math.sqrt(512)), 512 // 8) and index.num_chunks == 64
-    torch.testing.assert_close(index.chunk_scores(query)[:, :64].double(), reference_scores(index, keys, query),
+    torch.testing.assert_close(index.chunk_scores(query)[:, :64].double().exp(), reference_scores(index, keys, query),
                                rtol=1e-4, atol=1e-6)
 
 
@@ -172,7 +166,7 @@ def test_gpu_mode_needs_no_faiss(monkeypatch):
     ({"search": "cuda"}, ["search='cuda'", "'host', 'gpu'"]),
     ({"search": 1}, ["search=1", "'host', 'gpu'"]),
     ({"search": "gpu", "codec": "sq8"}, ["no option(s) codec"]),               # a host-mode option
-    ({"search": "gpu", "residual": "bound"}, ["residual='bound'"]),
+    ({"search": "gpu", "space": "ip"}, ["space='ip'"]),
     ({"search": "gpu", "nlist": 1}, ["nlist=1"]),
     ({"search": "gpu", "nlist": "many"}, ["nlist='many'", "whole number"]),
 ])
@@ -204,7 +198,9 @@ def test_cuda_select_matches_the_cpu_and_replays_in_a_cuda_graph():
     dev._cents.copy_(cpu._cents)                          # the same lists (k-means on two devices may differ)
     dev._lists.copy_(cpu._lists)
     q = dec[:, 0].cuda()
-    torch.testing.assert_close(dev.chunk_scores(q).cpu(), cpu.chunk_scores(dec[:, 0]), rtol=1e-3, atol=1e-6)
+    got, ref = dev.chunk_scores(q).cpu(), cpu.chunk_scores(dec[:, 0])           # logs, -inf past the count
+    torch.testing.assert_close(got[:, :224].exp(), ref[:, :224].exp(), rtol=1e-3, atol=1e-7)
+    assert torch.isneginf(got[:, 224:]).all()
     # captured once, replayed after appends: the device-side count and the same buffers
     static_q = q.clone()
     dev.select(static_q, 64)

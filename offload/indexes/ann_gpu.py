@@ -9,10 +9,11 @@ at 128K, and one host round trip per layer, which keeps the decode step from bei
 
 i.e. each query head's softmax over the keys with every key replaced by its list's centroid (the host mode's
 "expsum" votes, as if every token were retrieved, at centroid resolution), summed over the group; then the top-k
-chunks. Fixed shapes, a device-side chunk count and no host sync: a decode step with this index is one CUDA graph.
-residual="gauss" adds scale^2 |q|^2 r_t^2 / (2 D) to token t's logit (r_t = |k_t - its centroid|, 2 B a token: the
-mean of exp(scale q.e) for a Gaussian residual e spread evenly over D dims). Measured against the plain estimate and
-dropped variants (a Cauchy-Schwarz upper bound, a second residual codebook, 2x the lists): bench/RESULTS.md.
+chunks, ranked by the log of that sum (no underflow ties). Per layer: one matmul against the centroids, exp of the
+[Hq, nlist] logits, and one embedding_bag that sums each chunk's C entries (a gather of 2-byte list ids: ~2 MiB read
+a layer at 128K). Fixed shapes, a device-side chunk count and no host sync: the decode step is one CUDA graph.
+Measured and dropped (bench/RESULTS.md): a per-token residual term (Gaussian mean or Cauchy-Schwarz bound of
+q.(k - centroid)), a second residual codebook.
 
 Lists: sampled k-means in torch on the keys' device (kmeans.py, as the host mode; space "l2" on the keys, or "l2aug"
 [k, sqrt(M^2 - |k|^2)]), 2 sqrt(N) lists a head by default, trained by build() and kept: extend() files new keys under
@@ -30,15 +31,12 @@ from offload.errors import ConfigError
 from offload.indexes import kmeans
 from offload.indexes._common import check_budget, check_choice, check_shape_args, split_chunks
 
-_SLAB = 1 << 14        # keys per step when filing (residual norms): bounds the float32 temporaries
-
-
 class DeviceANNIndex:
     """IVF list ids per token and centroids per KV head, on the compute device; chunks scored by centroid mass."""
 
     def __init__(self, num_kv_heads: int, num_q_heads: int, head_dim: int, chunk_tokens: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
-                 search: str = "gpu", space: str = "l2", nlist: int = 0, residual: str = "none",
+                 search: str = "gpu", space: str = "l2", nlist: int = 0,
                  min_ivf_tokens: int = 512, train_points: int = 32, norm_headroom: float = 1.2,
                  scale: float | None = None, seed: int = 0, max_chunks: int = 0):
         self.group_size = check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
@@ -46,13 +44,12 @@ class DeviceANNIndex:
         if search != "gpu":
             raise ConfigError("DeviceANNIndex is the search='gpu' mode; make_index('ann') builds the host one")
         check_choice("space", space, ("l2", "l2aug"))
-        check_choice("residual", residual, ("none", "gauss"))
         if nlist == 1 or train_points < 4:
             raise ConfigError(f"ann options out of range (nlist={nlist}, train_points={train_points}); use nlist 0 "
                               "(2 sqrt(N)) or >= 2 and train_points >= 4 in index_options")
         self.num_kv_heads, self.num_q_heads, self.head_dim = num_kv_heads, num_q_heads, head_dim
         self.chunk_tokens, self.device, self.dtype = chunk_tokens, torch.device(device), dtype
-        self.space, self.residual, self.nlist = space, residual, int(nlist)
+        self.space, self.nlist = space, int(nlist)
         self.min_ivf_tokens, self.train_points, self.seed = int(min_ivf_tokens), int(train_points), seed
         self.norm_headroom = max(1.0, float(norm_headroom))
         self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
@@ -78,7 +75,7 @@ class DeviceANNIndex:
 
     def _buffer_bytes(self, tokens: int) -> int:
         rows = self._rows(tokens)
-        per_token = self._list_dtype(rows).itemsize + (2 if self.residual != "none" else 0)
+        per_token = self._list_dtype(rows).itemsize
         return self.num_kv_heads * (tokens * per_token + rows * self.dim * 4) + 16   # + _count, _used
 
     def _alloc(self, tokens: int) -> None:
@@ -86,8 +83,6 @@ class DeviceANNIndex:
         hkv, dev, rows = self.num_kv_heads, self.device, self._rows(tokens)
         self._cents = torch.zeros(hkv, rows, self.dim, device=dev)                 # _cents: [Hkv, R, D']
         self._lists = torch.zeros(hkv, tokens, dtype=self._list_dtype(rows), device=dev)  # _lists: [Hkv, T]
-        self._resid = (torch.zeros(hkv, tokens, dtype=torch.float16, device=dev)       # _resid: [Hkv, T]
-                       if self.residual != "none" else None)
         self._n, self._nl = 0, 0                   # keys filed; lists per head (0: exact)
         self._max_norm = [0.0] * hkv               # M of l2aug per head (0: none)
         self._count.zero_()
@@ -103,35 +98,34 @@ class DeviceANNIndex:
         """Buffers for `tokens` keys, the filed ones copied over (nothing happens when they are large enough)."""
         if tokens <= self._lists.shape[1] and self._rows(tokens) <= self._cents.shape[1]:
             return
-        old = (self._cents, self._lists, self._resid, self._n, self._nl, self._max_norm)
+        old = (self._cents, self._lists, self._n, self._nl, self._max_norm)
         self._alloc(max(tokens, self._lists.shape[1]))
-        cents, lists, resid, n, nl, norms = old
+        cents, lists, n, nl, norms = old
         self._cents[:, :cents.shape[1]] = cents
         self._lists[:, :n] = lists[:, :n].to(self._lists.dtype)
-        if resid is not None:
-            self._resid[:, :n] = resid[:, :n]
         self._n, self._nl, self._max_norm = n, nl, norms
         self._count.fill_(n // self.chunk_tokens)
         self._used.fill_(nl or n)
 
     def gpu_bytes(self, num_chunks: int) -> int:
-        """Compute-device bytes at num_chunks chunks: list ids (+ residual norms) of every key, the centroid rows,
+        """Compute-device bytes at num_chunks chunks: the list id of every key, the centroid rows,
         plus one build's k-means temporaries (scratch_bytes)."""
         return self._buffer_bytes(num_chunks * self.chunk_tokens) + self.scratch_bytes()
 
     def scratch_bytes(self, num_chunks: int | None = None, budget: int = 0) -> int:
         """Temporaries of one head's sampled k-means and filing at num_chunks (default max_chunks); with budget, also
-        one select's: the centroid logits, every key's int32 list id and gathered weights per query head, chunk sums."""
+        one select's: the centroid logits and exps, every key's int32 row of them (+ embedding_bag's per-key
+        bookkeeping), the chunk sums and their logs."""
         tokens = (self.max_chunks if num_chunks is None else num_chunks) * self.chunk_tokens
         nl = self._nlist_at(tokens)
         build = kmeans.scratch_bytes(tokens, nl, self.head_dim, self.train_points) if nl else 0
-        build += min(tokens, _SLAB) * (self.head_dim * 4 * 3 + 8 * 2) * self.num_kv_heads
+        # + the exact state's keys widened when the lists are trained from them, and one extend's keys
+        build += self.num_kv_heads * min(tokens, max(self.min_ivf_tokens, 16)) * self.dim * 4 * 2
         if not num_chunks or not budget:
             return build
         hkv, g, rows = self.num_kv_heads, self.group_size, self._rows(tokens)
-        gather = 2 if self.residual == "none" else 4          # weights; + the residual term and its exp
-        select = (hkv * tokens * (4 + gather * g * 4) + 4 * hkv * g * rows * 4
-                  + 4 * hkv * num_chunks * g * 4 + 4 * hkv * num_chunks * 4)
+        select = (3 * hkv * tokens * 4 + 5 * hkv * g * rows * 4
+                  + 6 * hkv * num_chunks * g * 4 + 4 * hkv * num_chunks * 8)
         return max(build, select)
 
     def graph_key(self):
@@ -144,7 +138,7 @@ class DeviceANNIndex:
 
     @property
     def nbytes(self) -> dict[str, int]:
-        gpu = sum(t.numel() * t.element_size() for t in (self._cents, self._lists, self._resid) if t is not None)
+        gpu = sum(t.numel() * t.element_size() for t in (self._cents, self._lists))
         return {"gpu": gpu + 16, "host": 0}
 
     # -- building --------------------------------------------------------------------------------------
@@ -179,7 +173,7 @@ class DeviceANNIndex:
                 else:
                     self._cents[h, n:total, :self.head_dim] = keys[h].float()   # exact: each key its own row
                     lists = torch.arange(n, total, device=self.device)
-                self._file(h, keys[h], lists, n)
+                self._lists[h, n:total] = lists.to(self._lists.dtype)
         self._n = total
         self._count.fill_(total // self.chunk_tokens)
         self._used.fill_(self._nl or total)
@@ -196,18 +190,7 @@ class DeviceANNIndex:
             self._cents[h, :nl] = cents                                          # cents: [nl, D']
             self._max_norm[h] = norm
             self._nl = nl
-            self._file(h, keys[h], lists, 0)                                     # lists: [N]
-
-    def _file(self, h: int, keys: torch.Tensor, lists: torch.Tensor, first: int) -> None:
-        """Head h's keys [m, D] go under lists [m] at positions first..; with a residual, |k - centroid| too."""
-        m = keys.shape[0]
-        self._lists[h, first:first + m] = lists.to(self._lists.dtype)
-        if self._resid is None:
-            return
-        for a in range(0, m, _SLAB):
-            k = keys[a:a + _SLAB].float()                                        # k: [s, D]
-            c = self._cents[h].index_select(0, lists[a:a + _SLAB])[:, :self.head_dim]  # c: [s, D]
-            self._resid[h, first + a:first + a + k.shape[0]] = (k - c).norm(dim=1).to(torch.float16)
+            self._lists[h, :keys.shape[1]] = lists.to(self._lists.dtype)         # lists: [N]
 
     # -- selection -------------------------------------------------------------------------------------
     def select(self, query: torch.Tensor, budget: int) -> torch.Tensor:
@@ -219,37 +202,27 @@ class DeviceANNIndex:
         return kernels.topk_rows(self.chunk_scores(query), self._count, k)        # ids: [Hkv, k]
 
     def chunk_scores(self, query: torch.Tensor) -> torch.Tensor:
-        """Each allocated chunk's estimated attention mass, summed over the query group -> float32 [Hkv, cap]
-        (0 past the count): the share of each query head's softmax over every key, keys at their centroids."""
+        """Each allocated chunk's estimated attention mass, summed over the query group, as a log -> float32 [Hkv, cap]
+        (-inf past the count): the share of each query head's softmax over every key, keys at their centroids."""
         lse = self.chunk_log_mass(query)                                         # lse: [Hkv, G, cap]
-        total = torch.logsumexp(lse, dim=2, keepdim=True)                        # total: [Hkv, G, 1]
-        return torch.exp(lse - total).sum(dim=1)                                 # [Hkv, cap]
+        share = lse - torch.logsumexp(lse, dim=2, keepdim=True)                  # share: [Hkv, G, cap] (log)
+        return torch.logsumexp(share, dim=1)                                     # [Hkv, cap]
 
     def chunk_log_mass(self, query: torch.Tensor, cap: int = 0) -> torch.Tensor:
-        """log of sum_{t in chunk} exp(scale q.centroid(t) [+ residual term]) per chunk and query head -> float32
-        [Hkv, G, cap] (-inf past the device-side count; fixed shape, no host sync). cap: unused (every chunk)."""
+        """log of sum_{t in chunk} exp(scale q.centroid(t)) per chunk and query head -> float32 [Hkv, G, cap] (-inf
+        past the device-side count; fixed shape, no host sync). cap: unused (every chunk is scored)."""
         hkv, g, c = self.num_kv_heads, self.group_size, self.chunk_tokens
-        rows, tokens = self._cents.shape[1], self._lists.shape[1]
+        rows, n = self._cents.shape[1], self._lists.shape[1] // c
         q = query.detach().to(self.device).float().reshape(hkv, g, self.head_dim)  # q: [Hkv, G, D]
         qx = torch.nn.functional.pad(q, (0, self.dim - self.head_dim))           # qx: [Hkv, G, D']
         s = torch.bmm(qx, self._cents.transpose(1, 2)) * self.scale               # s: [Hkv, G, R]
         s = s.masked_fill(torch.arange(rows, device=s.device) >= self._used, float("-inf"))
         top = s.amax(dim=2, keepdim=True)                                         # top: [Hkv, G, 1]
         top = torch.where(torch.isfinite(top), top, 0.0)
+        e = torch.exp(s - top).transpose(1, 2).reshape(hkv * rows, g)             # e: [Hkv * R, G] per list
         offsets = torch.arange(hkv, device=s.device, dtype=torch.int32)[:, None] * rows  # offsets: [Hkv, 1]
-        flat = (self._lists.int() + offsets).reshape(-1)                          # flat: [Hkv * T] int32
-        if self.residual == "none":
-            e = torch.exp(s - top).transpose(1, 2).reshape(hkv * rows, g)         # e: [Hkv * R, G]
-            w = e.index_select(0, flat).reshape(hkv, tokens // c, c, g)           # w: [Hkv, n, C, G]
-        else:
-            lt = s.transpose(1, 2).reshape(hkv * rows, g).index_select(0, flat).reshape(hkv, tokens, g)  # [Hkv, T, G]
-            r = self._resid.float()[:, :, None]                                   # r: [Hkv, T, 1]
-            qn = q.norm(dim=2)[:, None, :] * self.scale                           # qn: [Hkv, 1, G]
-            lt = lt + r * r * (qn * qn) / (2 * self.head_dim)                    # lt: [Hkv, T, G]
-            top = lt.amax(dim=1, keepdim=True).transpose(1, 2)                    # top: [Hkv, G, 1]
-            top = torch.where(torch.isfinite(top), top, 0.0)
-            w = torch.exp(lt - top.transpose(1, 2)).reshape(hkv, tokens // c, c, g)  # w: [Hkv, n, C, G]
-        sums = w.sum(dim=2).transpose(1, 2)                                        # sums: [Hkv, G, n]
-        written = torch.arange(tokens // c, device=s.device) < self._count       # written: [n]
-        lm = torch.log(sums) + top                                                # lm: [Hkv, G, n]
-        return torch.where(written, lm, torch.full((), float("-inf"), device=s.device))
+        bags = (self._lists + offsets).reshape(hkv * n, c)                        # bags: [Hkv * n, C] int32 rows of e
+        sums = torch.nn.functional.embedding_bag(bags, e, mode="sum")             # sums: [Hkv * n, G]
+        sums = sums.reshape(hkv, n, g).transpose(1, 2)                            # sums: [Hkv, G, n]
+        written = torch.arange(n, device=s.device) < self._count                 # written: [n]
+        return torch.where(written, torch.log(sums) + top, torch.full((), float("-inf"), device=s.device))
