@@ -16,8 +16,11 @@ Measured and dropped (bench/RESULTS.md): a per-token residual term (Gaussian mea
 q.(k - centroid)), a second residual codebook.
 
 Lists: sampled k-means in torch on the keys' device (kmeans.py, as the host mode; space "l2" on the keys, or "l2aug"
-[k, sqrt(M^2 - |k|^2)]), 2 sqrt(N) lists a head by default, trained by build() and kept: extend() files new keys under
-their nearest centroid. Below min_ivf_tokens a layer is exact (every key is its own centroid) until an extend()
+[k, sqrt(M^2 - |k|^2)]), trained by build() and kept: extend() files new keys under their nearest centroid. The
+estimate is only as fine as the lists, so there are many more than the host mode's 2 sqrt(N): N/8 a head (8 keys a
+list), at most MAX_LISTS (on SmolLM2 at 8K, 181 / 512 / 1024 lists: recall of the selectable mass 0.76 / 0.85 / 0.89,
+teacher-forced KL 0.091 / 0.072 / 0.037; bench/RESULTS.md). The cap bounds the centroids (8 MiB a layer) and the
+prefill's k-means (~0.5 TFLOP a head at 128K). Below min_ivf_tokens a layer is exact (every key is its own centroid) until an extend()
 crosses it. Buffers are sized once for max_chunks (the planner counts them: gpu_bytes). faiss is not used.
 """
 from __future__ import annotations
@@ -30,6 +33,8 @@ from offload import kernels
 from offload.errors import ConfigError
 from offload.indexes import kmeans
 from offload.indexes._common import check_budget, check_choice, check_shape_args, split_chunks
+
+MAX_LISTS = 2048       # lists a head by default: N/8 up to this
 
 class DeviceANNIndex:
     """IVF list ids per token and centroids per KV head, on the compute device; chunks scored by centroid mass."""
@@ -46,7 +51,7 @@ class DeviceANNIndex:
         check_choice("space", space, ("l2", "l2aug"))
         if nlist == 1 or train_points < 4:
             raise ConfigError(f"ann options out of range (nlist={nlist}, train_points={train_points}); use nlist 0 "
-                              "(2 sqrt(N)) or >= 2 and train_points >= 4 in index_options")
+                              f"(N/8, at most {MAX_LISTS}) or >= 2 and train_points >= 4 in index_options")
         self.num_kv_heads, self.num_q_heads, self.head_dim = num_kv_heads, num_q_heads, head_dim
         self.chunk_tokens, self.device, self.dtype = chunk_tokens, torch.device(device), dtype
         self.space, self.nlist = space, int(nlist)
@@ -64,7 +69,7 @@ class DeviceANNIndex:
         """Lists per head an IVF over n keys gets; 0 = exact (every key its own centroid)."""
         if n < max(self.min_ivf_tokens, 16):
             return 0
-        return min(self.nlist or int(round(2 * math.sqrt(n))), n // 8)
+        return min(self.nlist or MAX_LISTS, n // 8)
 
     def _rows(self, tokens: int) -> int:
         """Centroid rows any state up to `tokens` keys needs: the exact state's keys, or the lists."""
@@ -119,6 +124,8 @@ class DeviceANNIndex:
         tokens = (self.max_chunks if num_chunks is None else num_chunks) * self.chunk_tokens
         nl = self._nlist_at(tokens)
         build = kmeans.scratch_bytes(tokens, nl, self.head_dim, self.train_points) if nl else 0
+        if nl and self.device.type != "cuda":      # k-means's cell sums on the CPU: an int64 one-hot slab + float copy
+            build += min(tokens, kmeans._slab_rows(nl)) * nl * 12
         # + the exact state's keys widened when the lists are trained from them, and one extend's keys
         build += self.num_kv_heads * min(tokens, max(self.min_ivf_tokens, 16)) * self.dim * 4 * 2
         if not num_chunks or not budget:
