@@ -47,6 +47,9 @@ CONFIGS = {
     "ann-ip-queries": ("ann", {"space": "ip", "train_on": "queries"}),
     "ann-l2aug-sq8": ("ann", {"codec": "sq8"}),
     "ann-exact-flat": ("ann", {"min_ivf_tokens": 1 << 62}),
+    "ann-gpu": ("ann", {"search": "gpu"}),                      # list ids scored on the device (ann_gpu.py)
+    "ann-gpu-nl512": ("ann", {"search": "gpu", "nlist": 512}),    # finer lists: ~16 keys a list at 8K
+    "ann-gpu-nl1024": ("ann", {"search": "gpu", "nlist": 1024}),
 }
 LLAMA8B = {"layers": 32, "num_kv_heads": 8, "num_q_heads": 32, "head_dim": 128}
 

@@ -140,6 +140,8 @@ CLI_ROWS = {
     "index-option-range": (lambda t, m: ["--config", _write(t / "c.yaml",
                                                             "index: ann\nindex_options: {probe_fraction: 2.0}\n"),
                                          "-p", "x"], ["probe_fraction=2.0", "0 < probe_fraction <= 1"]),
+    "index-option-search": (lambda t, m: ["--config", _write(t / "c.yaml", "index: ann\nindex_options: {search: fast}\n"),
+                                          "-p", "x"], ["search='fast'", "'host', 'gpu'"]),
     "disk-dir-is-file": (lambda t, m: ["--disk-dir", _write(t / "f", "x") + "/kv", "-p", "x"], ["not a folder"]),
     "document-longer-than-ctx": (lambda t, m: ["--ctx", "64", "-f", _write(t / "d.txt", "word " * 400), "-p", "x"],
                                  ["tokens but ctx is 64", "--ctx"]),

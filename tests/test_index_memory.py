@@ -92,7 +92,8 @@ def tiny_8kv(tmp_path_factory):
 
 
 @pytest.mark.parametrize("index, options", [("summary", None), ("shadow", {"rank": 8}),
-                                            ("summary", {"bounds": "int8", "coarse_group": 4, "host_bounds": "int8"})])
+                                            ("summary", {"bounds": "int8", "coarse_group": 4, "host_bounds": "int8"}),
+                                            ("ann", {"search": "gpu", "min_ivf_tokens": 128})])
 def test_session_indexes_hold_what_the_planner_counts(tiny_8kv, index, options):
     llm = LLM(str(tiny_8kv.path), attention="sparse", budget="64", index=index, index_options=options,
               show_progress=False, **TIERED_OPTS)
@@ -126,17 +127,20 @@ def attention_8b(tmp_path_factory):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("ctx", [8192, 32768])
-@pytest.mark.parametrize("index", ["summary", "shadow", "ann"])
+@pytest.mark.parametrize("index", ["summary", "shadow", "ann", "ann-gpu"])
 def test_session_peak_within_the_plan_on_cuda(attention_8b, index, ctx):
     """An 8B-shaped attention (32 query heads, 8 KV heads of 128 dims) in 4 layers, KV mostly on the host:
     prefill ctx - 64 tokens + 40 decode steps. The indexes' own peak (what they hold + one call's temporaries,
     from torch.cuda.max_memory_allocated around each call) stays within plan.index_bytes, and the whole session's
     peak above what it held at start within plan.index_bytes + plan.gpu_reserve_bytes (activations, staging)."""
+    options = {"search": "gpu"} if index == "ann-gpu" else None
+    index = index.split("-")[0]
     llm = LLM(str(attention_8b.path), device="cuda", dtype="bfloat16", ctx=ctx, attention="sparse", budget="2K", index=index,
-              gpu_mem="64MiB", host_mem="4GiB", show_progress=False)
+              index_options=options, gpu_mem="64MiB", host_mem="4GiB", show_progress=False)
     plan = llm.plan
     s = llm.session()
-    held = (lambda i: 0) if index == "ann" else (lambda i: i.nbytes["gpu"])  # ann holds nothing on the GPU
+    host_ann = index == "ann" and options is None
+    held = (lambda i: 0) if host_ann else (lambda i: i.nbytes["gpu"])     # host ann holds nothing on the GPU
     top, index_peak = [0], [0]
 
     def fold() -> None:

@@ -6,7 +6,8 @@
     ids = index.select(q, budget=Budget.parse("2K").chunks(ctx, 64))   # [Hkv, k] best first
 
 Methods: "summary" (Quest min/max bounds, `ChunkSummaryIndex`), "shadow" (low-rank key shadows,
-`ShadowKeyIndex`), "ann" (faiss-cpu IVF over keys, `FaissANNIndex`). bench/index_recall.py compares
+`ShadowKeyIndex`), "ann" (faiss-cpu IVF over keys, `FaissANNIndex`; with option search="gpu" the lists are scored on
+the device instead, `DeviceANNIndex`, no faiss). bench/index_recall.py compares
 them (recall of attention mass, latency, bytes per token). For 1M tokens on a 24 GB card the GPU
 metadata must stay <= 1 GiB: summary with bounds="int8", coarse_group=4 (and host_bounds="int8")
 keeps 0.25 GiB on the GPU and 1-2 GiB on the host for Llama-3-8B at 64-token chunks.
@@ -25,20 +26,30 @@ if TYPE_CHECKING:
 # the indexes and their metrics import torch (seconds); they load on first use, so a bad --budget or index
 # option is refused without it
 _LAZY = {"ChunkIndex": "base", "ChunkSummaryIndex": "summary", "ShadowKeyIndex": "shadow", "FaissANNIndex": "ann",
-         "chunk_attention_mass": "metrics", "mass_recall": "metrics"}
+         "DeviceANNIndex": "ann_gpu", "chunk_attention_mass": "metrics", "mass_recall": "metrics"}
 
-__all__ = ["ChunkIndex", "ChunkSummaryIndex", "ShadowKeyIndex", "FaissANNIndex", "Budget", "make_index",
+__all__ = ["ChunkIndex", "ChunkSummaryIndex", "ShadowKeyIndex", "FaissANNIndex", "DeviceANNIndex", "Budget", "make_index",
            "check_index_options",
            "METHODS", "chunk_attention_mass", "mass_recall"]
 
 METHODS = ("summary", "shadow", "ann")
 
 
-def _index_class(method: str):
+ANN_SEARCH = ("host", "gpu")    # option search of "ann": faiss scan on the host, or list ids scored on the device
+
+
+def _index_class(method: str, options: dict | None = None):
     names = {"summary": "ChunkSummaryIndex", "shadow": "ShadowKeyIndex", "ann": "FaissANNIndex"}  # faiss: on ask
     if method not in names:
         raise ConfigError(f"unknown index method {method!r}; use one of {', '.join(map(repr, METHODS))} "
                           "(or 'auto', the default)")
+    if method == "ann" and options and "search" in options:
+        search = options["search"]
+        if search not in ANN_SEARCH:
+            raise ConfigError(f"index option search={search!r} is not valid; use one of "
+                              f"{', '.join(map(repr, ANN_SEARCH))} in index_options")
+        if search == "gpu":                          # no faiss: the device mode is its own class
+            return __getattr__("DeviceANNIndex")
     return __getattr__(names[method])
 
 
@@ -58,7 +69,7 @@ def check_index_options(method: str, options: dict) -> None:
     if method == "auto" and not options:
         return
     if method not in METHODS or options:     # an unknown method fails here, with or without options
-        params = inspect.signature(_index_class(method)).parameters
+        params = inspect.signature(_index_class(method, options)).parameters
     else:
         return                               # nothing to check: the index classes (and torch) need not load
     unknown = sorted(set(options) - set(params))
@@ -84,7 +95,7 @@ _GEOMETRY = frozenset({"num_kv_heads", "num_q_heads", "head_dim", "chunk_tokens"
 
 def make_index(method: str, **kw) -> ChunkIndex:
     """make_index(method, num_kv_heads=, num_q_heads=, head_dim=, chunk_tokens=, device=, dtype=, **options)."""
-    cls = _index_class(method)
+    cls = _index_class(method, kw)
     # the runtime passes the geometry (device may be a torch.device); only user options are type-checked
     check_index_options(method, {k: v for k, v in kw.items() if k not in _GEOMETRY})
     return cls(**kw)

@@ -80,8 +80,9 @@ class FaissANNIndex(IVFSearch):
                  nprobe: int = 0, probe_fraction: float = 0.05, retrieve_factor: float = 0.25,
                  chunk_score: str = "expsum", threads: int = 0, search_threads: int = 0, min_ivf_tokens: int = 2048,
                  norm_headroom: float = 1.2, scale: float | None = None, seed: int = 0, max_chunks: int = 0,
-                 train_points: int = 32, background: bool = True):
+                 train_points: int = 32, background: bool = True, search: str = "host"):
         self.group_size = check_shape_args(num_kv_heads, num_q_heads, head_dim, chunk_tokens)
+        check_choice("search", search, ("host",))    # "gpu": make_index builds ann_gpu.DeviceANNIndex instead
         check_choice("space", space, ("ip", "l2aug"))
         check_choice("train_on", train_on, ("keys", "queries"))
         check_choice("codec", codec, ("flat", "sq8"))
