@@ -29,10 +29,11 @@ if [ ! -f "$GGUF" ]; then
   exit 2
 fi
 export OFFLOAD_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 OFFLOAD_NO_PROGRESS=1
-# default    = LLM(attention="sparse") today: summary index, 2K-token budget, 32-token chunks (offload/config.py)
+# the default = LLM(attention="sparse"), index auto (offload/selection.py): where the shadows fit on the GPU the
+#   accurate preset (shadow-r32-mass-cf1@2K/32+tok8sumshm0.97f64), else whole chunks (summary-max@2K/32)
 # oracle     = the chunks of largest exact attention mass (the ceiling of any chunk index at that budget)
 # +tokF      = token stage over F x the budget's chunks; mP fF = token-mass cap (p, floor); sh = shadow-ranked tokens
-METHODS=${METHODS:-summary-max@2K/32,oracle@5%/16,summary-max@5%/16,shadow-r32-mass@5%/16,ann-l2aug@5%/16,\
+METHODS=${METHODS:-summary-max@2K/32,shadow-r32-mass-cf1@2K/32+tok8sumshm0.97f64,oracle@5%/16,summary-max@5%/16,shadow-r32-mass@5%/16,ann-l2aug@5%/16,\
 summary-max@10%/16+tok8m0.97f64,shadow-r32-mass@10%/16+tok4m0.97f64,shadow-r32-mass@5%/16+tok4sumsh,\
 shadow-r32-mass-cf1@5%/16+tok8sumsh}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true

@@ -205,7 +205,7 @@ def main() -> None:
         times = times[args.warmup:]
         st = sess.stats()
         row = {"fill": "synthetic", "ctx": ctx, "attention": args.attention, "kv_dtype": args.kv_dtype or "bf16",
-               "index": args.index or "summary", "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+               "index": args.index or "auto", "selection": dict(llm.plan.selection), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
                if torch.cuda.is_available() else None,
                "prefetch": args.prefetch,
                "ms_median": round(_pct(times, 0.5), 2), "ms_mean": round(sum(times) / len(times), 2),

@@ -72,6 +72,10 @@ def plan(spec: RuntimeSpec, cfg=None, weights_loaded: bool = False):
             if last:
                 raise
             continue
+        if not last and (p.disk_chunks or p.kv_dtype != "bf16"):
+            # where the accurate preset was not measured: KV on the drive (its prefetch reads whole chunks ahead,
+            # tiers/prefetch.py) or packed host KV (a resumed prompt cache rebuilds shadows from lossy keys)
+            continue
         return dataclasses.replace(p, selection=selection.chosen_fields(cfg, concrete))
     raise AssertionError("unreachable")
 

@@ -8,7 +8,8 @@ Two presets, chosen by measurement (bench/RESULTS.md, issue 13, "The default sel
     lower figure; at 128K it costs ~1.3-1.4x the chunk preset's step.
   * chunks: the summary index's bounds pick whole chunks (Quest). Cheapest, and its compact layout fits any ctx.
 The planner (backends.plan) takes `accurate` when its shadows fit on the GPU in their default layout beside the
-weights and the KV tier, else `chunks` (Llama-3-8B under a 24 GiB cap: accurate to ~128K, chunks at 1M, where the
+weights and the KV tier, the host tier holds bf16 KV and none goes to the drive (where it was measured; the
+drive's prefetch reads whole chunks ahead, and the summary index saves its rows in a prompt cache), else `chunks` (Llama-3-8B under a 24 GiB cap: accurate to ~128K, chunks at 1M, where the
 shadows would need 18 GiB). A user who sets any selection option (select_unit, token_*, index_options, a mass
 budget) without naming an index gets `chunks` with those options, as before "auto" existed.
 """

@@ -87,12 +87,13 @@ def test_per_layer_budgets_and_streaming_heads(tiny, ids):
     steps = len(ids) - 250
     fixed = (OPTS["sink_tokens"] + OPTS["window_tokens"]) // OPTS["chunk_tokens"]
     every_head = {layer: list(range(Hkv)) for layer in range(L)}
+    # whole chunks (index summary): the attended-chunk counts below are chunk mode's
     _, s = run_session(LLM(str(tiny.path), attention="sparse", budget=["10%"] * L, streaming_heads=every_head,
-                           **OPTS), ids, 250)
+                           index="summary", **OPTS), ids, 250)
     st = s.stats()
     assert st["attended_gpu_selections"] + st["attended_host_selections"] == steps * L * Hkv * fixed
     _, s = run_session(LLM(str(tiny.path), attention="sparse", budget=["10%"] * L, streaming_heads={1: [0]},
-                           **OPTS), ids, 250)
+                           index="summary", **OPTS), ids, 250)
     st = s.stats()
     assert st["attended_gpu_selections"] + st["attended_host_selections"] > steps * L * Hkv * fixed
     with pytest.raises(ConfigError, match="streaming heads"):
@@ -114,7 +115,8 @@ def test_sparse_decode_step_shapes_survive_chunk_appends(tiny, ids, monkeypatch)
             keys.append(self.graph_key())
             counts.append(self.n_chunks)
     monkeypatch.setattr(TieredAttention, "begin", begin)
-    sparse, _ = run_session(LLM(str(tiny.path), attention="sparse", budget="32", **OPTS), ids, 250)
+    # index summary: the token stage's candidate count follows the chunk count until it reaches its cap
+    sparse, _ = run_session(LLM(str(tiny.path), attention="sparse", budget="32", index="summary", **OPTS), ids, 250)
     assert len(set(counts)) >= 9 and None not in keys     # (a fractional budget also changes as text grows)
     assert len(set(keys)) <= 2                      # one growth of the index buffers at most
     full, _ = run_session(LLM(str(tiny.path), attention="full", **OPTS), ids, 250)
@@ -124,7 +126,7 @@ def test_sparse_decode_step_shapes_survive_chunk_appends(tiny, ids, monkeypatch)
 def test_sparse_reads_gpu_and_host_chunks_in_one_gather(tiny, ids, monkeypatch):
     """With chunks on both tiers, one slot list (host slots flagged) gives what two gathers and a merge give."""
     from offload import kernels
-    opts = dict(attention="sparse", budget="40", gpu_mem="100KiB", host_mem="1MiB", **OPTS)
+    opts = dict(attention="sparse", budget="40", gpu_mem="100KiB", host_mem="1MiB", index="summary", **OPTS)
     two_pool_calls = []
     gather = kernels.gather_attend
     monkeypatch.setattr(kernels, "gather_attend",

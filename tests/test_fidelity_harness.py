@@ -274,8 +274,17 @@ def test_gpu_script_methods_parse_and_include_the_default_and_the_oracle():
     text = open(script).read()
     methods = parse_all(re.search(r"METHODS=\$\{METHODS:-(.*?)\}\n", text, re.S)[1].replace("\\\n", ""))
     labels = {m.label for m in methods}
-    cfg = OffloadConfig()     # what LLM(attention="sparse") selects today
-    assert f"summary-max@{cfg.budget}/{cfg.chunk_tokens}" in labels and (cfg.index, cfg.select_unit) == ("summary", "chunk")
+    from fidelity_sessions import EXTRA_CONFIGS
+    from offload.selection import ACCURATE
+    cfg = OffloadConfig()     # LLM(attention="sparse"): index auto, one of offload.selection's two presets
+    assert cfg.index == "auto" and f"summary-max@{cfg.budget}/{cfg.chunk_tokens}" in labels     # whole chunks
+    # the accurate preset, spelled as a fidelity method: the same index options, candidates, mass and floor
+    name, opts = "shadow-r32-mass-cf1", ACCURATE["index_options"]
+    assert EXTRA_CONFIGS[name] == ("shadow", {"rank": opts["rank"], "fine_reduce": "mass",
+                                              "candidate_factor": opts["candidate_factor"]})
+    accurate = (f"{name}@{cfg.budget}/{cfg.chunk_tokens}+tok{ACCURATE['token_candidates']:g}sumsh"
+                f"m{ACCURATE['token_mass']:g}f{ACCURATE['token_floor']}")
+    assert accurate in labels, accurate
     assert "oracle@5%/16" in labels and len(methods) >= 9
     assert {m.config.split("-")[0] for m in methods} >= {"summary", "shadow", "ann", "oracle"}
     assert any(m.tok_shadow for m in methods) and any(m.tok_mass for m in methods)

@@ -127,7 +127,7 @@ def test_token_stage_scratch_is_reserved_with_the_index(monkeypatch, machine, tm
     monkeypatch.setattr(planner, "_gpu_usable_total", lambda device: 24 * GiB)
     # native bounds named: the planner's compact fallback (int8 two-level bounds) would otherwise make room
     opts = dict(ctx="1M", attention="sparse", budget="5%", host_mem="40GiB", disk_dir=str(tmp_path),
-                index_options={"bounds": "native"})
+                index="summary", index_options={"bounds": "native"})
     chunk_cfg, token_cfg = OffloadConfig(**opts), OffloadConfig(**opts, select_unit="token", token_candidates=4)
     # a 24 GiB card: 16 GiB of weights, the summary bounds and 4x candidates of a 5% budget leave no KV tier
     with pytest.raises(CapacityError, match="sparse selection .* lower --budget .* use chunk"):

@@ -17,7 +17,7 @@ from test_planner import _llama8b_llm
 
 
 def _plan(tmp_path, ctx: str, **kw):
-    cfg = OffloadConfig(ctx=ctx, attention="sparse", host_mem="48GiB", disk_dir=str(tmp_path), **kw)
+    cfg = OffloadConfig(**{"ctx": ctx, "attention": "sparse", "host_mem": "48GiB", "disk_dir": str(tmp_path), **kw})
     return backends.plan(_llama8b_llm(cfg)), cfg
 
 
@@ -32,6 +32,10 @@ def test_accurate_where_the_shadows_fit_chunks_at_1m(card_24gib, tmp_path):  # n
     assert "selection: shadow index, tokens ranked from shadows" in p128.summary()
     run = selection.apply(cfg, p128)
     assert (run.index, run.select_unit, run.token_floor) == ("shadow", "token", 64)
+
+    # packed host KV or a drive tier: not where the accurate preset was measured, so whole chunks
+    assert dict(_plan(tmp_path, "128K", kv_dtype="int8")[0].selection) == {"index": "summary"}
+    assert dict(_plan(tmp_path, "128K", host_mem="4GiB", disk_mem="16GiB")[0].selection) == {"index": "summary"}
 
     p1m, cfg = _plan(tmp_path, "1M", kv_dtype="int8")
     assert dict(p1m.selection) == {"index": "summary"}      # shadows (18 GiB) do not fit: whole chunks
