@@ -38,14 +38,16 @@ def test_cuda_matches_transformers_on_cuda(tiny, ids):
     assert rel < 1e-3, (rel, rel_cpu)
 
 
-@pytest.mark.parametrize("budget", ["10%", "40"])
-def test_sparse_graph_step_equals_eager(tiny, ids, monkeypatch, budget):
+@pytest.mark.parametrize("budget, index", [("10%", "auto"), ("40", "auto"), ("40", "summary")])
+def test_sparse_graph_step_equals_eager(tiny, ids, monkeypatch, budget, index):
+    """index auto: the accurate preset (token stage), whose candidate count follows the chunk count until it
+    reaches 8x the budget's chunks, so at this small context it recaptures as chunks are appended."""
     opts = dict(device="cuda", dtype="float32", ctx=512, chunk_tokens=8, sink_tokens=16, window_tokens=32,
-                attention="sparse", budget=budget)
+                attention="sparse", budget=budget, index=index)
     graph, s = run_session(LLM(str(tiny.path), **opts), ids, 300)
     st = s.stats()
     assert st["decode_mode"] == "graph" and "graph_error" not in st, st
-    if budget == "40":      # 12 chunk appends; a recapture only when the summary buffers grow
+    if index == "summary":      # 12 chunk appends; a recapture only when the summary buffers grow
         assert st["graph_captures"] <= 2, st
     eager, _ = run_session(LLM(str(tiny.path), cuda_graph=False, **opts), ids, 300)
     torch.testing.assert_close(graph, eager, rtol=0, atol=1e-4)
