@@ -1,17 +1,17 @@
 """Policy: what sparse selection a session gets when the user leaves `index` at "auto" (the default).
 
-Two presets, chosen by measurement (bench/RESULTS.md, issue 13, "The default selection"):
-  * accurate: the shadow index ranks 8x the budget's chunks as candidates, the token stage scores their tokens
-    from the low-rank key shadows on the GPU and keeps, per KV head, the fewest best tokens whose estimated
-    attention mass reaches 0.97 (at least 64, at most the budget's tokens). On SmolLM2 at 8K it keeps 98% of
-    full attention's teacher-forced top-1 at ~4.6% of the context, against the chunk preset's
-    lower figure; at 128K it costs ~1.3-1.4x the chunk preset's step.
+Two presets, chosen by measurement (bench/RESULTS.md, issue 13, "The default selection: `index: auto`"):
+  * accurate: the shadow index proposes 8x the budget's chunks, the token stage ranks their tokens from the low-rank
+    key shadows on the GPU and keeps, per KV head, the fewest best tokens whose estimated attention mass reaches
+    0.97 (at least 64, at most the budget's tokens). SmolLM2 at 8K: 97.7% teacher-forced top-1 at 5.9% of the
+    context and 99% of the needles full attention answers (chunks: 95.7%, 94%); 1.29-1.37x chunks' step at 128K.
   * chunks: the summary index's bounds pick whole chunks (Quest). Cheapest, and its compact layout fits any ctx.
-The planner (backends.plan) takes `accurate` when its shadows fit on the GPU in their default layout beside the
-weights and the KV tier, the host tier holds bf16 KV and none goes to the drive (where it was measured; the
-drive's prefetch reads whole chunks ahead, and the summary index saves its rows in a prompt cache), else `chunks` (Llama-3-8B under a 24 GiB cap: accurate to ~128K, chunks at 1M, where the
-shadows would need 18 GiB). A user who sets any selection option (select_unit, token_*, index_options, a mass
-budget) without naming an index gets `chunks` with those options, as before "auto" existed.
+The planner (backends.plan) takes `accurate` where it was measured: its shadows fit on the GPU in their default
+layout beside the weights and a KV tier, the host tier holds bf16 KV and nothing goes to the drive (the drive's
+prefetch reads whole chunks ahead; a prompt cache keeps the summary index's rows, while shadows would be rebuilt
+from lossy keys). Else `chunks` (Llama-3-8B on a 24 GiB card: accurate to ~192K, chunks at 1M, where the shadows
+would need 18 GiB). A user who sets any selection option (select_unit, token_*, index_options, a mass budget)
+without naming an index gets the summary index with those options, as before "auto" existed.
 """
 from __future__ import annotations
 

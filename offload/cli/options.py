@@ -33,7 +33,7 @@ MODEL_OPTIONS = [
     # "auto" + offload.indexes.METHODS, spelled out: importing that package loads torch, and a typo must fail at once
     _opt("--index", type=click.Choice(["auto", "summary", "shadow", "ann"]),
          help="Sparse selection. auto (default): tokens ranked from low-rank key shadows with a 0.97 attention-mass "
-         "cut where the shadows fit on the GPU (to ~128K on a 24 GB card), else whole chunks by summary bounds. "
+         "cut where the shadows fit on the GPU (to ~192K on a 24 GB card), else whole chunks by summary bounds. "
          "summary / shadow / ann name the index (ann needs pip install offload[ann])."),
     _opt("--kv-dtype", type=click.Choice(["auto", "bf16", "int8", "int4"]),
          help="KV in host RAM and on disk: bf16 (default), int8 or int4 (compressed, lossy; fewer bytes over "
