@@ -120,19 +120,25 @@ def _picks(seed, hkv, g, k, held_share=0.85):
 def test_gpu_mass_keep_kernel_keeps_the_reference_set(k, floor, p):
     """mass.cu against reference.mass_keep on the same shares: the same kept set, pick for pick (ties to the lower
     position), dropped rows -1, the kept held picks counted."""
-    from offload.kernels import _cupy_tokens as cp
-    from offload.kernels.reference import mass_keep
     hkv, g = 8, 4
     idx, val, ok, row, total = _picks(k + floor, hkv, g, k)
-    want = mass_keep(idx, val, ok, total, g, p, floor)                    # want: [Hkv, k]
+    want = _kernel_keeps_the_reference_set(idx, val, ok, row, total, g, p, floor)   # want: [Hkv, k]
+    if k >= 700 and p < 1:                    # the threshold acts: some head keeps fewer than it holds
+        assert bool((want.sum(1) < ok.sum(1)).any()) and bool((want.sum(1) > floor).any())
+
+
+def _kernel_keeps_the_reference_set(idx, val, ok, row, total, g, p, floor) -> torch.Tensor:
+    """mass.cu on the GPU against reference.mass_keep: the same kept set, dropped rows -1, the kept picks counted."""
+    from offload.kernels import _cupy_tokens as cp
+    from offload.kernels.reference import mass_keep
+    want = mass_keep(idx, val, ok, total, g, p, floor)                        # want: [Hkv, k]
     got_ok, got_row = ok.cuda(), row.cuda()
     rows = torch.zeros(1, dtype=torch.long, device="cuda")
     cp.mass_keep(val.cuda(), got_ok, got_row, total.cuda(), g, p, floor, rows)
     assert torch.equal(got_ok.cpu(), want)
     assert torch.equal(got_row.cpu(), torch.where(want, row, -1))
     assert int(rows) == int(want.sum())
-    if k >= 700 and p < 1:                    # the threshold acts: some head keeps fewer than it holds
-        assert bool((want.sum(1) < ok.sum(1)).any()) and bool((want.sum(1) > floor).any())
+    return want
 
 
 def _tied_picks(seed, hkv, g, k, p):
@@ -157,20 +163,12 @@ def test_gpu_mass_keep_kernel_splits_runs_of_equal_shares_like_the_reference(k, 
     """The radix select's hard cases: the share that reaches p lies inside a run of equal keys (kept in position
     order up to the one that reaches it), a floor inside a run, a base that already reaches p (only the floor
     stays), p = 1, k = 1 and the largest k."""
-    from offload.kernels import _cupy_tokens as cp
-    from offload.kernels.reference import mass_keep
     hkv, g = 8, 4
     val, ok, row, total = _tied_picks(k + floor, hkv, g, k, p)
     if p < 1e-6:
         total = total * 0                                                      # base g: p is reached without picks
     idx = torch.arange(k).expand(hkv, k)                                       # idx: [Hkv, k] position order
-    want = mass_keep(idx, val, ok, total, g, p, floor)                        # want: [Hkv, k]
-    got_ok, got_row = ok.cuda(), row.cuda()
-    rows = torch.zeros(1, dtype=torch.long, device="cuda")
-    cp.mass_keep(val.cuda(), got_ok, got_row, total.cuda(), g, p, floor, rows)
-    assert torch.equal(got_ok.cpu(), want)
-    assert torch.equal(got_row.cpu(), torch.where(want, row, -1))
-    assert int(rows) == int(want.sum())
+    want = _kernel_keeps_the_reference_set(idx, val, ok, row, total, g, p, floor)   # want: [Hkv, k]
     if k >= 2048 and floor < k:               # the cut falls inside the held picks, not at their end
         assert bool((want.sum(1) < ok.sum(1)).all()) and bool((want.sum(1) >= min(floor, k)).all())
 
