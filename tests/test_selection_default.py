@@ -94,6 +94,8 @@ def test_a_cpu_session_runs_the_accurate_preset(tiny):
     s, got = _decode(auto, ids, 24)
     assert (s.config.index, s.config.select_unit, s.config.token_scores) == ("shadow", "token", "shadow")
     assert s.attn.selector.token_mass == 0.97           # the session really runs the mass cut
+    from offload.cli.banner import banner
+    assert "| attention sparse (shadow index, tokens ranked from shadows, mass 0.97) |" in banner(auto)
     auto.close()
     rank = min(32, auto.model_config.head_dim)   # a tiny model's shadows: its full rank when below 32
     by_hand = LLM(str(tiny.path), attention="sparse", budget="32", show_progress=False, **TIERED_OPTS,

@@ -54,6 +54,11 @@ def banner(llm) -> str:
     kind = getattr(llm.config, "weights", "auto")
     held = dtype if kind in ("auto", "bf16") else f"{kind} blocks"
     held = getattr(getattr(llm, "model", None), "weight_format", None) or held   # what loaded: Q4_1, Q4_K+Q6_K..
+    attention = mode(llm.spec, llm.plan)
+    chosen = getattr(llm.plan, "selection", ())       # index auto: the preset the planner chose
+    if attention == "sparse" and chosen:
+        from offload.selection import describe
+        attention += f" ({describe(chosen)})"
     return (f"offload | model {llm.name} | ctx {_tokens(llm.ctx)} | device {dev} | weights {_size(weight_bytes(llm))} "
-            f"({held}) on {dev} | {kv_tiers(llm)} | attention {mode(llm.spec, llm.plan)} | compute {dtype} "
+            f"({held}) on {dev} | {kv_tiers(llm)} | attention {attention} | compute {dtype} "
             f"| loaded in {llm.load_s:.1f}s")
